@@ -88,7 +88,9 @@ class LoraConfig(BaseModel):
             return False
         if isinstance(self.target_modules, str):
             return re.fullmatch(self.target_modules, key) is not None
-        if not any(key == t or key.endswith("." + t) for t in self.target_modules):
+        if key in self.target_modules:  # a full module name is selected even outside layers_to_transform
+            return True
+        if not any(key.endswith("." + t) for t in self.target_modules):
             return False
         return self._in_transformed_layers(key)
 

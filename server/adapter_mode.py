@@ -1,0 +1,48 @@
+"""Per-step choice between merged and gathered LoRA, with hysteresis so swaps do not thrash."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from adapters import LoraModel
+
+BASE, MERGED, GATHER = "base", "merged", "gather"
+
+
+@dataclass
+class ModeDecision:
+    mode: str  # BASE, MERGED or GATHER
+    swap_seconds: float | None = None  # set when this step merged a new adapter
+
+
+class ModePolicy:
+    """Merged when one adapter has held every row for `merge_after_steps` steps in a row.
+
+    Unmerging is free (W0 is never written), so base-only and mixed steps simply unmerge;
+    only merging costs, and the streak requirement bounds how often that happens.
+    """
+
+    def __init__(self, lora_model: LoraModel, merge_after_steps: int):
+        self.lora_model, self.merge_after_steps = lora_model, merge_after_steps
+        self._candidate: int | None = None
+        self._streak = 0
+
+    def choose(self, slots: set[int]) -> ModeDecision:
+        model = self.lora_model
+        if len(slots) != 1 or -1 in slots:
+            self._candidate, self._streak = None, 0
+            if model.merged_slot is not None:
+                model.unmerge()
+            return ModeDecision(BASE if slots <= {-1} else GATHER)
+        (slot,) = slots
+        if model.merged_slot == slot:
+            return ModeDecision(MERGED)
+        self._streak = self._streak + 1 if self._candidate == slot else 1
+        self._candidate = slot
+        if self._streak < self.merge_after_steps:
+            if model.merged_slot is not None:
+                model.unmerge()
+            return ModeDecision(GATHER)
+        started = time.perf_counter()
+        model.merge(slot)
+        return ModeDecision(MERGED, swap_seconds=time.perf_counter() - started)

@@ -1,0 +1,75 @@
+"""Attention over the KV pool, plugged into stock transformers modules by name.
+
+Registering "loraserve" in transformers' AttentionInterface makes every Llama-family attention
+module (Llama, Mistral, Qwen2/3, SmolLM...) call `pool_attention` after its own projections and
+RoPE; the model code stays untouched. The step's metadata arrives as the `kv_step` keyword, which
+transformers forwards from `model(...)` to each attention call. No mask is built by transformers
+for names it does not know, so packed inputs cost no [N, N] mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .kv_cache import KVCache
+
+ATTENTION_NAME = "loraserve"
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a packed step."""
+
+    query_start: int  # first row of its new tokens in the packed input
+    num_new: int  # tokens it computes this step
+    kv_start: int  # token offset of its extent in the pool
+    context_len: int  # tokens in cache after this step (old + new)
+
+
+@dataclass
+class KVStep:
+    """What attention needs for one packed step, built once per step by the runner."""
+
+    cache: KVCache
+    seqs: list[SeqSlice]
+    write_index: torch.Tensor  # [N] pool positions for the new tokens' keys and values
+
+
+def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   kv_step: KVStep | None = None, **kwargs):
+    """Write the step's new K/V into the pool, then attend each sequence to its own extent.
+
+    Semantics, per sequence s with new rows q_s and cached keys/values K_s, V_s (a view):
+        out_s = softmax(q_s K_s^T * scaling + causal_mask) V_s
+    query: [1, H, N, D]; key, value: [1, KVH, N, D]. Returns ([1, N, H, D], None).
+    """
+    assert kv_step is not None, "the loraserve attention runs only inside an engine step"
+    layer = module.layer_idx
+    k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]  # [KVH, C, D]
+    k_pool.index_copy_(1, kv_step.write_index, key[0])
+    v_pool.index_copy_(1, kv_step.write_index, value[0])
+    out = torch.empty_like(query)  # [1, H, N, D]
+    for seq in kv_step.seqs:
+        rows = slice(seq.query_start, seq.query_start + seq.num_new)
+        ctx = slice(seq.kv_start, seq.kv_start + seq.context_len)
+        q = query[:, :, rows]  # [1, H, t, D]
+        k, v = k_pool[None, :, ctx], v_pool[None, :, ctx]  # [1, KVH, ctx, D] views of the pool
+        out[:, :, rows] = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_causal_mask(seq, query.device), is_causal=seq.num_new == seq.context_len > 1,
+            scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+def _causal_mask(seq: SeqSlice, device) -> torch.Tensor | None:
+    """Bottom-right causal mask for new rows that follow cached ones; None where none is needed."""
+    if seq.num_new == 1 or seq.num_new == seq.context_len:
+        return None
+    first = seq.context_len - seq.num_new
+    rows = torch.arange(first, seq.context_len, device=device)[:, None]
+    return torch.arange(seq.context_len, device=device)[None, :] <= rows  # [t, ctx]
+
+
+AttentionInterface.register(ATTENTION_NAME, pool_attention)

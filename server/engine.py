@@ -1,0 +1,211 @@
+"""LLMEngine: one resident base model serving many adapters with continuous batching.
+
+Each `step()` is the whole spine: schedule -> choose LoRA mode -> run -> sample -> postprocess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence as Seq
+
+from adapters import AdapterNotFoundError, AdapterRegistry, wrap_model
+
+from .adapter_mode import GATHER, ModePolicy
+from .detokenizer import IncrementalDetokenizer
+from .engine_config import EngineConfig
+from .errors import PromptTooLongError, QueueFullError, RequestError
+from .kv_cache import KVCache
+from .model_loader import BaseModel as LoadedModel
+from .model_runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Completion, RequestOutput, Sequence, SeqStatus, TokenLogprob
+from .stats import EngineStats, RequestStats, StepStats
+
+
+class LLMEngine:
+    """Synchronous engine: `add_request` + `step()`, or `generate()` for scripts."""
+
+    def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.tokenizer, self.model_name = base.tokenizer, base.name
+        self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank)
+        self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
+        model_config = base.model.config
+        self.cache = KVCache(
+            num_layers=model_config.num_hidden_layers, num_kv_heads=model_config.num_key_value_heads,
+            head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
+            capacity_tokens=config.kv_cache_tokens, dtype=base.model.dtype, device=self.lora_model.device)
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 self.cache.capacity_tokens)
+        self.scheduler = Scheduler(self.cache, self.registry, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_bypass_steps=config.max_bypass_steps)
+        self.runner = ModelRunner(self.lora_model, self.cache)
+        self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
+        self.eos_token_ids = _eos_ids(base)
+        self.requests: dict[str, Sequence] = {}
+        self.counters = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens, max_loras=config.max_loras)
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.request_listeners: list[Callable[[RequestStats], None]] = []
+        self._request_ids = itertools.count()
+
+    # Requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None) -> Sequence:
+        """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead."""
+        params = params or SamplingParams()
+        if adapter is not None and adapter not in self.registry:
+            raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise RequestError("must not be empty", field="prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
+                f"maximum context length of {self.max_model_len} tokens", field="prompt")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        seq = Sequence(request_id, prompt_ids, params, adapter, detok)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` through the tokenizer's own chat template."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV cache and adapter slot."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return None
+        self._finish(seq, "abort")
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # The spine
+    def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        outputs = [self._fail(seq, exc) for seq, exc in plan.failed]
+        if not plan.scheduled:
+            return outputs
+        slots = {seq.slot for seq, _ in plan.scheduled}
+        decision = self.policy.choose(slots)
+        logits, sampling = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
+        tokens, logprobs = sample(logits, sampling)
+        now = time.monotonic()
+        for seq, num_new in plan.scheduled:
+            seq.num_computed += num_new
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now
+                self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
+        outputs += [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
+        self._record_step(plan, slots, decision, time.perf_counter() - started)
+        return outputs
+
+    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        seqs: list[Sequence] = []
+        try:
+            for prompt, sampling, adapter in zip(prompts, params_list, adapters):
+                seqs.append(self.add_request(prompt, sampling, adapter))
+        except Exception:  # all or nothing: do not leave the accepted ones running
+            for seq in seqs:
+                self.abort(seq.request_id)
+            raise
+        while any(not s.is_finished for s in seqs):
+            self.step()
+        return [Completion(s.request_id, s.detokenizer.text, s.output_token_ids, s.logprobs, s.finish_reason,
+                           len(s.prompt_token_ids)) for s in seqs]
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters plus the current gauges."""
+        snapshot = dataclasses.replace(self.counters, steps_by_mode=self.counters.steps_by_mode.copy())
+        snapshot.num_running = len(self.scheduler.running)
+        snapshot.num_waiting = len(self.scheduler.waiting)
+        snapshot.kv_used_tokens = sum(s.num_computed for s in self.scheduler.running)
+        snapshot.kv_reserved_tokens = self.cache.num_reserved_tokens
+        snapshot.running_adapters = sorted({s.adapter for s in self.scheduler.running if s.adapter})
+        snapshot.waiting_adapters = sorted({s.adapter for s in self.scheduler.waiting if s.adapter})
+        snapshot.num_preemptions = self.scheduler.num_preemptions
+        return snapshot
+
+    # Postprocess
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        self.counters.num_generation_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        seq.first_token_time = seq.first_token_time or now
+        params, reason = seq.params, None
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            reason = "stop"
+        elif seq.detokenizer.add(token):
+            reason = "stop"
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason:
+            self._finish(seq, reason)
+        return self._output(seq)
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        seq.error = error
+        self._finish(seq, "abort")
+        return self._output(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason, seq.finish_time = reason, time.monotonic()
+        del self.requests[seq.request_id]
+        stats = RequestStats(
+            seq.request_id, seq.adapter, reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
+            _since(seq.arrival_time, seq.scheduled_time), _since(seq.arrival_time, seq.first_token_time),
+            seq.finish_time - seq.arrival_time, seq.num_preemptions)
+        self.counters.num_finished += 1
+        for listener in self.request_listeners:
+            listener(stats)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        tokens = seq.output_token_ids[seq.num_emitted_tokens:]
+        logprobs = seq.logprobs[seq.num_emitted_logprobs:]
+        seq.num_emitted_tokens, seq.num_emitted_logprobs = len(seq.output_token_ids), len(seq.logprobs)
+        return RequestOutput(seq.request_id, seq.detokenizer.delta(finished), tokens, logprobs, finished,
+                             seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids))
+
+    def _record_step(self, plan, slots: set[int], decision, duration: float) -> None:
+        counters = self.counters
+        counters.num_steps += 1
+        counters.steps_by_mode[decision.mode] += 1
+        if decision.swap_seconds is not None:
+            counters.num_swaps += 1
+            counters.swap_seconds += decision.swap_seconds
+        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(slots - {-1}), duration,
+                         decision.swap_seconds)
+        for listener in self.step_listeners:
+            listener(step)
+
+
+def _since(start: float, end: float | None) -> float | None:
+    return None if end is None else end - start
+
+
+def _eos_ids(base: LoadedModel) -> set[int]:
+    ids = {base.tokenizer.eos_token_id}
+    generation_eos = getattr(getattr(base.model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return {i for i in ids if i is not None}

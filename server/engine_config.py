@@ -1,0 +1,19 @@
+"""Engine capacity and policy knobs (no torch here: the CLI reads them without loading it)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class EngineConfig(BaseModel):
+    """Capacity and policy knobs; the server fills them from LORASERVE_* settings."""
+
+    max_loras: int = Field(4, ge=1)  # device slots = most distinct adapters in one step
+    max_lora_rank: int = Field(64, ge=1)
+    max_cpu_loras: int = Field(16, ge=0)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)  # per step: bounds how long prefill stalls decodes
+    kv_cache_tokens: int = Field(16384, ge=16)
+    max_model_len: int | None = Field(None, ge=1)
+    merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
+    max_waiting: int = Field(1024, ge=1)
+    max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot

@@ -1,0 +1,64 @@
+"""Turn the step's last-position logits into next tokens, each row by its own request's rules."""
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence, TokenLogprob
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, V], one row per sequence. Returns next token ids and (if asked) their logprobs.
+
+    Logprobs are those of the model's raw distribution (before penalties and temperature), as
+    vLLM reports them by default.
+    """
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs is not None for s in seqs) else None
+    if any(s.params.has_penalties for s in seqs):
+        logits = logits.clone()
+        for row, seq in enumerate(seqs):
+            if seq.params.has_penalties:
+                _apply_penalties(logits[row], seq)
+    tokens = [_pick(logits[row], seq) for row, seq in enumerate(seqs)]
+    if raw_logprobs is None:
+        return tokens, [None] * len(seqs)
+    return tokens, [_logprob(raw_logprobs[row], tok, seq.params.logprobs)
+                    if seq.params.logprobs is not None else None
+                    for row, (tok, seq) in enumerate(zip(tokens, seqs))]
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    """OpenAI presence/frequency penalties over output tokens; HF/vLLM repetition penalty over all."""
+    params = seq.params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if seq.output_token_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.numel()).to(row.dtype)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _pick(row: torch.Tensor, seq: Sequence) -> int:
+    params = seq.params
+    if params.is_greedy:
+        return int(row.argmax())
+    row = row / params.temperature
+    if params.top_k > 0 and params.top_k < row.numel():
+        kth = torch.topk(row, params.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, -1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
+        probs = probs.index_fill(0, order[drop], 0.0)
+    # Exponential race (argmax p/E) equals sampling from p; with a per-request generator, a seed
+    # gives the same tokens whatever else shares the batch.
+    noise = torch.empty_like(probs).exponential_(generator=seq.generator)
+    return int((probs / noise).argmax())
+
+
+def _logprob(row: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    top = torch.topk(row, top_n) if top_n else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprob(token, float(row[token]), alternatives)

@@ -1,0 +1,43 @@
+"""Per-request sampling parameters, validated into typed errors (never asserts)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RequestError
+
+
+class SamplingParams(BaseModel):
+    """OpenAI's sampling fields plus vLLM's extras (top_k, ignore_eos, repetition_penalty)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # -1 (or 0) = off
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # top-N alternatives per token
+    skip_special_tokens: bool = True
+
+    @classmethod
+    def make(cls, **fields) -> "SamplingParams":
+        """Build from user input; a bad value is a RequestError naming the field."""
+        try:
+            return cls(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RequestError(first["msg"], field=".".join(map(str, first["loc"]))) from None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)

@@ -1,0 +1,62 @@
+"""Plain stats objects the engine produces; only the metrics module turns them into Prometheus."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepStats:
+    mode: str  # "base", "merged" or "gather"
+    num_seqs: int
+    num_tokens: int
+    num_distinct_adapters: int
+    duration: float
+    swap_seconds: float | None  # a merge happened this step, and took this long
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """One finished request, for per-request metrics and the request log."""
+
+    request_id: str
+    adapter: str | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    queue_time: float | None  # arrival -> first scheduled
+    time_to_first_token: float | None
+    e2e_latency: float
+    num_preemptions: int
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        if self.time_to_first_token is None or self.num_output_tokens < 2:
+            return None
+        return (self.e2e_latency - self.time_to_first_token) / (self.num_output_tokens - 1)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot: gauges as of now, counters since start."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_used_tokens: int = 0
+    kv_reserved_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    max_loras: int = 0
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
+    num_steps: int = 0
+    steps_by_mode: Counter = field(default_factory=Counter)
+    num_swaps: int = 0
+    swap_seconds: float = 0.0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_finished: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_used_tokens / self.kv_capacity_tokens if self.kv_capacity_tokens else 0.0
