@@ -89,6 +89,9 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
     except OSError:
         if not (target / "config.json").is_file():  # lost a race to another process: theirs is fine
             raise
+    except Exception as exc:  # a foreign or truncated file fails deep inside gguf/transformers
+        raise ModelLoadError(f"GGUF file {str(gguf)!r} could not be read ({exc}); "
+                             "is it a complete GGUF model file?") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

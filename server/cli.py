@@ -1,0 +1,70 @@
+"""The `loraserve` command: `serve` plus the client's subcommands.
+
+Every `serve` flag mirrors a field of `Settings` (and so a LORASERVE_* variable); a flag given
+on the command line wins over the environment. Nothing here imports torch until `serve` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+
+from client.cli import add_client_commands, run_client_command
+
+from .settings import Settings
+
+_FLAG_NAMES = {"adapters": "--adapter"}  # repeatable: --adapter NAME=PATH
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Multi-adapter LoRA inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the server (default model if no --model)")
+    _add_settings_flags(serve)
+    add_client_commands(commands)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_command(args)
+    return run_client_command(args)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    settings = Settings(**overrides)
+    from .logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
+    configure_logging(settings)
+    import uvicorn  # noqa: PLC0415
+
+    from .app import create_app  # noqa: PLC0415
+
+    logging.getLogger(__name__).info("loading %s; /ready turns 200 when it can serve",
+                                     settings.model or "the default model (SmolLM2-135M-Instruct)")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout)
+    return 0
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        kind = _base_type(field.annotation)
+        help_text = f"env LORASERVE_{name.upper()}"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS, help=help_text)
+
+
+def _base_type(annotation) -> type:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Adapter management: upload, list, show, delete; and vLLM's load/unload by server path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from adapters import (AdapterExistsError, AdapterInfo, AdapterNotFoundError, InvalidAdapterError,
+                      UnsafeAdapterFormatError, load_adapter)
+from adapters.peft_format import PICKLE_FILE
+
+from .adapter_store import ADAPTER_FILES, check_name, is_valid_name
+from .api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
+from .auth import require_admin_key, require_api_key
+from .http_errors import HTTPError
+from .state import ServerState
+
+router = APIRouter(prefix="/v1")
+read = [Depends(require_api_key)]
+admin = [Depends(require_api_key), Depends(require_admin_key)]
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
+    persisted = state.store is not None and info.name in state.store
+    return AdapterCard(name=info.name, rank=info.rank, target_modules=info.target_modules,
+                       num_bytes=info.num_bytes, pinned=info.pinned, slot=info.slot,
+                       in_host_memory=info.in_host_memory, persisted=persisted)
+
+
+@router.post("/adapters", status_code=201, response_model=AdapterCard, dependencies=admin)
+async def upload_adapter(request: Request) -> JSONResponse:
+    """multipart/form-data: `name`, files adapter_config.json and adapter_model.safetensors, `replace`."""
+    state = _state(request)
+    settings = state.settings
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise HTTPError(413, f"upload is larger than the limit of {settings.max_upload_bytes} bytes", "too_large")
+    engine = state.ready_engine().engine
+    form = await request.form(max_part_size=settings.max_upload_bytes)
+    name = check_name(str(form.get("name") or ""))
+    replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+    files = await _read_files(form, settings.max_upload_bytes)
+    if name in engine.registry and not replace:
+        raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite")
+    # Validate in memory first: nothing reaches the store or the registry unless it is sound.
+    await run_in_threadpool(load_adapter, name, files, engine.lora_model.spec, max_rank=engine.lora_model.max_rank)
+    source = await run_in_threadpool(state.store.save, name, files) if state.store else files
+    info = await run_in_threadpool(state.register, name, source, replace)
+    return JSONResponse(_card(state, info).model_dump(), status_code=201)
+
+
+async def _read_files(form, limit: int) -> dict[str, bytes]:
+    files, total = {}, 0
+    for field, value in form.multi_items():
+        if not isinstance(value, UploadFile):
+            continue
+        file_name = field if field in (*ADAPTER_FILES, PICKLE_FILE) else os.path.basename(value.filename or "")
+        data = await value.read()
+        total += len(data)
+        if total > limit:
+            raise HTTPError(413, f"upload is larger than the limit of {limit} bytes", "too_large")
+        files[file_name] = data
+    if PICKLE_FILE in files and ADAPTER_FILES[1] not in files:
+        raise UnsafeAdapterFormatError("pickle weights are refused because loading them can run arbitrary code; "
+                                       "convert them to safetensors", file=PICKLE_FILE)
+    for required in ADAPTER_FILES:
+        if required not in files:
+            raise InvalidAdapterError("file part is missing from the upload", file=required)
+    return files
+
+
+@router.get("/adapters", response_model=AdapterList, dependencies=read)
+async def list_adapters(request: Request) -> AdapterList:
+    state = _state(request)
+    return AdapterList(data=[_card(state, info) for info in state.ready_engine().engine.registry.list()])
+
+
+@router.get("/adapters/{name}", response_model=AdapterCard, dependencies=read)
+async def show_adapter(name: str, request: Request) -> AdapterCard:
+    state = _state(request)
+    if name == state.model_name:
+        raise AdapterNotFoundError(f"{name!r} is the base model, not an adapter")
+    state.resolve_model(name)  # also picks up one uploaded by another replica
+    return _card(state, state.ready_engine().engine.registry.info(name))
+
+
+@router.delete("/adapters/{name}", dependencies=admin)
+async def delete_adapter(name: str, request: Request) -> dict:
+    """Unregister and delete from the store; running requests that use it finish first."""
+    state = _state(request)
+    registry = state.ready_engine().engine.registry
+    in_store = state.store is not None and is_valid_name(name) and name in state.store
+    if name not in registry and not in_store:
+        registry.info(name)  # raises the typed 404
+    if in_store:
+        await run_in_threadpool(state.store.delete, name)
+    if name in registry:
+        registry.remove(name)
+    return {"id": name, "object": "adapter", "deleted": True}
+
+
+@router.post("/load_lora_adapter", dependencies=admin)
+async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's API: register an adapter directory that lies under --adapter-root."""
+    state = _state(request)
+    root = state.settings.adapter_root
+    if root is None:
+        raise HTTPError(403, "loading adapters by path is disabled: start the server with --adapter-root",
+                        "adapter_root_unset", "lora_path")
+    path = Path(os.path.realpath(body.lora_path))
+    if not path.is_relative_to(os.path.realpath(root)):
+        raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}", "path_outside_root",
+                        "lora_path")
+    if body.lora_name in state.ready_engine().engine.registry:
+        raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
+    await run_in_threadpool(state.register, body.lora_name, path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/unload_lora_adapter", dependencies=admin)
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's API: free the adapter's memory. A copy in the adapter store stays there and is
+    loaded again on its next use; DELETE /v1/adapters/{name} removes it for good."""
+    state = _state(request)
+    state.ready_engine().engine.registry.remove(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+

@@ -1,0 +1,49 @@
+"""Server settings: every field is a CLI flag and a LORASERVE_* environment variable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine_config import EngineConfig
+
+
+class Settings(BaseSettings):
+    """Configuration of one loraserve process (environment: LORASERVE_<FIELD>)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="ignore")
+
+    model: str | None = None  # HF directory or .gguf file; None = the embedded default model
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    device: str = "cpu"
+    adapters: list[str] = Field(default_factory=list)  # NAME=PATH, preloaded at start
+    adapter_store: Path | None = None  # uploads persist here; shared by replicas
+    adapter_root: Path | None = None  # lora_path of load_lora_adapter must lie under it
+    api_key: str | None = None
+    admin_key: str | None = None  # guards upload, load, unload and delete when set
+    metrics_require_key: bool = False
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    max_cpu_loras: int = Field(16, ge=0)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    kv_cache_tokens: int = Field(16384, ge=16)
+    max_model_len: int | None = Field(None, ge=1)
+    max_waiting: int = Field(1024, ge=1)
+    shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
+    log_level: str = "info"
+    log_format: str = Field("plain", pattern="^(plain|json)$")
+    log_prompts: bool = False
+    cache_dir: Path | None = None  # where GGUF models are converted once
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                            max_cpu_loras=self.max_cpu_loras, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            kv_cache_tokens=self.kv_cache_tokens, max_model_len=self.max_model_len,
+                            max_waiting=self.max_waiting)
