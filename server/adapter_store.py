@@ -49,6 +49,14 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / WEIGHTS_FILE).is_file())
 
+    def version(self, name: str) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the stored weights, None if absent: changes whenever a save replaces them."""
+        try:
+            stat = (self.path(name) / WEIGHTS_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
     def __contains__(self, name: str) -> bool:
         return (self.path(name) / WEIGHTS_FILE).is_file()
 

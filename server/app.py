@@ -4,10 +4,14 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .auth import require_metrics_key
 
 from .http_errors import error_response, install_error_handlers
+from .metrics import Metrics
 from .model_loader import BaseModel
 from .routes_adapters import router as adapters_router
 from .routes_openai import router as openai_router
@@ -20,10 +24,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
     """Build an app; `base` lets tests hand in an already loaded model."""
     settings = settings or Settings()
+    metrics = Metrics(settings.max_adapter_labels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServerState(settings, base)
+        state = ServerState(settings, base, metrics)
         app.state.server, app.state.settings = state, settings
         state.start()
         try:
@@ -51,5 +56,10 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         if state.load_error is not None:
             return error_response(503, f"model failed to load: {state.load_error}", "load_failed")
         return error_response(503, "the model is still loading", "not_ready", headers={"Retry-After": "5"})
+
+    @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format; see the README's Operating section for every series."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

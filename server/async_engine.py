@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .engine import LLMEngine
-from .errors import EngineStoppedError
+from .errors import EngineStoppedError, RequestError
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 
@@ -42,6 +42,8 @@ class AsyncEngine:
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
         request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:  # registering it again would take the running stream's outputs
+            raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
@@ -77,6 +79,10 @@ class AsyncEngine:
         self._submit(run)
         return await asyncio.wrap_future(future)
 
+    def refresh_stats(self) -> None:
+        """Have the engine thread republish its stats snapshot (after an adapter change, say)."""
+        self._submit(lambda: None)  # an idle loop publishes after running its commands
+
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, let running ones finish, then end the loop."""
         self._stopping = True
@@ -101,9 +107,11 @@ class AsyncEngine:
                     log.exception("engine step failed; aborting running requests")
                     outputs = [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid))]
                 self._publish(outputs)
+                self.engine.publish_stats()
             elif self._stopping:
                 return
             else:
+                self.engine.publish_stats()
                 self._wake.wait()
                 self._wake.clear()
 

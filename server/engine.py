@@ -46,11 +46,14 @@ class LLMEngine:
         self.runner = ModelRunner(self.lora_model, self.cache)
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = _eos_ids(base)
+        self.vocab_size = base.model.get_input_embeddings().num_embeddings
         self.requests: dict[str, Sequence] = {}
-        self.counters = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens, max_loras=config.max_loras)
+        self.counters = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens, max_loras=config.max_loras,
+                                    max_cpu_loras=config.max_cpu_loras)
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.request_listeners: list[Callable[[RequestStats], None]] = []
         self._request_ids = itertools.count()
+        self.snapshot = self.stats()  # refreshed by the engine thread; safe to read from any thread
 
     # Requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -59,9 +62,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not prompt_ids:
-            raise RequestError("must not be empty", field="prompt")
+        prompt_ids = self.encode_prompt(prompt)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLongError(
                 f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
@@ -76,6 +77,18 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids. An id outside the vocabulary is refused here: inside a step it
+        would fail the forward pass of every request sharing the batch."""
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise RequestError("must not be empty", field="prompt")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                               field="prompt")
+        return prompt_ids
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` through the tokenizer's own chat template."""
@@ -132,6 +145,10 @@ class LLMEngine:
         return [Completion(s.request_id, s.detokenizer.text, s.output_token_ids, s.logprobs, s.finish_reason,
                            len(s.prompt_token_ids)) for s in seqs]
 
+    def publish_stats(self) -> None:
+        """Refresh `snapshot` (call from the thread that steps the engine)."""
+        self.snapshot = self.stats()
+
     def stats(self) -> EngineStats:
         """A snapshot of the counters plus the current gauges."""
         snapshot = dataclasses.replace(self.counters, steps_by_mode=self.counters.steps_by_mode.copy())
@@ -142,6 +159,11 @@ class LLMEngine:
         snapshot.running_adapters = sorted({s.adapter for s in self.scheduler.running if s.adapter})
         snapshot.waiting_adapters = sorted({s.adapter for s in self.scheduler.waiting if s.adapter})
         snapshot.num_preemptions = self.scheduler.num_preemptions
+        snapshot.resident_adapters = [name for name in self.registry.resident() if name]
+        snapshot.host_adapters = self.registry.host_cached()
+        snapshot.num_registered_adapters = len(self.registry)
+        snapshot.num_adapter_loads = self.registry.num_loads
+        snapshot.num_adapter_evictions = self.registry.num_evictions
         return snapshot
 
     # Postprocess

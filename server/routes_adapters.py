@@ -80,6 +80,7 @@ async def _read_files(form, limit: int) -> dict[str, bytes]:
 @router.get("/adapters", response_model=AdapterList, dependencies=read)
 async def list_adapters(request: Request) -> AdapterList:
     state = _state(request)
+    state.sync_store()
     return AdapterList(data=[_card(state, info) for info in state.ready_engine().engine.registry.list()])
 
 
@@ -103,7 +104,7 @@ async def delete_adapter(name: str, request: Request) -> dict:
     if in_store:
         await run_in_threadpool(state.store.delete, name)
     if name in registry:
-        registry.remove(name)
+        state.unregister(name)
     return {"id": name, "object": "adapter", "deleted": True}
 
 
@@ -115,7 +116,10 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     if root is None:
         raise HTTPError(403, "loading adapters by path is disabled: start the server with --adapter-root",
                         "adapter_root_unset", "lora_path")
-    path = Path(os.path.realpath(body.lora_path))
+    try:
+        path = Path(os.path.realpath(body.lora_path))
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise HTTPError(400, f"lora_path is not a valid path ({exc})", "invalid_path", "lora_path") from None
     if not path.is_relative_to(os.path.realpath(root)):
         raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}", "path_outside_root",
                         "lora_path")
@@ -130,6 +134,6 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     """vLLM's API: free the adapter's memory. A copy in the adapter store stays there and is
     loaded again on its next use; DELETE /v1/adapters/{name} removes it for good."""
     state = _state(request)
-    state.ready_engine().engine.registry.remove(body.lora_name)
+    state.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -24,7 +24,7 @@ async def completions(body: CompletionRequest, request: Request):
     engine = state.ready_engine()
     adapter = state.resolve_model(body.model)
     tokenizer = engine.engine.tokenizer
-    jobs = completion_jobs(body, tokenizer.decode)
+    jobs = completion_jobs(body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)))
     streams = await submit_all(engine, jobs, adapter)
     token_text = _token_text(tokenizer)
     if body.stream:
@@ -52,6 +52,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
     engine = state.ready_engine().engine
+    state.sync_store()
     base = ModelCard(id=state.model_name, root=state.model_name)
     adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.source or info.name,
                           rank=info.rank, target_modules=info.target_modules)

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
-    log_prompts: bool = False
+    max_adapter_labels: int = Field(100, ge=1)  # per-adapter metric series; the rest share one label
     cache_dir: Path | None = None  # where GGUF models are converted once
 
     def engine_config(self) -> EngineConfig:

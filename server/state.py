@@ -14,6 +14,7 @@ from .adapter_store import AdapterStore, check_name, is_valid_name
 from .async_engine import AsyncEngine
 from .engine import LLMEngine
 from .http_errors import HTTPError
+from .metrics import Metrics
 from .model_loader import BaseModel, load_base_model
 from .settings import Settings
 
@@ -23,13 +24,14 @@ log = logging.getLogger(__name__)
 class ServerState:
     """Loads the model on a background thread so /health answers while a large model loads."""
 
-    def __init__(self, settings: Settings, base: BaseModel | None = None):
-        self.settings = settings
+    def __init__(self, settings: Settings, base: BaseModel | None = None, metrics: Metrics | None = None):
+        self.settings, self.metrics = settings, metrics
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
         self.model_name: str | None = None
         self.load_error: BaseException | None = None
+        self._store_versions: dict[str, tuple[int, int]] = {}  # name -> version it was registered at
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
@@ -53,21 +55,59 @@ class ServerState:
             raise HTTPError(503, reason, "not_ready", headers={"Retry-After": "5"})
         return self.async_engine
 
-    # Adapters: registry (memory) and store (disk), kept in step.
+    # Adapters: registry (memory) and store (disk), kept in step. Replicas may share the store, so
+    # what another replica uploaded, replaced or deleted is picked up here too.
     def resolve_model(self, model: str) -> str | None:
         """The adapter a request's `model` names (None = the base); unknown names are a 404."""
         engine = self.ready_engine().engine
         if model == self.model_name:
             return None
+        if self.store is not None and is_valid_name(model):
+            self._sync_stored(model)
         if model in engine.registry:
-            return model
-        if self.store is not None and is_valid_name(model) and model in self.store:
-            self.register(model, self.store.path(model), replace=True)  # uploaded on another replica
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist")
 
+    def sync_store(self) -> None:
+        """Make the registry agree with the shared store for every stored adapter (for listings)."""
+        if self.store is None:
+            return
+        stored = set(self.store.names())
+        for name in stored | set(self._store_versions):
+            self._sync_stored(name)
+
     def register(self, name: str, source: AdapterSource, replace: bool = False) -> AdapterInfo:
-        return self.ready_engine().engine.registry.add(check_name(name), source, replace=replace)
+        engine = self.ready_engine()
+        info = engine.engine.registry.add(check_name(name), source, replace=replace)
+        self._store_versions.pop(name, None)
+        if self.store is not None and isinstance(source, Path) and source == self.store.path(name):
+            self._store_versions[name] = self.store.version(name)
+        engine.refresh_stats()
+        return info
+
+    def unregister(self, name: str) -> None:
+        engine = self.ready_engine()
+        engine.engine.registry.remove(name)
+        self._store_versions.pop(name, None)
+        engine.refresh_stats()
+
+    def _sync_stored(self, name: str) -> None:
+        """One stat: register, reload or drop `name` to match its directory in the store."""
+        version = self.store.version(name)
+        known = self._store_versions.get(name)
+        if version == known:
+            return
+        registry = self.ready_engine().engine.registry
+        if version is None:  # deleted by another replica
+            if name in registry:
+                self.unregister(name)
+            return
+        if known is None and name in registry:
+            return  # registered from elsewhere (--adapter, load_lora_adapter): that one wins
+        try:
+            self.register(name, self.store.path(name), replace=True)
+        except Exception:  # a broken or half-copied entry must not break listing or other adapters
+            log.exception("cannot load stored adapter %r", name)
 
     def _load(self, base: BaseModel | None) -> None:
         settings = self.settings
@@ -77,6 +117,9 @@ class ServerState:
             engine = LLMEngine(base, settings.engine_config())
             self.model_name = settings.served_model_name or base.name
             self._register_startup_adapters(engine)
+            if self.metrics is not None:
+                self.metrics.attach(engine)
+            engine.publish_stats()
             self.engine, self.async_engine = engine, AsyncEngine(engine)
             log.info("ready: serving %s with %d adapters", self.model_name, len(engine.registry))
         except BaseException as exc:  # reported by /ready and every request
@@ -95,6 +138,7 @@ class ServerState:
             if name not in engine.registry:
                 try:
                     engine.registry.add(name, self.store.path(name))
+                    self._store_versions[name] = self.store.version(name)
                 except Exception:  # one bad file must not keep the server down
                     log.exception("skipping stored adapter %r", name)
 

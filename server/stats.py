@@ -56,6 +56,12 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_finished: int = 0
+    max_cpu_loras: int = 0
+    resident_adapters: list[str] = field(default_factory=list)  # in device slots
+    host_adapters: list[str] = field(default_factory=list)  # parsed in host memory
+    num_registered_adapters: int = 0
+    num_adapter_loads: int = 0  # copies into a device slot
+    num_adapter_evictions: int = 0  # slots taken from an idle adapter for another
 
     @property
     def kv_usage(self) -> float:

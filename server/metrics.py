@@ -1,0 +1,178 @@
+"""Prometheus exposition: the only module that knows Prometheus.
+
+Events (finished requests, steps) arrive from the engine's listeners on the engine thread and
+update counters and histograms; gauges are read at scrape time from the engine's published
+snapshot. The router-facing gauges use vLLM's names so a loraserve pod is a drop-in endpoint
+for the Gateway API Inference Extension's endpoint picker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine import LLMEngine
+from .stats import RequestStats, StepStats
+
+BASE_LABEL, OVERFLOW_LABEL = "__base__", "__other__"  # not valid adapter names: cannot collide
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_PER_TOKEN = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
+_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+request_log = logging.getLogger("loraserve.requests")
+
+
+class AdapterLabels:
+    """Adapter names are user-chosen: the first `cap` seen get their own label value, the rest
+    share one overflow value, so a flood of uploads cannot blow up the series count."""
+
+    def __init__(self, cap: int):
+        self.cap, self._known, self._lock = cap, set(), threading.Lock()
+
+    def __call__(self, adapter: str | None) -> str:
+        if adapter is None:
+            return BASE_LABEL
+        with self._lock:
+            if adapter in self._known or len(self._known) < self.cap:
+                self._known.add(adapter)
+                return adapter
+        return OVERFLOW_LABEL
+
+
+class Metrics:
+    """All of one app's metrics, in its own registry (so tests can build several apps)."""
+
+    def __init__(self, max_adapter_labels: int = 100):
+        self.registry = CollectorRegistry()
+        self.adapter_label = AdapterLabels(max_adapter_labels)
+        r = self.registry
+        self.requests = Counter("loraserve:requests", "Finished requests by adapter and finish reason "
+                                "(stop, length, abort).", ["adapter", "finish_reason"], registry=r)
+        self.success = Counter("vllm:request_success", "Requests that finished normally, by reason (vLLM's name).",
+                               ["finished_reason"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first output token.",
+                              buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Mean time between output tokens, per request.",
+                              buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", buckets=_LATENCY, registry=r)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY,
+                               registry=r)
+        self.adapter_latency = Histogram("loraserve:adapter_request_latency_seconds", "Arrival to finish, per adapter.",
+                                         ["adapter"], buckets=_LATENCY, registry=r)
+        self.adapter_prompt_tokens = Counter("loraserve:adapter_prompt_tokens", "Prompt tokens of finished requests, "
+                                             "per adapter.", ["adapter"], registry=r)
+        self.adapter_generation_tokens = Counter("loraserve:adapter_generation_tokens", "Output tokens of finished "
+                                                 "requests, per adapter.", ["adapter"], registry=r)
+        self.steps = Counter("loraserve:engine_steps", "Engine steps by LoRA mode (base, merged, gather).", ["mode"],
+                             registry=r)
+        self.swap = Histogram("loraserve:adapter_swap_seconds", "Time to merge an adapter into the weights.",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.step_time = Histogram("loraserve:step_duration_seconds", "Duration of one engine step.",
+                                   buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("loraserve:batch_size", "Sequences in one engine step.", buckets=_COUNTS,
+                                    registry=r)
+        self.step_tokens = Histogram("vllm:iteration_tokens_total", "Tokens in one engine step.", buckets=_TOKENS,
+                                     registry=r)
+        self._engine: LLMEngine | None = None
+        r.register(_SnapshotCollector(self))
+
+    def attach(self, engine: LLMEngine) -> None:
+        """Start receiving the engine's events (called once the engine exists)."""
+        self._engine = engine
+        engine.request_listeners.append(self.on_request)
+        engine.step_listeners.append(self.on_step)
+
+    def on_request(self, stats: RequestStats) -> None:
+        adapter = self.adapter_label(stats.adapter)
+        self.requests.labels(adapter, stats.finish_reason or "unknown").inc()
+        if stats.finish_reason in ("stop", "length"):
+            self.success.labels(stats.finish_reason).inc()
+        for histogram, value in ((self.ttft, stats.time_to_first_token), (self.tpot, stats.time_per_output_token),
+                                 (self.e2e, stats.e2e_latency), (self.queue, stats.queue_time)):
+            if value is not None:
+                histogram.observe(value)
+        self.adapter_latency.labels(adapter).observe(stats.e2e_latency)
+        self.adapter_prompt_tokens.labels(adapter).inc(stats.num_prompt_tokens)
+        self.adapter_generation_tokens.labels(adapter).inc(stats.num_output_tokens)
+        request_log.info(
+            "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs", stats.request_id,
+            stats.adapter or "-", stats.finish_reason, stats.num_prompt_tokens, stats.num_output_tokens,
+            stats.e2e_latency, extra={"fields": {
+                "request_id": stats.request_id, "adapter": stats.adapter, "outcome": stats.finish_reason,
+                "prompt_tokens": stats.num_prompt_tokens, "output_tokens": stats.num_output_tokens,
+                "queue_time": stats.queue_time, "ttft": stats.time_to_first_token, "e2e": stats.e2e_latency,
+                "preemptions": stats.num_preemptions}})
+
+    def on_step(self, stats: StepStats) -> None:
+        self.steps.labels(stats.mode).inc()
+        self.step_time.observe(stats.duration)
+        self.batch_size.observe(stats.num_seqs)
+        self.step_tokens.observe(stats.num_tokens)
+        if stats.swap_seconds is not None:
+            self.swap.observe(stats.swap_seconds)
+
+
+class _SnapshotCollector(Collector):
+    """Gauges and engine-side counters, read from the engine's latest published snapshot."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        engine = self.metrics._engine
+        if engine is None:
+            return
+        s = engine.snapshot
+        yield _gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1 (tokens held / capacity).", s.kv_usage)
+        yield _gauge("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older endpoint pickers.",
+                     s.kv_usage)
+        yield _gauge("loraserve:kv_cache_used_tokens", "Tokens whose K/V are cached.", s.kv_used_tokens)
+        yield _gauge("loraserve:kv_cache_capacity_tokens", "KV cache capacity in tokens.", s.kv_capacity_tokens)
+        yield _counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
+                       s.num_preemptions)
+        yield _counter("vllm:prompt_tokens", "Prompt tokens scheduled.", s.num_prompt_tokens)
+        yield _counter("vllm:generation_tokens", "Output tokens generated.", s.num_generation_tokens)
+        yield _counter("loraserve:adapter_swaps", "Merges of an adapter into the weights.", s.num_swaps)
+        yield _counter("loraserve:adapter_loads", "Copies of an adapter into a device slot.", s.num_adapter_loads)
+        yield _counter("loraserve:adapter_evictions", "Device slots taken from an idle adapter.",
+                       s.num_adapter_evictions)
+        yield _gauge("loraserve:adapter_slots_used", "Device slots holding an adapter.", len(s.resident_adapters))
+        yield _gauge("loraserve:adapter_slots_total", "Device slots (max_loras).", s.max_loras)
+        yield _gauge("loraserve:adapter_host_cache_used", "Adapters parsed in host memory.", len(s.host_adapters))
+        yield _gauge("loraserve:adapter_host_cache_total", "Host-memory adapter cache size (max_cpu_loras).",
+                     s.max_cpu_loras)
+        yield _gauge("loraserve:adapters_registered", "Adapters that can be requested.", s.num_registered_adapters)
+        # Where each adapter is, by name: both tiers are bounded by configuration, so is the cardinality.
+        resident = GaugeMetricFamily("loraserve:adapter_resident", "1 for each adapter in a tier (device, host).",
+                                     labels=["adapter", "tier"])
+        for name in s.resident_adapters:
+            resident.add_metric([name, "device"], 1)
+        for name in s.host_adapters:
+            resident.add_metric([name, "host"], 1)
+        yield resident
+        now = time.time()
+        info = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters of running and waiting requests; the "
+                                 "value is the Unix time of this update.",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], now)
+        yield info
+        warm = GaugeMetricFamily("loraserve:lora_resident_info", "Adapters resident in device slots and in host "
+                                 "memory even when idle (a warm pod); the value is the Unix time of this update.",
+                                 labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"])
+        warm.add_metric([str(s.max_loras), ",".join(s.resident_adapters), ",".join(s.host_adapters)], now)
+        yield warm
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
