@@ -107,3 +107,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+if __name__ == "__main__":  # `python -m server.model_loader`: prepare the default model's cache
+    logging.basicConfig(level=logging.INFO)
+    print(resolve_model_dir(None)[0])
