@@ -189,4 +189,10 @@ def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spe
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
     scaled_b = b.float().mul(config.scale_for(module)).t()  # [r, out]
-    return LoraWeights(a.to(dtype).contiguous(), scaled_b.to(dtype).contiguous())
+    folded = LoraWeights(a.to(dtype).contiguous(), scaled_b.to(dtype).contiguous())
+    # Finite in the file can still overflow once scaled and cast (fp16 tops out at 65504).
+    for field, tensor in ((field_a, folded.a), (field_b, folded.b)):
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapterError(f"overflows {dtype} once scaled by the config's alpha",
+                                      file=WEIGHTS_FILE, field=field)
+    return folded

@@ -183,12 +183,13 @@ class AdapterRegistry:
         entry.slot = None
 
     def _load_host(self, entry: _Entry) -> LoraAdapter:
-        if entry.adapter is None:
+        adapter = entry.adapter
+        if adapter is None:
             model = self.lora_model
-            entry.adapter = load_adapter(entry.name, entry.source, model.spec,
-                                         max_rank=model.max_rank, dtype=_dtype(model))
-        self._cache_host(entry)
-        return entry.adapter
+            adapter = entry.adapter = load_adapter(entry.name, entry.source, model.spec,
+                                                   max_rank=model.max_rank, dtype=_dtype(model))
+        self._cache_host(entry)  # may drop entry.adapter again (max_cpu_loras=0): return our reference
+        return adapter
 
     def _cache_host(self, entry: _Entry) -> None:
         self._host_lru.pop(entry.name, None)

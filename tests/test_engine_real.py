@@ -40,11 +40,14 @@ def requests_and_references(default_model, adapter_dirs):
     greedy tokens from PEFT/HF generate, run alone."""
     pairs = [(prompt, adapter) for prompt in PROMPTS for adapter in [None, *ADAPTERS]]
     names = list(ADAPTERS)
-    reference = peft.PeftModel.from_pretrained(copy.deepcopy(default_model.model), adapter_dirs[names[0]],
-                                               adapter_name=names[0])
+    model = copy.deepcopy(default_model.model)
+    # The engine runs with ignore_eos: the reference must not stop at EOS either. A None in the
+    # GenerationConfig passed to generate() falls back to this model-level default, so clear it here.
+    model.generation_config.eos_token_id = None
+    reference = peft.PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         reference.load_adapter(adapter_dirs[name], adapter_name=name)
-    greedy = GenerationConfig(max_new_tokens=NUM_TOKENS, do_sample=False, eos_token_id=None,
+    greedy = GenerationConfig(max_new_tokens=NUM_TOKENS, do_sample=False,
                               pad_token_id=default_model.tokenizer.eos_token_id)
     expected = []
     for prompt, adapter in pairs:

@@ -1,0 +1,120 @@
+"""add_lora (grouped bmm over slot buffers) against add_lora_reference (a plain per-token loop)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import adapters.layer
+from adapters import AdapterRegistry, LoraBatch, add_lora, add_lora_reference, wrap_model
+
+NUM_SLOTS, MAX_RANK, D_IN, D_OUT = 4, 8, 24, 40
+SLOT_RANKS = [3, 8, 1, 5]  # mixed ranks; buffers are zero past each slot's rank, as LoraLinear keeps them
+
+
+def slot_buffers(ranks=SLOT_RANKS):
+    lora_a = torch.zeros(NUM_SLOTS, MAX_RANK, D_IN)  # [S, R, in]
+    lora_b = torch.zeros(NUM_SLOTS, MAX_RANK, D_OUT)  # [S, R, out]
+    for slot, rank in enumerate(ranks):
+        lora_a[slot, :rank] = torch.randn(rank, D_IN)
+        lora_b[slot, :rank] = torch.randn(rank, D_OUT)
+    return lora_a, lora_b
+
+
+def shuffled(values):
+    values = torch.tensor(values)
+    return values[torch.randperm(values.numel())]
+
+
+CASES = {
+    "every-slot-and-base": lambda: torch.randint(-1, NUM_SLOTS, (37,)),
+    "unequal-groups": lambda: shuffled([0] * 9 + [2] * 2 + [-1] * 3 + [1] * 5),
+    "non-prefix-1-and-3": lambda: shuffled([1] * 4 + [3] * 7 + [-1] * 5),
+    "single-non-prefix-slot": lambda: torch.full((10,), 2),
+    "prefix-equal-groups": lambda: shuffled([0] * 6 + [1] * 6),
+    "one-adapter-token": lambda: torch.tensor([-1, -1, 3, -1]),
+}
+
+
+def check_against_reference(token_slots, num_rows=1):
+    lora_a, lora_b = slot_buffers()
+    x = torch.randn(num_rows, token_slots.numel() // num_rows, D_IN)  # [B, T, in]
+    y = torch.randn(num_rows, token_slots.numel() // num_rows, D_OUT)  # [B, T, out]
+    batch = LoraBatch.build(token_slots, SLOT_RANKS)
+    expected = add_lora_reference(y, x, lora_a, lora_b, token_slots)
+    actual = add_lora(y.clone(), x, lora_a, lora_b, batch)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+    flat_actual, flat_y = actual.view(-1, D_OUT), y.view(-1, D_OUT)
+    base = token_slots < 0
+    assert torch.equal(flat_actual[base], flat_y[base]), "base rows must be left exactly as they were"
+    assert (flat_actual[~base] - flat_y[~base]).abs().min() > 0, "every adapter row gets a delta"
+    return batch
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_add_lora_matches_reference(case):
+    token_slots = CASES[case]()
+    batch = check_against_reference(token_slots)
+    used, counts = torch.unique(token_slots[token_slots >= 0], return_counts=True)
+    assert batch.slots.tolist() == used.tolist()
+    assert batch.slots_are_prefix == (used.tolist() == list(range(used.numel())))
+    assert (batch.num_groups, batch.group_len) == (used.numel(), int(counts.max()))
+    assert (batch.pad_mask is None) == bool((counts == counts.max()).all())
+    assert batch.rank == max(SLOT_RANKS[s] for s in used.tolist())
+    assert batch.num_tokens == token_slots.numel()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_add_lora_matches_reference_on_random_batches(seed):
+    """Random [B, T] batches, flattened row-major as the server builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    num_rows, num_cols = (int(n) for n in torch.randint(1, 7, (2,), generator=generator))
+    token_slots = torch.randint(-1, NUM_SLOTS, (num_rows * num_cols,), generator=generator)
+    if bool((token_slots < 0).all()):
+        token_slots[0] = 1
+    check_against_reference(token_slots, num_rows=num_rows)
+
+
+def test_add_lora_writes_into_y():
+    lora_a, lora_b = slot_buffers()
+    x, y = torch.randn(5, D_IN), torch.randn(5, D_OUT)
+    token_slots = torch.tensor([0, -1, 3, 3, 1])
+    expected = add_lora_reference(y, x, lora_a, lora_b, token_slots)
+    out = add_lora(y, x, lora_a, lora_b, LoraBatch.build(token_slots, SLOT_RANKS))
+    assert out.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expected)
+
+
+def test_all_base_batch_is_none():
+    assert LoraBatch.build(torch.full((9,), -1), SLOT_RANKS) is None
+    assert LoraBatch.build(torch.tensor([], dtype=torch.long), SLOT_RANKS) is None
+
+
+def test_all_base_does_no_lora_work(tiny_llama, token_ids, tmp_path, make_peft_adapter, monkeypatch):
+    """With no adapter row in the step, no layer calls the LoRA op and logits are exactly the base's."""
+    calls = []
+
+    def counting_add_lora(*args):
+        calls.append(1)
+        return add_lora(*args)
+
+    monkeypatch.setattr(adapters.layer, "add_lora", counting_add_lora)
+    lora_model = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8)
+    registry = AdapterRegistry(lora_model)
+    registry.add("a", make_peft_adapter(tiny_llama, tmp_path / "a", r=4, target_modules="all-linear"))
+    slot = registry.acquire("a").slot
+    num_tokens = token_ids.numel()
+
+    batch = lora_model.build_batch(torch.full((num_tokens,), -1))
+    assert batch is None
+    with torch.no_grad(), lora_model.gather(batch):
+        out = lora_model.model(token_ids).logits
+    with torch.no_grad():
+        expected = tiny_llama(token_ids).logits
+    assert calls == [] and torch.equal(out, expected)
+
+    with torch.no_grad(), lora_model.gather(lora_model.build_batch(torch.full((num_tokens,), slot))):
+        lora_model.model(token_ids)
+    assert len(calls) == len(lora_model.layers) == 14  # the spy sees real work: one call per LoRA layer
