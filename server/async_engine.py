@@ -33,6 +33,8 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = False
+        self._closed = False  # the loop has exited: no command will run any more
+        self._closing = threading.Lock()  # orders "queue a command" against "the loop exits"
         self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
         self._thread.start()
 
@@ -94,7 +96,10 @@ class AsyncEngine:
         return not self.engine.has_unfinished() and self._commands.empty()
 
     def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
+        with self._closing:
+            if self._closed:
+                raise EngineStoppedError("the server is shutting down")
+            self._commands.put(command)
         self._wake.set()
 
     def _loop(self) -> None:
@@ -109,7 +114,11 @@ class AsyncEngine:
                 self._publish(outputs)
                 self.engine.publish_stats()
             elif self._stopping:
-                return
+                with self._closing:  # exit only if no command slipped in since _run_commands
+                    if self._commands.empty():
+                        self._closed = True
+                        self.engine.publish_stats()
+                        return
             else:
                 self.engine.publish_stats()
                 self._wake.wait()

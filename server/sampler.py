@@ -31,11 +31,12 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     """OpenAI presence/frequency penalties over output tokens; HF/vLLM repetition penalty over all."""
     params = seq.params
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(seq.all_token_ids)), dtype=torch.long, device=row.device)
         values = row[seen]
         row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if seq.output_token_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=row.numel()).to(row.dtype)
+        output_ids = torch.tensor(seq.output_token_ids, device=row.device)
+        counts = torch.bincount(output_ids, minlength=row.numel()).to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
 
 
@@ -53,8 +54,8 @@ def _pick(row: torch.Tensor, seq: Sequence) -> int:
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
         probs = probs.index_fill(0, order[drop], 0.0)
     # Exponential race (argmax p/E) equals sampling from p; with a per-request generator, a seed
-    # gives the same tokens whatever else shares the batch.
-    noise = torch.empty_like(probs).exponential_(generator=seq.generator)
+    # gives the same tokens whatever else shares the batch. Drawn on the host: that generator is a CPU one.
+    noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=seq.generator).to(probs.device)
     return int((probs / noise).argmax())
 
 

@@ -1,0 +1,157 @@
+"""AsyncEngine: the engine loop on its own thread, streamed to asyncio callers."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from engine_fixtures import PROMPTS, adapter_paths, assert_released, greedy, make_engine  # noqa: F401
+
+from adapters import AdapterNotFoundError
+from server.async_engine import AsyncEngine
+from server.errors import EngineStoppedError, RequestError
+
+JOIN_TIMEOUT = 60  # seconds; only so a hung loop fails the test instead of the whole run
+
+
+async def until(condition, max_polls: int = 6000) -> None:
+    """Yield to the event loop until `condition()` holds (the engine thread works meanwhile)."""
+    for _ in range(max_polls):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+async def collect(engine: AsyncEngine, prompt, params, adapter=None) -> list:
+    return [output async for output in engine.stream(prompt, params, adapter)]
+
+
+def test_concurrent_streams_equal_generate(adapter_paths):
+    requests = [(PROMPTS[0], None, 8), (PROMPTS[1], "a", 10), (PROMPTS[2], "b", 6), (PROMPTS[3], "a", 12)]
+    expected = make_engine(adapter_paths).generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
+                                                   [a for _, a, _ in requests])
+    engine = AsyncEngine(make_engine(adapter_paths))
+    try:
+        async def main():
+            streams = await asyncio.gather(*(collect(engine, p, greedy(n), a) for p, a, n in requests))
+            await until(lambda: engine.is_idle)
+            return streams
+
+        streams = asyncio.run(main())
+        for outputs, completion, (_, _, n) in zip(streams, expected, requests):
+            assert "".join(o.text for o in outputs) == completion.text
+            assert [t for o in outputs for t in o.token_ids] == completion.token_ids
+            assert [o.finished for o in outputs] == [False] * (len(outputs) - 1) + [True]
+            assert outputs[-1].finish_reason == "length" and outputs[-1].num_output_tokens == n
+        assert len({o[0].request_id for o in streams}) == len(requests)
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(engine.engine)
+
+
+def test_leaving_a_stream_early_aborts_it():
+    llm = make_engine()
+    finished = []
+    llm.request_listeners.append(finished.append)
+    engine = AsyncEngine(llm)
+    try:
+        async def main():
+            num_outputs = 0
+            async for _ in engine.stream(PROMPTS[0], greedy(400)):
+                num_outputs += 1
+                if num_outputs == 2:
+                    break
+            await until(lambda: finished and engine.is_idle)
+
+        asyncio.run(main())
+        (stats,) = finished
+        assert stats.finish_reason == "abort"
+        assert 2 <= stats.num_output_tokens < 400
+        assert llm.stats().kv_reserved_tokens == 0
+        assert not engine._streams
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(llm)
+
+
+def test_unknown_adapter_raises_from_the_stream():
+    engine = AsyncEngine(make_engine())
+    try:
+        async def main():
+            with pytest.raises(AdapterNotFoundError):
+                await collect(engine, PROMPTS[0], greedy(), "missing")
+            return await collect(engine, PROMPTS[0], greedy(2))  # the loop survives the error
+
+        outputs = asyncio.run(main())
+        assert outputs[-1].finish_reason == "length"
+        assert not engine._streams
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+
+
+def test_a_failing_step_aborts_running_requests_and_the_loop_goes_on():
+    llm = make_engine()
+    run = llm.runner.run
+    calls = []
+
+    def fail_second_step(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return run(*args, **kwargs)
+
+    llm.runner.run = fail_second_step
+    engine = AsyncEngine(llm)
+    try:
+        async def main():
+            failed = await collect(engine, PROMPTS[0], greedy(5))
+            return failed, await collect(engine, PROMPTS[1], greedy(3))
+
+        failed, after = asyncio.run(main())
+        assert [len(o.token_ids) for o in failed] == [1, 0]
+        assert failed[-1].finish_reason == "abort"
+        assert after[-1].finish_reason == "length" and after[-1].num_output_tokens == 3
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(llm)
+
+
+def test_stop_finishes_running_requests_then_ends_the_thread():
+    engine = AsyncEngine(make_engine())
+    try:
+        async def main():
+            stream = engine.stream(PROMPTS[0], greedy(6))
+            outputs = [await anext(stream)]
+            stopping = asyncio.create_task(asyncio.to_thread(engine.stop, JOIN_TIMEOUT))
+            outputs += [output async for output in stream]
+            await stopping
+            with pytest.raises(EngineStoppedError):
+                await collect(engine, PROMPTS[1], greedy())
+            return outputs
+
+        outputs = asyncio.run(main())
+        assert outputs[-1].finish_reason == "length"
+        assert sum(len(o.token_ids) for o in outputs) == 6
+        assert not engine._thread.is_alive()
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(engine.engine)
+
+
+def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
+    engine = AsyncEngine(make_engine())
+    try:
+        async def main():
+            first = await engine.submit(PROMPTS[0], greedy(5), request_id="x")
+            with pytest.raises(RequestError) as info:
+                await engine.submit(PROMPTS[1], greedy(5), request_id="x")
+            assert info.value.field == "request_id"
+            await until(lambda: engine.is_idle)
+            await asyncio.sleep(0)  # let the outputs already posted reach the queue
+            assert first._outputs.qsize() == 5  # the first stream still gets every delta
+            return [output async for output in first]
+
+        outputs = asyncio.run(main())
+        assert outputs[-1].finish_reason == "length"
+    finally:
+        engine.stop(JOIN_TIMEOUT)
