@@ -49,13 +49,16 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and not p.name.startswith(".") and (p / WEIGHTS_FILE).is_file())
 
-    def version(self, name: str) -> tuple[int, int] | None:
-        """(mtime_ns, size) of the stored weights, None if absent: changes whenever a save replaces them."""
+    def version(self, name: str) -> tuple[int, int, int] | None:
+        """(inode, mtime_ns, size) of the stored weights, None if absent: changes whenever a save replaces them.
+
+        A replace usually keeps the size (same rank and targets), and timestamps can be coarse (1 s on
+        some network filesystems); every save writes a new file, so its inode tells the saves apart."""
         try:
             stat = (self.path(name) / WEIGHTS_FILE).stat()
         except FileNotFoundError:
             return None
-        return stat.st_mtime_ns, stat.st_size
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def __contains__(self, name: str) -> bool:
         return (self.path(name) / WEIGHTS_FILE).is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import types
 import typing
@@ -41,9 +42,16 @@ def serve_command(args: argparse.Namespace) -> int:
 
     logging.getLogger(__name__).info("loading %s; /ready turns 200 when it can serve",
                                      settings.model or "the default model (SmolLM2-135M-Instruct)")
+    # uvicorn drains on SIGTERM, then raises the signal again, which the default handler turns into
+    # death by signal (exit 143). The drain is done by then: exit 0, as the Dockerfile promises.
+    signal.signal(signal.SIGTERM, _exit_zero)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.shutdown_timeout)
     return 0
+
+
+def _exit_zero(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

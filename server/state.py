@@ -31,7 +31,7 @@ class ServerState:
         self.async_engine: AsyncEngine | None = None
         self.model_name: str | None = None
         self.load_error: BaseException | None = None
-        self._store_versions: dict[str, tuple[int, int]] = {}  # name -> version it was registered at
+        self._store_versions: dict[str, tuple[int, int, int]] = {}  # name -> version it was registered at
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
