@@ -23,10 +23,10 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     complete = commands.add_parser("complete", parents=[generate], help="complete a prompt")
     complete.add_argument("prompt")
-    complete.set_defaults(run=_complete)
+    complete.set_defaults(run=_generate)
     chat = commands.add_parser("chat", parents=[generate], help="one chat turn")
     chat.add_argument("message")
-    chat.set_defaults(run=_chat)
+    chat.set_defaults(run=_generate)
 
     adapters = commands.add_parser("adapters", help="manage adapters").add_subparsers(dest="action", required=True)
     upload = adapters.add_parser("upload", parents=[common], help="upload a PEFT adapter directory")
@@ -53,20 +53,16 @@ def run_client_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _complete(client: Client, args) -> None:
+def _generate(client: Client, args) -> None:
+    """`complete` sends a raw prompt, `chat` one user message through the chat template."""
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    text = args.prompt if args.command == "complete" else args.message
     if args.no_stream:
-        print(client.complete(args.model, args.prompt, **params).text)
-        return
-    _print_stream(client.stream_complete(args.model, args.prompt, **params))
-
-
-def _chat(client: Client, args) -> None:
-    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    if args.no_stream:
-        print(client.chat(args.model, args.message, **params).text)
-        return
-    _print_stream(client.stream_chat(args.model, args.message, **params))
+        call = client.complete if args.command == "complete" else client.chat
+        print(call(args.model, text, **params).text)
+    else:
+        stream = client.stream_complete if args.command == "complete" else client.stream_chat
+        _print_stream(stream(args.model, text, **params))
 
 
 def _print_stream(deltas) -> None:
