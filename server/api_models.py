@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,13 +54,20 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
 
 
+class ContentPart(_Request):
+    """One part of a message's content; only text parts carry meaning here."""
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts carry meaning here
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 

@@ -46,6 +46,8 @@ def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]
     prompts = request.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
+    if not prompts:
+        raise RequestError("must not be empty", field="prompt")
     jobs = []
     for p, prompt in enumerate(prompts):
         if not prompt:

@@ -1,0 +1,213 @@
+"""Helpers for the HTTP tests: the real app under uvicorn on a free loopback port, real adapters for
+the default model, an engine-only reference, and checks on OpenAI-shaped error bodies.
+
+Every wait here is bounded in time; nothing listens anywhere but 127.0.0.1. Test modules import
+what they use from here (conftest.py belongs to others).
+"""
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.engine import EngineConfig, LLMEngine
+from server.model_loader import load_base_model
+from server.sampling_params import SamplingParams
+from server.settings import Settings
+from server.state import ServerState
+
+BASE = "SmolLM2-135M-Instruct"  # the default model's served name
+LORA_KWARGS = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+ADAPTER_SEEDS = {"alpha": 1, "beta": 2, "gamma": 3}  # distinct weights per name, whatever ran before
+READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class Served:
+    """A running app: its base URL and the objects behind it (for white-box checks once idle)."""
+
+    url: str
+    app: FastAPI
+
+    @property
+    def state(self) -> ServerState:
+        return self.app.state.server
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.state.engine
+
+
+def bound_socket() -> socket.socket:
+    """A socket already bound to a free 127.0.0.1 port: no window for another process to take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a subprocess, or to test a refused connection)."""
+    with bound_socket() as sock:
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(settings: Settings | None = None, *, ready_timeout: float = READY_TIMEOUT) -> Iterator[Served]:
+    """Run `create_app(settings)` under uvicorn on a background thread until the block ends.
+
+    Each app gets its own freshly loaded model (the engine wraps it in place)."""
+    app = create_app(settings or Settings(), base=load_base_model())
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        wait_ready(url, ready_timeout, thread)
+        yield Served(url, app)
+    finally:
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT)
+        sock.close()
+        assert not thread.is_alive(), "the test server did not stop"
+
+
+def wait_ready(url: str, timeout: float, thread: threading.Thread | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if thread is not None and not thread.is_alive():
+                raise AssertionError("the server thread died before it was ready")
+            try:
+                response = client.get("/ready")
+                if response.status_code == 200:
+                    return
+                if response.json()["error"]["code"] == "load_failed":
+                    raise AssertionError(f"the model failed to load: {response.text}")
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+def wait_idle(served: Served, timeout: float = 30.0) -> None:
+    """Until the engine has nothing running, waiting or queued (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if served.state.async_engine.is_idle:
+            time.sleep(0.05)  # let the engine thread finish the step it may be inside
+            if served.state.async_engine.is_idle:
+                return
+        time.sleep(0.05)
+    stats = served.engine.stats()
+    raise AssertionError(f"engine still busy after {timeout} s: {stats.num_running} running, "
+                         f"{stats.num_waiting} waiting")
+
+
+def assert_nothing_held(engine: LLMEngine) -> None:
+    """Once idle: no KV reserved, no sequence left, no adapter lease held."""
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting) == (0, 0)
+    assert stats.kv_reserved_tokens == 0
+    assert engine.requests == {}
+    held = {name: e.num_users for name, e in engine.registry._entries.items() if e.num_users}
+    assert held == {}, f"adapter leases still held: {held}"
+
+
+# Errors
+def assert_openai_error(response: httpx.Response, status: int, *words: str) -> dict:
+    """The response is `status` with an OpenAI error body whose message names each of `words`."""
+    assert response.status_code == status, f"{response.status_code} != {status}: {response.text}"
+    error = assert_error_shape(response)
+    for word in words:
+        assert word.lower() in error["message"].lower(), f"{word!r} not in {error['message']!r}"
+    return error
+
+
+def assert_error_shape(response: httpx.Response) -> dict:
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers
+    return assert_error_body(response.json())
+
+
+def assert_error_body(body) -> dict:
+    """{"error": {"message": str, "type": str, "code": ..., "param": ...}}, and nothing else."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert isinstance(error.get("type"), str) and error["type"], body
+    assert "code" in error and error["code"] is not None, body
+    return error
+
+
+# Adapters for the real default model
+_adapter_dirs: dict[str, Path] = {}
+_adapter_lock = threading.Lock()
+
+
+def real_adapters(root: Path, base_model: torch.nn.Module, make_peft_adapter) -> dict[str, Path]:
+    """PEFT adapters (non-zero B) named by ADAPTER_SEEDS for the default model, written once per session."""
+    with _adapter_lock:
+        for name, seed in ADAPTER_SEEDS.items():
+            if name not in _adapter_dirs:
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    _adapter_dirs[name] = make_peft_adapter(base_model, root / name, **LORA_KWARGS)
+        return dict(_adapter_dirs)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory, default_model, make_peft_adapter) -> dict[str, Path]:
+    """name -> directory of the session's real adapters (alpha, beta, gamma)."""
+    return real_adapters(tmp_path_factory.mktemp("http-adapters"), default_model.model, make_peft_adapter)
+
+
+def adapter_files(path: Path) -> dict[str, tuple[str, bytes]]:
+    """The multipart `files` of an upload of the adapter directory `path`."""
+    return {f: (f, (path / f).read_bytes()) for f in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+# The engine alone, as the reference for what the server must return
+@functools.lru_cache(maxsize=1)
+def _reference_engine(adapters: tuple[tuple[str, str], ...]) -> LLMEngine:
+    engine = LLMEngine(load_base_model(), EngineConfig())
+    for name, path in adapters:
+        engine.registry.add(name, Path(path))
+    return engine
+
+
+_reference_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=256)
+def _reference(adapters, prompt, adapter, max_tokens) -> str:
+    with _reference_lock:
+        engine = _reference_engine(adapters)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return engine.generate([list(prompt) if isinstance(prompt, tuple) else prompt], params, [adapter])[0].text
+
+
+def reference_text(adapter_dirs: dict[str, Path], prompt: str | list[int], adapter: str | None,
+                   max_tokens: int) -> str:
+    """Greedy text from `LLMEngine.generate` on a fresh model with the same adapters, one request alone."""
+    key = tuple(sorted((name, str(path)) for name, path in adapter_dirs.items()))
+    return _reference(key, tuple(prompt) if isinstance(prompt, list) else prompt, adapter, max_tokens)
+
+
+def reference_chat_prompt(adapter_dirs: dict[str, Path], messages: list[dict]) -> list[int]:
+    """The prompt ids the server builds for a chat (the tokenizer's own template)."""
+    key = tuple(sorted((name, str(path)) for name, path in adapter_dirs.items()))
+    return _reference_engine(key).chat_prompt(messages)
