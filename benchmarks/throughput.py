@@ -113,12 +113,16 @@ def main() -> None:
 
         warmup = workload[:4]
         run_loraserve(engine, warmup, True), run_static(peft_model, base.tokenizer, warmup, True)
-        seconds = {
-            "a_loraserve_mixed": run_loraserve(engine, workload, use_adapters=True),
-            "b_loraserve_base": run_loraserve(engine, workload, use_adapters=False),
-            "c_peft_mixed_static16": run_static(peft_model, base.tokenizer, workload, use_adapters=True),
-            "d_hf_base_static16": run_static(plain, base.tokenizer, workload, use_adapters=False),
+        runs = {
+            "a_loraserve_mixed": lambda: run_loraserve(engine, workload, use_adapters=True),
+            "b_loraserve_base": lambda: run_loraserve(engine, workload, use_adapters=False),
+            "c_peft_mixed_static16": lambda: run_static(peft_model, base.tokenizer, workload, use_adapters=True),
+            "d_hf_base_static16": lambda: run_static(plain, base.tokenizer, workload, use_adapters=False),
         }
+        seconds = {}
+        for name, run in runs.items():
+            seconds[name] = run()
+            print(f"{name:24s} {seconds[name]:8.1f} s {useful_tokens / seconds[name]:8.1f} tok/s", flush=True)
     tps = {name: useful_tokens / s for name, s in seconds.items()}
     a, b, c, d = tps.values()
     ratios = {"a/b": a / b, "a/c": a / c, "b/d": b / d}
@@ -137,8 +141,6 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for name in seconds:
-        print(f"{name:24s} {seconds[name]:8.1f} s {tps[name]:8.1f} tok/s")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f} (target >= {TARGETS[name]}) {'ok' if value >= TARGETS[name] else 'MISSED'}")
     print(f"wrote {args.out}")
