@@ -49,7 +49,7 @@ class LoraLinear(nn.Module):
         batch = self.state.batch
         if batch is None or self.lora_a is None:
             return y
-        return add_lora(y, x, self.lora_a, self.lora_b, batch)
+        return add_lora(y, x, self.lora_a, self.lora_b, self.slot_ranks, batch)
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:

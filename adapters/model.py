@@ -64,7 +64,7 @@ class LoraModel:
 
     def build_batch(self, token_slots: torch.Tensor) -> LoraBatch | None:
         """Per-step metadata for `token_slots` ([N], -1 = base); None when every row is base."""
-        return LoraBatch.build(token_slots, self.slot_ranks, device=self.device)
+        return LoraBatch.build(token_slots, device=self.device)
 
     @contextmanager
     def gather(self, batch: LoraBatch | None):

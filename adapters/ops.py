@@ -7,7 +7,7 @@ from .batch import LoraBatch
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             batch: LoraBatch) -> torch.Tensor:
+             slot_ranks: list[int], batch: LoraBatch) -> torch.Tensor:
     """Add each token's own adapter delta to the base output, in place.
 
     Semantics:
@@ -15,22 +15,33 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
             s = slot of token t (skip if base)
             y[t] += (x[t] @ lora_a[s].T) @ lora_b[s]
 
-    lora_a is [S, R, in] and lora_b is [S, R, out], zero past each slot's rank, scale already in B.
-    Cost is two bmm's over [k, L] grouped rows: it grows with the distinct adapters in the step
-    and the largest group, never with tokens x slots, and no per-token copy of A or B is made.
+    lora_a is [S, R, in] and lora_b is [S, R, out], zero past each slot's rank, scale already in B;
+    slot_ranks[s] is that rank for this layer (0: the adapter does not target it, no work).
+    Runs cost two matmuls each at their own rank; the grouped rows cost two bmm's over [k, L]
+    at the largest rank among them: it grows with the distinct adapters in the step and the
+    largest group, never with tokens x slots, and no per-token copy of A or B is made.
     """
-    k, group_len, rank = batch.num_groups, batch.group_len, batch.rank
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
     y2 = y.view(-1, y.shape[-1])  # [N, out]
-    if batch.slots_are_prefix:
+    for run in batch.runs:
+        rank = slot_ranks[run.slot]
+        if rank:
+            h = x2[run.start:run.stop] @ lora_a[run.slot, :rank].T  # [n, r]
+            y2[run.start:run.stop].addmm_(h, lora_b[run.slot, :rank])
+    groups = batch.groups
+    rank = max((slot_ranks[s] for s in groups.slot_list), default=0) if groups else 0
+    if rank == 0:
+        return y
+    k = groups.num_groups
+    if groups.slots_are_prefix:
         a, b = lora_a[:k, :rank], lora_b[:k, :rank]  # views: no copy
     else:
-        a, b = lora_a[batch.slots, :rank], lora_b[batch.slots, :rank]  # [k, r, in], [k, r, out]
-    xg = x2.index_select(0, batch.rows).view(k, group_len, -1)  # [k, L, in]
+        a, b = lora_a[groups.slots, :rank], lora_b[groups.slots, :rank]  # [k, r, in], [k, r, out]
+    xg = x2.index_select(0, groups.rows).view(k, groups.group_len, -1)  # [k, L, in]
     h = torch.bmm(xg, a.transpose(1, 2))  # [k, L, r]
-    if batch.pad_mask is not None:
-        h.mul_(batch.pad_mask)
-    y2.index_add_(0, batch.rows, torch.bmm(h, b).view(k * group_len, -1))
+    if groups.pad_mask is not None:
+        h.mul_(groups.pad_mask)
+    y2.index_add_(0, groups.rows, torch.bmm(h, b).view(k * groups.group_len, -1))
     return y
 
 

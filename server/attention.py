@@ -37,6 +37,12 @@ class KVStep:
     seqs: list[SeqSlice]
     write_index: torch.Tensor  # [N] pool positions for the new tokens' keys and values
 
+    def __post_init__(self):
+        # Each sequence's rows, pool extent and mask, made once here rather than in every layer.
+        device = self.write_index.device
+        self.parts = [(slice(s.query_start, s.query_start + s.num_new), slice(s.kv_start, s.kv_start + s.context_len),
+                       _causal_mask(s, device), s.num_new == s.context_len > 1) for s in self.seqs]
+
 
 def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    kv_step: KVStep | None = None, **kwargs):
@@ -45,20 +51,19 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     Semantics, per sequence s with new rows q_s and cached keys/values K_s, V_s (a view):
         out_s = softmax(q_s K_s^T * scaling + causal_mask) V_s
     query: [1, H, N, D]; key, value: [1, KVH, N, D]. Returns ([1, N, H, D], None).
+    One SDPA call per sequence: on CPU decode attention is bound by reading the cache, which
+    these views read once; padding sequences into one batched call would copy it first.
     """
     assert kv_step is not None, "the loraserve attention runs only inside an engine step"
     layer = module.layer_idx
     k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]  # [KVH, C, D]
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
+    k_pool, v_pool = k_pool[None], v_pool[None]
     out = torch.empty_like(query)  # [1, H, N, D]
-    for seq in kv_step.seqs:
-        rows = slice(seq.query_start, seq.query_start + seq.num_new)
-        ctx = slice(seq.kv_start, seq.kv_start + seq.context_len)
-        q = query[:, :, rows]  # [1, H, t, D]
-        k, v = k_pool[None, :, ctx], v_pool[None, :, ctx]  # [1, KVH, ctx, D] views of the pool
+    for rows, ctx, mask, is_causal in kv_step.parts:
         out[:, :, rows] = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_causal_mask(seq, query.device), is_causal=seq.num_new == seq.context_len > 1,
+            query[:, :, rows], k_pool[:, :, ctx], v_pool[:, :, ctx], attn_mask=mask, is_causal=is_causal,
             scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 

@@ -24,7 +24,8 @@ class ModelRunner:
         """Forward the step; returns logits [M, V] for the M sequences that now sample a token."""
         ids, positions, write, slots, keep = [], [], [], [], []
         seq_slices, sampling = [], []
-        for seq, num_new in scheduled:
+        # Rows of one adapter side by side: the LoRA op then takes them as one view, not a gather.
+        for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot):
             first, row = seq.num_computed, len(ids)
             kv_start = self.cache.start(seq.seq_id)
             ids += seq.all_token_ids[first:first + num_new]

@@ -1,4 +1,4 @@
-"""add_lora (grouped bmm over slot buffers) against add_lora_reference (a plain per-token loop)."""
+"""add_lora (direct runs + grouped bmm over slot buffers) against add_lora_reference (a per-token loop)."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +8,13 @@ import torch
 
 import adapters.layer
 from adapters import AdapterRegistry, LoraBatch, add_lora, add_lora_reference, wrap_model
+from adapters.batch import MAX_DIRECT_RUNS, MIN_RUN_ROWS, Run
 
 NUM_SLOTS, MAX_RANK, D_IN, D_OUT = 4, 8, 24, 40
 SLOT_RANKS = [3, 8, 1, 5]  # mixed ranks; buffers are zero past each slot's rank, as LoraLinear keeps them
+# (max_direct_runs, min_run_rows): the server's split, and settings that force one path or the other
+DEFAULT, ALL_GROUPED, ALL_RUNS = (MAX_DIRECT_RUNS, MIN_RUN_ROWS), (0, 10**9), (10**9, 1)
+PATHS = dict(argvalues=[DEFAULT, ALL_GROUPED, ALL_RUNS], ids=["default", "all-grouped", "all-runs"])
 
 
 def slot_buffers(ranks=SLOT_RANKS):
@@ -34,62 +38,101 @@ CASES = {
     "single-non-prefix-slot": lambda: torch.full((10,), 2),
     "prefix-equal-groups": lambda: shuffled([0] * 6 + [1] * 6),
     "one-adapter-token": lambda: torch.tensor([-1, -1, 3, -1]),
+    "long-runs-and-scattered": lambda: torch.tensor([0] * 20 + [1, 2, 1, 3] + [-1] * 3 + [2] * 17 + [0, 0] + [3] * 16),
+    "runs-only": lambda: torch.tensor([-1] * 5 + [1] * 18 + [3] * 30),
+    "many-short-runs": lambda: torch.tensor([0, 1, 2, 3] * 3 + [2] * 16 + [1, 0]),
 }
 
 
-def check_against_reference(token_slots, num_rows=1):
-    lora_a, lora_b = slot_buffers()
+def check_against_reference(token_slots, num_rows=1, path=DEFAULT, ranks=SLOT_RANKS):
+    lora_a, lora_b = slot_buffers(ranks)
     x = torch.randn(num_rows, token_slots.numel() // num_rows, D_IN)  # [B, T, in]
     y = torch.randn(num_rows, token_slots.numel() // num_rows, D_OUT)  # [B, T, out]
-    batch = LoraBatch.build(token_slots, SLOT_RANKS)
+    batch = LoraBatch.build(token_slots, max_direct_runs=path[0], min_run_rows=path[1])
     expected = add_lora_reference(y, x, lora_a, lora_b, token_slots)
-    actual = add_lora(y.clone(), x, lora_a, lora_b, batch)
+    actual = add_lora(y.clone(), x, lora_a, lora_b, ranks, batch)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
     flat_actual, flat_y = actual.view(-1, D_OUT), y.view(-1, D_OUT)
-    base = token_slots < 0
-    assert torch.equal(flat_actual[base], flat_y[base]), "base rows must be left exactly as they were"
-    assert (flat_actual[~base] - flat_y[~base]).abs().min() > 0, "every adapter row gets a delta"
+    untouched = (token_slots < 0) | (torch.tensor(ranks)[token_slots.clamp(min=0)] == 0)
+    assert torch.equal(flat_actual[untouched], flat_y[untouched]), "base rows must be left exactly as they were"
+    if bool((~untouched).any()):
+        assert (flat_actual[~untouched] - flat_y[~untouched]).abs().min() > 0, "every adapter row gets a delta"
     return batch
 
 
+def runs_of(token_slots, path):
+    """The direct runs a step should get, by a plain loop: every maximal stretch of one adapter
+    slot, or when there are more than max_direct_runs of them, those with min_run_rows rows."""
+    max_direct_runs, min_run_rows = path
+    runs, start = [], 0
+    values = token_slots.tolist()
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            if values[start] >= 0:
+                runs.append(Run(values[start], start, i))
+            start = i
+    return runs if len(runs) <= max_direct_runs else [r for r in runs if r.stop - r.start >= min_run_rows]
+
+
+@pytest.mark.parametrize("path", **PATHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_add_lora_matches_reference(case):
+def test_add_lora_matches_reference(case, path):
     token_slots = CASES[case]()
-    batch = check_against_reference(token_slots)
-    used, counts = torch.unique(token_slots[token_slots >= 0], return_counts=True)
-    assert batch.slots.tolist() == used.tolist()
-    assert batch.slots_are_prefix == (used.tolist() == list(range(used.numel())))
-    assert (batch.num_groups, batch.group_len) == (used.numel(), int(counts.max()))
-    assert (batch.pad_mask is None) == bool((counts == counts.max()).all())
-    assert batch.rank == max(SLOT_RANKS[s] for s in used.tolist())
+    batch = check_against_reference(token_slots, path=path)
+    assert batch.runs == runs_of(token_slots, path)
+    in_runs = torch.zeros(token_slots.numel(), dtype=torch.bool)
+    for run in batch.runs:
+        in_runs[run.start:run.stop] = True
+    grouped = token_slots[(token_slots >= 0) & ~in_runs]
+    used, counts = torch.unique(grouped, return_counts=True)
+    if batch.groups is None:
+        assert grouped.numel() == 0
+    else:
+        groups = batch.groups
+        assert groups.slot_list == groups.slots.tolist() == used.tolist()
+        assert groups.slots_are_prefix == (used.tolist() == list(range(used.numel())))
+        assert (groups.num_groups, groups.group_len) == (used.numel(), int(counts.max()))
+        assert (groups.pad_mask is None) == bool((counts == counts.max()).all())
+        assert sorted(token_slots[groups.rows].tolist()) == sorted(
+            [s for s, n in zip(used.tolist(), counts.tolist()) for _ in range(int(counts.max()))])
     assert batch.num_tokens == token_slots.numel()
+
+
+@pytest.mark.parametrize("path", **PATHS)
+def test_layer_ranks_below_buffer_width_and_untargeted_slots(path):
+    """A layer passes its own ranks: slot 1 does not target it (rank 0, zero buffers), so its rows
+    stay exactly as they were; the others use only their first `rank` rows of A and B."""
+    token_slots = torch.tensor([1] * 20 + [0, 1, 2, 3, 1] + [3] * 18 + [-1, 1])
+    check_against_reference(token_slots, path=path, ranks=[2, 0, 1, 4])
+    check_against_reference(token_slots, path=path, ranks=[0, 0, 0, 0])
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_add_lora_matches_reference_on_random_batches(seed):
-    """Random [B, T] batches, flattened row-major as the server builds them."""
+    """Random [B, T] batches, flattened row-major as the server builds them; runs of random length."""
     generator = torch.Generator().manual_seed(seed)
     num_rows, num_cols = (int(n) for n in torch.randint(1, 7, (2,), generator=generator))
     token_slots = torch.randint(-1, NUM_SLOTS, (num_rows * num_cols,), generator=generator)
     if bool((token_slots < 0).all()):
         token_slots[0] = 1
-    check_against_reference(token_slots, num_rows=num_rows)
+    path = tuple(int(n) for n in torch.randint(0, 5, (2,), generator=generator))
+    check_against_reference(token_slots, num_rows=num_rows, path=path)
 
 
 def test_add_lora_writes_into_y():
     lora_a, lora_b = slot_buffers()
     x, y = torch.randn(5, D_IN), torch.randn(5, D_OUT)
-    token_slots = torch.tensor([0, -1, 3, 3, 1])
+    token_slots = torch.tensor([0, -1, 3, 3, 1])  # a run of 3s and grouped rows
     expected = add_lora_reference(y, x, lora_a, lora_b, token_slots)
-    out = add_lora(y, x, lora_a, lora_b, LoraBatch.build(token_slots, SLOT_RANKS))
+    out = add_lora(y, x, lora_a, lora_b, SLOT_RANKS, LoraBatch.build(token_slots, max_direct_runs=1, min_run_rows=2))
     assert out.data_ptr() == y.data_ptr()
     torch.testing.assert_close(y, expected)
 
 
 def test_all_base_batch_is_none():
-    assert LoraBatch.build(torch.full((9,), -1), SLOT_RANKS) is None
-    assert LoraBatch.build(torch.tensor([], dtype=torch.long), SLOT_RANKS) is None
+    assert LoraBatch.build(torch.full((9,), -1)) is None
+    assert LoraBatch.build(torch.tensor([], dtype=torch.long)) is None
 
 
 def test_all_base_does_no_lora_work(tiny_llama, token_ids, tmp_path, make_peft_adapter, monkeypatch):

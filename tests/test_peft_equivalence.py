@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapters import AdapterRegistry, wrap_model
+from adapters import AdapterRegistry, LoraBatch, wrap_model
 
 ATOL = 1e-4
 BASE = "__base__"  # PEFT's adapter name for a plain base row
@@ -97,10 +97,15 @@ def peft_merged_logits(peft_model: PeftModel, name: str, ids):
         peft_model.load_state_dict(saved)
 
 
+GROUPED = dict(max_direct_runs=0, min_run_rows=10**9)  # every adapter row through the grouped bmm
+
+
 @torch.no_grad()
-def gather_logits(lora_model, ids, row_slots: list[int]):
+def gather_logits(lora_model, ids, row_slots: list[int], **split):
+    """Logits with each row on its slot; `split` overrides how the batch divides runs and groups."""
     token_slots = torch.tensor(row_slots).repeat_interleave(ids.shape[1])  # [B * T], row-major
-    with lora_model.gather(lora_model.build_batch(token_slots)):
+    batch = LoraBatch.build(token_slots, lora_model.device, **split) if split else lora_model.build_batch(token_slots)
+    with lora_model.gather(batch):
         return lora_model.model(ids).logits
 
 
@@ -127,6 +132,7 @@ def check_single_adapter(base, ids, path):
     assert registry.info("a").target_modules == peft_module_names(peft_model, "a")
     slot = registry.acquire("a").slot
     assert_close(gather_logits(lora_model, ids, [slot] * ids.shape[0]), expected)
+    assert_close(gather_logits(lora_model, ids, [slot] * ids.shape[0], **GROUPED), expected)
     merged = merged_logits(lora_model, ids, slot)
     assert_close(merged, expected_merged)
     assert_close(merged, expected)  # a 2-layer model is shallow enough to hold merged to unmerged too
@@ -146,7 +152,7 @@ def test_gpt2_conv1d_adapter_matches_peft(tiny_gpt2, token_ids, tmp_path, make_p
 ROWS = ["a1", BASE, "a2", "a1", BASE, "a1"]  # unequal groups: a1 has 3 rows, a2 has 1
 
 
-def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict):
+def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict, split: dict):
     peft_model = load_peft(base, paths)
     peft_mixed = logits(peft_model, ids, adapter_names=ROWS)
     peft_single = {name: logits(peft_model, ids, adapter_names=[name] * len(ROWS)) for name in set(ROWS)}
@@ -160,11 +166,15 @@ def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict):
     slots = {BASE: -1, **{name: lease.slot for name, lease in leases.items()}}
     assert sorted(slots.values()) == ([-1, 0, 1] if prefix_slots else [-1, 1, 3])
     row_slots = [slots[name] for name in ROWS]
-    batch = lora_model.build_batch(torch.tensor(row_slots).repeat_interleave(ids.shape[1]))
-    assert batch.slots_are_prefix is prefix_slots and batch.pad_mask is not None
+    batch = LoraBatch.build(torch.tensor(row_slots).repeat_interleave(ids.shape[1]), **split)
+    if split:  # all through the padded, grouped bmm
+        assert not batch.runs and batch.groups.pad_mask is not None
+        assert batch.groups.slots_are_prefix is prefix_slots
+    else:  # the server's split: this few rows all go as direct runs
+        assert batch.groups is None and len(batch.runs) == len(ROWS) - ROWS.count(BASE)
 
-    ours_mixed = gather_logits(lora_model, ids, row_slots)
-    ours_single = {name: gather_logits(lora_model, ids, [slots[name]] * len(ROWS)) for name in set(ROWS)}
+    ours_mixed = gather_logits(lora_model, ids, row_slots, **split)
+    ours_single = {name: gather_logits(lora_model, ids, [slots[name]] * len(ROWS), **split) for name in set(ROWS)}
     assert_close(ours_mixed, peft_mixed)
     for row, name in enumerate(ROWS):
         assert_close(ours_mixed[row], peft_single[name][row])
@@ -200,18 +210,20 @@ def _split(paths):
     return {k: paths[k] for k in ("a1", "a2")}, {k: paths[k] for k in ("f0", "f2")}
 
 
+@pytest.mark.parametrize("split", [{}, GROUPED], ids=["runs", "grouped"])
 @pytest.mark.parametrize("prefix_slots", [True, False], ids=["prefix-slots", "slots-1-and-3"])
-def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots):
+def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots, split):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(llama_mixed_paths)
-    check_mixed_batch(tiny_llama, ids, used, prefix_slots=prefix_slots, fillers=fillers)
+    check_mixed_batch(tiny_llama, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split)
 
 
+@pytest.mark.parametrize("split", [{}, GROUPED], ids=["runs", "grouped"])
 @pytest.mark.parametrize("prefix_slots", [True, False], ids=["prefix-slots", "slots-1-and-3"])
-def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots):
+def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots, split):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(gpt2_mixed_paths)
-    check_mixed_batch(tiny_gpt2, ids, used, prefix_slots=prefix_slots, fillers=fillers)
+    check_mixed_batch(tiny_gpt2, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split)
 
 
 # The real default model: fewer combinations, short inputs.
@@ -252,5 +264,6 @@ def test_real_model_mixed_batch(real_setup):
                                                                       "expected"))
     mixed = gather_logits(lora_model, ids, [slots[name] for name in rows])
     assert_close(mixed, expected["mixed"])
+    assert_close(gather_logits(lora_model, ids, [slots[name] for name in rows], **GROUPED), expected["mixed"])
     for row, name in enumerate(rows):
         assert_close(mixed[row], expected[name][row])
