@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from .batch import LoraBatch
 from .errors import InvalidAdapterError
 from .ops import add_lora
+from .packed import pack, packed_linear
 from .peft_format import LoraWeights
 
 
@@ -24,9 +25,12 @@ class LoraLinear(nn.Module):
 
     W0 (`weight`) is never written: merging fills a separate buffer, so going back to base is a
     pointer change and after any number of swaps W0 is bit-identical to what was loaded.
+    With `pack_weights` (nn.Linear on CPU in fp32), forwards run on a oneDNN-packed copy of W0,
+    and a merge packs its merged weight too (see packed.py).
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, state: LoraState, num_slots: int, max_rank: int):
+    def __init__(self, base: nn.Linear | Conv1D, state: LoraState, num_slots: int, max_rank: int,
+                 pack_weights: bool = False):
         super().__init__()
         self.is_conv1d = isinstance(base, Conv1D)  # GPT-2 layout: weight is [in, out]
         self.weight, self.bias = base.weight, base.bias
@@ -38,10 +42,15 @@ class LoraLinear(nn.Module):
         self.slot_ranks = [0] * num_slots
         self.merged_weight: torch.Tensor | None = None  # W0 + delta while merged, else None
         self._merge_buffer: torch.Tensor | None = None
+        self.packed_weight = pack(self.weight) if pack_weights and not self.is_conv1d else None
+        self._packed_merged: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.merged_weight is None else self.merged_weight
-        if self.is_conv1d:
+        packed = self.packed_weight if self.merged_weight is None else self._packed_merged
+        if packed is not None:
+            y = packed_linear(x, packed, self.bias)
+        elif self.is_conv1d:
             y = torch.addmm(self.bias, x.reshape(-1, self.in_features), weight)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -90,10 +99,11 @@ class LoraLinear(nn.Module):
         if self.weight.dtype == torch.float16 and not torch.isfinite(self._merge_buffer).all():
             self.merged_weight = None
             raise InvalidAdapterError("merging would overflow this dtype (non-finite weights)")
+        self._packed_merged = pack(self._merge_buffer) if self.packed_weight is not None else None
         self.merged_weight = self._merge_buffer
 
     def unmerge(self) -> None:
-        self.merged_weight = None
+        self.merged_weight = self._packed_merged = None
 
     def extra_repr(self) -> str:
         kind = "conv1d" if self.is_conv1d else "linear"

@@ -9,6 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .batch import LoraBatch
 from .layer import LoraLinear, LoraState
+from .packed import PackedLinear, can_pack
 from .peft_format import LoraAdapter, TargetSpec
 
 
@@ -81,16 +82,22 @@ class LoraModel:
         return next(self.model.parameters()).device
 
 
-def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64) -> LoraModel:
-    """Replace every Linear/Conv1D but the output head by a LoraLinear, in place; freeze the base."""
+def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False) -> LoraModel:
+    """Replace every Linear/Conv1D but the output head by a LoraLinear, in place; freeze the base.
+
+    `pack_weights`: on CPU in fp32, run the linear layers and the output head on oneDNN-packed
+    copies of their weights (about 2x faster forwards, one extra copy of those weights in memory).
+    """
     model.requires_grad_(False)
     state = LoraState()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers: dict[str, LoraLinear] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
-            layer = LoraLinear(module, state, max_loras, max_rank)
+            layer = LoraLinear(module, state, max_loras, max_rank, pack_weights)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, layer)
             layers[name] = layer
+    if pack_weights and type(head) is nn.Linear and can_pack(head.weight):
+        model.set_output_embeddings(PackedLinear(head))
     return LoraModel(model, layers, state, max_loras, max_rank)

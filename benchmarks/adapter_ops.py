@@ -8,8 +8,10 @@ the milliseconds are context.
    the base (`unmerge_adapter()`, `set_adapter(next)`, `merge_adapter()`); merge + unmerge against
    PEFT's `merge_adapter()` + `unmerge_adapter()`; and `lm.unmerge()` alone.
 2. gather: one decode step of 16 rows (4 adapters x 4 rows, 128 cached tokens) inside
-   `lm.gather(batch)` against the same step with no batch; and the wrapped model with no batch
-   against an unwrapped copy of the base (base-only batches should cost nothing extra).
+   `lm.gather(batch)` against the same step with no batch, twice: rows interleaving adapters
+   (16 one-row runs: the grouped bmm) and rows packed by adapter as the engine packs them (4 runs:
+   direct matmuls); and the wrapped model with no batch against an unwrapped copy of the base
+   (base-only batches should cost nothing extra).
 3. memory: the slot buffers, and the merge buffers a merge fills (one copy of each targeted weight).
 
 Usage: python benchmarks/adapter_ops.py [--repeats N] [--out PATH] [--threads N] [--profile]
@@ -172,6 +174,11 @@ def prepare_decode(lm, slots: list[int]):
     return cache, ids, token_slots
 
 
+def packed_by_adapter(token_slots: torch.Tensor) -> torch.Tensor:
+    """The same rows' adapters side by side, as the engine's runner packs a step."""
+    return token_slots.sort(stable=True).values
+
+
 def decode_step(model: torch.nn.Module, cache, ids: torch.Tensor) -> None:
     """One decode step at CONTEXT_LEN; the token it appends is cropped off again, untimed by callers."""
     model(ids, cache=cache, use_cache=True)
@@ -188,9 +195,13 @@ def bench_gather(lm, unwrapped: torch.nn.Module, slots: list[int], repeats: int)
     batch = lm.build_batch(token_slots)
     no_batch = partial(decode_step, lm.model, cache, ids)
     gathered, base = sample_pairs(partial(gather_step, lm, batch, cache, ids), no_batch, repeats)
+    packed_batch = lm.build_batch(packed_by_adapter(token_slots))
+    packed, packed_base = sample_pairs(partial(gather_step, lm, packed_batch, cache, ids), no_batch, repeats)
     wrapped, original = sample_pairs(no_batch, partial(decode_step, unwrapped, cache, ids), repeats)
     build = sample(partial(lm.build_batch, token_slots), repeats)
     return {"gather": summarize(gathered), "no_batch": summarize(base), "gather_vs_no_batch": compare(gathered, base),
+            "gather_packed": summarize(packed), "packed_no_batch": summarize(packed_base),
+            "gather_packed_vs_no_batch": compare(packed, packed_base),
             "wrapped_no_batch": summarize(wrapped), "unwrapped": summarize(original),
             "wrapped_vs_unwrapped": compare(wrapped, original), "build_batch": summarize(build)}
 
@@ -248,6 +259,8 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
         ("unmerge alone", _ms(swap["unmerge"]), "", "", ""),
         ("decode 16x1, 4 adapters, gather", _ms(gather["gather"]), "no batch " + _ms(gather["no_batch"]),
          _pct(gather["gather_vs_no_batch"]), f"<= {GATHER_TARGET_PCT:.0f}%: {_verdict(overhead <= GATHER_TARGET_PCT)}"),
+        ("  same rows packed by adapter", _ms(gather["gather_packed"]), "no batch " + _ms(gather["packed_no_batch"]),
+         _pct(gather["gather_packed_vs_no_batch"]), ""),
         ("decode 16x1, wrapped, no batch", _ms(gather["wrapped_no_batch"]), "unwrapped " + _ms(gather["unwrapped"]),
          _pct(gather["wrapped_vs_unwrapped"]), "~0%"),
         ("build_batch (host, once a step)", _ms(gather["build_batch"]), "", "", ""),

@@ -1,6 +1,6 @@
 """End-to-end throughput on the default model: loraserve against PEFT and HF `generate`.
 
-One process, one run, four configurations over the same 64 requests (prompts of ~20-300 tokens,
+One process, four configurations over the same 64 requests (prompts of ~20-300 tokens,
 outputs of 16-128 tokens with ignore_eos, 4 adapters of different ranks and targets):
   (a) loraserve, requests spread over the 4 adapters (mixed batches)
   (b) loraserve, the same requests on the base model
@@ -8,9 +8,11 @@ outputs of 16-128 tokens with ignore_eos, 4 adapters of different ranks and targ
   (d) HF `generate` on the base, static batches of 16
 Static batches run until their longest request is done; only each request's own output length
 counts as useful tokens, so (c) and (d) pay for the padding and idle rows a static batch carries.
+The four run in turn, round after round (3 by default), so a slow spell on a shared machine hits
+one round rather than one configuration; each ratio is the median of its per-round ratios.
 Prints output tokens/s and the ratios a/b, a/c, b/d; writes JSON.
 
-Usage: python benchmarks/throughput.py [--requests 64] [--out PATH]
+Usage: python benchmarks/throughput.py [--requests 64] [--rounds 3] [--out PATH]
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +98,7 @@ def run_static(model, tokenizer, workload: list[dict], use_adapters: bool) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
@@ -119,13 +123,17 @@ def main() -> None:
             "c_peft_mixed_static16": lambda: run_static(peft_model, base.tokenizer, workload, use_adapters=True),
             "d_hf_base_static16": lambda: run_static(plain, base.tokenizer, workload, use_adapters=False),
         }
-        seconds = {}
-        for name, run in runs.items():
-            seconds[name] = run()
-            print(f"{name:24s} {seconds[name]:8.1f} s {useful_tokens / seconds[name]:8.1f} tok/s", flush=True)
-    tps = {name: useful_tokens / s for name, s in seconds.items()}
-    a, b, c, d = tps.values()
-    ratios = {"a/b": a / b, "a/c": a / c, "b/d": b / d}
+        seconds = {name: [] for name in runs}
+        for round_index in range(args.rounds):
+            for name, run in runs.items():
+                seconds[name].append(run())
+                print(f"round {round_index + 1} {name:24s} {seconds[name][-1]:8.1f} s "
+                      f"{useful_tokens / seconds[name][-1]:8.1f} tok/s", flush=True)
+    a, b, c, d = seconds.values()  # per round; a ratio of throughputs is the inverse ratio of times
+    per_round = {"a/b": [y / x for x, y in zip(a, b)], "a/c": [y / x for x, y in zip(a, c)],
+                 "b/d": [y / x for x, y in zip(b, d)]}
+    ratios = {name: statistics.median(values) for name, values in per_round.items()}
+    tps = {name: useful_tokens / statistics.median(values) for name, values in seconds.items()}
     stats = engine.stats()
     result = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -135,7 +143,8 @@ def main() -> None:
         "workload": {"requests": len(workload), "useful_output_tokens": useful_tokens,
                      "prompt_tokens": sum(len(w["prompt"]) for w in workload),
                      "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()}},
-        "seconds": seconds, "output_tokens_per_s": tps, "ratios": ratios, "targets": TARGETS,
+        "rounds": args.rounds, "seconds": seconds, "median_output_tokens_per_s": tps,
+        "ratios_per_round": per_round, "ratios": ratios, "targets": TARGETS,
         "engine": {"steps_by_mode": dict(stats.steps_by_mode), "swaps": stats.num_swaps,
                    "preemptions": stats.num_preemptions},
     }

@@ -34,7 +34,7 @@ class KVStep:
     """What attention needs for one packed step, built once per step by the runner."""
 
     cache: KVCache
-    seqs: list[SeqSlice]
+    seqs: list[SeqSlice]  # in packed-row order: their outputs concatenate back into the rows
     write_index: torch.Tensor  # [N] pool positions for the new tokens' keys and values
 
     def __post_init__(self):
@@ -60,12 +60,10 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
     k_pool, v_pool = k_pool[None], v_pool[None]
-    out = torch.empty_like(query)  # [1, H, N, D]
-    for rows, ctx, mask, is_causal in kv_step.parts:
-        out[:, :, rows] = F.scaled_dot_product_attention(
-            query[:, :, rows], k_pool[:, :, ctx], v_pool[:, :, ctx], attn_mask=mask, is_causal=is_causal,
-            scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None
+    outs = [F.scaled_dot_product_attention(query[:, :, rows], k_pool[:, :, ctx], v_pool[:, :, ctx], attn_mask=mask,
+                                           is_causal=is_causal, scale=scaling, enable_gqa=True)
+            for rows, ctx, mask, is_causal in kv_step.parts]  # one cat below: fewer ops than N slice-assigns
+    return torch.cat(outs, dim=2).transpose(1, 2), None  # [1, N, H, D]
 
 
 def _causal_mask(seq: SeqSlice, device) -> torch.Tensor | None:

@@ -31,7 +31,8 @@ class LLMEngine:
     def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
-        self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank)
+        self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                                     pack_weights=config.pack_weights)
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
         self.cache = KVCache(

@@ -17,3 +17,4 @@ class EngineConfig(BaseModel):
     merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
     max_waiting: int = Field(1024, ge=1)
     max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
+    pack_weights: bool = True  # CPU fp32: run the base on oneDNN-packed weights (~2x faster, +1 weight copy)

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(16384, ge=16)
     max_model_len: int | None = Field(None, ge=1)
     max_waiting: int = Field(1024, ge=1)
+    pack_weights: bool = True  # CPU fp32 only: oneDNN-packed base weights, ~2x faster, one more weight copy
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
@@ -46,4 +47,4 @@ class Settings(BaseSettings):
                             max_cpu_loras=self.max_cpu_loras, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             kv_cache_tokens=self.kv_cache_tokens, max_model_len=self.max_model_len,
-                            max_waiting=self.max_waiting)
+                            max_waiting=self.max_waiting, pack_weights=self.pack_weights)

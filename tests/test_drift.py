@@ -26,9 +26,11 @@ def forward(lora_model, ids):
     return lora_model.model(ids).logits
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_merged_swaps_do_not_drift(tiny_llama, drift_paths, token_ids, dtype):
-    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=3, max_rank=16)
+@pytest.mark.parametrize("dtype, pack_weights", [(torch.float32, False), (torch.float16, False),
+                                                 (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["float32", "float16", "bfloat16", "float32-packed"])
+def test_merged_swaps_do_not_drift(tiny_llama, drift_paths, token_ids, dtype, pack_weights):
+    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=3, max_rank=16, pack_weights=pack_weights)
     registry = AdapterRegistry(lora_model)
     for name, path in drift_paths.items():
         registry.add(name, path)

@@ -47,6 +47,31 @@ def test_mixed_batch_equals_peft_generate_per_request(adapter_paths):
     assert_released(engine)
 
 
+def test_packed_and_plain_base_weights_give_the_same_tokens(adapter_paths):
+    """The engine packs base weights on CPU by default (the tests above run that path against
+    HF/PEFT); pack_weights=False keeps stock F.linear and must agree token for token."""
+    prompts, adapters = [PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["a", None, "b"]
+    packed, plain = make_engine(adapter_paths), make_engine(adapter_paths, pack_weights=False)
+    assert all(layer.packed_weight is not None for layer in packed.lora_model.layers.values())
+    assert all(layer.packed_weight is None for layer in plain.lora_model.layers.values())
+    tokens = [[c.token_ids for c in engine.generate(prompts, greedy(8), adapters)] for engine in (packed, plain)]
+    assert tokens[0] == tokens[1]
+
+
+def test_runner_packs_each_adapters_rows_side_by_side(adapter_paths):
+    """Requests arriving interleaved (a, b, base, a, b, base) reach the LoRA op as one run per adapter
+    in every step, so no step pays for the grouped gather; the outputs still match the test above."""
+    engine = make_engine(adapter_paths)
+    batches, build = [], engine.lora_model.build_batch
+    engine.lora_model.build_batch = lambda token_slots: batches.append(build(token_slots)) or batches[-1]
+    adapters = ["a", "b", None] * 2
+    completions = engine.generate([PROMPTS[i % 4] for i in range(6)], greedy(5), adapters)
+    assert batches and all(b.groups is None and len(b.runs) == 2 for b in batches)
+    assert all(len({r.slot for r in b.runs}) == 2 for b in batches)
+    for adapter, prompt, completion in zip(adapters, PROMPTS * 2, completions):
+        assert completion.token_ids == alone(prompt, 5, adapter, adapter_paths)
+
+
 # Scheduling
 def test_request_added_while_others_decode_starts_at_once():
     engine = make_engine()

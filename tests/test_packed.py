@@ -1,0 +1,77 @@
+"""The oneDNN-packed CPU path: same results as the plain path, used only where it applies, and
+merges that pack their merged weight (PEFT parity of the packed path is in test_peft_equivalence)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adapters import AdapterRegistry, wrap_model
+from adapters.batch import LoraBatch
+from adapters.packed import PackedLinear, can_pack, pack, packed_linear
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1, 1)), reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 48), (1, 64)])
+@pytest.mark.parametrize("rows", [1, 7, 200])
+def test_packed_linear_equals_linear(shape, rows):
+    weight, bias = torch.randn(*shape), torch.randn(shape[0])
+    x = torch.randn(2, rows, shape[1])
+    torch.testing.assert_close(packed_linear(x, pack(weight), bias), nn.functional.linear(x, weight, bias))
+    torch.testing.assert_close(packed_linear(x[0], pack(weight), None), x[0] @ weight.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_only_float32_on_cpu_is_packed(tiny_llama, dtype):
+    assert pack(torch.randn(4, 4, dtype=dtype)) is None
+    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=2, max_rank=8, pack_weights=True)
+    assert all(layer.packed_weight is None for layer in lora_model.layers.values())
+    assert type(lora_model.model.lm_head) is nn.Linear
+
+
+def test_conv1d_layers_are_left_to_the_plain_path(tiny_gpt2):
+    lora_model = wrap_model(copy.deepcopy(tiny_gpt2), max_loras=2, max_rank=8, pack_weights=True)
+    assert all(layer.is_conv1d and layer.packed_weight is None for layer in lora_model.layers.values())
+    assert isinstance(lora_model.model.lm_head, PackedLinear)  # GPT-2's head is an nn.Linear
+
+
+def test_packed_model_equals_plain_model_and_keeps_tied_weights(tiny_llama, token_ids):
+    plain = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8)
+    packed = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, pack_weights=True)
+    head = packed.model.lm_head
+    assert isinstance(head, PackedLinear) and head.packed is not None
+    assert head.weight is packed.model.get_input_embeddings().weight or not tiny_llama.config.tie_word_embeddings
+    assert all(layer.packed_weight is not None for layer in packed.layers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(packed.model(token_ids).logits, plain.model(token_ids).logits)
+        torch.testing.assert_close(packed.model(token_ids).logits, tiny_llama(token_ids).logits)
+
+
+def test_merge_packs_the_merged_weight_and_unmerge_returns_to_w0(tiny_llama, token_ids, tmp_path, make_peft_adapter):
+    path = make_peft_adapter(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
+    models = [wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, pack_weights=p) for p in (False, True)]
+    slots = []
+    for lora_model in models:
+        registry = AdapterRegistry(lora_model)
+        registry.add("a", path)
+        slots.append(registry.acquire("a").slot)
+    plain, packed = models
+    with torch.no_grad():
+        base = packed.model(token_ids).logits
+        for lora_model, slot in zip(models, slots):
+            lora_model.merge(slot)
+        q = packed.layers["model.layers.0.self_attn.q_proj"]
+        k = packed.layers["model.layers.0.self_attn.k_proj"]
+        assert q.merged_weight is not None and q._packed_merged is not None
+        assert k.merged_weight is None and k._packed_merged is None  # not a target: stays on packed W0
+        merged = packed.model(token_ids).logits
+        torch.testing.assert_close(merged, plain.model(token_ids).logits)
+        batch = LoraBatch.build(torch.full((token_ids.numel(),), slots[1]))
+        packed.unmerge()
+        with packed.gather(batch):
+            torch.testing.assert_close(packed.model(token_ids).logits, merged)
+        assert q._packed_merged is None
+        assert torch.equal(packed.model(token_ids).logits, base)
