@@ -19,6 +19,7 @@ serve: setup
 
 bench: setup
 	$(PY) benchmarks/adapter_ops.py
+	$(PY) benchmarks/adapter_ops.py --pack-weights
 	$(PY) benchmarks/throughput.py
 
 clean:

@@ -14,7 +14,10 @@ the milliseconds are context.
    (base-only batches should cost nothing extra).
 3. memory: the slot buffers, and the merge buffers a merge fills (one copy of each targeted weight).
 
-Usage: python benchmarks/adapter_ops.py [--repeats N] [--out PATH] [--threads N] [--profile]
+Usage: python benchmarks/adapter_ops.py [--repeats N] [--out PATH] [--threads N] [--profile] [--pack-weights]
+
+--pack-weights measures the engine's CPU default: the base weights (and merged weights) packed for
+oneDNN (adapters/packed.py); results go to adapter_ops_packed.json unless --out says otherwise.
 
 One torch thread by default: on a shared 2-core machine, two intra-op threads stall on each other
 at every op whenever another process runs (steps 5-20x slower, ratios skewed, runs past 10 min).
@@ -110,9 +113,9 @@ def load_peft_model(base: torch.nn.Module, dirs: list[Path]) -> peft.PeftModel:
     return model.eval()
 
 
-def load_slots(base: torch.nn.Module, dirs: list[Path]):
+def load_slots(base: torch.nn.Module, dirs: list[Path], pack_weights: bool):
     """Wrap `base` in place and put every adapter in a device slot; returns (lm, slots)."""
-    lm = wrap_model(base, max_loras=NUM_ADAPTERS, max_rank=RANK)
+    lm = wrap_model(base, max_loras=NUM_ADAPTERS, max_rank=RANK, pack_weights=pack_weights)
     registry = AdapterRegistry(lm)
     for directory in dirs:
         registry.add(directory.name, directory)
@@ -294,7 +297,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def run(repeats: int, profile: bool) -> dict:
+def run(repeats: int, profile: bool, pack_weights: bool) -> dict:
     machine = machine_info()
     base = load_base_model().model
     unwrapped = copy.deepcopy(base)  # before wrapping: the reference for PEFT and for base forwards
@@ -302,7 +305,7 @@ def run(repeats: int, profile: bool) -> dict:
         with torch.inference_mode(False):
             dirs = make_peft_adapters(unwrapped, Path(tmp))
             peft_model = load_peft_model(unwrapped, dirs)
-        lm, slots = load_slots(base, dirs)
+        lm, slots = load_slots(base, dirs, pack_weights)
         swap = bench_swap(lm, slots, peft_model, repeats)
         del peft_model
         gather = bench_gather(lm, unwrapped, slots, repeats)
@@ -311,6 +314,7 @@ def run(repeats: int, profile: bool) -> dict:
             profile_ops(lm, slots)
     machine["load_average_1m_after"] = os.getloadavg()[0]  # includes this run
     config = {"repeats": repeats, "warmup": WARMUP, "num_adapters": NUM_ADAPTERS, "rank": RANK,
+              "pack_weights": pack_weights,
               "targets": TARGETS, "num_rows": NUM_ROWS, "context_len": CONTEXT_LEN,
               "num_layers": lm.model.config.num_hidden_layers}
     return {"machine": machine, "config": config, "swap": swap, "gather": gather, "memory": memory}
@@ -319,19 +323,21 @@ def run(repeats: int, profile: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement, after warm-up")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; 0 keeps torch's default (see the module docstring)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
+    parser.add_argument("--pack-weights", action="store_true", help="oneDNN-packed base weights (engine default)")
     args = parser.parse_args()
+    out = args.out or (DEFAULT_OUT.with_name("adapter_ops_packed.json") if args.pack_weights else DEFAULT_OUT)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT
-    results = run(args.repeats, args.profile)
+    results = run(args.repeats, args.profile, args.pack_weights)
     print_table(table_rows(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
     warn_if_contended(results["machine"])
 
 
