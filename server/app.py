@@ -38,6 +38,10 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan,
                   description="Multi-adapter LoRA inference server with an OpenAI-compatible API.")
+    # Endpoints read per-app objects from app.state, never from closures: FastAPI keeps endpoint
+    # callables in process-wide caches, which would keep every app's engine alive in a process
+    # that builds several apps (the tests).
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(adapters_router)
@@ -58,8 +62,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         return error_response(503, "the model is still loading", "not_ready", headers={"Retry-After": "5"})
 
     @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
         """Prometheus text format; see the README's Operating section for every series."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

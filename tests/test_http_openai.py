@@ -5,7 +5,9 @@ fresh model with the same adapter, so a wrong adapter, a lost delta or a leaked 
 """
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import httpx
 import openai
@@ -208,3 +210,16 @@ def test_unknown_model_is_not_found(client, kind):
     error = assert_error_shape(caught.value.response)
     assert error["code"] == "model_not_found" and "no-such-adapter" in error["message"]
     assert caught.value.body["code"] == "model_not_found"  # the client unwraps {"error": ...} itself
+
+
+def test_a_stopped_app_frees_its_engine_and_model():
+    """Nothing process-wide (FastAPI's endpoint caches, Prometheus, threads) may keep a stopped
+    app's engine alive: a process that builds several apps would otherwise hold a model each."""
+    with serve(Settings()) as served:
+        for path in ("/metrics", "/ready", "/health", "/v1/models"):
+            assert httpx.get(served.url + path, timeout=30).status_code == 200  # every endpoint once
+        engine = weakref.ref(served.engine)
+        model = weakref.ref(served.engine.lora_model.model)
+    del served
+    gc.collect()
+    assert engine() is None and model() is None
