@@ -11,7 +11,6 @@ free per token; the price is one extra copy of each packed weight in memory.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PACK_ROWS_HINT = 64  # oneDNN picks the blocked layout for this many rows; any row count works
@@ -35,14 +34,14 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear (the output head) run on its packed weight; `weight` stays the original."""
+    """An nn.Linear (the output head) run on its packed weight; `weight` stays the original.
+    Build it only where `can_pack(base.weight)`."""
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
         self.packed = pack(base.weight)
+        assert self.packed is not None, "PackedLinear needs a packable weight (see can_pack)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         return packed_linear(x, self.packed, self.bias)

