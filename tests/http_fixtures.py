@@ -21,12 +21,12 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from server.app import create_app
-from server.engine import EngineConfig, LLMEngine
-from server.model_loader import load_base_model
-from server.sampling_params import SamplingParams
-from server.settings import Settings
-from server.state import ServerState
+from server.http.app import create_app
+from server.engine.llm_engine import EngineConfig, LLMEngine
+from server.engine.model_loader import load_base_model
+from server.engine.sampling_params import SamplingParams
+from server.http.settings import Settings
+from server.http.state import ServerState
 
 BASE = "SmolLM2-135M-Instruct"  # the default model's served name
 LORA_KWARGS = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])

@@ -7,8 +7,8 @@ import pytest
 from engine_fixtures import PROMPTS, adapter_paths, assert_released, greedy, make_engine  # noqa: F401
 
 from adapters import AdapterNotFoundError
-from server.async_engine import AsyncEngine
-from server.errors import EngineStoppedError, RequestError
+from server.engine.async_engine import AsyncEngine
+from server.engine.errors import EngineStoppedError, RequestError
 
 JOIN_TIMEOUT = 60  # seconds; only so a hung loop fails the test instead of the whole run
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.real_model
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "loraserve"
-COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "server.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "server.http.cli"]
 PROMPT = "The capital of France is"
 START_TIMEOUT = 240.0  # importing torch and loading the model on a busy 2-core machine
 STOP_TIMEOUT = 60.0

@@ -8,7 +8,7 @@ from http_fixtures import BASE, adapter_dirs, free_port, reference_text, serve  
 
 from client import (AdapterInfo, AsyncClient, AuthenticationError, BadRequestError, ChatCompletion, Client,
                     Completion, ConflictError, ConnectionFailed, LoraserveError, NotFoundError)
-from server.settings import Settings
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

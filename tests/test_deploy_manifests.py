@@ -19,8 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.app import create_app
-from server.settings import Settings
+from server.http.app import create_app
+from server.http.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_DIR, CPU_DIR = ROOT / "deploy" / "base", ROOT / "deploy" / "overlays" / "cpu"

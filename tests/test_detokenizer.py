@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from engine_fixtures import tokenizer  # noqa: F401  (fixture)
 
-from server.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer
 
 PROMPT = "User: tell me something.\nAssistant:"
 

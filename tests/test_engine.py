@@ -10,8 +10,8 @@ from engine_fixtures import (PROMPTS, adapter_paths, assert_released, encode, fr
                              hf_greedy, make_engine, peft_reference, run_steps)
 
 from adapters import AdapterNotFoundError
-from server.errors import PromptTooLongError, QueueFullError, RequestError
-from server.sequence import SeqStatus
+from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
+from server.engine.sequence import SeqStatus
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from server.engine import EngineConfig, LLMEngine
-from server.model_loader import load_base_model
-from server.sampling_params import SamplingParams
+from server.engine.llm_engine import EngineConfig, LLMEngine
+from server.engine.model_loader import load_base_model
+from server.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.real_model
 

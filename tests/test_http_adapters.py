@@ -15,7 +15,7 @@ from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_nothing_hel
                            reference_text, serve, wait_idle)
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
-from server.settings import Settings
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

@@ -10,7 +10,7 @@ import pytest
 from http_fixtures import (BASE, adapter_dirs, assert_nothing_held, reference_text, serve,  # noqa: F401
                            wait_idle)
 
-from server.settings import Settings
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

@@ -10,7 +10,7 @@ import pytest
 from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_error_shape, assert_nothing_held,  # noqa: F401
                            assert_openai_error, serve, wait_idle)
 
-from server.settings import Settings
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

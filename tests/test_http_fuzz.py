@@ -13,8 +13,8 @@ import schemathesis
 from http_fixtures import BASE, assert_error_body, serve
 from hypothesis import HealthCheck, settings
 
-from server.app import create_app
-from server.settings import Settings
+from server.http.app import create_app
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

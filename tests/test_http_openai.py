@@ -15,7 +15,7 @@ import pytest
 from http_fixtures import (BASE, adapter_dirs, assert_error_shape, reference_chat_prompt,  # noqa: F401
                            reference_text, serve)
 
-from server.settings import Settings
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

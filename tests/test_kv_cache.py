@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from server.kv_cache import HEADROOM_PAGES, PAGE_TOKENS, KVCache
+from server.engine.kv_cache import HEADROOM_PAGES, PAGE_TOKENS, KVCache
 
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 4
 

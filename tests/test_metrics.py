@@ -12,10 +12,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from server.metrics import BASE_LABEL, OVERFLOW_LABEL, AdapterLabels
-from server.model_loader import load_base_model
-from server.settings import Settings
+from server.http.app import create_app
+from server.http.metrics import BASE_LABEL, OVERFLOW_LABEL, AdapterLabels
+from server.engine.model_loader import load_base_model
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 BASE = "SmolLM2-135M-Instruct"

@@ -1,4 +1,4 @@
-"""server.model_loader: the embedded default model, the GGUF conversion cache, local HF directories,
+"""server.engine.model_loader: the embedded default model, the GGUF conversion cache, local HF directories,
 and a ModelLoadError that says what is wrong for anything else."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from server import model_loader
-from server.model_loader import ModelLoadError, load_base_model, resolve_model_dir
+from server.engine.model_loader import ModelLoadError, load_base_model, resolve_model_dir
 
 NOT_A_MODEL = "neither a .gguf file nor a directory with config.json"
 

@@ -41,3 +41,18 @@ def test_adapters_does_not_import_server(tmp_path):
     assert Path(files["adapters"]).resolve() == REPO / "adapters" / "__init__.py"
     assert "torch" in modules  # the probe sees real imports
     assert "server" not in modules
+
+
+def test_engine_does_not_import_http(tmp_path):
+    """The engine ends where HTTP begins: nothing under server.engine pulls in server.http or FastAPI."""
+    code = ("import pkgutil, importlib, server.engine\n"
+            "for info in pkgutil.iter_modules(server.engine.__path__):\n"
+            "    importlib.import_module('server.engine.' + info.name)")
+    result = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\n"
+                             "print(json.dumps(sorted(sys.modules)))"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    modules = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "server.engine.llm_engine" in modules  # the probe really imported the engine
+    assert not {m for m in modules if m.startswith("server.http")}
+    assert "fastapi" not in modules and "starlette" not in modules

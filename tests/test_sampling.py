@@ -7,10 +7,10 @@ import pytest
 import torch
 from engine_fixtures import PROMPTS, encode, fresh_model, greedy, hf_logprobs, make_engine, run_steps
 
-from server.errors import RequestError
-from server.sampler import sample
-from server.sampling_params import SamplingParams
-from server.sequence import Sequence
+from server.engine.errors import RequestError
+from server.engine.sampler import sample
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
 
 REPEATING = "1 2 3 4 5"  # the tiny model's greedy continuation repeats one token several times
 

@@ -1,8 +1,8 @@
 """Settings reach the engine: every EngineConfig knob that is also a setting is passed through."""
 from __future__ import annotations
 
-from server.engine_config import EngineConfig
-from server.settings import Settings
+from server.engine.config import EngineConfig
+from server.http.settings import Settings
 
 
 def test_every_shared_knob_reaches_the_engine_config():

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from process_fixtures import serve_in_thread
-from server.adapter_store import AdapterStore
-from server.app import create_app
-from server.model_loader import load_base_model
-from server.settings import Settings
+from server.store import AdapterStore
+from server.http.app import create_app
+from server.engine.model_loader import load_base_model
+from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import RequestError
+from server.engine.errors import RequestError
 
 
 class SamplingParams(BaseModel):

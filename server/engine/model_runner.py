@@ -5,9 +5,9 @@ import torch
 
 from adapters import LoraModel
 
-from .attention import ATTENTION_NAME, KVStep, SeqSlice
-from .kv_cache import KVCache
-from .sequence import Sequence
+from server.engine.attention import ATTENTION_NAME, KVStep, SeqSlice
+from server.engine.kv_cache import KVCache
+from server.engine.sequence import Sequence
 
 
 class ModelRunner:

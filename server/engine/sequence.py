@@ -10,8 +10,8 @@ import torch
 
 from adapters import AdapterLease
 
-from .detokenizer import IncrementalDetokenizer
-from .sampling_params import SamplingParams
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .sequence import Sequence, TokenLogprob
+from server.engine.sequence import Sequence, TokenLogprob
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from adapters import AdapterCapacityError, AdapterError, AdapterRegistry
 
-from .kv_cache import KVCache
-from .sequence import Sequence, SeqStatus
+from server.engine.kv_cache import KVCache
+from server.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .sampling_params import SamplingParams
+from server.engine.sampling_params import SamplingParams
 
 
 class _Request(BaseModel):

@@ -10,13 +10,13 @@ import torch
 from adapters import AdapterInfo, AdapterNotFoundError
 from adapters.peft_format import AdapterSource
 
-from .adapter_store import AdapterStore, check_name, is_valid_name
-from .async_engine import AsyncEngine
-from .engine import LLMEngine
-from .http_errors import HTTPError
-from .metrics import Metrics
-from .model_loader import BaseModel, load_base_model
-from .settings import Settings
+from server.store import AdapterStore, check_name, is_valid_name
+from server.engine.async_engine import AsyncEngine
+from server.engine.llm_engine import LLMEngine
+from server.http.errors import HTTPError
+from server.http.metrics import Metrics
+from server.engine.model_loader import BaseModel, load_base_model
+from server.http.settings import Settings
 
 log = logging.getLogger(__name__)
 

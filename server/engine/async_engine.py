@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from .engine import LLMEngine
-from .errors import EngineStoppedError, RequestError
-from .sampling_params import SamplingParams
-from .sequence import RequestOutput
+from server.engine.llm_engine import LLMEngine
+from server.engine.errors import EngineStoppedError, RequestError
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine import LLMEngine
-from .stats import RequestStats, StepStats
+from server.engine.llm_engine import LLMEngine
+from server.engine.stats import RequestStats, StepStats
 
 BASE_LABEL, OVERFLOW_LABEL = "__base__", "__other__"  # not valid adapter names: cannot collide
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)

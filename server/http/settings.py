@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .engine_config import EngineConfig
+from server.engine.config import EngineConfig
 
 
 class Settings(BaseSettings):

@@ -14,7 +14,7 @@ import typing
 
 from client.cli import add_client_commands, run_client_command
 
-from .settings import Settings
+from server.http.settings import Settings
 
 _FLAG_NAMES = {"adapters": "--adapter"}  # repeatable: --adapter NAME=PATH
 
@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve_command(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
     settings = Settings(**overrides)
-    from .logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
+    from server.http.logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
     configure_logging(settings)
     import uvicorn  # noqa: PLC0415
 
-    from .app import create_app  # noqa: PLC0415
+    from server.http.app import create_app  # noqa: PLC0415
 
     logging.getLogger(__name__).info("loading %s; /ready turns 200 when it can serve",
                                      settings.model or "the default model (SmolLM2-135M-Instruct)")

@@ -4,12 +4,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from .api_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+from server.http.api_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                          ModelCard, ModelList)
-from .auth import require_api_key
-from .serving import (chat_events, chat_jobs, chat_response, collect, completion_events, completion_jobs,
+from server.http.auth import require_api_key
+from server.http.serving import (chat_events, chat_jobs, chat_response, collect, completion_events, completion_jobs,
                       completion_response, submit_all)
-from .state import ServerState
+from server.http.state import ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 

@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import AdapterError
 
-from .errors import QueueFullError, RequestError
+from server.engine.errors import QueueFullError, RequestError
 
 log = logging.getLogger(__name__)
 

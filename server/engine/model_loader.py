@@ -109,6 +109,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-if __name__ == "__main__":  # `python -m server.model_loader`: prepare the default model's cache
+if __name__ == "__main__":  # `python -m server.engine.model_loader`: prepare the default model's cache
     logging.basicConfig(level=logging.INFO)
     print(resolve_model_dir(None)[0])

@@ -8,15 +8,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .auth import require_metrics_key
+from server.http.auth import require_metrics_key
 
-from .http_errors import error_response, install_error_handlers
-from .metrics import Metrics
-from .model_loader import BaseModel
-from .routes_adapters import router as adapters_router
-from .routes_openai import router as openai_router
-from .settings import Settings
-from .state import ServerState
+from server.http.errors import error_response, install_error_handlers
+from server.http.metrics import Metrics
+from server.engine.model_loader import BaseModel
+from server.http.routes_adapters import router as adapters_router
+from server.http.routes_openai import router as openai_router
+from server.http.settings import Settings
+from server.http.state import ServerState
 
 log = logging.getLogger(__name__)
 

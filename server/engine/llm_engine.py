@@ -11,18 +11,18 @@ from collections.abc import Callable, Sequence as Seq
 
 from adapters import AdapterNotFoundError, AdapterRegistry, wrap_model
 
-from .adapter_mode import GATHER, ModePolicy
-from .detokenizer import IncrementalDetokenizer
-from .engine_config import EngineConfig
-from .errors import PromptTooLongError, QueueFullError, RequestError
-from .kv_cache import KVCache
-from .model_loader import BaseModel as LoadedModel
-from .model_runner import ModelRunner
-from .sampler import sample
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Completion, RequestOutput, Sequence, SeqStatus, TokenLogprob
-from .stats import EngineStats, RequestStats, StepStats
+from server.engine.adapter_mode import GATHER, ModePolicy
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.config import EngineConfig
+from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
+from server.engine.kv_cache import KVCache
+from server.engine.model_loader import BaseModel as LoadedModel
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Completion, RequestOutput, Sequence, SeqStatus, TokenLogprob
+from server.engine.stats import EngineStats, RequestStats, StepStats
 
 
 class LLMEngine:

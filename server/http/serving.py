@@ -8,13 +8,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .api_models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+from server.http.api_models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                          ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
                          CompletionLogprobs, CompletionRequest, CompletionResponse, TopLogprob, Usage)
-from .async_engine import AsyncEngine, RequestStream
-from .errors import RequestError
-from .sampling_params import SamplingParams
-from .sequence import RequestOutput, TokenLogprob
+from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.errors import RequestError
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import RequestOutput, TokenLogprob
 
 
 @dataclass

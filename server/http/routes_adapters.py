@@ -13,11 +13,11 @@ from adapters import (AdapterExistsError, AdapterInfo, AdapterNotFoundError, Inv
                       UnsafeAdapterFormatError, load_adapter)
 from adapters.peft_format import PICKLE_FILE
 
-from .adapter_store import ADAPTER_FILES, check_name, is_valid_name
-from .api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
-from .auth import require_admin_key, require_api_key
-from .http_errors import HTTPError
-from .state import ServerState
+from server.store import ADAPTER_FILES, check_name, is_valid_name
+from server.http.api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
+from server.http.auth import require_admin_key, require_api_key
+from server.http.errors import HTTPError
+from server.http.state import ServerState
 
 router = APIRouter(prefix="/v1")
 read = [Depends(require_api_key)]

@@ -1,0 +1,1 @@
+"""The HTTP side: FastAPI app, OpenAI-compatible routes, adapter uploads, metrics, settings, CLI."""
