@@ -1,24 +1,47 @@
-"""Uploaded adapters on disk: written atomically, so a crash mid-upload leaves no broken entry.
+"""Uploaded adapters on disk, safe for concurrent writers and for replicas sharing one volume.
 
-Layout: <store>/<name>/{adapter_config.json, adapter_model.safetensors}. An upload is written to
-a hidden staging directory, each file fsynced, then renamed into place; replacing swaps the
-directories with one rename each. Hidden and incomplete directories are ignored (and swept).
+Layout:
+    <root>/<name>                        symlink -> .versions/<name>/<version> (the pointer)
+    <root>/.versions/<name>/<version>/   adapter_config.json, adapter_model.safetensors
+    <root>/.staging-<version>/           an upload being written
+    <root>/.staging-<version>.lock       flock-held by the uploading process for the upload's life
+
+A version directory is written once in staging (every file fsynced), renamed into .versions and never
+changed again. The pointer is created with os.symlink, which fails if the name exists, so the
+filesystem decides which of two concurrent creators wins; a replace switches it with one atomic
+rename, so a reader sees the old version or the new one, never a gap or a mix. `path(name)` resolves
+the pointer: a loader that reads through it reads one version even if a replace lands meanwhile.
+
+A replaced version stays loadable for `grace_s` seconds (another replica may have resolved it just
+before the switch); the next save of that name or the next startup sweep removes it. Staging and
+orphaned versions are removed only when no live upload holds their lock and they are older than
+`grace_s`: flock is shared by NFS clients (Linux maps it to byte-range locks), and the age is the
+backstop where it is not, or where the holder is this same process.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-from adapters import InvalidAdapterError
+from adapters import AdapterExistsError, InvalidAdapterError
 from adapters.config import CONFIG_FILE
 from adapters.peft_format import WEIGHTS_FILE
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+VERSIONS = ".versions"
+STAGING = ".staging-"
+LOCK = ".lock"
+TEMPORARY_LINKS = (".link-", ".deleting-")
+DEFAULT_GRACE_S = 600.0
 
 
 def check_name(name: str) -> str:
@@ -36,59 +59,234 @@ def is_valid_name(name: str) -> bool:
 class AdapterStore:
     """A directory of adapters that survives restarts and can be shared by replicas."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, grace_s: float = DEFAULT_GRACE_S):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".staging-*"):  # a crash mid-upload
-            shutil.rmtree(leftover, ignore_errors=True)
+        self.grace_s = grace_s
+        self._versions = self.root / VERSIONS
+        self._versions.mkdir(parents=True, exist_ok=True)
+        self._migrate_unversioned()
+        self.sweep()
 
     def path(self, name: str) -> Path:
-        return self.root / check_name(name)
+        """The current version's directory, whose content never changes; <root>/<name> if absent."""
+        target = self._pointer(name)
+        return self.root / (target or name)
+
+    def current(self, name: str) -> Path | None:
+        """The current version's directory (its name is the version id), None if absent: one readlink,
+        so the version and the files it names can never come from two different saves."""
+        target = self._pointer(name)
+        return None if target is None else self.root / target
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / WEIGHTS_FILE).is_file())
+        with os.scandir(self.root) as entries:
+            return sorted(e.name for e in entries if e.is_symlink() and is_valid_name(e.name))
 
-    def version(self, name: str) -> tuple[int, int, int] | None:
-        """(inode, mtime_ns, size) of the stored weights, None if absent: changes whenever a save replaces them.
-
-        A replace usually keeps the size (same rank and targets), and timestamps can be coarse (1 s on
-        some network filesystems); every save writes a new file, so its inode tells the saves apart."""
-        try:
-            stat = (self.path(name) / WEIGHTS_FILE).stat()
-        except FileNotFoundError:
-            return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+    def version(self, name: str) -> str | None:
+        """The current version's id, None if absent: one readlink, and a new id on every save."""
+        target = self._pointer(name)
+        return None if target is None else Path(target).name
 
     def __contains__(self, name: str) -> bool:
-        return (self.path(name) / WEIGHTS_FILE).is_file()
+        return self.version(name) is not None
 
-    def save(self, name: str, files: Mapping[str, bytes]) -> Path:
-        """Write the files atomically under `name`, replacing what was there."""
-        target = self.path(name)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+    def _pointer(self, name: str) -> str | None:
         try:
-            for file_name in ADAPTER_FILES:
-                _write_synced(staging / file_name, files[file_name])
-            if target.exists():
-                retired = self.root / f".staging-old-{name}-{os.getpid()}"
-                target.rename(retired)
-                staging.rename(target)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                staging.rename(target)
-            _fsync_dir(self.root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            return os.readlink(self.root / check_name(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:  # EINVAL: a directory written by a replica that predates versioning
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
+
+    def save(self, name: str, files: Mapping[str, bytes], replace: bool = False) -> Path:
+        """Write a new version of `name` and point the name at it; returns the version's directory.
+
+        replace=False raises AdapterExistsError if the name exists, also when a concurrent writer
+        (another thread, process or replica) creates it first; with replace=True the last switch wins.
+        """
+        check_name(name)
+        version = _new_version()
+        with self._upload_lock(version):
+            staging = self.root / f"{STAGING}{version}"
+            staging.mkdir()
+            try:
+                for file_name in ADAPTER_FILES:
+                    _write_synced(staging / file_name, files[file_name])
+                _fsync_dir(staging)
+                target = self._publish(name, version, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            try:
+                self._point(name, version, replace)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+        self._collect(name)
         return target
 
     def delete(self, name: str) -> None:
-        target = self.path(name)
-        if target.exists():
-            retired = self.root / f".staging-del-{name}-{os.getpid()}"
-            target.rename(retired)  # disappears atomically; the slow delete happens after
-            shutil.rmtree(retired, ignore_errors=True)
-            _fsync_dir(self.root)
+        """Take the pointer away in one rename (readers see the adapter or nothing), then its version."""
+        taken = self.root / f".deleting-{_new_version()}"
+        try:
+            os.rename(self.root / check_name(name), taken)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.root)
+        if taken.is_symlink():
+            shutil.rmtree(self.root / os.readlink(taken), ignore_errors=True)
+            taken.unlink()
+        else:  # a directory written by a replica that predates versioning
+            shutil.rmtree(taken, ignore_errors=True)
+        self._collect(name)
+
+    def sweep(self) -> None:
+        """Remove what dead uploads and deletes left behind; never what a live upload is using."""
+        uploads, links = set(), []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith(STAGING):
+                    uploads.add(entry.name[len(STAGING):].removesuffix(LOCK))
+                elif entry.name.startswith(TEMPORARY_LINKS):
+                    links.append(Path(entry.path))
+        for version in uploads:
+            self._remove_if_dead(version, self.root / f"{STAGING}{version}", self._lock_path(version))
+        for link in links:
+            if _age(link) >= self.grace_s:
+                link.unlink(missing_ok=True)
+        for name_dir in self._versions.iterdir():
+            self._collect(name_dir.name)
+
+    # Writing: staging -> .versions/<name>/<version> -> pointer.
+    def _publish(self, name: str, version: str, staging: Path) -> Path:
+        parent, target = self._versions / name, self._versions / name / version
+        for _ in range(3):  # a concurrent delete or sweep may remove the empty parent meanwhile
+            parent.mkdir(exist_ok=True)
+            try:
+                staging.rename(target)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise FileNotFoundError(f"cannot publish {staging} to {target}")
+        _fsync_dir(parent)
+        _fsync_dir(self._versions)
+        return target
+
+    def _point(self, name: str, version: str, replace: bool) -> None:
+        link, target = self.root / name, f"{VERSIONS}/{name}/{version}"
+        if not replace:
+            try:
+                os.symlink(target, link)
+            except FileExistsError:
+                raise AdapterExistsError(f"adapter {name!r} already exists; "
+                                         "send replace=true to overwrite") from None
+        else:
+            previous = self.version(name)
+            temporary = self.root / f".link-{version}"
+            os.symlink(target, temporary)
+            os.replace(temporary, link)
+            if previous is not None:
+                _touch(self._versions / name / previous)  # its grace period starts now
+        _fsync_dir(self.root)
+
+    @contextmanager
+    def _upload_lock(self, version: str) -> Iterator[None]:
+        """Held for the whole upload; created before the staging directory and removed after it."""
+        lock_path = self._lock_path(version)
+        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)  # before unlocking, so no sweep can take the lock of a finished upload
+            os.close(fd)
+
+    def _lock_path(self, version: str) -> Path:
+        return self.root / f"{STAGING}{version}{LOCK}"
+
+    # Cleaning up.
+    def _collect(self, name: str) -> None:
+        """Remove versions of `name` that are not current, past their grace period and not being written."""
+        current = self.version(name) if is_valid_name(name) else None
+        try:
+            versions = [p for p in (self._versions / name).iterdir() if p.name != current]
+        except FileNotFoundError:
+            return
+        for path in versions:
+            self._remove_if_dead(path.name, path)
+        if current is None:
+            try:
+                (self._versions / name).rmdir()
+            except OSError:  # not empty (a version in its grace period, or a save landing), or gone
+                pass
+
+    def _remove_if_dead(self, version: str, *paths: Path) -> None:
+        ages = [_age(path) for path in paths]
+        if min(ages) < self.grace_s:
+            return
+        with _try_lock(self._lock_path(version)) as taken:
+            if taken:
+                for path in paths:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+
+    def _migrate_unversioned(self) -> None:
+        """Stores written before versioning hold <root>/<name> as a directory: put each behind a pointer."""
+        with os.scandir(self.root) as entries:
+            legacy = [e.name for e in entries if is_valid_name(e.name) and e.is_dir(follow_symlinks=False)]
+        for name in legacy:
+            version = _new_version()
+            (self._versions / name).mkdir(exist_ok=True)
+            try:
+                os.rename(self.root / name, self._versions / name / version)
+                os.symlink(f"{VERSIONS}/{name}/{version}", self.root / name)
+            except (FileNotFoundError, FileExistsError):  # another replica is migrating it
+                continue
+        _fsync_dir(self.root)
+
+
+def _new_version() -> str:
+    """Unique per save, across processes and replicas; sorts by creation time."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex}"
+
+
+@contextmanager
+def _try_lock(lock_path: Path) -> Iterator[bool]:
+    """True (and held until exit) if no live upload holds `lock_path`; True if there is no lock."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+        lock_path.unlink(missing_ok=True)  # a dead upload's lock goes with what it guarded
+    finally:
+        os.close(fd)
+
+
+def _age(path: Path) -> float:
+    """Seconds since `path` was last changed; infinite if it is gone (nothing there to protect)."""
+    try:
+        return time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass
 
 
 def _write_synced(path: Path, data: bytes) -> None:

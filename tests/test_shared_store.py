@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from process_fixtures import serve_in_thread
+from servers import serve_in_thread
 from server.store import AdapterStore
 from server.http.app import create_app
 from server.engine.model_loader import load_base_model
@@ -93,9 +93,9 @@ def test_store_version_changes_on_replace_even_when_the_timestamp_does_not(tmp_p
     servers) it can keep the mtime too. Replicas compare versions, so the version must still change."""
     store = AdapterStore(tmp_path / "store")
     store.save(NAME, {"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights-1"})
+    before, old_mtime = store.version(NAME), (store.path(NAME) / "adapter_model.safetensors").stat().st_mtime_ns
+    store.save(NAME, {"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights-2"}, replace=True)
     weights = store.path(NAME) / "adapter_model.safetensors"
-    before, old_mtime = store.version(NAME), weights.stat().st_mtime_ns
-    store.save(NAME, {"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights-2"})
     os.utime(weights, ns=(weights.stat().st_atime_ns, old_mtime))  # what a coarse clock would have written
     assert weights.stat().st_size == 9 and weights.read_bytes() == b"weights-2"
     assert store.version(NAME) != before
