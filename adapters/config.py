@@ -1,21 +1,73 @@
 """PEFT's `adapter_config.json` for LoRA, and PEFT's rules for which module gets which rank and scale."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import re2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import InvalidAdapterError, UnsupportedAdapterError
 
 CONFIG_FILE = "adapter_config.json"
 
 
+class Refused(NamedTuple):
+    why: str
+    off: tuple = (None, False, "", [], {})  # values that leave the feature off
+
+
+# Every field of PEFT's LoraConfig (checked against peft 0.21) is in exactly one of these three
+# groups. Supporting a feature moves its field from REFUSED to SUPPORTED, with a field on LoraConfig.
+# A field in no group (a newer PEFT's) is refused when set: we cannot know that it is harmless.
+SUPPORTED = frozenset({  # read by LoraConfig below: they decide the targets, ranks and scales
+    "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
+    "alpha_pattern", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
+})
+INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loaded adapter computes
+    "task_type", "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
+    "peft_version", "revision",  # bookkeeping: the PEFT release, the base checkpoint's revision
+    "inference_mode", "lora_dropout",  # training-only: frozen weights, dropout is identity at eval
+    "fan_in_fan_out",  # PEFT sets it from the base layer's type (Conv1D or Linear), as we do
+    "megatron_config", "megatron_core",  # which parallel linear class holds the same math
+    "runtime_config",  # where PEFT keeps the weights at run time (ephemeral GPU offload)
+    "velora_config",  # a memory-saving backward pass; the forward is plain LoRA
+    "eva_config",  # initial values of A and B only; the file holds the trained ones
+    "loftq_config", "corda_config", "lora_ga_config",  # read only by init methods refused below
+    "qalora_group_size",  # read only with use_qalora, refused below
+})
+REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
+    "use_dora": Refused("DoRA adapters are not supported; train without use_dora"),
+    "modules_to_save": Refused("full-weight modules_to_save are not supported"),
+    "trainable_token_indices": Refused("trained embedding rows (trainable tokens) are not supported"),
+    "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
+    "lora_bias": Refused("LoRA bias terms are not supported; train with lora_bias=False"),
+    "target_parameters": Refused("parameter-targeted LoRA is not supported"),
+    "layer_replication": Refused("layer replication changes the base model's layer stack"),
+    "alora_invocation_tokens": Refused("Activated LoRA (applied only after its invocation tokens) "
+                                       "is not supported"),
+    "use_qalora": Refused("QALoRA (pooled adapter inputs) is not supported"),
+    "use_bdlora": Refused("block-diagonal LoRA factors are not supported"),
+    "monteclora_config": Refused("MonteCLoRA's sampled variational terms are not supported"),
+    "arrow_config": Refused("Arrow routing between adapters is not supported"),
+    "kasa_config": Refused("KaSA (truncated base weights plus a singular-value diagonal) is not supported"),
+    "ensure_weight_tying": Refused("adapters tied across tied layers are not supported"),
+    # PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights; the others set A and B only.
+    "init_lora_weights": Refused("this initialisation rewrites the base weights; save the adapter "
+                                 "converted to plain LoRA", off=(True, False, "gaussian", "eva",
+                                                                 "orthogonal", "mica")),
+}
+
+
 class LoraConfig(BaseModel):
     """The fields of a PEFT LoRA config that change what the adapter computes.
 
-    Unknown fields (training-only knobs such as lora_dropout) are ignored, as PEFT does at inference.
+    Other fields are checked against SUPPORTED, INFERENCE_NEUTRAL and REFUSED above, then dropped.
+    Config-supplied regexes are compiled at parse time and run with RE2 (linear time): PEFT's `re`
+    semantics, except that RE2 has no backreferences or lookarounds (refused) and its \\d, \\w are ASCII.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -30,14 +82,40 @@ class LoraConfig(BaseModel):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
-    # Features we refuse rather than silently ignore: each changes the outputs.
-    use_dora: bool = False
-    modules_to_save: list[str] | None = None
-    bias: str = "none"
-    lora_bias: bool = False
-    target_parameters: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unserved_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        file = (info.context or {}).get("file", CONFIG_FILE)
+        for field, value in data.items():
+            if field in SUPPORTED or field in INFERENCE_NEUTRAL:
+                continue
+            refused = REFUSED.get(field, Refused(f"unknown field (not in PEFT {_PEFT_CHECKED}); it may "
+                                                 "change the outputs, so it must be unset"))
+            if value not in refused.off:
+                raise UnsupportedAdapterError(refused.why, file=file, field=field)
+        return data
+
+    def model_post_init(self, context: Any) -> None:
+        """Compile every config-supplied regex once, now, so that a bad one fails the upload."""
+        file = (context or {}).get("file", CONFIG_FILE)
+        for field, pattern in self._regexes():
+            _compile(pattern, file, field)
+
+    def _regexes(self):
+        """(field, pattern as run) for each regex this config supplies, built as PEFT builds them."""
+        for field in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, field), str):
+                yield field, getattr(self, field)
+        layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        for pattern in layers:
+            yield "layers_pattern", _layers_regex(pattern)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field):
+                yield f"{field}.{key}", _pattern_key_regex(key)
 
     @field_validator("rank_pattern", "alpha_pattern", mode="before")
     @classmethod
@@ -54,7 +132,7 @@ class LoraConfig(BaseModel):
         if not isinstance(raw, dict):
             raise InvalidAdapterError("must be a JSON object", file=file)
         try:
-            config = cls.model_validate(raw)
+            config = cls.model_validate(raw, context={"file": file})
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
@@ -68,14 +146,6 @@ class LoraConfig(BaseModel):
 
         if self.peft_type.upper() != "LORA":
             refuse("peft_type", f"{self.peft_type!r} adapters are not served; only LORA")
-        if self.use_dora:
-            refuse("use_dora", "DoRA adapters are not supported; train without use_dora")
-        if self.modules_to_save:
-            refuse("modules_to_save", "full-weight modules_to_save are not supported")
-        if self.bias != "none" or self.lora_bias:
-            refuse("bias", "LoRA bias terms are not supported; train with bias='none'")
-        if self.target_parameters:
-            refuse("target_parameters", "parameter-targeted LoRA is not supported")
         if self.target_modules is None:
             refuse("target_modules", "must name the modules the adapter targets")
         if any(value <= 0 for value in self.rank_pattern.values()):
@@ -87,7 +157,7 @@ class LoraConfig(BaseModel):
         if self._excluded(key):
             return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return _regex(self.target_modules).fullmatch(key) is not None
         if key in self.target_modules:  # a full module name is selected even outside layers_to_transform
             return True
         if not any(key.endswith("." + t) for t in self.target_modules):
@@ -99,7 +169,7 @@ class LoraConfig(BaseModel):
         if not excluded:
             return False
         if isinstance(excluded, str):
-            return re.fullmatch(excluded, key) is not None
+            return _regex(excluded).fullmatch(key) is not None
         return any(key == e or key.endswith("." + e) for e in excluded)
 
     def _in_transformed_layers(self, key: str) -> bool:
@@ -111,7 +181,7 @@ class LoraConfig(BaseModel):
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
         else:
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                match = _regex(_layers_regex(pattern)).match(key)
                 if match:
                     break
         if not match:
@@ -132,6 +202,36 @@ class LoraConfig(BaseModel):
 def _pattern_key(patterns: dict, key: str) -> str | None:
     """The first pattern that matches the end of `key` (peft.utils.other.get_pattern_key)."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _regex(_pattern_key_regex(pattern)).match(key):
             return pattern
     return None
+
+
+_PEFT_CHECKED = "0.21"
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is the uploader's error, reported to them, not logged
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."  # peft.tuners.tuners_utils.check_target_module_exists
+
+
+def _pattern_key_regex(pattern: str) -> str:
+    return rf"(.*\.)?({pattern})$"  # peft.utils.other.get_pattern_key
+
+
+def _compile(pattern: str, file: str, field: str) -> None:
+    """Refuse a pattern that PEFT's `re` or RE2 cannot compile (RE2: no backreferences, lookarounds)."""
+    try:
+        re.compile(pattern)
+        _regex(pattern)
+    except (re.error, re2.error, OverflowError, RecursionError) as exc:
+        why = exc.args[0] if exc.args else type(exc).__name__
+        why = why.decode(errors="replace") if isinstance(why, bytes) else why
+        raise InvalidAdapterError(f"not a regular expression we can run ({why})", file=file, field=field) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str):
+    """The compiled RE2 pattern: linear-time matching, so no config can stall the server."""
+    return re2.compile(pattern, _RE2_OPTIONS)
