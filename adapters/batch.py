@@ -22,6 +22,8 @@ import torch
 MAX_DIRECT_RUNS = 8
 MIN_RUN_ROWS = 16
 
+BASE_SLOT = -1  # the slot of rows that use no adapter: the base model alone
+
 
 @dataclass(frozen=True)
 class Run:
@@ -62,7 +64,7 @@ class LoraBatch:
     @classmethod
     def build(cls, token_slots: torch.Tensor, device: torch.device | str = "cpu",
               max_direct_runs: int = MAX_DIRECT_RUNS, min_run_rows: int = MIN_RUN_ROWS) -> "LoraBatch | None":
-        """Split the step's rows into runs and groups; `token_slots` is [N] with -1 for base rows.
+        """Split the step's rows into runs and groups; `token_slots` is [N] with BASE_SLOT for base rows.
 
         Returns None when every row is base: then the LoRA layers do no extra work at all.
         """

@@ -1,9 +1,15 @@
-"""AdapterRegistry: name -> adapter, with bounded device slots and a bounded host-memory LRU.
+"""AdapterRegistry: name -> adapter version, with bounded device slots and a bounded host-memory LRU.
 
 Three tiers, like a cache hierarchy: every registered adapter has a source (a directory, or an
 upload's bytes); up to `max_cpu_loras` unpinned ones are parsed in host memory; up to `max_loras`
 sit in device slots. Requests `acquire` an adapter (placing it in a slot if needed) and `release`
 it; a slot is only reused once nobody holds it.
+
+Each registration is an `AdapterVersion`. A request `bind`s the version current when it was
+admitted and keeps it through preemption and recompute: replacing or removing the name only
+changes what *new* requests get, and an old version (its host copy kept) lives until its last
+request `unbind`s it. One thread (the engine's) mutates the registry; the lock only makes reads
+from other threads consistent.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from .peft_format import AdapterSource, LoraAdapter, load_adapter
 
 
 @dataclass(eq=False)
-class _Entry:
+class AdapterVersion:
+    """One registration of a name; replacing the name makes a new version."""
+
     name: str
     source: AdapterSource
     rank: int
@@ -28,8 +36,9 @@ class _Entry:
     pinned: bool = False
     adapter: LoraAdapter | None = None  # host copy, while cached
     slot: int | None = None
-    num_users: int = 0
-    removed: bool = False
+    num_users: int = 0  # leases: requests that hold its device slot right now
+    num_requests: int = 0  # bound requests (running, waiting or preempted) that will need it again
+    removed: bool = False  # replaced or removed: no new request binds it
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class AdapterLease:
 
     name: str
     slot: int
-    entry: _Entry
+    entry: AdapterVersion
 
 
 class AdapterRegistry:
@@ -61,8 +70,8 @@ class AdapterRegistry:
     def __init__(self, lora_model: LoraModel, *, max_cpu_loras: int = 16):
         self.lora_model = lora_model
         self.max_cpu_loras = max_cpu_loras
-        self._entries: dict[str, _Entry] = {}
-        self._slots: list[_Entry | None] = [None] * lora_model.max_loras
+        self._entries: dict[str, AdapterVersion] = {}
+        self._slots: list[AdapterVersion | None] = [None] * lora_model.max_loras
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # least recently acquired first
         self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
@@ -74,14 +83,21 @@ class AdapterRegistry:
 
     def add(self, name: str, source: AdapterSource, *, replace: bool = False, pinned: bool = False) -> AdapterInfo:
         """Validate and register. Nothing is registered if validation fails."""
-        with self._lock:
-            if name in self._entries and not replace:
-                raise AdapterExistsError(f"adapter {name!r} already exists")
+        if name in self._entries and not replace:
+            raise AdapterExistsError(f"adapter {name!r} already exists")
+        return self.install(name, self.parse(name, source), source, replace=replace, pinned=pinned)
+
+    def parse(self, name: str, source: AdapterSource) -> LoraAdapter:
+        """Read and validate `source` for this model: file IO and CPU work, safe on any thread."""
         model = self.lora_model
-        adapter = load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
+        return load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
+
+    def install(self, name: str, adapter: LoraAdapter, source: AdapterSource, *, replace: bool = False,
+                pinned: bool = False) -> AdapterInfo:
+        """Register an adapter that `parse` returned: no IO, so the engine thread can do it between steps."""
         if not isinstance(source, Mapping):
             source = Path(source)
-        entry = _Entry(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter)
+        entry = AdapterVersion(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter)
         with self._lock:
             if name in self._entries:
                 if not replace:
@@ -92,28 +108,42 @@ class AdapterRegistry:
             return self._info(entry)
 
     def remove(self, name: str) -> None:
-        """Unregister now; the device slot is freed as soon as running requests release it."""
+        """Unregister now; requests bound to it finish on it, and its slot is freed after them."""
         with self._lock:
             self._drop(self._entry(name))
 
-    def acquire(self, name: str) -> AdapterLease:
-        """Ensure `name` is in a device slot and hold it there until `release`."""
+    def bind(self, name: str) -> AdapterVersion:
+        """The current version of `name`, held for one request until `unbind`."""
         with self._lock:
             entry = self._entry(name)
+            entry.num_requests += 1
+            self._load_host(entry)  # kept while bound: its source may not outlive a replace or delete
+            return entry
+
+    def unbind(self, entry: AdapterVersion) -> None:
+        with self._lock:
+            entry.num_requests -= 1
+            assert entry.num_requests >= 0, f"adapter {entry.name!r} unbound more often than bound"
+            self._forget_if_unused(entry)
+
+    def acquire(self, adapter: str | AdapterVersion) -> AdapterLease:
+        """Ensure the adapter (a name's current version, or a bound version) is in a device slot and
+        hold it there until `release`."""
+        with self._lock:
+            entry = self._entry(adapter) if isinstance(adapter, str) else adapter
             if entry.slot is None:
                 self._place(entry)
             entry.num_users += 1
             self._slot_lru.pop(entry.slot, None)
             self._slot_lru[entry.slot] = None
-            return AdapterLease(name, entry.slot, entry)
+            return AdapterLease(entry.name, entry.slot, entry)
 
     def release(self, lease: AdapterLease) -> None:
         with self._lock:
             entry = lease.entry
             entry.num_users -= 1
             assert entry.num_users >= 0, f"adapter {entry.name!r} released more often than acquired"
-            if entry.removed and entry.num_users == 0:
-                self._free_slot(entry)
+            self._forget_if_unused(entry)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         """A pinned adapter stays in host memory and, once placed, in its device slot."""
@@ -143,18 +173,23 @@ class AdapterRegistry:
         with self._lock:
             return [e.name if e else None for e in self._slots]
 
+    def held(self) -> dict[str, int]:
+        """Leases held right now per adapter name, replaced or removed versions included: {} when idle."""
+        with self._lock:
+            return {e.name: e.num_users for e in self._slots if e is not None and e.num_users}
+
     def host_cached(self) -> list[str]:
         with self._lock:
             return [e.name for e in self._entries.values() if e.adapter is not None]
 
     # Internals; callers hold the lock.
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> AdapterVersion:
         entry = self._entries.get(name)
         if entry is None:
             raise AdapterNotFoundError(f"adapter {name!r} does not exist")
         return entry
 
-    def _place(self, entry: _Entry) -> None:
+    def _place(self, entry: AdapterVersion) -> None:
         slot = self._free_slot_index()
         adapter = self._load_host(entry)
         self.lora_model.load_slot(slot, adapter)
@@ -174,7 +209,7 @@ class AdapterRegistry:
                 return slot
         raise AdapterCapacityError(f"all {len(self._slots)} adapter slots are pinned or in use")
 
-    def _free_slot(self, entry: _Entry) -> None:
+    def _free_slot(self, entry: AdapterVersion) -> None:
         if entry.slot is None:
             return
         self.lora_model.clear_slot(entry.slot)
@@ -182,36 +217,40 @@ class AdapterRegistry:
         self._slot_lru.pop(entry.slot, None)
         entry.slot = None
 
-    def _load_host(self, entry: _Entry) -> LoraAdapter:
+    def _load_host(self, entry: AdapterVersion) -> LoraAdapter:
         adapter = entry.adapter
         if adapter is None:
             model = self.lora_model
             adapter = entry.adapter = load_adapter(entry.name, entry.source, model.spec,
                                                    max_rank=model.max_rank, dtype=_dtype(model))
-        self._cache_host(entry)  # may drop entry.adapter again (max_cpu_loras=0): return our reference
+        if not entry.removed:
+            self._cache_host(entry)  # may drop entry.adapter again (max_cpu_loras=0): return our reference
         return adapter
 
-    def _cache_host(self, entry: _Entry) -> None:
+    def _cache_host(self, entry: AdapterVersion) -> None:
         self._host_lru.pop(entry.name, None)
         self._host_lru[entry.name] = None
         self._trim_host()
 
     def _trim_host(self) -> None:
-        evictable = [n for n in self._host_lru if not self._entries[n].pinned]
+        evictable = [n for n in self._host_lru if not self._entries[n].pinned and not self._entries[n].num_requests]
         for name in evictable[:max(0, len(evictable) - self.max_cpu_loras)]:
             self._entries[name].adapter = None
             del self._host_lru[name]
 
-    def _drop(self, entry: _Entry) -> None:
+    def _drop(self, entry: AdapterVersion) -> None:
         entry.removed = True
-        entry.adapter = None
-        self._host_lru.pop(entry.name, None)
+        self._host_lru.pop(entry.name, None)  # out of the LRU: its host copy now lives as long as its requests
         if self._entries.get(entry.name) is entry:
             del self._entries[entry.name]
-        if entry.num_users == 0:
+        self._forget_if_unused(entry)
+
+    def _forget_if_unused(self, entry: AdapterVersion) -> None:
+        if entry.removed and entry.num_users == 0 and entry.num_requests == 0:
+            entry.adapter = None
             self._free_slot(entry)
 
-    def _info(self, entry: _Entry) -> AdapterInfo:
+    def _info(self, entry: AdapterVersion) -> AdapterInfo:
         source = None if isinstance(entry.source, Mapping) else str(entry.source)
         return AdapterInfo(entry.name, entry.rank, entry.target_modules, entry.num_bytes,
                            entry.pinned, entry.slot, entry.adapter is not None, source)

@@ -138,5 +138,4 @@ def assert_released(engine: LLMEngine) -> None:
     assert not engine.has_unfinished()
     assert engine.stats().kv_reserved_tokens == 0
     assert engine.cache.extents == {}
-    assert {name: e.num_users for name, e in engine.registry._entries.items()} == \
-        {name: 0 for name in engine.registry._entries}
+    assert engine.registry.held() == {}

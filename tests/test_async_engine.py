@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from engine_fixtures import PROMPTS, adapter_paths, assert_released, greedy, make_engine  # noqa: F401
 
 from adapters import AdapterNotFoundError
 from server.engine.async_engine import AsyncEngine
-from server.engine.errors import EngineStoppedError, RequestError
+from server.engine.errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 
 JOIN_TIMEOUT = 60  # seconds; only so a hung loop fails the test instead of the whole run
 
@@ -68,7 +69,7 @@ def test_leaving_a_stream_early_aborts_it():
         assert stats.finish_reason == "abort"
         assert 2 <= stats.num_output_tokens < 400
         assert llm.stats().kv_reserved_tokens == 0
-        assert not engine._streams
+        assert engine.num_streams == 0
     finally:
         engine.stop(JOIN_TIMEOUT)
     assert_released(llm)
@@ -84,7 +85,7 @@ def test_unknown_adapter_raises_from_the_stream():
 
         outputs = asyncio.run(main())
         assert outputs[-1].finish_reason == "length"
-        assert not engine._streams
+        assert engine.num_streams == 0
     finally:
         engine.stop(JOIN_TIMEOUT)
 
@@ -109,7 +110,8 @@ def test_a_failing_step_aborts_running_requests_and_the_loop_goes_on():
 
         failed, after = asyncio.run(main())
         assert [len(o.token_ids) for o in failed] == [1, 0]
-        assert failed[-1].finish_reason == "abort"
+        assert failed[-1].finish_reason == "abort" and isinstance(failed[-1].error, EngineFailedError)
+        assert "RuntimeError" in str(failed[-1].error)
         assert after[-1].finish_reason == "length" and after[-1].num_output_tokens == 3
     finally:
         engine.stop(JOIN_TIMEOUT)
@@ -132,7 +134,7 @@ def test_stop_finishes_running_requests_then_ends_the_thread():
         outputs = asyncio.run(main())
         assert outputs[-1].finish_reason == "length"
         assert sum(len(o.token_ids) for o in outputs) == 6
-        assert not engine._thread.is_alive()
+        assert not engine.is_alive
     finally:
         engine.stop(JOIN_TIMEOUT)
     assert_released(engine.engine)
@@ -148,10 +150,57 @@ def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
             assert info.value.field == "request_id"
             await until(lambda: engine.is_idle)
             await asyncio.sleep(0)  # let the outputs already posted reach the queue
-            assert first._outputs.qsize() == 5  # the first stream still gets every delta
+            assert first.num_pending == 5  # the first stream still gets every delta
             return [output async for output in first]
 
         outputs = asyncio.run(main())
         assert outputs[-1].finish_reason == "length"
     finally:
         engine.stop(JOIN_TIMEOUT)
+
+
+def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
+    engine = AsyncEngine(make_engine())
+    gate, ran = threading.Event(), []
+    try:
+        async def main():
+            blocker = asyncio.ensure_future(engine.call(lambda: gate.wait(JOIN_TIMEOUT)))  # holds the thread
+            await until(lambda: engine.is_idle)  # the engine thread has taken the blocker
+            cancelled = asyncio.ensure_future(engine.call(lambda: ran.append("ran")))
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            gate.set()
+            await blocker
+            return await collect(engine, PROMPTS[0], greedy(3))
+
+        outputs = asyncio.run(main())
+        assert ran == [] and engine.is_alive
+        assert outputs[-1].finish_reason == "length"
+    finally:
+        gate.set()
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(engine.engine)
+
+
+def test_a_dead_engine_thread_fails_every_caller_and_reports_itself():
+    llm, fatal = make_engine(), []
+    publish = llm.publish_stats
+
+    def die_once_busy():
+        if llm.has_unfinished():
+            raise SystemExit("injected: the loop itself breaks")
+        publish()
+
+    llm.publish_stats = die_once_busy
+    engine = AsyncEngine(llm, on_fatal=fatal.append)
+
+    async def main():
+        outputs = await collect(engine, PROMPTS[0], greedy(50))
+        with pytest.raises(EngineDeadError):
+            await engine.submit(PROMPTS[1], greedy(3))
+        return outputs
+
+    outputs = asyncio.run(main())
+    engine.stop(JOIN_TIMEOUT)
+    assert outputs[-1].finished and isinstance(outputs[-1].error, EngineDeadError)
+    assert not engine.is_alive and len(fatal) == 1 and "injected" in repr(fatal[0])

@@ -160,7 +160,7 @@ def test_preemption_under_a_small_kv_budget_keeps_outputs(adapter_paths):
         # a preempted request gives its adapter back while it waits
         assert all(seq.lease is None for seq in engine.scheduler.waiting)
         held = Counter(seq.adapter for seq in engine.scheduler.running if seq.adapter)
-        assert {name: e.num_users for name, e in engine.registry._entries.items() if e.num_users} == held
+        assert engine.registry.held() == held
 
     assert engine.stats().num_preemptions > 0
     assert sum(r.num_preemptions for r in finished) == engine.stats().num_preemptions
@@ -183,7 +183,7 @@ def test_abort_frees_kv_and_adapter_at_once(adapter_paths):
     assert output.num_output_tokens == 3
     assert victim.seq_id not in engine.cache.extents
     assert engine.stats().kv_reserved_tokens == reserved - victim_tokens
-    assert engine.registry._entries["a"].num_users == 0
+    assert "a" not in engine.registry.held()
     assert engine.abort(victim.request_id) is None  # already gone
 
     outputs = run_steps(engine)
@@ -202,13 +202,35 @@ def test_abort_a_waiting_request():
     assert_released(engine)
 
 
-def test_adapter_removed_while_waiting_fails_the_request(adapter_paths):
+def test_adapter_removed_while_waiting_still_serves_the_request_it_accepted(adapter_paths):
+    expected = alone(PROMPTS[0], 5, "a", adapter_paths)
     engine = make_engine(adapter_paths)
     seq = engine.add_request(PROMPTS[0], greedy(5), "a")
     engine.registry.remove("a")
-    (output,) = engine.step()
-    assert (output.request_id, output.finish_reason) == (seq.request_id, "abort")
-    assert isinstance(seq.error, AdapterNotFoundError)
+    assert "a" not in engine.registry
+    with pytest.raises(AdapterNotFoundError):  # new requests no longer find it
+        engine.add_request(PROMPTS[0], greedy(5), "a")
+    run_steps(engine)
+    assert (seq.finish_reason, seq.output_token_ids) == ("length", expected)
+    assert seq.version.num_requests == 0 and seq.version.adapter is None, "the old version is freed after its last user"
+    assert engine.registry.resident() == [None] * engine.registry.max_loras
+    assert_released(engine)
+
+
+def test_replace_during_preemption_keeps_each_request_on_its_admitted_version(adapter_paths):
+    """A request preempted (KV dropped) and recomputed after `replace` must not mix two adapters."""
+    prompts, params = PROMPTS, [greedy(84 + 2 * i) for i in range(4)]  # as in the preemption test above
+    old = make_engine(adapter_paths).generate(prompts, params, ["a"] * 4)
+    engine = make_engine(adapter_paths, kv_cache_tokens=256)
+    seqs = [engine.add_request(p, sp, "a") for p, sp in zip(prompts, params)]
+    while not engine.stats().num_preemptions:
+        engine.step()
+    engine.registry.add("a", adapter_paths["b"], replace=True)
+    late = engine.add_request(PROMPTS[0], greedy(6), "a")  # admitted after the replace: the new weights
+    run_steps(engine)
+    assert [s.output_token_ids for s in seqs] == [c.token_ids for c in old]
+    assert late.output_token_ids == alone(PROMPTS[0], 6, "b", adapter_paths)
+    assert late.output_token_ids != alone(PROMPTS[0], 6, "a", adapter_paths), "the two versions must differ"
     assert_released(engine)
 
 

@@ -20,7 +20,7 @@ REPEATING = "1 2 3 4 5"  # the tiny model's greedy continuation repeats one toke
     (dict(top_p=0), "top_p"),
     (dict(top_k=-2), "top_k"),
     (dict(logprobs=21), "logprobs"),
-    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-1), "max_tokens"),  # 0 is valid: score the prompt only
     (dict(presence_penalty=3), "presence_penalty"),
     (dict(bogus=1), "bogus"),
 ])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from adapters import LoraModel
+from adapters import BASE_SLOT, LoraModel
 
 BASE, MERGED, GATHER = "base", "merged", "gather"
 
@@ -29,11 +29,11 @@ class ModePolicy:
 
     def choose(self, slots: set[int]) -> ModeDecision:
         model = self.lora_model
-        if len(slots) != 1 or -1 in slots:
+        if len(slots) != 1 or BASE_SLOT in slots:
             self._candidate, self._streak = None, 0
             if model.merged_slot is not None:
                 model.unmerge()
-            return ModeDecision(BASE if slots <= {-1} else GATHER)
+            return ModeDecision(BASE if slots <= {BASE_SLOT} else GATHER)
         (slot,) = slots
         if model.merged_slot == slot:
             return ModeDecision(MERGED)

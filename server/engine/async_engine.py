@@ -1,8 +1,10 @@
 """AsyncEngine: the engine loop on its own thread, streamed to asyncio callers.
 
-Only the engine thread touches the engine: requests and aborts reach it through a command
-queue, and each step's outputs are posted back to the caller's event loop, so the HTTP side
-stays responsive while a forward pass runs.
+The engine thread is the only writer of the engine, its adapter registry and the slot buffers:
+requests, aborts and adapter changes reach it as commands, run between steps, and each step's
+outputs are posted back to the caller's event loop, so the HTTP side stays responsive while a
+forward pass runs. A failing command or step fails its requests, never the thread; if the thread
+dies anyway, every caller gets an error and `on_fatal` is told (the server then exits).
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from server.engine.llm_engine import LLMEngine
-from server.engine.errors import EngineStoppedError, RequestError
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import RequestOutput
+from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
+from .llm_engine import LLMEngine
+from .sampling_params import SamplingParams
+from .sequence import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +28,17 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     """Wraps an `LLMEngine`; `stream(...)` yields one `RequestOutput` delta per step."""
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[BaseException], None] | None = None):
+        self.engine, self.on_fatal = engine, on_fatal
+        self.fatal_error: BaseException | None = None  # why the engine thread died, if it did
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = False
         self._closed = False  # the loop has exited: no command will run any more
         self._closing = threading.Lock()  # orders "queue a command" against "the loop exits"
-        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
         self._thread.start()
 
     async def submit(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
@@ -50,8 +53,9 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
             await self.call(lambda: self.engine.add_request(prompt, params, adapter, request_id))
-        except BaseException:
-            self._streams.pop(request_id, None)
+        except BaseException:  # refused, or our caller was cancelled after the engine accepted it
+            if self._streams.pop(request_id, None) is not None and self.is_alive:
+                self.abort(request_id)
             raise
         return RequestStream(self, request_id, outputs)
 
@@ -68,18 +72,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort(request_id))
 
+    def detach(self, request_id: str) -> bool:
+        """Stop delivering the request's outputs; True if it was still attached."""
+        return self._streams.pop(request_id, None) is not None
+
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps and return its result (or raise its error)."""
-        future: Future = Future()
+        """Run `fn` on the engine thread between steps and return its result (or raise its error).
 
-        def run():
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the caller, never kills the loop
-                future.set_exception(exc)
-
-        self._submit(run)
-        return await asyncio.wrap_future(future)
+        If the caller is cancelled before `fn` starts, `fn` never runs."""
+        return await asyncio.wrap_future(self._submit(fn))
 
     def refresh_stats(self) -> None:
         """Have the engine thread republish its stats snapshot (after an adapter change, say)."""
@@ -92,26 +93,41 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     @property
+    def is_alive(self) -> bool:
+        return self.fatal_error is None and self._thread.is_alive()
+
+    @property
+    def num_streams(self) -> int:
+        """Requests whose outputs are still being delivered to a caller."""
+        return len(self._streams)
+
+    @property
     def is_idle(self) -> bool:
         return not self.engine.has_unfinished() and self._commands.empty()
 
-    def _submit(self, command: Callable[[], None]) -> None:
+    def _submit(self, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
         with self._closing:
+            if self.fatal_error is not None:
+                raise EngineDeadError(f"the engine has stopped: {self.fatal_error!r}")
             if self._closed:
                 raise EngineStoppedError("the server is shutting down")
-            self._commands.put(command)
+            self._commands.put((fn, future))
         self._wake.set()
+        return future
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - whatever killed the loop, nobody may hang on it
+            log.critical("the engine thread died", exc_info=exc)
+            self._die(exc)
 
     def _loop(self) -> None:
         while True:
             self._run_commands()
             if self.engine.has_unfinished():
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # a bug must not hang every client: fail what is running
-                    log.exception("engine step failed; aborting running requests")
-                    outputs = [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid))]
-                self._publish(outputs)
+                self._publish(self._step())
                 self.engine.publish_stats()
             elif self._stopping:
                 with self._closing:  # exit only if no command slipped in since _run_commands
@@ -124,13 +140,26 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
 
+    def _step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # a bug must not hang every client: fail what is running, keep serving
+            log.exception("engine step failed; failing the requests it held")
+            error = EngineFailedError(f"the engine failed while running this request ({type(exc).__name__})")
+            return [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid, error))]
+
     def _run_commands(self) -> None:
         while True:
             try:
-                command = self._commands.get_nowait()
+                fn, future = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it ran
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, never kills the loop
+                future.set_exception(exc)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -138,6 +167,19 @@ class AsyncEngine:
             if target is not None:
                 loop, outputs_queue = target
                 loop.call_soon_threadsafe(outputs_queue.put_nowait, output)
+
+    def _die(self, exc: BaseException) -> None:
+        with self._closing:
+            self.fatal_error = exc
+            self._closed = True
+        error = EngineDeadError(f"the engine has stopped: {exc!r}")
+        while not self._commands.empty():
+            _, future = self._commands.get_nowait()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        self._publish([RequestOutput(rid, "", [], [], True, "abort", 0, 0, error=error) for rid in list(self._streams)])
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
 
 
 class RequestStream:
@@ -156,6 +198,11 @@ class RequestStream:
             self.finished = output.finished
             yield output
 
+    @property
+    def num_pending(self) -> int:
+        """Deltas that arrived and were not read yet."""
+        return self._outputs.qsize()
+
     def close(self) -> None:
-        if self.engine._streams.pop(self.request_id, None) is not None and not self.finished:
+        if self.engine.detach(self.request_id) and not self.finished and self.engine.is_alive:
             self.engine.abort(self.request_id)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from server.engine.kv_cache import KVCache
+from .kv_cache import KVCache
 
 ATTENTION_NAME = "loraserve"
 

@@ -29,3 +29,17 @@ class EngineStoppedError(RequestError):
 
     status = 503
     kind = "server_shutting_down"
+
+
+class EngineFailedError(Exception):
+    """The engine failed while running a request (a bug or a device error), not the request's fault."""
+
+    status = 500
+    kind = "engine_error"
+
+
+class EngineDeadError(EngineFailedError):
+    """The engine thread has stopped for good; the process should be restarted."""
+
+    status = 503
+    kind = "engine_dead"

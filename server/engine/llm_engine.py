@@ -7,22 +7,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
-from adapters import AdapterNotFoundError, AdapterRegistry, wrap_model
+from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_model
 
-from server.engine.adapter_mode import GATHER, ModePolicy
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.config import EngineConfig
-from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
-from server.engine.kv_cache import KVCache
-from server.engine.model_loader import BaseModel as LoadedModel
-from server.engine.model_runner import ModelRunner
-from server.engine.sampler import sample
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Completion, RequestOutput, Sequence, SeqStatus, TokenLogprob
-from server.engine.stats import EngineStats, RequestStats, StepStats
+from .adapter_mode import GATHER, ModePolicy
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import PromptTooLongError, QueueFullError, RequestError
+from .kv_cache import KVCache
+from .model_loader import BaseModel as LoadedModel
+from .model_runner import ModelRunner, PromptRows
+from .sampler import prompt_logprobs, sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Completion, RequestOutput, Sequence, TokenLogprob
+from .stats import EngineStats, RequestStats, StepStats
 
 
 class LLMEngine:
@@ -59,12 +60,16 @@ class LLMEngine:
     # Requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     adapter: str | None = None, request_id: str | None = None) -> Sequence:
-        """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead."""
+        """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
+
+        The request is bound to the adapter version registered now: a later replace or delete of
+        the name does not change or fail it."""
         params = params or SamplingParams()
         if adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
         prompt_ids = self.encode_prompt(prompt)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+        max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
+        if len(prompt_ids) + max(max_tokens, 1 if params.max_tokens is None else 0) > self.max_model_len:
             raise PromptTooLongError(
                 f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
                 f"maximum context length of {self.max_model_len} tokens", field="prompt")
@@ -74,7 +79,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
-        seq = Sequence(request_id, prompt_ids, params, adapter, detok)
+        seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens)
+        seq.version = self.registry.bind(adapter) if adapter is not None else None
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -96,11 +102,13 @@ class LLMEngine:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its KV cache and adapter slot."""
+    def abort(self, request_id: str, error: Exception | None = None) -> RequestOutput | None:
+        """Stop a request now and free its KV cache and adapter slot; `error` says why the engine
+        failed it (None: its client went away)."""
         seq = self.requests.get(request_id)
         if seq is None or seq.is_finished:
             return None
+        seq.error = error
         self._finish(seq, "abort")
         return self._output(seq)
 
@@ -111,20 +119,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
-        outputs = [self._fail(seq, exc) for seq, exc in plan.failed]
+        outputs = [self.abort(seq.request_id, exc) for seq, exc in plan.failed]
         if not plan.scheduled:
             return outputs
         slots = {seq.slot for seq, _ in plan.scheduled}
         decision = self.policy.choose(slots)
-        logits, sampling = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
+        logits, sampling, scored = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
+        for rows in scored:
+            self._score_prompt(rows)
         tokens, logprobs = sample(logits, sampling)
-        now = time.monotonic()
+        now, prompt_only = time.monotonic(), []
         for seq, num_new in plan.scheduled:
             seq.num_computed += num_new
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
                 self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
+            if not seq.max_tokens and seq.num_computed == seq.num_tokens:
+                prompt_only.append(seq)
         outputs += [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
+        outputs += [self._finish_prompt_only(seq) for seq in prompt_only]
         self._record_step(plan, slots, decision, time.perf_counter() - started)
         return outputs
 
@@ -144,7 +157,8 @@ class LLMEngine:
         while any(not s.is_finished for s in seqs):
             self.step()
         return [Completion(s.request_id, s.detokenizer.text, s.output_token_ids, s.logprobs, s.finish_reason,
-                           len(s.prompt_token_ids)) for s in seqs]
+                           len(s.prompt_token_ids),
+                           s.prompt_logprobs if s.params.prompt_logprobs is not None else None) for s in seqs]
 
     def publish_stats(self) -> None:
         """Refresh `snapshot` (call from the thread that steps the engine)."""
@@ -179,15 +193,23 @@ class LLMEngine:
             reason = "stop"
         elif seq.detokenizer.add(token):
             reason = "stop"
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason:
             self._finish(seq, reason)
         return self._output(seq)
 
-    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
-        seq.error = error
-        self._finish(seq, "abort")
+    def _score_prompt(self, rows: PromptRows) -> None:
+        seq, prompt = rows.seq, rows.seq.prompt_token_ids
+        if not seq.prompt_logprobs:  # nothing predicts the first token (vLLM reports None for it)
+            seq.prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
+        if rows.targets:
+            seq.prompt_logprobs += prompt_logprobs(rows.logits, prompt[rows.targets.start:rows.targets.stop],
+                                                   seq.params.prompt_logprobs)
+
+    def _finish_prompt_only(self, seq: Sequence) -> RequestOutput:
+        """max_tokens 0: the prompt is in (and scored, if asked); nothing is sampled."""
+        self._finish(seq, "length")
         return self._output(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -206,9 +228,12 @@ class LLMEngine:
         finished = seq.is_finished
         tokens = seq.output_token_ids[seq.num_emitted_tokens:]
         logprobs = seq.logprobs[seq.num_emitted_logprobs:]
+        prompt_scores = seq.prompt_logprobs[seq.num_emitted_prompt_logprobs:]
         seq.num_emitted_tokens, seq.num_emitted_logprobs = len(seq.output_token_ids), len(seq.logprobs)
+        seq.num_emitted_prompt_logprobs = len(seq.prompt_logprobs)
         return RequestOutput(seq.request_id, seq.detokenizer.delta(finished), tokens, logprobs, finished,
-                             seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids))
+                             seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
+                             prompt_scores, seq.error)
 
     def _record_step(self, plan, slots: set[int], decision, duration: float) -> None:
         counters = self.counters
@@ -217,7 +242,7 @@ class LLMEngine:
         if decision.swap_seconds is not None:
             counters.num_swaps += 1
             counters.swap_seconds += decision.swap_seconds
-        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(slots - {-1}), duration,
+        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(slots - {BASE_SLOT}), duration,
                          decision.swap_seconds)
         for listener in self.step_listeners:
             listener(step)

@@ -1,13 +1,24 @@
 """Packs a step's sequences into one forward pass of the stock model and returns logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from adapters import LoraModel
 
-from server.engine.attention import ATTENTION_NAME, KVStep, SeqSlice
-from server.engine.kv_cache import KVCache
-from server.engine.sequence import Sequence
+from .attention import ATTENTION_NAME, KVStep, SeqSlice
+from .kv_cache import KVCache
+from .sequence import Sequence
+
+
+@dataclass
+class PromptRows:
+    """Logits of the prompt positions one request scores this step (SamplingParams.prompt_logprobs)."""
+
+    seq: Sequence
+    targets: range  # prompt token indices these rows predict: row k predicts targets[k]
+    logits: torch.Tensor  # [len(targets), V]
 
 
 class ModelRunner:
@@ -20,10 +31,12 @@ class ModelRunner:
         self.device = lora_model.device
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]], gather: bool) -> tuple[torch.Tensor, list[Sequence]]:
-        """Forward the step; returns logits [M, V] for the M sequences that now sample a token."""
-        ids, positions, write, slots, keep = [], [], [], [], []
-        seq_slices, sampling = [], []
+    def run(self, scheduled: list[tuple[Sequence, int]],
+            gather: bool) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
+        """Forward the step; returns logits [M, V] for the M sequences that now sample a token, and
+        the prompt rows of the sequences that score their prompt (none unless a request asks)."""
+        ids, positions, write, slots, keep, prompt_keep = [], [], [], [], [], []
+        seq_slices, sampling, scored = [], [], []
         # Rows of one adapter side by side: the LoRA op then takes them as one view, not a gather.
         for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot):
             first, row = seq.num_computed, len(ids)
@@ -33,13 +46,33 @@ class ModelRunner:
             write += range(kv_start + first, kv_start + first + num_new)
             slots += [seq.slot] * num_new
             seq_slices.append(SeqSlice(row, num_new, kv_start, first + num_new))
-            if first + num_new == seq.num_tokens:  # prompt done: this row yields the next token
+            if first + num_new == seq.num_tokens and seq.max_tokens:  # this row yields the next token
                 keep.append(row + num_new - 1)
                 sampling.append(seq)
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_token_ids):
+                targets = _unscored_targets(seq, first, num_new)
+                scored.append((seq, targets))
+                prompt_keep += range(row + targets.start - 1 - first, row + targets.stop - 1 - first)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         step = KVStep(self.cache, seq_slices, as_tensor(write))
         batch = self.lora_model.build_batch(torch.tensor(slots)) if gather else None
         with self.lora_model.gather(batch):
             out = self.model(input_ids=as_tensor(ids)[None], position_ids=as_tensor(positions)[None],
-                             use_cache=False, logits_to_keep=as_tensor(keep), kv_step=step)
-        return out.logits[0], sampling  # [M, V]
+                             use_cache=False, logits_to_keep=as_tensor(keep + prompt_keep), kv_step=step)
+        logits = out.logits[0]  # [M + sum of len(targets), V]
+        return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
+
+
+def _unscored_targets(seq: Sequence, first: int, num_new: int) -> range:
+    """Prompt tokens this chunk's rows predict that are not scored yet: position p predicts token
+    p + 1, and a recompute after preemption skips what was scored before it."""
+    start = max(first + 1, len(seq.prompt_logprobs))
+    return range(start, max(start, min(first + num_new + 1, len(seq.prompt_token_ids))))
+
+
+def _split(logits: torch.Tensor, scored: list[tuple[Sequence, range]]) -> list[PromptRows]:
+    rows, start = [], 0
+    for seq, targets in scored:
+        rows.append(PromptRows(seq, targets, logits[start:start + len(targets)]))
+        start += len(targets)
+    return rows

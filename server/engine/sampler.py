@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.sequence import Sequence, TokenLogprob
+from .sequence import Sequence, TokenLogprob
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -25,6 +25,19 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     return tokens, [_logprob(raw_logprobs[row], tok, seq.params.logprobs)
                     if seq.params.logprobs is not None else None
                     for row, (tok, seq) in enumerate(zip(tokens, seqs))]
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    """logits: [K, V], row k predicting prompt token target_ids[k]. Each target's logprob given the
+    tokens before it (raw distribution, as for sampled tokens) and the top_n alternatives."""
+    logprobs = torch.log_softmax(logits.float(), -1)  # [K, V]
+    targets = torch.tensor(target_ids, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()  # [K]
+    if not top_n:
+        return [TokenLogprob(t, v, []) for t, v in zip(target_ids, chosen)]
+    top = torch.topk(logprobs, top_n)  # [K, top_n]
+    return [TokenLogprob(t, v, list(zip(ids, values)))
+            for t, v, ids, values in zip(target_ids, chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.engine.errors import RequestError
+from .errors import RequestError
 
 
 class SamplingParams(BaseModel):
@@ -11,7 +11,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_tokens: int = Field(16, ge=1)
+    # None = until the end of the context (OpenAI's chat default); 0 = score the prompt only, sample nothing
+    max_tokens: int | None = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)  # -1 (or 0) = off
@@ -23,13 +24,15 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-N alternatives per token
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # the same for each prompt token (vLLM's field)
     skip_special_tokens: bool = True
 
     @classmethod
     def make(cls, **fields) -> "SamplingParams":
         """Build from user input; a bad value is a RequestError naming the field."""
         try:
-            return cls(**{k: v for k, v in fields.items() if v is not None})
+            # max_tokens=None is a choice (run to the end of the context), not "use the default"
+            return cls(**{k: v for k, v in fields.items() if v is not None or k == "max_tokens"})
         except ValidationError as exc:
             first = exc.errors()[0]
             raise RequestError(first["msg"], field=".".join(map(str, first["loc"]))) from None

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from adapters import AdapterCapacityError, AdapterError, AdapterRegistry
 
-from server.engine.kv_cache import KVCache
-from server.engine.sequence import Sequence, SeqStatus
+from .kv_cache import KVCache
+from .sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.cache.free(seq.seq_id)
         self._release(seq)
+        if seq.version is not None:
+            self.registry.unbind(seq.version)
         seq.status = SeqStatus.FINISHED
 
     def _reserve_or_preempt(self, seq: Sequence, num_new: int, plan: StepPlan) -> bool:
@@ -113,10 +115,10 @@ class Scheduler:
                 blocked_head.num_bypassed += 1
 
     def _acquire(self, seq: Sequence) -> bool:
-        if seq.adapter is None or seq.lease is not None:
+        if seq.version is None or seq.lease is not None:
             return True
         try:
-            seq.lease = self.registry.acquire(seq.adapter)
+            seq.lease = self.registry.acquire(seq.version)  # the bound version, even if since replaced
         except AdapterCapacityError:
             return False
         return True

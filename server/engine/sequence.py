@@ -8,10 +8,10 @@ from enum import Enum
 
 import torch
 
-from adapters import AdapterLease
+from adapters import BASE_SLOT, AdapterLease, AdapterVersion
 
-from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .sampling_params import SamplingParams
 
 _ids = itertools.count()
 
@@ -25,7 +25,7 @@ class SeqStatus(Enum):
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token: nothing precedes it
     top: list[tuple[int, float]]  # the N most likely (token id, logprob), best first
 
 
@@ -38,13 +38,16 @@ class Sequence:
     params: SamplingParams
     adapter: str | None
     detokenizer: IncrementalDetokenizer
+    max_tokens: int  # params.max_tokens, or what is left of the context when the request set none
+    version: AdapterVersion | None = None  # the adapter version bound at admission, kept until it finishes
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token scored so far
     num_computed: int = 0  # tokens whose K/V are in the cache
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
-    error: Exception | None = None  # why it was aborted by the engine, if it was
+    error: Exception | None = None  # why the engine failed it, if it did
     lease: AdapterLease | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
@@ -55,6 +58,7 @@ class Sequence:
     finish_time: float | None = None
     num_emitted_tokens: int = 0
     num_emitted_logprobs: int = 0
+    num_emitted_prompt_logprobs: int = 0
 
     def __post_init__(self):
         if self.params.seed is not None:
@@ -74,8 +78,8 @@ class Sequence:
 
     @property
     def slot(self) -> int:
-        """Device slot of its adapter, -1 for the base model."""
-        return -1 if self.lease is None else self.lease.slot
+        """Device slot of its adapter; BASE_SLOT for the base model."""
+        return BASE_SLOT if self.lease is None else self.lease.slot
 
 
 @dataclass
@@ -90,6 +94,8 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # new since the last output
+    error: Exception | None = None  # set when the engine failed the request (finish_reason "abort")
 
 
 @dataclass
@@ -102,3 +108,4 @@ class Completion:
     logprobs: list[TokenLogprob]
     finish_reason: str | None
     num_prompt_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None  # when asked for (SamplingParams.prompt_logprobs)
