@@ -17,8 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from .config import CONFIG_FILE, LoraConfig
-from .errors import (IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError,
-                     UnsupportedAdapterError)
+from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError, UnsupportedAdapterError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"

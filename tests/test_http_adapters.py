@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_nothing_hel
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from server.http.settings import Settings
+from server.store import VERSIONS
 
 pytestmark = pytest.mark.real_model
 
@@ -58,7 +60,8 @@ def _complete(http: httpx.Client, model: str, max_tokens: int = 2) -> httpx.Resp
 
 
 def _store_entries(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir()) if store.exists() else []
+    """The store's adapter names and any leftover of an upload (staging or temporary links)."""
+    return sorted(p.name for p in store.iterdir() if p.name != VERSIONS) if store.exists() else []
 
 
 def test_upload_conflict_replace_list_show_delete(served, http, dirs, adapter_dirs):
@@ -234,6 +237,23 @@ def test_upload_over_the_limit_is_413(served, http, dirs, adapter_dirs, chunked)
     error = assert_openai_error(response, 413, "limit", str(MAX_UPLOAD))
     assert error["code"] == "too_large"
     _assert_left_nothing(served, http, dirs, before, "too-big")
+
+
+def test_chunked_upload_is_refused_while_it_streams(served, http, dirs, adapter_dirs):
+    """The 413 comes once the limit is crossed, while the client is still sending: the server
+    neither waits for nor keeps what lies past the limit (a raw socket, to see when it answers)."""
+    request = http.build_request("POST", "/v1/adapters", data={"name": "too-big"},
+                                 files={**adapter_files(adapter_dirs["alpha"]), "padding.bin": ("p", b"\0" * 10)})
+    head = (f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"\0" * 65536
+    with socket.create_connection(served.url.removeprefix("http://").split(":"), timeout=60) as sock:
+        sock.sendall(head + b"%x\r\n%s\r\n" % (len(request.read()), request.read()))
+        for _ in range(2 * MAX_UPLOAD // len(chunk)):  # twice the limit, then we stop sending (never end the body)
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = sock.recv(65536).decode(errors="replace")  # times out (fails) if the server waits for the end
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "too_large" in answer
 
 
 def _snapshot(dirs: dict[str, Path]) -> list[str]:

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from process_fixtures import serve_process
+from servers import serve_process, start_process
 
 pytestmark = pytest.mark.real_model
 
@@ -141,3 +141,22 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     assert refused, "new connections were still accepted while in-flight requests drained"
     assert "timeout graceful shutdown exceeded" not in log
     assert returncode == 0, f"exit status {returncode} after SIGTERM\n{log}"
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (("--adapter", "broken=/nonexistent/adapter"), "does not exist"),
+    (("--model", "/nonexistent/model"), "/nonexistent/model"),
+])
+def test_a_server_that_cannot_start_exits_non_zero_with_the_reason(tmp_path, flags, reason):
+    """A supervisor restarts (or reports) a failed pod only if the process exits: it must not sit
+    answering 503 forever."""
+    server = start_process(tmp_path, *flags)
+    try:
+        code = server.process.wait(timeout=EXIT_TIMEOUT)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+    log = server.log_tail()
+    assert code == 1, log
+    assert "startup failed" in log and reason in log

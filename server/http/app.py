@@ -2,33 +2,36 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.http.auth import require_metrics_key
-
-from server.http.errors import error_response, install_error_handlers
-from server.http.metrics import Metrics
 from server.engine.model_loader import BaseModel
-from server.http.routes_adapters import router as adapters_router
-from server.http.routes_openai import router as openai_router
-from server.http.settings import Settings
-from server.http.state import ServerState
+
+from .auth import require_metrics_key
+from .errors import error_response, install_error_handlers
+from .metrics import Metrics
+from .routes_adapters import router as adapters_router
+from .routes_openai import router as openai_router
+from .settings import Settings
+from .state import ServerState
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None) -> FastAPI:
-    """Build an app; `base` lets tests hand in an already loaded model."""
+def create_app(settings: Settings | None = None, base: BaseModel | None = None,
+               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """Build an app; `base` lets tests hand in an already loaded model. `on_fatal(reason)` is called
+    when the app can no longer serve (startup failed, engine thread died): the CLI exits on it."""
     settings = settings or Settings()
     metrics = Metrics(settings.max_adapter_labels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = ServerState(settings, base, metrics)
+        state = ServerState(settings, base, metrics, on_fatal)
         app.state.server, app.state.settings = state, settings
         state.start()
         try:
@@ -47,8 +50,12 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
     app.include_router(adapters_router)
 
     @app.get("/health", include_in_schema=True)
-    async def health() -> dict:
-        """The process is up (liveness); it does not wait for the model."""
+    async def health(request: Request):
+        """Liveness: 200 while the process can serve or is still loading; 503 once startup failed or
+        the engine thread died (the process is then exiting, or must be restarted)."""
+        failure = request.app.state.server.failure
+        if failure is not None:
+            return error_response(503, failure, "unhealthy")
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -57,8 +64,8 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None) 
         state: ServerState = request.app.state.server
         if state.is_ready:
             return JSONResponse({"status": "ready", "model": state.model_name})
-        if state.load_error is not None:
-            return error_response(503, f"model failed to load: {state.load_error}", "load_failed")
+        if state.failure is not None:
+            return error_response(503, state.failure, "load_failed" if state.load_error else "engine_dead")
         return error_response(503, "the model is still loading", "not_ready", headers={"Retry-After": "5"})
 
     @app.get("/metrics", dependencies=[Depends(require_metrics_key)])

@@ -5,7 +5,7 @@ import secrets
 
 from fastapi import Request
 
-from server.http.errors import HTTPError
+from .errors import HTTPError
 
 
 def _presented_key(request: Request) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import types
@@ -14,7 +15,7 @@ import typing
 
 from client.cli import add_client_commands, run_client_command
 
-from server.http.settings import Settings
+from .settings import Settings
 
 _FLAG_NAMES = {"adapters": "--adapter"}  # repeatable: --adapter NAME=PATH
 
@@ -40,18 +41,35 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from server.http.app import create_app  # noqa: PLC0415
 
-    logging.getLogger(__name__).info("loading %s; /ready turns 200 when it can serve",
-                                     settings.model or "the default model (SmolLM2-135M-Instruct)")
+    log = logging.getLogger(__name__)
+    log.info("loading %s; /ready turns 200 when it can serve",
+             settings.model or "the default model (SmolLM2-135M-Instruct)")
+    failures: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        """Startup failed or the engine died: drain what can be drained, then exit non-zero."""
+        log.critical("cannot serve (%s); shutting down", reason)
+        failures.append(reason)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful shutdown
+
     # uvicorn drains on SIGTERM, then raises the signal again, which the default handler turns into
-    # death by signal (exit 143). The drain is done by then: exit 0, as the Dockerfile promises.
-    signal.signal(signal.SIGTERM, _exit_zero)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout)
+    # death by signal (exit 143). The drain is done by then: exit 0 as the Dockerfile promises, or
+    # 1 when we shut down because we could not serve.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _exit(failures))
+    uvicorn.run(create_app(settings, on_fatal=on_fatal), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout)
+    return _exit_code(failures)
+
+
+def _exit_code(failures: list[str]) -> int:
+    if failures:
+        print(f"loraserve: {failures[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _exit_zero(signum, frame) -> None:
-    raise SystemExit(0)
+def _exit(failures: list[str]) -> None:
+    raise SystemExit(_exit_code(failures))
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

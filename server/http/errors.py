@@ -9,14 +9,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import AdapterError
-
-from server.engine.errors import QueueFullError, RequestError
+from server.engine.errors import EngineFailedError, QueueFullError, RequestError
 
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
-          422: "invalid_request_error", 503: "service_unavailable", 500: "internal_server_error"}
+          422: "invalid_request_error", 499: "client_closed_request", 503: "service_unavailable",
+          500: "internal_server_error"}
 
 
 class HTTPError(Exception):
@@ -28,11 +28,30 @@ class HTTPError(Exception):
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
 
+class ClientDisconnectedError(Exception):
+    """The client closed the connection before its response was ready; its requests were aborted."""
+
+
 def error_response(status: int, message: str, code: str | int | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+    return JSONResponse(_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _body(status: int, message: str, code: str | int | None, param: str | None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "code": code if code is not None else status, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _typed(exc: AdapterError | RequestError | EngineFailedError) -> tuple[int, str, str | int, str | None]:
+    """(status, message, code, param) of a typed error from the engine or the adapter core."""
+    if isinstance(exc, AdapterError):
+        return exc.status, str(exc), "model_not_found" if exc.status == 404 else exc.kind, exc.field
+    return exc.status, str(exc), exc.kind, getattr(exc, "field", None)
+
+
+def error_body(exc: AdapterError | RequestError | EngineFailedError) -> dict:
+    """OpenAI's error object for a typed error: what a stream's error event carries."""
+    return _body(*_typed(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -41,14 +60,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(AdapterError)
-    async def _adapter_error(request: Request, exc: AdapterError):
-        code = "model_not_found" if exc.status == 404 else exc.kind
-        return error_response(exc.status, str(exc), code, exc.field)
-
     @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError):
+    @app.exception_handler(EngineFailedError)
+    async def _typed_error(request: Request, exc: AdapterError | RequestError | EngineFailedError):
+        if isinstance(exc, EngineFailedError):
+            log.error("engine failure on %s %s: %s", request.method, request.url.path, exc)
         headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
-        return error_response(exc.status, str(exc), exc.kind, exc.field, headers)
+        return error_response(*_typed(exc), headers=headers)
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _client_gone(request: Request, exc: ClientDisconnectedError):
+        log.info("client disconnected from %s %s; its requests were aborted", request.method, request.url.path)
+        return error_response(499, str(exc), "client_disconnected")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

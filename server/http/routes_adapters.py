@@ -1,23 +1,29 @@
 """Adapter management: upload, list, show, delete; and vLLM's load/unload by server path."""
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.types import Message
 
-from adapters import (AdapterExistsError, AdapterInfo, AdapterNotFoundError, InvalidAdapterError,
-                      UnsafeAdapterFormatError, load_adapter)
+from adapters import (
+    AdapterExistsError,
+    AdapterInfo,
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    UnsafeAdapterFormatError,
+)
 from adapters.peft_format import PICKLE_FILE
-
 from server.store import ADAPTER_FILES, check_name, is_valid_name
-from server.http.api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
-from server.http.auth import require_admin_key, require_api_key
-from server.http.errors import HTTPError
-from server.http.state import ServerState
+
+from .api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
+from .auth import require_admin_key, require_api_key
+from .errors import HTTPError
+from .state import ServerState
 
 router = APIRouter(prefix="/v1")
 read = [Depends(require_api_key)]
@@ -39,22 +45,46 @@ def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
 async def upload_adapter(request: Request) -> JSONResponse:
     """multipart/form-data: `name`, files adapter_config.json and adapter_model.safetensors, `replace`."""
     state = _state(request)
-    settings = state.settings
+    limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        raise HTTPError(413, f"upload is larger than the limit of {settings.max_upload_bytes} bytes", "too_large")
-    engine = state.ready_engine().engine
-    form = await request.form(max_part_size=settings.max_upload_bytes)
-    name = check_name(str(form.get("name") or ""))
-    replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
-    files = await _read_files(form, settings.max_upload_bytes)
-    if name in engine.registry and not replace:
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    registry = state.ready_engine().engine.registry
+    async with _limited(request, limit).form(max_part_size=limit) as form:
+        name = check_name(str(form.get("name") or ""))
+        replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+        files = await _read_files(form, limit)
+    if name in registry and not replace:
         raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite")
-    # Validate in memory first: nothing reaches the store or the registry unless it is sound.
-    await run_in_threadpool(load_adapter, name, files, engine.lora_model.spec, max_rank=engine.lora_model.max_rank)
-    source = await run_in_threadpool(state.store.save, name, files) if state.store else files
-    info = await run_in_threadpool(state.register, name, source, replace)
+    # Validate first: nothing reaches the store or the registry unless it is sound.
+    adapter = await asyncio.to_thread(registry.parse, name, files)
+    if state.store is None:
+        info = await state.register(name, files, replace, adapter=adapter)
+    else:  # the store decides who gets a new name, atomically across replicas
+        path = await asyncio.to_thread(state.store.save, name, files, replace)
+        info = await state.register(name, path, True, adapter=adapter, store_version=path.name)
     return JSONResponse(_card(state, info).model_dump(), status_code=201)
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The same request, with a body that fails with 413 as soon as more than `limit` bytes have
+    arrived, chunked or not: nothing past the limit is buffered in memory or spooled to disk."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large(limit)
+        return message
+
+    return Request(request.scope, receive)
+
+
+def _too_large(limit: int) -> HTTPError:
+    return HTTPError(413, f"upload is larger than the limit of {limit} bytes (setting max_upload_bytes)",
+                     "too_large")
 
 
 async def _read_files(form, limit: int) -> dict[str, bytes]:
@@ -66,7 +96,7 @@ async def _read_files(form, limit: int) -> dict[str, bytes]:
         data = await value.read()
         total += len(data)
         if total > limit:
-            raise HTTPError(413, f"upload is larger than the limit of {limit} bytes", "too_large")
+            raise _too_large(limit)
         files[file_name] = data
     if PICKLE_FILE in files and ADAPTER_FILES[1] not in files:
         raise UnsafeAdapterFormatError("pickle weights are refused because loading them can run arbitrary code; "
@@ -80,7 +110,7 @@ async def _read_files(form, limit: int) -> dict[str, bytes]:
 @router.get("/adapters", response_model=AdapterList, dependencies=read)
 async def list_adapters(request: Request) -> AdapterList:
     state = _state(request)
-    state.sync_store()
+    await state.sync_store()
     return AdapterList(data=[_card(state, info) for info in state.ready_engine().engine.registry.list()])
 
 
@@ -89,7 +119,7 @@ async def show_adapter(name: str, request: Request) -> AdapterCard:
     state = _state(request)
     if name == state.model_name:
         raise AdapterNotFoundError(f"{name!r} is the base model, not an adapter")
-    state.resolve_model(name)  # also picks up one uploaded by another replica
+    await state.resolve_model(name)  # also picks up one uploaded by another replica
     return _card(state, state.ready_engine().engine.registry.info(name))
 
 
@@ -102,9 +132,9 @@ async def delete_adapter(name: str, request: Request) -> dict:
     if name not in registry and not in_store:
         registry.info(name)  # raises the typed 404
     if in_store:
-        await run_in_threadpool(state.store.delete, name)
+        await asyncio.to_thread(state.store.delete, name)
     if name in registry:
-        state.unregister(name)
+        await state.unregister(name)
     return {"id": name, "object": "adapter", "deleted": True}
 
 
@@ -125,7 +155,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
                         "lora_path")
     if body.lora_name in state.ready_engine().engine.registry:
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
-    await run_in_threadpool(state.register, body.lora_name, path)
+    await state.register(body.lora_name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -134,6 +164,6 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     """vLLM's API: free the adapter's memory. A copy in the adapter store stays there and is
     loaded again on its next use; DELETE /v1/adapters/{name} removes it for good."""
     state = _state(request)
-    state.unregister(body.lora_name)
+    await state.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

@@ -1,15 +1,39 @@
-"""OpenAI-compatible generation routes: /v1/completions, /v1/chat/completions, /v1/models."""
+"""OpenAI-compatible generation routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Each route checks the request's limits, resolves its adapter, tokenizes on a worker thread (never
+on the event loop or the engine thread), and hands token ids to the engine. A client that goes
+away aborts its requests, streaming or not.
+"""
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.http.api_models import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                         ModelCard, ModelList)
-from server.http.auth import require_api_key
-from server.http.serving import (chat_events, chat_jobs, chat_response, collect, completion_events, completion_jobs,
-                      completion_response, submit_all)
-from server.http.state import ServerState
+from .api_models import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from .auth import require_api_key
+from .limits import check_chat, check_completion
+from .serving import (
+    chat_events,
+    chat_jobs,
+    chat_response,
+    collect_unless_disconnected,
+    completion_events,
+    completion_jobs,
+    completion_response,
+    error_events,
+    submit_all,
+    tokenize_jobs,
+)
+from .state import ServerState
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -22,37 +46,43 @@ def _state(request: Request) -> ServerState:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
-    adapter = state.resolve_model(body.model)
+    check_completion(body, state.limits)
+    adapter = await state.resolve_model(body.model)
     tokenizer = engine.engine.tokenizer
-    jobs = completion_jobs(body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)))
+    jobs = await asyncio.to_thread(completion_jobs, body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)))
+    await asyncio.to_thread(tokenize_jobs, jobs, tokenizer)
     streams = await submit_all(engine, jobs, adapter)
     token_text = _token_text(tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(completion_events(body.model, jobs, streams, include_usage, token_text))
-    return completion_response(body.model, jobs, await collect(streams), token_text)
+    results = await collect_unless_disconnected(streams, request)
+    return completion_response(body.model, jobs, results, token_text)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
-    adapter = state.resolve_model(body.model)
-    prompt_ids = engine.engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+    check_chat(body, state.limits)
+    adapter = await state.resolve_model(body.model)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt_ids = await asyncio.to_thread(engine.engine.chat_prompt, messages)
     jobs = chat_jobs(body, prompt_ids)
     streams = await submit_all(engine, jobs, adapter)
     token_text = _token_text(engine.engine.tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(chat_events(body.model, jobs, streams, include_usage, token_text))
-    return chat_response(body.model, jobs, await collect(streams), token_text)
+    results = await collect_unless_disconnected(streams, request)
+    return chat_response(body.model, jobs, results, token_text)
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
     engine = state.ready_engine().engine
-    state.sync_store()
+    await state.sync_store()
     base = ModelCard(id=state.model_name, root=state.model_name)
     adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.source or info.name,
                           rank=info.rank, target_modules=info.target_modules)
@@ -65,5 +95,5 @@ def _token_text(tokenizer):
 
 
 def _sse(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+    return StreamingResponse(error_events(events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

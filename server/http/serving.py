@@ -8,13 +8,32 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from server.http.api_models import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                         ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
-                         CompletionLogprobs, CompletionRequest, CompletionResponse, TopLogprob, Usage)
+from fastapi import Request
+
+from adapters import AdapterError
 from server.engine.async_engine import AsyncEngine, RequestStream
-from server.engine.errors import RequestError
+from server.engine.errors import EngineFailedError, RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import RequestOutput, TokenLogprob
+
+from .api_models import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    TopLogprob,
+    Usage,
+)
+from .errors import ClientDisconnectedError, error_body
 
 
 @dataclass
@@ -31,13 +50,16 @@ class Job:
 class Result:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
 
     def add(self, output: RequestOutput) -> None:
+        raise_if_failed(output)
         self.text += output.text
         self.logprobs += output.logprobs
+        self.prompt_logprobs += output.prompt_logprobs
         self.finish_reason = output.finish_reason
         self.num_prompt_tokens, self.num_output_tokens = output.num_prompt_tokens, output.num_output_tokens
 
@@ -48,14 +70,19 @@ def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]
         prompts = [prompts]
     if not prompts:
         raise RequestError("must not be empty", field="prompt")
+    if request.max_tokens == 0 and not request.echo:
+        raise RequestError("must be at least 1 unless echo is true (0 scores the echoed prompt only)",
+                           field="max_tokens")
+    # With echo, logprobs cover the prompt's tokens too (vLLM's prompt_logprobs): lm-eval scores with them.
+    prompt_logprobs = request.logprobs if request.echo else None
     jobs = []
     for p, prompt in enumerate(prompts):
         if not prompt:
             raise RequestError("must not be empty", field="prompt")
         echo = (prompt if isinstance(prompt, str) else prompt_text(prompt)) if request.echo else ""
         for c in range(request.n):
-            jobs.append(Job(p * request.n + c, prompt, request.sampling_params(request.max_tokens, request.logprobs, c),
-                            echo))
+            params = request.sampling_params(request.max_tokens, request.logprobs, c, prompt_logprobs)
+            jobs.append(Job(p * request.n + c, prompt, params, echo))
     return jobs
 
 
@@ -76,6 +103,53 @@ async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: str | None) 
             stream.close()
         raise
     return streams
+
+
+def tokenize_jobs(jobs: list[Job], tokenizer) -> None:
+    """Replace text prompts by their token ids (CPU work for a worker thread). Jobs that shared a
+    prompt share its ids, so usage still counts each distinct prompt once."""
+    ids: dict[int, list[int]] = {}
+    for job in jobs:
+        if isinstance(job.prompt, str):
+            job.prompt = ids.setdefault(id(job.prompt), tokenizer.encode(job.prompt))
+
+
+def raise_if_failed(output: RequestOutput) -> None:
+    """The engine's "abort" is never a finish_reason a client sees: it is the error it carries."""
+    if output.finish_reason == "abort":
+        raise output.error or EngineFailedError("the request was aborted by the engine")
+
+
+async def collect_unless_disconnected(streams: list[RequestStream], request: Request) -> list[Result]:
+    """`collect`, but a client that disconnects first aborts the streams (and gets nothing)."""
+    collecting = asyncio.ensure_future(collect(streams))
+    watching = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()  # collect's own cleanup aborts every stream
+    if not collecting.done() or collecting.cancelled():
+        raise ClientDisconnectedError("the client disconnected before the response was ready")
+    return collecting.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An SSE stream that fails mid-way ends with an OpenAI error event, then [DONE], as vLLM's."""
+    try:
+        async for event in events:
+            yield event
+    except (AdapterError, RequestError, EngineFailedError) as exc:
+        yield sse(json.dumps(error_body(exc)))
+        yield sse("[DONE]")
 
 
 async def collect(streams: list[RequestStream]) -> list[Result]:
@@ -104,6 +178,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
         for _ in range(len(streams)):
             while True:
                 position, output = await queue.get()
+                raise_if_failed(output)
                 yield position, output
                 if output.finished:
                     break
@@ -116,7 +191,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 def completion_response(model: str, jobs: list[Job], results: list[Result], token_text) -> CompletionResponse:
     choices = [CompletionChoice(index=job.index, text=job.echo + result.text,
-                                logprobs=completion_logprobs(result.logprobs, token_text)
+                                logprobs=completion_logprobs(result.prompt_logprobs + result.logprobs, token_text)
                                 if job.params.logprobs is not None else None,
                                 finish_reason=result.finish_reason)
                for job, result in zip(jobs, results)]
@@ -141,13 +216,16 @@ def _usage(jobs: list[Job], results: list[Result]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], token_text) -> CompletionLogprobs:
-    out, offset = CompletionLogprobs(), 0
+def completion_logprobs(logprobs: list[TokenLogprob], token_text, offset: int = 0) -> CompletionLogprobs:
+    """OpenAI's legacy shape, as vLLM fills it: each top_logprobs entry holds the chosen token and
+    the top N (so N + 1 entries at most); an echoed prompt's first token has None for both."""
+    out = CompletionLogprobs()
     for lp in logprobs:
         text = token_text(lp.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({token_text(t): v for t, v in lp.top})
+        out.top_logprobs.append(None if lp.logprob is None else
+                                {text: lp.logprob, **{token_text(t): v for t, v in lp.top}})
         out.text_offset.append(offset)
         offset += len(text)
     return out
@@ -173,15 +251,19 @@ async def completion_events(model: str, jobs: list[Job], streams: list[RequestSt
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     results = [Result() for _ in jobs]
     for job in jobs:
-        if job.echo:
+        if job.echo and job.params.logprobs is None:
             yield sse(CompletionResponse(id=response_id, created=created, model=model,
                                          choices=[CompletionChoice(index=job.index, text=job.echo)]))
     async for position, output in merged(streams):
-        job = jobs[position]
-        results[position].add(output)
-        logprobs = completion_logprobs(output.logprobs, token_text) if job.params.logprobs is not None else None
+        job, result = jobs[position], results[position]
+        # echo with logprobs: the prompt goes out with the first delta, once its scores are in
+        echo = job.echo if job.params.logprobs is not None and not result.prompt_logprobs else ""
+        offset = len(job.echo) + len(result.text) if not echo else 0
+        result.add(output)
+        logprobs = (completion_logprobs(output.prompt_logprobs + output.logprobs, token_text, offset)
+                    if job.params.logprobs is not None else None)
         yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[CompletionChoice(
-            index=job.index, text=output.text, logprobs=logprobs, finish_reason=output.finish_reason)]))
+            index=job.index, text=echo + output.text, logprobs=logprobs, finish_reason=output.finish_reason)]))
     if include_usage:
         yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[],
                                      usage=_usage(jobs, results)))

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(16384, ge=16)
     max_model_len: int | None = Field(None, ge=1)
     max_waiting: int = Field(1024, ge=1)
+    # Request limits (400 naming the field). OpenAI allows 4 stop sequences; a prompt longer than
+    # max_model_len x the longest token's bytes cannot fit, so None derives the byte limit from that.
+    max_stop_sequences: int = Field(4, ge=0)
+    max_stop_length: int = Field(256, ge=1)
+    max_prompt_bytes: int | None = Field(None, ge=1)
     pack_weights: bool = True  # CPU fp32 only: oneDNN-packed base weights, ~2x faster, one more weight copy
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"

@@ -1,37 +1,50 @@
-"""ServerState: what one app owns — the engine, its adapters, the store — and how it starts."""
+"""ServerState: what one app owns — the engine, its adapters, the store — and how it starts.
+
+The engine thread is the only writer of the engine and its registry: this module parses adapter
+files on worker threads (never on the event loop, never on the engine thread) and hands the
+engine only the cheap install or remove, as a command.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from adapters import AdapterInfo, AdapterNotFoundError
+from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.peft_format import AdapterSource
-
-from server.store import AdapterStore, check_name, is_valid_name
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
-from server.http.errors import HTTPError
-from server.http.metrics import Metrics
 from server.engine.model_loader import BaseModel, load_base_model
-from server.http.settings import Settings
+from server.store import AdapterStore, check_name, is_valid_name
+
+from .errors import HTTPError
+from .limits import RequestLimits, max_token_bytes
+from .metrics import Metrics
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class ServerState:
-    """Loads the model on a background thread so /health answers while a large model loads."""
+    """Loads the model on a background thread so /health answers while a large model loads.
 
-    def __init__(self, settings: Settings, base: BaseModel | None = None, metrics: Metrics | None = None):
-        self.settings, self.metrics = settings, metrics
+    `on_fatal(reason)` is called once when the server cannot go on: the model or a startup adapter
+    failed to load, or the engine thread died. The CLI exits non-zero on it, so a supervisor restarts."""
+
+    def __init__(self, settings: Settings, base: BaseModel | None = None, metrics: Metrics | None = None,
+                 on_fatal: Callable[[str], None] | None = None):
+        self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
         self.model_name: str | None = None
         self.load_error: BaseException | None = None
-        self._store_versions: dict[str, tuple[int, int, int]] = {}  # name -> version it was registered at
+        self.limits: RequestLimits | None = None  # set once the model (and so its tokenizer) is loaded
+        self._store_versions: dict[str, str] = {}  # name -> store version it was registered at
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
@@ -43,69 +56,88 @@ class ServerState:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None
+        return self.async_engine is not None and self.async_engine.is_alive
+
+    @property
+    def failure(self) -> str | None:
+        """Why this process cannot serve any more (it will exit), or None."""
+        if self.load_error is not None:
+            return f"startup failed: {self.load_error}"
+        if self.async_engine is not None and not self.async_engine.is_alive and self.async_engine.fatal_error:
+            return f"the engine thread died: {self.async_engine.fatal_error!r}"
+        return None
 
     def stop(self, timeout: float | None = None) -> None:
         if self.async_engine is not None:
             self.async_engine.stop(timeout)
 
     def ready_engine(self) -> AsyncEngine:
+        failure = self.failure
+        if failure is not None:
+            raise HTTPError(503, failure, "load_failed" if self.load_error else "engine_dead")
         if self.async_engine is None:
-            reason = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
-            raise HTTPError(503, reason, "not_ready", headers={"Retry-After": "5"})
+            raise HTTPError(503, "the model is still loading", "not_ready", headers={"Retry-After": "5"})
         return self.async_engine
 
     # Adapters: registry (memory) and store (disk), kept in step. Replicas may share the store, so
     # what another replica uploaded, replaced or deleted is picked up here too.
-    def resolve_model(self, model: str) -> str | None:
+    async def resolve_model(self, model: str) -> str | None:
         """The adapter a request's `model` names (None = the base); unknown names are a 404."""
         engine = self.ready_engine().engine
         if model == self.model_name:
             return None
         if self.store is not None and is_valid_name(model):
-            self._sync_stored(model)
+            await self._sync_stored(model)
         if model in engine.registry:
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist")
 
-    def sync_store(self) -> None:
+    async def sync_store(self) -> None:
         """Make the registry agree with the shared store for every stored adapter (for listings)."""
         if self.store is None:
             return
-        stored = set(self.store.names())
-        for name in stored | set(self._store_versions):
-            self._sync_stored(name)
+        stored = set(await asyncio.to_thread(self.store.names))
+        for name in sorted(stored | set(self._store_versions)):
+            await self._sync_stored(name)
 
-    def register(self, name: str, source: AdapterSource, replace: bool = False) -> AdapterInfo:
+    async def register(self, name: str, source: AdapterSource, replace: bool = False,
+                       adapter: LoraAdapter | None = None, store_version: str | None = None) -> AdapterInfo:
+        """Parse `source` (unless `adapter` is its parse already) off the loop, then install it on the
+        engine thread. `store_version` marks a registration that mirrors the store's entry."""
         engine = self.ready_engine()
-        info = engine.engine.registry.add(check_name(name), source, replace=replace)
+        registry = engine.engine.registry
+        check_name(name)
+        if adapter is None:
+            adapter = await asyncio.to_thread(registry.parse, name, source)
+        info = await engine.call(lambda: registry.install(name, adapter, source, replace=replace))
         self._store_versions.pop(name, None)
-        if self.store is not None and isinstance(source, Path) and source == self.store.path(name):
-            self._store_versions[name] = self.store.version(name)
+        if store_version is not None:
+            self._store_versions[name] = store_version
         engine.refresh_stats()
         return info
 
-    def unregister(self, name: str) -> None:
+    async def unregister(self, name: str) -> None:
         engine = self.ready_engine()
-        engine.engine.registry.remove(name)
+        await engine.call(lambda: engine.engine.registry.remove(name))
         self._store_versions.pop(name, None)
         engine.refresh_stats()
 
-    def _sync_stored(self, name: str) -> None:
-        """One stat: register, reload or drop `name` to match its directory in the store."""
-        version = self.store.version(name)
+    async def _sync_stored(self, name: str) -> None:
+        """One readlink: register, reload or drop `name` to match its entry in the store."""
+        path = await asyncio.to_thread(self.store.current, name)
+        version = None if path is None else path.name
         known = self._store_versions.get(name)
         if version == known:
             return
         registry = self.ready_engine().engine.registry
         if version is None:  # deleted by another replica
             if name in registry:
-                self.unregister(name)
+                await self.unregister(name)
             return
         if known is None and name in registry:
             return  # registered from elsewhere (--adapter, load_lora_adapter): that one wins
         try:
-            self.register(name, self.store.path(name), replace=True)
+            await self.register(name, path, replace=True, store_version=version)
         except Exception:  # a broken or half-copied entry must not break listing or other adapters
             log.exception("cannot load stored adapter %r", name)
 
@@ -116,17 +148,28 @@ class ServerState:
                                            device=settings.device, cache_dir=settings.cache_dir)
             engine = LLMEngine(base, settings.engine_config())
             self.model_name = settings.served_model_name or base.name
-            self._register_startup_adapters(engine)
+            prompt_bytes = settings.max_prompt_bytes or engine.max_model_len * max_token_bytes(base.tokenizer)
+            self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
+                                        engine.max_model_len)
+            self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
             if self.metrics is not None:
                 self.metrics.attach(engine)
             engine.publish_stats()
-            self.engine, self.async_engine = engine, AsyncEngine(engine)
+            self.engine, self.async_engine = engine, AsyncEngine(engine, on_fatal=self._engine_died)
             log.info("ready: serving %s with %d adapters", self.model_name, len(engine.registry))
-        except BaseException as exc:  # reported by /ready and every request
+        except BaseException as exc:  # reported by /health, /ready and every request; the CLI exits
             self.load_error = exc
-            log.exception("loading the model failed")
+            log.exception("startup failed")
+            self._fatal(f"startup failed: {exc}")
         finally:
             self._loaded.set()
+
+    def _engine_died(self, exc: BaseException) -> None:
+        self._fatal(f"the engine thread died: {exc!r}")
+
+    def _fatal(self, reason: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def _register_startup_adapters(self, engine: LLMEngine) -> None:
         for spec in self.settings.adapters:
@@ -137,8 +180,8 @@ class ServerState:
         for name in self.store.names() if self.store else []:
             if name not in engine.registry:
                 try:
-                    engine.registry.add(name, self.store.path(name))
-                    self._store_versions[name] = self.store.version(name)
-                except Exception:  # one bad file must not keep the server down
+                    path = self.store.current(name)
+                    engine.registry.add(name, path)
+                    self._store_versions[name] = path.name
+                except Exception:  # one bad stored file must not keep the server down
                     log.exception("skipping stored adapter %r", name)
-

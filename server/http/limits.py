@@ -1,0 +1,68 @@
+"""Request limits checked on the event loop before any tokenizing: cheap, and each names its field.
+
+Stop strings are matched against every new token on the engine thread, and a prompt is tokenized
+on a worker thread; both cost in proportion to what a client sends, so both are bounded here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.errors import PromptTooLongError, RequestError
+
+from .api_models import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_stop_sequences: int
+    max_stop_length: int  # characters per stop string
+    max_prompt_bytes: int  # UTF-8 bytes of a prompt (or of a chat's messages together)
+    max_prompt_tokens: int  # token ids of a token-id prompt
+
+
+def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most UTF-8 bytes one token stands for: a prompt of more than max_model_len times this
+    many bytes cannot fit the context, so it can be refused without tokenizing it."""
+    vocabulary = range(len(tokenizer))
+    return max(len(text.encode()) for text in tokenizer.batch_decode([[i] for i in vocabulary]))
+
+
+def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
+    _check_stop(body.stop, limits)
+    prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            _check_bytes(len(prompt.encode()), limits, "prompt")
+        elif len(prompt) > limits.max_prompt_tokens:
+            raise PromptTooLongError(f"{len(prompt)} token ids are more than the maximum context length of "
+                                     f"{limits.max_prompt_tokens} tokens", field="prompt")
+
+
+def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
+    _check_stop(body.stop, limits)
+    _check_bytes(sum(len(m.text().encode()) for m in body.messages), limits, "messages")
+
+
+def _is_ids(prompt) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+def _check_stop(stop: str | list[str] | None, limits: RequestLimits) -> None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > limits.max_stop_sequences:
+        raise RequestError(f"at most {limits.max_stop_sequences} stop sequences are allowed, got {len(stops)} "
+                           "(setting max_stop_sequences)", field="stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > limits.max_stop_length:
+        raise RequestError(f"a stop sequence may be at most {limits.max_stop_length} characters, got {longest} "
+                           "(setting max_stop_length)", field="stop")
+    if any(s == "" for s in stops):
+        raise RequestError("stop sequences must not be empty", field="stop")
+
+
+def _check_bytes(num_bytes: int, limits: RequestLimits, field: str) -> None:
+    if num_bytes > limits.max_prompt_bytes:
+        raise PromptTooLongError(f"{num_bytes} bytes are more than the limit of {limits.max_prompt_bytes} "
+                                 "(setting max_prompt_bytes)", field=field)

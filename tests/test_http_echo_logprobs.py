@@ -1,0 +1,100 @@
+"""Completions with `echo` and `logprobs` score the prompt (as vLLM and lm-eval's local-completions
+expect), through the official `openai` client, against a direct HF/PEFT forward of the same adapter."""
+from __future__ import annotations
+
+import copy
+
+import httpx
+import openai
+import pytest
+import torch
+from http_fixtures import BASE, adapter_dirs, assert_openai_error, serve  # noqa: F401
+from peft import PeftModel
+
+from server.http.settings import Settings
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["The capital of France is Paris, and the capital of Italy is", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def served(adapter_dirs):  # noqa: F811
+    with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(default_model, adapter_dirs):  # noqa: F811
+    """name -> [T, V] log_softmax of a plain HF forward (PEFT for the adapter) of a prompt's ids."""
+    peft = PeftModel.from_pretrained(copy.deepcopy(default_model.model), str(adapter_dirs["alpha"])).eval()
+
+    @torch.no_grad()
+    def logprobs(model: str, ids: list[int]) -> torch.Tensor:
+        net = peft if model == "alpha" else default_model.model
+        return torch.log_softmax(net(torch.tensor([ids])).logits[0].float(), -1)
+
+    return logprobs
+
+
+@pytest.mark.parametrize("model", [BASE, "alpha"])
+def test_echo_logprobs_score_token_id_prompts_as_hf_does(client, default_model, reference, model):
+    """lm-eval's exact request: a batch of token-id prompts, echo, logprobs 1, max_tokens 1."""
+    batch = [default_model.tokenizer.encode(p) for p in PROMPTS]
+    response = client.completions.create(model=model, prompt=batch, echo=True, logprobs=1, max_tokens=1,
+                                         temperature=0)
+    for choice in response.choices:
+        ids, lp = batch[choice.index], choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        expected = reference(model, ids)
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(
+            [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=2e-3)
+        for i in range(1, len(ids)):  # the chosen token plus the top 1, as vLLM returns them
+            top = lp.top_logprobs[i]
+            assert lp.tokens[i] in top and 1 <= len(top) <= 2
+            assert max(top.values()) == pytest.approx(float(expected[i - 1].max()), abs=2e-3)
+        assert choice.text.startswith(default_model.tokenizer.decode(ids))
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        assert response.usage.completion_tokens == 2
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(client, default_model):
+    scored = client.completions.create(model="alpha", prompt=PROMPTS[0], echo=True, logprobs=0, max_tokens=0)
+    (choice,) = scored.choices
+    num_prompt = len(default_model.tokenizer.encode(PROMPTS[0]))
+    assert choice.text == PROMPTS[0] and choice.finish_reason == "length"
+    assert len(choice.logprobs.token_logprobs) == num_prompt and scored.usage.completion_tokens == 0
+    with_token = client.completions.create(model="alpha", prompt=PROMPTS[0], echo=True, logprobs=0, max_tokens=1,
+                                           temperature=0)
+    scores, again = choice.logprobs.token_logprobs, with_token.choices[0].logprobs.token_logprobs[:num_prompt]
+    assert again[0] is None and again[1:] == pytest.approx(scores[1:], abs=1e-4)  # lm_head on one row more
+
+
+def test_max_tokens_zero_without_echo_is_refused(served):
+    response = httpx.post(f"{served.url}/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 0},
+                          timeout=60)
+    assert assert_openai_error(response, 400, "echo")["param"] == "max_tokens"
+
+
+def test_streamed_echo_logprobs_equal_the_whole_response(client):
+    params = dict(model="alpha", prompt=PROMPTS, echo=True, logprobs=2, max_tokens=4, temperature=0,
+                  extra_body={"ignore_eos": True})
+    whole = {c.index: c for c in client.completions.create(**params).choices}
+    text, values, offsets = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for chunk in client.completions.create(stream=True, **params):
+        for choice in chunk.choices:
+            text[choice.index] += choice.text
+            values[choice.index] += choice.logprobs.token_logprobs
+            offsets[choice.index] += choice.logprobs.text_offset
+    for index, choice in whole.items():
+        assert text[index] == choice.text
+        whole_values = choice.logprobs.token_logprobs  # the batches differ: kernel noise only
+        assert values[index][0] is None and values[index][1:] == pytest.approx(whole_values[1:], abs=1e-4)
+        assert offsets[index] == choice.logprobs.text_offset
