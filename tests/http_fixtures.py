@@ -7,7 +7,6 @@ what they use from here (conftest.py belongs to others).
 from __future__ import annotations
 
 import functools
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 
 from server.http.app import create_app
@@ -27,12 +25,11 @@ from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
 from server.http.settings import Settings
 from server.http.state import ServerState
+from servers import free_port, serve_in_thread  # noqa: F401 - free_port is re-exported for the tests
 
 BASE = "SmolLM2-135M-Instruct"  # the default model's served name
 LORA_KWARGS = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 ADAPTER_SEEDS = {"alpha": 1, "beta": 2, "gamma": 3}  # distinct weights per name, whatever ran before
-READY_TIMEOUT = 120.0
-STOP_TIMEOUT = 30.0
 
 
 @dataclass
@@ -51,57 +48,14 @@ class Served:
         return self.state.engine
 
 
-def bound_socket() -> socket.socket:
-    """A socket already bound to a free 127.0.0.1 port: no window for another process to take it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (for a subprocess, or to test a refused connection)."""
-    with bound_socket() as sock:
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def serve(settings: Settings | None = None, *, ready_timeout: float = READY_TIMEOUT) -> Iterator[Served]:
+def serve(settings: Settings | None = None) -> Iterator[Served]:
     """Run `create_app(settings)` under uvicorn on a background thread until the block ends.
 
     Each app gets its own freshly loaded model (the engine wraps it in place)."""
     app = create_app(settings or Settings(), base=load_base_model())
-    sock = bound_socket()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
-    thread.start()
-    try:
-        wait_ready(url, ready_timeout, thread)
+    with serve_in_thread(app) as url:
         yield Served(url, app)
-    finally:
-        server.should_exit = True
-        thread.join(STOP_TIMEOUT)
-        sock.close()
-        assert not thread.is_alive(), "the test server did not stop"
-
-
-def wait_ready(url: str, timeout: float, thread: threading.Thread | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(base_url=url, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if thread is not None and not thread.is_alive():
-                raise AssertionError("the server thread died before it was ready")
-            try:
-                response = client.get("/ready")
-                if response.status_code == 200:
-                    return
-                if response.json()["error"]["code"] == "load_failed":
-                    raise AssertionError(f"the model failed to load: {response.text}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"{url} not ready after {timeout} s")
 
 
 def wait_idle(served: Served, timeout: float = 30.0) -> None:
@@ -124,7 +78,7 @@ def assert_nothing_held(engine: LLMEngine) -> None:
     assert (stats.num_running, stats.num_waiting) == (0, 0)
     assert stats.kv_reserved_tokens == 0
     assert engine.requests == {}
-    held = {name: e.num_users for name, e in engine.registry._entries.items() if e.num_users}
+    held = engine.registry.held()
     assert held == {}, f"adapter leases still held: {held}"
 
 

@@ -1,6 +1,6 @@
-"""Helpers for tests that run whole servers: `loraserve serve` as a child process, or an in-process
-app under uvicorn on a background thread. Loopback only; every wait is bounded in count and time,
-and every process or thread started here is stopped in a `finally`."""
+"""The one harness for tests that run whole servers: `loraserve serve` as a child process, or an
+in-process app under uvicorn on a background thread. Loopback only; every wait is bounded in count
+and time, and every process or thread started here is stopped in a `finally`."""
 from __future__ import annotations
 
 import os
@@ -78,21 +78,34 @@ def server_env() -> dict[str, str]:
     return env
 
 
-@contextmanager
-def serve_process(log_dir: Path, *flags: str) -> Iterator[ServerProcess]:
-    """Start `loraserve serve --host 127.0.0.1 --port <free> FLAGS` in its own process group and wait
-    until /ready; the group is killed on the way out if it is still running."""
+def start_process(log_dir: Path, *flags: str) -> ServerProcess:
+    """Start `loraserve serve --host 127.0.0.1 --port <free> FLAGS` in its own process group, without
+    waiting; the caller stops it (see `serve_process`)."""
     port = free_port()
     log_path = log_dir / f"loraserve-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([str(LORASERVE_BIN), "serve", "--host", LOOPBACK, "--port", str(port), *flags],
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=server_env(), start_new_session=True)
-    server = ServerProcess(f"http://{LOOPBACK}:{port}", process, log_path)
+    return ServerProcess(f"http://{LOOPBACK}:{port}", process, log_path)
+
+
+@contextmanager
+def serve_process(log_dir: Path, *flags: str, graceful: bool = False) -> Iterator[ServerProcess]:
+    """`start_process`, then wait until /ready. On the way out a still running server is stopped:
+    SIGTERM and a bounded wait when `graceful`, SIGKILL to its group otherwise (or after that wait)."""
+    server = start_process(log_dir, *flags)
+    process = server.process
     try:
         wait_ready(server.url, lambda: process.poll() is None, server.log_tail)
         yield server
     finally:
+        if graceful and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from http_fixtures import adapter_dirs, free_port, reference_text, wait_ready  # noqa: F401
+from http_fixtures import adapter_dirs, reference_text  # noqa: F401
+from servers import serve_process
 
 pytestmark = pytest.mark.real_model
 
@@ -31,34 +32,10 @@ def _env() -> dict[str, str]:
 
 @contextmanager
 def loraserve_serve(store: Path, log: Path):
-    """`loraserve serve` on a free port; always stopped (SIGTERM, then SIGKILL) when the block ends."""
-    url = f"http://127.0.0.1:{free_port()}"
-    with open(log, "ab") as out:
-        process = subprocess.Popen([*COMMAND, "serve", "--port", url.rsplit(":", 1)[1], "--adapter-store", str(store),
-                                    "--log-level", "warning", "--shutdown-timeout", "10"],
-                                   cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        try:
-            _wait_ready(url, process)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- server log ---\n{log.read_text()[-4000:]}") from None
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
-
-
-def _wait_ready(url: str, process: subprocess.Popen) -> None:
-    class _Alive:  # wait_ready's liveness check, for a process instead of a thread
-        def is_alive(self) -> bool:
-            return process.poll() is None
-
-    wait_ready(url, START_TIMEOUT, _Alive())
+    """`loraserve serve` on a free port with `store`; stopped with SIGTERM when the block ends."""
+    flags = ("--adapter-store", str(store), "--log-level", "warning", "--shutdown-timeout", "10")
+    with serve_process(log.parent, *flags, graceful=True) as server:
+        yield server.url, server.process
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess:

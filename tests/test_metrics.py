@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.http.app import create_app
+from http_fixtures import serve as serve_app
 from server.http.metrics import BASE_LABEL, OVERFLOW_LABEL, AdapterLabels
-from server.engine.model_loader import load_base_model
 from server.http.settings import Settings
 
 pytestmark = pytest.mark.real_model
@@ -23,28 +20,9 @@ BASE = "SmolLM2-135M-Instruct"
 
 @contextmanager
 def serve(settings: Settings):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(settings, base=load_base_model())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if client.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    """The app under the shared harness, with a client on its URL."""
+    with serve_app(settings) as served, httpx.Client(base_url=served.url, timeout=120) as client:
         yield client
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(30)
 
 
 def scrape(client: httpx.Client) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from server import model_loader
+from server.engine import model_loader
 from server.engine.model_loader import ModelLoadError, load_base_model, resolve_model_dir
 
 NOT_A_MODEL = "neither a .gguf file nor a directory with config.json"
