@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapters import AdapterRegistry, LoraBatch, wrap_model
+from adapters import BASE_SLOT, AdapterRegistry, LoraBatch, wrap_model
 
 ATOL = 1e-4
 BASE = "__base__"  # PEFT's adapter name for a plain base row
@@ -258,14 +258,31 @@ def real_reference(default_model, tmp_path_factory, make_peft_adapter):
 def real_setup(real_reference, request):
     lora_model, registry = wrap_with(real_reference["base"], real_reference["paths"], max_loras=2, max_rank=16,
                                      pack_weights=request.param)
-    slots = {BASE: -1, **{name: registry.acquire(name).slot for name in real_reference["paths"]}}
-    ids, expected = real_reference["ids"], real_reference["expected"]
-    # oneDNN's kernels round differently from MKL's; over 30 layers that alone moves logits by ~1e-4.
-    # The adapters may add no error of their own: allow twice what the base alone shows, never > 1e-3.
-    kernel_noise = (gather_logits(lora_model, ids, [-1] * ids.shape[0]) - expected[BASE]).abs().max().item()
-    assert kernel_noise < 5e-4 and (kernel_noise == 0) == (not request.param)
+    slots = {BASE: BASE_SLOT, **{name: registry.acquire(name).slot for name in real_reference["paths"]}}
     return dict(real_reference, lora_model=lora_model, registry=registry, slots=slots,
-                atol=max(ATOL, 2 * kernel_noise))
+                atol=real_tolerance(lora_model, real_reference))
+
+
+FLOAT_ULPS = 128  # fp32 steps of the largest logit that 30 layers of reordered sums may drift by
+
+
+def real_tolerance(lora_model, reference) -> float:
+    """How far two exact computations of the real model's logits drift apart on this CPU, measured
+    here rather than fixed: MKL and oneDNN pick different kernels on Intel (AVX-512/AMX) and AMD,
+    and a fixed 1e-4 on logits of ~20 held on one and failed on the other.
+
+    Measured: our base path against PEFT's base (packed kernels round differently), and PEFT
+    against itself (a mixed batch against each adapter's own batch: same math, other kernels).
+    Allowed: twice the larger, and at least FLOAT_ULPS steps of the largest logit. The adapters
+    move logits by far more (each test checks > 1e-2), so this cannot hide a wrong delta."""
+    ids, expected, rows = reference["ids"], reference["expected"], reference["rows"]
+    base_noise = (gather_logits(lora_model, ids, [BASE_SLOT] * ids.shape[0]) - expected[BASE]).abs().max().item()
+    peft_noise = max((expected["mixed"][row] - expected[name][row]).abs().max().item()
+                     for row, name in enumerate(rows))
+    floor = FLOAT_ULPS * torch.finfo(torch.float32).eps * expected[BASE].abs().max().item()
+    tolerance = max(2 * base_noise, 2 * peft_noise, floor)
+    assert tolerance < 1e-3, f"kernel noise {base_noise:.2e}/{peft_noise:.2e} is implausibly large"
+    return tolerance
 
 
 @pytest.mark.real_model
