@@ -185,6 +185,17 @@ def test_http_route_sends_the_api_to_the_pool(rendered):
     assert route["spec"]["parentRefs"][0]["name"]
 
 
+def test_admin_routes_behind_the_gateway_need_the_admin_key_secret(rendered):
+    """The HTTPRoute sends all of /v1 (uploads and deletes too) to the pods: they must not start
+    without an admin key, so the Secret's admin-key is required, never optional."""
+    route = find(rendered, "HTTPRoute", SERVER)
+    prefixes = [m["path"]["value"] for rule in route["spec"]["rules"] for m in rule["matches"]]
+    assert "/v1" in prefixes  # the adapter routes are exposed...
+    env = {e["name"]: e for e in container(rendered)["env"]}
+    admin = env["LORASERVE_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert admin.get("optional", False) is False  # ...so the key is required
+
+
 # Agreement with the server
 def test_env_names_are_settings_fields(rendered):
     names = set(config(rendered)) | {e["name"] for e in container(rendered).get("env", [])}
