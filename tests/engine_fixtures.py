@@ -139,3 +139,16 @@ def assert_released(engine: LLMEngine) -> None:
     assert engine.stats().kv_reserved_tokens == 0
     assert engine.cache.extents == {}
     assert engine.registry.held() == {}
+
+
+# Fault injection: what a device error or a bug in the loop would do, on a real engine
+def break_loop_when_busy(engine: LLMEngine) -> None:
+    """The engine loop itself raises (SystemExit, which no step handler catches) once a request runs."""
+    publish = engine.publish_stats
+
+    def die_once_busy():
+        if engine.has_unfinished():
+            raise SystemExit("injected: the engine loop breaks")
+        publish()
+
+    engine.publish_stats = die_once_busy

@@ -5,7 +5,8 @@ import asyncio
 import threading
 
 import pytest
-from engine_fixtures import PROMPTS, adapter_paths, assert_released, greedy, make_engine  # noqa: F401
+from engine_fixtures import (PROMPTS, adapter_paths, assert_released, break_loop_when_busy, greedy,  # noqa: F401
+                             make_engine)
 
 from adapters import AdapterNotFoundError
 from server.engine.async_engine import AsyncEngine
@@ -184,14 +185,7 @@ def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
 
 def test_a_dead_engine_thread_fails_every_caller_and_reports_itself():
     llm, fatal = make_engine(), []
-    publish = llm.publish_stats
-
-    def die_once_busy():
-        if llm.has_unfinished():
-            raise SystemExit("injected: the loop itself breaks")
-        publish()
-
-    llm.publish_stats = die_once_busy
+    break_loop_when_busy(llm)
     engine = AsyncEngine(llm, on_fatal=fatal.append)
 
     async def main():

@@ -10,10 +10,14 @@ import time
 import httpx
 import openai
 import pytest
+from engine_fixtures import break_loop_when_busy
 from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_nothing_held, assert_openai_error,  # noqa: F401
                            reference_text, serve, wait_idle)
 
+from server.engine.model_loader import load_base_model
+from server.http.app import create_app
 from server.http.settings import Settings
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.real_model
 
@@ -198,22 +202,11 @@ def test_concurrent_uploads_of_one_new_name_have_one_winner(served, http, adapte
 
 # A dead engine thread
 def test_a_dead_engine_thread_turns_health_to_503_and_reports_once(adapter_dirs):
-    from http_fixtures import create_app, load_base_model  # noqa: PLC0415
-    from servers import serve_in_thread  # noqa: PLC0415
-
     reasons: list[str] = []
     app = create_app(Settings(), base=load_base_model(), on_fatal=reasons.append)
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         assert http.get("/health").status_code == 200
-        llm = app.state.server.engine
-        publish = llm.publish_stats
-
-        def die_once_busy():
-            if llm.has_unfinished():
-                raise SystemExit("injected: the engine loop breaks")
-            publish()
-
-        llm.publish_stats = die_once_busy
+        break_loop_when_busy(app.state.server.engine)
         response = http.post("/v1/completions", json={"model": BASE, "prompt": "Hi", "max_tokens": 8})
         assert_openai_error(response, 503, "engine has stopped")
         assert_openai_error(http.get("/health"), 503, "engine thread died")
