@@ -5,6 +5,7 @@ to [r, out], so neither the merge nor the gather path ever multiplies by a scale
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -63,6 +64,10 @@ class LoraAdapter:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w)
 
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for w in self.weights.values() for t in w)
+
 
 def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The config's bytes and the weight tensors, from a directory or an upload's files."""
@@ -117,6 +122,18 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     return LoraAdapter(name, config, weights)
 
 
+def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, LoraWeights]]:
+    """The raw config, its parse, and each module's factors in float64 (B scaled by the config's s for
+    that module), checked as pairs but not against a base: what analysis and compression start from."""
+    config_bytes, tensors = read_files(source)
+    config = LoraConfig.from_json(config_bytes)
+    factors = {}
+    for module, (a, b) in sorted(_pair_tensors(tensors).items()):
+        _check_pair(module, a, b, config)
+        factors[module] = LoraWeights(a.double(), b.double().mul(config.scale_for(module)).t())
+    return json.loads(config_bytes), config, factors
+
+
 def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -169,13 +186,8 @@ def _selects(config: LoraConfig, target: str, name: str) -> bool:
 def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spec: TargetSpec,
           max_rank: int, dtype: torch.dtype) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise InvalidAdapterError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair",
-                                  file=WEIGHTS_FILE, field=field_a)
+    _check_pair(module, a, b, config)
     rank = a.shape[0]
-    if rank != config.rank_for(module):
-        raise InvalidAdapterError(f"weights have rank {rank} but the config gives {config.rank_for(module)}",
-                                  file=CONFIG_FILE, field="rank_pattern" if config.rank_pattern else "r")
     if rank > max_rank:
         raise UnsupportedAdapterError(f"rank {rank} of {module!r} exceeds the server's max_lora_rank {max_rank}",
                                       file=CONFIG_FILE, field="r")
@@ -184,9 +196,6 @@ def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spe
         raise IncompatibleAdapterError(
             f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base layer ({in_features} -> {out_features})",
             file=WEIGHTS_FILE, field=field_a)
-    for field, tensor in ((field_a, a), (field_b, b)):
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
     scaled_b = b.float().mul(config.scale_for(module)).t()  # [r, out]
     folded = LoraWeights(a.to(dtype).contiguous(), scaled_b.to(dtype).contiguous())
     # Finite in the file can still overflow once scaled and cast (fp16 tops out at 65504).
@@ -195,3 +204,17 @@ def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spe
             raise InvalidAdapterError(f"overflows {dtype} once scaled by the config's alpha",
                                       file=WEIGHTS_FILE, field=field)
     return folded
+
+
+def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig) -> None:
+    """A [r, in] and B [out, r] of the rank the config gives this module, finite floats."""
+    field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise InvalidAdapterError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair",
+                                  file=WEIGHTS_FILE, field=field_a)
+    if a.shape[0] != config.rank_for(module):
+        raise InvalidAdapterError(f"weights have rank {a.shape[0]} but the config gives {config.rank_for(module)}",
+                                  file=CONFIG_FILE, field="rank_pattern" if config.rank_pattern else "r")
+    for field, tensor in ((field_a, a), (field_b, b)):
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)

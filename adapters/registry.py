@@ -39,6 +39,7 @@ class AdapterVersion:
     num_users: int = 0  # leases: requests that hold its device slot right now
     num_requests: int = 0  # bound requests (running, waiting or preempted) that will need it again
     removed: bool = False  # replaced or removed: no new request binds it
+    num_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class AdapterRegistry:
         """Register an adapter that `parse` returned: no IO, so the engine thread can do it between steps."""
         if not isinstance(source, Mapping):
             source = Path(source)
-        entry = AdapterVersion(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter)
+        entry = AdapterVersion(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter,
+                               num_params=adapter.num_params)
         with self._lock:
             if name in self._entries:
                 if not replace:
@@ -157,6 +159,18 @@ class AdapterRegistry:
     def info(self, name: str) -> AdapterInfo:
         with self._lock:
             return self._info(self._entry(name))
+
+    def version(self, name: str) -> AdapterVersion:
+        """The current version of `name`, to key work done off the engine thread (analysis) by version;
+        read-only: binding it for a request is `bind`."""
+        with self._lock:
+            return self._entry(name)
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """(rank, parameter count) of each adapter in a device slot or in host memory."""
+        with self._lock:
+            return {e.name: (e.rank, e.num_params) for e in self._entries.values()
+                    if e.slot is not None or e.adapter is not None}
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:

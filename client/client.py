@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from .errors import ConnectionFailed, parse_error
-from .types import AdapterInfo, ChatCompletion, Completion, ModelInfo, StreamDelta
+from .types import AdapterAnalysis, AdapterInfo, AdapterSimilarity, ChatCompletion, Completion, ModelInfo, StreamDelta
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -36,10 +36,13 @@ def _stream_options(stream: bool) -> dict:
     return {"stream_options": {"include_usage": True}} if stream else {}
 
 
-def _upload_parts(name: str, path: str | Path, replace: bool) -> tuple[dict, dict]:
+def _upload_parts(name: str, path: str | Path, replace: bool, energy: float | None,
+                  max_rank: int | None) -> tuple[dict, dict]:
     directory = Path(path)
     files = {f: (f, (directory / f).read_bytes()) for f in ADAPTER_FILES if (directory / f).is_file()}
-    return {"name": name, "replace": "true" if replace else "false"}, files
+    data = {"name": name, "replace": "true" if replace else "false"}
+    data.update({k: str(v) for k, v in (("energy", energy), ("max_rank", max_rank)) if v is not None})
+    return data, files
 
 
 def _delta(line: str) -> StreamDelta | None:
@@ -94,9 +97,17 @@ class Client:
     def adapter(self, name: str) -> AdapterInfo:
         return AdapterInfo(**self._json("GET", f"/v1/adapters/{name}"))
 
-    def upload_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
-        data, files = _upload_parts(name, path, replace)
+    def upload_adapter(self, name: str, path: str | Path, replace: bool = False, energy: float | None = None,
+                       max_rank: int | None = None) -> AdapterInfo:
+        """Upload a PEFT directory; `energy`/`max_rank` have the server compress each layer's rank."""
+        data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**self._json("POST", "/v1/adapters", data=data, files=files))
+
+    def analysis(self, name: str) -> AdapterAnalysis:
+        return AdapterAnalysis(**self._json("GET", f"/v1/adapters/{name}/analysis"))
+
+    def similarity(self, name: str, other: str) -> AdapterSimilarity:
+        return AdapterSimilarity(**self._json("GET", f"/v1/adapters/{name}/similarity", params={"other": other}))
 
     def delete_adapter(self, name: str) -> None:
         self._json("DELETE", f"/v1/adapters/{name}")
@@ -168,9 +179,17 @@ class AsyncClient:
     async def adapter(self, name: str) -> AdapterInfo:
         return AdapterInfo(**await self._json("GET", f"/v1/adapters/{name}"))
 
-    async def upload_adapter(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
-        data, files = _upload_parts(name, path, replace)
+    async def upload_adapter(self, name: str, path: str | Path, replace: bool = False, energy: float | None = None,
+                             max_rank: int | None = None) -> AdapterInfo:
+        data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**await self._json("POST", "/v1/adapters", data=data, files=files))
+
+    async def analysis(self, name: str) -> AdapterAnalysis:
+        return AdapterAnalysis(**await self._json("GET", f"/v1/adapters/{name}/analysis"))
+
+    async def similarity(self, name: str, other: str) -> AdapterSimilarity:
+        params = {"other": other}
+        return AdapterSimilarity(**await self._json("GET", f"/v1/adapters/{name}/similarity", params=params))
 
     async def delete_adapter(self, name: str) -> None:
         await self._json("DELETE", f"/v1/adapters/{name}")

@@ -80,3 +80,22 @@ class AdapterInfo(_Model):
     slot: int | None = None
     in_host_memory: bool
     persisted: bool
+    compression: dict | None = None  # params_before, params_after, energy_kept: when the upload compressed it
+
+
+class AdapterAnalysis(_Model):
+    """GET /v1/adapters/{name}/analysis: one dict per targeted module (rank, scale, delta_norm,
+    singular_values, effective_rank, amplification) and a summary with warnings."""
+
+    name: str
+    layers: list[dict]
+    summary: dict
+
+
+class AdapterSimilarity(_Model):
+    """GET /v1/adapters/{name}/similarity: φ per module both adapters target, and its mean."""
+
+    name: str
+    other: str
+    layers: list[dict]
+    mean: float | None = None

@@ -60,6 +60,7 @@ class EngineStats:
     resident_adapters: list[str] = field(default_factory=list)  # in device slots
     host_adapters: list[str] = field(default_factory=list)  # parsed in host memory
     num_registered_adapters: int = 0
+    adapter_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # resident: name -> (rank, params)
     num_adapter_loads: int = 0  # copies into a device slot
     num_adapter_evictions: int = 0  # slots taken from an idle adapter for another
 

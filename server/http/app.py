@@ -15,6 +15,8 @@ from .auth import require_metrics_key
 from .errors import error_response, install_error_handlers
 from .metrics import Metrics
 from .routes_adapters import router as adapters_router
+from .routes_analysis import AdapterAnalyses
+from .routes_analysis import router as analysis_router
 from .routes_openai import router as openai_router
 from .settings import Settings
 from .state import ServerState
@@ -45,9 +47,11 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
     # callables in process-wide caches, which would keep every app's engine alive in a process
     # that builds several apps (the tests).
     app.state.metrics = metrics
+    app.state.adapter_analyses = AdapterAnalyses()
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(adapters_router)
+    app.include_router(analysis_router)
 
     @app.get("/health", include_in_schema=True)
     async def health(request: Request):

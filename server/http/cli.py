@@ -6,6 +6,7 @@ on the command line wins over the environment. Nothing here imports torch until 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,11 +26,33 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the server (default model if no --model)")
     _add_settings_flags(serve)
-    add_client_commands(commands)
+    adapters = add_client_commands(commands)
+    compress = adapters.add_parser("compress", help="offline: rewrite a PEFT adapter at the rank it uses")
+    compress.add_argument("source", help="PEFT adapter directory")
+    compress.add_argument("dest", help="directory for the compressed PEFT adapter")
+    compress.add_argument("--energy", type=float, help="keep this fraction of each layer's update (0 < e <= 1)")
+    compress.add_argument("--max-rank", type=int, help="at most this rank per layer")
+    compress.set_defaults(offline=compress_command)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if getattr(args, "offline", None):
+        return args.offline(args)
     return run_client_command(args)
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    """Needs torch, unlike the client's commands, so it lives here and imports it only when run."""
+    from adapters import AdapterError  # noqa: PLC0415
+    from adapters.compress import compress_dir  # noqa: PLC0415
+
+    try:
+        report = compress_dir(args.source, args.dest, energy=args.energy, max_rank=args.max_rank)
+    except AdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -157,6 +157,7 @@ class _SnapshotCollector(Collector):
         for name in s.host_adapters:
             resident.add_metric([name, "host"], 1)
         yield resident
+        yield from self._adapter_sizes(s.adapter_sizes)
         now = time.time()
         info = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters of running and waiting requests; the "
                                  "value is the Unix time of this update.",
@@ -168,6 +169,24 @@ class _SnapshotCollector(Collector):
                                  labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"])
         warm.add_metric([str(s.max_loras), ",".join(s.resident_adapters), ",".join(s.host_adapters)], now)
         yield warm
+
+    def _adapter_sizes(self, sizes: dict[str, tuple[int, int]]):
+        """Rank and parameter count per resident adapter, so a compression shows in dashboards; names
+        past the label cap share the overflow label (largest rank, summed parameters)."""
+        by_label: dict[str, tuple[int, int]] = {}
+        for name, (rank, num_params) in sizes.items():
+            label = self.metrics.adapter_label(name)
+            old_rank, old_params = by_label.get(label, (0, 0))
+            by_label[label] = (max(old_rank, rank), old_params + num_params)
+        rank = GaugeMetricFamily("loraserve:adapter_rank", "Largest layer rank of each resident adapter.",
+                                 labels=["adapter"])
+        params = GaugeMetricFamily("loraserve:adapter_params", "LoRA parameters (A and B) of each resident adapter.",
+                                   labels=["adapter"])
+        for label, (num_rank, num_params) in sorted(by_label.items()):
+            rank.add_metric([label], num_rank)
+            params.add_metric([label], num_params)
+        yield rank
+        yield params
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

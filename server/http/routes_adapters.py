@@ -17,10 +17,11 @@ from adapters import (
     InvalidAdapterError,
     UnsafeAdapterFormatError,
 )
+from adapters.compress import CompressionReport, check_compression, compress_files
 from adapters.peft_format import PICKLE_FILE
 from server.store import ADAPTER_FILES, check_name, is_valid_name
 
-from .api_models import AdapterCard, AdapterList, LoadLoraRequest, UnloadLoraRequest
+from .api_models import AdapterCard, AdapterList, Compression, LoadLoraRequest, UnloadLoraRequest
 from .auth import require_admin_key, require_api_key
 from .errors import HTTPError
 from .state import ServerState
@@ -43,7 +44,8 @@ def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
 
 @router.post("/adapters", status_code=201, response_model=AdapterCard, dependencies=admin)
 async def upload_adapter(request: Request) -> JSONResponse:
-    """multipart/form-data: `name`, files adapter_config.json and adapter_model.safetensors, `replace`."""
+    """multipart/form-data: `name`, files adapter_config.json and adapter_model.safetensors, `replace`;
+    optional `energy` and `max_rank` compress every layer to the rank it uses (the stored copy too)."""
     state = _state(request)
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
@@ -53,9 +55,13 @@ async def upload_adapter(request: Request) -> JSONResponse:
     async with _limited(request, limit).form(max_part_size=limit) as form:
         name = check_name(str(form.get("name") or ""))
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
+        energy, max_rank = _compression_fields(form)
         files = await _read_files(form, limit)
     if name in registry and not replace:
         raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite")
+    report = None
+    if energy is not None or max_rank is not None:  # CPU work: a worker thread, not the loop or the engine
+        files, report = await asyncio.to_thread(compress_files, files, energy=energy, max_rank=max_rank)
     # Validate first: nothing reaches the store or the registry unless it is sound.
     adapter = await asyncio.to_thread(registry.parse, name, files)
     if state.store is None:
@@ -63,7 +69,31 @@ async def upload_adapter(request: Request) -> JSONResponse:
     else:  # the store decides who gets a new name, atomically across replicas
         path = await asyncio.to_thread(state.store.save, name, files, replace)
         info = await state.register(name, path, True, adapter=adapter, store_version=path.name)
-    return JSONResponse(_card(state, info).model_dump(), status_code=201)
+    card = _card(state, info)
+    card.compression = _compression(report)
+    return JSONResponse(card.model_dump(), status_code=201)
+
+
+def _compression_fields(form) -> tuple[float | None, int | None]:
+    """The optional `energy` and `max_rank` form fields; a bad one is a 400 naming it."""
+    values = []
+    for field, kind in (("energy", float), ("max_rank", int)):
+        raw = form.get(field)
+        try:
+            values.append(None if raw in (None, "") else kind(str(raw)))
+        except ValueError:
+            raise InvalidAdapterError(f"must be a {'number' if kind is float else 'whole number'}, "
+                                      f"got {str(raw)[:40]!r}", field=field) from None
+    if values != [None, None]:
+        check_compression(*values)
+    return values[0], values[1]
+
+
+def _compression(report: CompressionReport | None) -> Compression | None:
+    if report is None:
+        return None
+    return Compression(rank_before=report.rank_before, params_before=report.params_before,
+                       params_after=report.params_after, energy_kept=report.energy_kept)
 
 
 def _limited(request: Request, limit: int) -> Request:
@@ -155,7 +185,10 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
                         "lora_path")
     if body.lora_name in state.ready_engine().engine.registry:
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
-    await state.register(body.lora_name, path)
+    source = path
+    if body.energy is not None or body.max_rank is not None:  # served from the compressed files' bytes
+        source, _ = await asyncio.to_thread(compress_files, path, energy=body.energy, max_rank=body.max_rank)
+    await state.register(body.lora_name, source)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
