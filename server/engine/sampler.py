@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
+from .grammar import TokenMasks, allowed_tokens
 from .sequence import Sequence, TokenLogprob
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           masks: TokenMasks | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V], one row per sequence. Returns next token ids and (if asked) their logprobs.
 
-    Logprobs are those of the model's raw distribution (before penalties and temperature), as
-    vLLM reports them by default.
+    Logprobs are those of the model's raw distribution (before penalties, grammar and temperature),
+    as vLLM reports them by default. `masks` holds the allowed tokens of the constrained rows only.
     """
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs is not None for s in seqs) else None
@@ -19,6 +21,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         for row, seq in enumerate(seqs):
             if seq.params.has_penalties:
                 _apply_penalties(logits[row], seq)
+    if masks is not None:
+        logits = _apply_masks(logits, seqs, masks)
     tokens = [_pick(logits[row], seq) for row, seq in enumerate(seqs)]
     if raw_logprobs is None:
         return tokens, [None] * len(seqs)
@@ -51,6 +55,16 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
         output_ids = torch.tensor(seq.output_token_ids, device=row.device)
         counts = torch.bincount(output_ids, minlength=row.numel()).to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _apply_masks(logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks) -> torch.Tensor:
+    """Disallowed tokens of the constrained rows to -inf; other rows untouched."""
+    rows = [row for row, seq in enumerate(seqs) if seq.seq_id in masks.rows]
+    mask_rows = [masks.rows[seqs[row].seq_id] for row in rows]
+    allowed = allowed_tokens(masks.bitmask[mask_rows], logits.shape[1]).to(logits.device)  # [K, V]
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 def _pick(row: torch.Tensor, seq: Sequence) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RequestError
+from .grammar import GrammarSpec
 
 
 class SamplingParams(BaseModel):
@@ -26,6 +27,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)  # top-N alternatives per token
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # the same for each prompt token (vLLM's field)
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # structured output: what the text must match (None = free text)
 
     @classmethod
     def make(cls, **fields) -> "SamplingParams":

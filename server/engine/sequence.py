@@ -5,6 +5,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -50,6 +51,7 @@ class Sequence:
     error: Exception | None = None  # why the engine failed it, if it did
     lease: AdapterLease | None = None
     generator: torch.Generator | None = None
+    matcher: Any = None  # llguidance matcher of params.grammar, advanced by each accepted token
     num_preemptions: int = 0
     num_bypassed: int = 0  # steps other requests were admitted ahead of it
     arrival_time: float = field(default_factory=time.monotonic)

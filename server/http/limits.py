@@ -42,7 +42,8 @@ def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
 
 def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
-    _check_bytes(sum(len(m.text().encode()) for m in body.messages), limits, "messages")
+    _check_bytes(sum(len(m.text().encode()) + sum(len(c.function.arguments.encode()) for c in m.tool_calls or [])
+                     for m in body.messages), limits, "messages")
 
 
 def _is_ids(prompt) -> bool:

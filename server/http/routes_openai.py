@@ -34,6 +34,7 @@ from .serving import (
     tokenize_jobs,
 )
 from .state import ServerState
+from .structured import chat_plan, completion_plan, renders_tools, template_messages
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -49,7 +50,9 @@ async def completions(body: CompletionRequest, request: Request):
     check_completion(body, state.limits)
     adapter = await state.resolve_model(body.model)
     tokenizer = engine.engine.tokenizer
-    jobs = await asyncio.to_thread(completion_jobs, body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)))
+    plan = await asyncio.to_thread(completion_plan, body, engine.engine.grammars)  # compiles the grammar
+    jobs = await asyncio.to_thread(completion_jobs, body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)),
+                                   plan)
     await asyncio.to_thread(tokenize_jobs, jobs, tokenizer)
     streams = await submit_all(engine, jobs, adapter)
     token_text = _token_text(tokenizer)
@@ -66,9 +69,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = state.ready_engine()
     check_chat(body, state.limits)
     adapter = await state.resolve_model(body.model)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = await asyncio.to_thread(engine.engine.chat_prompt, messages)
-    jobs = chat_jobs(body, prompt_ids)
+    plan = await asyncio.to_thread(chat_plan, body, engine.engine.grammars)  # compiles the grammar
+    with_tools, with_tool_calls = renders_tools(engine.engine.tokenizer)
+    messages = template_messages(body.messages, with_tool_calls)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
+    prompt_ids = await asyncio.to_thread(engine.engine.chat_prompt, messages, tools)
+    jobs = chat_jobs(body, prompt_ids, plan)
     streams = await submit_all(engine, jobs, adapter)
     token_text = _token_text(engine.engine.tokenizer)
     if body.stream:

@@ -34,6 +34,7 @@ from .api_models import (
     Usage,
 )
 from .errors import ClientDisconnectedError, error_body
+from .structured import OutputPlan, ToolCallStream, ToolMode, tool_calls
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Job:
     prompt: str | list[int]
     params: SamplingParams
     echo: str = ""
+    tools: ToolMode | None = None  # the answer is tool calls
 
 
 @dataclass
@@ -64,7 +66,8 @@ class Result:
         self.num_prompt_tokens, self.num_output_tokens = output.num_prompt_tokens, output.num_output_tokens
 
 
-def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]], str]) -> list[Job]:
+def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]], str],
+                    plan: OutputPlan = OutputPlan()) -> list[Job]:
     prompts = request.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
@@ -81,15 +84,16 @@ def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]
             raise RequestError("must not be empty", field="prompt")
         echo = (prompt if isinstance(prompt, str) else prompt_text(prompt)) if request.echo else ""
         for c in range(request.n):
-            params = request.sampling_params(request.max_tokens, request.logprobs, c, prompt_logprobs)
+            params = request.sampling_params(request.max_tokens, request.logprobs, c, prompt_logprobs, plan.grammar)
             jobs.append(Job(p * request.n + c, prompt, params, echo))
     return jobs
 
 
-def chat_jobs(request: ChatCompletionRequest, prompt_ids: list[int]) -> list[Job]:
+def chat_jobs(request: ChatCompletionRequest, prompt_ids: list[int], plan: OutputPlan = OutputPlan()) -> list[Job]:
     max_tokens = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else None
-    return [Job(c, prompt_ids, request.sampling_params(max_tokens, top, c)) for c in range(request.n)]
+    return [Job(c, prompt_ids, request.sampling_params(max_tokens, top, c, grammar=plan.grammar), tools=plan.tools)
+            for c in range(request.n)]
 
 
 async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: str | None) -> list[RequestStream]:
@@ -199,11 +203,22 @@ def completion_response(model: str, jobs: list[Job], results: list[Result], toke
 
 
 def chat_response(model: str, jobs: list[Job], results: list[Result], token_text) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=job.index, message=AssistantMessage(content=result.text),
+    choices = [ChatChoice(index=job.index, message=_message(job, result),
                           logprobs=chat_logprobs(result.logprobs, token_text) if job.params.logprobs is not None else None,
-                          finish_reason=result.finish_reason)
+                          finish_reason=_finish_reason(job, result.finish_reason))
                for job, result in zip(jobs, results)]
     return ChatCompletionResponse(model=model, choices=choices, usage=_usage(jobs, results))
+
+
+def _message(job: Job, result: Result) -> AssistantMessage:
+    if job.tools is not None and result.finish_reason == "stop":
+        return AssistantMessage(content=None, tool_calls=tool_calls(job.tools, result.text))
+    return AssistantMessage(content=result.text)
+
+
+def _finish_reason(job: Job, reason: str | None) -> str | None:
+    """A tool-call answer whose grammar completed ends with "tool_calls", as OpenAI's does."""
+    return "tool_calls" if job.tools is not None and reason == "stop" else reason
 
 
 def _usage(jobs: list[Job], results: list[Result]) -> Usage:
@@ -278,15 +293,21 @@ async def chat_events(model: str, jobs: list[Job], streams: list[RequestStream],
     def chunk(choices, usage_=None):
         return sse(ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage_))
 
-    for job in jobs:
-        yield chunk([ChatChunkChoice(index=job.index, delta=ChatDelta(role="assistant", content=""))])
+    calls = [ToolCallStream(job.tools) if job.tools is not None else None for job in jobs]
+    for job, call in zip(jobs, calls):
+        first = ChatDelta(role="assistant", content=None if call else "", tool_calls=call and call.start())
+        yield chunk([ChatChunkChoice(index=job.index, delta=first)])
     async for position, output in merged(streams):
-        job = jobs[position]
+        job, call = jobs[position], calls[position]
         results[position].add(output)
         logprobs = chat_logprobs(output.logprobs, token_text) if job.params.logprobs is not None else None
-        delta = ChatDelta(content=output.text) if output.text or not output.finished else ChatDelta()
+        if call is not None:
+            delta = ChatDelta(tool_calls=call.add(output.text, output.finished and output.finish_reason == "stop"))
+        else:
+            delta = ChatDelta(content=output.text) if output.text or not output.finished else ChatDelta()
         yield chunk([ChatChunkChoice(index=job.index, delta=delta, logprobs=logprobs,
-                                     finish_reason=output.finish_reason)])
+                                     finish_reason=_finish_reason(job, output.finish_reason))])
     if include_usage:
         yield chunk([], _usage(jobs, results))
     yield sse("[DONE]")
+

@@ -1,0 +1,251 @@
+"""Structured output and tool calls, HTTP side: request fields -> one grammar; answers -> tool calls.
+
+`output_plan` reads OpenAI's `response_format`, vLLM's `structured_outputs`, and `tools` with
+`tool_choice`, checks them (every error names its field), and compiles the grammar on the calling
+worker thread, so a bad schema is a 400 before any work is queued.
+
+Tool calls are constrained, not parsed from free text: `required` makes the answer a JSON array of
+`{"name", "arguments"}` objects, one per call, each valid against its function's parameters; a
+named function makes the answer that function's arguments object. `auto` would need the model to
+choose between text and a call in its own syntax, which the default model's template does not
+render: it is refused (README, "Structured output").
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+import llguidance
+
+from server.engine.errors import RequestError
+from server.engine.grammar import GrammarCompiler, GrammarSpec
+
+from .api_models import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionCallDelta, StructuredOutputs, ToolCall,
+                         ToolCallDelta)
+
+# JSON Schema keywords the grammar enforces; anything else would be silently ignored: refused.
+ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minimum",
+            "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+            "pattern", "format"}
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+               "readOnly", "writeOnly", "discriminator", "nullable"}
+_SCHEMA_MAPS = {"properties", "$defs", "definitions"}  # name -> schema
+_SCHEMA_LISTS = {"prefixItems", "anyOf", "oneOf", "allOf"}
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How a constrained answer becomes tool calls: one named function's arguments, or an array of calls."""
+
+    function: str | None  # the named function; None: the answer is [{"name", "arguments"}, ...]
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    grammar: GrammarSpec | None = None
+    tools: ToolMode | None = None
+
+
+def chat_plan(body: ChatCompletionRequest, grammars: GrammarCompiler) -> OutputPlan:
+    """The chat request's constraint, checked and compiled (run on a worker thread)."""
+    tools, formats = _tool_plan(body), _format_grammar(body)
+    if tools.grammar is not None and formats is not None:
+        raise RequestError(f"cannot be combined with {formats.field}", field="tool_choice")
+    plan = tools if tools.grammar is not None else OutputPlan(formats)
+    if plan.grammar is not None:
+        grammars.compile(plan.grammar)
+    return plan
+
+
+def completion_plan(body, grammars: GrammarCompiler) -> OutputPlan:
+    plan = OutputPlan(_format_grammar(body))
+    if plan.grammar is not None:
+        grammars.compile(plan.grammar)
+    return plan
+
+
+def check_schema(schema, field: str) -> None:
+    """Refuse a keyword the grammar would not enforce, naming where it is."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise RequestError("a JSON schema must be an object or a boolean", field=field)
+    for key, value in schema.items():
+        if key not in ENFORCED and key not in ANNOTATIONS:
+            raise RequestError(f"the JSON schema keyword {key!r} is not supported", field=f"{field}.{key}")
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                check_schema(sub, f"{field}.{key}.{name}")
+        elif key in _SCHEMA_LISTS and isinstance(value, list) or key == "items" and isinstance(value, list):
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{field}.{key}[{i}]")
+        elif key in ("items", "additionalProperties"):
+            check_schema(value, f"{field}.{key}")
+
+
+def json_grammar(schema: dict, field: str) -> GrammarSpec:
+    check_schema(schema, field)
+    return GrammarSpec(kind="json_schema", source=json.dumps(schema, sort_keys=False), field=field)
+
+
+def _format_grammar(body) -> GrammarSpec | None:
+    for old in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(body, old) is not None:
+            raise RequestError(f"was removed in vLLM 0.12: use structured_outputs.{old.removeprefix('guided_')}",
+                               field=old)
+    formats = body.response_format
+    grammar = None
+    if formats is not None and formats.type == "json_object":
+        grammar = json_grammar({"type": "object"}, "response_format")
+    elif formats is not None and formats.type == "json_schema":
+        if formats.json_schema is None:
+            raise RequestError("is required when type is json_schema", field="response_format.json_schema")
+        schema = formats.json_schema.schema_ if formats.json_schema.schema_ is not None else {"type": "object"}
+        grammar = json_grammar(schema, "response_format.json_schema.schema")
+    if body.structured_outputs is not None:
+        if grammar is not None:
+            raise RequestError("cannot be combined with response_format", field="structured_outputs")
+        grammar = _structured_outputs_grammar(body.structured_outputs)
+    return grammar
+
+
+def _structured_outputs_grammar(options: StructuredOutputs) -> GrammarSpec:
+    kinds = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(options, k)]
+    if len(kinds) != 1:
+        raise RequestError("give exactly one of json, regex, choice, grammar, json_object", field="structured_outputs")
+    field = f"structured_outputs.{kinds[0].rstrip('_')}"
+    if options.json_ is not None:
+        schema = options.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise RequestError(f"is not valid JSON: {exc}", field=field) from None
+        return json_grammar(schema, field)
+    if options.json_object:
+        return json_grammar({"type": "object"}, field)
+    if options.regex is not None:
+        return GrammarSpec(kind="regex", source=options.regex, field=field)
+    if options.choice is not None:  # JSON string literals are valid Lark literals
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in options.choice)
+        return GrammarSpec(kind="lark", source=f"start: {alternatives}", field=field)
+    grammar = options.grammar
+    if "::=" in grammar:  # GBNF (llama.cpp's, xgrammar's): llguidance converts it to Lark
+        try:
+            grammar = llguidance.gbnf_to_lark(grammar)
+        except Exception as exc:  # noqa: BLE001 - any converter failure is the grammar's fault
+            raise RequestError(f"invalid GBNF grammar: {exc}", field=field) from None
+    return GrammarSpec(kind="lark", source=grammar, field=field)
+
+
+def _tool_plan(body: ChatCompletionRequest) -> OutputPlan:
+    choice, tools = body.tool_choice, body.tools or []
+    if not tools:
+        if choice not in (None, "none"):
+            raise RequestError("needs tools", field="tool_choice")
+        return OutputPlan()
+    parameters: dict[str, dict] = {}
+    for i, tool in enumerate(tools):
+        if tool.function.name in parameters:
+            raise RequestError(f"{tool.function.name!r} is defined twice", field=f"tools[{i}].function.name")
+        schema = tool.function.parameters if tool.function.parameters is not None else {"type": "object"}
+        check_schema(schema, f"tools[{i}].function.parameters")
+        parameters[tool.function.name] = schema
+    if choice == "none":
+        return OutputPlan()
+    if choice in (None, "auto"):
+        raise RequestError("'auto' (the default with tools) is not supported: the model's chat template does "
+                           "not render tools, so it cannot choose to call one; use 'required', a named "
+                           "function, or 'none'", field="tool_choice")
+    if choice == "required":
+        calls = {"anyOf": [_call_schema(name, schema) for name, schema in parameters.items()]}
+        array = {"type": "array", "items": calls, "minItems": 1}
+        if body.parallel_tool_calls is False:
+            array["maxItems"] = 1
+        return OutputPlan(GrammarSpec(kind="json_schema", source=json.dumps(array), field="tools"), ToolMode(None))
+    name = choice.function.name
+    if name not in parameters:
+        raise RequestError(f"no tool is named {name!r}", field="tool_choice.function.name")
+    spec = GrammarSpec(kind="json_schema", source=json.dumps(parameters[name]),
+                       field=f"tools[{list(parameters).index(name)}].function.parameters")
+    return OutputPlan(spec, ToolMode(name))
+
+
+def _call_schema(name: str, parameters: dict) -> dict:
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def tool_calls(mode: ToolMode, text: str) -> list[ToolCall]:
+    """The calls a finished constrained answer holds (`function.arguments` as JSON text)."""
+    if mode.function is not None:
+        return [new_call(mode.function, text)]
+    return [new_call(call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":")))
+            for call in json.loads(text)]
+
+
+def new_call(name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+
+
+def template_messages(messages: list[ChatMessage], renders_tool_calls: bool) -> list[dict]:
+    """Messages as the chat template takes them. A template that ignores `tool_calls` (the default
+    model's) sees an assistant's calls as the JSON it would have been constrained to write."""
+    out = []
+    for i, message in enumerate(messages):
+        entry = {"role": message.role, "content": message.text()}
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise RequestError("is required in a tool message", field=f"messages[{i}].tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments, i, j)}
+                     for j, c in enumerate(message.tool_calls)]
+            if renders_tool_calls:
+                entry["tool_calls"] = [{"id": c.id, "type": "function", "function": call}
+                                       for c, call in zip(message.tool_calls, calls)]
+            else:
+                entry["content"] += json.dumps(calls, ensure_ascii=False, separators=(",", ":"))
+        out.append(entry)
+    return out
+
+
+def _arguments(text: str, i: int, j: int):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise RequestError("must be JSON text", field=f"messages[{i}].tool_calls[{j}].function.arguments") from None
+
+
+def renders_tools(tokenizer) -> tuple[bool, bool]:
+    """(renders `tools`, renders `tool_calls`): whether the chat template mentions them at all."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    return "tools" in template, "tool_calls" in template
+
+
+class ToolCallStream:
+    """A constrained tool-call answer as OpenAI streams it. A named function's arguments go out as
+    they are generated, after a first delta with the call's id and name; an array of calls (tool
+    choice "required") goes out once complete, one delta per call."""
+
+    def __init__(self, mode: ToolMode):
+        self.mode, self.text = mode, ""
+
+    def start(self) -> list[ToolCallDelta] | None:
+        if self.mode.function is None:
+            return None
+        call = new_call(self.mode.function, "")
+        return [ToolCallDelta(index=0, id=call.id, type="function",
+                              function=FunctionCallDelta(name=call.function.name, arguments=""))]
+
+    def add(self, text: str, is_complete: bool) -> list[ToolCallDelta] | None:
+        self.text += text
+        if self.mode.function is not None:
+            return [ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))] if text else None
+        if not is_complete:
+            return None
+        return [ToolCallDelta(index=i, id=call.id, type="function",
+                              function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments))
+                for i, call in enumerate(tool_calls(self.mode, self.text))]
