@@ -101,7 +101,8 @@ def _warnings(layers: list[dict]) -> list[str]:
         return [layer["module"] for layer in layers if pick(layer)]
 
     checks = [
-        ("near-zero update (‖ΔW‖ < 1e-6·‖W0‖)", modules(lambda l: l["delta_norm"] < _NEAR_ZERO * l["base_norm"])),
+        ("near-zero update (‖ΔW‖ < 1e-6·‖W0‖)",
+         modules(lambda l: l["delta_norm"] < _NEAR_ZERO * l["base_norm"])),
         ("update larger than the base weight (‖ΔW‖ > ‖W0‖)",
          modules(lambda l: l["delta_norm"] > _EXPLODING * l["base_norm"])),
         ("rank collapse (one direction holds 99% of the update)",

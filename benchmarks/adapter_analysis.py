@@ -147,7 +147,8 @@ def figure(base, root: Path) -> dict:
     result = analyze("decay", config, factors, base_weights(wrap_model(copy.deepcopy(base)).layers))
     plot_analysis(AdapterAnalysis(**result), RESULTS / "adapter_analysis.png")
     return {"summary": result["summary"], "layers": [
-        {k: v for k, v in layer.items() if k != "singular_values"} | {"top_singular_values": layer["singular_values"][:4]}
+        {k: v for k, v in layer.items() if k != "singular_values"}
+        | {"top_singular_values": layer["singular_values"][:4]}
         for layer in result["layers"][:4]]}
 
 

@@ -62,7 +62,8 @@ def test_analysis_matches_a_dense_float64_svd(case):
     assert summary["num_params"] == sum(r["a"].numel() + r["delta"].shape[0] * r["a"].shape[0]
                                         for r in reference.values())
     # random factors on a tiny random base: some updates outweigh W0, and only those are flagged
-    larger = [m for m, r in reference.items() if torch.linalg.matrix_norm(r["delta"]) > torch.linalg.matrix_norm(r["w0"])]
+    norm = torch.linalg.matrix_norm
+    larger = [m for m, r in reference.items() if norm(r["delta"]) > norm(r["w0"])]
     expected = [f"{len(larger)} layer(s), e.g. {sorted(larger)[0]}"] if larger else []
     assert [w.partition(": ")[2] for w in summary["warnings"]] == expected
 
