@@ -14,8 +14,10 @@ also pulls triton in.
 A small model must also finish its JSON within max_tokens. JSON is compact (no free whitespace), so
 it cannot stall in endless spaces or newlines; and in the last quarter of its token budget a JSON
 row is *closing*: where the grammar allows a closing token, only those are allowed (inside a string:
-a `"` possibly followed by `}`/`]`; outside: only `}`/`]`, or EOS), so open strings, arrays and
-objects end as soon as the schema lets them (still valid: this only narrows the grammar's mask).
+a `"` possibly followed by `}`/`]`; outside: only `}`/`]`, or EOS); failing that, a token moving on to
+the next member (`,` or `","`, as after an endless number while a required property is missing). So
+open strings, numbers, arrays and objects end as soon as the schema lets them (still valid: this
+only narrows the grammar's mask).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class GrammarCompiler:
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._ll_tokenizer = None
-        self._closing_bits: dict[bool, torch.Tensor] = {}
+        self._closing_bits: dict[bool, list[torch.Tensor]] = {}
         self.num_compiled = 0
 
     def compile(self, spec: GrammarSpec) -> llguidance.LLMatcher:
@@ -108,17 +110,19 @@ class GrammarCompiler:
             raise RequestError(f"invalid {spec.kind}: {matcher.get_error().strip()}", field=spec.field)
         return matcher
 
-    def closing_bits(self, in_string: bool) -> torch.Tensor:
-        """[ceil(V / 32)] int32 bitmask of the closing tokens: inside a string, `"` then only `}`/`]`;
-        outside, only `}`/`]` (and EOS)."""
+    def closing_bits(self, in_string: bool) -> list[torch.Tensor]:
+        """[ceil(V / 32)] int32 bitmasks of the closing tokens, best first: inside a string, `"`
+        then only `}`/`]`, else `",` or `","`; outside, only `}`/`]` (and EOS), else `,` or `,"`."""
         with self._lock:
             if not self._closing_bits:
                 texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
                 eos = [i for i in self.eos_token_ids if i < self.vocab_size]
-                self._closing_bits[True] = self._bits([i for i, t in enumerate(texts)
-                                                       if t[:1] == '"' and set(t[1:]) <= _BRACKETS])
-                self._closing_bits[False] = self._bits([i for i, t in enumerate(texts)
-                                                        if t and set(t) <= _BRACKETS] + eos)
+                self._closing_bits[True] = [
+                    self._bits([i for i, t in enumerate(texts) if t[:1] == '"' and set(t[1:]) <= _BRACKETS]),
+                    self._bits([i for i, t in enumerate(texts) if t in ('",', '","')])]
+                self._closing_bits[False] = [
+                    self._bits([i for i, t in enumerate(texts) if t and set(t) <= _BRACKETS] + eos),
+                    self._bits([i for i, t in enumerate(texts) if t in (",", ',"')])]
             return self._closing_bits[in_string]
 
     def _bits(self, ids: list[int]) -> torch.Tensor:
@@ -202,9 +206,11 @@ class MaskFiller:
         for row, grammar in enumerate(rows.values()):
             grammar.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
             if grammar.is_closing:
-                closing = bitmask[row] & self.compiler.closing_bits(grammar.in_string)
-                if closing.any():
-                    bitmask[row] = closing
+                for tier in self.compiler.closing_bits(grammar.in_string):
+                    closing = bitmask[row] & tier
+                    if closing.any():
+                        bitmask[row] = closing
+                        break
         return TokenMasks({seq_id: row for row, seq_id in enumerate(rows)}, bitmask)
 
 
