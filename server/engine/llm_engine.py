@@ -15,7 +15,8 @@ from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_mode
 from .adapter_mode import GATHER, ModePolicy
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import PromptTooLongError, QueueFullError, RequestError
+from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
+from .grammar import GrammarCompiler, MaskFiller, constrained_rows
 from .kv_cache import KVCache
 from .model_loader import BaseModel as LoadedModel
 from .model_runner import ModelRunner, PromptRows
@@ -49,6 +50,8 @@ class LLMEngine:
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = _eos_ids(base)
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # thread-safe
+        self.mask_filler = MaskFiller(self.grammars)
         self.requests: dict[str, Sequence] = {}
         self.counters = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens, max_loras=config.max_loras,
                                     max_cpu_loras=config.max_cpu_loras)
@@ -78,8 +81,10 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
+        # Compiled already (and cached) when the HTTP layer checked the request: this is a copy.
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
-        seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens)
+        seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens, matcher=matcher)
         seq.version = self.registry.bind(adapter) if adapter is not None else None
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -97,9 +102,10 @@ class LLMEngine:
                                field="prompt")
         return prompt_ids
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` through the tokenizer's own chat template."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of `messages` (and `tools`, where the template renders them) through the
+        tokenizer's own chat template."""
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def abort(self, request_id: str, error: Exception | None = None) -> RequestOutput | None:
@@ -124,10 +130,11 @@ class LLMEngine:
             return outputs
         slots = {seq.slot for seq, _ in plan.scheduled}
         decision = self.policy.choose(slots)
+        masking = self.mask_filler.start(constrained_rows(plan.scheduled))
         logits, sampling, scored = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
         for rows in scored:
             self._score_prompt(rows)
-        tokens, logprobs = sample(logits, sampling)
+        tokens, logprobs = sample(logits, sampling, masking.result() if masking is not None else None)
         now, prompt_only = time.monotonic(), []
         for seq, num_new in plan.scheduled:
             seq.num_computed += num_new
@@ -177,6 +184,7 @@ class LLMEngine:
         snapshot.resident_adapters = [name for name in self.registry.resident() if name]
         snapshot.host_adapters = self.registry.host_cached()
         snapshot.num_registered_adapters = len(self.registry)
+        snapshot.adapter_sizes = self.registry.sizes()
         snapshot.num_adapter_loads = self.registry.num_loads
         snapshot.num_adapter_evictions = self.registry.num_evictions
         return snapshot
@@ -189,10 +197,15 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         seq.first_token_time = seq.first_token_time or now
         params, reason = seq.params, None
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        # A grammar allows EOS only once its text is complete: then EOS ends it, ignore_eos or not.
+        if token in params.stop_token_ids or (token in self.eos_token_ids
+                                              and (not params.ignore_eos or seq.matcher is not None)):
             reason = "stop"
-        elif seq.detokenizer.add(token):
-            reason = "stop"
+        elif seq.matcher is not None and not seq.matcher.consume_token(token):
+            seq.error = EngineFailedError(f"the grammar rejected a token it allowed: {seq.matcher.get_error()}")
+            reason = "abort"
+        elif seq.detokenizer.add(token) or (seq.matcher is not None and seq.matcher.is_stopped()):
+            reason = "stop"  # a stop string, or the grammar is complete and allows nothing more
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason:

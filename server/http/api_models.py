@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.engine.grammar import GrammarSpec
 from server.engine.sampling_params import SamplingParams
 
 
@@ -17,6 +18,34 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the answer always follows the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: free text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extra (since 0.12; it replaced guided_json/regex/choice/grammar).
+
+    Exactly one kind; a field we cannot honour (whitespace_pattern, structural_tag...) is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # Lark (llguidance's syntax), or GBNF (converted)
+    json_object: bool | None = None
 
 
 class _SamplingFields(_Request):
@@ -36,16 +65,23 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's guided_* fields were removed in 0.12: refused with a pointer, never quietly ignored
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, choice: int,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, grammar: GrammarSpec | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         seed = None if self.seed is None else self.seed + choice  # n choices must differ
         return SamplingParams.make(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
 
 
 class CompletionRequest(_SamplingFields):
@@ -62,9 +98,23 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # the arguments object as JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -72,8 +122,32 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None  # arguments always follow the schema, strict or not
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -125,7 +199,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -144,9 +219,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: the first carries id, type and name; the rest arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -181,6 +271,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Compression(BaseModel):
+    """What rank compression on upload kept: parameters before and after, and the fraction of
+    the update's energy (Σσ² over all layers) kept."""
+
+    rank_before: int
+    params_before: int
+    params_after: int
+    energy_kept: float
+
+
 class AdapterCard(BaseModel):
     """An adapter as the management API reports it."""
 
@@ -192,6 +292,7 @@ class AdapterCard(BaseModel):
     slot: int | None
     in_host_memory: bool
     persisted: bool
+    compression: Compression | None = None  # set by an upload that asked for energy or max_rank
 
 
 class AdapterList(BaseModel):
@@ -202,6 +303,9 @@ class AdapterList(BaseModel):
 class LoadLoraRequest(_Request):
     lora_name: str
     lora_path: str
+    # Rank compression, as on upload: each layer at min(max_rank, its effective rank at energy).
+    energy: float | None = Field(None, gt=0.0, le=1.0)
+    max_rank: int | None = Field(None, ge=1)
 
 
 class UnloadLoraRequest(_Request):
