@@ -12,7 +12,10 @@ The four run in turn, round after round (3 by default), so a slow spell on a sha
 one round rather than one configuration; each ratio is the median of its per-round ratios.
 Prints output tokens/s and the ratios a/b, a/c, b/d; writes JSON.
 
-Usage: python benchmarks/throughput.py [--requests 64] [--rounds 3] [--out PATH]
+Usage: python benchmarks/throughput.py [--requests 64] [--rounds 3] [--out PATH] [--model PATH] [--device cuda]
+
+--model: any local model (an HF directory or a .gguf); the embedded default if not given.
+--device: where every configuration runs (cpu by default); on CUDA each timing waits for the device.
 """
 from __future__ import annotations
 
@@ -70,29 +73,70 @@ def make_adapters(model, root: Path) -> dict[str, Path]:
     return paths
 
 
+def clock(device: torch.device) -> float:
+    """Seconds now, once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_loraserve(engine: LLMEngine, workload: list[dict], use_adapters: bool) -> float:
     params = [SamplingParams(max_tokens=w["max_tokens"], temperature=0, ignore_eos=True) for w in workload]
     adapters = [w["adapter"] if use_adapters else None for w in workload]
-    started = time.perf_counter()
+    device = engine.lora_model.device
+    started = clock(device)
     engine.generate([w["prompt"] for w in workload], params, adapters)
-    return time.perf_counter() - started
+    return clock(device) - started
 
 
 def run_static(model, tokenizer, workload: list[dict], use_adapters: bool) -> float:
     """HF/PEFT generate in static batches of 16, left-padded, each batch to its longest output."""
-    started = time.perf_counter()
+    device = model.device
+    started = clock(device)
     for first in range(0, len(workload), STATIC_BATCH):
         batch = workload[first:first + STATIC_BATCH]
         width = max(len(w["prompt"]) for w in batch)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(w["prompt"])) + w["prompt"] for w in batch])
-        mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in batch])
+        ids = torch.tensor([[pad] * (width - len(w["prompt"])) + w["prompt"] for w in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in batch],
+                            device=device)
         config = GenerationConfig(max_new_tokens=max(w["max_tokens"] for w in batch), do_sample=False,
                                   eos_token_id=None, pad_token_id=pad)
         extra = {"adapter_names": [w["adapter"] for w in batch]} if use_adapters else {}
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-    return time.perf_counter() - started
+    return clock(device) - started
+
+
+def write_result(out: Path, base, device: torch.device, workload: list[dict], seconds: dict[str, list[float]],
+                 engine: LLMEngine) -> dict[str, float]:
+    """Write the JSON for the rounds done so far; returns the median ratios."""
+    useful_tokens = sum(w["max_tokens"] for w in workload)
+    a, b, c, d = seconds.values()  # per round; a ratio of throughputs is the inverse ratio of times
+    per_round = {"a/b": [y / x for x, y in zip(a, b)], "a/c": [y / x for x, y in zip(a, c)],
+                 "b/d": [y / x for x, y in zip(b, d)]}
+    ratios = {name: statistics.median(values) for name, values in per_round.items()}
+    tps = {name: useful_tokens / statistics.median(values) for name, values in seconds.items()}
+    stats = engine.stats()
+    result = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+                    "peft": peft.__version__, "load_average_1m": os.getloadavg()[0],
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "model": {"name": base.name, "path": str(base.path), "dtype": str(base.model.dtype)},
+        "workload": {"requests": len(workload), "useful_output_tokens": useful_tokens,
+                     "prompt_tokens": sum(len(w["prompt"]) for w in workload),
+                     "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()}},
+        "rounds": len(seconds["a_loraserve_mixed"]), "seconds": seconds, "median_output_tokens_per_s": tps,
+        "ratios_per_round": per_round, "ratios": ratios, "targets": TARGETS,
+        "engine": {"steps_by_mode": dict(stats.steps_by_mode), "swaps": stats.num_swaps,
+                   "preemptions": stats.num_preemptions},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return ratios
 
 
 def main() -> None:
@@ -100,9 +144,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--model", default=None, help="a local HF directory or .gguf (default: the embedded model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; the references run there too")
     args = parser.parse_args()
 
-    base = load_base_model()
+    device = torch.device(args.device)
+    base = load_base_model(args.model, device=device)
     workload = make_workload(base.tokenizer, args.requests)
     useful_tokens = sum(w["max_tokens"] for w in workload)
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,27 +176,9 @@ def main() -> None:
                 seconds[name].append(run())
                 print(f"round {round_index + 1} {name:24s} {seconds[name][-1]:8.1f} s "
                       f"{useful_tokens / seconds[name][-1]:8.1f} tok/s", flush=True)
-    a, b, c, d = seconds.values()  # per round; a ratio of throughputs is the inverse ratio of times
-    per_round = {"a/b": [y / x for x, y in zip(a, b)], "a/c": [y / x for x, y in zip(a, c)],
-                 "b/d": [y / x for x, y in zip(b, d)]}
-    ratios = {name: statistics.median(values) for name, values in per_round.items()}
-    tps = {name: useful_tokens / statistics.median(values) for name, values in seconds.items()}
-    stats = engine.stats()
-    result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                    "peft": peft.__version__, "load_average_1m": os.getloadavg()[0],
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-        "workload": {"requests": len(workload), "useful_output_tokens": useful_tokens,
-                     "prompt_tokens": sum(len(w["prompt"]) for w in workload),
-                     "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()}},
-        "rounds": args.rounds, "seconds": seconds, "median_output_tokens_per_s": tps,
-        "ratios_per_round": per_round, "ratios": ratios, "targets": TARGETS,
-        "engine": {"steps_by_mode": dict(stats.steps_by_mode), "swaps": stats.num_swaps,
-                   "preemptions": stats.num_preemptions},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+            if round_index + 1 < args.rounds:  # a run cut short still leaves the rounds it finished
+                write_result(args.out, base, device, workload, seconds, engine)
+    ratios = write_result(args.out, base, device, workload, seconds, engine)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f} (target >= {TARGETS[name]}) {'ok' if value >= TARGETS[name] else 'MISSED'}")
     print(f"wrote {args.out}")
