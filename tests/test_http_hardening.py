@@ -232,3 +232,27 @@ def test_upload_with_a_bad_or_catastrophic_regex(served, http, adapter_dirs, fie
         assert assert_openai_error(response, 400, "pattern")["param"].startswith(field)
     assert http.get("/health").status_code == 200
     assert "regex" not in served.engine.registry
+
+
+def test_only_the_engine_thread_writes_the_registry(served, http, adapter_dirs):
+    """Uploads, replaces and deletes parse on worker threads and install on the engine thread: the
+    registry is never written from the event loop or a threadpool while a step runs."""
+    registry, writers = served.engine.registry, []
+    install, remove = registry.install, registry.remove
+
+    def spy(method):
+        def recorded(*args, **kwargs):
+            writers.append(threading.current_thread().name)
+            return method(*args, **kwargs)
+        return recorded
+
+    registry.install, registry.remove = spy(install), spy(remove)
+    try:
+        for replace in ("false", "true"):
+            response = http.post("/v1/adapters", data={"name": "owned", "replace": replace},
+                                 files=adapter_files(adapter_dirs["gamma"]), headers=ADMIN)
+            assert response.status_code == 201, response.text
+        assert http.delete("/v1/adapters/owned", headers=ADMIN).status_code == 200
+    finally:
+        registry.install, registry.remove = install, remove
+    assert writers and set(writers) == {"loraserve-engine"}, writers
