@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from fastapi import FastAPI
@@ -56,6 +57,13 @@ def serve(settings: Settings | None = None) -> Iterator[Served]:
     app = create_app(settings or Settings(), base=load_base_model())
     with serve_in_thread(app) as url:
         yield Served(url, app)
+
+
+@contextmanager
+def openai_client(served: Served) -> Iterator[openai.OpenAI]:
+    """The official client on a served app; no retries, so each error is seen as the server sent it."""
+    with openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0, timeout=120) as client:
+        yield client
 
 
 def wait_idle(served: Served, timeout: float = 30.0) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 
 import httpx
-import openai
 import pytest
 import torch
-from http_fixtures import BASE, adapter_dirs, assert_openai_error, serve  # noqa: F401
+from http_fixtures import openai_client, BASE, adapter_dirs, assert_openai_error, serve  # noqa: F401
 from peft import PeftModel
 
 from server.http.settings import Settings
@@ -26,7 +25,7 @@ def served(adapter_dirs):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def client(served):
-    with openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0, timeout=120) as client:
+    with openai_client(served) as client:
         yield client
 
 

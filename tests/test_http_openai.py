@@ -12,7 +12,7 @@ import weakref
 import httpx
 import openai
 import pytest
-from http_fixtures import (BASE, adapter_dirs, assert_error_shape, reference_chat_prompt,  # noqa: F401
+from http_fixtures import (openai_client, BASE, adapter_dirs, assert_error_shape, reference_chat_prompt,  # noqa: F401
                            reference_text, serve)
 
 from server.http.settings import Settings
@@ -34,7 +34,7 @@ def served(adapter_dirs):
 
 @pytest.fixture(scope="module")
 def client(served):
-    with openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0, timeout=120) as client:
+    with openai_client(served) as client:
         yield client
 
 
