@@ -12,10 +12,15 @@ Rows reach the LoRA op in one of two shapes, chosen here once per step:
 Calls, not flops, dominate small CPU steps: two matmuls per run beat the grouped bmm's five
 ops up to about 8 runs (measured on a 4- to 16-adapter decode step), so a step with at most
 MAX_DIRECT_RUNS runs takes them all directly; past that only runs of MIN_RUN_ROWS rows do.
+
+Composed rows (several adapters with scales on one row: h = W0·x + Σ scaleᵢ·Bᵢ·Aᵢ·x) are more terms
+on the same rows: `token_slots` [K, N] gives each row's k-th adapter (BASE_SLOT past its last) and
+`token_scales` [K, N] its scale. Each term is one more run or group entry over the same slot
+buffers, scaled in the matmul, so a composition never copies weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,11 +32,12 @@ BASE_SLOT = -1  # the slot of rows that use no adapter: the base model alone
 
 @dataclass(frozen=True)
 class Run:
-    """Rows [start, stop) of the packed step all use `slot`."""
+    """Rows [start, stop) of the packed step all use `slot`, its delta multiplied by `scale`."""
 
     slot: int
     start: int
     stop: int
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class Groups:
     rows: torch.Tensor  # [k * L] long: flat token indices, group after group
     slots: torch.Tensor  # [k] long: the device slot of each group
     slot_list: list[int]  # the same on the host, to pick each layer's rank without a sync
-    pad_mask: torch.Tensor | None  # [k, L, 1]: 1 for real rows, 0 for padding; None if no padding
+    pad_mask: torch.Tensor | None  # [k, L, 1]: each row's scale (1 unless composed), 0 for padding;
+    # None when every entry is a real row at scale 1
     group_len: int  # L: rows in the largest group
     slots_are_prefix: bool  # slots == [0, 1, ..., k-1]: weights can be sliced, not gathered
 
@@ -60,39 +67,89 @@ class LoraBatch:
     runs: list[Run]
     groups: Groups | None
     num_tokens: int  # N: all token rows in the step, base rows included
+    head: "LoraBatch | None" = field(default=None)  # the rows that reach the output head, if not all N
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, device: torch.device | str = "cpu",
-              max_direct_runs: int = MAX_DIRECT_RUNS, min_run_rows: int = MIN_RUN_ROWS) -> "LoraBatch | None":
-        """Split the step's rows into runs and groups; `token_slots` is [N] with BASE_SLOT for base rows.
+              max_direct_runs: int = MAX_DIRECT_RUNS, min_run_rows: int = MIN_RUN_ROWS, *,
+              token_scales: torch.Tensor | None = None, direct_slots: frozenset[int] = frozenset(),
+              keep: torch.Tensor | None = None) -> "LoraBatch | None":
+        """Split the step's rows into runs and groups; `token_slots` is [N] (or [K, N] with composed
+        rows, `token_scales` the same shape) with BASE_SLOT for no adapter.
 
+        `direct_slots` (DoRA adapters: their magnitude scales the row after its delta) always run
+        directly. `keep` [M]: the rows that reach the output head, when not all of them do.
         Returns None when every row is base: then the LoRA layers do no extra work at all.
         """
         token_slots = token_slots.to("cpu", torch.long)
         if not bool((token_slots >= 0).any()):
             return None
-        runs = _runs(token_slots)
+        if token_slots.dim() == 1 and token_scales is None:
+            batch = cls._build_terms([(token_slots, None)], device, max_direct_runs, min_run_rows, direct_slots)
+        else:
+            scales = torch.ones(token_slots.shape) if token_scales is None else token_scales.to("cpu", torch.float)
+            terms = list(zip(token_slots.view(-1, token_slots.shape[-1]), scales.view(-1, token_slots.shape[-1])))
+            batch = cls._build_terms(terms, device, max_direct_runs, min_run_rows, direct_slots)
+        if keep is not None and batch is not None:
+            keep = keep.to("cpu", torch.long)
+            head_scales = None if token_scales is None else token_scales.to("cpu")[..., keep]
+            head = cls.build(token_slots[..., keep], device, max_direct_runs, min_run_rows,
+                             token_scales=head_scales, direct_slots=direct_slots)
+            batch = cls(batch.runs, batch.groups, batch.num_tokens, head)
+        return batch
+
+    @classmethod
+    def _build_terms(cls, terms, device, max_direct_runs, min_run_rows, direct_slots) -> "LoraBatch":
+        runs = [run for slots, scales in terms for run in _runs(slots, scales)]
         if len(runs) > max_direct_runs:
-            runs = [run for run in runs if run.stop - run.start >= min_run_rows]
-        grouped = token_slots.clone()
-        for run in runs:
-            grouped[run.start:run.stop] = -1
-        groups = _group(grouped, device) if bool((grouped >= 0).any()) else None
-        return cls(runs=runs, groups=groups, num_tokens=token_slots.numel())
+            runs = [run for run in runs if run.stop - run.start >= min_run_rows or run.slot in direct_slots]
+        grouped = []
+        for slots, scales in terms:
+            slots = slots.clone()
+            for run in runs:
+                slots[run.start:run.stop] = -1
+            grouped.append((slots, scales))
+        groups = _group(grouped, device) if any(bool((slots >= 0).any()) for slots, _ in grouped) else None
+        return cls(runs=runs, groups=groups, num_tokens=terms[0][0].numel())
+
+    @property
+    def head_batch(self) -> "LoraBatch":
+        """The batch the output head applies: every row reaches it unless `keep` said otherwise."""
+        return self if self.head is None else self.head
 
 
-def _runs(token_slots: torch.Tensor) -> list[Run]:
-    """Every maximal stretch of one adapter slot."""
-    values, counts = torch.unique_consecutive(token_slots, return_counts=True)
-    stops = torch.cumsum(counts, 0)
-    return [Run(slot, stop - count, stop)
-            for slot, count, stop in zip(values.tolist(), counts.tolist(), stops.tolist()) if slot >= 0]
+def _runs(token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -> list[Run]:
+    """Every maximal stretch of one adapter slot (and one scale)."""
+    if token_scales is None:
+        values, counts = torch.unique_consecutive(token_slots, return_counts=True)
+        stops = torch.cumsum(counts, 0)
+        return [Run(slot, stop - count, stop)
+                for slot, count, stop in zip(values.tolist(), counts.tolist(), stops.tolist()) if slot >= 0]
+    change = torch.ones(token_slots.numel(), dtype=torch.bool)
+    change[1:] = (token_slots[1:] != token_slots[:-1]) | (token_scales[1:] != token_scales[:-1])
+    starts = change.nonzero().view(-1).tolist()
+    stops = starts[1:] + [token_slots.numel()]
+    slots, scales = token_slots.tolist(), token_scales.tolist()
+    return [Run(slots[start], start, stop, scales[start]) for start, stop in zip(starts, stops) if slots[start] >= 0]
 
 
-def _group(token_slots: torch.Tensor, device) -> Groups:
-    order = torch.argsort(token_slots, stable=True)
-    order = order[token_slots[order] >= 0]  # base rows need no LoRA work
-    slots, counts = torch.unique_consecutive(token_slots[order], return_counts=True)
+def _group(terms: list[tuple[torch.Tensor, torch.Tensor | None]], device) -> Groups:
+    """Group the entries (row, slot, scale) of every term by slot; a composed row joins several groups."""
+    if len(terms) == 1:
+        token_slots, token_scales = terms[0]
+        order = torch.argsort(token_slots, stable=True)
+        order = order[token_slots[order] >= 0]  # base rows need no LoRA work
+        entry_slots = token_slots[order]
+        entry_scales = None if token_scales is None else token_scales[order]
+    else:
+        flat_slots = torch.cat([slots for slots, _ in terms])
+        flat_scales = torch.cat([scales for _, scales in terms])
+        entries = torch.argsort(flat_slots, stable=True)
+        entries = entries[flat_slots[entries] >= 0]
+        order, entry_slots, entry_scales = entries % terms[0][0].numel(), flat_slots[entries], flat_scales[entries]
+    if entry_scales is not None and bool((entry_scales == 1).all()):
+        entry_scales = None
+    slots, counts = torch.unique_consecutive(entry_slots, return_counts=True)
     num_groups, group_len = slots.numel(), int(counts.max())
     starts = torch.cumsum(counts, 0) - counts  # [k]
     group = torch.repeat_interleave(torch.arange(num_groups), counts)  # [n]
@@ -100,9 +157,9 @@ def _group(token_slots: torch.Tensor, device) -> Groups:
     rows = order[starts].unsqueeze(1).repeat(1, group_len)  # [k, L], padded with each group's first row
     rows[group, position] = order
     pad_mask = None
-    if bool((counts != group_len).any()):
+    if entry_scales is not None or bool((counts != group_len).any()):
         pad_mask = torch.zeros(num_groups, group_len, 1)
-        pad_mask[group, position] = 1.0
+        pad_mask[group, position, 0] = 1.0 if entry_scales is None else entry_scales
         pad_mask = pad_mask.to(device)
     slot_list = slots.tolist()
     return Groups(rows=rows.view(-1).to(device), slots=slots.to(device), slot_list=slot_list,

@@ -19,7 +19,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .analysis import delta_svd, effective_rank
 from .config import CONFIG_FILE
-from .errors import InvalidAdapterError
+from .errors import InvalidAdapterError, UnsupportedAdapterError
 from .peft_format import WEIGHTS_FILE, AdapterSource, LoraWeights, read_factors
 
 
@@ -94,7 +94,11 @@ def peft_files(raw_config: dict, factors: Mapping[str, LoraWeights]) -> dict[str
 def compress_files(source: AdapterSource, *, energy: float | None = None,
                    max_rank: int | None = None) -> tuple[dict[str, bytes], CompressionReport]:
     """Read an adapter (directory or upload), compress it, and return the new PEFT files' bytes."""
-    raw_config, _, factors = read_factors(source)
+    raw_config, config, factors = read_factors(source)
+    for flag in ("use_dora", "lora_bias"):  # the refactored B·A would drop the magnitudes or biases
+        if getattr(config, flag):
+            raise UnsupportedAdapterError(f"adapters with {flag} cannot be compressed; upload it without energy "
+                                          "or max_rank", file=CONFIG_FILE, field=flag)
     compressed, report = compress_factors(factors, energy, max_rank)
     return peft_files(raw_config, compressed), report
 

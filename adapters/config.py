@@ -26,6 +26,7 @@ class Refused(NamedTuple):
 SUPPORTED = frozenset({  # read by LoraConfig below: they decide the targets, ranks and scales
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
+    "use_dora", "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
 })
 INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loaded adapter computes
     "task_type", "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
@@ -40,11 +41,9 @@ INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loa
     "qalora_group_size",  # read only with use_qalora, refused below
 })
 REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
-    "use_dora": Refused("DoRA adapters are not supported; train without use_dora"),
     "modules_to_save": Refused("full-weight modules_to_save are not supported"),
     "trainable_token_indices": Refused("trained embedding rows (trainable tokens) are not supported"),
     "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
-    "lora_bias": Refused("LoRA bias terms are not supported; train with lora_bias=False"),
     "target_parameters": Refused("parameter-targeted LoRA is not supported"),
     "layer_replication": Refused("layer replication changes the base model's layer stack"),
     "alora_invocation_tokens": Refused("Activated LoRA (applied only after its invocation tokens) "
@@ -83,6 +82,8 @@ class LoraConfig(BaseModel):
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +149,8 @@ class LoraConfig(BaseModel):
             refuse("peft_type", f"{self.peft_type!r} adapters are not served; only LORA")
         if self.target_modules is None:
             refuse("target_modules", "must name the modules the adapter targets")
+        if self.use_dora and self.lora_bias:  # PEFT's LoraConfig refuses the pair too
+            refuse("lora_bias", "lora_bias is not supported together with use_dora (PEFT refuses it too)")
         if any(value <= 0 for value in self.rank_pattern.values()):
             raise InvalidAdapterError("ranks must be positive", file=file, field="rank_pattern")
 

@@ -12,6 +12,8 @@ from .layer import LoraLinear, LoraState
 from .packed import PackedLinear, can_pack
 from .peft_format import LoraAdapter, TargetSpec
 
+Composition = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
+
 
 class LoraModel:
     """A frozen base model whose Linear/Conv1D layers carry `max_loras` adapter slots.
@@ -25,7 +27,8 @@ class LoraModel:
         self.model, self.layers, self.state = model, layers, state
         self.max_loras, self.max_rank = max_loras, max_rank
         self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot; 0 = empty
-        self.merged_slot: int | None = None
+        self.dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter: their rows run directly
+        self.merged_slot: int | Composition | None = None
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -38,6 +41,7 @@ class LoraModel:
         for name, layer in self.layers.items():
             layer.set_slot(slot, adapter.weights.get(name))
         self.slot_ranks[slot] = adapter.rank
+        self.dora_slots = self.dora_slots | {slot} if adapter.is_dora else self.dora_slots - {slot}
 
     def clear_slot(self, slot: int) -> None:
         if self.merged_slot == slot:
@@ -45,17 +49,20 @@ class LoraModel:
         for layer in self.layers.values():
             layer.set_slot(slot, None)
         self.slot_ranks[slot] = 0
+        self.dora_slots = self.dora_slots - {slot}
 
-    def merge(self, slot: int) -> None:
-        """Fold the adapter in `slot` into the weights; replaces any adapter merged before."""
-        assert self.slot_ranks[slot] > 0, f"slot {slot} is empty"
+    def merge(self, target: int | Composition) -> None:
+        """Fold the adapter in slot `target` (or a composition's Σ scale·delta) into the weights;
+        replaces whatever was merged before."""
+        terms = [(target, 1.0)] if isinstance(target, int) else list(target)
+        assert all(self.slot_ranks[slot] > 0 for slot, _ in terms), f"a slot of {target} is empty"
         try:
             for layer in self.layers.values():
-                layer.merge(slot)
+                layer.merge(terms)
         except Exception:
             self.unmerge()
             raise
-        self.merged_slot = slot
+        self.merged_slot = target
 
     def unmerge(self) -> None:
         """Back to the base weights: no arithmetic, W0 was never written."""
@@ -63,9 +70,12 @@ class LoraModel:
             layer.unmerge()
         self.merged_slot = None
 
-    def build_batch(self, token_slots: torch.Tensor) -> LoraBatch | None:
-        """Per-step metadata for `token_slots` ([N], -1 = base); None when every row is base."""
-        return LoraBatch.build(token_slots, device=self.device)
+    def build_batch(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None = None,
+                    keep: torch.Tensor | None = None) -> LoraBatch | None:
+        """Per-step metadata for `token_slots` ([N], -1 = base; [K, N] with `token_scales` for composed
+        rows) and the rows `keep` that reach the output head; None when every row is base."""
+        return LoraBatch.build(token_slots, device=self.device, token_scales=token_scales,
+                               direct_slots=self.dora_slots, keep=keep)
 
     @contextmanager
     def gather(self, batch: LoraBatch | None):

@@ -1,25 +1,52 @@
 """The batched-gather LoRA op and the plain reference it is tested against."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .batch import LoraBatch
 
 
+@dataclass
+class SlotExtras:
+    """A layer's per-slot terms beyond B·A, allocated only once an adapter with them is loaded.
+
+    bias: lora_B's bias (lora_bias), scale folded in; zero for slots without one.
+    dora_scale, dora_shift: DoRA's g = m / ‖W0 + B·A‖_c per output feature and (1 - g)·bias, so that
+    g ⊙ (W0·x + Δ) + bias = g ⊙ y + shift where y = W0·x + bias + Δ: one multiply-add per row.
+    """
+
+    bias: torch.Tensor | None = None  # [S, out]
+    dora_scale: torch.Tensor | None = None  # [S, out]
+    dora_shift: torch.Tensor | None = None  # [S, out]
+    has_bias: list[bool] | None = None  # per slot
+    is_dora: list[bool] | None = None  # per slot
+
+    def apply_run(self, y: torch.Tensor, slot: int, scale: float) -> None:
+        """The extras of `slot` on rows `y` [n, out] that already hold their B·A delta."""
+        if self.has_bias[slot]:
+            y.add_(self.bias[slot], alpha=scale)
+        if self.is_dora[slot]:
+            y.mul_(self.dora_scale[slot]).add_(self.dora_shift[slot])
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             slot_ranks: list[int], batch: LoraBatch) -> torch.Tensor:
+             slot_ranks: list[int], batch: LoraBatch, extras: SlotExtras | None = None) -> torch.Tensor:
     """Add each token's own adapter delta to the base output, in place.
 
     Semantics:
         for t in range(N):
-            s = slot of token t (skip if base)
-            y[t] += (x[t] @ lora_a[s].T) @ lora_b[s]
+            for (s, c) in the terms of token t (one (slot, 1.0) unless composed; none if base)
+                y[t] += c * ((x[t] @ lora_a[s].T) @ lora_b[s] + bias[s])
+                if s is DoRA: y[t] = dora_scale[s] * y[t] + dora_shift[s]
 
     lora_a is [S, R, in] and lora_b is [S, R, out], zero past each slot's rank, scale already in B;
     slot_ranks[s] is that rank for this layer (0: the adapter does not target it, no work).
     Runs cost two matmuls each at their own rank; the grouped rows cost two bmm's over [k, L]
     at the largest rank among them: it grows with the distinct adapters in the step and the
     largest group, never with tokens x slots, and no per-token copy of A or B is made.
+    DoRA rows are always runs (LoraBatch.build's direct_slots) and never composed.
     """
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
     y2 = y.view(-1, y.shape[-1])  # [N, out]
@@ -27,7 +54,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         rank = slot_ranks[run.slot]
         if rank:
             h = x2[run.start:run.stop] @ lora_a[run.slot, :rank].T  # [n, r]
-            y2[run.start:run.stop].addmm_(h, lora_b[run.slot, :rank])
+            y2[run.start:run.stop].addmm_(h, lora_b[run.slot, :rank], alpha=run.scale)
+            if extras is not None:
+                extras.apply_run(y2[run.start:run.stop], run.slot, run.scale)
     groups = batch.groups
     rank = max((slot_ranks[s] for s in groups.slot_list), default=0) if groups else 0
     if rank == 0:
@@ -40,17 +69,27 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     xg = x2.index_select(0, groups.rows).view(k, groups.group_len, -1)  # [k, L, in]
     h = torch.bmm(xg, a.transpose(1, 2))  # [k, L, r]
     if groups.pad_mask is not None:
-        h.mul_(groups.pad_mask)
-    y2.index_add_(0, groups.rows, torch.bmm(h, b).view(k * groups.group_len, -1))
+        h.mul_(groups.pad_mask)  # padding to 0, composed rows to their scale
+    delta = torch.bmm(h, b)  # [k, L, out]
+    if extras is not None:
+        assert not any(extras.is_dora[s] for s in groups.slot_list), "DoRA rows must run directly"
+    if extras is not None and extras.bias is not None:
+        bias = extras.bias[groups.slots].unsqueeze(1)  # [k, 1, out]
+        delta.add_(bias if groups.pad_mask is None else bias * groups.pad_mask)
+    y2.index_add_(0, groups.rows, delta.view(k * groups.group_len, -1))
     return y
 
 
 def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       token_slots: torch.Tensor) -> torch.Tensor:
-    """Row-by-row loop with the same semantics as `add_lora`; slow, obviously right, for tests."""
+                       token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Row-by-row loop with the same semantics as `add_lora` (B·A terms; `token_slots` [N] or
+    [K, N] with `token_scales` alike); slow, obviously right, for tests."""
     out = y.clone().view(-1, y.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
-    for t, slot in enumerate(token_slots.tolist()):
-        if slot >= 0:
-            out[t] += (rows[t] @ lora_a[slot].T) @ lora_b[slot]
+    slots = token_slots.view(-1, rows.shape[0])
+    scales = torch.ones(slots.shape) if token_scales is None else token_scales.view(-1, rows.shape[0])
+    for term_slots, term_scales in zip(slots.tolist(), scales.tolist()):
+        for t, (slot, scale) in enumerate(zip(term_slots, term_scales)):
+            if slot >= 0:
+                out[t] += scale * ((rows[t] @ lora_a[slot].T) @ lora_b[slot])
     return out.view_as(y)

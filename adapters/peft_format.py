@@ -22,8 +22,12 @@ from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapter
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-# PEFT saves "base_model.model.<module>.lora_A.weight"; raw state dicts keep the adapter name too.
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT saves "base_model.model.<module>.lora_A.weight" (and lora_B.bias with lora_bias, the DoRA
+# lora_magnitude_vector); raw state dicts keep the adapter name too ("lora_A.default.weight").
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)"
+                  r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<kind>weight|bias))?$")
+_PARTS = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias",
+          ("lora_magnitude_vector", None): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude"}
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ AdapterSource = Union[str, Path, Mapping[str, bytes]]
 class LoraWeights(NamedTuple):
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [r, out], scale folded in
+    bias: torch.Tensor | None = None  # [out], scale folded in (lora_bias: PEFT's lora_B.bias)
+    magnitude: torch.Tensor | None = None  # [out], DoRA's m; its norm needs W0, so the layer divides
 
 
 class TargetSpec(NamedTuple):
@@ -62,11 +68,15 @@ class LoraAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w)
+        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w if t is not None)
 
     @property
     def num_params(self) -> int:
-        return sum(t.numel() for w in self.weights.values() for t in w)
+        return sum(t.numel() for w in self.weights.values() for t in w if t is not None)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.config.use_dora
 
 
 def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
@@ -112,10 +122,9 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
-    pairs = _pair_tensors(tensors)
+    pairs = _pair_tensors(tensors, config)
     _check_targets(config, pairs, spec)
-    weights = {module: _fold(module, a, b, config, spec, max_rank, dtype)
-               for module, (a, b) in sorted(pairs.items())}
+    weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
         log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
                     name, config.base_model_name_or_path, spec.base_name)
@@ -128,28 +137,40 @@ def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, Lor
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
     factors = {}
-    for module, (a, b) in sorted(_pair_tensors(tensors).items()):
+    for module, parts in sorted(_pair_tensors(tensors, config).items()):
+        a, b = parts["A"], parts["B"]
         _check_pair(module, a, b, config)
         factors[module] = LoraWeights(a.double(), b.double().mul(config.scale_for(module)).t())
     return json.loads(config_bytes), config, factors
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pair_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> {"A", "B"[, "bias"][, "magnitude"]}: exactly the parts the config says each module has."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
-        if match is None:
-            raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights are served",
-                                      file=WEIGHTS_FILE, field=key)
-        found.setdefault(match["module"], {})[match["part"]] = tensor
-    for module, parts in found.items():
-        for part in "AB":
+        part = _PARTS.get((match["part"], match["kind"])) if match else None
+        if part is None:
+            raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
+                                      "biases, DoRA magnitudes) are served", file=WEIGHTS_FILE, field=key)
+        found.setdefault(match["module"], {})[part] = tensor
+    wanted = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
+    if not config.lora_bias:
+        del wanted["bias"]
+    if not config.use_dora:
+        del wanted["magnitude"]
+    for module, parts in sorted(found.items()):  # sorted: the error names the same module every time
+        for part, suffix in wanted.items():
             if part not in parts:
-                raise InvalidAdapterError(f"lora_{part} weight for module {module!r} is missing",
-                                          file=WEIGHTS_FILE, field=f"{module}.lora_{part}.weight")
+                raise InvalidAdapterError(f"{suffix} for module {module!r} is missing", file=WEIGHTS_FILE,
+                                          field=f"{module}.{suffix}")
+        for part in set(parts) - set(wanted):
+            flag = "lora_bias" if part == "bias" else "use_dora"
+            raise InvalidAdapterError(f"module {module!r} has a {part} tensor but the config does not set {flag}",
+                                      file=CONFIG_FILE, field=flag)
     if not found:
         raise InvalidAdapterError("contains no LoRA tensors", file=WEIGHTS_FILE)
-    return {module: (parts["A"], parts["B"]) for module, parts in found.items()}
+    return found
 
 
 def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None:
@@ -183,9 +204,10 @@ def _selects(config: LoraConfig, target: str, name: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spec: TargetSpec,
+def _fold(module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
           max_rank: int, dtype: torch.dtype) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+    a, b = parts["A"], parts["B"]
     _check_pair(module, a, b, config)
     rank = a.shape[0]
     if rank > max_rank:
@@ -196,11 +218,16 @@ def _fold(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, spe
         raise IncompatibleAdapterError(
             f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base layer ({in_features} -> {out_features})",
             file=WEIGHTS_FILE, field=field_a)
-    scaled_b = b.float().mul(config.scale_for(module)).t()  # [r, out]
-    folded = LoraWeights(a.to(dtype).contiguous(), scaled_b.to(dtype).contiguous())
+    scale = config.scale_for(module)
+    extras = {part: _vector(module, part, parts[part], out_features) for part in ("bias", "magnitude") if part in parts}
+    if "bias" in extras:
+        extras["bias"] = extras["bias"].float().mul(scale)
+    folded = LoraWeights(a.to(dtype).contiguous(), b.float().mul(scale).t().to(dtype).contiguous(),  # [r, out]
+                         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()})
     # Finite in the file can still overflow once scaled and cast (fp16 tops out at 65504).
-    for field, tensor in ((field_a, folded.a), (field_b, folded.b)):
-        if not torch.isfinite(tensor).all():
+    fields = ((field_a, folded.a), (field_b, folded.b), (f"{module}.lora_B.bias", folded.bias))
+    for field, tensor in fields:
+        if tensor is not None and not torch.isfinite(tensor).all():
             raise InvalidAdapterError(f"overflows {dtype} once scaled by the config's alpha",
                                       file=WEIGHTS_FILE, field=field)
     return folded
@@ -218,3 +245,14 @@ def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfi
     for field, tensor in ((field_a, a), (field_b, b)):
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
+
+
+def _vector(module: str, part: str, tensor: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A lora_B bias or DoRA magnitude: a finite float vector with one entry per output feature."""
+    field = f"{module}.{'lora_B.bias' if part == 'bias' else 'lora_magnitude_vector'}"
+    if tuple(tensor.shape) != (out_features,):
+        raise IncompatibleAdapterError(f"shape {tuple(tensor.shape)} does not fit the base layer's "
+                                       f"{out_features} outputs", file=WEIGHTS_FILE, field=field)
+    if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
+    return tensor

@@ -76,7 +76,6 @@ def test_a_catastrophic_regex_finishes():
 
 @pytest.mark.parametrize("field, value", [
     ("layer_replication", [[0, 2], [1, 2]]),
-    ("use_dora", True),
     ("init_lora_weights", "pissa"),
     ("alora_invocation_tokens", [1, 2, 3]),
     ("trainable_token_indices", [5]),
@@ -91,10 +90,16 @@ def test_a_field_that_changes_the_outputs_is_refused_by_name(field, value):
 @pytest.mark.parametrize("fields", [
     dict(lora_dropout=0.1), dict(task_type="CAUSAL_LM"), dict(init_lora_weights="gaussian"),
     dict(inference_mode=True), dict(runtime_config={"ephemeral_gpu_offload": True}),
-    dict(use_dora=False, layer_replication=None, future_knob=None),  # refused features, left off
+    dict(layer_replication=None, future_knob=None),  # refused features, left off
 ], ids=lambda fields: ",".join(fields))
 def test_a_field_that_does_not_change_the_outputs_is_accepted(fields):
     assert parse(**fields).targets(MODULE)
+
+
+def test_dora_with_lora_bias_is_refused_as_peft_refuses_it():
+    with pytest.raises(UnsupportedAdapterError) as caught:
+        parse(use_dora=True, lora_bias=True)
+    assert (caught.value.file, caught.value.field) == (CONFIG_FILE, "lora_bias")
 
 
 def test_every_field_of_peft_lora_config_is_classified_once():
