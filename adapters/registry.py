@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
+from .identity import adapter_identity
 from .model import LoraModel
 from .peft_format import AdapterSource, LoraAdapter, load_adapter
 
@@ -40,6 +41,7 @@ class AdapterVersion:
     num_requests: int = 0  # bound requests (running, waiting or preempted) that will need it again
     removed: bool = False  # replaced or removed: no new request binds it
     num_params: int = 0
+    identity: bytes = b""  # digest of its config and weights (identity.py): keys its prefix-cached K/V
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,9 @@ class AdapterRegistry:
     def parse(self, name: str, source: AdapterSource) -> LoraAdapter:
         """Read and validate `source` for this model: file IO and CPU work, safe on any thread."""
         model = self.lora_model
-        return load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
+        adapter = load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
+        adapter_identity(adapter)  # hashed here, on the caller's thread; install finds it remembered
+        return adapter
 
     def install(self, name: str, adapter: LoraAdapter, source: AdapterSource, *, replace: bool = False,
                 pinned: bool = False) -> AdapterInfo:
@@ -99,7 +103,7 @@ class AdapterRegistry:
         if not isinstance(source, Mapping):
             source = Path(source)
         entry = AdapterVersion(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter,
-                               num_params=adapter.num_params)
+                               num_params=adapter.num_params, identity=adapter_identity(adapter))
         with self._lock:
             if name in self._entries:
                 if not replace:
@@ -237,6 +241,9 @@ class AdapterRegistry:
             model = self.lora_model
             adapter = entry.adapter = load_adapter(entry.name, entry.source, model.spec,
                                                    max_rank=model.max_rank, dtype=_dtype(model))
+            # A directory source can change on disk while its host copy was dropped: cached K/V must
+            # follow what is computed now, not what was read at install.
+            entry.identity = adapter_identity(adapter)
         if not entry.removed:
             self._cache_host(entry)  # may drop entry.adapter again (max_cpu_loras=0): return our reference
         return adapter

@@ -17,4 +17,6 @@ class EngineConfig(BaseModel):
     merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
     max_waiting: int = Field(1024, ge=1)
     max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
+    enable_prefix_caching: bool = True  # reuse prompts' K/V across requests of one adapter identity
+    block_size: int = Field(16, ge=16, multiple_of=16)  # tokens per prefix-cache block (16 = a KV page)
     pack_weights: bool = True  # CPU fp32: run the base on oneDNN-packed weights (~2x faster, +1 weight copy)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_model
+from adapters.identity import BASE_IDENTITY
 
 from .adapter_mode import GATHER, ModePolicy
 from .config import EngineConfig
@@ -20,6 +21,7 @@ from .grammar import GrammarCompiler, MaskFiller, constrained_rows
 from .kv_cache import KVCache
 from .model_loader import BaseModel as LoadedModel
 from .model_runner import ModelRunner, PromptRows
+from .prefix_cache import PrefixCache
 from .sampler import prompt_logprobs, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -40,12 +42,14 @@ class LLMEngine:
         self.cache = KVCache(
             num_layers=model_config.num_hidden_layers, num_kv_heads=model_config.num_key_value_heads,
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
-            capacity_tokens=config.kv_cache_tokens, dtype=base.model.dtype, device=self.lora_model.device)
+            capacity_tokens=config.kv_cache_tokens, dtype=base.model.dtype, device=self.lora_model.device,
+            block_size=config.block_size)
+        self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  self.cache.capacity_tokens)
         self.scheduler = Scheduler(self.cache, self.registry, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_bypass_steps=config.max_bypass_steps)
+                                   max_bypass_steps=config.max_bypass_steps, prefix=self.prefix_cache)
         self.runner = ModelRunner(self.lora_model, self.cache)
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = _eos_ids(base)
@@ -66,7 +70,7 @@ class LLMEngine:
         """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
 
         The request is bound to the adapter version registered now: a later replace or delete of
-        the name does not change or fail it."""
+        the name does not change or fail it, and its prefix-cache lookups use that version's identity."""
         params = params or SamplingParams()
         if adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
@@ -86,6 +90,8 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
         seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens, matcher=matcher)
         seq.version = self.registry.bind(adapter) if adapter is not None else None
+        identity = BASE_IDENTITY if seq.version is None else seq.version.identity
+        seq.block_hashes = self.prefix_cache.hash_blocks(identity, params.cache_salt, prompt_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -138,6 +144,7 @@ class LLMEngine:
         now, prompt_only = time.monotonic(), []
         for seq, num_new in plan.scheduled:
             seq.num_computed += num_new
+            self.prefix_cache.register(seq)
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
                 self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
@@ -178,6 +185,10 @@ class LLMEngine:
         snapshot.num_waiting = len(self.scheduler.waiting)
         snapshot.kv_used_tokens = sum(s.num_computed for s in self.scheduler.running)
         snapshot.kv_reserved_tokens = self.cache.num_reserved_tokens
+        snapshot.kv_cached_tokens = self.cache.num_cached_tokens
+        snapshot.prefix_cache_queries = self.prefix_cache.num_queries
+        snapshot.prefix_cache_hits = self.prefix_cache.num_hits
+        snapshot.num_prefix_cache_evictions = self.cache.num_evicted_blocks
         snapshot.running_adapters = sorted({s.adapter for s in self.scheduler.running if s.adapter})
         snapshot.waiting_adapters = sorted({s.adapter for s in self.scheduler.waiting if s.adapter})
         snapshot.num_preemptions = self.scheduler.num_preemptions
@@ -232,7 +243,7 @@ class LLMEngine:
         stats = RequestStats(
             seq.request_id, seq.adapter, reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
             _since(seq.arrival_time, seq.scheduled_time), _since(seq.arrival_time, seq.first_token_time),
-            seq.finish_time - seq.arrival_time, seq.num_preemptions)
+            seq.finish_time - seq.arrival_time, seq.num_preemptions, seq.prefix_cache_queries, seq.prefix_cache_hits)
         self.counters.num_finished += 1
         for listener in self.request_listeners:
             listener(stats)

@@ -28,6 +28,8 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # the same for each prompt token (vLLM's field)
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None  # structured output: what the text must match (None = free text)
+    # vLLM's field: requests share cached prefixes only with the same salt (on top of the adapter identity)
+    cache_salt: str | None = Field(None, min_length=1)
 
     @classmethod
     def make(cls, **fields) -> "SamplingParams":

@@ -1,11 +1,13 @@
 """Iteration-level scheduling: who runs this step, with how many tokens.
 
 Each step: running sequences first (one decode token, or the next chunk of their prompt),
-oldest first; when the KV pool cannot grow, the newest running sequence is preempted (its KV
-dropped, recomputed later). Then waiting requests are admitted in arrival order while the
-token budget, `max_num_seqs`, KV room and adapter slots allow. A request whose adapter cannot
-get a slot may be bypassed by later ones for at most `max_bypass_steps` steps; after that
-nothing new is admitted until it fits, so a rare adapter waits a bounded time.
+oldest first; when the KV pool cannot grow even once every unused cached prefix block is evicted,
+the newest running sequence is preempted (its KV dropped, recomputed later, from its own cached
+blocks where they survived). Then waiting requests are admitted in arrival order while the
+token budget, `max_num_seqs`, KV room and adapter slots allow; a request's first blocks that
+the prefix cache holds are copied, not computed, and cost no token budget. A request whose
+adapter cannot get a slot may be bypassed by later ones for at most `max_bypass_steps` steps;
+after that nothing new is admitted until it fits, so a rare adapter waits a bounded time.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from adapters import AdapterCapacityError, AdapterError, AdapterRegistry
 
 from .kv_cache import KVCache
+from .prefix_cache import PrefixCache
 from .sequence import SeqStatus, Sequence
 
 
@@ -31,8 +34,9 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, cache: KVCache, registry: AdapterRegistry, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_bypass_steps: int):
+                 max_num_batched_tokens: int, max_bypass_steps: int, prefix: PrefixCache | None = None):
         self.cache, self.registry = cache, registry
+        self.prefix = prefix or PrefixCache(cache, enabled=False)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_bypass_steps = max_bypass_steps
         self.waiting: deque[Sequence] = deque()
@@ -62,7 +66,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.cache.free(seq.seq_id)
+        self.prefix.release(seq)
         self._release(seq)
         if seq.version is not None:
             self.registry.unbind(seq.version)
@@ -79,7 +83,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.cache.free(seq.seq_id)
+        self.prefix.release(seq)
         self._release(seq)
         seq.num_computed, seq.status = 0, SeqStatus.WAITING
         seq.num_preemptions += 1
@@ -102,10 +106,13 @@ class Scheduler:
             if not has_slot:
                 blocked_head = blocked_head or seq
                 continue
-            num_new = min(seq.num_tokens, budget)
-            if not self.cache.reserve(seq.seq_id, num_new, 0):
+            hits = self.prefix.match(seq)
+            num_cached = len(hits) * self.prefix.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.cache.reserve(seq.seq_id, num_cached + num_new, 0, keep=self.prefix.pages(hits)):
                 self._release(seq)
                 break  # no KV room: keep arrival order rather than squeeze smaller ones in
+            seq.num_computed = self.prefix.load(seq, hits)
             self.waiting.remove(seq)
             self.running.append(seq)
             seq.status = SeqStatus.RUNNING

@@ -46,6 +46,10 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token scored so far
     num_computed: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # names of its prompt's full blocks (prefix_cache.py)
+    num_indexed_blocks: int = 0  # of those, blocks computed or loaded into its extent so far
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, over its admissions
+    prefix_cache_hits: int = 0  # of those, tokens found there (not computed)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     error: Exception | None = None  # why the engine failed it, if it did

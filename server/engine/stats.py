@@ -28,6 +28,8 @@ class RequestStats:
     time_to_first_token: float | None
     e2e_latency: float
     num_preemptions: int
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache, over its admissions
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
     @property
     def time_per_output_token(self) -> float | None:
@@ -43,7 +45,8 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_used_tokens: int = 0
-    kv_reserved_tokens: int = 0
+    kv_reserved_tokens: int = 0  # extents held by sequences
+    kv_cached_tokens: int = 0  # prefix-cache blocks no sequence holds: reusable, and free to evict
     kv_capacity_tokens: int = 0
     max_loras: int = 0
     running_adapters: list[str] = field(default_factory=list)
@@ -63,6 +66,9 @@ class EngineStats:
     adapter_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # resident: name -> (rank, params)
     num_adapter_loads: int = 0  # copies into a device slot
     num_adapter_evictions: int = 0  # slots taken from an idle adapter for another
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there (their prefill skipped)
+    num_prefix_cache_evictions: int = 0  # cached blocks dropped to make room
 
     @property
     def kv_usage(self) -> float:

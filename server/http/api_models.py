@@ -65,6 +65,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop_token_ids: list[int] | None = None
+    cache_salt: str | None = Field(None, min_length=1)  # shares cached prefixes only with the same salt
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's guided_* fields were removed in 0.12: refused with a pointer, never quietly ignored
@@ -81,7 +82,8 @@ class _SamplingFields(_Request):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar,
+            cache_salt=self.cache_salt)
 
 
 class CompletionRequest(_SamplingFields):

@@ -78,6 +78,7 @@ class Metrics:
                                     registry=r)
         self.step_tokens = Histogram("vllm:iteration_tokens_total", "Tokens in one engine step.", buckets=_TOKENS,
                                      registry=r)
+        self.prefix_cache_by_adapter: dict[str, list[int]] = {}  # label -> [queried, hit] tokens, finished requests
         self._engine: LLMEngine | None = None
         r.register(_SnapshotCollector(self))
 
@@ -99,6 +100,10 @@ class Metrics:
         self.adapter_latency.labels(adapter).observe(stats.e2e_latency)
         self.adapter_prompt_tokens.labels(adapter).inc(stats.num_prompt_tokens)
         self.adapter_generation_tokens.labels(adapter).inc(stats.num_output_tokens)
+        if stats.prefix_cache_queries:
+            counts = self.prefix_cache_by_adapter.setdefault(adapter, [0, 0])
+            counts[0] += stats.prefix_cache_queries
+            counts[1] += stats.prefix_cache_hits
         request_log.info(
             "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs", stats.request_id,
             stats.adapter or "-", stats.finish_reason, stats.num_prompt_tokens, stats.num_output_tokens,
@@ -133,7 +138,18 @@ class _SnapshotCollector(Collector):
         yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1 (tokens held / capacity).", s.kv_usage)
         yield _gauge("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older endpoint pickers.",
                      s.kv_usage)
-        yield _gauge("loraserve:kv_cache_used_tokens", "Tokens whose K/V are cached.", s.kv_used_tokens)
+        yield _gauge("loraserve:kv_cache_used_tokens", "Tokens whose K/V running requests hold (in use).",
+                     s.kv_used_tokens)
+        yield _gauge("loraserve:kv_cache_cached_tokens", "Tokens of prefix-cache blocks no request holds: "
+                     "reusable, and evicted as soon as room is needed (not in vllm:kv_cache_usage_perc).",
+                     s.kv_cached_tokens)
+        yield _counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       s.prefix_cache_queries)
+        yield _counter("vllm:prefix_cache_hits", "Of those, tokens found in the cache (prefill skipped).",
+                       s.prefix_cache_hits)
+        yield _counter("loraserve:prefix_cache_evictions", "Cached prefix blocks evicted to make room.",
+                       s.num_prefix_cache_evictions)
+        yield from self._prefix_cache_by_adapter()
         yield _gauge("loraserve:kv_cache_capacity_tokens", "KV cache capacity in tokens.", s.kv_capacity_tokens)
         yield _counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
                        s.num_preemptions)
@@ -169,6 +185,23 @@ class _SnapshotCollector(Collector):
                                  labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"])
         warm.add_metric([str(s.max_loras), ",".join(s.resident_adapters), ",".join(s.host_adapters)], now)
         yield warm
+
+    def _prefix_cache_by_adapter(self):
+        """Per adapter label, from finished requests: the counters and their ratio, the hit rate."""
+        queries = CounterMetricFamily("loraserve:adapter_prefix_cache_queries", "Prompt tokens looked up in the "
+                                      "prefix cache, per adapter (finished requests).", labels=["adapter"])
+        hits = CounterMetricFamily("loraserve:adapter_prefix_cache_hits", "Of those, tokens found in the cache, "
+                                   "per adapter.", labels=["adapter"])
+        rate = GaugeMetricFamily("loraserve:adapter_prefix_cache_hit_rate", "Prefix-cache hits / queries in tokens, "
+                                 "per adapter, since start.", labels=["adapter"])
+        by_adapter = dict(self.metrics.prefix_cache_by_adapter)  # copied in one C call: the engine thread adds
+        for label, (num_queries, num_hits) in sorted(by_adapter.items()):
+            queries.add_metric([label], num_queries)
+            hits.add_metric([label], num_hits)
+            rate.add_metric([label], num_hits / num_queries)
+        yield queries
+        yield hits
+        yield rate
 
     def _adapter_sizes(self, sizes: dict[str, tuple[int, int]]):
         """Rank and parameter count per resident adapter, so a compression shows in dashboards; names

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(16384, ge=16)
     max_model_len: int | None = Field(None, ge=1)
     max_waiting: int = Field(1024, ge=1)
+    enable_prefix_caching: bool = True  # vLLM's --enable-prefix-caching/--no-enable-prefix-caching
+    block_size: int = Field(16, ge=16, multiple_of=16)  # prefix-cache block, in tokens (vLLM's --block-size)
     # Request limits (400 naming the field). OpenAI allows 4 stop sequences; a prompt longer than
     # max_model_len x the longest token's bytes cannot fit, so None derives the byte limit from that.
     max_stop_sequences: int = Field(4, ge=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
+from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.async_engine import AsyncEngine
 from server.engine.llm_engine import LLMEngine
@@ -109,6 +110,8 @@ class ServerState:
         check_name(name)
         if adapter is None:
             adapter = await asyncio.to_thread(registry.parse, name, source)
+        else:  # parsed (and compressed) by the caller: its identity is hashed off the engine thread too
+            await asyncio.to_thread(adapter_identity, adapter)
         info = await engine.call(lambda: registry.install(name, adapter, source, replace=replace))
         self._store_versions.pop(name, None)
         if store_version is not None:
