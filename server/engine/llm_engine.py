@@ -14,6 +14,7 @@ from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_mode
 from adapters.identity import BASE_IDENTITY
 
 from .adapter_mode import GATHER, ModePolicy
+from .composition import COMPOSED_LABEL, Composition, bind_terms, composed_identity
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
@@ -66,13 +67,15 @@ class LLMEngine:
 
     # Requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | None = None, request_id: str | None = None) -> Sequence:
+                    adapter: str | Composition | None = None, request_id: str | None = None) -> Sequence:
         """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
 
         The request is bound to the adapter version registered now: a later replace or delete of
-        the name does not change or fail it, and its prefix-cache lookups use that version's identity."""
+        the name does not change or fail it, and its prefix-cache lookups use that version's identity.
+        A composition ((name, scale), ...) binds each of its adapters so (composition.py)."""
         params = params or SamplingParams()
-        if adapter is not None and adapter not in self.registry:
+        composition, adapter = (adapter, COMPOSED_LABEL) if isinstance(adapter, tuple) else (None, adapter)
+        if composition is None and adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
         prompt_ids = self.encode_prompt(prompt)
         max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
@@ -89,8 +92,12 @@ class LLMEngine:
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
         seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens, matcher=matcher)
-        seq.version = self.registry.bind(adapter) if adapter is not None else None
-        identity = BASE_IDENTITY if seq.version is None else seq.version.identity
+        if composition is not None:
+            seq.terms = bind_terms(self.registry, composition, self.config.max_loras)
+            identity = composed_identity(seq.terms)
+        else:
+            seq.version = self.registry.bind(adapter) if adapter is not None else None
+            identity = BASE_IDENTITY if seq.version is None else seq.version.identity
         seq.block_hashes = self.prefix_cache.hash_blocks(identity, params.cache_salt, prompt_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -134,7 +141,7 @@ class LLMEngine:
         outputs = [self.abort(seq.request_id, exc) for seq, exc in plan.failed]
         if not plan.scheduled:
             return outputs
-        slots = {seq.slot for seq, _ in plan.scheduled}
+        slots = {seq.slot_key for seq, _ in plan.scheduled}
         decision = self.policy.choose(slots)
         masking = self.mask_filler.start(constrained_rows(plan.scheduled))
         logits, sampling, scored = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters import LoraModel
+from adapters import BASE_SLOT, LoraModel
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice
 from .kv_cache import KVCache
@@ -38,13 +38,13 @@ class ModelRunner:
         ids, positions, write, slots, keep, prompt_keep = [], [], [], [], [], []
         seq_slices, sampling, scored = [], [], []
         # Rows of one adapter side by side: the LoRA op then takes them as one view, not a gather.
-        for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot):
+        for seq, num_new in sorted(scheduled, key=lambda item: (item[0].slot, item[0].composed_slots)):
             first, row = seq.num_computed, len(ids)
             kv_start = self.cache.start(seq.seq_id)
             ids += seq.all_token_ids[first:first + num_new]
             positions += range(first, first + num_new)
             write += range(kv_start + first, kv_start + first + num_new)
-            slots += [seq.slot] * num_new
+            slots += [seq.composed_slots or seq.slot] * num_new
             seq_slices.append(SeqSlice(row, num_new, kv_start, first + num_new))
             if first + num_new == seq.num_tokens and seq.max_tokens:  # this row yields the next token
                 keep.append(row + num_new - 1)
@@ -55,12 +55,27 @@ class ModelRunner:
                 prompt_keep += range(row + targets.start - 1 - first, row + targets.stop - 1 - first)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         step = KVStep(self.cache, seq_slices, as_tensor(write))
-        batch = self.lora_model.build_batch(torch.tensor(slots)) if gather else None
+        batch = self._build_batch(slots, any(seq.terms for seq, _ in scheduled)) if gather else None
         with self.lora_model.gather(batch):
             out = self.model(input_ids=as_tensor(ids)[None], position_ids=as_tensor(positions)[None],
                              use_cache=False, logits_to_keep=as_tensor(keep + prompt_keep), kv_step=step)
         logits = out.logits[0]  # [M + sum of len(targets), V]
         return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
+
+    def _build_batch(self, slots: list, has_composed: bool):
+        if not has_composed:
+            return self.lora_model.build_batch(torch.tensor(slots))
+        return self.lora_model.build_batch(*_composed_rows(slots))
+
+
+def _composed_rows(slots: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, N] slots and scales, one line per term, for a step with composed rows (tuples of terms)."""
+    depth = max(len(s) if isinstance(s, tuple) else 1 for s in slots)
+    token_slots, token_scales = torch.full((depth, len(slots)), BASE_SLOT), torch.ones(depth, len(slots))
+    for row, terms in enumerate(slots):
+        for k, (slot, scale) in enumerate(terms if isinstance(terms, tuple) else ((terms, 1.0),)):
+            token_slots[k, row], token_scales[k, row] = slot, scale
+    return token_slots, token_scales
 
 
 def _unscored_targets(seq: Sequence, first: int, num_new: int) -> range:

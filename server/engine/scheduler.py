@@ -70,6 +70,8 @@ class Scheduler:
         self._release(seq)
         if seq.version is not None:
             self.registry.unbind(seq.version)
+        for version, _ in seq.terms:
+            self.registry.unbind(version)
         seq.status = SeqStatus.FINISHED
 
     def _reserve_or_preempt(self, seq: Sequence, num_new: int, plan: StepPlan) -> bool:
@@ -122,6 +124,8 @@ class Scheduler:
                 blocked_head.num_bypassed += 1
 
     def _acquire(self, seq: Sequence) -> bool:
+        if seq.terms:
+            return self._acquire_terms(seq)
         if seq.version is None or seq.lease is not None:
             return True
         try:
@@ -130,7 +134,25 @@ class Scheduler:
             return False
         return True
 
+    def _acquire_terms(self, seq: Sequence) -> bool:
+        """Every adapter of a composition in a slot at once, or none held (no slot hoarding)."""
+        if seq.term_leases:
+            return True
+        try:
+            for version, _ in seq.terms:
+                seq.term_leases.append(self.registry.acquire(version))
+        except AdapterCapacityError:
+            self._release(seq)
+            return False
+        except AdapterError:
+            self._release(seq)
+            raise
+        return True
+
     def _release(self, seq: Sequence) -> None:
+        for lease in seq.term_leases:
+            self.registry.release(lease)
+        seq.term_leases.clear()
         if seq.lease is not None:
             self.registry.release(seq.lease)
             seq.lease = None

@@ -54,6 +54,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     error: Exception | None = None  # why the engine failed it, if it did
     lease: AdapterLease | None = None
+    terms: list[tuple[AdapterVersion, float]] = field(default_factory=list)  # a composed request's adapters
+    term_leases: list[AdapterLease] = field(default_factory=list)  # their slots, while it holds them
     generator: torch.Generator | None = None
     matcher: Any = None  # llguidance matcher of params.grammar, advanced by each accepted token
     num_preemptions: int = 0
@@ -86,6 +88,16 @@ class Sequence:
     def slot(self) -> int:
         """Device slot of its adapter; BASE_SLOT for the base model."""
         return BASE_SLOT if self.lease is None else self.lease.slot
+
+    @property
+    def composed_slots(self) -> tuple[tuple[int, float], ...]:
+        """A composed request's (slot, scale) terms while it holds their slots; () otherwise."""
+        return tuple((lease.slot, scale) for lease, (_, scale) in zip(self.term_leases, self.terms))
+
+    @property
+    def slot_key(self) -> int | tuple[tuple[int, float], ...]:
+        """What the step's mode policy tells apart: its slot, or its composition's terms."""
+        return self.composed_slots if self.terms else self.slot
 
 
 @dataclass

@@ -48,8 +48,19 @@ class StructuredOutputs(_Request):
     json_object: bool | None = None
 
 
+class AdapterTerm(_Request):
+    """One adapter of a per-request composition (loraserve's `adapters` extension field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float = Field(1.0, allow_inf_nan=False)  # any finite number, negative included
+
+
 class _SamplingFields(_Request):
     model: str
+    # loraserve's extension: Σ scaleᵢ·ΔWᵢ of these adapters on the base (`model` then names the base)
+    adapters: list[AdapterTerm] | None = Field(None, min_length=1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

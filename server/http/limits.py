@@ -20,6 +20,7 @@ class RequestLimits:
     max_stop_length: int  # characters per stop string
     max_prompt_bytes: int  # UTF-8 bytes of a prompt (or of a chat's messages together)
     max_prompt_tokens: int  # token ids of a token-id prompt
+    max_adapters_per_request: int = 4  # entries of the `adapters` composition field
 
 
 def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -31,6 +32,7 @@ def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
+    _check_adapters(body, limits)
     prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -42,6 +44,7 @@ def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
 
 def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
+    _check_adapters(body, limits)
     _check_bytes(sum(len(m.text().encode()) + sum(len(c.function.arguments.encode()) for c in m.tool_calls or [])
                      for m in body.messages), limits, "messages")
 
@@ -61,6 +64,12 @@ def _check_stop(stop: str | list[str] | None, limits: RequestLimits) -> None:
                            "(setting max_stop_length)", field="stop")
     if any(s == "" for s in stops):
         raise RequestError("stop sequences must not be empty", field="stop")
+
+
+def _check_adapters(body: CompletionRequest | ChatCompletionRequest, limits: RequestLimits) -> None:
+    if body.adapters is not None and len(body.adapters) > limits.max_adapters_per_request:
+        raise RequestError(f"at most {limits.max_adapters_per_request} adapters may be composed per request, got "
+                           f"{len(body.adapters)} (setting max_adapters_per_request)", field="adapters")
 
 
 def _check_bytes(num_bytes: int, limits: RequestLimits, field: str) -> None:

@@ -48,7 +48,7 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     check_completion(body, state.limits)
-    adapter = await state.resolve_model(body.model)
+    adapter = await state.resolve_model(body.model, body.adapters)
     tokenizer = engine.engine.tokenizer
     plan = await asyncio.to_thread(completion_plan, body, engine.engine.grammars)  # compiles the grammar
     jobs = await asyncio.to_thread(completion_jobs, body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)),
@@ -68,7 +68,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     check_chat(body, state.limits)
-    adapter = await state.resolve_model(body.model)
+    adapter = await state.resolve_model(body.model, body.adapters)
     plan = await asyncio.to_thread(chat_plan, body, engine.engine.grammars)  # compiles the grammar
     with_tools, with_tool_calls = renders_tools(engine.engine.tokenizer)
     messages = template_messages(body.messages, with_tool_calls)

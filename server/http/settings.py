@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # max_model_len x the longest token's bytes cannot fit, so None derives the byte limit from that.
     max_stop_sequences: int = Field(4, ge=0)
     max_stop_length: int = Field(256, ge=1)
+    max_adapters_per_request: int = Field(4, ge=1)  # entries of the `adapters` composition field
     max_prompt_bytes: int | None = Field(None, ge=1)
     pack_weights: bool = True  # CPU fp32 only: oneDNN-packed base weights, ~2x faster, one more weight copy
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM

@@ -18,6 +18,8 @@ from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.async_engine import AsyncEngine
+from server.engine.composition import Composition
+from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
 from server.store import AdapterStore, check_name, is_valid_name
@@ -82,9 +84,16 @@ class ServerState:
 
     # Adapters: registry (memory) and store (disk), kept in step. Replicas may share the store, so
     # what another replica uploaded, replaced or deleted is picked up here too.
-    async def resolve_model(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None = the base); unknown names are a 404."""
+    async def resolve_model(self, model: str, adapters: list | None = None) -> str | Composition | None:
+        """The adapter a request's `model` names (None = the base), or with the `adapters` field the
+        composition ((name, scale), ...) on the base; unknown names are a 404."""
         engine = self.ready_engine().engine
+        if adapters is not None:
+            if model != self.model_name:
+                raise RequestError(f"must be the base model {self.model_name!r} when `adapters` composes "
+                                   "adapters", field="model")
+            return tuple([(await self._resolve_term(index, term.name), term.scale)
+                          for index, term in enumerate(adapters)])
         if model == self.model_name:
             return None
         if self.store is not None and is_valid_name(model):
@@ -92,6 +101,14 @@ class ServerState:
         if model in engine.registry:
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist")
+
+    async def _resolve_term(self, index: int, name: str) -> str:
+        if name != self.model_name:
+            try:
+                return await self.resolve_model(name)
+            except AdapterNotFoundError:
+                pass
+        raise AdapterNotFoundError(f"adapter {name!r} does not exist", field=f"adapters[{index}].name")
 
     async def sync_store(self) -> None:
         """Make the registry agree with the shared store for every stored adapter (for listings)."""
@@ -153,7 +170,7 @@ class ServerState:
             self.model_name = settings.served_model_name or base.name
             prompt_bytes = settings.max_prompt_bytes or engine.max_model_len * max_token_bytes(base.tokenizer)
             self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
-                                        engine.max_model_len)
+                                        engine.max_model_len, settings.max_adapters_per_request)
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
             if self.metrics is not None:
                 self.metrics.attach(engine)

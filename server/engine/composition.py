@@ -1,0 +1,57 @@
+"""Per-request composition: several adapters with scales on one request, h = W0·x + Σ scaleᵢ·ΔWᵢ.
+
+A composed request binds each adapter's current version, as a plain request binds its one, and holds
+all their slots at once while it runs; its rows become one term per adapter in the step's LoraBatch
+(the slot buffers are shared, so nothing is copied). Metrics and logs label it COMPOSED_LABEL.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+
+from adapters import AdapterRegistry, AdapterVersion
+
+from .errors import RequestError
+
+Composition = tuple[tuple[str, float], ...]  # ((adapter name, scale), ...), as the request gave them
+COMPOSED_LABEL = "__composed__"
+_DOMAIN = b"loraserve/composition/v1\0"
+
+
+def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: int) -> list[tuple[AdapterVersion, float]]:
+    """Bind every adapter's current version (unknown name: AdapterNotFoundError, nothing kept bound).
+
+    Refused, naming the field `adapters`: more adapters than device slots (it could never run),
+    non-finite scales, and DoRA adapters, whose magnitude normalises W0 + ΔW as a whole: a weighted
+    sum of DoRA updates is not any adapter's output, and PEFT defines none.
+    """
+    if not composition:
+        raise RequestError("must name at least one adapter", field="adapters")
+    if len(composition) > max_loras:
+        raise RequestError(f"{len(composition)} adapters cannot share a row: the server holds {max_loras} "
+                           "in device slots (setting max_loras)", field="adapters")
+    terms: list[tuple[AdapterVersion, float]] = []
+    try:
+        for index, (name, scale) in enumerate(composition):
+            if not math.isfinite(scale):
+                raise RequestError("scales must be finite numbers", field=f"adapters[{index}].scale")
+            version = registry.bind(name)
+            terms.append((version, float(scale)))
+            if version.adapter is not None and version.adapter.is_dora:
+                raise RequestError(f"adapter {name!r} is a DoRA adapter, which cannot be composed: its "
+                                   "magnitude normalises its own W0 + ΔW", field=f"adapters[{index}].name")
+    except Exception:
+        for version, _ in terms:
+            registry.unbind(version)
+        raise
+    return terms
+
+
+def composed_identity(terms: list[tuple[AdapterVersion, float]]) -> bytes:
+    """What the composition computes, for the prefix cache: its adapters' identities and scales, in order."""
+    h = hashlib.sha256(_DOMAIN)
+    for version, scale in terms:
+        h.update(version.identity)
+        h.update(struct.pack("<d", scale))
+    return h.digest()
