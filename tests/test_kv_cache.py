@@ -117,3 +117,18 @@ def test_relocation_onto_an_overlapping_run_keeps_values():
     assert cache.reserve(2, 6 * PAGE_TOKENS, 4 * PAGE_TOKENS)
     assert (cache.start(2), cache.extents[2].num_pages) == (0, 6)
     assert_same(read(cache, 2, 4 * PAGE_TOKENS), written)
+
+
+def test_cached_blocks_are_evicted_last_block_first_and_spared_when_kept():
+    cache = make_cache(8)
+    assert cache.reserve(0, 64, 0)  # 4 pages + headroom: the whole pool
+    evicted = []
+    cache.on_evict = evicted.append
+    assert cache.free(0, [0, 1, 2]) == [0, 1, 2]
+    assert cache.num_reserved_tokens == 0 and cache.num_cached_tokens == 3 * PAGE_TOKENS
+    assert cache.reserve(1, 6 * PAGE_TOKENS, 0, keep=[0])  # 5 pages are free: block 2 goes (a prefix's tail), not 0
+    assert evicted == [2] and list(cache.cached) == [1, 0]
+    cache.touch([1])
+    assert not cache.reserve(2, 3 * PAGE_TOKENS, 0, keep=[0, 1])
+    assert cache.reserve(2, 2 * PAGE_TOKENS, 0)
+    assert evicted == [2, 0, 1] and not cache.cached

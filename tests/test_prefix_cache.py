@@ -16,9 +16,11 @@ from engine_fixtures import (  # noqa: F401
     run_steps,
 )
 
-from adapters.identity import BASE_IDENTITY, adapter_identity
+from adapters.identity import BASE_IDENTITY, adapter_identity, composition_identity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling_params import SamplingParams
+from server.http.api_models import CompletionRequest
+from server.http.metrics import Metrics
 
 SYSTEM = "You are a careful assistant. Answer briefly and cite the rule you used. " * 4  # ~70 tokens
 QUESTIONS = [" Q: what is two plus two?", " Q: name a colour.", " Q: who wrote Hamlet?", " Q: spell cat."]
@@ -62,6 +64,13 @@ def test_identity_is_a_digest_of_content_computed_at_parse(paths):
     registry.add("x", paths["b"], replace=True)
     assert registry.version("x").identity not in (identity, BASE_IDENTITY), "a replacement gets a new identity"
     assert len({registry.version(n).identity for n in ("x", "y")}) == 2
+
+
+def test_a_composition_is_keyed_by_its_members_and_scales():
+    a, b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+    keys = [composition_identity(t) for t in ([(a, 1.0)], [(a, 0.5)], [(a, 1.0), (b, 1.0)], [(a, 1.0), (b, 0.5)])]
+    assert len({*keys, a, b, BASE_IDENTITY}) == 7
+    assert composition_identity([(a, 0.5)]) == keys[1]
 
 
 def test_salt_cannot_spell_another_root():
@@ -217,3 +226,25 @@ def test_caching_off_keeps_nothing(paths):
     run(engine, [SYSTEM + QUESTIONS[0]] * 2, [None, None])
     stats = engine.stats()
     assert (stats.prefix_cache_hits, stats.prefix_cache_queries, stats.kv_cached_tokens) == (0, 0, 0)
+
+
+def test_metrics_use_vllms_names_and_report_the_hit_rate_per_adapter(paths):
+    engine, metrics = make_engine(paths), Metrics()
+    metrics.attach(engine)
+    run(engine, [SYSTEM + q for q in QUESTIONS[:2]], ["a", "a"])
+    run(engine, [SYSTEM + QUESTIONS[2]], [None])
+    engine.publish_stats()
+    samples = {(s.name, s.labels.get("adapter")): s.value for family in metrics.registry.collect()
+               for s in family.samples}
+    queries, hits_ = samples[("vllm:prefix_cache_queries_total", None)], samples[("vllm:prefix_cache_hits_total", None)]
+    assert queries == sum(len(encode(SYSTEM + q)) for q in QUESTIONS[:3]) and hits_ == hits(engine) > 0
+    assert samples[("loraserve:adapter_prefix_cache_hits_total", "__base__")] == 0
+    assert samples[("loraserve:adapter_prefix_cache_hit_rate", "a")] == hits_ / samples[
+        ("loraserve:adapter_prefix_cache_queries_total", "a")]
+    assert samples[("loraserve:kv_cache_cached_tokens", None)] == engine.cache.num_cached_tokens > 0
+    assert samples[("vllm:kv_cache_usage_perc", None)] == 0, "cached blocks are not usage"
+
+
+def test_cache_salt_is_a_request_field():
+    request = CompletionRequest(model="m", prompt="hi", cache_salt="tenant-1")
+    assert request.sampling_params(4, None, 0).cache_salt == "tenant-1"
