@@ -13,9 +13,7 @@ on the worker thread that parsed the files; the result is remembered per `LoraAd
 from __future__ import annotations
 
 import hashlib
-import struct
 import weakref
-from collections.abc import Iterable
 
 import torch
 
@@ -32,16 +30,6 @@ def adapter_identity(adapter: LoraAdapter) -> bytes:
     if identity is None:
         identity = _known[adapter] = _digest(adapter)
     return identity
-
-
-def composition_identity(terms: Iterable[tuple[bytes, float]]) -> bytes:
-    """Identity of a composition (one row computing sum of scale * delta over several adapters): the
-    terms' identities and scales, in order; any other scale or member is another identity."""
-    h = hashlib.sha256(b"loraserve/composition/v1\0")
-    for identity, scale in terms:
-        _field(h, identity)
-        _field(h, struct.pack("<d", scale))
-    return h.digest()
 
 
 def _digest(adapter: LoraAdapter) -> bytes:

@@ -16,7 +16,7 @@ from engine_fixtures import (  # noqa: F401
     run_steps,
 )
 
-from adapters.identity import BASE_IDENTITY, adapter_identity, composition_identity
+from adapters.identity import BASE_IDENTITY, adapter_identity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling_params import SamplingParams
 from server.http.api_models import CompletionRequest
@@ -64,13 +64,6 @@ def test_identity_is_a_digest_of_content_computed_at_parse(paths):
     registry.add("x", paths["b"], replace=True)
     assert registry.version("x").identity not in (identity, BASE_IDENTITY), "a replacement gets a new identity"
     assert len({registry.version(n).identity for n in ("x", "y")}) == 2
-
-
-def test_a_composition_is_keyed_by_its_members_and_scales():
-    a, b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
-    keys = [composition_identity(t) for t in ([(a, 1.0)], [(a, 0.5)], [(a, 1.0), (b, 1.0)], [(a, 1.0), (b, 0.5)])]
-    assert len({*keys, a, b, BASE_IDENTITY}) == 7
-    assert composition_identity([(a, 0.5)]) == keys[1]
 
 
 def test_salt_cannot_spell_another_root():
@@ -248,3 +241,14 @@ def test_metrics_use_vllms_names_and_report_the_hit_rate_per_adapter(paths):
 def test_cache_salt_is_a_request_field():
     request = CompletionRequest(model="m", prompt="hi", cache_salt="tenant-1")
     assert request.sampling_params(4, None, 0).cache_salt == "tenant-1"
+
+
+def test_a_composition_shares_only_with_the_same_members_and_scales(paths):
+    engine, mix = make_engine(paths), (("a", 1.0), ("kv", 1.0))
+    for adapter in ("a", (("a", 1.0),), (("a", 0.5),), mix):
+        before = hits(engine)
+        run(engine, [SYSTEM + QUESTIONS[0]], [adapter])
+        assert hits(engine) == before, f"{adapter} was served another identity's blocks"
+    (tokens,) = run(engine, [SYSTEM + QUESTIONS[1]], [mix])
+    assert hits(engine) > before
+    assert tokens == run(make_engine(paths, enable_prefix_caching=False), [SYSTEM + QUESTIONS[1]], [mix])[0]
