@@ -199,7 +199,7 @@ BAD_UPLOADS = {  # case -> (files from the good ones, status, words the message 
     "wrong-shape": (lambda f: _with_tensor_change(f, _wrong_shape), 422, [WEIGHTS, "(8, 100)"]),
     "rank-mismatch": (lambda f: _config(f, r=4), 400, ["rank 8", "r"]),
     "unknown-target": (lambda f: _config(f, target_modules=["nope_proj"]), 422, ["nope_proj"]),
-    "dora": (lambda f: _config(f, use_dora=True), 422, ["DoRA"]),
+    "dora-without-magnitude": (lambda f: _config(f, use_dora=True), 400, ["lora_magnitude_vector", "missing"]),
 }
 
 
