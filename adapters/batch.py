@@ -95,6 +95,8 @@ class LoraBatch:
             head_scales = None if token_scales is None else token_scales.to("cpu")[..., keep]
             head = cls.build(token_slots[..., keep], device, max_direct_runs, min_run_rows,
                              token_scales=head_scales, direct_slots=direct_slots)
+            if head is None:  # no kept row uses an adapter: the head adds nothing, rather than all N rows' deltas
+                head = cls(runs=[], groups=None, num_tokens=keep.numel())
             batch = cls(batch.runs, batch.groups, batch.num_tokens, head)
         return batch
 

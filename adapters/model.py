@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .batch import LoraBatch
+from .embedding import LoraEmbedding
 from .layer import LoraLinear, LoraState
-from .packed import PackedLinear, can_pack
 from .peft_format import LoraAdapter, TargetSpec
 
 Composition = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
@@ -22,7 +22,7 @@ class LoraModel:
     cost) or gather (W0 clean, each token row gets its slot's delta inside the same forward).
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoraLinear], state: LoraState,
+    def __init__(self, model: nn.Module, layers: dict[str, LoraLinear | LoraEmbedding], state: LoraState,
                  max_loras: int, max_rank: int):
         self.model, self.layers, self.state = model, layers, state
         self.max_loras, self.max_rank = max_loras, max_rank
@@ -32,7 +32,12 @@ class LoraModel:
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
-        self.spec = TargetSpec(shapes, names, base_name)
+        # The embedding and the head: a saved copy of their weight is compared with these at parse.
+        full_weights = {name: layer.weight for name, layer in layers.items()
+                        if isinstance(layer, LoraEmbedding) or layer.is_head}
+        embeddings = frozenset(name for name, layer in layers.items() if isinstance(layer, LoraEmbedding))
+        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings)
+        self.head = next((layer for layer in layers.values() if getattr(layer, "is_head", False)), None)
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into device slot `slot`; layers it does not target get zeros there."""
@@ -70,6 +75,11 @@ class LoraModel:
             layer.unmerge()
         self.merged_slot = None
 
+    @property
+    def has_head_lora(self) -> bool:
+        """Whether a loaded adapter targets the output head: then each step says which rows reach it."""
+        return self.head is not None and any(self.head.slot_ranks)
+
     def build_batch(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None = None,
                     keep: torch.Tensor | None = None) -> LoraBatch | None:
         """Per-step metadata for `token_slots` ([N], -1 = base; [K, N] with `token_scales` for composed
@@ -93,21 +103,28 @@ class LoraModel:
 
 
 def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False) -> LoraModel:
-    """Replace every Linear/Conv1D but the output head by a LoraLinear, in place; freeze the base.
+    """Give every Linear/Conv1D, the output head and the input embedding LoRA slots, in place, in
+    one pass; freeze the base.
 
-    `pack_weights`: on CPU in fp32, run the linear layers and the output head on oneDNN-packed
-    copies of their weights (about 2x faster forwards, one extra copy of those weights in memory).
+    The head is a LoraLinear that sees only the rows the step keeps (LoraBatch.head). A slot that
+    targets neither the head nor the embedding costs them nothing: base-only forwards run the
+    stock lookup and matmul. `pack_weights`: on CPU in fp32, run the linear layers and the head
+    on oneDNN-packed copies of their weights (about 2x faster forwards, one extra copy in memory).
     """
     model.requires_grad_(False)
     state = LoraState()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers: dict[str, LoraLinear] = {}
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    layers: dict[str, LoraLinear | LoraEmbedding] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+        if isinstance(module, (nn.Linear, Conv1D)):
             layer = LoraLinear(module, state, max_loras, max_rank, pack_weights)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-            layers[name] = layer
-    if pack_weights and type(head) is nn.Linear and can_pack(head.weight):
-        model.set_output_embeddings(PackedLinear(head))
+            layer.is_head = module is head
+        elif type(module) is nn.Embedding and module is embedding:
+            layer = LoraEmbedding(module, state, max_loras, max_rank)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers[name] = layer
     return LoraModel(model, layers, state, max_loras, max_rank)

@@ -11,7 +11,6 @@ free per token; the price is one extra copy of each packed weight in memory.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 PACK_ROWS_HINT = 64  # oneDNN picks the blocked layout for this many rows; any row count works
 
@@ -31,17 +30,3 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + bias with W pre-packed by `pack`; same result as F.linear up to fp32 rounding."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-class PackedLinear(nn.Module):
-    """An nn.Linear (the output head) run on its packed weight; `weight` stays the original.
-    Build it only where `can_pack(base.weight)`."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.weight, self.bias = base.weight, base.bias
-        self.packed = pack(base.weight)
-        assert self.packed is not None, "PackedLinear needs a packable weight (see can_pack)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed, self.bias)

@@ -23,11 +23,14 @@ from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapter
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 # PEFT saves "base_model.model.<module>.lora_A.weight" (and lora_B.bias with lora_bias, the DoRA
-# lora_magnitude_vector); raw state dicts keep the adapter name too ("lora_A.default.weight").
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)"
+# lora_magnitude_vector; an embedding's lora_embedding_A/B, and its or the head's full matrix as
+# base_layer.weight); raw state dicts keep the adapter name too ("lora_A.default.weight").
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|"
+                  r"lora_embedding_A|lora_embedding_B|base_layer)"
                   r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<kind>weight|bias))?$")
 _PARTS = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias",
-          ("lora_magnitude_vector", None): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude"}
+          ("lora_magnitude_vector", None): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude",
+          ("lora_embedding_A", None): "A", ("lora_embedding_B", None): "B", ("base_layer", "weight"): "full"}
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class TargetSpec(NamedTuple):
     shapes: Mapping[str, tuple[int, int]]  # name -> (in_features, out_features)
     module_names: frozenset[str]
     base_name: str | None = None
+    full_weights: Mapping[str, torch.Tensor] = {}  # the embedding's and the head's W0, read-only
+    embeddings: frozenset[str] = frozenset()  # modules that are token embeddings (lora_embedding_A/B)
 
 
 @dataclass(eq=False)
@@ -122,8 +127,9 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
-    pairs = _pair_tensors(tensors, config)
+    pairs, full = _pair_tensors(tensors, config)
     _check_targets(config, pairs, spec)
+    _check_full_weights(full, spec, dtype)
     weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
         log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
@@ -137,23 +143,30 @@ def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, Lor
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
     factors = {}
-    for module, parts in sorted(_pair_tensors(tensors, config).items()):
+    for module, parts in sorted(_pair_tensors(tensors, config)[0].items()):
         a, b = parts["A"], parts["B"]
         _check_pair(module, a, b, config)
         factors[module] = LoraWeights(a.double(), b.double().mul(config.scale_for(module)).t())
     return json.loads(config_bytes), config, factors
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """module -> {"A", "B"[, "bias"][, "magnitude"]}: exactly the parts the config says each module has."""
+def _pair_tensors(tensors: dict[str, torch.Tensor],
+                  config: LoraConfig) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """module -> {"A", "B"[, "bias"][, "magnitude"]}: exactly the parts the config says each module has;
+    and module -> the full matrix saved beside an embedding's or head's LoRA (base_layer.weight)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         part = _PARTS.get((match["part"], match["kind"])) if match else None
         if part is None:
             raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
-                                      "biases, DoRA magnitudes) are served", file=WEIGHTS_FILE, field=key)
-        found.setdefault(match["module"], {})[part] = tensor
+                                      "biases, DoRA magnitudes, embedding LoRA) are served", file=WEIGHTS_FILE,
+                                      field=key)
+        if part == "full":
+            full[match["module"]] = tensor
+        else:
+            found.setdefault(match["module"], {})[part] = tensor
     wanted = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
     if not config.lora_bias:
         del wanted["bias"]
@@ -170,7 +183,25 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig) -> dict[
                                       file=CONFIG_FILE, field=flag)
     if not found:
         raise InvalidAdapterError("contains no LoRA tensors", file=WEIGHTS_FILE)
-    return found
+    return found, full
+
+
+def _check_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec, dtype: torch.dtype) -> None:
+    """PEFT saves the embedding's or head's whole matrix beside its LoRA (save_embedding_layers): a
+    copy of the base's is ignored; one that differs (tokens added or retrained) cannot be served here."""
+    for module, tensor in sorted(full.items()):
+        field = f"{module}.base_layer.weight"
+        base = spec.full_weights.get(module)
+        if base is None:
+            raise InvalidAdapterError(f"a full matrix is saved for {module!r}, which is not the base's embedding "
+                                      "or output head", file=WEIGHTS_FILE, field=field)
+        if tuple(tensor.shape) != tuple(base.shape):
+            raise UnsupportedAdapterError(f"shape {tuple(tensor.shape)} differs from the base's {tuple(base.shape)} "
+                                          "(a resized vocabulary): its rows cannot be served beside the base's",
+                                          file=WEIGHTS_FILE, field=field)
+        if not torch.equal(tensor.to(base.device, dtype), base):
+            raise UnsupportedAdapterError("differs from the base's matrix (retrained or added tokens); such a "
+                                          "copy is not served per row", file=WEIGHTS_FILE, field=field)
 
 
 def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None:
@@ -189,7 +220,7 @@ def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None
             raise InvalidAdapterError(f"module {module!r} has weights but target_modules does not select it",
                                       file=WEIGHTS_FILE, field=f"{module}.lora_A.weight")
         if module not in spec.shapes:
-            raise UnsupportedAdapterError(f"module {module!r} is not a Linear or Conv1D layer",
+            raise UnsupportedAdapterError(f"module {module!r} is not a Linear, Conv1D or the input embedding",
                                           file=CONFIG_FILE, field="target_modules")
     missing = sorted(expected - set(pairs))
     if missing:
@@ -209,6 +240,9 @@ def _fold(module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     a, b = parts["A"], parts["B"]
     _check_pair(module, a, b, config)
+    if module in spec.embeddings and ("bias" in parts or "magnitude" in parts):
+        raise UnsupportedAdapterError(f"DoRA and LoRA biases on the embedding {module!r} are not supported",
+                                      file=CONFIG_FILE, field="use_dora" if "magnitude" in parts else "lora_bias")
     rank = a.shape[0]
     if rank > max_rank:
         raise UnsupportedAdapterError(f"rank {rank} of {module!r} exceeds the server's max_lora_rank {max_rank}",

@@ -71,8 +71,9 @@ def peft_module_names(model: PeftModel, adapter: str) -> list[str]:
 
 def wrap_with(base, paths: dict, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False):
     lora_model = wrap_model(copy.deepcopy(base), max_loras=max_loras, max_rank=max_rank, pack_weights=pack_weights)
+    embedding = lora_model.model.get_input_embeddings()
     assert all((layer.packed_weight is not None) == (pack_weights and not layer.is_conv1d)
-               for layer in lora_model.layers.values())
+               for layer in lora_model.layers.values() if layer is not embedding)
     registry = AdapterRegistry(lora_model)
     for name, path in paths.items():
         registry.add(name, path)

@@ -55,17 +55,20 @@ class ModelRunner:
                 prompt_keep += range(row + targets.start - 1 - first, row + targets.stop - 1 - first)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         step = KVStep(self.cache, seq_slices, as_tensor(write))
-        batch = self._build_batch(slots, any(seq.terms for seq, _ in scheduled)) if gather else None
+        head_rows = as_tensor(keep + prompt_keep)
+        # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
+        head_keep = head_rows if self.lora_model.has_head_lora else None
+        batch = self._build_batch(slots, any(seq.terms for seq, _ in scheduled), head_keep) if gather else None
         with self.lora_model.gather(batch):
             out = self.model(input_ids=as_tensor(ids)[None], position_ids=as_tensor(positions)[None],
-                             use_cache=False, logits_to_keep=as_tensor(keep + prompt_keep), kv_step=step)
+                             use_cache=False, logits_to_keep=head_rows, kv_step=step)
         logits = out.logits[0]  # [M + sum of len(targets), V]
         return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
 
-    def _build_batch(self, slots: list, has_composed: bool):
+    def _build_batch(self, slots: list, has_composed: bool, keep: torch.Tensor | None):
         if not has_composed:
-            return self.lora_model.build_batch(torch.tensor(slots))
-        return self.lora_model.build_batch(*_composed_rows(slots))
+            return self.lora_model.build_batch(torch.tensor(slots), keep=keep)
+        return self.lora_model.build_batch(*_composed_rows(slots), keep=keep)
 
 
 def _composed_rows(slots: list) -> tuple[torch.Tensor, torch.Tensor]:
