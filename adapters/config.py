@@ -27,6 +27,7 @@ SUPPORTED = frozenset({  # read by LoraConfig below: they decide the targets, ra
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
     "alpha_pattern", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
     "use_dora", "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
+    "modules_to_save",  # full copies of row-wise modules (norms, linears, embedding, head), served per row
 })
 INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loaded adapter computes
     "task_type", "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
@@ -41,7 +42,6 @@ INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loa
     "qalora_group_size",  # read only with use_qalora, refused below
 })
 REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
-    "modules_to_save": Refused("full-weight modules_to_save are not supported"),
     "trainable_token_indices": Refused("trained embedding rows (trainable tokens) are not supported"),
     "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
     "target_parameters": Refused("parameter-targeted LoRA is not supported"),
@@ -84,6 +84,7 @@ class LoraConfig(BaseModel):
     base_model_name_or_path: str | None = None
     use_dora: bool = False
     lora_bias: bool = False
+    modules_to_save: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +192,11 @@ class LoraConfig(BaseModel):
             return False
         index = int(match.group("idx"))
         return index == wanted if isinstance(wanted, int) else index in wanted
+
+    def saves(self, key: str) -> bool:
+        """Whether PEFT keeps a full copy of the module `key`: its name ends with an entry, as a plain
+        string (peft.utils.other._set_trainable), so "norm" also selects "input_layernorm"."""
+        return any(key.endswith(name) for name in self.modules_to_save or ())
 
     def rank_for(self, key: str) -> int:
         return self.rank_pattern.get(_pattern_key(self.rank_pattern, key), self.r)

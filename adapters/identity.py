@@ -2,7 +2,8 @@
 
 The prefix cache keys K/V by this identity, so it must change whenever the adapter's output could:
 it covers the parsed config and every module's folded weights (name, dtype, shape and bytes of A,
-of B, whose scale is folded in, and of any other part the adapter carries). Names, request fields and salts are not in it, so none of
+of B, whose scale is folded in, and of any other part the adapter carries), and every full module
+copy (modules_to_save, a retrained embedding or head matrix). Names, request fields and salts are not in it, so none of
 them can make one adapter's cached K/V answer for another (vLLM #30931, #44701; SGLang #24638).
 A replacement with other weights gets another identity; one with the very same bytes gets the
 same identity, and its cached K/V are then exactly what it would compute.
@@ -43,6 +44,11 @@ def _digest(adapter: LoraAdapter) -> bytes:
                 _field(h, f"{part}:none".encode())
                 continue
             _field(h, f"{part}:{tensor.dtype}{tuple(tensor.shape)}".encode())
+            _field(h, _bytes(tensor))
+    for module in sorted(adapter.modules):  # full copies: modules_to_save, a retrained embedding or head
+        _field(h, f"copy:{module}".encode())
+        for param, tensor in sorted(adapter.modules[module].items()):
+            _field(h, f"{param}:{tensor.dtype}{tuple(tensor.shape)}".encode())
             _field(h, _bytes(tensor))
     return h.digest()
 

@@ -11,6 +11,7 @@ from .batch import LoraBatch
 from .embedding import LoraEmbedding
 from .layer import LoraLinear, LoraState
 from .peft_format import LoraAdapter, TargetSpec
+from .saved import PerRowModule, row_modules
 
 Composition = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
 
@@ -28,6 +29,8 @@ class LoraModel:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot; 0 = empty
         self.dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter: their rows run directly
+        self.copy_slots: frozenset[int] = frozenset()  # slots holding full module copies: direct runs too
+        self.copies: dict[str, PerRowModule] = {}  # installed on first load of a copy of that module
         self.merged_slot: int | Composition | None = None
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
@@ -36,7 +39,7 @@ class LoraModel:
         full_weights = {name: layer.weight for name, layer in layers.items()
                         if isinstance(layer, LoraEmbedding) or layer.is_head}
         embeddings = frozenset(name for name, layer in layers.items() if isinstance(layer, LoraEmbedding))
-        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings)
+        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings, row_modules(model))
         self.head = next((layer for layer in layers.values() if getattr(layer, "is_head", False)), None)
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
@@ -45,16 +48,31 @@ class LoraModel:
             self.unmerge()
         for name, layer in self.layers.items():
             layer.set_slot(slot, adapter.weights.get(name))
+        for name in adapter.modules.keys() - self.copies.keys():
+            self._install_copies(name)
+        for name, module in self.copies.items():
+            module.set_slot(slot, adapter.modules.get(name))
         self.slot_ranks[slot] = adapter.rank
         self.dora_slots = self.dora_slots | {slot} if adapter.is_dora else self.dora_slots - {slot}
+        self.copy_slots = self.copy_slots | {slot} if adapter.modules else self.copy_slots - {slot}
+
+    def _install_copies(self, name: str) -> None:
+        """Put a PerRowModule around module `name` (on the engine thread, between steps)."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        module = PerRowModule(base, self.state, is_head=getattr(base, "is_head", False))
+        setattr(parent, child, module)
+        self.copies[name] = module
 
     def clear_slot(self, slot: int) -> None:
         if self.merged_slot == slot:
             self.unmerge()
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.copies.values()]:
             layer.set_slot(slot, None)
         self.slot_ranks[slot] = 0
         self.dora_slots = self.dora_slots - {slot}
+        self.copy_slots = self.copy_slots - {slot}
 
     def merge(self, target: int | Composition) -> None:
         """Fold the adapter in slot `target` (or a composition's Σ scale·delta) into the weights;
@@ -62,7 +80,7 @@ class LoraModel:
         terms = [(target, 1.0)] if isinstance(target, int) else list(target)
         assert all(self.slot_ranks[slot] > 0 for slot, _ in terms), f"a slot of {target} is empty"
         try:
-            for layer in self.layers.values():
+            for layer in [*self.layers.values(), *self.copies.values()]:
                 layer.merge(terms)
         except Exception:
             self.unmerge()
@@ -71,21 +89,23 @@ class LoraModel:
 
     def unmerge(self) -> None:
         """Back to the base weights: no arithmetic, W0 was never written."""
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.copies.values()]:
             layer.unmerge()
         self.merged_slot = None
 
     @property
     def has_head_lora(self) -> bool:
-        """Whether a loaded adapter targets the output head: then each step says which rows reach it."""
-        return self.head is not None and any(self.head.slot_ranks)
+        """Whether a loaded adapter changes the output head: then each step says which rows reach it."""
+        if self.head is not None and any(self.head.slot_ranks):
+            return True
+        return any(module.is_head and module.copies for module in self.copies.values())
 
     def build_batch(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None = None,
                     keep: torch.Tensor | None = None) -> LoraBatch | None:
         """Per-step metadata for `token_slots` ([N], -1 = base; [K, N] with `token_scales` for composed
         rows) and the rows `keep` that reach the output head; None when every row is base."""
         return LoraBatch.build(token_slots, device=self.device, token_scales=token_scales,
-                               direct_slots=self.dora_slots, keep=keep)
+                               direct_slots=self.dora_slots | self.copy_slots, keep=keep)
 
     @contextmanager
     def gather(self, batch: LoraBatch | None):

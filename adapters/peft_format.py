@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Union
 
@@ -53,6 +53,7 @@ class TargetSpec(NamedTuple):
     base_name: str | None = None
     full_weights: Mapping[str, torch.Tensor] = {}  # the embedding's and the head's W0, read-only
     embeddings: frozenset[str] = frozenset()  # modules that are token embeddings (lora_embedding_A/B)
+    row_modules: Mapping[str, Mapping[str, tuple[int, ...]]] = {}  # copies servable per row: name -> shapes
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class LoraAdapter:
     name: str
     config: LoraConfig
     weights: dict[str, LoraWeights]
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # full copies: module -> params
 
     @property
     def rank(self) -> int:
@@ -73,11 +75,15 @@ class LoraAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     @property
     def num_params(self) -> int:
-        return sum(t.numel() for w in self.weights.values() for t in w if t is not None)
+        return sum(t.numel() for t in self._tensors())
+
+    def _tensors(self):
+        yield from (t for w in self.weights.values() for t in w if t is not None)
+        yield from (t for params in self.modules.values() for t in params.values())
 
     @property
     def is_dora(self) -> bool:
@@ -127,14 +133,15 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
-    pairs, full = _pair_tensors(tensors, config)
+    pairs, full, other = _pair_tensors(tensors, config)
     _check_targets(config, pairs, spec)
-    _check_full_weights(full, spec, dtype)
+    modules = _saved_modules(other, config, spec, dtype)
+    modules.update(_changed_full_weights(full, spec, dtype))
     weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
         log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
                     name, config.base_model_name_or_path, spec.base_name)
-    return LoraAdapter(name, config, weights)
+    return LoraAdapter(name, config, weights, modules)
 
 
 def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, LoraWeights]]:
@@ -153,12 +160,17 @@ def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, Lor
 def _pair_tensors(tensors: dict[str, torch.Tensor],
                   config: LoraConfig) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """module -> {"A", "B"[, "bias"][, "magnitude"]}: exactly the parts the config says each module has;
-    and module -> the full matrix saved beside an embedding's or head's LoRA (base_layer.weight)."""
+    module -> the full matrix saved beside an embedding's or head's LoRA (base_layer.weight); and the
+    other tensors by key, when the config has modules_to_save (their copies)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     full: dict[str, torch.Tensor] = {}
+    other: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         part = _PARTS.get((match["part"], match["kind"])) if match else None
+        if part is None and config.modules_to_save:
+            other[key.removeprefix("base_model.model.")] = tensor
+            continue
         if part is None:
             raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
                                       "biases, DoRA magnitudes, embedding LoRA) are served", file=WEIGHTS_FILE,
@@ -183,12 +195,44 @@ def _pair_tensors(tensors: dict[str, torch.Tensor],
                                       file=CONFIG_FILE, field=flag)
     if not found:
         raise InvalidAdapterError("contains no LoRA tensors", file=WEIGHTS_FILE)
-    return found, full
+    return found, full, other
 
 
-def _check_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec, dtype: torch.dtype) -> None:
+def _saved_modules(tensors: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
+                   dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """modules_to_save: each saved module's full parameters, checked to be servable per row and to fit."""
+    selected = sorted((name for name in spec.module_names if config.saves(name)), key=len, reverse=True)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sorted(tensors.items()):
+        module = next((name for name in selected if key.startswith(name + ".")), None)
+        if module is None:
+            raise InvalidAdapterError(f"unexpected tensor {key!r}: neither LoRA nor a module modules_to_save "
+                                      "selects", file=WEIGHTS_FILE, field=key)
+        shapes = spec.row_modules.get(module)
+        if shapes is None:
+            raise UnsupportedAdapterError(f"a full copy of {module!r} cannot be served per row (only linear, "
+                                          "embedding and norm modules can)", file=CONFIG_FILE, field="modules_to_save")
+        param = key[len(module) + 1:]
+        if shapes.get(param) != tuple(tensor.shape):
+            raise UnsupportedAdapterError(f"shape {tuple(tensor.shape)} does not fit the base's {shapes.get(param)} "
+                                          "(a resized vocabulary cannot be served beside the base's rows)",
+                                          file=WEIGHTS_FILE, field=key)
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
+        modules.setdefault(module, {})[param] = tensor.to(dtype).contiguous()
+    for module, params in modules.items():
+        missing = sorted(set(spec.row_modules[module]) - set(params))
+        if missing:
+            raise InvalidAdapterError(f"the copy of {module!r} has no {missing[0]!r}", file=WEIGHTS_FILE,
+                                      field=f"{module}.{missing[0]}")
+    return modules
+
+
+def _changed_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec,
+                          dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT saves the embedding's or head's whole matrix beside its LoRA (save_embedding_layers): a
-    copy of the base's is ignored; one that differs (tokens added or retrained) cannot be served here."""
+    copy of the base's is ignored; one that differs (retrained) is served like modules_to_save."""
+    changed = {}
     for module, tensor in sorted(full.items()):
         field = f"{module}.base_layer.weight"
         base = spec.full_weights.get(module)
@@ -199,9 +243,12 @@ def _check_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec, dtyp
             raise UnsupportedAdapterError(f"shape {tuple(tensor.shape)} differs from the base's {tuple(base.shape)} "
                                           "(a resized vocabulary): its rows cannot be served beside the base's",
                                           file=WEIGHTS_FILE, field=field)
-        if not torch.equal(tensor.to(base.device, dtype), base):
-            raise UnsupportedAdapterError("differs from the base's matrix (retrained or added tokens); such a "
-                                          "copy is not served per row", file=WEIGHTS_FILE, field=field)
+        tensor = tensor.to(base.device, dtype)
+        if not torch.isfinite(tensor).all():
+            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
+        if not torch.equal(tensor, base):
+            changed[module] = {"weight": tensor.to("cpu").contiguous()}
+    return changed
 
 
 def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None:

@@ -142,8 +142,12 @@ BAD_CASES = [
          InvalidAdapterError, CONFIG, "use_dora", "does not set"),
     case("lora-bias-without-biases", config_change(lora_bias=True), InvalidAdapterError, WEIGHTS,
          f"{Q_PROJ}.lora_B.bias", "missing"),
-    case("modules-to-save", config_change(modules_to_save=["lm_head"]), UnsupportedAdapterError, CONFIG,
-         "modules_to_save", "not supported"),
+    case("modules-to-save-not-per-row",  # an attention block's rows depend on each other
+         lambda a: adapter_files({**a.good.config, "modules_to_save": ["self_attn"]},
+                                 {**a.good.tensors, f"{PREFIX}{K_PROJ}.weight": torch.ones(64, 64)}),
+         UnsupportedAdapterError, CONFIG, "modules_to_save", "cannot be served per row"),
+    case("modules-to-save-unselected", tensors_change(lambda t: t.update({f"{PREFIX}model.norm.weight": torch.ones(64)})),
+         InvalidAdapterError, WEIGHTS, f"{PREFIX}model.norm.weight", "unexpected tensor"),
     case("lora-bias", config_change(bias="all"), UnsupportedAdapterError, CONFIG, "bias", "not supported"),
     case("not-lora", config_change(peft_type="IA3"), UnsupportedAdapterError, CONFIG, "peft_type", "IA3"),
 ]

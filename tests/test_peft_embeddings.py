@@ -147,21 +147,22 @@ def _rewrite(path, out, change):
 
 def test_saved_full_matrices(embedded, tmp_path):
     """PEFT saves the embedding's and head's whole matrix beside their LoRA: equal to the base's, it is
-    ignored; retrained or resized, it is refused naming the tensor (not silently dropped)."""
+    ignored; retrained, it becomes a per-row copy (test_peft_modules_to_save serves it); resized, it is
+    refused naming the tensor."""
     lora_model, _ = wrap_with(embedded["base"], {})
     path = embedded["paths"]["both"]
     keys = [key for key in load_file(path / "adapter_model.safetensors") if key.endswith(".base_layer.weight")]
     assert len(keys) == 2
-    load_adapter("both", path, lora_model.spec, max_rank=64)
+    assert load_adapter("both", path, lora_model.spec, max_rank=64).modules == {}
     for key in keys:
-        field = key.removeprefix("base_model.model.")
-        changed = _rewrite(path, tmp_path / f"changed-{field}", lambda t, key=key: t[key].__setitem__((3, 0), 1.0))
-        with pytest.raises(UnsupportedAdapterError) as info:
-            load_adapter("x", changed, lora_model.spec, max_rank=64)
-        assert info.value.field == field
-        resized = _rewrite(path, tmp_path / f"resized-{field}", lambda t, key=key: t.__setitem__(key, torch.zeros(130, 64)))
-        with pytest.raises(UnsupportedAdapterError, match="resized vocabulary"):
+        module = key.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
+        changed = _rewrite(path, tmp_path / f"changed-{module}", lambda t, key=key: t[key].__setitem__((3, 0), 1.0))
+        assert list(load_adapter("x", changed, lora_model.spec, max_rank=64).modules) == [module]
+        resized = _rewrite(path, tmp_path / f"resized-{module}",
+                           lambda t, key=key: t.__setitem__(key, torch.zeros(130, 64)))
+        with pytest.raises(UnsupportedAdapterError, match="resized vocabulary") as info:
             load_adapter("x", resized, lora_model.spec, max_rank=64)
+        assert info.value.field == key.removeprefix("base_model.model.")
 
 
 def test_identity_covers_embedding_and_head_lora(embedded, tmp_path):

@@ -24,7 +24,8 @@ def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: i
 
     Refused, naming the field `adapters`: more adapters than device slots (it could never run),
     non-finite scales, and DoRA adapters, whose magnitude normalises W0 + ΔW as a whole: a weighted
-    sum of DoRA updates is not any adapter's output, and PEFT defines none.
+    sum of DoRA updates is not any adapter's output, and PEFT defines none; likewise adapters with
+    full module copies (modules_to_save), which replace a module rather than add a delta.
     """
     if not composition:
         raise RequestError("must name at least one adapter", field="adapters")
@@ -41,6 +42,9 @@ def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: i
             if version.adapter is not None and version.adapter.is_dora:
                 raise RequestError(f"adapter {name!r} is a DoRA adapter, which cannot be composed: its "
                                    "magnitude normalises its own W0 + ΔW", field=f"adapters[{index}].name")
+            if version.adapter is not None and version.adapter.modules:
+                raise RequestError(f"adapter {name!r} replaces whole modules (modules_to_save), which cannot "
+                                   "be scaled or summed with others", field=f"adapters[{index}].name")
     except Exception:
         for version, _ in terms:
             registry.unbind(version)
