@@ -28,6 +28,7 @@ SUPPORTED = frozenset({  # read by LoraConfig below: they decide the targets, ra
     "alpha_pattern", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
     "use_dora", "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
     "modules_to_save",  # full copies of row-wise modules (norms, linears, embedding, head), served per row
+    "trainable_token_indices",  # new rows for some token ids of the embedding (and its tied head)
 })
 INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loaded adapter computes
     "task_type", "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
@@ -42,7 +43,6 @@ INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loa
     "qalora_group_size",  # read only with use_qalora, refused below
 })
 REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
-    "trainable_token_indices": Refused("trained embedding rows (trainable tokens) are not supported"),
     "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
     "target_parameters": Refused("parameter-targeted LoRA is not supported"),
     "layer_replication": Refused("layer replication changes the base model's layer stack"),
@@ -85,6 +85,7 @@ class LoraConfig(BaseModel):
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -39,7 +39,10 @@ class LoraModel:
         full_weights = {name: layer.weight for name, layer in layers.items()
                         if isinstance(layer, LoraEmbedding) or layer.is_head}
         embeddings = frozenset(name for name, layer in layers.items() if isinstance(layer, LoraEmbedding))
-        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings, row_modules(model))
+        head = next((name for name, layer in layers.items() if getattr(layer, "is_head", False)), None)
+        tied = head is not None and any(full_weights[head] is full_weights[name] for name in embeddings)
+        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings, head if tied else None,
+                               row_modules(model))
         self.head = next((layer for layer in layers.values() if getattr(layer, "is_head", False)), None)
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:

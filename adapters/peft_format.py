@@ -9,7 +9,8 @@ import json
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import NamedTuple, Union
 
@@ -26,11 +27,12 @@ PICKLE_FILE = "adapter_model.bin"
 # lora_magnitude_vector; an embedding's lora_embedding_A/B, and its or the head's full matrix as
 # base_layer.weight); raw state dicts keep the adapter name too ("lora_A.default.weight").
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|"
-                  r"lora_embedding_A|lora_embedding_B|base_layer)"
+                  r"lora_embedding_A|lora_embedding_B|base_layer|token_adapter\.trainable_tokens_delta)"
                   r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<kind>weight|bias))?$")
 _PARTS = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias",
           ("lora_magnitude_vector", None): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude",
-          ("lora_embedding_A", None): "A", ("lora_embedding_B", None): "B", ("base_layer", "weight"): "full"}
+          ("lora_embedding_A", None): "A", ("lora_embedding_B", None): "B", ("base_layer", "weight"): "full",
+          ("token_adapter.trainable_tokens_delta", None): "tokens"}
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class TargetSpec(NamedTuple):
     base_name: str | None = None
     full_weights: Mapping[str, torch.Tensor] = {}  # the embedding's and the head's W0, read-only
     embeddings: frozenset[str] = frozenset()  # modules that are token embeddings (lora_embedding_A/B)
+    tied_head: str | None = None  # the output head, when it shares the embedding's matrix
     row_modules: Mapping[str, Mapping[str, tuple[int, ...]]] = {}  # copies servable per row: name -> shapes
 
 
@@ -63,7 +66,7 @@ class LoraAdapter:
     name: str
     config: LoraConfig
     weights: dict[str, LoraWeights]
-    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # full copies: module -> params
+    modules: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)  # full copies: module -> params
 
     @property
     def rank(self) -> int:
@@ -136,7 +139,9 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     pairs, full, other = _pair_tensors(tensors, config)
     _check_targets(config, pairs, spec)
     modules = _saved_modules(other, config, spec, dtype)
-    modules.update(_changed_full_weights(full, spec, dtype))
+    modules.update(_changed_full_weights({m: t for (part, m), t in full.items() if part == "full"}, spec, dtype))
+    modules.update(_trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec,
+                                     set(pairs), dtype))
     weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
         log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
@@ -163,7 +168,7 @@ def _pair_tensors(tensors: dict[str, torch.Tensor],
     module -> the full matrix saved beside an embedding's or head's LoRA (base_layer.weight); and the
     other tensors by key, when the config has modules_to_save (their copies)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
-    full: dict[str, torch.Tensor] = {}
+    full: dict[tuple[str, str], torch.Tensor] = {}  # ("full" or "tokens", module) -> tensor
     other: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -175,8 +180,8 @@ def _pair_tensors(tensors: dict[str, torch.Tensor],
             raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
                                       "biases, DoRA magnitudes, embedding LoRA) are served", file=WEIGHTS_FILE,
                                       field=key)
-        if part == "full":
-            full[match["module"]] = tensor
+        if part in ("full", "tokens"):
+            full[part, match["module"]] = tensor
         else:
             found.setdefault(match["module"], {})[part] = tensor
     wanted = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector"}
@@ -225,6 +230,43 @@ def _saved_modules(tensors: Mapping[str, torch.Tensor], config: LoraConfig, spec
         if missing:
             raise InvalidAdapterError(f"the copy of {module!r} has no {missing[0]!r}", file=WEIGHTS_FILE,
                                       field=f"{module}.{missing[0]}")
+    return modules
+
+
+def _trainable_tokens(deltas: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
+                      lora_modules: set[str], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT's trainable tokens: new rows for some token ids of an embedding (and of the head tied to it)."""
+    indices = config.trainable_token_indices
+    if isinstance(indices, list):
+        indices = {next(iter(sorted(spec.embeddings)), "embed_tokens"): indices}
+    wanted = {name: list(ids) for key, ids in (indices or {}).items()
+              for name in spec.module_names if name == key or name.endswith("." + key)}
+    field = "trainable_token_indices"
+    modules = {}
+    for module, ids in sorted(wanted.items()):
+        delta, base = deltas.get(module), spec.full_weights.get(module)
+        if base is None:
+            raise UnsupportedAdapterError(f"trainable tokens of {module!r}: only the embedding's and the head's "
+                                          "are served", file=CONFIG_FILE, field=field)
+        if module in lora_modules:
+            raise UnsupportedAdapterError(f"{module!r} has both LoRA and trainable tokens", file=CONFIG_FILE,
+                                          field=field)
+        key = f"{module}.token_adapter.trainable_tokens_delta"
+        if delta is None:
+            raise InvalidAdapterError("is missing", file=WEIGHTS_FILE, field=key)
+        if tuple(delta.shape) != (len(ids), base.shape[1]) or not all(0 <= i < base.shape[0] for i in ids):
+            raise IncompatibleAdapterError(f"{len(ids)} token ids in [0, {base.shape[0]}) need rows "
+                                           f"({len(ids)}, {base.shape[1]}), got {tuple(delta.shape)}",
+                                           file=WEIGHTS_FILE, field=key)
+        if not delta.is_floating_point() or not torch.isfinite(delta).all():
+            raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
+        rows = {"token_ids": torch.tensor(ids, dtype=torch.long), "token_rows": delta.to(dtype).contiguous()}
+        modules[module] = rows
+        if module in spec.embeddings and spec.tied_head:  # PEFT applies them to the tied head as well
+            modules[spec.tied_head] = rows
+    for module in sorted(set(deltas) - set(wanted)):
+        raise InvalidAdapterError("trainable_token_indices does not select this module", file=WEIGHTS_FILE,
+                                  field=f"{module}.token_adapter.trainable_tokens_delta")
     return modules
 
 

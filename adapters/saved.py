@@ -52,6 +52,8 @@ class PerRowModule(nn.Module):
         return isinstance(self.base, (LoraLinear, LoraEmbedding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None and "token_ids" in self.merged:
+            return self._replace_tokens(self.merged, x, self.base(x))
         if self.merged is not None:
             if self.is_difference:
                 return self.base(x).add_(self._run_copy(self.merged, x))
@@ -68,11 +70,27 @@ class PerRowModule(nn.Module):
             copy = self.copies.get(run.slot)
             if copy is None:
                 continue
+            if "token_ids" in copy:
+                self._replace_tokens(copy, flat_x[run.start:run.stop], flat_y[run.start:run.stop])
+                continue
             rows = self._run_copy(copy, flat_x[run.start:run.stop])
             if self.is_difference:
                 flat_y[run.start:run.stop] += rows
             else:
                 flat_y[run.start:run.stop] = rows
+        return y
+
+    def _replace_tokens(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Trainable tokens (PEFT's index_copy of rows into the matrix), in place on `y`: the embedding
+        looks those ids up in the new rows; the head scores those ids with them."""
+        token_ids, token_rows = params["token_ids"], params["token_rows"]  # [k], [k, hidden]
+        if self.is_head:
+            y[..., token_ids] = x @ token_rows.T  # [..., k]
+            return y
+        match = x.reshape(-1, 1) == token_ids  # [n, k]
+        hit = match.any(1)
+        flat = y.view(-1, y.shape[-1])
+        flat[hit] = token_rows[match[hit].int().argmax(1)]
         return y
 
     def _run_copy(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +110,9 @@ class PerRowModule(nn.Module):
             self.copies.pop(slot, None)
             return
         own = dict(self.base.named_parameters(recurse=False))
-        if not own:  # LoraLinear and LoraEmbedding hold W0 as plain attributes
-            own = {key: getattr(self.base, key) for key in ("weight", "bias") if getattr(self.base, key, None) is not None}
-        copy = {key: tensor.to(own[key].device) for key, tensor in params.items()}
-        if self.is_difference:
+        device = self.base.weight.device
+        copy = {key: tensor.to(device) for key, tensor in params.items()}
+        if self.is_difference and "token_ids" not in copy:
             copy = {key: tensor - own[key] for key, tensor in copy.items()}
         self.copies[slot] = copy
 
