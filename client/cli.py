@@ -43,6 +43,11 @@ def add_client_commands(commands: argparse._SubParsersAction) -> argparse._SubPa
     show = adapters.add_parser("show", parents=[common])
     show.add_argument("name")
     show.set_defaults(run=lambda c, a: _print(c.adapter(a.name)))
+    compose = adapters.add_parser("compose", parents=[common], help="name a composition: NAME A=0.5 B=1.0")
+    compose.add_argument("name")
+    compose.add_argument("terms", nargs="+", metavar="ADAPTER=SCALE")
+    compose.add_argument("--replace", action="store_true")
+    compose.set_defaults(run=lambda c, a: _print(c.compose(a.name, _terms(a.terms), a.replace)))
     remove = adapters.add_parser("rm", parents=[common], help="delete an adapter")
     remove.add_argument("name")
     remove.set_defaults(run=lambda c, a: c.delete_adapter(a.name) or print(f"deleted {a.name}"))
@@ -115,6 +120,18 @@ def format_analysis(analysis: AdapterAnalysis) -> str:
                  + ", ".join(f"{summary['effective_rank'][e]} @ {e}" for e in energies))
     lines.extend(f"warning: {warning}" for warning in summary["warnings"])
     return "\n".join(lines)
+
+
+def _terms(pairs: list[str]) -> dict[str, float]:
+    """ADAPTER=SCALE arguments; a bare ADAPTER means scale 1."""
+    terms = {}
+    for pair in pairs:
+        name, sep, scale = pair.partition("=")
+        try:
+            terms[name] = float(scale) if sep else 1.0
+        except ValueError:
+            raise SystemExit(f"loraserve: {pair!r}: expected ADAPTER=SCALE with a number") from None
+    return terms
 
 
 def _print_stream(deltas) -> None:

@@ -5,7 +5,7 @@ Both share the request builders and parsers below; only the transport calls diff
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ def _upload_parts(name: str, path: str | Path, replace: bool, energy: float | No
     data = {"name": name, "replace": "true" if replace else "false"}
     data.update({k: str(v) for k, v in (("energy", energy), ("max_rank", max_rank)) if v is not None})
     return data, files
+
+
+def _compose_body(name: str, terms: Mapping[str, float], replace: bool) -> dict:
+    return {"name": name, "compose": [{"name": n, "scale": s} for n, s in terms.items()], "replace": replace}
 
 
 def _delta(line: str) -> StreamDelta | None:
@@ -102,6 +106,10 @@ class Client:
         """Upload a PEFT directory; `energy`/`max_rank` have the server compress each layer's rank."""
         data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**self._json("POST", "/v1/adapters", data=data, files=files))
+
+    def compose(self, name: str, terms: Mapping[str, float], replace: bool = False) -> dict:
+        """Name a composition, e.g. compose("sql-fr", {"sql": 0.5, "fr": 1.0}); use it as `model`."""
+        return self._json("POST", "/v1/adapters", json=_compose_body(name, terms, replace))
 
     def analysis(self, name: str) -> AdapterAnalysis:
         return AdapterAnalysis(**self._json("GET", f"/v1/adapters/{name}/analysis"))
@@ -183,6 +191,9 @@ class AsyncClient:
                              max_rank: int | None = None) -> AdapterInfo:
         data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**await self._json("POST", "/v1/adapters", data=data, files=files))
+
+    async def compose(self, name: str, terms: Mapping[str, float], replace: bool = False) -> dict:
+        return await self._json("POST", "/v1/adapters", json=_compose_body(name, terms, replace))
 
     async def analysis(self, name: str) -> AdapterAnalysis:
         return AdapterAnalysis(**await self._json("GET", f"/v1/adapters/{name}/analysis"))

@@ -69,6 +69,7 @@ class ModelInfo(_Model):
     parent: str | None = None
     rank: int | None = None
     target_modules: list[str] | None = None
+    compose: list[dict] | None = None  # a named composition's [{"name", "scale"}, ...]
 
 
 class AdapterInfo(_Model):

@@ -5,6 +5,7 @@ Layout:
     <root>/.versions/<name>/<version>/   adapter_config.json, adapter_model.safetensors
     <root>/.staging-<version>/           an upload being written
     <root>/.staging-<version>.lock       flock-held by the uploading process for the upload's life
+    <root>/.compositions/<name>.json     a named composition: [{"name": adapter, "scale": s}, ...]
 
 A version directory is written once in staging (every file fsynced), renamed into .versions and never
 changed again. The pointer is created with os.symlink, which fails if the name exists, so the
@@ -17,11 +18,15 @@ before the switch); the next save of that name or the next startup sweep removes
 orphaned versions are removed only when no live upload holds their lock and they are older than
 `grace_s`: flock is shared by NFS clients (Linux maps it to byte-range locks), and the age is the
 backstop where it is not, or where the holder is this same process.
+
+A composition is one small JSON file, written to a temporary name (fsynced) and then linked into
+place (create: os.link fails if the name exists, so one creator wins) or renamed over it (replace).
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -38,6 +43,7 @@ from adapters.peft_format import WEIGHTS_FILE
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 VERSIONS = ".versions"
+COMPOSITIONS = ".compositions"
 STAGING = ".staging-"
 LOCK = ".lock"
 TEMPORARY_LINKS = (".link-", ".deleting-")
@@ -89,6 +95,41 @@ class AdapterStore:
 
     def __contains__(self, name: str) -> bool:
         return self.version(name) is not None
+
+    # Named compositions: ((adapter, scale), ...) under a name of their own.
+    def compositions(self) -> dict[str, tuple[tuple[str, float], ...]]:
+        folder = self.root / COMPOSITIONS
+        if not folder.is_dir():
+            return {}
+        found = {}
+        for path in sorted(folder.glob("*.json")):
+            if is_valid_name(path.stem):
+                terms = json.loads(path.read_bytes())
+                found[path.stem] = tuple((term["name"], float(term["scale"])) for term in terms)
+        return found
+
+    def save_composition(self, name: str, terms: tuple[tuple[str, float], ...], replace: bool = False) -> None:
+        """Write atomically: readers see the old file or the new one; without `replace`, an existing
+        name is an AdapterExistsError (also when another replica created it meanwhile)."""
+        folder = self.root / COMPOSITIONS
+        folder.mkdir(exist_ok=True)
+        temporary = folder / f".tmp-{_new_version()}"
+        _write_synced(temporary, json.dumps([{"name": n, "scale": s} for n, s in terms]).encode())
+        target = folder / f"{check_name(name)}.json"
+        try:
+            if replace:
+                os.replace(temporary, target)
+            else:
+                os.link(temporary, target)
+        except FileExistsError:
+            raise AdapterExistsError(f"composition {name!r} already exists") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_dir(folder)
+
+    def delete_composition(self, name: str) -> None:
+        (self.root / COMPOSITIONS / f"{check_name(name)}.json").unlink(missing_ok=True)
+        _fsync_dir(self.root / COMPOSITIONS)
 
     def _pointer(self, name: str) -> str | None:
         try:

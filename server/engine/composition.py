@@ -19,6 +19,18 @@ COMPOSED_LABEL = "__composed__"
 _DOMAIN = b"loraserve/composition/v1\0"
 
 
+class NamedComposition(tuple):
+    """A composition registered under a name (POST /v1/adapters with `compose`): the same terms,
+    and metrics and logs label its requests by that name rather than COMPOSED_LABEL."""
+
+    label: str
+
+    def __new__(cls, label: str, terms: Composition) -> "NamedComposition":
+        composition = super().__new__(cls, terms)
+        composition.label = label
+        return composition
+
+
 def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: int) -> list[tuple[AdapterVersion, float]]:
     """Bind every adapter's current version (unknown name: AdapterNotFoundError, nothing kept bound).
 

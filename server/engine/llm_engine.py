@@ -74,7 +74,10 @@ class LLMEngine:
         the name does not change or fail it, and its prefix-cache lookups use that version's identity.
         A composition ((name, scale), ...) binds each of its adapters so (composition.py)."""
         params = params or SamplingParams()
-        composition, adapter = (adapter, COMPOSED_LABEL) if isinstance(adapter, tuple) else (None, adapter)
+        if isinstance(adapter, tuple):
+            composition, adapter = adapter, getattr(adapter, "label", COMPOSED_LABEL)
+        else:
+            composition = None
         if composition is None and adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
         prompt_ids = self.encode_prompt(prompt)

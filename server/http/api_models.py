@@ -57,6 +57,16 @@ class AdapterTerm(_Request):
     scale: float = Field(1.0, allow_inf_nan=False)  # any finite number, negative included
 
 
+class ComposeRequest(_Request):
+    """POST /v1/adapters as JSON: name a composition of registered adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    compose: list[AdapterTerm] = Field(min_length=1)
+    replace: bool = False
+
+
 class _SamplingFields(_Request):
     model: str
     # loraserve's extension: Σ scaleᵢ·ΔWᵢ of these adapters on the base (`model` then names the base)
@@ -277,6 +287,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     rank: int | None = None
     target_modules: list[str] | None = None
+    compose: list[AdapterTerm] | None = None  # a named composition's adapters and scales
 
 
 class ModelList(BaseModel):

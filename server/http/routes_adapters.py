@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
@@ -21,7 +22,14 @@ from adapters.compress import CompressionReport, check_compression, compress_fil
 from adapters.peft_format import PICKLE_FILE
 from server.store import ADAPTER_FILES, check_name, is_valid_name
 
-from .api_models import AdapterCard, AdapterList, Compression, LoadLoraRequest, UnloadLoraRequest
+from .api_models import (
+    AdapterCard,
+    AdapterList,
+    ComposeRequest,
+    Compression,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 from .auth import require_admin_key, require_api_key
 from .errors import HTTPError
 from .state import ServerState
@@ -45,8 +53,11 @@ def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
 @router.post("/adapters", status_code=201, response_model=AdapterCard, dependencies=admin)
 async def upload_adapter(request: Request) -> JSONResponse:
     """multipart/form-data: `name`, files adapter_config.json and adapter_model.safetensors, `replace`;
-    optional `energy` and `max_rank` compress every layer to the rank it uses (the stored copy too)."""
+    optional `energy` and `max_rank` compress every layer to the rank it uses (the stored copy too).
+    A JSON body `{"name", "compose": [{"name", "scale"}, ...], "replace"}` names a composition instead."""
     state = _state(request)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        return await _compose(state, request)
     limit = state.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -72,6 +83,19 @@ async def upload_adapter(request: Request) -> JSONResponse:
     card = _card(state, info)
     card.compression = _compression(report)
     return JSONResponse(card.model_dump(), status_code=201)
+
+
+async def _compose(state: ServerState, request: Request) -> JSONResponse:
+    try:
+        body = ComposeRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidAdapterError(first["msg"], field=".".join(str(p) for p in first["loc"]) or None) from None
+    terms = tuple((term.name, term.scale) for term in body.compose)
+    await state.add_composition(body.name, terms, body.replace)
+    card = {"name": body.name, "object": "composition", "parent": state.model_name,
+            "compose": [term.model_dump() for term in body.compose]}
+    return JSONResponse(card, status_code=201)
 
 
 def _compression_fields(form) -> tuple[float | None, int | None]:
@@ -158,6 +182,10 @@ async def delete_adapter(name: str, request: Request) -> dict:
     """Unregister and delete from the store; running requests that use it finish first."""
     state = _state(request)
     registry = state.ready_engine().engine.registry
+    if name in state.compositions:
+        await state.remove_composition(name)
+        return {"id": name, "object": "composition", "deleted": True}
+    state.check_unused(name)
     in_store = state.store is not None and is_valid_name(name) and name in state.store
     if name not in registry and not in_store:
         registry.info(name)  # raises the typed 404
@@ -197,6 +225,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     """vLLM's API: free the adapter's memory. A copy in the adapter store stays there and is
     loaded again on its next use; DELETE /v1/adapters/{name} removes it for good."""
     state = _state(request)
+    state.check_unused(body.lora_name)
     await state.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 

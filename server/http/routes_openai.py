@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from .api_models import (
+    AdapterTerm,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -93,7 +94,10 @@ async def list_models(request: Request) -> ModelList:
     adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.source or info.name,
                           rank=info.rank, target_modules=info.target_modules)
                 for info in engine.registry.list()]
-    return ModelList(data=[base, *adapters])
+    compositions = [ModelCard(id=name, parent=state.model_name, root=state.model_name,
+                              compose=[AdapterTerm(name=adapter, scale=scale) for adapter, scale in terms])
+                    for name, terms in sorted(state.compositions.items())]
+    return ModelList(data=[base, *adapters, *compositions])
 
 
 def _token_text(tokenizer):

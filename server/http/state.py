@@ -18,7 +18,7 @@ from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.async_engine import AsyncEngine
-from server.engine.composition import Composition
+from server.engine.composition import Composition, NamedComposition
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
@@ -48,6 +48,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.limits: RequestLimits | None = None  # set once the model (and so its tokenizer) is loaded
         self._store_versions: dict[str, str] = {}  # name -> store version it was registered at
+        self.compositions: dict[str, Composition] = {}  # named compositions: name -> ((adapter, scale), ...)
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
@@ -96,6 +97,8 @@ class ServerState:
                           for index, term in enumerate(adapters)])
         if model == self.model_name:
             return None
+        if model in self.compositions:
+            return NamedComposition(model, self.compositions[model])
         if self.store is not None and is_valid_name(model):
             await self._sync_stored(model)
         if model in engine.registry:
@@ -136,6 +139,41 @@ class ServerState:
         engine.refresh_stats()
         return info
 
+    async def add_composition(self, name: str, terms: Composition, replace: bool = False) -> None:
+        """Name a composition of registered adapters; persisted in the store when there is one."""
+        check_name(name)
+        engine = self.ready_engine().engine
+        if name == self.model_name or name in engine.registry or (name in self.compositions and not replace):
+            raise HTTPError(409, f"{name!r} is already the name of a model, an adapter or a composition",
+                            "name_in_use", "name")
+        if len(terms) > self.limits.max_adapters_per_request:
+            raise RequestError(f"at most {self.limits.max_adapters_per_request} adapters (setting "
+                               "max_adapters_per_request)", field="compose")
+        for index, (adapter, _) in enumerate(terms):
+            if adapter in self.compositions or adapter == self.model_name:
+                raise RequestError("must name an adapter, not a composition or the base",
+                                   field=f"compose[{index}].name")
+            try:
+                await self.resolve_model(adapter)
+            except AdapterNotFoundError:
+                raise AdapterNotFoundError(f"adapter {adapter!r} does not exist",
+                                           field=f"compose[{index}].name") from None
+        if self.store is not None:
+            await asyncio.to_thread(self.store.save_composition, name, terms, replace)
+        self.compositions[name] = tuple(terms)
+
+    async def remove_composition(self, name: str) -> None:
+        if self.store is not None:
+            await asyncio.to_thread(self.store.delete_composition, name)
+        self.compositions.pop(name, None)
+
+    def check_unused(self, adapter: str) -> None:
+        """An adapter a named composition uses cannot be deleted: a 409 naming the composition."""
+        for name, terms in sorted(self.compositions.items()):
+            if any(term == adapter for term, _ in terms):
+                raise HTTPError(409, f"adapter {adapter!r} is used by the composition {name!r}; delete that "
+                                "first", "adapter_in_use", "name")
+
     async def unregister(self, name: str) -> None:
         engine = self.ready_engine()
         await engine.call(lambda: engine.engine.registry.remove(name))
@@ -172,6 +210,7 @@ class ServerState:
             self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
                                         engine.max_model_len, settings.max_adapters_per_request)
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
+            self.compositions = self.store.compositions() if self.store else {}
             if self.metrics is not None:
                 self.metrics.attach(engine)
             engine.publish_stats()
