@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import peft
 import pytest
@@ -107,6 +108,16 @@ def test_every_field_of_peft_lora_config_is_classified_once():
     assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:])
     unclassified = {f.name for f in dataclasses.fields(peft.LoraConfig)} - set().union(*groups)
     assert not unclassified, f"classify these new PEFT fields in adapters/config.py: {unclassified}"
+
+
+def test_readme_table_names_every_peft_lora_config_field():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Every PEFT `LoraConfig` field"):]
+    table = table[:table.index("\n## ")]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    named = {name.strip(" `") for row in rows for name in row.split(",")}
+    assert named == {f.name for f in dataclasses.fields(peft.LoraConfig)}
+
 
 
 def test_a_config_saved_by_peft_with_its_defaults_is_accepted():
