@@ -42,6 +42,8 @@ def test_named_composition_end_to_end(adapter_dirs, tmp_path):  # noqa: F811
         assert named == field != _complete(http, BASE), "the named composition is the request field's"
         card = next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "ab")
         assert card["parent"] == BASE and card["compose"] == COMPOSED
+        nested = http.post("/v1/completions", json={"model": BASE, "prompt": PROMPT, "adapters": [{"name": "ab"}]})
+        assert nested.status_code == 400 and nested.json()["error"]["param"] == "adapters[0].name"
         in_use = http.delete("/v1/adapters/alpha")
         assert in_use.status_code == 409 and "'ab'" in in_use.json()["error"]["message"]
         assert 'adapter="ab"' in http.get("/metrics").text

@@ -106,6 +106,9 @@ class ServerState:
         raise AdapterNotFoundError(f"The model `{model}` does not exist")
 
     async def _resolve_term(self, index: int, name: str) -> str:
+        if name in self.compositions:
+            raise RequestError(f"{name!r} is a composition: list its adapters instead",
+                               field=f"adapters[{index}].name")
         if name != self.model_name:
             try:
                 return await self.resolve_model(name)
