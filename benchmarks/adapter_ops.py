@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import statistics
 import tempfile
 import time
@@ -241,8 +242,14 @@ def _profile(title: str, job, num_calls: int = 10) -> None:
 
 
 # Report
+def cpu_model() -> str:
+    """lscpu's model name: results must say which CPU they came from (kernels differ by vendor)."""
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown")
+
+
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"cpu": cpu_model(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "load_average_1m_before": os.getloadavg()[0],
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": transformers.__version__, "peft": peft.__version__,
