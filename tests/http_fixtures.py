@@ -90,6 +90,17 @@ def assert_nothing_held(engine: LLMEngine) -> None:
     assert held == {}, f"adapter leases still held: {held}"
 
 
+# Numeric tolerances
+SAME_KERNELS_ULPS = 128  # one engine, two batch shapes: sums reordered over 30 layers
+CROSS_KERNELS_ULPS = 1024  # the engine's packed oneDNN kernels against HF's MKL ones (vendor-dependent)
+
+
+def fp32_tolerance(values, ulps: int) -> float:
+    """`ulps` fp32 steps of the largest magnitude among `values` (None skipped): a bound that scales
+    with the numbers compared instead of a fixed figure tuned on one CPU."""
+    return ulps * torch.finfo(torch.float32).eps * max(abs(v) for v in values if v is not None)
+
+
 # Errors
 def assert_openai_error(response: httpx.Response, status: int, *words: str) -> dict:
     """The response is `status` with an OpenAI error body whose message names each of `words`."""
