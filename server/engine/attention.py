@@ -55,7 +55,12 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     must copy their cache first, which measured 2.5x slower per layer on CPU.
     """
     assert kv_step is not None, "the loraserve attention runs only inside an engine step"
-    layer = module.layer_idx
+    return attend(module.layer_idx, query, key, value, scaling, kv_step), None
+
+
+def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+           kv_step: KVStep) -> torch.Tensor:
+    """`pool_attention`'s work for layer `layer`, shared with the lean forward; returns [1, N, H, D]."""
     k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]  # [KVH, C, D]
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
@@ -63,7 +68,8 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     outs = [F.scaled_dot_product_attention(query[:, :, rows], k_pool[:, :, ctx], v_pool[:, :, ctx], attn_mask=mask,
                                            is_causal=is_causal, scale=scaling, enable_gqa=True)
             for rows, ctx, mask, is_causal in kv_step.parts]  # one cat below: fewer ops than N slice-assigns
-    return torch.cat(outs, dim=2).transpose(1, 2), None  # [1, N, H, D]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2)  # [1, N, H, D]
 
 
 def _causal_mask(seq: SeqSlice, device) -> torch.Tensor | None:

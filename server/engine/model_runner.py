@@ -9,6 +9,7 @@ from adapters import BASE_SLOT, LoraModel
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice
 from .kv_cache import KVCache
+from .lean_forward import lean_forward
 from .sequence import Sequence
 
 
@@ -24,11 +25,12 @@ class PromptRows:
 class ModelRunner:
     """All sequences of a step go in as one packed row: [1, N] tokens, per-token positions."""
 
-    def __init__(self, lora_model: LoraModel, cache: KVCache):
+    def __init__(self, lora_model: LoraModel, cache: KVCache, lean: bool = True):
         self.lora_model, self.cache = lora_model, cache
         self.model = lora_model.model
         self.model.set_attn_implementation(ATTENTION_NAME)
         self.device = lora_model.device
+        self.lean = lean_forward(self.model) if lean else None  # None: the stock forward
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]],
@@ -60,10 +62,15 @@ class ModelRunner:
         head_keep = head_rows if self.lora_model.has_head_lora else None
         batch = self._build_batch(slots, any(seq.terms for seq, _ in scheduled), head_keep) if gather else None
         with self.lora_model.gather(batch):
-            out = self.model(input_ids=as_tensor(ids)[None], position_ids=as_tensor(positions)[None],
-                             use_cache=False, logits_to_keep=head_rows, kv_step=step)
-        logits = out.logits[0]  # [M + sum of len(targets), V]
+            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step)  # [M + scored, V]
         return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep) -> torch.Tensor:
+        if self.lean is not None:
+            return self.lean(ids, positions, rows, step)
+        out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows,
+                         kv_step=step)
+        return out.logits[0]
 
     def _build_batch(self, slots: list, has_composed: bool, keep: torch.Tensor | None):
         if not has_composed:

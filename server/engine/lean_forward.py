@@ -1,0 +1,79 @@
+"""The Llama family's forward in one readable pass: the model's own modules, without its wrappers.
+
+transformers' forward wraps every decoder layer and attention call in decorators, kwarg plumbing,
+output records and mask builders. At one decode row per step that glue, not arithmetic, was 38%
+of a token on CPU. This pass calls the same submodules (so LoRA layers, per-row module copies and
+RMSNorm modules run exactly as they do there) and the same tensor ops in the same order, so its
+logits equal the stock forward's bit for bit (tests/test_lean_forward.py checks). Two spots are
+rewritten exactly, not approximately:
+  - rotate_half(x) * sin, which is cat(-x2, x1) * sin, is computed as roll(x) * (sign-folded sin):
+    a sign flip is exact in floating point, so each element is the same product;
+  - cos/sin broadcast over heads are made once per step, not once per layer.
+Families with other layer shapes (GPT-2, Qwen3's q/k norms, Gemma's scaled embeddings) keep the
+stock forward: `lean_forward` returns None for them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import KVStep, attend
+
+# Decoder layers whose forward is exactly: pre-norm attention with rotary q/k, pre-norm gated MLP.
+SUPPORTED = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+# Their RMSNorm classes share one forward, inlined by `_rms_norm` (a per-row copy keeps its own).
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+
+
+class LeanForward:
+    """forward(input_ids [N], position_ids [N], rows [M], kv_step) -> logits [M, V] of the kept rows."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.head_dim = model.model.layers[0].self_attn.head_dim
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
+                 kv_step: KVStep) -> torch.Tensor:
+        inner = self.model.model
+        hidden = inner.embed_tokens(input_ids[None])  # [1, N, C]: the stock modules' shapes
+        cos, sin = inner.rotary_emb(hidden, position_ids[None])  # [1, N, D]
+        half = self.head_dim // 2
+        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+        for layer in inner.layers:
+            hidden = hidden + self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
+                                              kv_step)
+            mlp = layer.mlp
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            act = F.silu if type(mlp.act_fn) is nn.SiLU else mlp.act_fn
+            hidden = hidden + mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+        hidden = _rms_norm(inner.norm, hidden)
+        return self.model.lm_head(hidden[:, rows])[0]
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   kv_step: KVStep) -> torch.Tensor:
+        shape = (1, x.shape[1], -1, self.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)  # [1, H, N, D]
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        half = self.head_dim // 2
+        q = q * cos + q.roll(half, dims=-1) * sin
+        k = k * cos + k.roll(half, dims=-1) * sin
+        out = attend(attn.layer_idx, q, k, v, attn.scaling, kv_step)  # [1, N, H, D]
+        return attn.o_proj(out.reshape(1, x.shape[1], -1))
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The stock RMSNorm's ops without its module call; its float32 casts are no-ops in float32."""
+    if type(norm).__name__ not in RMS_NORMS:
+        return norm(x)
+    h = x if x.dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+
+
+def lean_forward(model: nn.Module) -> LeanForward | None:
+    """The lean pass for `model`, or None where its family keeps the stock forward."""
+    if type(model).__name__ not in SUPPORTED:
+        return None
+    return LeanForward(model)
