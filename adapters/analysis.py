@@ -132,6 +132,6 @@ def base_weights(layers: Mapping) -> Callable[[str], torch.Tensor]:
     """module -> its W0 as [out, in], from a LoraModel's `layers` (GPT-2's Conv1D stores [in, out])."""
     def weight(module: str) -> torch.Tensor:
         layer = layers[module]
-        weight = layer.weight.detach().cpu()  # the factors are host tensors, whatever the model's device
+        weight = layer.base_weight().detach().cpu()  # the factors are host tensors, whatever the model's device
         return weight.T if layer.is_conv1d else weight
     return weight

@@ -21,6 +21,7 @@ class LoraEmbedding(nn.Module):
 
     is_conv1d = False
     packed_weight = None
+    int8 = None  # the table is never quantized: a lookup reads one row per token
     extras = None  # DoRA and LoRA biases on an embedding are refused at parse
 
     def __init__(self, base: nn.Embedding, state, num_slots: int, max_rank: int):
@@ -85,6 +86,10 @@ class LoraEmbedding(nn.Module):
 
     def unmerge(self) -> None:
         self.merged_weight = None
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 ([vocab, hidden]), as LoraLinear.base_weight: the table is never quantized."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"embedding, vocab={self.in_features}, hidden={self.out_features}, slots={self.num_slots}"

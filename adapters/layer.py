@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .batch import LoraBatch
 from .errors import InvalidAdapterError
+from .int8 import Int8Weight
+from .kernels import PLAIN, Conv1dLinear, KernelRule, dense_kernel, int8_kernel
 from .ops import SlotExtras, add_lora
-from .packed import pack, packed_linear
 from .peft_format import LoraWeights
 
 
@@ -25,46 +25,68 @@ class LoraLinear(nn.Module):
 
     W0 (`weight`) is never written: merging fills a separate buffer, so going back to base is a
     pointer change and after any number of swaps W0 is bit-identical to what was loaded.
-    With `pack_weights` (nn.Linear on CPU in fp32), forwards run on a oneDNN-packed copy of W0,
-    and a merge packs its merged weight too (see packed.py).
+    The base matmul is a kernel picked per weight (kernels.py): MKL, oneDNN-packed (`use_kernels`),
+    or int8 (`quantize_int8`), which drops the full-precision W0: `base_weight()` dequantizes it for
+    the few readers of its values (merges, DoRA norms, per-row copies).
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, state: LoraState, num_slots: int, max_rank: int,
-                 pack_weights: bool = False):
+    def __init__(self, base: nn.Linear | Conv1D, state: LoraState, num_slots: int, max_rank: int):
         super().__init__()
         self.is_conv1d = isinstance(base, Conv1D)  # GPT-2 layout: weight is [in, out]
         self.is_head = False  # the output head sees only the rows the step keeps (LoraBatch.head)
         self.weight, self.bias = base.weight, base.bias
-        shape = tuple(base.weight.shape)
-        self.in_features, self.out_features = shape if self.is_conv1d else shape[::-1]
+        self.weight_shape = tuple(base.weight.shape)
+        self.dtype, self.device = base.weight.dtype, base.weight.device
+        self.in_features, self.out_features = self.weight_shape if self.is_conv1d else self.weight_shape[::-1]
         self.state, self.num_slots, self.max_rank = state, num_slots, max_rank
         self.lora_a: torch.Tensor | None = None  # [S, R, in], allocated on first use
         self.lora_b: torch.Tensor | None = None  # [S, R, out], scale folded in
         self.slot_ranks = [0] * num_slots
         self.extras: SlotExtras | None = None  # lora biases and DoRA scales, once a slot has one
+        self.int8: Int8Weight | None = None  # W0 as int8, once quantized
+        self.dense_rule = KernelRule.single(PLAIN)  # kernels for full-precision weights: W0, merged weights
+        self.kernel = self._dense_kernel(self.weight, self.bias)  # x -> x @ W0 + bias
+        self.merged_kernel = None  # x -> x @ (W0 + delta) + bias, while merged
         self.merged_weight: torch.Tensor | None = None  # W0 + delta while merged, else None
         self.merged_bias: torch.Tensor | None = None  # bias + the adapter's, while merged with one
         self._merge_buffer: torch.Tensor | None = None
-        self.packed_weight = pack(self.weight) if pack_weights and not self.is_conv1d else None
-        self._packed_merged: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.merged_weight is None else self.merged_weight
-        packed = self.packed_weight if self.merged_weight is None else self._packed_merged
-        bias = self.bias if self.merged_bias is None else self.merged_bias
-        if packed is not None:
-            y = packed_linear(x, packed, bias)
-        elif self.is_conv1d:
-            y = torch.addmm(bias, x.reshape(-1, self.in_features), weight)
-            y = y.view(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, weight, bias)
+        y = (self.kernel if self.merged_kernel is None else self.merged_kernel)(x)
         batch = self.state.batch
         if batch is None or self.lora_a is None:
             return y
         if self.is_head:
             batch = batch.head_batch
         return add_lora(y, x, self.lora_a, self.lora_b, self.slot_ranks, batch, self.extras)
+
+    def use_kernels(self, dense: KernelRule) -> None:
+        """Run full-precision weights (W0 unless quantized, and merged weights) by `dense`."""
+        self.dense_rule = dense
+        if self.int8 is None:
+            self.kernel = self._dense_kernel(self.weight, self.bias)
+
+    def quantize_int8(self, rule: KernelRule, scratch: torch.Tensor | None, keep_weight: bool = False) -> None:
+        """Run W0 as int8 by `rule`, and drop its full-precision copy unless `keep_weight` (the head:
+        its W0 is compared with saved copies, and tied to the embedding it stays resident anyway)."""
+        assert not self.is_conv1d and self.merged_kernel is None
+        self.int8 = Int8Weight.quantize(self.weight)
+        self.kernel = int8_kernel(rule, self.int8, self.bias, self.dtype, scratch)
+        if not keep_weight:
+            del self.weight
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 in the model's dtype and this layer's layout, as the base matmul uses it: dequantized
+        into a new tensor if int8 (off the hot path)."""
+        return self.weight if self.int8 is None else self.int8.dequantize(self.dtype)
+
+    @property
+    def packed_weight(self) -> torch.Tensor | None:
+        """The oneDNN-packed W0 the base matmul uses (for some row counts at least), if any."""
+        return self.kernel.packed
+
+    def _dense_kernel(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        return Conv1dLinear(weight, bias) if self.is_conv1d else dense_kernel(self.dense_rule, weight, bias)
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
@@ -77,7 +99,7 @@ class LoraLinear(nn.Module):
             self._set_extras(slot, None, None)
             return
         if self.lora_a is None:
-            factory = dict(dtype=self.weight.dtype, device=self.weight.device)
+            factory = dict(dtype=self.dtype, device=self.device)
             self.lora_a = torch.zeros(self.num_slots, self.max_rank, self.in_features, **factory)
             self.lora_b = torch.zeros(self.num_slots, self.max_rank, self.out_features, **factory)
         rank = weights.a.shape[0]
@@ -92,20 +114,20 @@ class LoraLinear(nn.Module):
         """DoRA's g = m / ‖W0 + B·A‖ per output feature (PEFT's column norm), computed once per load."""
         if weights.magnitude is None:
             return None
-        w0 = self.weight.float()
+        w0 = self.base_weight().float()
         a, b = weights.a.float(), weights.b.float()  # [r, in], [r, out]
         if self.is_conv1d:
             norm = torch.linalg.vector_norm(torch.addmm(w0, a.T, b), dim=0)  # [in, out] -> [out]
         else:
             norm = torch.linalg.vector_norm(torch.addmm(w0, b.T, a), dim=1)  # [out, in] -> [out]
-        return (weights.magnitude.float() / norm).to(self.weight.dtype)
+        return (weights.magnitude.float() / norm).to(self.dtype)
 
     def _set_extras(self, slot: int, bias: torch.Tensor | None, dora_scale: torch.Tensor | None) -> None:
         if self.extras is None:
             if bias is None and dora_scale is None:
                 return
             self.extras = SlotExtras(has_bias=[False] * self.num_slots, is_dora=[False] * self.num_slots)
-        extras, factory = self.extras, dict(dtype=self.weight.dtype, device=self.weight.device)
+        extras, factory = self.extras, dict(dtype=self.dtype, device=self.device)
         extras.has_bias[slot], extras.is_dora[slot] = bias is not None, dora_scale is not None
         if bias is not None:
             if extras.bias is None:
@@ -124,11 +146,12 @@ class LoraLinear(nn.Module):
         slots that do not target this layer add nothing, and none at all means W0."""
         terms = [(slot, scale) for slot, scale in terms if self.slot_ranks[slot]]
         if not terms:
-            self.merged_weight = self.merged_bias = None
+            self.unmerge()
             return
         if self._merge_buffer is None:
-            self._merge_buffer = torch.empty_like(self.weight)
-        source = self.weight  # the first term reads W0, the others add to the buffer in place
+            self._merge_buffer = torch.empty(self.weight_shape, dtype=self.dtype, device=self.device)
+        # The first term reads W0 (int8: dequantized into the buffer), the others add to the buffer in place.
+        source = self.weight if self.int8 is None else self.int8.dequantize(self.dtype, out=self._merge_buffer)
         for slot, scale in terms:
             rank = self.slot_ranks[slot]
             a, b = self.lora_a[slot, :rank], self.lora_b[slot, :rank]  # [r, in], [r, out]
@@ -140,10 +163,11 @@ class LoraLinear(nn.Module):
         self.merged_bias = self._merged_extras(terms)
         # Adapters are checked finite at load; only fp16's small range can overflow in the sum,
         # and re-reading every merged weight would cost as much as the merge itself.
-        if self.weight.dtype == torch.float16 and not torch.isfinite(self._merge_buffer).all():
-            self.merged_weight = None
+        if self.dtype == torch.float16 and not torch.isfinite(self._merge_buffer).all():
+            self.unmerge()
             raise InvalidAdapterError("merging would overflow this dtype (non-finite weights)")
-        self._packed_merged = pack(self._merge_buffer) if self.packed_weight is not None else None
+        bias = self.bias if self.merged_bias is None else self.merged_bias
+        self.merged_kernel = self._dense_kernel(self._merge_buffer, bias)
         self.merged_weight = self._merge_buffer
 
     def _merged_extras(self, terms: list[tuple[int, float]]) -> torch.Tensor | None:
@@ -159,14 +183,16 @@ class LoraLinear(nn.Module):
         with_bias = [(slot, scale) for slot, scale in terms if extras.has_bias[slot]]
         if not with_bias:
             return None
-        bias = torch.zeros(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
+        bias = torch.zeros(self.out_features, dtype=self.dtype, device=self.device)
         for slot, scale in with_bias:
             bias.add_(extras.bias[slot], alpha=scale)
         return bias if self.bias is None else bias.add_(self.bias)
 
     def unmerge(self) -> None:
-        self.merged_weight = self._packed_merged = self.merged_bias = None
+        self.merged_weight = self.merged_kernel = self.merged_bias = None
+        if self.int8 is not None:  # the memory int8 saves: a full-precision copy only while merged
+            self._merge_buffer = None
 
     def extra_repr(self) -> str:
-        kind = "conv1d" if self.is_conv1d else "linear"
+        kind = "conv1d" if self.is_conv1d else "int8 linear" if self.int8 is not None else "linear"
         return f"{kind}, in={self.in_features}, out={self.out_features}, slots={self.num_slots}, max_rank={self.max_rank}"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_kernels import KernelPlan, apply_base_kernels
 from .batch import LoraBatch
 from .embedding import LoraEmbedding
 from .layer import LoraLinear, LoraState
@@ -125,14 +126,17 @@ class LoraModel:
         return next(self.model.parameters()).device
 
 
-def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False) -> LoraModel:
+def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False,
+               quantization: str | None = None, kernels: KernelPlan | None = None) -> LoraModel:
     """Give every Linear/Conv1D, the output head and the input embedding LoRA slots, in place, in
     one pass; freeze the base.
 
     The head is a LoraLinear that sees only the rows the step keeps (LoraBatch.head). A slot that
     targets neither the head nor the embedding costs them nothing: base-only forwards run the
-    stock lookup and matmul. `pack_weights`: on CPU in fp32, run the linear layers and the head
-    on oneDNN-packed copies of their weights (about 2x faster forwards, one extra copy in memory).
+    stock lookup and matmul. `pack_weights`: on CPU in fp32 (and bf16 where oneDNN has bf16
+    kernels), run the linear layers and the head on oneDNN-packed copies of their weights (one
+    extra copy in memory), for every row count, or per `kernels` (a plan by weight shape,
+    kernel_choice.py). `quantization="int8"`: weight-only int8 base linears (base_kernels.py).
     """
     model.requires_grad_(False)
     state = LoraState()
@@ -141,7 +145,7 @@ def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack
     layers: dict[str, LoraLinear | LoraEmbedding] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, Conv1D)):
-            layer = LoraLinear(module, state, max_loras, max_rank, pack_weights)
+            layer = LoraLinear(module, state, max_loras, max_rank)
             layer.is_head = module is head
         elif type(module) is nn.Embedding and module is embedding:
             layer = LoraEmbedding(module, state, max_loras, max_rank)
@@ -150,4 +154,6 @@ def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
+    apply_base_kernels([layer for layer in layers.values() if isinstance(layer, LoraLinear)],
+                       pack_weights=pack_weights, quantization=quantization, plan=kernels)
     return LoraModel(model, layers, state, max_loras, max_rank)

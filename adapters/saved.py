@@ -23,7 +23,18 @@ def row_modules(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
     for name, module in model.named_modules():
         if name and _is_row_wise(module):
             found[name] = {key: tuple(p.shape) for key, p in module.named_parameters(recurse=False)}
+            if isinstance(module, LoraLinear):  # an int8 W0 is no parameter
+                found[name]["weight"] = module.weight_shape
     return found
+
+
+def _own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters by name; a LoRA linear's W0 as its base matmul uses it (an int8 W0
+    has no full-precision parameter left: this dequantizes it)."""
+    params = dict(module.named_parameters(recurse=False))
+    if isinstance(module, LoraLinear) and module.int8 is not None:
+        params["weight"] = module.base_weight()
+    return params
 
 
 def _is_row_wise(module: nn.Module) -> bool:
@@ -109,8 +120,8 @@ class PerRowModule(nn.Module):
         if params is None:
             self.copies.pop(slot, None)
             return
-        own = dict(self.base.named_parameters(recurse=False))
-        device = self.base.weight.device
+        own = _own_parameters(self.base)
+        device = own["weight"].device
         copy = {key: tensor.to(device) for key, tensor in params.items()}
         if self.is_difference and "token_ids" not in copy:
             copy = {key: tensor - own[key] for key, tensor in copy.items()}

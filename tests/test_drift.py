@@ -27,8 +27,9 @@ def forward(lora_model, ids):
 
 
 @pytest.mark.parametrize("dtype, pack_weights", [(torch.float32, False), (torch.float16, False),
-                                                 (torch.bfloat16, False), (torch.float32, True)],
-                         ids=["float32", "float16", "bfloat16", "float32-packed"])
+                                                 (torch.bfloat16, False), (torch.float32, True),
+                                                 (torch.bfloat16, True)],
+                         ids=["float32", "float16", "bfloat16", "float32-packed", "bfloat16-packed"])
 def test_merged_swaps_do_not_drift(tiny_llama, drift_paths, token_ids, dtype, pack_weights):
     lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=3, max_rank=16, pack_weights=pack_weights)
     registry = AdapterRegistry(lora_model)

@@ -10,7 +10,7 @@ from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
 from adapters.batch import LoraBatch
-from adapters.packed import can_pack, pack, packed_linear
+from adapters.packed import PACKABLE_DTYPES, can_pack, pack, packed_linear
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1, 1)), reason="this torch build has no oneDNN linear")
 
@@ -24,11 +24,29 @@ def test_packed_linear_equals_linear(shape, rows):
     torch.testing.assert_close(packed_linear(x[0], pack(weight), None), x[0] @ weight.T)
 
 
+@pytest.mark.parametrize("shape", [(48, 64), (960, 576)])
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.skipif(torch.bfloat16 not in PACKABLE_DTYPES, reason="oneDNN has no bf16 kernels for this CPU")
+def test_bf16_packed_linear_is_as_exact_as_bf16_allows(shape, rows):
+    """Packed and F.linear in bf16 both accumulate in fp32 and round the output to bf16: each is
+    within half a bf16 ulp of the exact product plus fp32 accumulation error (K terms)."""
+    weight, x = torch.randn(*shape).bfloat16(), torch.randn(rows, shape[1]).bfloat16()
+    exact = x.double() @ weight.double().T
+    magnitude = x.double().abs() @ weight.double().abs().T
+    bound = torch.finfo(torch.bfloat16).eps / 2 * exact.abs() + shape[1] * torch.finfo(torch.float32).eps * magnitude
+    for y in (packed_linear(x, pack(weight), None), nn.functional.linear(x, weight)):
+        assert y.dtype == torch.bfloat16
+        assert ((y.double() - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_only_float32_on_cpu_is_packed(tiny_llama, dtype):
-    assert pack(torch.randn(4, 4, dtype=dtype)) is None
+def test_only_float32_and_supported_bf16_on_cpu_are_packed(tiny_llama, dtype):
+    is_packed = dtype in PACKABLE_DTYPES
+    assert (pack(torch.randn(4, 4, dtype=dtype)) is not None) == is_packed
     lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=2, max_rank=8, pack_weights=True)
-    assert all(layer.packed_weight is None for layer in lora_model.layers.values())
+    embedding = lora_model.model.get_input_embeddings()
+    assert all((layer.packed_weight is not None) == is_packed for layer in lora_model.layers.values()
+               if layer is not embedding)
 
 
 def test_conv1d_layers_are_left_to_the_plain_path(tiny_gpt2):
@@ -67,13 +85,13 @@ def test_merge_packs_the_merged_weight_and_unmerge_returns_to_w0(tiny_llama, tok
             lora_model.merge(slot)
         q = packed.layers["model.layers.0.self_attn.q_proj"]
         k = packed.layers["model.layers.0.self_attn.k_proj"]
-        assert q.merged_weight is not None and q._packed_merged is not None
-        assert k.merged_weight is None and k._packed_merged is None  # not a target: stays on packed W0
+        assert q.merged_weight is not None and q.merged_kernel.packed is not None
+        assert k.merged_weight is None and k.merged_kernel is None  # not a target: stays on packed W0
         merged = packed.model(token_ids).logits
         torch.testing.assert_close(merged, plain.model(token_ids).logits)
         batch = LoraBatch.build(torch.full((token_ids.numel(),), slots[1]))
         packed.unmerge()
         with packed.gather(batch):
             torch.testing.assert_close(packed.model(token_ids).logits, merged)
-        assert q._packed_merged is None
+        assert q.merged_kernel is None
         assert torch.equal(packed.model(token_ids).logits, base)
