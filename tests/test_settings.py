@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import typing
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +16,19 @@ def test_every_shared_knob_reaches_the_engine_config():
     shared = [name for name in EngineConfig.model_fields if name in Settings.model_fields]
     assert {"max_loras", "max_lora_rank", "max_num_seqs", "kv_cache_tokens", "pack_weights"} <= set(shared)
     defaults = EngineConfig()
-    changed = {name: (not value) if isinstance(value, bool) else (value or 8) * 2  # doubling keeps block_size legal
-               for name, value in ((n, getattr(defaults, n)) for n in shared)}
+    changed = {name: _changed(name, getattr(defaults, name)) for name in shared}
     config = Settings(**changed).engine_config()
     assert {name: getattr(config, name) for name in shared} == changed
+
+
+def _changed(name: str, value):
+    """Another legal value for an EngineConfig field."""
+    annotation = EngineConfig.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(choice for choice in typing.get_args(annotation) if choice != value)
+    if name == "cache_dir":
+        return Path("/tmp/elsewhere")
+    return (not value) if isinstance(value, bool) else (value or 8) * 2  # doubling keeps block_size legal
 
 
 def test_pack_weights_is_on_by_default_and_off_from_the_environment(monkeypatch):
@@ -42,3 +53,22 @@ def test_prefix_caching_is_on_by_default_with_vllms_flags():
 def test_block_size_must_be_whole_kv_pages():
     with pytest.raises(ValueError):
         Settings(block_size=24)
+
+
+def test_quantization_and_kernel_choice_defaults_and_bad_values_name_the_field(monkeypatch):
+    config = serve_flags()
+    assert (config.quantization, config.kernel_choice) == ("none", "auto")  # the engine alone defaults to packed
+    assert serve_flags("--quantization", "int8", "--kernel-choice", "plain").quantization == "int8"
+    monkeypatch.setenv("LORASERVE_QUANTIZATION", "int4")
+    with pytest.raises(ValueError, match="quantization"):
+        Settings()
+    with pytest.raises(SystemExit):
+        serve_flags("--quantization", "int4")  # argparse: "invalid choice: 'int4' (choose from 'none', 'int8')"
+
+
+def test_a_bad_environment_value_stops_serve_with_the_field_named(monkeypatch, capsys):
+    from server.http.cli import main
+
+    monkeypatch.setenv("LORASERVE_KERNEL_CHOICE", "fastest")
+    assert main(["serve"]) == 2
+    assert "kernel_choice" in capsys.readouterr().err

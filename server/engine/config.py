@@ -1,6 +1,9 @@
 """Engine capacity and policy knobs (no torch here: the CLI reads them without loading it)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -19,4 +22,9 @@ class EngineConfig(BaseModel):
     max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
     enable_prefix_caching: bool = True  # reuse prompts' K/V across requests of one adapter identity
     block_size: int = Field(16, ge=16, multiple_of=16)  # tokens per prefix-cache block (16 = a KV page)
-    pack_weights: bool = True  # CPU fp32: run the base on oneDNN-packed weights (~2x faster, +1 weight copy)
+    pack_weights: bool = True  # CPU fp32/bf16: oneDNN-packed base weights where faster (+1 weight copy); False: never
+    # packed: every row count; auto: measured per weight shape on this machine once (cached in cache_dir),
+    # the server's default; plain: as pack_weights=False. The engine's default keeps tests deterministic.
+    kernel_choice: Literal["auto", "packed", "plain"] = "packed"
+    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/int8.py)
+    cache_dir: Path | None = None  # where measured kernel choices are kept; None: model_loader's default

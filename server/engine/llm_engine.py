@@ -19,6 +19,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows
+from .kernel_plan import base_kernel_options
 from .kv_cache import KVCache
 from .model_loader import BaseModel as LoadedModel
 from .model_runner import ModelRunner, PromptRows
@@ -37,7 +38,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
         self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
-                                     pack_weights=config.pack_weights)
+                                     **base_kernel_options(base.model, config))
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
         self.cache = KVCache(

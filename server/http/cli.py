@@ -14,6 +14,8 @@ import sys
 import types
 import typing
 
+import pydantic
+
 from client.cli import add_client_commands, run_client_command
 
 from .settings import Settings
@@ -57,7 +59,11 @@ def compress_command(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:  # a bad LORASERVE_* variable (flags are checked by argparse)
+        print(f"loraserve: invalid settings: {_errors(exc)}", file=sys.stderr)
+        return 2
     from server.http.logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
     configure_logging(settings)
     import uvicorn  # noqa: PLC0415
@@ -84,6 +90,10 @@ def serve_command(args: argparse.Namespace) -> int:
     return _exit_code(failures)
 
 
+def _errors(exc: pydantic.ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+
+
 def _exit_code(failures: list[str]) -> int:
     if failures:
         print(f"loraserve: {failures[0]}", file=sys.stderr)
@@ -105,6 +115,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text)
         elif kind is list:
             parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text)
+        elif kind is typing.Literal:  # argparse names the flag and the allowed values on a bad one
+            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS, help=help_text)
 

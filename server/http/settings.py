@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,12 +44,14 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(256, ge=1)
     max_adapters_per_request: int = Field(4, ge=1)  # entries of the `adapters` composition field
     max_prompt_bytes: int | None = Field(None, ge=1)
-    pack_weights: bool = True  # CPU fp32 only: oneDNN-packed base weights, ~2x faster, one more weight copy
+    pack_weights: bool = True  # CPU fp32/bf16: oneDNN-packed base weights where faster, one more weight copy
+    kernel_choice: Literal["auto", "packed", "plain"] = "auto"  # auto: measured per weight shape, cached per CPU
+    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears; adapters stay in --dtype
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
     max_adapter_labels: int = Field(100, ge=1)  # per-adapter metric series; the rest share one label
-    cache_dir: Path | None = None  # where GGUF models are converted once
+    cache_dir: Path | None = None  # where GGUF models are converted and kernel choices kept, once
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs that are also settings, by name; the rest keep EngineConfig's defaults."""

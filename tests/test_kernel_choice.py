@@ -1,0 +1,92 @@
+"""Base kernels chosen per machine: the decision from timings (injected, and one real measurement),
+its cache under the cache dir, forced choices, and equal outputs whichever kernel runs."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from engine_fixtures import make_engine
+
+from adapters import wrap_model
+from adapters.base_kernels import weight_keys
+from adapters.kernel_choice import ROW_COUNTS, decide, measure
+from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelRule, PackedLinear, PlainLinear, RowSwitch
+from server.engine import kernel_plan
+
+
+def timings(**by_kernel: tuple[float, float, float]) -> dict:
+    """kernel=(seconds at 1, 16, 64 rows)."""
+    return {kernel: dict(zip(ROW_COUNTS, values)) for kernel, values in by_kernel.items()}
+
+
+@pytest.mark.parametrize("measured, rule", [
+    (timings(plain=(30, 360, 950), packed=(14, 150, 330)), KernelRule.single(PACKED)),  # packed wins everywhere
+    (timings(plain=(10, 100, 300), packed=(10.1, 99, 301)), KernelRule.single(PLAIN)),  # a tie: no extra copy
+    (timings(plain=(8.9, 110, 400), packed=(10, 100, 330)), KernelRule(PLAIN, PACKED, 16)),  # plain for 1 row only
+    (timings(plain=(9.9, 100, 300), packed=(10, 80, 250)), KernelRule.single(PACKED)),  # a split not worth 3%
+    (timings(int8=(12, 118, 470), dequantized=(176, 203, 310)), KernelRule(INT8, DEQUANTIZED, 64)),
+    (timings(plain=(10, 100, 300), packed=(8, 100, 400)), KernelRule(PACKED, PLAIN, 16)),  # either order
+])
+def test_the_decision_follows_the_timings_and_is_deterministic(measured, rule):
+    assert decide(measured) == rule
+    assert decide(json.loads(json.dumps(measured), object_hook=_int_keys)) == rule  # as read back from a cache
+
+
+def test_a_real_measurement_on_a_tiny_shape_gives_a_rule_for_its_candidates():
+    measured = measure(("dense", 32, 64), torch.float32, row_counts=(1, 16), num_repeats=3)
+    assert set(measured) == {PLAIN, PACKED} and all(t > 0 for by_rows in measured.values() for t in by_rows.values())
+    assert decide(measured).kernels <= {PLAIN, PACKED}
+
+
+def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_llama, tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def fake_measure(key, dtype):
+        calls.append(key)
+        return timings(plain=(1, 16, 64), packed=(2, 8, 32))  # plain for 1 row, packed from 16
+
+    monkeypatch.setattr(kernel_plan, "measure", fake_measure)
+    caplog.set_level(logging.INFO, logger=kernel_plan.__name__)
+    first = kernel_plan.plan_kernels(tiny_llama, None, tmp_path)
+    assert sorted(calls) == weight_keys(tiny_llama) and set(first.values()) == {KernelRule(PLAIN, PACKED, 16)}
+    assert "measured" in caplog.text and "plain below 16 rows, then packed" in caplog.text
+    (cached,) = (tmp_path / "kernels").glob("*.json")
+    assert json.loads(cached.read_text())["identity"]["cpu"] == kernel_plan.cpu_model_name()
+
+    calls.clear()
+    assert kernel_plan.plan_kernels(tiny_llama, None, tmp_path) == first and calls == []
+    assert kernel_plan.plan_kernels(tiny_llama, "int8", tmp_path) and calls  # other weights: another entry
+    cached.write_text("{not json")
+    calls.clear()
+    assert kernel_plan.plan_kernels(tiny_llama, None, tmp_path) == first and calls  # damaged: measured again
+
+
+@pytest.mark.parametrize("config, kernel", [
+    (dict(kernel_choice="packed"), PackedLinear), (dict(kernel_choice="plain"), PlainLinear),
+    (dict(kernel_choice="packed", pack_weights=False), PlainLinear), (dict(kernel_choice="auto"), RowSwitch),
+])
+def test_a_forced_choice_is_honoured(config, kernel, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_plan, "measure", lambda key, dtype: timings(plain=(1, 16, 64), packed=(2, 8, 32)))
+    engine = make_engine(cache_dir=tmp_path, **config)
+    layers = engine.lora_model.layers.values()
+    embedding = engine.lora_model.model.get_input_embeddings()
+    assert all(isinstance(layer.kernel, kernel) for layer in layers if layer is not embedding)
+
+
+@torch.no_grad()
+def test_outputs_agree_whichever_kernel_runs(tiny_llama, token_ids):
+    """A split rule runs packed for the 24-row call and plain for the 1-row one: both equal plain
+    F.linear within fp32 noise (bf16 kernels against each other: test_packed.py)."""
+    plan = {key: KernelRule(PLAIN, PACKED, 4) for key in weight_keys(tiny_llama)}
+    switched = wrap_model(copy.deepcopy(tiny_llama), pack_weights=True, kernels=plan)
+    plain = wrap_model(copy.deepcopy(tiny_llama))
+    assert isinstance(switched.model.lm_head.kernel, RowSwitch)
+    for ids in (token_ids[:1, :1], token_ids):
+        torch.testing.assert_close(switched.model(ids).logits, plain.model(ids).logits)
+
+
+def _int_keys(mapping: dict) -> dict:
+    return {int(k) if k.isdigit() else k: v for k, v in mapping.items()}

@@ -1,0 +1,247 @@
+"""Weight-only int8 bases, against fp32 PEFT on a copy of the model whose linears hold their
+dequantized int8 values (the "int8 reference").
+
+Merged, an int8 layer serves dequantized W0 + delta in the model's dtype: equal to the reference
+up to fp32 rounding where an adapter targets every quantized layer. Otherwise (gathered, or layers
+an adapter does not target), W0's product runs on bf16 activations (the int8 kernel's input and
+output type); the tolerance is that rounding's own effect, measured on the reference by rounding
+what each quantized linear reads and writes to bf16 (`bf16_linears`): the engine's error may be
+another realization of the same roundings, so at most twice it.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import peft
+import pytest
+import torch
+from engine_fixtures import PROMPTS, adapter_paths, encode, fresh_model, greedy, hf_greedy, make_engine  # noqa: F401
+from torch import nn
+
+from adapters import AdapterRegistry, wrap_model
+from adapters.base_kernels import is_quantized
+from adapters.int8 import Int8Weight, QuantizationError, check_int8_kernel
+from adapters.kernels import DEQUANTIZED, INT8, DequantizedLinear, Int8Linear, KernelRule
+
+try:
+    check_int8_kernel(torch.device("cpu"))
+    HAS_INT8 = True
+except QuantizationError:
+    HAS_INT8 = False
+pytestmark = pytest.mark.skipif(not HAS_INT8, reason="this torch build has no CPU int8 weight-only kernel")
+
+VARIANTS = {  # PEFT LoraConfig kwargs, all with non-zero B
+    "lora": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    "bias": dict(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], lora_bias=True),
+    "copy": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["down_proj"]),
+}
+
+
+def quantized_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings()
+    return {name for name, module in model.named_modules()
+            if type(module) is nn.Linear and is_quantized(module, module is head, "int8")}
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """`model` with every linear the engine quantizes holding its dequantized int8 values."""
+    model, names = copy.deepcopy(model), quantized_names(model)
+    for name, module in model.named_modules():
+        if name in names:
+            module.weight.data = Int8Weight.quantize(module.weight).dequantize(module.weight.dtype)
+    return model
+
+
+def int8_reference(base: nn.Module, paths: dict) -> peft.PeftModel:
+    (first, first_path), *rest = paths.items()
+    model = peft.PeftModel.from_pretrained(dequantized_copy(base), str(first_path), adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name)
+    return model.eval()
+
+
+@contextmanager
+def bf16_linears(reference: peft.PeftModel, names: set[str]):
+    """Inside: each quantized base linear of `reference` reads and writes bf16-rounded values."""
+    handles = []
+    for name, module in reference.named_modules():
+        key = name.removeprefix("base_model.model.").removesuffix(".base_layer").removesuffix(".original_module")
+        if type(module) is nn.Linear and key in names:
+            handles.append(module.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),)))
+            handles.append(module.register_forward_hook(lambda m, args, out: out.bfloat16().float()))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_within_bf16_effect(got: torch.Tensor, reference: torch.Tensor, rounded: torch.Tensor) -> None:
+    effect = (rounded - reference).abs().max()
+    assert effect > 0, "no quantized linear was rounded: the tolerance would be zero"
+    assert (got - reference).abs().max() <= 2 * effect
+
+
+def wrapped_int8(base, paths: dict, **kwargs):
+    lora_model = wrap_model(copy.deepcopy(base), max_loras=4, max_rank=16, quantization="int8", **kwargs)
+    registry = AdapterRegistry(lora_model)
+    for name, path in paths.items():
+        registry.add(name, path)
+    return lora_model, {name: registry.acquire(name).slot for name in paths}
+
+
+@pytest.fixture(scope="module")
+def variant_paths(tiny_llama, tmp_path_factory, make_peft_adapter):
+    root = tmp_path_factory.mktemp("int8-adapters")
+    return {name: make_peft_adapter(tiny_llama, root / name, **kwargs) for name, kwargs in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
+@torch.no_grad()
+def test_gathered_and_merged_match_peft_on_the_dequantized_model(tiny_llama, token_ids, variant_paths, variant,
+                                                                  pack_weights):
+    paths = {variant: variant_paths[variant]}
+    lora_model, slots = wrapped_int8(tiny_llama, paths, pack_weights=pack_weights)
+    reference = int8_reference(tiny_llama, paths)
+    expected = reference(token_ids).logits
+    with bf16_linears(reference, quantized_names(tiny_llama)):
+        rounded = reference(token_ids).logits
+    assert (expected - peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(paths[variant]))(
+        token_ids).logits).abs().max() > 0, "the int8 reference must differ from the fp32 model"
+
+    batch = lora_model.build_batch(torch.full((token_ids.numel(),), slots[variant]))
+    with lora_model.gather(batch):
+        assert_within_bf16_effect(lora_model.model(token_ids).logits, expected, rounded)
+    lora_model.merge(slots[variant])
+    merged = lora_model.model(token_ids).logits
+    if all(lora_model.layers[name].slot_ranks[slots[variant]] for name in quantized_names(tiny_llama)):
+        torch.testing.assert_close(merged, expected)  # every int8 layer merged: dequantized W0 + delta in fp32
+    else:
+        assert_within_bf16_effect(merged, expected, rounded)  # the layers it does not target stay int8
+
+
+@torch.no_grad()
+def test_mixed_batch_rows_each_match_their_own_adapter(tiny_llama, token_ids, variant_paths):
+    paths = {name: variant_paths[name] for name in ("lora", "bias")}
+    lora_model, slots = wrapped_int8(tiny_llama, paths, pack_weights=True)
+    reference, names = int8_reference(tiny_llama, paths), quantized_names(tiny_llama)
+    row_adapters = ["lora", None, "bias", "lora"]  # one sequence per row of token_ids
+    token_slots = torch.tensor([slots[a] if a else -1 for a in row_adapters]).repeat_interleave(token_ids.shape[1])
+    with lora_model.gather(lora_model.build_batch(token_slots)):
+        got = lora_model.model(token_ids).logits
+    for row, adapter in enumerate(row_adapters):
+        ids, kwargs = token_ids[row:row + 1], {"adapter_names": [adapter or "__base__"]}
+        expected = reference(ids, **kwargs).logits
+        with bf16_linears(reference, names):
+            rounded = reference(ids, **kwargs).logits
+        assert_within_bf16_effect(got[row:row + 1], expected, rounded)
+
+
+@torch.no_grad()
+def test_quantized_layers_keep_no_full_precision_w0_and_unmerge_frees_the_merged_copy(tiny_llama, token_ids,
+                                                                                       variant_paths):
+    lora_model, slots = wrapped_int8(tiny_llama, {"lora": variant_paths["lora"]})
+    names = quantized_names(tiny_llama)
+    assert names and all(name in lora_model.layers for name in names)
+    for name, layer in lora_model.layers.items():
+        if name in names:
+            assert layer.int8 is not None and not hasattr(layer, "weight")
+            assert torch.equal(layer.base_weight(), Int8Weight.quantize(tiny_llama.get_submodule(name).weight)
+                               .dequantize(torch.float32))
+    head = lora_model.model.lm_head
+    assert head.int8 is None and torch.equal(head.weight, tiny_llama.lm_head.weight)  # full precision
+    base = lora_model.model(token_ids).logits
+    q_proj = lora_model.layers["model.layers.0.self_attn.q_proj"]
+    lora_model.merge(slots["lora"])
+    assert q_proj.merged_weight is not None
+    lora_model.unmerge()
+    assert q_proj.merged_weight is None and q_proj.merged_kernel is None
+    assert torch.equal(lora_model.model(token_ids).logits, base)
+
+
+def test_gpt2_conv1d_layers_stay_in_full_precision(tiny_gpt2):
+    lora_model = wrap_model(copy.deepcopy(tiny_gpt2), quantization="int8")
+    assert all(layer.int8 is None for layer in lora_model.layers.values())
+
+
+@pytest.mark.parametrize("kernel", [INT8, DEQUANTIZED])
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_int8_kernels_are_as_exact_as_bf16_allows(kernel, rows):
+    """Both take bf16 activations and give a bf16 product (the dequantized one also rounds W0 to
+    bf16), accumulating in fp32: within half a bf16 ulp per rounding, plus fp32 accumulation."""
+    in_features = 576
+    weight = Int8Weight.quantize(torch.randn(960, in_features) * 0.02)
+    x = torch.randn(rows, in_features)
+    if kernel == INT8:
+        linear = Int8Linear(weight, None, torch.float32)
+    else:
+        linear = DequantizedLinear(weight, None, torch.float32, torch.empty(960, in_features, dtype=torch.bfloat16))
+    x_bf16, w = x.bfloat16().double(), weight.dequantize(torch.float64)
+    exact, magnitude = x_bf16 @ w.T, x_bf16.abs() @ w.abs().T
+    half_ulp, fp32 = torch.finfo(torch.bfloat16).eps / 2, torch.finfo(torch.float32).eps
+    roundings = 1 if kernel == INT8 else 2  # + the weight's
+    bound = half_ulp * exact.abs() + (roundings * half_ulp + in_features * fp32) * magnitude
+    assert ((linear(x).double() - exact).abs() <= bound).all()
+
+
+def test_engine_int8_tokens_and_logprobs_match_the_int8_reference(adapter_paths):
+    requests = [(PROMPTS[0], None), (PROMPTS[0], "a"), (PROMPTS[1], "b"), (PROMPTS[2], "a")]
+    engine = make_engine(adapter_paths, quantization="int8")
+    completions = engine.generate([p for p, _ in requests], greedy(8, logprobs=0), [a for _, a in requests])
+    reference, names = int8_reference(fresh_model(), adapter_paths), quantized_names(fresh_model())
+    for (prompt, adapter), completion in zip(requests, completions):
+        with bf16_linears(reference, names):
+            assert completion.token_ids == hf_greedy(reference, encode(prompt), 8, adapter), (prompt, adapter)
+        ids = torch.tensor([encode(prompt) + completion.token_ids[:-1]])
+        kwargs = {"adapter_names": [adapter or "__base__"]}
+        with torch.no_grad():
+            expected = _token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
+            with bf16_linears(reference, names):
+                rounded = _token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
+        got = torch.tensor([logprob.logprob for logprob in completion.logprobs])
+        assert_within_bf16_effect(got, expected, rounded)
+
+
+def test_engine_gather_and_merged_agree_under_int8(adapter_paths):
+    prompts = [PROMPTS[1], PROMPTS[3]]
+    merged = make_engine(adapter_paths, quantization="int8", merge_after_steps=1)
+    gathered = make_engine(adapter_paths, quantization="int8", merge_after_steps=10_000)
+    tokens = [[c.token_ids for c in engine.generate(prompts, greedy(8), ["a", "a"])] for engine in (merged, gathered)]
+    assert merged.stats().steps_by_mode["merged"] > 0 and gathered.stats().steps_by_mode["merged"] == 0
+    assert tokens[0] == tokens[1]
+    reference = int8_reference(fresh_model(), adapter_paths)
+    assert tokens[0] == [hf_greedy(reference, encode(prompt), 8, "a") for prompt in prompts]
+
+
+def test_a_device_without_the_int8_kernel_is_refused(tiny_llama):
+    with pytest.raises(QuantizationError, match="no int8 weight-only kernel on device 'meta'"):
+        wrap_model(copy.deepcopy(tiny_llama).to("meta"), quantization="int8")
+
+
+def test_unknown_quantization_is_refused(tiny_llama):
+    with pytest.raises(QuantizationError, match="quantization must be one of none, int8"):
+        wrap_model(copy.deepcopy(tiny_llama), quantization="int4")
+
+
+@torch.no_grad()
+def test_a_rule_can_switch_int8_kernels_by_row_count(tiny_llama, token_ids):
+    """Calls of 4 rows or more (the prefill here) on the dequantized path, fewer on the int8 kernel."""
+    plan = {("int8", out, inp): KernelRule(INT8, DEQUANTIZED, 4) for out, inp in [(64, 64), (32, 64), (128, 64), (64, 128)]}
+    switched = wrap_model(copy.deepcopy(tiny_llama), quantization="int8", kernels=plan)
+    q_proj = switched.layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q_proj.kernel.large, DequantizedLinear) and isinstance(q_proj.kernel.small, Int8Linear)
+    reference, names = dequantized_copy(tiny_llama), quantized_names(tiny_llama)
+    for ids in (token_ids[:1, :1], token_ids):  # 1 row: the int8 kernel; 24 rows: dequantized
+        expected = reference(ids).logits
+        with bf16_linears(reference, names):
+            rounded = reference(ids).logits
+        assert_within_bf16_effect(switched.model(ids).logits, expected, rounded)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logprob of each generated token at the position that predicted it."""
+    logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens):]  # [T, V]
+    return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
