@@ -245,3 +245,37 @@ def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """Logprob of each generated token at the position that predicted it."""
     logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens):]  # [T, V]
     return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.real_model
+def test_an_int8_server_answers_as_the_int8_engine_alone():
+    from http_fixtures import BASE, openai_client, serve
+
+    from server.engine.llm_engine import EngineConfig, LLMEngine
+    from server.engine.model_loader import load_base_model
+    from server.engine.sampling_params import SamplingParams
+    from server.http.settings import Settings
+
+    prompt = "The capital of France is"
+    with serve(Settings(quantization="int8")) as served, openai_client(served) as client:
+        completion = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
+        assert all(layer.int8 is not None for name, layer in served.engine.lora_model.layers.items()
+                   if name.endswith("q_proj"))
+    alone = LLMEngine(load_base_model(), EngineConfig(quantization="int8", kernel_choice="auto"))
+    assert completion.choices[0].text == alone.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].text
+
+
+@pytest.mark.real_model
+def test_a_server_asked_for_int8_where_the_kernel_is_missing_exits_with_the_reason(tmp_path):
+    from servers import start_process
+
+    server = start_process(tmp_path, "--quantization", "int8", "--device", "meta")  # no data: no kernel runs
+    try:
+        code = server.process.wait(timeout=180)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+    log = server.log_tail()
+    assert code == 1, log
+    assert "startup failed" in log and "no int8 weight-only kernel on device 'meta'" in log
