@@ -53,7 +53,11 @@ def test_packed_and_plain_base_weights_give_the_same_tokens(adapter_paths):
     prompts, adapters = [PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["a", None, "b"]
     packed, plain = make_engine(adapter_paths), make_engine(adapter_paths, pack_weights=False)
     embedding = packed.lora_model.model.get_input_embeddings()  # a lookup: nothing to pack
-    assert all(layer.packed_weight is not None for layer in packed.lora_model.layers.values() if layer is not embedding)
+    groups = packed.runner.lean.fused.values()  # q/k/v and gate/up run on one packed copy per group
+    assert groups and all(group.kernel.packed is not None for group in groups)
+    fused = {id(m) for group in groups for m in group.members}
+    assert all(layer.packed_weight is not None for layer in packed.lora_model.layers.values()
+               if layer is not embedding and id(layer) not in fused)
     assert all(layer.packed_weight is None for layer in plain.lora_model.layers.values())
     tokens = [[c.token_ids for c in engine.generate(prompts, greedy(8), adapters)] for engine in (packed, plain)]
     assert tokens[0] == tokens[1]

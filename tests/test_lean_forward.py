@@ -1,8 +1,9 @@
-"""The lean forward (server/engine/lean_forward.py) equals the stock transformers forward bit for bit.
+"""The lean forward (server/engine/lean_forward.py) against the stock transformers forward.
 
 Two engines on copies of one model run the same requests, one through the lean pass and one through
-`model(...)`; every step's logits must be identical (torch.equal), through prefill chunks, decode,
-gather steps mixing adapters and base rows, and merged steps.
+`model(...)`, through prefill chunks, decode, gather steps mixing adapters and base rows, and merged
+steps. Unfused (plain kernels), every step's logits are identical (torch.equal). Fused (packed q/k/v
+and gate/up as one matmul each), they agree within fp32 rounding across kernels.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
 
 from engine_fixtures import encode, fresh_model, greedy, load_tokenizer
+from http_fixtures import CROSS_KERNELS_ULPS, fp32_tolerance
 
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, eos_token_id=2)
@@ -52,15 +54,16 @@ def _recording_engine(model: torch.nn.Module, lean: bool, adapters: dict[str, Pa
     return engine, logits
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_lean_forward_equals_stock_forward_bitwise(family, tmp_path, make_peft_adapter):
+def _lean_and_stock_runs(family: str, tmp_path: Path, make_peft_adapter, pack_weights: bool) -> list:
+    """(per-step logits, tokens, engine) of the lean engine, then of the stock one."""
     model = _family_model(family)
     adapters = {"a": make_peft_adapter(model, tmp_path / "a", r=8, lora_alpha=16, target_modules="all-linear"),
                 "b": make_peft_adapter(model, tmp_path / "b", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
     runs = []
     for lean in (True, False):
         # Small steps: the long prompt is prefilled in chunks that attend to cached rows.
-        engine, logits = _recording_engine(copy.deepcopy(model), lean, adapters, max_num_batched_tokens=24)
+        engine, logits = _recording_engine(copy.deepcopy(model), lean, adapters, max_num_batched_tokens=24,
+                                           pack_weights=pack_weights)
         assert (engine.runner.lean is not None) == lean
         prompts = [encode("Hello there, how are you today my friend") * 4, encode("The quick brown fox"),
                    encode("1 2 3 4 5"), encode("Once upon a time")]
@@ -68,12 +71,32 @@ def test_lean_forward_equals_stock_forward_bitwise(family, tmp_path, make_peft_a
                                 [None, "a", "b", "a"])
         merged = engine.generate([encode("Merge me in, please")], [greedy(12)], ["b"])  # one adapter: merges
         assert engine.stats().steps_by_mode.get("merged"), "the single-adapter run never merged"
-        runs.append((logits, [c.token_ids for c in mixed + merged]))
-    (lean_logits, lean_tokens), (stock_logits, stock_tokens) = runs
+        runs.append((logits, [c.token_ids for c in mixed + merged], engine))
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_lean_forward_equals_stock_forward_bitwise(family, tmp_path, make_peft_adapter):
+    (lean_logits, lean_tokens, lean), (stock_logits, stock_tokens, _) = _lean_and_stock_runs(
+        family, tmp_path, make_peft_adapter, pack_weights=False)
+    assert not lean.runner.lean.fused, "plain kernels are never fused"
     assert lean_tokens == stock_tokens
     assert len(lean_logits) == len(stock_logits)
     for step, (ours, theirs) in enumerate(zip(lean_logits, stock_logits)):
         assert torch.equal(ours, theirs), f"step {step}: max diff {(ours - theirs).abs().max()}"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_projections_agree_with_the_stock_forward(family, tmp_path, make_peft_adapter):
+    (lean_logits, lean_tokens, lean), (stock_logits, stock_tokens, _) = _lean_and_stock_runs(
+        family, tmp_path, make_peft_adapter, pack_weights=True)
+    if not lean.runner.lean.fused:
+        pytest.skip("oneDNN packing is not available on this CPU: nothing is fused")
+    assert len(lean.runner.lean.fused) == 2 * 2  # q/k/v and gate/up in each of the 2 layers
+    assert lean_tokens == stock_tokens
+    for step, (ours, theirs) in enumerate(zip(lean_logits, stock_logits)):
+        tolerance = fp32_tolerance([theirs.abs().max().item()], CROSS_KERNELS_ULPS)
+        assert (ours - theirs).abs().max() <= tolerance, f"step {step}"
 
 
 def test_other_families_keep_the_stock_forward():

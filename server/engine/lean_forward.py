@@ -4,8 +4,10 @@ transformers' forward wraps every decoder layer and attention call in decorators
 output records and mask builders. At one decode row per step that glue, not arithmetic, was 38%
 of a token on CPU. This pass calls the same submodules (so LoRA layers, per-row module copies and
 RMSNorm modules run exactly as they do there) and the same tensor ops in the same order, so its
-logits equal the stock forward's bit for bit (tests/test_lean_forward.py checks). Two spots are
-rewritten exactly, not approximately:
+logits equal the stock forward's bit for bit where no layers are fused (tests/test_lean_forward.py).
+Packed q/k/v and gate/up each run as one base matmul (adapters/fused.py): equal up to float
+rounding (bit for bit on the AVX-512 box it was measured on). Two spots are rewritten exactly, not
+approximately:
   - rotate_half(x) * sin, which is cat(-x2, x1) * sin, is computed as roll(x) * (sign-folded sin):
     a sign flip is exact in floating point, so each element is the same product;
   - cos/sin broadcast over heads are made once per step, not once per layer.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapters.fused import FusedLinears
 
 from .attention import KVStep, attend
 
@@ -32,6 +36,12 @@ class LeanForward:
     def __init__(self, model: nn.Module):
         self.model = model
         self.head_dim = model.model.layers[0].self_attn.head_dim
+        # Per layer: q/k/v and gate/up as one base matmul each (adapters/fused.py), where they can be.
+        self.fused: dict[nn.Module, FusedLinears] = {}
+        for layer in model.model.layers:
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+                if (group := FusedLinears.of(parent, names)) is not None:
+                    self.fused[parent] = group
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
                  kv_step: KVStep) -> torch.Tensor:
@@ -43,24 +53,29 @@ class LeanForward:
         for layer in inner.layers:
             hidden = hidden + self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
                                               kv_step)
-            mlp = layer.mlp
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            mlp, x = layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)
+            gate, up = self._project(mlp, x, "gate_proj", "up_proj")
             act = F.silu if type(mlp.act_fn) is nn.SiLU else mlp.act_fn
-            hidden = hidden + mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            hidden = hidden + mlp.down_proj(act(gate) * up)
         hidden = _rms_norm(inner.norm, hidden)
         return self.model.lm_head(hidden[:, rows])[0]
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    kv_step: KVStep) -> torch.Tensor:
         shape = (1, x.shape[1], -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)  # [1, H, N, D]
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k, v = (y.view(shape).transpose(1, 2) for y in self._project(attn, x, "q_proj", "k_proj", "v_proj"))
         half = self.head_dim // 2
         q = q * cos + q.roll(half, dims=-1) * sin
         k = k * cos + k.roll(half, dims=-1) * sin
         out = attend(attn.layer_idx, q, k, v, attn.scaling, kv_step)  # [1, N, H, D]
         return attn.o_proj(out.reshape(1, x.shape[1], -1))
+
+    def _project(self, parent: nn.Module, x: torch.Tensor, *names: str) -> list[torch.Tensor]:
+        """Each named linear of `parent` applied to x: fused where a group serves them."""
+        group = self.fused.get(parent)
+        if group is not None and group.is_intact:
+            return group(x)
+        return [getattr(parent, name)(x) for name in names]
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

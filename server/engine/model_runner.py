@@ -25,12 +25,12 @@ class PromptRows:
 class ModelRunner:
     """All sequences of a step go in as one packed row: [1, N] tokens, per-token positions."""
 
-    def __init__(self, lora_model: LoraModel, cache: KVCache, lean: bool = True):
+    def __init__(self, lora_model: LoraModel, cache: KVCache):
         self.lora_model, self.cache = lora_model, cache
         self.model = lora_model.model
         self.model.set_attn_implementation(ATTENTION_NAME)
         self.device = lora_model.device
-        self.lean = lean_forward(self.model) if lean else None  # None: the stock forward
+        self.lean = lean_forward(self.model)  # None: this family runs the stock forward
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]],
