@@ -28,6 +28,7 @@ from .attention import KVStep, attend
 SUPPORTED = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 # Their RMSNorm classes share one forward, inlined by `_rms_norm` (a per-row copy keeps its own).
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+SILU = frozenset({"SiLU", "SiLUActivation"})  # torch's and transformers' modules around F.silu
 
 
 class LeanForward:
@@ -55,7 +56,7 @@ class LeanForward:
                                               kv_step)
             mlp, x = layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)
             gate, up = self._project(mlp, x, "gate_proj", "up_proj")
-            act = F.silu if type(mlp.act_fn) is nn.SiLU else mlp.act_fn
+            act = F.silu if type(mlp.act_fn).__name__ in SILU else mlp.act_fn
             hidden = hidden + mlp.down_proj(act(gate) * up)
         hidden = _rms_norm(inner.norm, hidden)
         return self.model.lm_head(hidden[:, rows])[0]
