@@ -64,16 +64,19 @@ def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_lla
     assert kernel_plan.plan_kernels(tiny_llama, None, tmp_path) == first and calls  # damaged: measured again
 
 
-@pytest.mark.parametrize("config, kernel", [
-    (dict(kernel_choice="packed"), PackedLinear), (dict(kernel_choice="plain"), PlainLinear),
-    (dict(kernel_choice="packed", pack_weights=False), PlainLinear), (dict(kernel_choice="auto"), RowSwitch),
+@pytest.mark.parametrize("config, rule", [
+    (dict(kernel_choice="packed"), KernelRule.single(PACKED)), (dict(kernel_choice="plain"), KernelRule.single(PLAIN)),
+    (dict(kernel_choice="packed", pack_weights=False), KernelRule.single(PLAIN)),
+    (dict(kernel_choice="auto"), KernelRule(PLAIN, PACKED, 16)),
 ])
-def test_a_forced_choice_is_honoured(config, kernel, tmp_path, monkeypatch):
+def test_a_forced_choice_is_honoured(config, rule, tmp_path, monkeypatch):
+    """Each linear runs its weights by the rule (sibling linears may share one fused matmul built by it)."""
     monkeypatch.setattr(kernel_plan, "measure", lambda key, dtype: timings(plain=(1, 16, 64), packed=(2, 8, 32)))
     engine = make_engine(cache_dir=tmp_path, **config)
-    layers = engine.lora_model.layers.values()
     embedding = engine.lora_model.model.get_input_embeddings()
-    assert all(isinstance(layer.kernel, kernel) for layer in layers if layer is not embedding)
+    assert all(layer.dense_rule == rule for layer in engine.lora_model.layers.values() if layer is not embedding)
+    assert isinstance(engine.lora_model.model.lm_head.kernel, {PACKED: PackedLinear, PLAIN: PlainLinear}.get(
+        rule.large if len(rule.kernels) == 1 else None, RowSwitch))
 
 
 @torch.no_grad()
