@@ -3,9 +3,12 @@ packed or plain per weight shape (a plan measured by kernel_choice.py, or one ke
 int8 with `quantization="int8"`.
 
 Under int8, every nn.Linear whose inner dimension the kernel supports is quantized, except the
-output head unless QUANTIZE_HEAD: the head's W0 stays resident anyway (the embedding lookup shares
-it when tied, and saved copies are compared with it), so an int8 copy would add memory; what it
-would save in bandwidth and cost in fidelity is measured in benchmarks/base_precision.py.
+output head unless QUANTIZE_HEAD. The head's W0 stays resident anyway (the embedding lookup shares
+it when tied, and saved copies are compared with it), so an int8 copy of it only replaces its
+packed copy. Measured (benchmarks/results/base_precision.json): with fp32 activations that copy
+makes decoding faster, but the head's error reaches the logits undamped and the teacher-forced
+logprob error grew by about a fifth; with bf16 activations it gained no speed. So the head stays
+in the model's dtype.
 GPT-2's Conv1D layers stay in full precision (the int8 kernel takes [out, in] weights; GPT-2 is a
 test architecture here, not a serving target).
 """
