@@ -3,14 +3,20 @@ merges that pack their merged weight (PEFT parity of the packed path is in test_
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from engine_fixtures import PROMPTS, adapter_paths, fresh_model, greedy, load_tokenizer  # noqa: F401
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
 from adapters.batch import LoraBatch
 from adapters.packed import PACKABLE_DTYPES, can_pack, pack, packed_linear
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.model_loader import BaseModel
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1, 1)), reason="this torch build has no oneDNN linear")
 
@@ -95,3 +101,30 @@ def test_merge_packs_the_merged_weight_and_unmerge_returns_to_w0(tiny_llama, tok
             torch.testing.assert_close(packed.model(token_ids).logits, merged)
         assert q.merged_kernel is None
         assert torch.equal(packed.model(token_ids).logits, base)
+
+
+@pytest.mark.skipif(torch.bfloat16 not in PACKABLE_DTYPES, reason="oneDNN has no bf16 kernels for this CPU")
+def test_bf16_engine_serves_on_packed_weights_as_on_plain_ones(adapter_paths):
+    """End to end in bf16: KV cache in bf16, logprobs from fp32 logits, gathered and merged rows; the
+    tiny model's greedy argmaxes are far apart, so both kernels give the same tokens."""
+    prompts, adapters = PROMPTS, [None, "a", "b", "a"]
+    tokens = []
+    for pack_weights in (True, False):
+        engine = bf16_engine(adapter_paths, pack_weights=pack_weights)
+        assert engine.cache.k[0].dtype == torch.bfloat16
+        assert (engine.lora_model.model.lm_head.packed_weight is not None) == pack_weights
+        completions = engine.generate(prompts, greedy(8, logprobs=1), adapters)
+        assert all(math.isfinite(lp.logprob) for c in completions for lp in c.logprobs)
+        merged = bf16_engine(adapter_paths, pack_weights=pack_weights, merge_after_steps=1)
+        merged_tokens = [c.token_ids for c in merged.generate(prompts[1::2], greedy(8), ["a", "a"])]
+        assert merged.stats().steps_by_mode["merged"] > 0
+        tokens.append(([c.token_ids for c in completions], merged_tokens))
+    assert tokens[0] == tokens[1]
+
+
+def bf16_engine(adapter_paths, **config) -> LLMEngine:
+    engine = LLMEngine(BaseModel(fresh_model().to(torch.bfloat16), load_tokenizer(), "tiny", Path("tiny")),
+                       EngineConfig(**config))
+    for name, path in adapter_paths.items():
+        engine.registry.add(name, path)
+    return engine
