@@ -122,7 +122,9 @@ def int8_kernel(rule: KernelRule, weight: Int8Weight, bias: torch.Tensor | None,
                 scratch: torch.Tensor | None):
     """The rule's kernel for an int8 W0; `scratch` ([out, in], bf16) is needed only for DEQUANTIZED."""
     def make(kind: str):
-        return DequantizedLinear(weight, bias, dtype, scratch) if kind == DEQUANTIZED else Int8Linear(weight, bias, dtype)
+        if kind == DEQUANTIZED:
+            return DequantizedLinear(weight, bias, dtype, scratch)
+        return Int8Linear(weight, bias, dtype)
     return _switch(rule, make, weight.q.shape[1])
 
 

@@ -20,7 +20,7 @@ from engine_fixtures import PROMPTS, adapter_paths, encode, fresh_model, greedy,
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
-from adapters.base_kernels import is_quantized
+from adapters.base_kernels import is_quantized, weight_keys
 from adapters.int8 import Int8Weight, QuantizationError, check_int8_kernel
 from adapters.kernels import DEQUANTIZED, INT8, DequantizedLinear, Int8Linear, KernelRule
 
@@ -229,7 +229,7 @@ def test_unknown_quantization_is_refused(tiny_llama):
 @torch.no_grad()
 def test_a_rule_can_switch_int8_kernels_by_row_count(tiny_llama, token_ids):
     """Calls of 4 rows or more (the prefill here) on the dequantized path, fewer on the int8 kernel."""
-    plan = {("int8", out, inp): KernelRule(INT8, DEQUANTIZED, 4) for out, inp in [(64, 64), (32, 64), (128, 64), (64, 128)]}
+    plan = {key: KernelRule(INT8, DEQUANTIZED, 4) for key in weight_keys(tiny_llama, "int8") if key[0] == "int8"}
     switched = wrap_model(copy.deepcopy(tiny_llama), quantization="int8", kernels=plan)
     q_proj = switched.layers["model.layers.0.self_attn.q_proj"]
     assert isinstance(q_proj.kernel.large, DequantizedLinear) and isinstance(q_proj.kernel.small, Int8Linear)
