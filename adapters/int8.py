@@ -15,7 +15,8 @@ import torch
 
 INT8_IN_MULTIPLE = 16  # the CPU kernel's inner-dimension block
 KERNEL_DTYPE = torch.bfloat16  # activations and scales for the int8 kernel
-_int8_mm = torch.ops.aten._weight_int8pack_mm.default
+_int8_op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)  # absent from older torch builds
+_int8_mm = _int8_op.default if _int8_op is not None else None
 
 
 class QuantizationError(RuntimeError):
@@ -58,6 +59,9 @@ def can_quantize(in_features: int) -> bool:
 
 def check_int8_kernel(device: torch.device) -> None:
     """Raise QuantizationError unless the int8 kernel runs on `device` and gives the right numbers."""
+    if _int8_mm is None:
+        raise QuantizationError(f"--quantization int8: this torch build ({torch.__version__}) has no int8 "
+                                "weight-only kernel (aten._weight_int8pack_mm)")
     weight = torch.arange(-16, 16, dtype=torch.float32).repeat(3, 1)  # [3, 32]
     weight[:, 0] = 127  # scale 1: quantization is exact, so is the expected product
     x = torch.ones(2, 32)

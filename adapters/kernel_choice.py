@@ -1,10 +1,12 @@
 """Choose the base kernels per weight shape on this machine, by timing them.
 
-Which kernel wins depends on the CPU and the row count (on one AMD EPYC oneDNN-packed fp32 beat
-MKL at every row count; on an Intel Xeon with AMX packed lost at 1 row and won at 16), so nothing
-is fixed in code: `measure` times each candidate at a few row counts, interleaved, medians of
-short repeats; `decide` turns the timings into a rule (one kernel, or one below N rows and the
-other from N), deterministically. The server caches the result per machine (server/engine/kernel_plan.py).
+Which kernel wins depends on the CPU, the dtype, the weight's shape and the row count (oneDNN's
+packed matmul has a fixed cost per call that one row may not hide; MKL's bf16 path is slow on some
+CPUs; the int8 kernel loses to dequantizing at many rows), so nothing is fixed in code: `measure`
+times each candidate at a few row counts, interleaved, medians of short repeats; `decide` turns the
+timings into a rule (one kernel, or one below N rows and the other from N), deterministically.
+The server caches the result per machine (server/engine/kernel_plan.py); measured tables are in
+benchmarks/results/base_precision.json.
 """
 from __future__ import annotations
 
