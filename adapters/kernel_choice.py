@@ -3,13 +3,17 @@
 Which kernel wins depends on the CPU, the dtype, the weight's shape and the row count (oneDNN's
 packed matmul has a fixed cost per call that one row may not hide; MKL's bf16 path is slow on some
 CPUs; the int8 kernel loses to dequantizing at many rows), so nothing is fixed in code: `measure`
-times each candidate at a few row counts, interleaved, medians of short repeats; `decide` turns the
+times each candidate at a few row counts, interleaved, medians of short repeats, cycling through
+enough copies of the weight that every call reads it from memory, as a forward over many layers
+does (timing one weight over and over measures it in cache: there MKL won one-row calls on the AMD
+box, yet in the model's forward the same choice halved one-stream speed, 30 vs 53 tokens/s); `decide` turns the
 timings into a rule (one kernel, or one below N rows and the other from N), deterministically.
 The server caches the result per machine (server/engine/kernel_plan.py); measured tables are in
 benchmarks/results/base_precision.json.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +28,8 @@ ROW_COUNTS = (1, 16, 64)  # a decode step of one sequence, of a small batch, of 
 NUM_REPEATS = 7
 MIN_SAMPLE_SECONDS = 2e-4  # calls per sample: timer overhead stays well under 1% of a sample
 SPLIT_MARGIN = 0.03  # keep two kernels (two weights) only if it beats the best single one by this much
+COLD_BYTES = 128 << 20  # weight copies cycled per measurement: more than a server CPU's last-level cache
+MAX_COPIES = 1024  # a tiny weight (tests) needs no more to leave the small caches
 Timings = Mapping[str, Mapping[int, float]]  # kernel -> rows -> median seconds per call
 
 
@@ -42,7 +48,8 @@ def measure(key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_
     kind, out_features, in_features = key
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
-    kernels = {name: _kernel(kind, name, weight, dtype) for name in candidates(kind)}
+    copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)) - 1)]
+    kernels = {name: [_kernel(kind, name, w, dtype) for w in copies] for name in candidates(kind)}
     inputs = {rows: torch.randn(rows, in_features, generator=generator).to(dtype) for rows in row_counts}
     calls = {rows: _calls_per_sample(kernels, inputs[rows]) for rows in row_counts}
     samples = {name: {rows: [] for rows in row_counts} for name in kernels}
@@ -86,12 +93,15 @@ def _kernel(kind: str, name: str, weight: torch.Tensor, dtype: torch.dtype):
 
 
 def _calls_per_sample(kernels: dict, x: torch.Tensor) -> int:
-    slowest = max(_time(kernel, x, 1) for kernel in kernels.values() for _ in range(2))  # the 1st call warms up
-    return max(1, int(MIN_SAMPLE_SECONDS / max(slowest, 1e-9)))
+    """At least one pass over the copies, and enough calls that the timer's overhead is noise."""
+    copies = len(next(iter(kernels.values())))
+    slowest = max(_time(copies_of, x, copies) for copies_of in kernels.values() for _ in range(2))  # 1st: warm-up
+    return max(copies, int(MIN_SAMPLE_SECONDS / max(slowest, 1e-9)))
 
 
-def _time(kernel, x: torch.Tensor, calls: int) -> float:
+def _time(copies: list, x: torch.Tensor, calls: int) -> float:
+    """Seconds per call, each call on the next copy of the weight (so it comes from memory)."""
     started = time.perf_counter()
-    for _ in range(calls):
-        kernel(x)
+    for call in range(calls):
+        copies[call % len(copies)](x)
     return (time.perf_counter() - started) / calls

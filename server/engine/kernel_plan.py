@@ -26,6 +26,7 @@ from .model_loader import default_cache_dir
 log = logging.getLogger(__name__)
 
 AUTO, PACKED, PLAIN = "auto", "packed", "plain"  # EngineConfig.kernel_choice
+MEASUREMENT = "cold-weights"  # how kernel_choice measures: a plan measured another way is not reused
 
 
 def cpu_model_name() -> str:
@@ -56,7 +57,7 @@ def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) ->
         return None
     dtype = model.dtype
     keys = weight_keys(model, quantization)
-    identity = {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    identity = {"method": MEASUREMENT, "cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "dtype": str(dtype).removeprefix("torch."), "weights": [list(key) for key in keys]}
     path = cache_dir / "kernels" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.json"
     plan = _read(path, identity)
