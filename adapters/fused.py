@@ -6,9 +6,10 @@ measured on the default model's 30 layers at one row, q, k, v, gate and up as 5 
 the fused output, and each member's own LoRA delta is added to its view exactly as its forward
 would (`add_lora` on that view), so gather rows, DoRA extras and composed rows behave the same.
 
-The fused weight replaces the members' packed copies (they keep W0 and run it plainly when called
-on their own), so memory does not grow. While an adapter is merged, the fused weight is rebuilt
-from the members' merged weights at the first forward after the merge. int8 members are not
+The fused weight replaces the members' packed copies of W0 (they keep W0 and run it plainly when
+called on their own), so the base's memory does not grow. While an adapter is merged, the fused
+weight is rebuilt from the members' merged weights at the first forward after the merge (one more
+packed copy of those layers, freed at unmerge). int8 members are not
 fused: the int8 kernel's fixed cost is a few µs, and its weights would have to be copied.
 """
 from __future__ import annotations
