@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,15 +39,11 @@ from adapters.compress import compress_dir  # noqa: E402
 from adapters.peft_format import read_factors  # noqa: E402
 from client.plots import plot_analysis  # noqa: E402
 from client.types import AdapterAnalysis  # noqa: E402
+from server.engine.kernel_plan import cpu_model_name  # noqa: E402
 from server.engine.model_loader import load_base_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cpu_name() -> str:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown")
 
 
 def save_adapter(base, path: Path, seed: int, **lora) -> Path:
@@ -159,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = load_base_model().model
-    machine = machine_info() | {"cpu": cpu_name()}
+    machine = machine_info() | {"cpu": cpu_model_name()}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         root = Path(tmp)
         result = {"machine": machine, "analysis": bench_analysis(base, root, max(3, args.repeats // 5)),

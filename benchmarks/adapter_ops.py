@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import statistics
 import tempfile
 import time
@@ -44,6 +43,7 @@ import torch
 import transformers
 
 from adapters import AdapterRegistry, wrap_model
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.model_loader import load_base_model
 
 NUM_ADAPTERS, RANK, TARGETS = 4, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -242,14 +242,8 @@ def _profile(title: str, job, num_calls: int = 10) -> None:
 
 
 # Report
-def cpu_model() -> str:
-    """lscpu's model name: results must say which CPU they came from (kernels differ by vendor)."""
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown")
-
-
 def machine_info() -> dict:
-    return {"cpu": cpu_model(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"cpu": cpu_model_name(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "load_average_1m_before": os.getloadavg()[0],
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": transformers.__version__, "peft": peft.__version__,

@@ -15,12 +15,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.model_loader import resolve_model_dir
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color"],
@@ -30,13 +30,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}}}}
 ANSWER = json.dumps({"name": "Alice Smith", "age": 42, "color": "green", "tags": ["a", "bc"]}, separators=(",", ":"))
 DEFAULT_OUT = Path(__file__).parent / "results" / "grammar_backends.json"
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def seconds(fn) -> float:
@@ -106,7 +99,7 @@ def main() -> None:
             results[name] = measure(tokenizer, vocab, ids, args.repeats)
         except ImportError as exc:
             results[name] = {"skipped": str(exc)}
-    report = {"machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    report = {"machine": {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "load_average_1m": os.getloadavg()[0],
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
               "schema": SCHEMA, "answer_tokens": len(ids), "results": results}

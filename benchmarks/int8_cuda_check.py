@@ -11,7 +11,6 @@ default architecture. Writes $OUT/int8_cuda.json.
 import copy, json, os, sys, tempfile, traceback
 from pathlib import Path
 import torch
-from torch import nn
 sys.path.insert(0, "tests")
 out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
 dev = torch.device("cuda")

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from grammar_backends import cpu_name  # benchmarks/ is on sys.path when run as a script
 from vs_llamacpp import ADAPTERS, make_adapters
 
 import adapters.layer
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
@@ -94,7 +94,7 @@ def main() -> None:
     ratio = statistics.median(b / m for m, b in zip(mixed, base_runs))
     commit = subprocess.run(["git", "-C", str(Path(adapters.layer.__file__).parent), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    result = {"machine": {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"machine": {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
               "code": {"checkout": str(Path(adapters.layer.__file__).parents[1]), "commit": commit},
               "workload": {"rows": ROWS, "tokens": TOKENS, "adapters": {k: {"rank": r, "targets": t}

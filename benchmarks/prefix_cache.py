@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from grammar_backends import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 from server.engine.config import EngineConfig
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
@@ -197,7 +197,7 @@ def main() -> None:
     mt["outputs_equal"] = mt["on"].pop("token_ids") == mt["off"].pop("token_ids")  # greedy: caching changes nothing
     report["multi_turn"]["throughput_on/off"] = mt["on"]["tokens_per_s"] / mt["off"]["tokens_per_s"]
     report["multi_turn"]["median_ttft_off/on"] = mt["off"]["median_ttft_s"] / mt["on"]["median_ttft_s"]
-    report["machine"] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    report["machine"] = {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                          "platform": platform.platform(), "torch": torch.__version__,
                          "load_average_1m": os.getloadavg()[0],
                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from grammar_backends import cpu_name  # benchmarks/ is on sys.path when run as a script
 from server.engine.config import EngineConfig
 from server.engine.grammar import GrammarSpec
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
@@ -93,7 +93,7 @@ def main() -> None:
                 print(f"round {round_} {kind}: {tokens / seconds:.1f} tokens/s", flush=True)
     medians = {kind: statistics.median(values) for kind, values in tps.items()}
     ratios = {"constrained/free": medians["constrained"] / medians["free"], "mixed/free": medians["mixed"] / medians["free"]}
-    report = {"machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    report = {"machine": {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__,
                           "load_average_1m": os.getloadavg()[0],
                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

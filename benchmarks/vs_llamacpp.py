@@ -61,9 +61,9 @@ from pathlib import Path
 import httpx
 import peft
 import torch
-from grammar_backends import cpu_name  # benchmarks/ is on sys.path when run as a script
 from throughput import TEXT, run_static
 
+from server.engine.kernel_plan import cpu_model_name
 from server.engine.model_loader import default_cache_dir, default_gguf_path, load_base_model
 
 ADAPTERS = {  # name -> (rank, targets); lora_alpha = 2 * rank
@@ -397,7 +397,7 @@ def main() -> None:
         servers += [llamacpp_server("llama.cpp-f32", binary, f32, loras, "--no-repack" in help_text),
                     llamacpp_server("llama.cpp-q4_1", binary, default_gguf_path(), loras, "--no-repack" in help_text)]
         raw = {server.name: [] for server in servers}
-        result = {"machine": {"cpu": cpu_name(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        result = {"machine": {"cpu": cpu_model_name(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
                               "torch": torch.__version__, "threads": torch.get_num_threads(),
                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
                   "llama_cpp": llama_cpp_info(binary, cache),
