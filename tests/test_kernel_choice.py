@@ -12,6 +12,7 @@ from engine_fixtures import make_engine
 
 from adapters import wrap_model
 from adapters.base_kernels import weight_keys
+from adapters import kernel_choice
 from adapters.kernel_choice import ROW_COUNTS, decide, measure
 from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelRule, PackedLinear, PlainLinear, RowSwitch
 from server.engine import kernel_plan
@@ -39,6 +40,30 @@ def test_a_real_measurement_on_a_tiny_shape_gives_a_rule_for_its_candidates():
     measured = measure(("dense", 32, 64), torch.float32, row_counts=(1, 16), num_repeats=3)
     assert set(measured) == {PLAIN, PACKED} and all(t > 0 for by_rows in measured.values() for t in by_rows.values())
     assert decide(measured).kernels <= {PLAIN, PACKED}
+
+
+def test_timings_read_the_weight_from_memory_not_cache(monkeypatch):
+    """Each timed call runs on the next of enough distinct copies of the weight to fill COLD_BYTES,
+    as a forward over many layers reads each weight cold; timing one weight kept in cache picked
+    MKL for one-row calls on the AMD box, and halved one-stream decode in the real model."""
+    weight_bytes = 32 * 64 * 4
+    monkeypatch.setattr(kernel_choice, "COLD_BYTES", 5 * weight_bytes)
+    built, make = [], kernel_choice._kernel
+
+    def spy(kind, name, weight, dtype):
+        built.append((name, weight.data_ptr()))
+        return make(kind, name, weight, dtype)
+
+    monkeypatch.setattr(kernel_choice, "_kernel", spy)
+    measure(("dense", 32, 64), torch.float32, row_counts=(1,), num_repeats=1)
+    for name in (PLAIN, PACKED):
+        assert len({ptr for kernel, ptr in built if kernel == name}) == 5  # five distinct copies each
+
+    order = []
+    copies = [lambda x, i=i: order.append(i) for i in range(3)]
+    kernel_choice._time(copies, torch.zeros(1, 4), 7)
+    assert order == [0, 1, 2, 0, 1, 2, 0]
+    assert kernel_choice._calls_per_sample({"k": copies}, torch.zeros(1, 4)) >= len(copies)  # a full pass at least
 
 
 def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_llama, tmp_path, monkeypatch, caplog):
