@@ -3,7 +3,7 @@
 Two engines on copies of one model run the same requests, one through the lean pass and one through
 `model(...)`, through prefill chunks, decode, gather steps mixing adapters and base rows, and merged
 steps. Unfused (plain kernels), every step's logits are identical (torch.equal). Fused (packed q/k/v
-and gate/up as one matmul each), they agree within fp32 rounding across kernels.
+and gate/up as one matmul each), they agree within the measured packed-vs-plain kernel noise.
 """
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from engine_fixtures import encode, fresh_model, greedy, load_tokenizer
+from http_fixtures import SAME_KERNELS_ULPS, fp32_tolerance
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from adapters import wrap_model
 from server.engine.config import EngineConfig
 from server.engine.lean_forward import lean_forward
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
-
-from engine_fixtures import encode, fresh_model, greedy, load_tokenizer
-from http_fixtures import CROSS_KERNELS_ULPS, fp32_tolerance
 
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, eos_token_id=2)
@@ -94,9 +101,22 @@ def test_fused_projections_agree_with_the_stock_forward(family, tmp_path, make_p
         pytest.skip("oneDNN packing is not available on this CPU: nothing is fused")
     assert len(lean.runner.lean.fused) == 2 * 2  # q/k/v and gate/up in each of the 2 layers
     assert lean_tokens == stock_tokens
+    # The stock side runs the members' plain (MKL) kernels, the fused side oneDNN's packed one: the
+    # bound is what those two kernels differ by on this CPU, measured on the same model, relative to
+    # its logits, with a floor of fp32 rounding within one engine.
+    noise = _packed_vs_plain_noise(_family_model(family), torch.tensor([encode("Hello there, how are you")]))
     for step, (ours, theirs) in enumerate(zip(lean_logits, stock_logits)):
-        tolerance = fp32_tolerance([theirs.abs().max().item()], CROSS_KERNELS_ULPS)
+        scale = theirs.abs().max().item()
+        tolerance = max(4 * noise * scale, fp32_tolerance([scale], SAME_KERNELS_ULPS))
         assert (ours - theirs).abs().max() <= tolerance, f"step {step}"
+
+
+@torch.no_grad()
+def _packed_vs_plain_noise(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Largest logit difference between the base on packed and on plain kernels, relative to the logits."""
+    plain = model(ids).logits
+    packed = wrap_model(copy.deepcopy(model), pack_weights=True).model(ids).logits
+    return ((packed - plain).abs().max() / plain.abs().max()).item()
 
 
 def test_other_families_keep_the_stock_forward():
