@@ -22,7 +22,7 @@ import yaml
 from server.http.app import create_app
 from server.http.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE_DIR, CPU_DIR = ROOT / "deploy" / "base", ROOT / "deploy" / "overlays" / "cpu"
 CORE_KINDS = {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
 CRD_KINDS = {("inference.networking.k8s.io/v1", "InferencePool"), ("monitoring.coreos.com/v1", "ServiceMonitor"),

@@ -16,7 +16,7 @@ from servers import serve_process
 
 pytestmark = pytest.mark.real_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "loraserve"
 COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "server.http.cli"]
 PROMPT = "The capital of France is"

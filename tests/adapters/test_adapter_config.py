@@ -111,7 +111,7 @@ def test_every_field_of_peft_lora_config_is_classified_once():
 
 
 def test_readme_table_names_every_peft_lora_config_field():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme[readme.index("### Every PEFT `LoraConfig` field"):]
     table = table[:table.index("\n## ")]
     rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from http_fixtures import adapter_dirs, adapter_files, serve  # noqa: F401
 from server.http.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "loraserve"
 COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "server.http.cli"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import adapters
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_adapters_is_this_repos_package():
