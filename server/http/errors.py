@@ -8,8 +8,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import AdapterError
-from server.engine.errors import EngineFailedError, QueueFullError, RequestError
+from adapters.errors import (
+    AdapterCapacityError,
+    AdapterError,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    IncompatibleAdapterError,
+    LoraServeError,
+    UnsupportedAdapterError,
+)
+from server.engine.errors import EngineDeadError, EngineFailedError, EngineStoppedError, QueueFullError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +25,23 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
           422: "invalid_request_error", 499: "client_closed_request", 503: "service_unavailable",
           500: "internal_server_error"}
+
+# The one table of typed errors: class -> (HTTP status, OpenAI `code`). A class not listed takes
+# its nearest listed base's entry, so every subclass of LoraServeError has one.
+_STATUS_AND_CODE: dict[type[LoraServeError], tuple[int, str]] = {
+    LoraServeError: (400, "invalid_request_error"),
+    AdapterError: (400, "invalid_adapter"),
+    IncompatibleAdapterError: (422, "incompatible_adapter"),
+    UnsupportedAdapterError: (422, "unsupported_adapter"),
+    AdapterNotFoundError: (404, "model_not_found"),  # OpenAI's code for an unknown `model`
+    AdapterExistsError: (409, "adapter_exists"),
+    AdapterCapacityError: (503, "adapter_capacity"),
+    RequestError: (400, "invalid_request_error"),
+    QueueFullError: (503, "server_overloaded"),
+    EngineStoppedError: (503, "server_shutting_down"),
+    EngineFailedError: (500, "engine_error"),
+    EngineDeadError: (503, "engine_dead"),
+}
 
 
 class HTTPError(Exception):
@@ -42,14 +67,18 @@ def _body(status: int, message: str, code: str | int | None, param: str | None) 
                       "code": code if code is not None else status, "param": param}}
 
 
-def _typed(exc: AdapterError | RequestError | EngineFailedError) -> tuple[int, str, str | int, str | None]:
+def status_and_code(exc: LoraServeError) -> tuple[int, str]:
+    """The HTTP status and OpenAI `code` a typed error leaves as."""
+    return next(_STATUS_AND_CODE[cls] for cls in type(exc).__mro__ if cls in _STATUS_AND_CODE)
+
+
+def _typed(exc: LoraServeError) -> tuple[int, str, str | int, str | None]:
     """(status, message, code, param) of a typed error from the engine or the adapter core."""
-    if isinstance(exc, AdapterError):
-        return exc.status, str(exc), "model_not_found" if exc.status == 404 else exc.kind, exc.field
-    return exc.status, str(exc), exc.kind, getattr(exc, "field", None)
+    status, code = status_and_code(exc)
+    return status, str(exc), code, exc.field
 
 
-def error_body(exc: AdapterError | RequestError | EngineFailedError) -> dict:
+def error_body(exc: LoraServeError) -> dict:
     """OpenAI's error object for a typed error: what a stream's error event carries."""
     return _body(*_typed(exc))
 
@@ -59,10 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPError):
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
-    @app.exception_handler(AdapterError)
-    @app.exception_handler(RequestError)
-    @app.exception_handler(EngineFailedError)
-    async def _typed_error(request: Request, exc: AdapterError | RequestError | EngineFailedError):
+    @app.exception_handler(LoraServeError)
+    async def _typed_error(request: Request, exc: LoraServeError):
         if isinstance(exc, EngineFailedError):
             log.error("engine failure on %s %s: %s", request.method, request.url.path, exc)
         headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from adapters import AdapterError
+from adapters.errors import LoraServeError
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.errors import EngineFailedError, RequestError
 from server.engine.sampling_params import SamplingParams
@@ -151,7 +151,7 @@ async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event
-    except (AdapterError, RequestError, EngineFailedError) as exc:
+    except LoraServeError as exc:
         yield sse(json.dumps(error_body(exc)))
         yield sse("[DONE]")
 

@@ -12,6 +12,7 @@ import torch
 import adapters.registry
 from adapters import (AdapterCapacityError, AdapterExistsError, AdapterNotFoundError, AdapterRegistry,
                       wrap_model)
+from server.http.errors import status_and_code
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -109,7 +110,7 @@ def test_capacity_error_when_every_slot_is_held_or_pinned(make_registry, token_i
     before = (registry.resident(), registry.num_loads, registry.num_evictions)
     with pytest.raises(AdapterCapacityError) as raised:
         registry.acquire("c")
-    assert raised.value.status == 503
+    assert status_and_code(raised.value)[0] == 503
     assert (registry.resident(), registry.num_loads, registry.num_evictions) == before
     assert registry.info("c").slot is None
 
