@@ -7,8 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
-class EngineConfig(BaseModel):
-    """Capacity and policy knobs; the server fills them from LORASERVE_* settings."""
+class EngineSettings(BaseModel):
+    """The engine knobs an operator sets: each is also a server setting (server/http/settings.py
+    inherits them, so each is a --flag and a LORASERVE_* variable) and is declared only here."""
 
     max_loras: int = Field(4, ge=1)  # device slots = most distinct adapters in one step
     max_lora_rank: int = Field(64, ge=1)
@@ -17,14 +18,21 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1)  # per step: bounds how long prefill stalls decodes
     kv_cache_tokens: int = Field(16384, ge=16)
     max_model_len: int | None = Field(None, ge=1)
-    merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
     max_waiting: int = Field(1024, ge=1)
-    max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
-    enable_prefix_caching: bool = True  # reuse prompts' K/V across requests of one adapter identity
-    block_size: int = Field(16, ge=16, multiple_of=16)  # tokens per prefix-cache block (16 = a KV page)
+    # Reuse prompts' K/V across requests of one adapter identity (vLLM's --[no-]enable-prefix-caching).
+    enable_prefix_caching: bool = True
+    block_size: int = Field(16, ge=16, multiple_of=16)  # tokens per prefix-cache block, 16 = a KV page (vLLM's)
     pack_weights: bool = True  # CPU fp32/bf16: oneDNN-packed base weights where faster (+1 weight copy); False: never
     # packed: every row count; auto: measured per weight shape on this machine once (cached in cache_dir),
     # the server's default; plain: as pack_weights=False. The engine's default keeps tests deterministic.
     kernel_choice: Literal["auto", "packed", "plain"] = "packed"
     quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/int8.py)
-    cache_dir: Path | None = None  # where measured kernel choices are kept; None: model_loader's default
+    # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
+    cache_dir: Path | None = None
+
+
+class EngineConfig(EngineSettings):
+    """Everything the engine reads: the operator's knobs, plus policy that only tests and benchmarks tune."""
+
+    merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
+    max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot

@@ -7,11 +7,17 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, EngineSettings
 
 
-class Settings(BaseSettings):
-    """Configuration of one loraserve process (environment: LORASERVE_<FIELD>)."""
+class Settings(BaseSettings, EngineSettings):
+    """Configuration of one loraserve process (environment: LORASERVE_<FIELD>).
+
+    The engine's knobs are inherited from `EngineSettings`, declared once there. Inheritance, not a
+    nested `engine: EngineConfig` field, because each knob must stay a flat LORASERVE_MAX_LORAS and
+    --max-loras (deploy manifests and scripts use them): a nested field would need a delimiter in
+    every variable name and per-field aliases to undo it. A knob whose server default differs from
+    the engine's is declared again below, where the difference shows."""
 
     model_config = SettingsConfigDict(env_prefix="LORASERVE_", extra="ignore")
 
@@ -28,32 +34,19 @@ class Settings(BaseSettings):
     admin_key: str | None = None  # guards upload, load, unload and delete when set
     metrics_require_key: bool = False
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
-    max_loras: int = Field(4, ge=1)
-    max_lora_rank: int = Field(64, ge=1)
-    max_cpu_loras: int = Field(16, ge=0)
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    kv_cache_tokens: int = Field(16384, ge=16)
-    max_model_len: int | None = Field(None, ge=1)
-    max_waiting: int = Field(1024, ge=1)
-    enable_prefix_caching: bool = True  # vLLM's --enable-prefix-caching/--no-enable-prefix-caching
-    block_size: int = Field(16, ge=16, multiple_of=16)  # prefix-cache block, in tokens (vLLM's --block-size)
     # Request limits (400 naming the field). OpenAI allows 4 stop sequences; a prompt longer than
     # max_model_len x the longest token's bytes cannot fit, so None derives the byte limit from that.
     max_stop_sequences: int = Field(4, ge=0)
     max_stop_length: int = Field(256, ge=1)
     max_adapters_per_request: int = Field(4, ge=1)  # entries of the `adapters` composition field
     max_prompt_bytes: int | None = Field(None, ge=1)
-    pack_weights: bool = True  # CPU fp32/bf16: oneDNN-packed base weights where faster, one more weight copy
+    # The engine alone defaults to packed (deterministic tests); a server measures once per CPU.
     kernel_choice: Literal["auto", "packed", "plain"] = "auto"  # auto: measured per weight shape, cached per CPU
-    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears; adapters stay in --dtype
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
     max_adapter_labels: int = Field(100, ge=1)  # per-adapter metric series; the rest share one label
-    cache_dir: Path | None = None  # where GGUF models are converted and kernel choices kept, once
 
     def engine_config(self) -> EngineConfig:
-        """The engine's knobs that are also settings, by name; the rest keep EngineConfig's defaults."""
-        return EngineConfig(**{name: getattr(self, name) for name in EngineConfig.model_fields
-                               if name in type(self).model_fields})
+        """The engine's knobs as set here; the policy only tests tune keeps EngineConfig's defaults."""
+        return EngineConfig(**self.model_dump(include=set(EngineSettings.model_fields)))

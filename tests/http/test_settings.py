@@ -72,3 +72,19 @@ def test_a_bad_environment_value_stops_serve_with_the_field_named(monkeypatch, c
     monkeypatch.setenv("LORASERVE_KERNEL_CHOICE", "fastest")
     assert main(["serve"]) == 2
     assert "kernel_choice" in capsys.readouterr().err
+
+
+def test_engine_knobs_are_declared_once_and_policy_knobs_are_not_settings():
+    from server.engine.config import EngineSettings
+
+    assert set(EngineSettings.model_fields) <= set(Settings.model_fields)
+    redeclared = set(Settings.__annotations__) & set(EngineSettings.model_fields)
+    assert redeclared == {"kernel_choice"}  # the one knob whose server default differs
+    assert Settings().kernel_choice == "auto" and EngineConfig().kernel_choice == "packed"
+    assert not {"merge_after_steps", "max_bypass_steps"} & set(Settings.model_fields)
+
+
+def test_an_inherited_engine_knob_is_still_a_flat_environment_variable(monkeypatch):
+    monkeypatch.setenv("LORASERVE_MAX_LORAS", "7")
+    assert Settings().engine_config().max_loras == 7
+    assert serve_flags("--max-loras", "3").max_loras == 3
