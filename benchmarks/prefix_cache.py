@@ -152,7 +152,7 @@ def multi_turn(engine: LLMEngine, turns: int, per_model: int, max_tokens: int, s
         prompts = []
         for i, (_, messages) in enumerate(chats):
             messages.append({"role": "user", "content": QUESTIONS[(i + turn) % len(QUESTIONS)]})
-            prompts.append(engine.chat_prompt(messages))
+            prompts.append(engine.tokenization.chat_prompt(messages))
         completions, turn_ttft = generate(engine, prompts, params, [model for model, _ in chats])
         for (_, messages), completion in zip(chats, completions):
             messages.append({"role": "assistant", "content": tok.decode(completion.token_ids, skip_special_tokens=True)})

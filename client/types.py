@@ -73,6 +73,9 @@ class ModelInfo(_Model):
 
 
 class AdapterInfo(_Model):
+    """An adapter as GET /v1/adapters reports it. The server's model (server/http/api_models.py
+    `AdapterCard`) is derived from its registry; a test checks that the two have the same fields."""
+
     name: str
     rank: int
     target_modules: list[str]

@@ -183,4 +183,4 @@ def reference_text(adapter_dirs: dict[str, Path], prompt: str | list[int], adapt
 def reference_chat_prompt(adapter_dirs: dict[str, Path], messages: list[dict]) -> list[int]:
     """The prompt ids the server builds for a chat (the tokenizer's own template)."""
     key = tuple(sorted((name, str(path)) for name, path in adapter_dirs.items()))
-    return _reference_engine(key).chat_prompt(messages)
+    return _reference_engine(key).tokenization.chat_prompt(messages)

@@ -13,23 +13,31 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
+from adapters import AdapterInfo, AdapterVersion, LoraAdapter
+from adapters.peft_format import AdapterSource
+
 from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
+from .grammar import GrammarCompiler
 from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
+from .tokenization import Tokenization
 
 log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    """Wraps an `LLMEngine`; `stream(...)` yields one `RequestOutput` delta per step."""
+    """Wraps an `LLMEngine`; `stream(...)` yields one `RequestOutput` delta per step.
+
+    This is all the HTTP layer sees of the engine: requests, the tokenization and grammars it
+    uses on worker threads, and the adapter operations, writes run on the engine thread."""
 
     def __init__(self, engine: LLMEngine, on_fatal: Callable[[BaseException], None] | None = None):
-        self.engine, self.on_fatal = engine, on_fatal
+        self._engine, self.on_fatal = engine, on_fatal
         self.fatal_error: BaseException | None = None  # why the engine thread died, if it did
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -52,7 +60,7 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
-            await self.call(lambda: self.engine.add_request(prompt, params, adapter, request_id))
+            await self.call(lambda: self._engine.add_request(prompt, params, adapter, request_id))
         except BaseException:  # refused, or our caller was cancelled after the engine accepted it
             if self._streams.pop(request_id, None) is not None and self.is_alive:
                 self.abort(request_id)
@@ -70,7 +78,7 @@ class AsyncEngine:
             request.close()
 
     def abort(self, request_id: str) -> None:
-        self._submit(lambda: self.engine.abort(request_id))
+        self._submit(lambda: self._engine.abort(request_id))
 
     def detach(self, request_id: str) -> bool:
         """Stop delivering the request's outputs; True if it was still attached."""
@@ -103,7 +111,50 @@ class AsyncEngine:
 
     @property
     def is_idle(self) -> bool:
-        return not self.engine.has_unfinished() and self._commands.empty()
+        return not self._engine.has_unfinished() and self._commands.empty()
+
+    # The engine as the HTTP layer reads it (thread-safe: immutable, or behind the registry's lock)
+    @property
+    def tokenization(self) -> Tokenization:
+        """Prompt encoding, chat template and token text; run it on a worker thread."""
+        return self._engine.tokenization
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles (and caches) a request's grammar; run it on a worker thread."""
+        return self._engine.grammars
+
+    @property
+    def lora_layers(self) -> Mapping[str, Any]:
+        """The LoRA-wrapped layers by module name (read-only: what adapter analysis compares against)."""
+        return self._engine.lora_model.layers
+
+    # Adapters: reads from any thread; parse on a worker thread; writes as engine-thread commands
+    def has_adapter(self, name: str) -> bool:
+        return name in self._engine.registry
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        """What the registry says of `name`; AdapterNotFoundError if it is not registered."""
+        return self._engine.registry.info(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._engine.registry.list()
+
+    def adapter_version(self, name: str) -> AdapterVersion:
+        return self._engine.registry.version(name)
+
+    def parse_adapter(self, name: str, source: AdapterSource) -> LoraAdapter:
+        """Read and validate an adapter against this base model (slow: not on the event loop)."""
+        return self._engine.registry.parse(name, source)
+
+    async def install_adapter(self, name: str, adapter: LoraAdapter, source: AdapterSource,
+                              replace: bool = False) -> AdapterInfo:
+        registry = self._engine.registry
+        return await self.call(lambda: registry.install(name, adapter, source, replace=replace))
+
+    async def remove_adapter(self, name: str) -> None:
+        registry = self._engine.registry
+        await self.call(lambda: registry.remove(name))
 
     def _submit(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()
@@ -126,27 +177,27 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             self._run_commands()
-            if self.engine.has_unfinished():
+            if self._engine.has_unfinished():
                 self._publish(self._step())
-                self.engine.publish_stats()
+                self._engine.publish_stats()
             elif self._stopping:
                 with self._closing:  # exit only if no command slipped in since _run_commands
                     if self._commands.empty():
                         self._closed = True
-                        self.engine.publish_stats()
+                        self._engine.publish_stats()
                         return
             else:
-                self.engine.publish_stats()
+                self._engine.publish_stats()
                 self._wake.wait()
                 self._wake.clear()
 
     def _step(self) -> list[RequestOutput]:
         try:
-            return self.engine.step()
+            return self._engine.step()
         except Exception as exc:  # a bug must not hang every client: fail what is running, keep serving
             log.exception("engine step failed; failing the requests it held")
             error = EngineFailedError(f"the engine failed while running this request ({type(exc).__name__})")
-            return [o for rid in list(self.engine.requests) if (o := self.engine.abort(rid, error))]
+            return [o for rid in list(self._engine.requests) if (o := self._engine.abort(rid, error))]
 
     def _run_commands(self) -> None:
         while True:

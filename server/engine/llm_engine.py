@@ -29,6 +29,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Completion, RequestOutput, Sequence, TokenLogprob
 from .stats import EngineStats, RequestStats, StepStats
+from .tokenization import Tokenization
 
 
 class LLMEngine:
@@ -56,6 +57,7 @@ class LLMEngine:
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = _eos_ids(base)
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
+        self.tokenization = Tokenization(self.tokenizer, self.vocab_size)  # shared with HTTP
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # thread-safe
         self.mask_filler = MaskFiller(self.grammars)
         self.requests: dict[str, Sequence] = {}
@@ -81,7 +83,7 @@ class LLMEngine:
             composition = None
         if composition is None and adapter is not None and adapter not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
-        prompt_ids = self.encode_prompt(prompt)
+        prompt_ids = self.tokenization.encode_prompt(prompt)
         max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + max(max_tokens, 1 if params.max_tokens is None else 0) > self.max_model_len:
             raise PromptTooLongError(
@@ -106,24 +108,6 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """A prompt's token ids. An id outside the vocabulary is refused here: inside a step it
-        would fail the forward pass of every request sharing the batch."""
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not prompt_ids:
-            raise RequestError("must not be empty", field="prompt")
-        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
-                               field="prompt")
-        return prompt_ids
-
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of `messages` (and `tools`, where the template renders them) through the
-        tokenizer's own chat template."""
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def abort(self, request_id: str, error: Exception | None = None) -> RequestOutput | None:
         """Stop a request now and free its KV cache and adapter slot; `error` says why the engine

@@ -1,12 +1,15 @@
 """OpenAI-compatible request and response bodies (plus vLLM's extra sampling fields)."""
 from __future__ import annotations
 
+import dataclasses
 import time
+import typing
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from adapters import AdapterInfo
 from server.engine.grammar import GrammarSpec
 from server.engine.sampling_params import SamplingParams
 
@@ -305,18 +308,26 @@ class Compression(BaseModel):
     energy_kept: float
 
 
-class AdapterCard(BaseModel):
-    """An adapter as the management API reports it."""
+def _fields_of(info: type, exclude: set[str]) -> type[BaseModel]:
+    """A pydantic model with the fields of the dataclass `info` (types and defaults), so the API
+    reports what the registry knows without a second list to keep in step."""
+    hints = typing.get_type_hints(info)
+    fields = {f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(info) if f.name not in exclude}
+    return create_model(f"_{info.__name__}Fields", **fields)
 
-    name: str
-    rank: int
-    target_modules: list[str]
-    num_bytes: int
-    pinned: bool
-    slot: int | None
-    in_host_memory: bool
+
+class AdapterCard(_fields_of(AdapterInfo, exclude={"source"})):  # source: a path on this server
+    """An adapter as the management API reports it: the registry's `AdapterInfo`, plus what only
+    the server knows. The client's copy (client/types.py) is tested against this one."""
+
     persisted: bool
     compression: Compression | None = None  # set by an upload that asked for energy or max_rank
+
+    @classmethod
+    def of(cls, info: AdapterInfo, persisted: bool) -> AdapterCard:
+        shared = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name in cls.model_fields}
+        return cls(**shared, persisted=persisted)
 
 
 class AdapterList(BaseModel):

@@ -45,9 +45,7 @@ def _state(request: Request) -> ServerState:
 
 def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
     persisted = state.store is not None and info.name in state.store
-    return AdapterCard(name=info.name, rank=info.rank, target_modules=info.target_modules,
-                       num_bytes=info.num_bytes, pinned=info.pinned, slot=info.slot,
-                       in_host_memory=info.in_host_memory, persisted=persisted)
+    return AdapterCard.of(info, persisted)
 
 
 @router.post("/adapters", status_code=201, response_model=AdapterCard, dependencies=admin)
@@ -62,19 +60,19 @@ async def upload_adapter(request: Request) -> JSONResponse:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    registry = state.ready_engine().engine.registry
+    engine = state.ready_engine()
     async with _limited(request, limit).form(max_part_size=limit) as form:
         name = check_name(str(form.get("name") or ""))
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
         energy, max_rank = _compression_fields(form)
         files = await _read_files(form, limit)
-    if name in registry and not replace:
+    if engine.has_adapter(name) and not replace:
         raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite")
     report = None
     if energy is not None or max_rank is not None:  # CPU work: a worker thread, not the loop or the engine
         files, report = await asyncio.to_thread(compress_files, files, energy=energy, max_rank=max_rank)
     # Validate first: nothing reaches the store or the registry unless it is sound.
-    adapter = await asyncio.to_thread(registry.parse, name, files)
+    adapter = await asyncio.to_thread(engine.parse_adapter, name, files)
     if state.store is None:
         info = await state.register(name, files, replace, adapter=adapter)
     else:  # the store decides who gets a new name, atomically across replicas
@@ -165,7 +163,7 @@ async def _read_files(form, limit: int) -> dict[str, bytes]:
 async def list_adapters(request: Request) -> AdapterList:
     state = _state(request)
     await state.sync_store()
-    return AdapterList(data=[_card(state, info) for info in state.ready_engine().engine.registry.list()])
+    return AdapterList(data=[_card(state, info) for info in state.ready_engine().list_adapters()])
 
 
 @router.get("/adapters/{name}", response_model=AdapterCard, dependencies=read)
@@ -174,24 +172,24 @@ async def show_adapter(name: str, request: Request) -> AdapterCard:
     if name == state.model_name:
         raise AdapterNotFoundError(f"{name!r} is the base model, not an adapter")
     await state.resolve_model(name)  # also picks up one uploaded by another replica
-    return _card(state, state.ready_engine().engine.registry.info(name))
+    return _card(state, state.ready_engine().adapter_info(name))
 
 
 @router.delete("/adapters/{name}", dependencies=admin)
 async def delete_adapter(name: str, request: Request) -> dict:
     """Unregister and delete from the store; running requests that use it finish first."""
     state = _state(request)
-    registry = state.ready_engine().engine.registry
+    engine = state.ready_engine()
     if name in state.compositions:
         await state.remove_composition(name)
         return {"id": name, "object": "composition", "deleted": True}
     state.check_unused(name)
     in_store = state.store is not None and is_valid_name(name) and name in state.store
-    if name not in registry and not in_store:
-        registry.info(name)  # raises the typed 404
+    if not engine.has_adapter(name) and not in_store:
+        engine.adapter_info(name)  # raises the typed 404
     if in_store:
         await asyncio.to_thread(state.store.delete, name)
-    if name in registry:
+    if engine.has_adapter(name):
         await state.unregister(name)
     return {"id": name, "object": "adapter", "deleted": True}
 
@@ -211,7 +209,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     if not path.is_relative_to(os.path.realpath(root)):
         raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}", "path_outside_root",
                         "lora_path")
-    if body.lora_name in state.ready_engine().engine.registry:
+    if state.ready_engine().has_adapter(body.lora_name):
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
     source = path
     if body.energy is not None or body.max_rank is not None:  # served from the compressed files' bytes

@@ -61,7 +61,7 @@ async def _version(state: ServerState, name: str, field: str | None = None) -> A
         await state.resolve_model(name)
     except AdapterNotFoundError as exc:
         raise AdapterNotFoundError(exc.detail, field=field) from None
-    return state.ready_engine().engine.registry.version(name)
+    return state.ready_engine().adapter_version(name)
 
 
 @router.get("/adapters/{name}/analysis", dependencies=read)
@@ -69,7 +69,7 @@ async def adapter_analysis(name: str, request: Request) -> dict:
     """Per targeted module: rank, scale, ‖ΔW‖, singular values, effective ranks, amplification."""
     state = _state(request)
     version = await _version(state, name)
-    layers = state.ready_engine().engine.lora_model.layers
+    layers = state.ready_engine().lora_layers
     return await asyncio.to_thread(_analyses(request).get, version, layers)
 
 

@@ -35,7 +35,7 @@ from .serving import (
     tokenize_jobs,
 )
 from .state import ServerState
-from .structured import chat_plan, completion_plan, renders_tools, template_messages
+from .structured import chat_plan, completion_plan, template_messages
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -50,13 +50,12 @@ async def completions(body: CompletionRequest, request: Request):
     engine = state.ready_engine()
     check_completion(body, state.limits)
     adapter = await state.resolve_model(body.model, body.adapters)
-    tokenizer = engine.engine.tokenizer
-    plan = await asyncio.to_thread(completion_plan, body, engine.engine.grammars)  # compiles the grammar
-    jobs = await asyncio.to_thread(completion_jobs, body, lambda ids: tokenizer.decode(engine.engine.encode_prompt(ids)),
-                                   plan)
-    await asyncio.to_thread(tokenize_jobs, jobs, tokenizer)
+    tokens = engine.tokenization
+    plan = await asyncio.to_thread(completion_plan, body, engine.grammars)  # compiles the grammar
+    jobs = await asyncio.to_thread(completion_jobs, body, tokens.prompt_text, plan)
+    await asyncio.to_thread(tokenize_jobs, jobs, tokens)
     streams = await submit_all(engine, jobs, adapter)
-    token_text = _token_text(tokenizer)
+    token_text = tokens.token_text
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(completion_events(body.model, jobs, streams, include_usage, token_text))
@@ -70,14 +69,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = state.ready_engine()
     check_chat(body, state.limits)
     adapter = await state.resolve_model(body.model, body.adapters)
-    plan = await asyncio.to_thread(chat_plan, body, engine.engine.grammars)  # compiles the grammar
-    with_tools, with_tool_calls = renders_tools(engine.engine.tokenizer)
+    tokens = engine.tokenization
+    plan = await asyncio.to_thread(chat_plan, body, engine.grammars)  # compiles the grammar
+    with_tools, with_tool_calls = tokens.renders_tools()
     messages = template_messages(body.messages, with_tool_calls)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
-    prompt_ids = await asyncio.to_thread(engine.engine.chat_prompt, messages, tools)
+    prompt_ids = await asyncio.to_thread(tokens.chat_prompt, messages, tools)
     jobs = chat_jobs(body, prompt_ids, plan)
     streams = await submit_all(engine, jobs, adapter)
-    token_text = _token_text(engine.engine.tokenizer)
+    token_text = tokens.token_text
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(chat_events(body.model, jobs, streams, include_usage, token_text))
@@ -88,20 +88,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
-    engine = state.ready_engine().engine
+    engine = state.ready_engine()
     await state.sync_store()
     base = ModelCard(id=state.model_name, root=state.model_name)
     adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.source or info.name,
                           rank=info.rank, target_modules=info.target_modules)
-                for info in engine.registry.list()]
+                for info in engine.list_adapters()]
     compositions = [ModelCard(id=name, parent=state.model_name, root=state.model_name,
                               compose=[AdapterTerm(name=adapter, scale=scale) for adapter, scale in terms])
                     for name, terms in sorted(state.compositions.items())]
     return ModelList(data=[base, *adapters, *compositions])
-
-
-def _token_text(tokenizer):
-    return lambda token_id: tokenizer.decode([token_id])
 
 
 def _sse(events) -> StreamingResponse:

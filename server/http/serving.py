@@ -15,6 +15,7 @@ from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.errors import EngineFailedError, RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import RequestOutput, TokenLogprob
+from server.engine.tokenization import Tokenization
 
 from .api_models import (
     AssistantMessage,
@@ -109,13 +110,13 @@ async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: str | None) 
     return streams
 
 
-def tokenize_jobs(jobs: list[Job], tokenizer) -> None:
+def tokenize_jobs(jobs: list[Job], tokens: Tokenization) -> None:
     """Replace text prompts by their token ids (CPU work for a worker thread). Jobs that shared a
     prompt share its ids, so usage still counts each distinct prompt once."""
     ids: dict[int, list[int]] = {}
     for job in jobs:
         if isinstance(job.prompt, str):
-            job.prompt = ids.setdefault(id(job.prompt), tokenizer.encode(job.prompt))
+            job.prompt = ids.setdefault(id(job.prompt), tokens.encode(job.prompt))
 
 
 def raise_if_failed(output: RequestOutput) -> None:

@@ -88,7 +88,7 @@ class ServerState:
     async def resolve_model(self, model: str, adapters: list | None = None) -> str | Composition | None:
         """The adapter a request's `model` names (None = the base), or with the `adapters` field the
         composition ((name, scale), ...) on the base; unknown names are a 404."""
-        engine = self.ready_engine().engine
+        engine = self.ready_engine()
         if adapters is not None:
             if model != self.model_name:
                 raise RequestError(f"must be the base model {self.model_name!r} when `adapters` composes "
@@ -101,7 +101,7 @@ class ServerState:
             return NamedComposition(model, self.compositions[model])
         if self.store is not None and is_valid_name(model):
             await self._sync_stored(model)
-        if model in engine.registry:
+        if engine.has_adapter(model):
             return model
         raise AdapterNotFoundError(f"The model `{model}` does not exist")
 
@@ -129,13 +129,12 @@ class ServerState:
         """Parse `source` (unless `adapter` is its parse already) off the loop, then install it on the
         engine thread. `store_version` marks a registration that mirrors the store's entry."""
         engine = self.ready_engine()
-        registry = engine.engine.registry
         check_name(name)
         if adapter is None:
-            adapter = await asyncio.to_thread(registry.parse, name, source)
+            adapter = await asyncio.to_thread(engine.parse_adapter, name, source)
         else:  # parsed (and compressed) by the caller: its identity is hashed off the engine thread too
             await asyncio.to_thread(adapter_identity, adapter)
-        info = await engine.call(lambda: registry.install(name, adapter, source, replace=replace))
+        info = await engine.install_adapter(name, adapter, source, replace=replace)
         self._store_versions.pop(name, None)
         if store_version is not None:
             self._store_versions[name] = store_version
@@ -145,8 +144,8 @@ class ServerState:
     async def add_composition(self, name: str, terms: Composition, replace: bool = False) -> None:
         """Name a composition of registered adapters; persisted in the store when there is one."""
         check_name(name)
-        engine = self.ready_engine().engine
-        if name == self.model_name or name in engine.registry or (name in self.compositions and not replace):
+        engine = self.ready_engine()
+        if name == self.model_name or engine.has_adapter(name) or (name in self.compositions and not replace):
             raise HTTPError(409, f"{name!r} is already the name of a model, an adapter or a composition",
                             "name_in_use", "name")
         if len(terms) > self.limits.max_adapters_per_request:
@@ -179,7 +178,7 @@ class ServerState:
 
     async def unregister(self, name: str) -> None:
         engine = self.ready_engine()
-        await engine.call(lambda: engine.engine.registry.remove(name))
+        await engine.remove_adapter(name)
         self._store_versions.pop(name, None)
         engine.refresh_stats()
 
@@ -190,12 +189,12 @@ class ServerState:
         known = self._store_versions.get(name)
         if version == known:
             return
-        registry = self.ready_engine().engine.registry
+        engine = self.ready_engine()
         if version is None:  # deleted by another replica
-            if name in registry:
+            if engine.has_adapter(name):
                 await self.unregister(name)
             return
-        if known is None and name in registry:
+        if known is None and engine.has_adapter(name):
             return  # registered from elsewhere (--adapter, load_lora_adapter): that one wins
         try:
             await self.register(name, path, replace=True, store_version=version)

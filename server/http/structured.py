@@ -219,12 +219,6 @@ def _arguments(text: str, i: int, j: int):
         raise RequestError("must be JSON text", field=f"messages[{i}].tool_calls[{j}].function.arguments") from None
 
 
-def renders_tools(tokenizer) -> tuple[bool, bool]:
-    """(renders `tools`, renders `tool_calls`): whether the chat template mentions them at all."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    return "tools" in template, "tool_calls" in template
-
-
 class ToolCallStream:
     """A constrained tool-call answer as OpenAI streams it. A named function's arguments go out as
     they are generated, after a first delta with the call's id and name; an array of calls (tool

@@ -32,7 +32,8 @@ def test_concurrent_streams_equal_generate(adapter_paths):
     requests = [(PROMPTS[0], None, 8), (PROMPTS[1], "a", 10), (PROMPTS[2], "b", 6), (PROMPTS[3], "a", 12)]
     expected = make_engine(adapter_paths).generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
                                                    [a for _, a, _ in requests])
-    engine = AsyncEngine(make_engine(adapter_paths))
+    llm = make_engine(adapter_paths)
+    engine = AsyncEngine(llm)
     try:
         async def main():
             streams = await asyncio.gather(*(collect(engine, p, greedy(n), a) for p, a, n in requests))
@@ -48,7 +49,7 @@ def test_concurrent_streams_equal_generate(adapter_paths):
         assert len({o[0].request_id for o in streams}) == len(requests)
     finally:
         engine.stop(JOIN_TIMEOUT)
-    assert_released(engine.engine)
+    assert_released(llm)
 
 
 def test_leaving_a_stream_early_aborts_it():
@@ -120,7 +121,8 @@ def test_a_failing_step_aborts_running_requests_and_the_loop_goes_on():
 
 
 def test_stop_finishes_running_requests_then_ends_the_thread():
-    engine = AsyncEngine(make_engine())
+    llm = make_engine()
+    engine = AsyncEngine(llm)
     try:
         async def main():
             stream = engine.stream(PROMPTS[0], greedy(6))
@@ -138,7 +140,7 @@ def test_stop_finishes_running_requests_then_ends_the_thread():
         assert not engine.is_alive
     finally:
         engine.stop(JOIN_TIMEOUT)
-    assert_released(engine.engine)
+    assert_released(llm)
 
 
 def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
@@ -161,7 +163,8 @@ def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
 
 
 def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
-    engine = AsyncEngine(make_engine())
+    llm = make_engine()
+    engine = AsyncEngine(llm)
     gate, ran = threading.Event(), []
     try:
         async def main():
@@ -183,7 +186,7 @@ def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
     finally:
         gate.set()
         engine.stop(JOIN_TIMEOUT)
-    assert_released(engine.engine)
+    assert_released(llm)
 
 
 def test_a_dead_engine_thread_fails_every_caller_and_reports_itself():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,11 @@ def test_engine_does_not_import_http(tmp_path):
     assert "server.engine.llm_engine" in modules  # the probe really imported the engine
     assert not {m for m in modules if m.startswith("server.http")}
     assert "fastapi" not in modules and "starlette" not in modules
+
+
+def test_http_reaches_the_engine_only_through_the_async_engine_facade():
+    """server/http uses AsyncEngine's public methods, never the LLMEngine it wraps."""
+    reaching = re.compile(r"engine(\(\))?\._?engine\b")  # engine.engine, ready_engine()._engine, ...
+    offenders = [f"{path.name}:{number}" for path in sorted((REPO / "server" / "http").glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if reaching.search(line)]
+    assert offenders == []
