@@ -1,0 +1,139 @@
+"""LoraSlots: the per-slot A/B buffers, merge and gather dispatch that every LoRA layer shares."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import LoraBatch
+from .errors import InvalidAdapterError
+from .peft_format import LoraWeights
+
+
+class LoraState:
+    """Shared by every LoRA layer of one model: the step's gather batch, or None for no gather."""
+
+    def __init__(self):
+        self.batch: LoraBatch | None = None
+
+
+class LoraSlots(nn.Module):
+    """A base layer W0 plus `num_slots` adapter slots, applied per row (gather) or merged into W0.
+
+    lora_a is [S, R, in] (`is_a_transposed`: [S, in, R]) and lora_b [S, R, out], allocated on the
+    first load, zero past each slot's rank, scale folded into B; slot_ranks[s] is that rank (0: the
+    adapter in s does not target this layer). Loading an adapter is a `copy_` into its slot.
+    W0 is never written: a merge fills a separate buffer, so going back to base is a pointer change
+    and after any number of swaps W0 is bit-identical to what was loaded.
+
+    A subclass supplies the base op (`_base_forward`), the per-row delta (`_add_delta`), W0
+    (`base_weight`) and, where it has them, per-slot extras and merge steps (the hooks below).
+    """
+
+    is_a_transposed = False  # True: A is kept [S, in, R], so a row of Aᵀ is one contiguous lookup
+    weight_is_in_out = False  # True: W0 is [in, out] (Conv1D, an embedding table), not Linear's [out, in]
+
+    def __init__(self, state: LoraState, num_slots: int, max_rank: int, in_features: int, out_features: int,
+                 weight: torch.Tensor):
+        super().__init__()
+        self.state, self.num_slots, self.max_rank = state, num_slots, max_rank
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = tuple(weight.shape)
+        self.dtype, self.device = weight.dtype, weight.device
+        self.lora_a: torch.Tensor | None = None  # [S, R, in] or [S, in, R], allocated on first use
+        self.lora_b: torch.Tensor | None = None  # [S, R, out], scale folded in
+        self.slot_ranks = [0] * num_slots
+        self.merged_weight: torch.Tensor | None = None  # W0 + delta while merged, else None
+        self._merge_buffer: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base_forward(x)
+        batch = self.state.batch
+        if batch is None or self.lora_a is None:
+            return y
+        return self._add_delta(y, x, batch)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """Each row's own adapter delta added to `y` in place (the batched-gather op)."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def slot_a(self, slot: int, rank: int) -> torch.Tensor:
+        """The first `rank` rows of `slot`'s A as [r, in]: a view into lora_a, whatever its layout."""
+        return self.lora_a[slot, :, :rank].T if self.is_a_transposed else self.lora_a[slot, :rank]
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
+        """Copy an adapter's A ([r, in]) and B ([r, out]) into `slot` (zero-padded to max rank), or
+        clear it (None)."""
+        if self.lora_a is not None:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
+        if weights is None:
+            self.slot_ranks[slot] = 0
+            self._set_extras(slot, None)
+            return
+        if self.lora_a is None:
+            self._allocate()
+        rank = weights.a.shape[0]
+        self.slot_a(slot, rank).copy_(weights.a)
+        self.lora_b[slot, :rank].copy_(weights.b)
+        self.slot_ranks[slot] = rank
+        self._set_extras(slot, weights)
+
+    def _allocate(self) -> None:
+        factory = dict(dtype=self.dtype, device=self.device)
+        a_shape = (self.in_features, self.max_rank) if self.is_a_transposed else (self.max_rank, self.in_features)
+        self.lora_a = torch.zeros(self.num_slots, *a_shape, **factory)
+        self.lora_b = torch.zeros(self.num_slots, self.max_rank, self.out_features, **factory)
+
+    def _set_extras(self, slot: int, weights: LoraWeights | None) -> None:
+        """Hold `slot`'s terms beyond B·A (bias, DoRA), or drop them (None); none by default."""
+
+    @torch.no_grad()
+    def merge(self, terms: list[tuple[int, float]]) -> None:
+        """Use W0 + Σ scale·delta(slot) as the weight; slots that do not target this layer add
+        nothing, and none at all means W0."""
+        terms = [(slot, scale) for slot, scale in terms if self.slot_ranks[slot]]
+        if not terms:
+            self.unmerge()
+            return
+        if self._merge_buffer is None:
+            self._merge_buffer = torch.empty(self.weight_shape, dtype=self.dtype, device=self.device)
+        merged = self._merge_buffer
+        # The first term reads W0, the others add to the buffer in place.
+        source = self._merge_source(merged)
+        for slot, scale in terms:
+            rank = self.slot_ranks[slot]
+            a, b = self.slot_a(slot, rank), self.lora_b[slot, :rank]  # [r, in], [r, out]
+            if self.weight_is_in_out:
+                torch.addmm(source, a.T, b, alpha=scale, out=merged)  # [in, out]
+            else:
+                torch.addmm(source, b.T, a, alpha=scale, out=merged)  # [out, in]
+            source = merged
+        self._finish_merge(merged, terms)
+        # Adapters are checked finite at load; only fp16's small range can overflow in the sum,
+        # and re-reading every merged weight would cost as much as the merge itself.
+        if self.dtype == torch.float16 and not torch.isfinite(merged).all():
+            self.unmerge()
+            raise InvalidAdapterError("merging would overflow this dtype (non-finite weights)")
+        self._use_merged(merged)
+
+    def _merge_source(self, buffer: torch.Tensor) -> torch.Tensor:
+        """W0 as the first merge term reads it (a subclass may write it into `buffer`)."""
+        return self.base_weight()
+
+    def _finish_merge(self, merged: torch.Tensor, terms: list[tuple[int, float]]) -> None:
+        """What a merge adds after the deltas, before the finiteness check; nothing by default."""
+
+    def _use_merged(self, merged: torch.Tensor) -> None:
+        """Run on `merged` from now on (until `unmerge`)."""
+        self.merged_weight = merged
+
+    def unmerge(self) -> None:
+        """Back to W0: no arithmetic, W0 was never written."""
+        self.merged_weight = None
