@@ -13,11 +13,16 @@ filesystem decides which of two concurrent creators wins; a replace switches it 
 rename, so a reader sees the old version or the new one, never a gap or a mix. `path(name)` resolves
 the pointer: a loader that reads through it reads one version even if a replace lands meanwhile.
 
-A replaced version stays loadable for `grace_s` seconds (another replica may have resolved it just
-before the switch); the next save of that name or the next startup sweep removes it. Staging and
+A replaced or deleted version stays loadable for `grace_s` seconds (another replica may have resolved
+it just before the switch); the next save or delete of that name, or the next sweep, removes it. Staging and
 orphaned versions are removed only when no live upload holds their lock and they are older than
 `grace_s`: flock is shared by NFS clients (Linux maps it to byte-range locks), and the age is the
 backstop where it is not, or where the holder is this same process.
+
+Every link is checked before it is followed, read or removed: a pointer counts only if it names
+`.versions/<name>/<version>` of its own name, and `.versions`, `.compositions` and the files in them
+must not be links. Anything else in the root (a link planted by hand, `evil -> ../victim`) is
+ignored and logged, so neither a read nor a delete can reach outside the store.
 
 A composition is one small JSON file, written to a temporary name (fsynced) and then linked into
 place (create: os.link fails if the name exists, so one creator wins) or renamed over it (replace).
@@ -27,6 +32,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -40,7 +47,8 @@ from adapters import AdapterExistsError, InvalidAdapterError
 from adapters.config import CONFIG_FILE
 from adapters.peft_format import WEIGHTS_FILE
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would admit "name\n"
+VERSION_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f]{32}")  # what _new_version makes
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 VERSIONS = ".versions"
 COMPOSITIONS = ".compositions"
@@ -48,6 +56,8 @@ STAGING = ".staging-"
 LOCK = ".lock"
 TEMPORARY_LINKS = (".link-", ".deleting-")
 DEFAULT_GRACE_S = 600.0
+
+log = logging.getLogger(__name__)
 
 
 def check_name(name: str) -> str:
@@ -59,7 +69,7 @@ def check_name(name: str) -> str:
 
 
 def is_valid_name(name: str) -> bool:
-    return bool(NAME_PATTERN.match(name)) and ".." not in name
+    return bool(NAME_PATTERN.fullmatch(name)) and ".." not in name
 
 
 class AdapterStore:
@@ -70,6 +80,7 @@ class AdapterStore:
         self.grace_s = grace_s
         self._versions = self.root / VERSIONS
         self._versions.mkdir(parents=True, exist_ok=True)
+        _refuse_link(self._versions)
         self._migrate_unversioned()
         self.sweep()
 
@@ -86,7 +97,8 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         with os.scandir(self.root) as entries:
-            return sorted(e.name for e in entries if e.is_symlink() and is_valid_name(e.name))
+            links = [e.name for e in entries if e.is_symlink() and is_valid_name(e.name)]
+        return sorted(name for name in links if self._pointer(name) is not None)
 
     def version(self, name: str) -> str | None:
         """The current version's id, None if absent: one readlink, and a new id on every save."""
@@ -98,14 +110,21 @@ class AdapterStore:
 
     # Named compositions: ((adapter, scale), ...) under a name of their own.
     def compositions(self) -> dict[str, tuple[tuple[str, float], ...]]:
+        """Every readable composition; a bad file (a replica's half-understood write, a hand edit) is
+        skipped and logged, as a bad adapter is: one file must not keep a fleet from starting."""
         folder = self.root / COMPOSITIONS
-        if not folder.is_dir():
+        if folder.is_symlink() or not folder.is_dir():
+            if folder.is_symlink():
+                log.warning("ignoring %s: a link, which could lead out of the store", folder)
             return {}
         found = {}
         for path in sorted(folder.glob("*.json")):
-            if is_valid_name(path.stem):
-                terms = json.loads(path.read_bytes())
-                found[path.stem] = tuple((term["name"], float(term["scale"])) for term in terms)
+            if not is_valid_name(path.stem):
+                continue
+            try:
+                found[path.stem] = _read_composition(path)
+            except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+                log.warning("skipping stored composition %s: %s", path, exc)
         return found
 
     def save_composition(self, name: str, terms: tuple[tuple[str, float], ...], replace: bool = False) -> None:
@@ -132,14 +151,24 @@ class AdapterStore:
         _fsync_dir(self.root / COMPOSITIONS)
 
     def _pointer(self, name: str) -> str | None:
+        """The pointer's target, `.versions/<name>/<version>`; None if absent or if it points anywhere
+        else (a link planted by hand must never be followed out of the store)."""
         try:
-            return os.readlink(self.root / check_name(name))
+            target = os.readlink(self.root / check_name(name))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:  # EINVAL: a directory written by a replica that predates versioning
             if exc.errno == errno.EINVAL:
                 return None
             raise
+        prefix = f"{VERSIONS}/{name}/"
+        if not (target.startswith(prefix) and VERSION_PATTERN.fullmatch(target[len(prefix):])):
+            log.warning("ignoring %s -> %s: not a version of this store", self.root / name, target)
+            return None
+        if (self._versions / name).is_symlink():
+            log.warning("ignoring %s: its versions folder is a link", self.root / name)
+            return None
+        return target
 
     def save(self, name: str, files: Mapping[str, bytes], replace: bool = False) -> Path:
         """Write a new version of `name` and point the name at it; returns the version's directory.
@@ -168,16 +197,24 @@ class AdapterStore:
         return target
 
     def delete(self, name: str) -> None:
-        """Take the pointer away in one rename (readers see the adapter or nothing), then its version."""
+        """Take the pointer away in one rename (readers see the adapter or nothing). The version it
+        named stays for `grace_s`, as a replaced one does: another replica may have just resolved it.
+        Only a pointer of this store is taken: a foreign link is refused, never followed."""
+        link = self.root / check_name(name)
+        if link.is_symlink() and self._pointer(name) is None:
+            raise InvalidAdapterError(f"{name!r} in the store is a link that does not point to one of its "
+                                      "versions; remove it by hand", field="name")
+        previous = self.version(name)
         taken = self.root / f".deleting-{_new_version()}"
         try:
-            os.rename(self.root / check_name(name), taken)
+            os.rename(link, taken)
         except FileNotFoundError:
             return
         _fsync_dir(self.root)
         if taken.is_symlink():
-            shutil.rmtree(self.root / os.readlink(taken), ignore_errors=True)
             taken.unlink()
+            if previous is not None:
+                _touch(self._versions / name / previous)  # its grace period starts now
         else:  # a directory written by a replica that predates versioning
             shutil.rmtree(taken, ignore_errors=True)
         self._collect(name)
@@ -197,7 +234,8 @@ class AdapterStore:
             if _age(link) >= self.grace_s:
                 link.unlink(missing_ok=True)
         for name_dir in self._versions.iterdir():
-            self._collect(name_dir.name)
+            if not name_dir.is_symlink():
+                self._collect(name_dir.name)
 
     # Writing: staging -> .versions/<name>/<version> -> pointer.
     def _publish(self, name: str, version: str, staging: Path) -> Path:
@@ -288,6 +326,30 @@ class AdapterStore:
             except (FileNotFoundError, FileExistsError):  # another replica is migrating it
                 continue
         _fsync_dir(self.root)
+
+
+def _read_composition(path: Path) -> tuple[tuple[str, float], ...]:
+    """[{"name": adapter, "scale": s}, ...] with valid names and finite scales, or ValueError."""
+    if path.is_symlink():
+        raise ValueError("a link, which could lead out of the store")
+    terms = json.loads(path.read_bytes())
+    if not isinstance(terms, list) or not terms:
+        raise ValueError("expected a non-empty list of {name, scale}")
+    parsed = []
+    for term in terms:
+        name, scale = term["name"], term["scale"]
+        if not isinstance(name, str) or not is_valid_name(name):
+            raise ValueError(f"invalid adapter name {name!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale of {name!r} must be a finite number, not {scale!r}")
+        parsed.append((name, float(scale)))
+    return tuple(parsed)
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise InvalidAdapterError(f"{path} is a link; the store's own folders must be real directories",
+                                  field="adapter_store")
 
 
 def _new_version() -> str:

@@ -206,9 +206,11 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
         path = Path(os.path.realpath(body.lora_path))
     except ValueError as exc:  # e.g. an embedded NUL byte
         raise HTTPError(400, f"lora_path is not a valid path ({exc})", "invalid_path", "lora_path") from None
-    if not path.is_relative_to(os.path.realpath(root)):
-        raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}", "path_outside_root",
-                        "lora_path")
+    real_root = os.path.realpath(root)
+    outside = [p for p in [path, *_entries(path)] if not Path(os.path.realpath(p)).is_relative_to(real_root)]
+    if outside:  # the directory, or a file in it linked elsewhere: the loader would read outside the root
+        raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}, with every file in it "
+                        f"({outside[0].name!r} does not)", "path_outside_root", "lora_path")
     if state.ready_engine().has_adapter(body.lora_name):
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
     source = path
@@ -227,3 +229,10 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     await state.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+
+def _entries(path: Path) -> list[Path]:
+    """What a loader could open under `path`; nothing if it is not a readable directory."""
+    try:
+        return list(path.iterdir())
+    except OSError:
+        return []

@@ -205,7 +205,7 @@ def test_two_saves_in_one_process_stage_and_retire_apart(tmp_path, monkeypatch):
     assert config_tag == weights_tag != 0
 
 
-def test_replace_keeps_the_old_version_loadable_and_delete_removes_the_name_at_once(tmp_path):
+def test_replace_and_delete_keep_the_old_version_loadable_for_the_grace_period(tmp_path):
     store = AdapterStore(tmp_path)
     store.save(NAME, files_for(1))
     old_path, old_version = store.path(NAME), store.version(NAME)
@@ -216,8 +216,10 @@ def test_replace_keeps_the_old_version_loadable_and_delete_removes_the_name_at_o
     assert read_tag(old_path) == (1, 1), "a replica that resolved the old version must still load it"
     store.delete(NAME)
     assert (NAME in store, store.version(NAME), store.names()) == (False, None, [])
-    assert not new_path.exists()
+    assert read_tag(new_path) == (2, 2), "a replica that resolved it just before the delete must still load it"
     store.delete(NAME)  # deleting what is gone is a no-op
+    AdapterStore(tmp_path, grace_s=0)  # the sweep, past the grace period
+    assert not new_path.exists() and not old_path.exists()
 
 
 def test_the_sweep_removes_orphaned_versions_only_after_the_grace_period(tmp_path):
