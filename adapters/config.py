@@ -130,8 +130,8 @@ class LoraConfig(BaseModel):
         """Parse and check a config; every failure is a typed error naming the file and field."""
         try:
             raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidAdapterError(f"not valid JSON ({exc})", file=file) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # also: a 4300-digit int, deep nesting
+            raise InvalidAdapterError(f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})", file=file) from None
         if not isinstance(raw, dict):
             raise InvalidAdapterError("must be a JSON object", file=file)
         try:

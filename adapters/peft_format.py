@@ -93,6 +93,9 @@ class LoraAdapter:
         return self.config.use_dora
 
 
+READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The config's bytes and the weight tensors, from a directory or an upload's files."""
     files = _FileView(source)
@@ -111,6 +114,10 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
         tensors = load_safetensors_bytes(weights_bytes)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise InvalidAdapterError(f"not a readable safetensors file ({exc})", file=WEIGHTS_FILE) from None
+    for key, tensor in tensors.items():
+        if tensor.dtype not in READABLE_DTYPES:  # float8 and ints: the folds and merges have no kernel for them
+            raise InvalidAdapterError(f"tensor {key!r} is {tensor.dtype}; adapter weights must be float16, "
+                                      "bfloat16, float32 or float64", file=WEIGHTS_FILE, field=key)
     return config_bytes, tensors
 
 

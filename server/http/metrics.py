@@ -165,26 +165,33 @@ class _SnapshotCollector(Collector):
         yield _gauge("loraserve:adapter_host_cache_total", "Host-memory adapter cache size (max_cpu_loras).",
                      s.max_cpu_loras)
         yield _gauge("loraserve:adapters_registered", "Adapters that can be requested.", s.num_registered_adapters)
-        # Where each adapter is, by name: both tiers are bounded by configuration, so is the cardinality.
-        resident = GaugeMetricFamily("loraserve:adapter_resident", "1 for each adapter in a tier (device, host).",
-                                     labels=["adapter", "tier"])
-        for name in s.resident_adapters:
-            resident.add_metric([name, "device"], 1)
-        for name in s.host_adapters:
-            resident.add_metric([name, "host"], 1)
+        # Every adapter label goes through the cap, here too: names are user-chosen.
+        device, host = self._labels(s.resident_adapters), self._labels(s.host_adapters)
+        resident = GaugeMetricFamily("loraserve:adapter_resident", "Adapters in a tier (device, host); names past "
+                                     "the label cap are counted under one label.", labels=["adapter", "tier"])
+        for tier, labels in (("device", device), ("host", host)):
+            for label in sorted(set(labels)):
+                resident.add_metric([label, tier], labels.count(label))
         yield resident
         yield from self._adapter_sizes(s.adapter_sizes)
         now = time.time()
         info = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters of running and waiting requests; the "
                                  "value is the Unix time of this update.",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        info.add_metric([str(s.max_loras), ",".join(s.running_adapters), ",".join(s.waiting_adapters)], now)
+        info.add_metric([str(s.max_loras), self._joined(s.running_adapters), self._joined(s.waiting_adapters)], now)
         yield info
         warm = GaugeMetricFamily("loraserve:lora_resident_info", "Adapters resident in device slots and in host "
                                  "memory even when idle (a warm pod); the value is the Unix time of this update.",
                                  labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"])
-        warm.add_metric([str(s.max_loras), ",".join(s.resident_adapters), ",".join(s.host_adapters)], now)
+        warm.add_metric([str(s.max_loras), ",".join(sorted(set(device))), ",".join(sorted(set(host)))], now)
         yield warm
+
+    def _labels(self, names: list[str]) -> list[str]:
+        return [self.metrics.adapter_label(name) for name in names]
+
+    def _joined(self, names: list[str]) -> str:
+        """vLLM's comma-joined list, of capped labels: an endpoint picker reads names it routed by."""
+        return ",".join(sorted(set(self._labels(names))))
 
     def _prefix_cache_by_adapter(self):
         """Per adapter label, from finished requests: the counters and their ratio, the hit rate."""

@@ -20,7 +20,7 @@ from adapters import (
 )
 from adapters.compress import CompressionReport, check_compression, compress_files
 from adapters.peft_format import PICKLE_FILE
-from server.store import ADAPTER_FILES, check_name, is_valid_name
+from server.store import ADAPTER_FILES, is_valid_name
 
 from .api_models import (
     AdapterCard,
@@ -62,7 +62,7 @@ async def upload_adapter(request: Request) -> JSONResponse:
         raise _too_large(limit)
     engine = state.ready_engine()
     async with _limited(request, limit).form(max_part_size=limit) as form:
-        name = check_name(str(form.get("name") or ""))
+        name = state.check_name_free(str(form.get("name") or ""))
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes")
         energy, max_rank = _compression_fields(form)
         files = await _read_files(form, limit)
@@ -211,6 +211,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     if outside:  # the directory, or a file in it linked elsewhere: the loader would read outside the root
         raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}, with every file in it "
                         f"({outside[0].name!r} does not)", "path_outside_root", "lora_path")
+    state.check_name_free(body.lora_name)
     if state.ready_engine().has_adapter(body.lora_name):
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
     source = path

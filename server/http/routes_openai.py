@@ -91,7 +91,8 @@ async def list_models(request: Request) -> ModelList:
     engine = state.ready_engine()
     await state.sync_store()
     base = ModelCard(id=state.model_name, root=state.model_name)
-    adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.source or info.name,
+    # root is the adapter's name, never a server path (vLLM shows its lora_path there)
+    adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.name,
                           rank=info.rank, target_modules=info.target_modules)
                 for info in engine.list_adapters()]
     compositions = [ModelCard(id=name, parent=state.model_name, root=state.model_name,

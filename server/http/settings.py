@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engine.config import EngineConfig, EngineSettings
@@ -46,6 +46,17 @@ class Settings(BaseSettings, EngineSettings):
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
     max_adapter_labels: int = Field(100, ge=1)  # per-adapter metric series; the rest share one label
+
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _usable_key(cls, key: str | None, info) -> str | None:
+        """An empty key would turn its check off, and a padded one (a secret file's trailing newline)
+        could never match what a client sends: both are refused at startup, naming the setting."""
+        if key is not None and (not key or key != key.strip()):
+            problem = "is empty" if not key.strip() else "has leading or trailing whitespace"
+            raise ValueError(f"LORASERVE_{info.field_name.upper()} / --{info.field_name.replace('_', '-')} "
+                             f"{problem}: unset it, or strip the secret")
+        return key
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs as set here; the policy only tests tune keeps EngineConfig's defaults."""

@@ -129,7 +129,7 @@ class ServerState:
         """Parse `source` (unless `adapter` is its parse already) off the loop, then install it on the
         engine thread. `store_version` marks a registration that mirrors the store's entry."""
         engine = self.ready_engine()
-        check_name(name)
+        self.check_name_free(name)
         if adapter is None:
             adapter = await asyncio.to_thread(engine.parse_adapter, name, source)
         else:  # parsed (and compressed) by the caller: its identity is hashed off the engine thread too
@@ -140,6 +140,15 @@ class ServerState:
             self._store_versions[name] = store_version
         engine.refresh_stats()
         return info
+
+    def check_name_free(self, name: str) -> str:
+        """A valid name that no composition and not the base already has: either would make the
+        adapter unreachable (a `model` resolves to them first) or list one name twice."""
+        check_name(name)
+        if name == self.model_name or name in self.compositions:
+            kind = "the base model" if name == self.model_name else "a composition"
+            raise HTTPError(409, f"{name!r} is already the name of {kind}", "name_in_use", "name")
+        return name
 
     async def add_composition(self, name: str, terms: Composition, replace: bool = False) -> None:
         """Name a composition of registered adapters; persisted in the store when there is one."""
