@@ -19,6 +19,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from server.http.protocol import uvicorn_options
+
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 180.0  # a cold start imports torch and loads the model on a busy 2-core machine
 POLL_INTERVAL = 0.2
@@ -117,7 +119,9 @@ def serve_in_thread(app: FastAPI, stop_timeout: float = 30.0) -> Iterator[str]:
     """Serve `app` on a free loopback port from a background thread until the block ends; yields the URL."""
     sock = bound_socket()
     url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                            **uvicorn_options(app.state.settings))  # the limits `loraserve serve` sets
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{url}", daemon=True)
     thread.start()
     try:

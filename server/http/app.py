@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.engine.model_loader import BaseModel
 
 from .auth import require_metrics_key
+from .body_limit import BodyLimit
 from .errors import error_response, install_error_handlers
+from .executors import AnalysisPool, install_serving_executor
 from .metrics import Metrics
 from .routes_adapters import router as adapters_router
 from .routes_analysis import AdapterAnalyses
@@ -33,22 +35,27 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        serving = install_serving_executor(settings.serving_workers)
+        analysis = AnalysisPool(settings.analysis_workers, settings.max_queued_analyses)
         state = ServerState(settings, base, metrics, on_fatal)
-        app.state.server, app.state.settings = state, settings
+        app.state.server, app.state.analysis_pool = state, analysis
         state.start()
         try:
             yield
         finally:
             state.stop(settings.shutdown_timeout)
+            analysis.shutdown()
+            serving.shutdown(wait=False)
 
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan,
                   description="Multi-adapter LoRA inference server with an OpenAI-compatible API.")
     # Endpoints read per-app objects from app.state, never from closures: FastAPI keeps endpoint
     # callables in process-wide caches, which would keep every app's engine alive in a process
     # that builds several apps (the tests).
-    app.state.metrics = metrics
+    app.state.metrics, app.state.settings = metrics, settings
     app.state.adapter_analyses = AdapterAnalyses()
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.include_router(openai_router)
     app.include_router(adapters_router)
     app.include_router(analysis_router)

@@ -85,8 +85,11 @@ def serve_command(args: argparse.Namespace) -> int:
     # death by signal (exit 143). The drain is done by then: exit 0 as the Dockerfile promises, or
     # 1 when we shut down because we could not serve.
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit(failures))
+    from server.http.protocol import uvicorn_options  # noqa: PLC0415
+
     uvicorn.run(create_app(settings, on_fatal=on_fatal), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout)
+                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout,
+                **uvicorn_options(settings))
     return _exit_code(failures)
 
 

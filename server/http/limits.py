@@ -21,6 +21,7 @@ class RequestLimits:
     max_prompt_bytes: int  # UTF-8 bytes of a prompt (or of a chat's messages together)
     max_prompt_tokens: int  # token ids of a token-id prompt
     max_adapters_per_request: int = 4  # entries of the `adapters` composition field
+    max_prompts_per_request: int = 64  # entries of a completion's list `prompt`
 
 
 def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -34,6 +35,9 @@ def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
     _check_adapters(body, limits)
     prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
+    if len(prompts) > limits.max_prompts_per_request:
+        raise RequestError(f"at most {limits.max_prompts_per_request} prompts per request, got {len(prompts)} "
+                           "(setting max_prompts_per_request)", field="prompt")
     for prompt in prompts:
         if isinstance(prompt, str):
             _check_bytes(len(prompt.encode()), limits, "prompt")

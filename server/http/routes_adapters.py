@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from pathlib import Path
 
@@ -70,7 +71,8 @@ async def upload_adapter(request: Request) -> JSONResponse:
         raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite")
     report = None
     if energy is not None or max_rank is not None:  # CPU work: a worker thread, not the loop or the engine
-        files, report = await asyncio.to_thread(compress_files, files, energy=energy, max_rank=max_rank)
+        compress = functools.partial(compress_files, files, energy=energy, max_rank=max_rank)
+        files, report = await request.app.state.analysis_pool.run(compress)  # SVDs: analysis work
     # Validate first: nothing reaches the store or the registry unless it is sound.
     adapter = await asyncio.to_thread(engine.parse_adapter, name, files)
     if state.store is None:
@@ -216,7 +218,8 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
     source = path
     if body.energy is not None or body.max_rank is not None:  # served from the compressed files' bytes
-        source, _ = await asyncio.to_thread(compress_files, path, energy=body.energy, max_rank=body.max_rank)
+        compress = functools.partial(compress_files, path, energy=body.energy, max_rank=body.max_rank)
+        source, _ = await request.app.state.analysis_pool.run(compress)
     await state.register(body.lora_name, source)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

@@ -40,6 +40,17 @@ class Settings(BaseSettings, EngineSettings):
     max_stop_length: int = Field(256, ge=1)
     max_adapters_per_request: int = Field(4, ge=1)  # entries of the `adapters` composition field
     max_prompt_bytes: int | None = Field(None, ge=1)
+    max_prompts_per_request: int = Field(64, ge=1)  # entries of a completion's list `prompt`
+    # Bodies, connections and workers (docs/operating.md): a client cannot hold the loop, the
+    # memory or the worker threads that other users need.
+    max_request_bytes: int | None = Field(None, ge=1)  # JSON bodies; None: 4 x max_prompt_bytes + 1 MiB
+    request_read_timeout: float = Field(30.0, gt=0)  # a JSON body whole; an upload, each chunk
+    request_header_timeout: float = Field(10.0, gt=0)  # from connect (or the last response) to full headers
+    keep_alive_timeout: float = Field(5.0, gt=0)  # idle keep-alive connections are closed after it
+    max_connections: int = Field(1000, ge=1)  # uvicorn's limit_concurrency: 503 past it
+    serving_workers: int = Field(16, ge=1)  # tokenizing, templates, grammars, store IO, parses
+    analysis_workers: int = Field(1, ge=1)  # adapter analysis and similarity (float64 SVDs)
+    max_queued_analyses: int = Field(4, ge=0)  # waiting for an analysis worker; 429 past it
     # The engine alone defaults to packed (deterministic tests); a server measures once per CPU.
     kernel_choice: Literal["auto", "packed", "plain"] = "auto"  # auto: measured per weight shape, cached per CPU
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM

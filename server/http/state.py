@@ -219,7 +219,8 @@ class ServerState:
             self.model_name = settings.served_model_name or base.name
             prompt_bytes = settings.max_prompt_bytes or engine.max_model_len * max_token_bytes(base.tokenizer)
             self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
-                                        engine.max_model_len, settings.max_adapters_per_request)
+                                        engine.max_model_len, settings.max_adapters_per_request,
+                                        settings.max_prompts_per_request)
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
             self.compositions = self.store.compositions() if self.store else {}
             if self.metrics is not None:
