@@ -125,6 +125,11 @@ class LoraModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's floating dtype (an int8 base keeps its activations' dtype elsewhere)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
 
 def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False,
                quantization: str | None = None, kernels: KernelPlan | None = None) -> LoraModel:

@@ -78,6 +78,7 @@ class AdapterRegistry:
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # least recently acquired first
         self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
+        self._prepared: dict[int, tuple[AdapterVersion, LoraAdapter]] = {}  # id(version) -> its host copy
         self.num_loads = self.num_evictions = 0
 
     @property
@@ -96,6 +97,18 @@ class AdapterRegistry:
         adapter = load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
         adapter_identity(adapter)  # hashed here, on the caller's thread; install finds it remembered
         return adapter
+
+    def prepare_host(self, name: str) -> None:
+        """Read `name`'s current version back into host memory if its copy was evicted: file IO and
+        CPU work for a worker thread, so that the engine thread's `bind` only takes the result."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.adapter is not None or id(entry) in self._prepared:
+                return
+        adapter = self.parse(name, entry.source)
+        with self._lock:
+            if entry.adapter is None and not entry.removed:
+                self._prepared[id(entry)] = (entry, adapter)  # keyed by id: a version is not hashable by value
 
     def install(self, name: str, adapter: LoraAdapter, source: AdapterSource, *, replace: bool = False,
                 pinned: bool = False) -> AdapterInfo:
@@ -237,6 +250,10 @@ class AdapterRegistry:
 
     def _load_host(self, entry: AdapterVersion) -> LoraAdapter:
         adapter = entry.adapter
+        prepared = self._prepared.pop(id(entry), None)
+        if adapter is None and prepared is not None and prepared[0] is entry:
+            adapter = entry.adapter = prepared[1]
+            entry.identity = adapter_identity(adapter)  # hashed by prepare_host already: a lookup
         if adapter is None:
             model = self.lora_model
             adapter = entry.adapter = load_adapter(entry.name, entry.source, model.spec,
@@ -261,6 +278,7 @@ class AdapterRegistry:
 
     def _drop(self, entry: AdapterVersion) -> None:
         entry.removed = True
+        self._prepared.pop(id(entry), None)
         self._host_lru.pop(entry.name, None)  # out of the LRU: its host copy now lives as long as its requests
         if self._entries.get(entry.name) is entry:
             del self._entries[entry.name]

@@ -1,10 +1,13 @@
 """Per-step choice between merged and gathered LoRA, with hysteresis so swaps do not thrash."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
-from adapters import BASE_SLOT, LoraModel
+from adapters import BASE_SLOT, InvalidAdapterError, LoraModel
+
+log = logging.getLogger(__name__)
 
 BASE, MERGED, GATHER = "base", "merged", "gather"
 
@@ -26,6 +29,7 @@ class ModePolicy:
         self.lora_model, self.merge_after_steps = lora_model, merge_after_steps
         self._candidate: int | None = None
         self._streak = 0
+        self._unmergeable: set = set()  # keys whose merge was not finite: they stay gathered
 
     def choose(self, slots: set[int]) -> ModeDecision:
         model = self.lora_model
@@ -39,10 +43,16 @@ class ModePolicy:
             return ModeDecision(MERGED)
         self._streak = self._streak + 1 if self._candidate == slot else 1
         self._candidate = slot
-        if self._streak < self.merge_after_steps:
+        if self._streak < self.merge_after_steps or slot in self._unmergeable:
             if model.merged_slot is not None:
                 model.unmerge()
             return ModeDecision(GATHER)
         started = time.perf_counter()
-        model.merge(slot)
+        try:
+            model.merge(slot)
+        except InvalidAdapterError as exc:  # W0 + ΔW overflows the dtype: those rows' problem, not the step's
+            log.warning("serving %s gathered: its merge is not finite (%s)", slot, exc)
+            self._unmergeable = self._unmergeable if len(self._unmergeable) < 64 else set()
+            self._unmergeable.add(slot)
+            return ModeDecision(GATHER)
         return ModeDecision(MERGED, swap_seconds=time.perf_counter() - started)

@@ -20,6 +20,7 @@ from typing import Any
 from adapters import AdapterInfo, AdapterVersion, LoraAdapter
 from adapters.peft_format import AdapterSource
 
+from .composition import max_composition_scale
 from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 from .grammar import GrammarCompiler
 from .llm_engine import LLMEngine
@@ -57,6 +58,8 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:  # registering it again would take the running stream's outputs
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
+        for name in _adapter_names(adapter):  # an evicted host copy is read here, never on the engine thread
+            await asyncio.to_thread(self._engine.registry.prepare_host, name)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
@@ -130,6 +133,10 @@ class AsyncEngine:
         return self._engine.lora_model.layers
 
     # Adapters: reads from any thread; parse on a worker thread; writes as engine-thread commands
+    @property
+    def max_composition_scale(self) -> float:
+        return max_composition_scale(self._engine.lora_model.dtype)
+
     def has_adapter(self, name: str) -> bool:
         return name in self._engine.registry
 
@@ -257,3 +264,12 @@ class RequestStream:
     def close(self) -> None:
         if self.engine.detach(self.request_id) and not self.finished and self.engine.is_alive:
             self.engine.abort(self.request_id)
+
+
+def _adapter_names(adapter) -> list[str]:
+    """The adapter names a request's adapter reference reads: none, one, or a composition's."""
+    if adapter is None:
+        return []
+    if isinstance(adapter, str):
+        return [adapter]
+    return [name for name, _ in adapter]

@@ -10,6 +10,8 @@ import hashlib
 import math
 import struct
 
+import torch
+
 from adapters import AdapterRegistry, AdapterVersion
 
 from .errors import RequestError
@@ -45,10 +47,10 @@ def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: i
         raise RequestError(f"{len(composition)} adapters cannot share a row: the server holds {max_loras} "
                            "in device slots (setting max_loras)", field="adapters")
     terms: list[tuple[AdapterVersion, float]] = []
+    max_scale = max_composition_scale(registry.lora_model.dtype)
     try:
         for index, (name, scale) in enumerate(composition):
-            if not math.isfinite(scale):
-                raise RequestError("scales must be finite numbers", field=f"adapters[{index}].scale")
+            check_scale(scale, max_scale, f"adapters[{index}].scale")
             version = registry.bind(name)
             terms.append((version, float(scale)))
             if version.adapter is not None and version.adapter.is_dora:
@@ -62,6 +64,20 @@ def bind_terms(registry: AdapterRegistry, composition: Composition, max_loras: i
             registry.unbind(version)
         raise
     return terms
+
+
+def max_composition_scale(dtype: torch.dtype) -> float:
+    """The largest |scale| a step can carry: the model dtype's largest finite number. Past it the
+    scale overflows when the step writes it into a tensor, which would fail every row of that step."""
+    return float(torch.finfo(dtype).max)
+
+
+def check_scale(scale: float, max_scale: float, field: str) -> None:
+    if not math.isfinite(scale):
+        raise RequestError("scales must be finite numbers", field=field)
+    if abs(scale) > max_scale:
+        raise RequestError(f"|scale| must be at most {max_scale:.4g}, the largest number the model's dtype "
+                           "holds", field=field)
 
 
 def composed_identity(terms: list[tuple[AdapterVersion, float]]) -> bytes:

@@ -55,7 +55,7 @@ class LLMEngine:
                                    max_bypass_steps=config.max_bypass_steps, prefix=self.prefix_cache)
         self.runner = ModelRunner(self.lora_model, self.cache)
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
-        self.eos_token_ids = _eos_ids(base)
+        self.eos_token_ids = frozenset(_eos_ids(base))
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
         self.tokenization = Tokenization(self.tokenizer, self.vocab_size)  # shared with HTTP
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # thread-safe
@@ -95,6 +95,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
         # Compiled already (and cached) when the HTTP layer checked the request: this is a copy.
+        self._check_token_ids(params)
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
         seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens, matcher=matcher)
@@ -108,6 +109,15 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids a step will index with, checked before the step: one bad id inside a step would
+        fail every request sharing it."""
+        for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                                   field=field)
 
     def abort(self, request_id: str, error: Exception | None = None) -> RequestOutput | None:
         """Stop a request now and free its KV cache and adapter slot; `error` says why the engine
@@ -135,7 +145,8 @@ class LLMEngine:
         logits, sampling, scored = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
         for rows in scored:
             self._score_prompt(rows)
-        tokens, logprobs = sample(logits, sampling, masking.result() if masking is not None else None)
+        tokens, logprobs = sample(logits, sampling, masking.result() if masking is not None else None,
+                                  self.eos_token_ids)
         now, prompt_only = time.monotonic(), []
         for seq, num_new in plan.scheduled:
             seq.num_computed += num_new

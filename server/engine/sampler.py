@@ -7,20 +7,21 @@ from .grammar import TokenMasks, allowed_tokens
 from .sequence import Sequence, TokenLogprob
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence],
-           masks: TokenMasks | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None,
+           eos_token_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V], one row per sequence. Returns next token ids and (if asked) their logprobs.
 
-    Logprobs are those of the model's raw distribution (before penalties, grammar and temperature),
-    as vLLM reports them by default. `masks` holds the allowed tokens of the constrained rows only.
+    Logprobs are those of the model's raw distribution (before penalties, biases, grammar and
+    temperature), as vLLM reports them by default. `masks` holds the allowed tokens of the
+    constrained rows only; `eos_token_ids` are masked, with stop_token_ids, until min_tokens.
     """
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs is not None for s in seqs) else None
-    if any(s.params.has_penalties for s in seqs):
+    if any(s.params.changes_logits for s in seqs):
         logits = logits.clone()
         for row, seq in enumerate(seqs):
-            if seq.params.has_penalties:
-                _apply_penalties(logits[row], seq)
+            if seq.params.changes_logits:
+                _process_row(logits[row], seq, eos_token_ids)
     if masks is not None:
         logits = _apply_masks(logits, seqs, masks)
     tokens = [_pick(logits[row], seq) for row, seq in enumerate(seqs)]
@@ -42,6 +43,20 @@ def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], top_n: int) -> 
     top = torch.topk(logprobs, top_n)  # [K, top_n]
     return [TokenLogprob(t, v, list(zip(ids, values)))
             for t, v, ids, values in zip(target_ids, chosen, top.indices.tolist(), top.values.tolist())]
+
+
+def _process_row(row: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> None:
+    """Penalties, then logit_bias, then min_tokens' mask, in place. Token ids were checked against
+    the vocabulary when the request was accepted."""
+    params = seq.params
+    if params.has_penalties:
+        _apply_penalties(row, seq)
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=row.device)
+        row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device)
+    if len(seq.output_token_ids) < params.min_tokens:
+        ended = sorted(eos_token_ids.union(params.stop_token_ids))
+        row[torch.tensor(ended, dtype=torch.long, device=row.device)] = float("-inf")
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
@@ -80,6 +95,8 @@ def _pick(row: torch.Tensor, seq: Sequence) -> int:
         sorted_probs, order = probs.sort(descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
         probs = probs.index_fill(0, order[drop], 0.0)
+    if params.min_p > 0.0:  # after top_k and top_p, as vLLM orders them; the top token always stays
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     # Exponential race (argmax p/E) equals sampling from p; with a per-request generator, a seed
     # gives the same tokens whatever else shares the batch. Drawn on the host: that generator is a CPU one.
     noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=seq.generator).to(probs.device)

@@ -21,6 +21,9 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: drop tokens below min_p x the top token's probability
+    min_tokens: int = Field(0, ge=0)  # vLLM's: EOS and stop_token_ids are masked until this many tokens
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # OpenAI's: token id -> bias added to its logit
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -48,3 +51,8 @@ class SamplingParams(BaseModel):
     @property
     def has_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether sampling edits this row's logits before picking (penalties, biases, min_tokens)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0

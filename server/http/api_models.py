@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from adapters import AdapterInfo
+from server.engine.errors import RequestError
 from server.engine.grammar import GrammarSpec
 from server.engine.sampling_params import SamplingParams
 
@@ -89,6 +90,18 @@ class _SamplingFields(_Request):
     ignore_eos: bool | None = None
     repetition_penalty: float | None = Field(None, gt=0.0)
     stop_token_ids: list[int] | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0)
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    # Known sampling fields loraserve does not serve: refused by name unless neutral (UNSERVED_FIELDS)
+    best_of: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    include_stop_str_in_output: bool | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    logits_processors: Any = None
     cache_salt: str | None = Field(None, min_length=1)  # shares cached prefixes only with the same salt
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -100,6 +113,7 @@ class _SamplingFields(_Request):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, choice: int,
                         prompt_logprobs: int | None = None, grammar: GrammarSpec | None = None) -> SamplingParams:
+        self.refuse_unserved()
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         seed = None if self.seed is None else self.seed + choice  # n choices must differ
         return SamplingParams.make(
@@ -107,7 +121,37 @@ class _SamplingFields(_Request):
             seed=seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar,
-            cache_salt=self.cache_salt)
+            cache_salt=self.cache_salt, min_p=self.min_p, min_tokens=self.min_tokens,
+            logit_bias=self.token_biases())
+
+    def refuse_unserved(self) -> None:
+        """A sampling field set to what it cannot mean here is a 400 naming it, never ignored."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError(f"best_of={self.best_of} is not served: each choice is sampled once (use n)",
+                               field="best_of")
+        for name, neutral in UNSERVED_FIELDS.items():
+            if getattr(self, name, None) not in (None, neutral):
+                raise RequestError("is not supported by this server", field=name)
+
+    def token_biases(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids; bounded as OpenAI bounds it."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            if not key.lstrip("-").isdigit() or len(key) > 12:
+                raise RequestError(f"keys must be token ids, not {key[:40]!r}", field="logit_bias")
+            if not -100.0 <= bias <= 100.0:
+                raise RequestError(f"bias {bias} of token {key} is outside [-100, 100]", field="logit_bias")
+            biases[int(key)] = bias
+        return biases
+
+
+# Fields of OpenAI's or vLLM's requests that loraserve does not serve, with the value that asks for
+# nothing (also accepted): any other value is refused by name.
+UNSERVED_FIELDS = {"use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+                   "bad_words": [], "allowed_token_ids": None, "truncate_prompt_tokens": None,
+                   "logits_processors": None, "suffix": None}
 
 
 class CompletionRequest(_SamplingFields):
@@ -115,6 +159,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt (lm-eval does)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None  # OpenAI's insertion suffix: refused (UNSERVED_FIELDS)
 
 
 class ContentPart(_Request):

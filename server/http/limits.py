@@ -22,6 +22,8 @@ class RequestLimits:
     max_prompt_tokens: int  # token ids of a token-id prompt
     max_adapters_per_request: int = 4  # entries of the `adapters` composition field
     max_prompts_per_request: int = 64  # entries of a completion's list `prompt`
+    max_stop_token_ids: int = 128  # each generated token is looked up in them on the engine thread
+    vocab_size: int | None = None  # token ids in stop_token_ids and logit_bias must be below it
 
 
 def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -33,6 +35,7 @@ def max_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
+    _check_token_ids(body, limits)
     _check_adapters(body, limits)
     prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
     if len(prompts) > limits.max_prompts_per_request:
@@ -48,6 +51,7 @@ def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
 
 def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
+    _check_token_ids(body, limits)
     _check_adapters(body, limits)
     _check_bytes(sum(len(m.text().encode()) + sum(len(c.function.arguments.encode()) for c in m.tool_calls or [])
                      for m in body.messages), limits, "messages")
@@ -68,6 +72,20 @@ def _check_stop(stop: str | list[str] | None, limits: RequestLimits) -> None:
                            "(setting max_stop_length)", field="stop")
     if any(s == "" for s in stops):
         raise RequestError("stop sequences must not be empty", field="stop")
+
+
+def _check_token_ids(body: CompletionRequest | ChatCompletionRequest, limits: RequestLimits) -> None:
+    """stop_token_ids and logit_bias name token ids: bounded in number and inside the vocabulary, so
+    neither the per-token stop check nor a sampling step can be made slow or fail."""
+    stop_ids = body.stop_token_ids or []
+    if len(stop_ids) > limits.max_stop_token_ids:
+        raise RequestError(f"at most {limits.max_stop_token_ids} token ids, got {len(stop_ids)} "
+                           "(setting max_stop_token_ids)", field="stop_token_ids")
+    for field, ids in (("stop_token_ids", stop_ids), ("logit_bias", list(body.token_biases() or {}))):
+        bad = next((i for i in ids if i < 0 or (limits.vocab_size is not None and i >= limits.vocab_size)), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (0 to {limits.vocab_size - 1})",
+                               field=field)
 
 
 def _check_adapters(body: CompletionRequest | ChatCompletionRequest, limits: RequestLimits) -> None:

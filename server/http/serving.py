@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,8 @@ from .api_models import (
 )
 from .errors import ClientDisconnectedError, error_body
 from .structured import OutputPlan, ToolCallStream, ToolMode, tool_calls
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,6 +157,10 @@ async def error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
             yield event
     except LoraServeError as exc:
         yield sse(json.dumps(error_body(exc)))
+        yield sse("[DONE]")
+    except Exception as exc:  # a bug must still end the stream as OpenAI clients expect
+        log.exception("a stream failed")
+        yield sse(json.dumps(error_body(EngineFailedError(f"internal error ({type(exc).__name__})"))))
         yield sse("[DONE]")
 
 

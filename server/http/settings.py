@@ -41,6 +41,7 @@ class Settings(BaseSettings, EngineSettings):
     max_adapters_per_request: int = Field(4, ge=1)  # entries of the `adapters` composition field
     max_prompt_bytes: int | None = Field(None, ge=1)
     max_prompts_per_request: int = Field(64, ge=1)  # entries of a completion's list `prompt`
+    max_stop_token_ids: int = Field(128, ge=0)  # stop_token_ids entries (checked per generated token)
     # Bodies, connections and workers (docs/operating.md): a client cannot hold the loop, the
     # memory or the worker threads that other users need.
     max_request_bytes: int | None = Field(None, ge=1)  # JSON bodies; None: 4 x max_prompt_bytes + 1 MiB

@@ -18,7 +18,7 @@ from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.async_engine import AsyncEngine
-from server.engine.composition import Composition, NamedComposition
+from server.engine.composition import Composition, NamedComposition, check_scale
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
@@ -160,7 +160,8 @@ class ServerState:
         if len(terms) > self.limits.max_adapters_per_request:
             raise RequestError(f"at most {self.limits.max_adapters_per_request} adapters (setting "
                                "max_adapters_per_request)", field="compose")
-        for index, (adapter, _) in enumerate(terms):
+        for index, (adapter, scale) in enumerate(terms):
+            check_scale(scale, engine.max_composition_scale, f"compose[{index}].scale")
             if adapter in self.compositions or adapter == self.model_name:
                 raise RequestError("must name an adapter, not a composition or the base",
                                    field=f"compose[{index}].name")
@@ -220,7 +221,8 @@ class ServerState:
             prompt_bytes = settings.max_prompt_bytes or engine.max_model_len * max_token_bytes(base.tokenizer)
             self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
                                         engine.max_model_len, settings.max_adapters_per_request,
-                                        settings.max_prompts_per_request)
+                                        settings.max_prompts_per_request, settings.max_stop_token_ids,
+                                        engine.vocab_size)
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
             self.compositions = self.store.compositions() if self.store else {}
             if self.metrics is not None:

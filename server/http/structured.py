@@ -155,6 +155,10 @@ def _tool_plan(body: ChatCompletionRequest) -> OutputPlan:
         parameters[tool.function.name] = schema
     if choice == "none":
         return OutputPlan()
+    if body.stop or body.stop_token_ids:  # a stop inside the call's JSON would leave it unparseable
+        field = "stop" if body.stop else "stop_token_ids"
+        raise RequestError("cannot be combined with tool calls: a stop inside a call would cut its JSON "
+                           "arguments; the call's grammar already ends it", field=field)
     if choice in (None, "auto"):
         raise RequestError("'auto' (the default with tools) is not supported: the model's chat template does "
                            "not render tools, so it cannot choose to call one; use 'required', a named "
