@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test serve bench clean
+.PHONY: setup test soak serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
 
 test: setup
 	$(PY) -m pytest -q
+
+# Ten minutes of mixed traffic on two replicas sharing a store; figures in benchmarks/results/soak.json.
+soak: setup
+	LORASERVE_SOAK_SECONDS=600 LORASERVE_SOAK_REPORT=benchmarks/results/soak.json $(PY) -m pytest -q -s tests/integration/test_soak.py
 
 serve: setup
 	$(VENV)/bin/loraserve serve
