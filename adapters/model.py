@@ -14,7 +14,8 @@ from .layer import LoraLinear, LoraState
 from .peft_format import LoraAdapter, TargetSpec
 from .saved import PerRowModule, row_modules
 
-Composition = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
+SlotMix = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
+SlotKey = int | SlotMix  # where a row's deltas come from: BASE_SLOT, one slot, or a mix of slots
 
 
 class LoraModel:
@@ -32,7 +33,7 @@ class LoraModel:
         self.dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter: their rows run directly
         self.copy_slots: frozenset[int] = frozenset()  # slots holding full module copies: direct runs too
         self.copies: dict[str, PerRowModule] = {}  # installed on first load of a copy of that module
-        self.merged_slot: int | Composition | None = None
+        self.merged_slot: SlotKey | None = None
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -78,7 +79,7 @@ class LoraModel:
         self.dora_slots = self.dora_slots - {slot}
         self.copy_slots = self.copy_slots - {slot}
 
-    def merge(self, target: int | Composition) -> None:
+    def merge(self, target: SlotKey) -> None:
         """Fold the adapter in slot `target` (or a composition's Σ scale·delta) into the weights;
         replaces whatever was merged before."""
         terms = [(target, 1.0)] if isinstance(target, int) else list(target)

@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from adapters import BASE_SLOT, InvalidAdapterError, LoraModel
+from adapters import BASE_SLOT, InvalidAdapterError, LoraModel, SlotKey
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ class ModePolicy:
 
     def __init__(self, lora_model: LoraModel, merge_after_steps: int):
         self.lora_model, self.merge_after_steps = lora_model, merge_after_steps
-        self._candidate: int | None = None
+        self._candidate: SlotKey | None = None
         self._streak = 0
-        self._unmergeable: set = set()  # keys whose merge was not finite: they stay gathered
+        self._unmergeable: set[SlotKey] = set()  # keys whose merge was not finite: they stay gathered
 
-    def choose(self, slots: set[int]) -> ModeDecision:
+    def choose(self, slots: set[SlotKey]) -> ModeDecision:
         model = self.lora_model
         if len(slots) != 1 or BASE_SLOT in slots:
             self._candidate, self._streak = None, 0

@@ -20,7 +20,7 @@ from typing import Any
 from adapters import AdapterInfo, AdapterVersion, LoraAdapter
 from adapters.peft_format import AdapterSource
 
-from .composition import max_composition_scale
+from .adapter_ref import AdapterRef, max_composition_scale
 from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 from .grammar import GrammarCompiler
 from .llm_engine import LLMEngine
@@ -50,7 +50,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
         self._thread.start()
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+    async def submit(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterRef | str | None = None,
                      request_id: str | None = None) -> "RequestStream":
         """Queue a request; typed errors (unknown adapter, too long, queue full) raise here."""
         if self._stopping:
@@ -70,7 +70,7 @@ class AsyncEngine:
             raise
         return RequestStream(self, request_id, outputs)
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+    async def stream(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterRef | str | None = None,
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; leaving the loop early aborts it."""
         request = await self.submit(prompt, params, adapter, request_id)
@@ -266,10 +266,6 @@ class RequestStream:
             self.engine.abort(self.request_id)
 
 
-def _adapter_names(adapter) -> list[str]:
-    """The adapter names a request's adapter reference reads: none, one, or a composition's."""
-    if adapter is None:
-        return []
-    if isinstance(adapter, str):
-        return [adapter]
-    return [name for name, _ in adapter]
+def _adapter_names(adapter: AdapterRef | str | None) -> list[str]:
+    """The adapter names a request reads: none, one, or a composition's."""
+    return AdapterRef.of(adapter).names

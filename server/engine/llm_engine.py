@@ -11,10 +11,9 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_model
-from adapters.identity import BASE_IDENTITY
 
-from .adapter_mode import GATHER, ModePolicy
-from .composition import COMPOSED_LABEL, Composition, bind_terms, composed_identity
+from .adapter_mode import GATHER, ModeDecision, ModePolicy
+from .adapter_ref import AdapterRef, bind, identity
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
@@ -26,7 +25,7 @@ from .model_runner import ModelRunner, PromptRows
 from .prefix_cache import PrefixCache
 from .sampler import prompt_logprobs, sample
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, StepPlan
 from .sequence import Completion, RequestOutput, Sequence, TokenLogprob
 from .stats import EngineStats, RequestStats, StepStats
 from .tokenization import Tokenization
@@ -70,19 +69,16 @@ class LLMEngine:
 
     # Requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: str | Composition | None = None, request_id: str | None = None) -> Sequence:
+                    adapter: AdapterRef | str | None | tuple = None, request_id: str | None = None) -> Sequence:
         """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
 
-        The request is bound to the adapter version registered now: a later replace or delete of
-        the name does not change or fail it, and its prefix-cache lookups use that version's identity.
-        A composition ((name, scale), ...) binds each of its adapters so (composition.py)."""
-        params = params or SamplingParams()
-        if isinstance(adapter, tuple):
-            composition, adapter = adapter, getattr(adapter, "label", COMPOSED_LABEL)
-        else:
-            composition = None
-        if composition is None and adapter is not None and adapter not in self.registry:
-            raise AdapterNotFoundError(f"adapter {adapter!r} does not exist")
+        `adapter` is an AdapterRef (HTTP makes one per request), or for scripts a name, None or
+        (name, scale) terms. Each of its adapters is bound to the version registered now: a later
+        replace or delete of the name does not change or fail it, and its prefix-cache lookups use
+        that version's identity (adapter_ref.py)."""
+        params, adapter = params or SamplingParams(), AdapterRef.of(adapter)
+        if not adapter.is_composition and adapter.label is not None and adapter.label not in self.registry:
+            raise AdapterNotFoundError(f"adapter {adapter.label!r} does not exist")
         prompt_ids = self.tokenization.encode_prompt(prompt)
         max_tokens = self.max_model_len - len(prompt_ids) if params.max_tokens is None else params.max_tokens
         if len(prompt_ids) + max(max_tokens, 1 if params.max_tokens is None else 0) > self.max_model_len:
@@ -99,13 +95,8 @@ class LLMEngine:
         matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
         seq = Sequence(request_id, prompt_ids, params, adapter, detok, max_tokens, matcher=matcher)
-        if composition is not None:
-            seq.terms = bind_terms(self.registry, composition, self.config.max_loras)
-            identity = composed_identity(seq.terms)
-        else:
-            seq.version = self.registry.bind(adapter) if adapter is not None else None
-            identity = BASE_IDENTITY if seq.version is None else seq.version.identity
-        seq.block_hashes = self.prefix_cache.hash_blocks(identity, params.cache_salt, prompt_ids)
+        seq.bound = bind(self.registry, adapter, self.config.max_loras)
+        seq.block_hashes = self.prefix_cache.hash_blocks(identity(seq.bound, adapter), params.cache_salt, prompt_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -134,32 +125,41 @@ class LLMEngine:
 
     # The spine
     def step(self) -> list[RequestOutput]:
+        """schedule -> choose the LoRA mode -> run and sample -> advance each request."""
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         outputs = [self.abort(seq.request_id, exc) for seq, exc in plan.failed]
-        if not plan.scheduled:
-            return outputs
-        slots = {seq.slot_key for seq, _ in plan.scheduled}
-        decision = self.policy.choose(slots)
+        if plan.scheduled:
+            decision = self.policy.choose({seq.slot_key for seq, _ in plan.scheduled})
+            sampling, tokens, logprobs = self._run(plan, decision)
+            outputs += self._advance(plan, sampling, tokens, logprobs)
+            self._record_step(plan, decision, time.perf_counter() - started)
+        return outputs
+
+    def _run(self, plan: StepPlan, decision: ModeDecision) -> tuple[list[Sequence], list[int], list]:
+        """The forward pass, then one token for each sequence that samples; prompt rows that asked
+        for scores are scored on the way. Grammar masks are filled while the forward runs."""
         masking = self.mask_filler.start(constrained_rows(plan.scheduled))
         logits, sampling, scored = self.runner.run(plan.scheduled, gather=decision.mode == GATHER)
         for rows in scored:
             self._score_prompt(rows)
-        tokens, logprobs = sample(logits, sampling, masking.result() if masking is not None else None,
-                                  self.eos_token_ids)
-        now, prompt_only = time.monotonic(), []
-        for seq, num_new in plan.scheduled:
-            seq.num_computed += num_new
-            self.prefix_cache.register(seq)
-            if seq.scheduled_time is None:
-                seq.scheduled_time = now
-                self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
-            if not seq.max_tokens and seq.num_computed == seq.num_tokens:
-                prompt_only.append(seq)
-        outputs += [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
-        outputs += [self._finish_prompt_only(seq) for seq in prompt_only]
-        self._record_step(plan, slots, decision, time.perf_counter() - started)
-        return outputs
+        masks = masking.result() if masking is not None else None
+        return sampling, *sample(logits, sampling, masks, self.eos_token_ids)
+
+    def _advance(self, plan: StepPlan, sampling: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
+        now = time.monotonic()
+        prompt_only = [seq for seq, num_new in plan.scheduled if self._account(seq, num_new, now)]
+        outputs = [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
+        return outputs + [self._finish_prompt_only(seq) for seq in prompt_only]
+
+    def _account(self, seq: Sequence, num_new: int, now: float) -> bool:
+        """Count the tokens this step computed for `seq`; True if its prompt was all it asked for."""
+        seq.num_computed += num_new
+        self.prefix_cache.register(seq)
+        if seq.scheduled_time is None:
+            seq.scheduled_time = now
+            self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
+        return not seq.max_tokens and seq.num_computed == seq.num_tokens
 
     def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
                  adapters: Seq[str | None] | None = None) -> list[Completion]:
@@ -195,8 +195,8 @@ class LLMEngine:
         snapshot.prefix_cache_queries = self.prefix_cache.num_queries
         snapshot.prefix_cache_hits = self.prefix_cache.num_hits
         snapshot.num_prefix_cache_evictions = self.cache.num_evicted_blocks
-        snapshot.running_adapters = sorted({s.adapter for s in self.scheduler.running if s.adapter})
-        snapshot.waiting_adapters = sorted({s.adapter for s in self.scheduler.waiting if s.adapter})
+        snapshot.running_adapters = sorted({s.label for s in self.scheduler.running if s.label})
+        snapshot.waiting_adapters = sorted({s.label for s in self.scheduler.waiting if s.label})
         snapshot.num_preemptions = self.scheduler.num_preemptions
         snapshot.resident_adapters = [name for name in self.registry.resident() if name]
         snapshot.host_adapters = self.registry.host_cached()
@@ -247,7 +247,7 @@ class LLMEngine:
         seq.finish_reason, seq.finish_time = reason, time.monotonic()
         del self.requests[seq.request_id]
         stats = RequestStats(
-            seq.request_id, seq.adapter, reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
+            seq.request_id, seq.label, reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
             _since(seq.arrival_time, seq.scheduled_time), _since(seq.arrival_time, seq.first_token_time),
             seq.finish_time - seq.arrival_time, seq.num_preemptions, seq.prefix_cache_queries, seq.prefix_cache_hits)
         self.counters.num_finished += 1
@@ -265,7 +265,8 @@ class LLMEngine:
                              seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
                              prompt_scores, seq.error)
 
-    def _record_step(self, plan, slots: set[int], decision, duration: float) -> None:
+    def _record_step(self, plan: StepPlan, decision: ModeDecision, duration: float) -> None:
+        slots = {seq.slot_key for seq, _ in plan.scheduled}
         counters = self.counters
         counters.num_steps += 1
         counters.steps_by_mode[decision.mode] += 1

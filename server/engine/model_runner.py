@@ -40,13 +40,13 @@ class ModelRunner:
         ids, positions, write, slots, keep, prompt_keep = [], [], [], [], [], []
         seq_slices, sampling, scored = [], [], []
         # Rows of one adapter side by side: the LoRA op then takes them as one view, not a gather.
-        for seq, num_new in sorted(scheduled, key=lambda item: (item[0].slot, item[0].composed_slots)):
+        for seq, num_new in sorted(scheduled, key=lambda item: _row_order(item[0])):
             first, row = seq.num_computed, len(ids)
             kv_start = self.cache.start(seq.seq_id)
             ids += seq.all_token_ids[first:first + num_new]
             positions += range(first, first + num_new)
             write += range(kv_start + first, kv_start + first + num_new)
-            slots += [seq.composed_slots or seq.slot] * num_new
+            slots += [seq.slot_key] * num_new
             seq_slices.append(SeqSlice(row, num_new, kv_start, first + num_new))
             if first + num_new == seq.num_tokens and seq.max_tokens:  # this row yields the next token
                 keep.append(row + num_new - 1)
@@ -60,7 +60,8 @@ class ModelRunner:
         head_rows = as_tensor(keep + prompt_keep)
         # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
         head_keep = head_rows if self.lora_model.has_head_lora else None
-        batch = self._build_batch(slots, any(seq.terms for seq, _ in scheduled), head_keep) if gather else None
+        has_composed = any(seq.adapter.is_composition for seq, _ in scheduled)
+        batch = self._build_batch(slots, has_composed, head_keep) if gather else None
         with self.lora_model.gather(batch):
             logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step)  # [M + scored, V]
         return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
@@ -76,6 +77,12 @@ class ModelRunner:
         if not has_composed:
             return self.lora_model.build_batch(torch.tensor(slots), keep=keep)
         return self.lora_model.build_batch(*_composed_rows(slots), keep=keep)
+
+
+def _row_order(seq: Sequence) -> tuple[int, tuple]:
+    """Plain rows by slot, then compositions by their terms (ints and tuples do not compare)."""
+    key = seq.slot_key
+    return (key, ()) if isinstance(key, int) else (BASE_SLOT, key)
 
 
 def _composed_rows(slots: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,9 +68,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.prefix.release(seq)
         self._release(seq)
-        if seq.version is not None:
-            self.registry.unbind(seq.version)
-        for version, _ in seq.terms:
+        for version, _ in seq.bound:
             self.registry.unbind(version)
         seq.status = SeqStatus.FINISHED
 
@@ -124,23 +122,13 @@ class Scheduler:
                 blocked_head.num_bypassed += 1
 
     def _acquire(self, seq: Sequence) -> bool:
-        if seq.terms:
-            return self._acquire_terms(seq)
-        if seq.version is None or seq.lease is not None:
+        """Every bound version in a slot at once, or none held (no slot hoarding); the bound versions,
+        even if their names were replaced since."""
+        if seq.leases or not seq.bound:
             return True
         try:
-            seq.lease = self.registry.acquire(seq.version)  # the bound version, even if since replaced
-        except AdapterCapacityError:
-            return False
-        return True
-
-    def _acquire_terms(self, seq: Sequence) -> bool:
-        """Every adapter of a composition in a slot at once, or none held (no slot hoarding)."""
-        if seq.term_leases:
-            return True
-        try:
-            for version, _ in seq.terms:
-                seq.term_leases.append(self.registry.acquire(version))
+            for version, _ in seq.bound:
+                seq.leases.append(self.registry.acquire(version))
         except AdapterCapacityError:
             self._release(seq)
             return False
@@ -150,9 +138,6 @@ class Scheduler:
         return True
 
     def _release(self, seq: Sequence) -> None:
-        for lease in seq.term_leases:
+        for lease in seq.leases:
             self.registry.release(lease)
-        seq.term_leases.clear()
-        if seq.lease is not None:
-            self.registry.release(seq.lease)
-            seq.lease = None
+        seq.leases.clear()

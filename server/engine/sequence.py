@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from adapters import BASE_SLOT, AdapterLease, AdapterVersion
+from adapters import BASE_SLOT, AdapterLease, SlotKey
 
+from .adapter_ref import AdapterRef, BoundTerm
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
 
@@ -32,15 +33,16 @@ class TokenLogprob:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request: its tokens, where its KV lives, its adapter lease, and its timings."""
+    """One request: its tokens, where its KV lives, its adapters' versions and slots, and its timings."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: str | None
+    adapter: AdapterRef
     detokenizer: IncrementalDetokenizer
     max_tokens: int  # params.max_tokens, or what is left of the context when the request set none
-    version: AdapterVersion | None = None  # the adapter version bound at admission, kept until it finishes
+    bound: tuple[BoundTerm, ...] = ()  # each term's version, bound at admission and kept until it finishes
+    leases: list[AdapterLease] = field(default_factory=list)  # their device slots, while it holds them
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -53,9 +55,6 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     error: Exception | None = None  # why the engine failed it, if it did
-    lease: AdapterLease | None = None
-    terms: list[tuple[AdapterVersion, float]] = field(default_factory=list)  # a composed request's adapters
-    term_leases: list[AdapterLease] = field(default_factory=list)  # their slots, while it holds them
     generator: torch.Generator | None = None
     matcher: Any = None  # llguidance matcher of params.grammar, advanced by each accepted token
     num_preemptions: int = 0
@@ -85,19 +84,17 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     @property
-    def slot(self) -> int:
-        """Device slot of its adapter; BASE_SLOT for the base model."""
-        return BASE_SLOT if self.lease is None else self.lease.slot
+    def label(self) -> str | None:
+        """What metrics and logs call its adapter (None: the base)."""
+        return self.adapter.label
 
     @property
-    def composed_slots(self) -> tuple[tuple[int, float], ...]:
-        """A composed request's (slot, scale) terms while it holds their slots; () otherwise."""
-        return tuple((lease.slot, scale) for lease, (_, scale) in zip(self.term_leases, self.terms))
-
-    @property
-    def slot_key(self) -> int | tuple[tuple[int, float], ...]:
-        """What the step's mode policy tells apart: its slot, or its composition's terms."""
-        return self.composed_slots if self.terms else self.slot
+    def slot_key(self) -> SlotKey:
+        """Where its rows' deltas come from, while it holds its slots: BASE_SLOT, its adapter's slot,
+        or a composition's (slot, scale) terms."""
+        if self.adapter.is_composition:
+            return tuple((lease.slot, scale) for lease, (_, scale) in zip(self.leases, self.bound))
+        return self.leases[0].slot if self.leases else BASE_SLOT
 
 
 @dataclass

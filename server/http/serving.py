@@ -13,6 +13,7 @@ from fastapi import Request
 
 from adapters.errors import LoraServeError
 from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.adapter_ref import AdapterRef
 from server.engine.errors import EngineFailedError, RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import RequestOutput, TokenLogprob
@@ -100,7 +101,7 @@ def chat_jobs(request: ChatCompletionRequest, prompt_ids: list[int], plan: Outpu
             for c in range(request.n)]
 
 
-async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: str | None) -> list[RequestStream]:
+async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: AdapterRef) -> list[RequestStream]:
     """Queue every job; if one is refused, abort the ones already queued and re-raise."""
     streams: list[RequestStream] = []
     try:

@@ -18,7 +18,7 @@ from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.async_engine import AsyncEngine
-from server.engine.composition import Composition, NamedComposition, check_scale
+from server.engine.adapter_ref import BASE_REF, AdapterRef, Term, check_scale
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
@@ -48,7 +48,7 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.limits: RequestLimits | None = None  # set once the model (and so its tokenizer) is loaded
         self._store_versions: dict[str, str] = {}  # name -> store version it was registered at
-        self.compositions: dict[str, Composition] = {}  # named compositions: name -> ((adapter, scale), ...)
+        self.compositions: dict[str, tuple[Term, ...]] = {}  # named compositions: name -> ((adapter, scale), ...)
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
@@ -85,36 +85,36 @@ class ServerState:
 
     # Adapters: registry (memory) and store (disk), kept in step. Replicas may share the store, so
     # what another replica uploaded, replaced or deleted is picked up here too.
-    async def resolve_model(self, model: str, adapters: list | None = None) -> str | Composition | None:
-        """The adapter a request's `model` names (None = the base), or with the `adapters` field the
-        composition ((name, scale), ...) on the base; unknown names are a 404."""
-        engine = self.ready_engine()
+    async def resolve_model(self, model: str, adapters: list | None = None) -> AdapterRef:
+        """What a request's `model` (and `adapters` field) ask for, made here once: the base, one
+        adapter, a named composition, or the field's composition on the base. Unknown names: 404."""
         if adapters is not None:
             if model != self.model_name:
                 raise RequestError(f"must be the base model {self.model_name!r} when `adapters` composes "
                                    "adapters", field="model")
-            return tuple([(await self._resolve_term(index, term.name), term.scale)
-                          for index, term in enumerate(adapters)])
+            return AdapterRef.composed([(await self._resolve_term(index, term.name), term.scale)
+                                        for index, term in enumerate(adapters)])
         if model == self.model_name:
-            return None
+            return BASE_REF
         if model in self.compositions:
-            return NamedComposition(model, self.compositions[model])
-        if self.store is not None and is_valid_name(model):
-            await self._sync_stored(model)
-        if engine.has_adapter(model):
-            return model
-        raise AdapterNotFoundError(f"The model `{model}` does not exist")
+            return AdapterRef.composed(self.compositions[model], label=model)
+        if not await self.has_adapter(model):
+            raise AdapterNotFoundError(f"The model `{model}` does not exist")
+        return AdapterRef.named(model)
+
+    async def has_adapter(self, name: str) -> bool:
+        """Whether `name` is a registered adapter, after picking up what another replica stored."""
+        if self.store is not None and is_valid_name(name):
+            await self._sync_stored(name)
+        return self.ready_engine().has_adapter(name)
 
     async def _resolve_term(self, index: int, name: str) -> str:
         if name in self.compositions:
             raise RequestError(f"{name!r} is a composition: list its adapters instead",
                                field=f"adapters[{index}].name")
-        if name != self.model_name:
-            try:
-                return await self.resolve_model(name)
-            except AdapterNotFoundError:
-                pass
-        raise AdapterNotFoundError(f"adapter {name!r} does not exist", field=f"adapters[{index}].name")
+        if name == self.model_name or not await self.has_adapter(name):
+            raise AdapterNotFoundError(f"adapter {name!r} does not exist", field=f"adapters[{index}].name")
+        return name
 
     async def sync_store(self) -> None:
         """Make the registry agree with the shared store for every stored adapter (for listings)."""
@@ -150,7 +150,7 @@ class ServerState:
             raise HTTPError(409, f"{name!r} is already the name of {kind}", "name_in_use", "name")
         return name
 
-    async def add_composition(self, name: str, terms: Composition, replace: bool = False) -> None:
+    async def add_composition(self, name: str, terms: tuple[Term, ...], replace: bool = False) -> None:
         """Name a composition of registered adapters; persisted in the store when there is one."""
         check_name(name)
         engine = self.ready_engine()
@@ -165,11 +165,8 @@ class ServerState:
             if adapter in self.compositions or adapter == self.model_name:
                 raise RequestError("must name an adapter, not a composition or the base",
                                    field=f"compose[{index}].name")
-            try:
-                await self.resolve_model(adapter)
-            except AdapterNotFoundError:
-                raise AdapterNotFoundError(f"adapter {adapter!r} does not exist",
-                                           field=f"compose[{index}].name") from None
+            if not await self.has_adapter(adapter):
+                raise AdapterNotFoundError(f"adapter {adapter!r} does not exist", field=f"compose[{index}].name")
         if self.store is not None:
             await asyncio.to_thread(self.store.save_composition, name, terms, replace)
         self.compositions[name] = tuple(terms)
