@@ -77,7 +77,7 @@ class Checks:
 
 # Models and adapters
 def tiny_config(vocab_size: int) -> LlamaConfig:
-    """As tests/engine_fixtures.py: init scaled up so greedy argmaxes are far apart."""
+    """As tests/support/engine.py: init scaled up so greedy argmaxes are far apart."""
     return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -93,7 +93,7 @@ def build(config) -> torch.nn.Module:
 
 
 def make_peft_adapter(base: torch.nn.Module, path: Path, **lora_kwargs) -> Path:
-    """As tests/conftest.py: a PEFT adapter with random, non-zero A and B, seeded by its name."""
+    """As tests/support/peft.py: a PEFT adapter with random, non-zero A and B, seeded by its name."""
     with torch.random.fork_rng():
         torch.manual_seed(zlib.crc32(path.name.encode()))
         model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora_kwargs))

@@ -5,13 +5,13 @@ config and tokenizer in .gpu/ (see gpu_run.sh): `PYTHONPATH=/tmp/site:$PWD pytho
 Checks: the startup probe (adapters/int8.check_int8_kernel); the raw kernel against exact products
 (relative error: bf16 output rounding), also at inner dimensions the CPU kernel cannot take; a
 tiny Llama with a LoRA adapter gathered and merged against fp32 PEFT on the dequantized model (as
-tests/test_quantization.py does on CPU); and the engine generating on a random model of the
+tests/adapters/test_quantization.py does on CPU); and the engine generating on a random model of the
 default architecture. Writes $OUT/int8_cuda.json.
 """
 import copy, json, os, sys, tempfile, traceback
 from pathlib import Path
 import torch
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/adapters"]  # support.* and test_quantization
 out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
 dev = torch.device("cuda")
 from adapters import AdapterRegistry, wrap_model
@@ -36,7 +36,7 @@ out["raw_rel_err"] = raw
 try:
     from transformers import LlamaConfig, LlamaForCausalLM
     import peft
-    from conftest import make_peft_adapter
+    from support.peft import make_peft_adapter
     from test_quantization import bf16_linears, dequantized_copy, quantized_names
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

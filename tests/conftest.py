@@ -1,16 +1,16 @@
-"""Shared fixtures: tiny random base models built from a config, the real default model, and a
-helper that writes PEFT adapters with non-zero B. Nothing here touches a model hub."""
+"""Fixtures used by more than one test folder: tiny random base models built from a config, the real
+default model, PEFT adapters with non-zero B for both. Nothing here touches a model hub; the plain
+helpers behind these live in tests/support."""
 from __future__ import annotations
 
-import copy
 import random
-import zlib
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from support.peft import make_peft_adapter
 
 VOCAB = 128
 
@@ -56,22 +56,6 @@ def default_model():
     return load_base_model()
 
 
-def make_peft_adapter(base: torch.nn.Module, path: str | Path, **lora_kwargs) -> Path:
-    """Save a PEFT LoRA adapter for `base` (left untouched) to `path`, with random non-zero A and B.
-
-    The weights are seeded by the directory name, so an adapter does not depend on which tests ran first.
-    """
-    path = Path(path)
-    lora_kwargs.setdefault("init_lora_weights", False)  # PEFT's default B is zero: the adapter would be a no-op
-    with torch.random.fork_rng():
-        torch.manual_seed(zlib.crc32(path.name.encode()))
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
-    lora_b = [p for name, p in model.named_parameters() if ".lora_B." in name]
-    assert lora_b and all(bool(p.any()) for p in lora_b), "every lora_B must be non-zero"
-    model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="session", name="make_peft_adapter")
 def _make_peft_adapter():
     return make_peft_adapter
@@ -82,3 +66,25 @@ def token_ids():
     """[4, 6] token ids shared by the tiny-model tests."""
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (4, 6), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_paths(tmp_path_factory, make_peft_adapter) -> dict[str, Path]:
+    from support.engine import write_tiny_adapters  # here, so a test that needs no engine never imports one
+
+    return write_tiny_adapters(tmp_path_factory.mktemp("engine-adapters"), make_peft_adapter)
+
+
+@pytest.fixture
+def adapter_paths(tiny_adapter_paths) -> dict[str, Path]:
+    """name -> directory of PEFT adapters "a" and "b" for the engine tests' tiny Llama (written once
+    per session); a copy per test, so a test may add its own."""
+    return dict(tiny_adapter_paths)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory, default_model, make_peft_adapter) -> dict[str, Path]:
+    """name -> directory of the session's real adapters (alpha, beta, gamma) for the default model."""
+    from support.http import write_real_adapters
+
+    return write_real_adapters(tmp_path_factory.mktemp("http-adapters"), default_model.model, make_peft_adapter)

@@ -13,7 +13,7 @@ from adapters import InvalidAdapterError, wrap_model
 from adapters.analysis import ENERGIES, analyze, base_weights, similarity
 from adapters.compress import compress_dir
 from adapters.peft_format import read_factors
-from analysis_fixtures import dense_reference, low_rank_adapter, projector_similarity, reference_effective_rank
+from support.analysis import dense_reference, low_rank_adapter, projector_similarity, reference_effective_rank
 
 PATTERNS = dict(r=8, lora_alpha=16, target_modules=r".*\.(q_proj|v_proj|down_proj)",
                 rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"down_proj": 3.0})

@@ -8,14 +8,13 @@ import logging
 
 import pytest
 import torch
-from engine_fixtures import make_engine
 
-from adapters import wrap_model
+from adapters import kernel_choice, wrap_model
 from adapters.base_kernels import weight_keys
-from adapters import kernel_choice
 from adapters.kernel_choice import ROW_COUNTS, decide, measure
 from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelRule, PackedLinear, PlainLinear, RowSwitch
 from server.engine import kernel_plan
+from support.engine import make_engine
 
 
 def timings(**by_kernel: tuple[float, float, float]) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import PROMPTS, adapter_paths, fresh_model, greedy, load_tokenizer  # noqa: F401
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
@@ -17,6 +16,7 @@ from adapters.packed import PACKABLE_DTYPES, can_pack, pack, packed_linear
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
+from support.engine import PROMPTS, fresh_model, greedy, load_tokenizer
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1, 1)), reason="this torch build has no oneDNN linear")
 

@@ -5,16 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import (  # noqa: F401
-    PROMPTS,
-    _pristine_model,
-    adapter_paths,
-    encode,
-    greedy,
-    hf_greedy,
-    make_engine,
-    peft_reference,
-)
 from safetensors.torch import load_file, save_file
 from test_peft_equivalence import (
     GROUPED,
@@ -32,6 +22,7 @@ from test_peft_variants import (
 
 from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
 from adapters.identity import adapter_identity
+from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
 
 BASE = "__base__"
 KINDS = {
@@ -178,10 +169,10 @@ def test_identity_covers_embedding_and_head_lora(embedded, tmp_path):
 
 
 
-def test_engine_serves_embedding_and_head_lora_beside_others(adapter_paths, tmp_path, make_peft_adapter):  # noqa: F811
+def test_engine_serves_embedding_and_head_lora_beside_others(adapter_paths, tmp_path, make_peft_adapter):
     """The engine keeps one row per sequence for the head: greedy tokens equal PEFT's generate,
     per request, with embedding+head, plain LoRA and base requests in the same steps."""
-    paths = dict(adapter_paths, e=make_peft_adapter(_pristine_model(), tmp_path / "e", r=4, lora_alpha=16,
+    paths = dict(adapter_paths, e=make_peft_adapter(pristine_model(), tmp_path / "e", r=4, lora_alpha=16,
                                                     target_modules=["embed_tokens", "lm_head", "q_proj"]))
     requests = [(PROMPTS[0], "e", 8), (PROMPTS[0], None, 8), (PROMPTS[1], "a", 6), (PROMPTS[2], "e", 5)]
     engine = make_engine(paths)

@@ -16,13 +16,13 @@ from contextlib import contextmanager
 import peft
 import pytest
 import torch
-from engine_fixtures import PROMPTS, adapter_paths, encode, fresh_model, greedy, hf_greedy, make_engine  # noqa: F401
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
 from adapters.base_kernels import is_quantized, weight_keys
 from adapters.int8 import Int8Weight, QuantizationError, check_int8_kernel
 from adapters.kernels import DEQUANTIZED, INT8, DequantizedLinear, Int8Linear, KernelRule
+from support.engine import PROMPTS, encode, fresh_model, greedy, hf_greedy, make_engine
 
 try:
     check_int8_kernel(torch.device("cpu"))
@@ -249,12 +249,11 @@ def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
 
 @pytest.mark.real_model
 def test_an_int8_server_answers_as_the_int8_engine_alone():
-    from http_fixtures import BASE, openai_client, serve
-
     from server.engine.llm_engine import EngineConfig, LLMEngine
     from server.engine.model_loader import load_base_model
     from server.engine.sampling_params import SamplingParams
     from server.http.settings import Settings
+    from support.http import BASE, openai_client, serve
 
     prompt = "The capital of France is"
     with serve(Settings(quantization="int8")) as served, openai_client(served) as client:
@@ -267,7 +266,7 @@ def test_an_int8_server_answers_as_the_int8_engine_alone():
 
 @pytest.mark.real_model
 def test_a_server_asked_for_int8_where_the_kernel_is_missing_exits_with_the_reason(tmp_path):
-    from servers import start_process
+    from support.servers import start_process
 
     server = start_process(tmp_path, "--quantization", "int8", "--device", "meta")  # no data: no kernel runs
     try:

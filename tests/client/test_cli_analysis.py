@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from analysis_fixtures import low_rank_adapter
 from safetensors.torch import load_file
 
-from http_fixtures import adapter_dirs, adapter_files, serve  # noqa: F401
 from server.http.settings import Settings
+from support.analysis import low_rank_adapter
+from support.http import adapter_files, serve
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "loraserve"

@@ -4,11 +4,23 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from http_fixtures import BASE, adapter_dirs, free_port, reference_text, serve  # noqa: F401
 
-from client import (AdapterInfo, AsyncClient, AuthenticationError, BadRequestError, ChatCompletion, Client,
-                    Completion, ConflictError, ConnectionFailed, LoraserveError, NotFoundError)
+from client import (
+    AdapterInfo,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    ChatCompletion,
+    Client,
+    Completion,
+    ConflictError,
+    ConnectionFailed,
+    LoraserveError,
+    NotFoundError,
+)
 from server.http.settings import Settings
+from support.http import BASE, reference_text, serve
+from support.servers import free_port
 
 pytestmark = pytest.mark.real_model
 

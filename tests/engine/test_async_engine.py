@@ -5,12 +5,11 @@ import asyncio
 import threading
 
 import pytest
-from engine_fixtures import (PROMPTS, adapter_paths, assert_released, break_loop_when_busy, greedy,  # noqa: F401
-                             make_engine)
 
 from adapters import AdapterNotFoundError
 from server.engine.async_engine import AsyncEngine
 from server.engine.errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
+from support.engine import PROMPTS, assert_released, break_loop_when_busy, greedy, make_engine
 
 JOIN_TIMEOUT = 60  # seconds; only so a hung loop fails the test instead of the whole run
 

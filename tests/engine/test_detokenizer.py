@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from engine_fixtures import tokenizer  # noqa: F401  (fixture)
 
 from server.engine.detokenizer import IncrementalDetokenizer
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import (PROMPTS, adapter_paths, assert_released, encode, greedy, hf_greedy, make_engine,  # noqa: F401
-                             peft_reference, run_steps)
 from peft.tuners.lora import LoraLayer
 
 from adapters import AdapterNotFoundError
 from server.engine.errors import RequestError
+from support.engine import PROMPTS, assert_released, encode, greedy, hf_greedy, make_engine, peft_reference
 
 TWO = (("a", 0.5), ("b", 1.0))
 THREE_LIKE = (("a", 0.7), ("b", -0.5))

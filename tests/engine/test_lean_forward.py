@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import encode, fresh_model, greedy, load_tokenizer
-from http_fixtures import SAME_KERNELS_ULPS, fp32_tolerance
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -28,6 +26,8 @@ from server.engine.config import EngineConfig
 from server.engine.lean_forward import lean_forward
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
+from support.engine import encode, fresh_model, greedy, load_tokenizer
+from support.http import SAME_KERNELS_ULPS, fp32_tolerance
 
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, eos_token_id=2)

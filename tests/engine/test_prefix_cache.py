@@ -6,25 +6,17 @@ import hashlib
 import random
 
 import pytest
-from engine_fixtures import (  # noqa: F401
-    _pristine_model,
-    adapter_paths,
-    assert_released,
-    encode,
-    greedy,
-    make_engine,
-    run_steps,
-)
 
 from adapters.identity import BASE_IDENTITY, adapter_identity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling_params import SamplingParams
 from server.http.api_models import CompletionRequest
 from server.http.metrics import Metrics
+from support.engine import assert_released, encode, greedy, make_engine, pristine_model, run_steps
 
 SYSTEM = "You are a careful assistant. Answer briefly and cite the rule you used. " * 4  # ~70 tokens
 QUESTIONS = [" Q: what is two plus two?", " Q: name a colour.", " Q: who wrote Hamlet?", " Q: spell cat."]
-EXTRA = {  # besides engine_fixtures' "a" (all-linear) and "b" (q, v, down)
+EXTRA = {  # besides support.engine's "a" (all-linear) and "b" (q, v, down)
     "kv": {"r": 8, "lora_alpha": 16, "target_modules": ["k_proj", "v_proj"]},
     # the last layer's MLP only: K/V equal the base's, so sharing would be harmless, and still must not happen
     "late_mlp": {"r": 8, "lora_alpha": 16, "target_modules": ["down_proj"], "layers_to_transform": [1]},
@@ -32,10 +24,10 @@ EXTRA = {  # besides engine_fixtures' "a" (all-linear) and "b" (q, v, down)
 
 
 @pytest.fixture
-def paths(adapter_paths, tmp_path_factory, make_peft_adapter):  # noqa: F811
+def paths(adapter_paths, tmp_path_factory, make_peft_adapter):
     if not _extra:
         root = tmp_path_factory.mktemp("prefix-adapters")
-        _extra.update({name: make_peft_adapter(_pristine_model(), root / name, **kw) for name, kw in EXTRA.items()})
+        _extra.update({name: make_peft_adapter(pristine_model(), root / name, **kw) for name, kw in EXTRA.items()})
     return {**adapter_paths, **_extra}
 
 

@@ -6,9 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_fixtures import (BASE, PROMPTS, adapter_paths, encode, fresh_model, greedy, hf_logprobs,  # noqa: F401
-                             make_engine, peft_reference, run_steps)
 from server.engine.sampling_params import SamplingParams
+from support.engine import (
+    BASE,
+    PROMPTS,
+    encode,
+    fresh_model,
+    greedy,
+    hf_logprobs,
+    make_engine,
+    peft_reference,
+    run_steps,
+)
 
 LONG_PROMPT = " ".join(PROMPTS * 6)  # ~100 tokens: several chunks at a small token budget
 TOP_N = 3

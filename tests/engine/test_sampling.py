@@ -5,13 +5,13 @@ from collections import Counter
 
 import pytest
 import torch
-from engine_fixtures import PROMPTS, encode, fresh_model, greedy, hf_logprobs, make_engine, run_steps
 
 from server.engine.errors import RequestError
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from server.http.errors import status_and_code
+from support.engine import PROMPTS, encode, fresh_model, greedy, hf_logprobs, make_engine, run_steps
 
 REPEATING = "1 2 3 4 5"  # the tiny model's greedy continuation repeats one token several times
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-from engine_fixtures import PROMPTS, adapter_paths, encode, fresh_model, greedy, load_tokenizer  # noqa: F401
 
 from server.engine.config import EngineConfig
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
+from support.engine import PROMPTS, encode, fresh_model, greedy, load_tokenizer
 
 FLOAT16_MAX = 65504.0
 

@@ -8,11 +8,11 @@ import re
 
 import jsonschema
 import pytest
-from engine_fixtures import PROMPTS, adapter_paths, make_engine  # noqa: F401
 
 from server.engine.errors import RequestError
 from server.engine.grammar import GrammarSpec
 from server.engine.sampling_params import SamplingParams
+from support.engine import PROMPTS, make_engine
 
 SCHEMA = {
     "type": "object",

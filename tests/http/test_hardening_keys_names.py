@@ -12,12 +12,12 @@ import httpx
 import pytest
 import safetensors.torch
 import torch
-from http_fixtures import BASE, adapter_dirs, adapter_files, assert_openai_error, serve  # noqa: F401
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from servers import LORASERVE_BIN, server_env
 
 from server.http.settings import Settings
+from support.http import BASE, adapter_files, assert_openai_error, serve
+from support.servers import LORASERVE_BIN, server_env
 
 pytestmark = pytest.mark.real_model
 

@@ -10,9 +10,9 @@ import time
 
 import httpx
 import pytest
-from http_fixtures import BASE, assert_openai_error, serve
 
 from server.http.settings import Settings
+from support.http import BASE, assert_openai_error, serve
 
 pytestmark = pytest.mark.real_model
 

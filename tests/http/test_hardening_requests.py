@@ -8,10 +8,10 @@ import threading
 
 import httpx
 import pytest
-from http_fixtures import BASE, adapter_dirs, assert_openai_error, openai_client, serve  # noqa: F401
 
 import adapters.registry as registry_module
 from server.http.settings import Settings
+from support.http import BASE, assert_openai_error, openai_client, serve
 
 pytestmark = pytest.mark.real_model
 

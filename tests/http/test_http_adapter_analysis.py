@@ -14,12 +14,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import GenerationConfig
 
-from analysis_fixtures import dense_reference, low_rank_adapter, projector_similarity, reference_effective_rank
-from http_fixtures import adapter_dirs, adapter_files, assert_openai_error, serve  # noqa: F401
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
 from server.http.settings import Settings
+from support.analysis import dense_reference, low_rank_adapter, projector_similarity, reference_effective_rank
+from support.http import adapter_files, assert_openai_error, serve
 
 pytestmark = pytest.mark.real_model
 

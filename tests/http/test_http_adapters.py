@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_nothing_held, assert_openai_error,  # noqa: F401
-                           reference_text, serve, wait_idle)
-from safetensors.torch import load as load_safetensors, save as save_safetensors
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from server.http.settings import Settings
 from server.store import VERSIONS
+from support.http import BASE, adapter_files, assert_nothing_held, assert_openai_error, reference_text, serve, wait_idle
 
 pytestmark = pytest.mark.real_model
 

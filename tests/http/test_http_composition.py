@@ -8,9 +8,9 @@ import concurrent.futures
 import httpx
 import openai
 import pytest
-from http_fixtures import BASE, adapter_dirs, openai_client, reference_text, serve  # noqa: F401
 
 from server.http.settings import Settings
+from support.http import BASE, openai_client, reference_text, serve
 
 pytestmark = pytest.mark.real_model
 

@@ -7,10 +7,9 @@ import json
 
 import httpx
 import pytest
-from http_fixtures import (BASE, adapter_dirs, assert_nothing_held, reference_text, serve,  # noqa: F401
-                           wait_idle)
 
 from server.http.settings import Settings
+from support.http import BASE, assert_nothing_held, reference_text, serve, wait_idle
 
 pytestmark = pytest.mark.real_model
 

@@ -7,11 +7,18 @@ import copy
 import httpx
 import pytest
 import torch
-from http_fixtures import (BASE, CROSS_KERNELS_ULPS, SAME_KERNELS_ULPS, adapter_dirs,  # noqa: F401
-                           assert_openai_error, fp32_tolerance, openai_client, serve)
 from peft import PeftModel
 
 from server.http.settings import Settings
+from support.http import (
+    BASE,
+    CROSS_KERNELS_ULPS,
+    SAME_KERNELS_ULPS,
+    assert_openai_error,
+    fp32_tolerance,
+    openai_client,
+    serve,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -19,7 +26,7 @@ PROMPTS = ["The capital of France is Paris, and the capital of Italy is", "def f
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):  # noqa: F811
+def served(adapter_dirs):
     with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
         yield served
 
@@ -31,7 +38,7 @@ def client(served):
 
 
 @pytest.fixture(scope="module")
-def reference(default_model, adapter_dirs):  # noqa: F811
+def reference(default_model, adapter_dirs):
     """name -> [T, V] log_softmax of a plain HF forward (PEFT for the adapter) of a prompt's ids."""
     peft = PeftModel.from_pretrained(copy.deepcopy(default_model.model), str(adapter_dirs["alpha"])).eval()
 

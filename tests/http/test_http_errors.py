@@ -7,10 +7,17 @@ import time
 
 import httpx
 import pytest
-from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_error_shape, assert_nothing_held,  # noqa: F401
-                           assert_openai_error, serve, wait_idle)
 
 from server.http.settings import Settings
+from support.http import (
+    BASE,
+    adapter_files,
+    assert_error_shape,
+    assert_nothing_held,
+    assert_openai_error,
+    serve,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.real_model
 

@@ -10,11 +10,11 @@ import zlib
 
 import pytest
 import schemathesis
-from http_fixtures import BASE, assert_error_body, serve
 from hypothesis import HealthCheck, settings
 
 from server.http.app import create_app
 from server.http.settings import Settings
+from support.http import BASE, assert_error_body, serve
 
 pytestmark = pytest.mark.real_model
 

@@ -10,14 +10,13 @@ import time
 import httpx
 import openai
 import pytest
-from engine_fixtures import break_loop_when_busy
-from http_fixtures import (BASE, adapter_dirs, adapter_files, assert_nothing_held, assert_openai_error,  # noqa: F401
-                           reference_text, serve, wait_idle)
 
 from server.engine.model_loader import load_base_model
 from server.http.app import create_app
 from server.http.settings import Settings
-from servers import serve_in_thread
+from support.engine import break_loop_when_busy
+from support.http import BASE, adapter_files, assert_nothing_held, assert_openai_error, reference_text, serve, wait_idle
+from support.servers import serve_in_thread
 
 pytestmark = pytest.mark.real_model
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from http_fixtures import BASE, adapter_dirs, serve  # noqa: F401
 
 from client import Client
 from client.cli import _terms
 from server.http.settings import Settings
+from support.http import BASE, serve
 
 pytestmark = pytest.mark.real_model
 
@@ -18,7 +18,7 @@ PROMPT = "The capital of France is"
 COMPOSED = [{"name": "alpha", "scale": 1.5}, {"name": "beta", "scale": -1.0}]
 
 
-def _settings(adapter_dirs, store) -> Settings:  # noqa: F811
+def _settings(adapter_dirs, store) -> Settings:
     return Settings(adapters=[f"{n}={adapter_dirs[n]}" for n in ("alpha", "beta")], adapter_store=store,
                     max_adapters_per_request=2)
 
@@ -30,7 +30,7 @@ def _complete(http: httpx.Client, model: str, adapters=None) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def test_named_composition_end_to_end(adapter_dirs, tmp_path):  # noqa: F811
+def test_named_composition_end_to_end(adapter_dirs, tmp_path):
     store = tmp_path / "store"
     with serve(_settings(adapter_dirs, store)) as served, httpx.Client(base_url=served.url, timeout=120) as http:
         created = http.post("/v1/adapters", json={"name": "ab", "compose": COMPOSED})

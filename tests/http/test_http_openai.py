@@ -12,10 +12,9 @@ import weakref
 import httpx
 import openai
 import pytest
-from http_fixtures import (openai_client, BASE, adapter_dirs, assert_error_shape, reference_chat_prompt,  # noqa: F401
-                           reference_text, serve)
 
 from server.http.settings import Settings
+from support.http import BASE, assert_error_shape, openai_client, reference_chat_prompt, reference_text, serve
 
 pytestmark = pytest.mark.real_model
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from http_fixtures import serve as serve_app
 from server.http.metrics import BASE_LABEL, OVERFLOW_LABEL, AdapterLabels
 from server.http.settings import Settings
+from support.http import serve as serve_app
 
 pytestmark = pytest.mark.real_model
 BASE = "SmolLM2-135M-Instruct"

@@ -16,10 +16,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from http_fixtures import BASE, adapter_dirs, assert_openai_error, serve, wait_idle  # noqa: F401
 from pydantic import BaseModel, Field
 
 from server.http.settings import Settings
+from support.http import BASE, assert_openai_error, serve, wait_idle
 
 pytestmark = pytest.mark.real_model
 

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from http_fixtures import adapter_dirs, reference_text  # noqa: F401
-from servers import serve_process
+
+from support.http import reference_text
+from support.servers import serve_process
 
 pytestmark = pytest.mark.real_model
 

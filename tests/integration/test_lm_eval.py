@@ -17,10 +17,10 @@ import math
 from pathlib import Path
 
 import pytest
-from http_fixtures import BASE, adapter_dirs, serve  # noqa: F401
 
 from server.engine.model_loader import resolve_model_dir
 from server.http.settings import Settings
+from support.http import BASE, serve
 
 pytestmark = pytest.mark.real_model
 
@@ -131,7 +131,7 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):  # noqa: F811
+def served(adapter_dirs):
     with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
         yield served
 
@@ -161,7 +161,7 @@ def _max_spread(a: dict, b: dict) -> float:
     return max(abs(x - y) for x, y in zip(first, second))
 
 
-def test_loglikelihoods_match_hf_peft_within_measured_noise(served, adapter_dirs, lm_eval):  # noqa: F811
+def test_loglikelihoods_match_hf_peft_within_measured_noise(served, adapter_dirs, lm_eval):
     base_served = lm_eval("local-completions", _served_args(served, BASE), "loraserve_mc")
     base_hf = lm_eval("hf", _hf_args(None), "loraserve_mc")
     noise = _max_spread(base_served, base_hf)
@@ -183,7 +183,7 @@ def test_loglikelihoods_match_hf_peft_within_measured_noise(served, adapter_dirs
     assert all(math.isfinite(v) for v in _loglikelihoods(adapter_served))
 
 
-def test_generate_until_through_local_chat_completions_matches_hf_peft(served, adapter_dirs, lm_eval):  # noqa: F811
+def test_generate_until_through_local_chat_completions_matches_hf_peft(served, adapter_dirs, lm_eval):
     served_args = dict(base_url=f"{served.url}/v1/chat/completions", model="alpha", max_retries=1,
                        tokenized_requests=False)
     chat = lm_eval("local-chat-completions", served_args, "loraserve_gen", apply_chat_template=True)

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servers import serve_in_thread
-from server.store import AdapterStore
-from server.http.app import create_app
 from server.engine.model_loader import load_base_model
+from server.http.app import create_app
 from server.http.settings import Settings
+from server.store import AdapterStore
+from support.servers import serve_in_thread
 
 pytestmark = pytest.mark.real_model
 

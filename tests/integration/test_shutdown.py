@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from servers import serve_process, start_process
+from support.servers import serve_process, start_process
 
 pytestmark = pytest.mark.real_model
 

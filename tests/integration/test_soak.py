@@ -21,9 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from http_fixtures import adapter_dirs, adapter_files, reference_text  # noqa: F401
 from prometheus_client.parser import text_string_to_metric_families
-from servers import serve_process
+
+from support.http import adapter_files, reference_text
+from support.servers import serve_process
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from http_fixtures import adapter_dirs, adapter_files, serve  # noqa: F401  (until fixtures move to conftest)
 
 from server.http.settings import Settings
 from server.store import AdapterStore
+from support.http import adapter_files, serve
 
 pytestmark = pytest.mark.real_model
 

@@ -1,12 +1,11 @@
-"""Fixtures and helpers for the engine tests: the real default tokenizer on a tiny random Llama.
+"""Helpers for the engine tests: the real default tokenizer on a tiny random Llama.
 
 The tiny model matches the tokenizer's vocabulary so text round-trips; its init is scaled up
 (initializer_range=0.2) so greedy argmaxes are separated by far more than float noise, and the
 engine's greedy tokens can be compared with HF/PEFT `generate` token for token.
 
-Test modules import the fixtures they use from here (conftest.py belongs to the adapter tests).
-Expensive objects are cached per process, not per fixture definition: a fixture imported into
-several modules is a separate fixture in each.
+Expensive objects are cached per process (lru_cache), so the fixtures in conftest.py and the
+helpers called directly share one tokenizer and one pristine model.
 """
 from __future__ import annotations
 
@@ -14,19 +13,18 @@ import copy
 import functools
 from pathlib import Path
 
-import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from server.engine.llm_engine import LLMEngine
 from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, resolve_model_dir
 from server.engine.sampling_params import SamplingParams
 
 EOS = 2  # the default tokenizer's <|im_end|>
 BASE = "__base__"  # PEFT's adapter name for a plain base row
-# name -> PEFT LoraConfig kwargs; all non-zero B (conftest's make_peft_adapter guarantees it)
+# name -> PEFT LoraConfig kwargs; all non-zero B (support.peft.make_peft_adapter guarantees it)
 ADAPTERS = {
     "a": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
@@ -40,7 +38,8 @@ def load_tokenizer():
 
 
 @functools.lru_cache(maxsize=None)
-def _pristine_model() -> LlamaForCausalLM:
+def pristine_model() -> LlamaForCausalLM:
+    """The tiny model every engine test copies; never changed in place (see fresh_model)."""
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          initializer_range=0.2, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS)
@@ -51,25 +50,12 @@ def _pristine_model() -> LlamaForCausalLM:
 
 def fresh_model() -> LlamaForCausalLM:
     """A private copy of the tiny model: the engine wraps its model in place."""
-    return copy.deepcopy(_pristine_model())
+    return copy.deepcopy(pristine_model())
 
 
-_adapter_dirs: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture
-def adapter_paths(tmp_path_factory, make_peft_adapter) -> dict[str, Path]:
-    """PEFT adapters for the tiny model, written once per test session."""
-    if not _adapter_dirs:
-        root = tmp_path_factory.mktemp("engine-adapters")
-        for name, kwargs in ADAPTERS.items():
-            _adapter_dirs[name] = make_peft_adapter(_pristine_model(), root / name, **kwargs)
-    return dict(_adapter_dirs)
+def write_tiny_adapters(root: Path, make_peft_adapter) -> dict[str, Path]:
+    """The ADAPTERS for the tiny model, written under `root`."""
+    return {name: make_peft_adapter(pristine_model(), root / name, **kwargs) for name, kwargs in ADAPTERS.items()}
 
 
 def make_engine(adapter_paths: dict[str, Path] | None = None, *, extra_eos: int | None = None,

@@ -1,8 +1,8 @@
 """Helpers for the HTTP tests: the real app under uvicorn on a free loopback port, real adapters for
 the default model, an engine-only reference, and checks on OpenAI-shaped error bodies.
 
-Every wait here is bounded in time; nothing listens anywhere but 127.0.0.1. Test modules import
-what they use from here (conftest.py belongs to others).
+Every wait here is bounded in time; nothing listens anywhere but 127.0.0.1. The fixtures built on
+these (adapter_dirs, the shared servers) live in conftest.py.
 """
 from __future__ import annotations
 
@@ -16,17 +16,16 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 import torch
 from fastapi import FastAPI
 
-from server.http.app import create_app
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
+from server.http.app import create_app
 from server.http.settings import Settings
 from server.http.state import ServerState
-from servers import free_port, serve_in_thread  # noqa: F401 - free_port is re-exported for the tests
+from support.servers import serve_in_thread
 
 BASE = "SmolLM2-135M-Instruct"  # the default model's served name
 LORA_KWARGS = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -127,25 +126,14 @@ def assert_error_body(body) -> dict:
 
 
 # Adapters for the real default model
-_adapter_dirs: dict[str, Path] = {}
-_adapter_lock = threading.Lock()
-
-
-def real_adapters(root: Path, base_model: torch.nn.Module, make_peft_adapter) -> dict[str, Path]:
-    """PEFT adapters (non-zero B) named by ADAPTER_SEEDS for the default model, written once per session."""
-    with _adapter_lock:
-        for name, seed in ADAPTER_SEEDS.items():
-            if name not in _adapter_dirs:
-                with torch.random.fork_rng():
-                    torch.manual_seed(seed)
-                    _adapter_dirs[name] = make_peft_adapter(base_model, root / name, **LORA_KWARGS)
-        return dict(_adapter_dirs)
-
-
-@pytest.fixture(scope="session")
-def adapter_dirs(tmp_path_factory, default_model, make_peft_adapter) -> dict[str, Path]:
-    """name -> directory of the session's real adapters (alpha, beta, gamma)."""
-    return real_adapters(tmp_path_factory.mktemp("http-adapters"), default_model.model, make_peft_adapter)
+def write_real_adapters(root: Path, base_model: torch.nn.Module, make_peft_adapter) -> dict[str, Path]:
+    """PEFT adapters (non-zero B) named by ADAPTER_SEEDS for the default model, written under `root`."""
+    paths = {}
+    for name, seed in ADAPTER_SEEDS.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            paths[name] = make_peft_adapter(base_model, root / name, **LORA_KWARGS)
+    return paths
 
 
 def adapter_files(path: Path) -> dict[str, tuple[str, bytes]]:

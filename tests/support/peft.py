@@ -1,0 +1,25 @@
+"""PEFT adapters with non-zero B for any base model, written to a directory; nothing downloaded."""
+from __future__ import annotations
+
+import copy
+import zlib
+from pathlib import Path
+
+import peft
+import torch
+
+
+def make_peft_adapter(base: torch.nn.Module, path: str | Path, **lora_kwargs) -> Path:
+    """Save a PEFT LoRA adapter for `base` (left untouched) to `path`, with random non-zero A and B.
+
+    The weights are seeded by the directory name, so an adapter does not depend on which tests ran first.
+    """
+    path = Path(path)
+    lora_kwargs.setdefault("init_lora_weights", False)  # PEFT's default B is zero: the adapter would be a no-op
+    with torch.random.fork_rng():
+        torch.manual_seed(zlib.crc32(path.name.encode()))
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
+    lora_b = [p for name, p in model.named_parameters() if ".lora_B." in name]
+    assert lora_b and all(bool(p.any()) for p in lora_b), "every lora_B must be non-zero"
+    model.save_pretrained(str(path))
+    return path
