@@ -1,23 +1,24 @@
 """FusedLinears: sibling LoRA layers that read the same input (q/k/v, gate/up) run one base matmul.
 
-A oneDNN-packed matmul has a fixed cost per call (~15 µs here) that one decode row does not hide:
-measured on the default model's 30 layers at one row, q, k, v, gate and up as 5 matmuls took
-9.5 ms a token and as 2 fused ones 7.6 ms (2-core AMD EPYC). Each member's output is a view of
+Some kernels have a fixed cost per call that one decode row does not hide (on CPU, oneDNN's packed
+matmul): the members' rules say which kernels run them, and their device's backend whether those
+gain from one call (backends/; figures in benchmarks/results/). Each member's output is a view of
 the fused output, and each member's own LoRA delta is added to its view exactly as its forward
 would (`add_lora` on that view), so gather rows, DoRA extras and composed rows behave the same.
 
-The fused weight replaces the members' packed copies of W0 (they keep W0 and run it plainly when
-called on their own), so the base's memory does not grow. While an adapter is merged, the fused
-weight is rebuilt from the members' merged weights at the first forward after the merge (one more
-packed copy of those layers, freed at unmerge). int8 members are not
-fused: the int8 kernel's fixed cost is a few µs, and its weights would have to be copied.
+The fused weight replaces the members' packed copies of W0 (each member keeps W0 and runs it
+plainly when called on its own: `run_w0_plainly`), so the base's memory does not grow. While an
+adapter is merged, the fused weight is rebuilt by the first member's rule from the members' merged
+weights at the first forward after the merge (one more packed copy of those layers, freed at
+unmerge). int8 members are not fused: the int8 kernel's fixed cost is small, and its weights
+would have to be copied.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .kernels import PlainLinear, dense_kernel
+from .backends import backend_for, dense_kernel
 from .layer import LoraLinear
 from .ops import add_lora
 
@@ -30,8 +31,8 @@ class FusedLinears:
         self.members: list[LoraLinear] = [getattr(parent, name) for name in names]
         self.sizes = [m.out_features for m in self.members]
         self.kernel = self._fuse([m.weight for m in self.members], [m.bias for m in self.members])
-        for m in self.members:  # the fused copy serves them: drop their own packed copies
-            m.kernel = PlainLinear(m.weight, m.bias)
+        for m in self.members:  # the fused copy serves them: they drop their own packed copies
+            m.run_w0_plainly()
         self._merged_from: list | None = None  # the members' merged kernels the merged fused kernel was built from
         self._merged_kernel = None
 
@@ -43,8 +44,11 @@ class FusedLinears:
             return None
         first = members[0]
         if any(m.is_conv1d or m.int8 is not None or m.in_features != first.in_features or m.dtype != first.dtype
-               or m.kernel.packed is None for m in members):
-            return None  # only packed dense weights gain from fusing (see the module docstring)
+               for m in members):
+            return None
+        backend = backend_for(first.device)
+        if not all(backend.gains_from_fusing(m.dense_rule, m.weight) for m in members):
+            return None
         return cls(parent, names)
 
     @property

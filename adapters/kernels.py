@@ -1,28 +1,39 @@
-"""The base matmul of a LoRA layer: which kernel multiplies the rows by W0 (or by a merged weight).
+"""The base matmul of a LoRA layer: the kernels that multiply rows by W0 (or by a merged weight),
+the rule that says which kernel runs a weight, and the plan that gives every weight its rule.
 
-A kernel is a small callable, chosen once per weight (at load, at merge), so a forward makes no
-choice beyond a row count compare. Full-precision weights run on MKL (`plain`, F.linear) or on a
-oneDNN-packed copy (`packed`); an int8 W0 runs on the int8 kernel (`int8`, a GEMV-style kernel,
-fast for a few rows) or is dequantized into a scratch buffer for one bf16 matmul (`dequantized`,
-faster for many rows). Which wins where depends on the CPU: kernel_choice.py measures it.
+A kernel is a small callable, made once per weight (at load, at merge), so a forward makes no
+choice beyond a row-count compare. Kernels have names; a device's backend (backends/) makes the
+callable for a name on its device. Which name wins where depends on the machine: kernel_plan.py
+measures it, decides a rule per weight shape and applies the plan to a wrapped model.
+
+Full-precision weights run `plain` (F.linear) or `packed` (a copy laid out once for a faster
+library kernel, one more copy in memory); an int8 W0 runs `int8` (a GEMV-style kernel, fast for a
+few rows) or `dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .int8 import KERNEL_DTYPE, Int8Weight
-from .packed import can_pack, pack, packed_linear
-
 PLAIN, PACKED, INT8, DEQUANTIZED = "plain", "packed", "int8", "dequantized"
-DENSE_KERNELS, INT8_KERNELS = (PLAIN, PACKED), (INT8, DEQUANTIZED)
+DENSE_WEIGHT, INT8_WEIGHT = "dense", "int8"  # how a weight is stored: the kinds a plan has rules for
+WeightKey = tuple[str, int, int]  # (DENSE_WEIGHT or INT8_WEIGHT, out_features, in_features)
+Kernel = Callable[[torch.Tensor], torch.Tensor]  # x [.., in] -> x @ Wᵀ + bias [.., out]
+KERNEL_DTYPE = torch.bfloat16  # activations and scales of the int8 kernels
+INT8_IN_MULTIPLE = 16  # the int8 kernel's inner-dimension block: it reads out of bounds otherwise
+
+
+class QuantizationError(RuntimeError):
+    """The requested quantization cannot run here (device, kernel); the message says why."""
 
 
 @dataclass(frozen=True)
 class KernelRule:
-    """For one weight: `small` for calls of fewer than `from_rows` rows, `large` from there on."""
+    """For one weight: one kernel for every call, or `small` for calls of fewer than `from_rows`
+    rows and `large` from there on (both stay resident: one more copy of the weight)."""
 
     small: str
     large: str
@@ -40,7 +51,61 @@ class KernelRule:
         return self.large if len(self.kernels) == 1 else f"{self.small} below {self.from_rows} rows, then {self.large}"
 
 
+@dataclass(frozen=True)
+class KernelPlan:
+    """The rule of every base weight of a model: the measured rule for its key where there is one,
+    else `default` for full-precision weights and the int8 kernel for int8 ones."""
+
+    default: str = PLAIN
+    rules: Mapping[WeightKey, KernelRule] = field(default_factory=dict)
+
+    def rule_for(self, key: WeightKey) -> KernelRule:
+        if key in self.rules:
+            return self.rules[key]
+        return KernelRule.single(INT8 if key[0] == INT8_WEIGHT else self.default)
+
+    def __str__(self) -> str:
+        """One line per weight shape, for the startup log."""
+        measured = "; ".join(f"{kind} [{out}x{inp}]: {rule}" for (kind, out, inp), rule in sorted(self.rules.items()))
+        return measured or f"{self.default} for every full-precision weight"
+
+
+@dataclass
+class Int8Weight:
+    """W0 as int8 values [out, in] and per-output-channel scales [out]: weight-only, symmetric
+    (QLoRA-style serving: W0 quantized, adapters in the model's own precision). Dequantized
+    W0 = q * scale, with the scale as stored (bf16), is what every other reader of W0 sees:
+    merges, DoRA norms, per-row copies."""
+
+    q: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] KERNEL_DTYPE
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        """Symmetric per output channel: scale = amax / 127, q = round(w / scale)."""
+        w = weight.detach().float()  # [out, in]
+        scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(KERNEL_DTYPE)
+        q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scales)
+
+    def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q * scale in `dtype` ([out, in]); into `out` when given (a merge buffer, a scratch)."""
+        if out is None:
+            out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
+        return torch.mul(self.q, self.scales.to(dtype)[:, None], out=out)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+
+def can_quantize(in_features: int) -> bool:
+    return in_features % INT8_IN_MULTIPLE == 0
+
+
 class PlainLinear:
+    """F.linear on the weight as it is (no extra copy): whatever the device's library does."""
+
     packed = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -50,16 +115,8 @@ class PlainLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-class PackedLinear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.packed, self.bias = pack(weight), bias
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed, self.bias)
-
-
 class Conv1dLinear:
-    """GPT-2's Conv1D: weight [in, out]."""
+    """GPT-2's Conv1D: weight [in, out]. Not planned: GPT-2 is a test architecture, not a target."""
 
     packed = None
 
@@ -72,36 +129,8 @@ class Conv1dLinear:
         return y.view(*x.shape[:-1], self.out_features)
 
 
-class Int8Linear:
-    """The int8 kernel on bf16 activations, cast back to the model's dtype (`dtype`)."""
-
-    packed = None
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight, self.bias, self.dtype = weight, bias, dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # [N, in]
-        y = self.weight.matmul(rows).to(self.dtype).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y.add_(self.bias)
-
-
-class DequantizedLinear:
-    """W0 dequantized to bf16 into `scratch` (shared by the layers of one shape), then one matmul."""
-
-    packed = None
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, scratch: torch.Tensor):
-        self.weight, self.bias, self.dtype, self.scratch = weight, bias, dtype, scratch
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.dequantize(KERNEL_DTYPE, out=self.scratch)  # [out, in]
-        y = F.linear(x.to(KERNEL_DTYPE), w).to(self.dtype)
-        return y if self.bias is None else y.add_(self.bias)
-
-
 class RowSwitch:
-    """`small` below `from_rows` rows, `large` from there: both stay resident."""
+    """A split rule's kernel: `small` below `from_rows` rows, `large` from there."""
 
     def __init__(self, small, large, from_rows: int, in_features: int):
         self.small, self.large, self.from_numel = small, large, from_rows * in_features
@@ -111,24 +140,8 @@ class RowSwitch:
         return self.large(x) if x.numel() >= self.from_numel else self.small(x)
 
 
-def dense_kernel(rule: KernelRule, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The rule's kernel for a full-precision [out, in] weight; plain where packing does not apply."""
-    def make(kind: str):
-        return PackedLinear(weight, bias) if kind == PACKED and can_pack(weight) else PlainLinear(weight, bias)
-    return _switch(rule, make, weight.shape[1])
-
-
-def int8_kernel(rule: KernelRule, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                scratch: torch.Tensor | None):
-    """The rule's kernel for an int8 W0; `scratch` ([out, in], bf16) is needed only for DEQUANTIZED."""
-    def make(kind: str):
-        if kind == DEQUANTIZED:
-            return DequantizedLinear(weight, bias, dtype, scratch)
-        return Int8Linear(weight, bias, dtype)
-    return _switch(rule, make, weight.q.shape[1])
-
-
-def _switch(rule: KernelRule, make, in_features: int):
+def by_rule(rule: KernelRule, make: Callable[[str], Kernel], in_features: int) -> Kernel:
+    """The kernel that runs `rule`: `make(name)` builds each named kernel, one or two of them."""
     if len(rule.kernels) == 1:
         return make(rule.large)
     return RowSwitch(make(rule.small), make(rule.large), rule.from_rows, in_features)

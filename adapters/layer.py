@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .backends import dense_kernel, int8_kernel
 from .batch import LoraBatch
-from .int8 import Int8Weight
-from .kernels import PLAIN, Conv1dLinear, KernelRule, dense_kernel, int8_kernel
+from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
 from .ops import SlotExtras, add_lora
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
@@ -17,8 +17,8 @@ class LoraLinear(LoraSlots):
     """Computes x @ W + each row's own LoRA delta (gather mode) or x @ (W0 + delta) (merged mode).
 
     Slots, merge and unmerge as LoraSlots (W0 never written); this adds the base matmul, LoRA
-    biases and DoRA. The base matmul is a kernel picked per weight (kernels.py): MKL, oneDNN-packed
-    (`use_kernels`), or int8 (`quantize_int8`), which drops the full-precision W0: `base_weight()`
+    biases and DoRA. The base matmul is a kernel the plan picks per weight (kernel_plan.py): MKL,
+    oneDNN-packed (`use_kernels`), or int8 (`quantize_int8`), which drops the full-precision W0: `base_weight()`
     dequantizes it for the few readers of its values (merges, DoRA norms, per-row copies).
     """
 
@@ -49,6 +49,12 @@ class LoraLinear(LoraSlots):
         self.dense_rule = dense
         if self.int8 is None:
             self.kernel = self._dense_kernel(self.weight, self.bias)
+
+    def run_w0_plainly(self) -> None:
+        """Multiply by W0 on the plain kernel, keeping `dense_rule` for merged weights: a fused group
+        (fused.py) runs this layer's W0 from its own packed copy, so this one's would be a second."""
+        if self.int8 is None and not self.is_conv1d:
+            self.kernel = dense_kernel(KernelRule.single(PLAIN), self.weight, self.bias)
 
     def quantize_int8(self, rule: KernelRule, scratch: torch.Tensor | None, keep_weight: bool = False) -> None:
         """Run W0 as int8 by `rule`, and drop its full-precision copy unless `keep_weight` (the head:

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .base_kernels import KernelPlan, apply_base_kernels
 from .batch import LoraBatch
 from .embedding import LoraEmbedding
+from .kernel_plan import apply_kernel_plan
+from .kernels import KernelPlan
 from .layer import LoraLinear, LoraState
 from .peft_format import LoraAdapter, TargetSpec
 from .saved import PerRowModule, row_modules
@@ -132,17 +133,17 @@ class LoraModel:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
 
-def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False,
-               quantization: str | None = None, kernels: KernelPlan | None = None) -> LoraModel:
+def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, kernels: KernelPlan = KernelPlan(),
+               quantization: str | None = None) -> LoraModel:
     """Give every Linear/Conv1D, the output head and the input embedding LoRA slots, in place, in
     one pass; freeze the base.
 
     The head is a LoraLinear that sees only the rows the step keeps (LoraBatch.head). A slot that
     targets neither the head nor the embedding costs them nothing: base-only forwards run the
-    stock lookup and matmul. `pack_weights`: on CPU in fp32 (and bf16 where oneDNN has bf16
-    kernels), run the linear layers and the head on oneDNN-packed copies of their weights (one
-    extra copy in memory), for every row count, or per `kernels` (a plan by weight shape,
-    kernel_choice.py). `quantization="int8"`: weight-only int8 base linears (base_kernels.py).
+    stock lookup and matmul. `kernels`: which kernel runs each linear's weights (the default:
+    plain F.linear everywhere; `KernelPlan(PACKED)`: oneDNN-packed copies on CPU, one more copy in
+    memory; or rules measured per weight shape, kernel_plan.py). `quantization="int8"`: weight-only
+    int8 base linears (kernel_plan.is_quantized).
     """
     model.requires_grad_(False)
     state = LoraState()
@@ -160,6 +161,5 @@ def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, pack
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
-    apply_base_kernels([layer for layer in layers.values() if isinstance(layer, LoraLinear)],
-                       pack_weights=pack_weights, quantization=quantization, plan=kernels)
+    apply_kernel_plan([layer for layer in layers.values() if isinstance(layer, LoraLinear)], kernels, quantization)
     return LoraModel(model, layers, state, max_loras, max_rank)

@@ -22,11 +22,11 @@ class EngineSettings(BaseModel):
     # Reuse prompts' K/V across requests of one adapter identity (vLLM's --[no-]enable-prefix-caching).
     enable_prefix_caching: bool = True
     block_size: int = Field(16, ge=16, multiple_of=16)  # tokens per prefix-cache block, 16 = a KV page (vLLM's)
-    pack_weights: bool = True  # CPU fp32/bf16: oneDNN-packed base weights where faster (+1 weight copy); False: never
-    # packed: every row count; auto: measured per weight shape on this machine once (cached in cache_dir),
-    # the server's default; plain: as pack_weights=False. The engine's default keeps tests deterministic.
+    # Base kernels (adapters/kernel_plan.py). packed: oneDNN-packed base weights on CPU fp32/bf16 at every
+    # row count (+1 weight copy); plain: never packed; auto: measured per weight shape on this machine once
+    # (cached in cache_dir), the server's default. The engine's default keeps tests deterministic.
     kernel_choice: Literal["auto", "packed", "plain"] = "packed"
-    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/int8.py)
+    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/kernel_plan.py)
     # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
     cache_dir: Path | None = None
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_model
+from adapters.kernel_plan import choose_kernels
 
 from .adapter_mode import GATHER, ModeDecision, ModePolicy
 from .adapter_ref import AdapterRef, bind, identity
@@ -18,9 +19,9 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows
-from .kernel_plan import base_kernel_options
 from .kv_cache import KVCache
 from .model_loader import BaseModel as LoadedModel
+from .model_loader import default_cache_dir
 from .model_runner import ModelRunner, PromptRows
 from .prefix_cache import PrefixCache
 from .sampler import prompt_logprobs, sample
@@ -37,8 +38,10 @@ class LLMEngine:
     def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
+        kernels = choose_kernels(base.model, config.kernel_choice, config.quantization,
+                                 config.cache_dir or default_cache_dir())
         self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
-                                     **base_kernel_options(base.model, config))
+                                     kernels=kernels, quantization=config.quantization)
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
         self.cache = KVCache(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adapters import AdapterRegistry, wrap_model
+from adapters.kernels import PACKED, PLAIN, KernelPlan
 
 NUM_SWAPS = 1000
 
@@ -26,12 +27,12 @@ def forward(lora_model, ids):
     return lora_model.model(ids).logits
 
 
-@pytest.mark.parametrize("dtype, pack_weights", [(torch.float32, False), (torch.float16, False),
-                                                 (torch.bfloat16, False), (torch.float32, True),
-                                                 (torch.bfloat16, True)],
+@pytest.mark.parametrize("dtype, kernel", [(torch.float32, PLAIN), (torch.float16, PLAIN),
+                                           (torch.bfloat16, PLAIN), (torch.float32, PACKED),
+                                           (torch.bfloat16, PACKED)],
                          ids=["float32", "float16", "bfloat16", "float32-packed", "bfloat16-packed"])
-def test_merged_swaps_do_not_drift(tiny_llama, drift_paths, token_ids, dtype, pack_weights):
-    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=3, max_rank=16, pack_weights=pack_weights)
+def test_merged_swaps_do_not_drift(tiny_llama, drift_paths, token_ids, dtype, kernel):
+    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=3, max_rank=16, kernels=KernelPlan(kernel))
     registry = AdapterRegistry(lora_model)
     for name, path in drift_paths.items():
         registry.add(name, path)

@@ -9,11 +9,10 @@ import logging
 import pytest
 import torch
 
-from adapters import kernel_choice, wrap_model
-from adapters.base_kernels import weight_keys
-from adapters.kernel_choice import ROW_COUNTS, decide, measure
-from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelRule, PackedLinear, PlainLinear, RowSwitch
-from server.engine import kernel_plan
+from adapters import kernel_plan, wrap_model
+from adapters.backends.cpu import PackedLinear, cpu_model_name
+from adapters.kernel_plan import ROW_COUNTS, decide, measure, weight_keys
+from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelPlan, KernelRule, PlainLinear, RowSwitch
 from support.engine import make_engine
 
 
@@ -46,23 +45,23 @@ def test_timings_read_the_weight_from_memory_not_cache(monkeypatch):
     as a forward over many layers reads each weight cold; timing one weight kept in cache picked
     MKL for one-row calls on the AMD box, and halved one-stream decode in the real model."""
     weight_bytes = 32 * 64 * 4
-    monkeypatch.setattr(kernel_choice, "COLD_BYTES", 5 * weight_bytes)
-    built, make = [], kernel_choice._kernel
+    monkeypatch.setattr(kernel_plan, "COLD_BYTES", 5 * weight_bytes)
+    built, make = [], kernel_plan._kernel
 
     def spy(kind, name, weight, dtype):
         built.append((name, weight.data_ptr()))
         return make(kind, name, weight, dtype)
 
-    monkeypatch.setattr(kernel_choice, "_kernel", spy)
+    monkeypatch.setattr(kernel_plan, "_kernel", spy)
     measure(("dense", 32, 64), torch.float32, row_counts=(1,), num_repeats=1)
     for name in (PLAIN, PACKED):
         assert len({ptr for kernel, ptr in built if kernel == name}) == 5  # five distinct copies each
 
     order = []
     copies = [lambda x, i=i: order.append(i) for i in range(3)]
-    kernel_choice._time(copies, torch.zeros(1, 4), 7)
+    kernel_plan._time(copies, torch.zeros(1, 4), 7)
     assert order == [0, 1, 2, 0, 1, 2, 0]
-    assert kernel_choice._calls_per_sample({"k": copies}, torch.zeros(1, 4)) >= len(copies)  # a full pass at least
+    assert kernel_plan._calls_per_sample({"k": copies}, torch.zeros(1, 4)) >= len(copies)  # a full pass at least
 
 
 def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_llama, tmp_path, monkeypatch, caplog):
@@ -78,7 +77,7 @@ def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_lla
     assert sorted(calls) == weight_keys(tiny_llama) and set(first.values()) == {KernelRule(PLAIN, PACKED, 16)}
     assert "measured" in caplog.text and "plain below 16 rows, then packed" in caplog.text
     (cached,) = (tmp_path / "kernels").glob("*.json")
-    assert json.loads(cached.read_text())["identity"]["cpu"] == kernel_plan.cpu_model_name()
+    assert json.loads(cached.read_text())["identity"]["cpu"] == cpu_model_name()
 
     calls.clear()
     assert kernel_plan.plan_kernels(tiny_llama, None, tmp_path) == first and calls == []
@@ -90,7 +89,6 @@ def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_lla
 
 @pytest.mark.parametrize("config, rule", [
     (dict(kernel_choice="packed"), KernelRule.single(PACKED)), (dict(kernel_choice="plain"), KernelRule.single(PLAIN)),
-    (dict(kernel_choice="packed", pack_weights=False), KernelRule.single(PLAIN)),
     (dict(kernel_choice="auto"), KernelRule(PLAIN, PACKED, 16)),
 ])
 def test_a_forced_choice_is_honoured(config, rule, tmp_path, monkeypatch):
@@ -108,7 +106,7 @@ def test_outputs_agree_whichever_kernel_runs(tiny_llama, token_ids):
     """A split rule runs packed for the 24-row call and plain for the 1-row one: both equal plain
     F.linear within fp32 noise (bf16 kernels against each other: test_packed.py)."""
     plan = {key: KernelRule(PLAIN, PACKED, 4) for key in weight_keys(tiny_llama)}
-    switched = wrap_model(copy.deepcopy(tiny_llama), pack_weights=True, kernels=plan)
+    switched = wrap_model(copy.deepcopy(tiny_llama), kernels=KernelPlan(PACKED, plan))
     plain = wrap_model(copy.deepcopy(tiny_llama))
     assert isinstance(switched.model.lm_head.kernel, RowSwitch)
     for ids in (token_ids[:1, :1], token_ids):

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
+from adapters.backends.cpu import PACKABLE_DTYPES, can_pack, pack, packed_linear
 from adapters.batch import LoraBatch
-from adapters.packed import PACKABLE_DTYPES, can_pack, pack, packed_linear
+from adapters.kernels import PACKED, PLAIN, KernelPlan
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
@@ -49,14 +50,14 @@ def test_bf16_packed_linear_is_as_exact_as_bf16_allows(shape, rows):
 def test_only_float32_and_supported_bf16_on_cpu_are_packed(tiny_llama, dtype):
     is_packed = dtype in PACKABLE_DTYPES
     assert (pack(torch.randn(4, 4, dtype=dtype)) is not None) == is_packed
-    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=2, max_rank=8, pack_weights=True)
+    lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=2, max_rank=8, kernels=KernelPlan(PACKED))
     embedding = lora_model.model.get_input_embeddings()
     assert all((layer.packed_weight is not None) == is_packed for layer in lora_model.layers.values()
                if layer is not embedding)
 
 
 def test_conv1d_layers_are_left_to_the_plain_path(tiny_gpt2):
-    lora_model = wrap_model(copy.deepcopy(tiny_gpt2), max_loras=2, max_rank=8, pack_weights=True)
+    lora_model = wrap_model(copy.deepcopy(tiny_gpt2), max_loras=2, max_rank=8, kernels=KernelPlan(PACKED))
     head, embedding = lora_model.model.lm_head, lora_model.model.get_input_embeddings()
     assert all(layer.is_conv1d and layer.packed_weight is None for layer in lora_model.layers.values()
                if layer not in (head, embedding))
@@ -65,7 +66,7 @@ def test_conv1d_layers_are_left_to_the_plain_path(tiny_gpt2):
 
 def test_packed_model_equals_plain_model_and_keeps_tied_weights(tiny_llama, token_ids):
     plain = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8)
-    packed = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, pack_weights=True)
+    packed = wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, kernels=KernelPlan(PACKED))
     head = packed.model.lm_head
     assert head.is_head and head.packed_weight is not None
     assert head.weight is packed.model.get_input_embeddings().weight or not tiny_llama.config.tie_word_embeddings
@@ -78,7 +79,8 @@ def test_packed_model_equals_plain_model_and_keeps_tied_weights(tiny_llama, toke
 
 def test_merge_packs_the_merged_weight_and_unmerge_returns_to_w0(tiny_llama, token_ids, tmp_path, make_peft_adapter):
     path = make_peft_adapter(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
-    models = [wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, pack_weights=p) for p in (False, True)]
+    models = [wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, kernels=KernelPlan(kernel))
+              for kernel in (PLAIN, PACKED)]
     slots = []
     for lora_model in models:
         registry = AdapterRegistry(lora_model)
@@ -109,13 +111,13 @@ def test_bf16_engine_serves_on_packed_weights_as_on_plain_ones(adapter_paths):
     tiny model's greedy argmaxes are far apart, so both kernels give the same tokens."""
     prompts, adapters = PROMPTS, [None, "a", "b", "a"]
     tokens = []
-    for pack_weights in (True, False):
-        engine = bf16_engine(adapter_paths, pack_weights=pack_weights)
+    for kernel_choice in (PACKED, PLAIN):
+        engine = bf16_engine(adapter_paths, kernel_choice=kernel_choice)
         assert engine.cache.k[0].dtype == torch.bfloat16
-        assert (engine.lora_model.model.lm_head.packed_weight is not None) == pack_weights
+        assert (engine.lora_model.model.lm_head.packed_weight is not None) == (kernel_choice == PACKED)
         completions = engine.generate(prompts, greedy(8, logprobs=1), adapters)
         assert all(math.isfinite(lp.logprob) for c in completions for lp in c.logprobs)
-        merged = bf16_engine(adapter_paths, pack_weights=pack_weights, merge_after_steps=1)
+        merged = bf16_engine(adapter_paths, kernel_choice=kernel_choice, merge_after_steps=1)
         merged_tokens = [c.token_ids for c in merged.generate(prompts[1::2], greedy(8), ["a", "a"])]
         assert merged.stats().steps_by_mode["merged"] > 0
         tokens.append(([c.token_ids for c in completions], merged_tokens))

@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel
 
 from adapters import BASE_SLOT, AdapterRegistry, LoraBatch, wrap_model
+from adapters.kernels import PACKED, PLAIN, KernelPlan
 
 ATOL = 1e-4
 BASE = "__base__"  # PEFT's adapter name for a plain base row
@@ -69,10 +70,11 @@ def peft_module_names(model: PeftModel, adapter: str) -> list[str]:
                   if name.endswith(".lora_A") and adapter in module)
 
 
-def wrap_with(base, paths: dict, max_loras: int = 4, max_rank: int = 64, pack_weights: bool = False):
-    lora_model = wrap_model(copy.deepcopy(base), max_loras=max_loras, max_rank=max_rank, pack_weights=pack_weights)
+def wrap_with(base, paths: dict, max_loras: int = 4, max_rank: int = 64, packed: bool = False):
+    lora_model = wrap_model(copy.deepcopy(base), max_loras=max_loras, max_rank=max_rank,
+                            kernels=KernelPlan(PACKED if packed else PLAIN))
     embedding = lora_model.model.get_input_embeddings()
-    assert all((layer.packed_weight is not None) == (pack_weights and not layer.is_conv1d)
+    assert all((layer.packed_weight is not None) == (packed and not layer.is_conv1d)
                for layer in lora_model.layers.values() if layer is not embedding)
     registry = AdapterRegistry(lora_model)
     for name, path in paths.items():
@@ -125,16 +127,16 @@ def assert_close(actual, expected, atol=ATOL):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
-PACK = dict(argnames="pack_weights", argvalues=[False, True], ids=["mkl", "packed"])  # both CPU linear paths
+PACK = dict(argnames="packed", argvalues=[False, True], ids=["mkl", "packed"])  # both CPU linear paths
 
 
-def check_single_adapter(base, ids, path, pack_weights=False):
+def check_single_adapter(base, ids, path, packed=False):
     """One adapter, every row: gather and merged logits equal PEFT's; it touches PEFT's modules."""
     peft_model = load_peft(base, {"a": path})
     expected = logits(peft_model, ids)
     expected_merged = peft_merged_logits(peft_model, "a", ids)
     assert (expected - logits(base, ids)).abs().max() > 1e-2, "the adapter must change the logits"
-    lora_model, registry = wrap_with(base, {"a": path}, pack_weights=pack_weights)
+    lora_model, registry = wrap_with(base, {"a": path}, packed=packed)
     assert registry.info("a").target_modules == peft_module_names(peft_model, "a")
     slot = registry.acquire("a").slot
     assert_close(gather_logits(lora_model, ids, [slot] * ids.shape[0]), expected)
@@ -146,9 +148,9 @@ def check_single_adapter(base, ids, path, pack_weights=False):
 
 @pytest.mark.parametrize(**PACK)
 @pytest.mark.parametrize("lora_kwargs", LLAMA_CASES)
-def test_llama_adapter_matches_peft(tiny_llama, token_ids, tmp_path, make_peft_adapter, lora_kwargs, pack_weights):
+def test_llama_adapter_matches_peft(tiny_llama, token_ids, tmp_path, make_peft_adapter, lora_kwargs, packed):
     path = make_peft_adapter(tiny_llama, tmp_path / "a", **lora_kwargs)
-    check_single_adapter(tiny_llama, token_ids, path, pack_weights)
+    check_single_adapter(tiny_llama, token_ids, path, packed)
 
 
 @pytest.mark.parametrize("lora_kwargs", GPT2_CASES)
@@ -160,13 +162,13 @@ def test_gpt2_conv1d_adapter_matches_peft(tiny_gpt2, token_ids, tmp_path, make_p
 ROWS = ["a1", BASE, "a2", "a1", BASE, "a1"]  # unequal groups: a1 has 3 rows, a2 has 1
 
 
-def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict, split: dict, pack_weights: bool):
+def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict, split: dict, packed: bool):
     peft_model = load_peft(base, paths)
     peft_mixed = logits(peft_model, ids, adapter_names=ROWS)
     peft_single = {name: logits(peft_model, ids, adapter_names=[name] * len(ROWS)) for name in set(ROWS)}
     assert (peft_single["a1"] - peft_single["a2"]).abs().max() > 1e-2
 
-    lora_model, registry = wrap_with(base, {**paths, **fillers}, pack_weights=pack_weights)
+    lora_model, registry = wrap_with(base, {**paths, **fillers}, packed=packed)
     order = ["a1", "a2"] if prefix_slots else ["f0", "a1", "f2", "a2"]  # non-prefix: a1 -> 1, a2 -> 3
     leases = {name: registry.acquire(name) for name in order}
     for name in set(fillers) & set(leases):  # resident but unused by the batch
@@ -221,21 +223,21 @@ def _split(paths):
 @pytest.mark.parametrize(**PACK)
 @pytest.mark.parametrize("split", [{}, GROUPED], ids=["runs", "grouped"])
 @pytest.mark.parametrize("prefix_slots", [True, False], ids=["prefix-slots", "slots-1-and-3"])
-def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots, split, pack_weights):
+def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots, split, packed):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(llama_mixed_paths)
     check_mixed_batch(tiny_llama, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split,
-                      pack_weights=pack_weights)
+                      packed=packed)
 
 
 @pytest.mark.parametrize(**PACK)
 @pytest.mark.parametrize("split", [{}, GROUPED], ids=["runs", "grouped"])
 @pytest.mark.parametrize("prefix_slots", [True, False], ids=["prefix-slots", "slots-1-and-3"])
-def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots, split, pack_weights):
+def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots, split, packed):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(gpt2_mixed_paths)
     check_mixed_batch(tiny_gpt2, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split,
-                      pack_weights=pack_weights)
+                      packed=packed)
 
 
 # The real default model: fewer combinations, short inputs.
@@ -258,7 +260,7 @@ def real_reference(default_model, tmp_path_factory, make_peft_adapter):
 @pytest.fixture(scope="module", **{"params": PACK["argvalues"], "ids": PACK["ids"]})
 def real_setup(real_reference, request):
     lora_model, registry = wrap_with(real_reference["base"], real_reference["paths"], max_loras=2, max_rank=16,
-                                     pack_weights=request.param)
+                                     packed=request.param)
     slots = {BASE: BASE_SLOT, **{name: registry.acquire(name).slot for name in real_reference["paths"]}}
     return dict(real_reference, lora_model=lora_model, registry=registry, slots=slots,
                 atol=real_tolerance(lora_model, real_reference))

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from adapters import AdapterRegistry, wrap_model
-from adapters.base_kernels import is_quantized, weight_keys
-from adapters.int8 import Int8Weight, QuantizationError, check_int8_kernel
-from adapters.kernels import DEQUANTIZED, INT8, DequantizedLinear, Int8Linear, KernelRule
+from adapters.backends.cpu import DequantizedLinear, Int8Linear, check_int8_kernel
+from adapters.kernel_plan import is_quantized, weight_keys
+from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, Int8Weight, KernelPlan, KernelRule, QuantizationError
 from support.engine import PROMPTS, encode, fresh_model, greedy, hf_greedy, make_engine
 
 try:
@@ -99,12 +99,12 @@ def variant_paths(tiny_llama, tmp_path_factory, make_peft_adapter):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("kernel", [PLAIN, PACKED])
 @torch.no_grad()
 def test_gathered_and_merged_match_peft_on_the_dequantized_model(tiny_llama, token_ids, variant_paths, variant,
-                                                                  pack_weights):
+                                                                  kernel):
     paths = {variant: variant_paths[variant]}
-    lora_model, slots = wrapped_int8(tiny_llama, paths, pack_weights=pack_weights)
+    lora_model, slots = wrapped_int8(tiny_llama, paths, kernels=KernelPlan(kernel))
     reference = int8_reference(tiny_llama, paths)
     expected = reference(token_ids).logits
     with bf16_linears(reference, quantized_names(tiny_llama)):
@@ -126,7 +126,7 @@ def test_gathered_and_merged_match_peft_on_the_dequantized_model(tiny_llama, tok
 @torch.no_grad()
 def test_mixed_batch_rows_each_match_their_own_adapter(tiny_llama, token_ids, variant_paths):
     paths = {name: variant_paths[name] for name in ("lora", "bias")}
-    lora_model, slots = wrapped_int8(tiny_llama, paths, pack_weights=True)
+    lora_model, slots = wrapped_int8(tiny_llama, paths, kernels=KernelPlan(PACKED))
     reference, names = int8_reference(tiny_llama, paths), quantized_names(tiny_llama)
     row_adapters = ["lora", None, "bias", "lora"]  # one sequence per row of token_ids
     token_slots = torch.tensor([slots[a] if a else -1 for a in row_adapters]).repeat_interleave(token_ids.shape[1])
@@ -230,7 +230,7 @@ def test_unknown_quantization_is_refused(tiny_llama):
 def test_a_rule_can_switch_int8_kernels_by_row_count(tiny_llama, token_ids):
     """Calls of 4 rows or more (the prefill here) on the dequantized path, fewer on the int8 kernel."""
     plan = {key: KernelRule(INT8, DEQUANTIZED, 4) for key in weight_keys(tiny_llama, "int8") if key[0] == "int8"}
-    switched = wrap_model(copy.deepcopy(tiny_llama), quantization="int8", kernels=plan)
+    switched = wrap_model(copy.deepcopy(tiny_llama), quantization="int8", kernels=KernelPlan(rules=plan))
     q_proj = switched.layers["model.layers.0.self_attn.q_proj"]
     assert isinstance(q_proj.kernel.large, DequantizedLinear) and isinstance(q_proj.kernel.small, Int8Linear)
     reference, names = dequantized_copy(tiny_llama), quantized_names(tiny_llama)

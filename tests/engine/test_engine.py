@@ -49,9 +49,9 @@ def test_mixed_batch_equals_peft_generate_per_request(adapter_paths):
 
 def test_packed_and_plain_base_weights_give_the_same_tokens(adapter_paths):
     """The engine packs base weights on CPU by default (the tests above run that path against
-    HF/PEFT); pack_weights=False keeps stock F.linear and must agree token for token."""
+    HF/PEFT); kernel_choice="plain" keeps stock F.linear and must agree token for token."""
     prompts, adapters = [PROMPTS[0], PROMPTS[1], PROMPTS[2]], ["a", None, "b"]
-    packed, plain = make_engine(adapter_paths), make_engine(adapter_paths, pack_weights=False)
+    packed, plain = make_engine(adapter_paths), make_engine(adapter_paths, kernel_choice="plain")
     embedding = packed.lora_model.model.get_input_embeddings()  # a lookup: nothing to pack
     groups = packed.runner.lean.fused.values()  # q/k/v and gate/up run on one packed copy per group
     assert groups and all(group.kernel.packed is not None for group in groups)

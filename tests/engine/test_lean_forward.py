@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from adapters import wrap_model
+from adapters.kernels import PACKED, PLAIN, KernelPlan
 from server.engine.config import EngineConfig
 from server.engine.lean_forward import lean_forward
 from server.engine.llm_engine import LLMEngine
@@ -61,7 +62,7 @@ def _recording_engine(model: torch.nn.Module, lean: bool, adapters: dict[str, Pa
     return engine, logits
 
 
-def _lean_and_stock_runs(family: str, tmp_path: Path, make_peft_adapter, pack_weights: bool) -> list:
+def _lean_and_stock_runs(family: str, tmp_path: Path, make_peft_adapter, kernel_choice: str) -> list:
     """(per-step logits, tokens, engine) of the lean engine, then of the stock one."""
     model = _family_model(family)
     adapters = {"a": make_peft_adapter(model, tmp_path / "a", r=8, lora_alpha=16, target_modules="all-linear"),
@@ -70,7 +71,7 @@ def _lean_and_stock_runs(family: str, tmp_path: Path, make_peft_adapter, pack_we
     for lean in (True, False):
         # Small steps: the long prompt is prefilled in chunks that attend to cached rows.
         engine, logits = _recording_engine(copy.deepcopy(model), lean, adapters, max_num_batched_tokens=24,
-                                           pack_weights=pack_weights)
+                                           kernel_choice=kernel_choice)
         assert (engine.runner.lean is not None) == lean
         prompts = [encode("Hello there, how are you today my friend") * 4, encode("The quick brown fox"),
                    encode("1 2 3 4 5"), encode("Once upon a time")]
@@ -85,7 +86,7 @@ def _lean_and_stock_runs(family: str, tmp_path: Path, make_peft_adapter, pack_we
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_lean_forward_equals_stock_forward_bitwise(family, tmp_path, make_peft_adapter):
     (lean_logits, lean_tokens, lean), (stock_logits, stock_tokens, _) = _lean_and_stock_runs(
-        family, tmp_path, make_peft_adapter, pack_weights=False)
+        family, tmp_path, make_peft_adapter, kernel_choice=PLAIN)
     assert not lean.runner.lean.fused, "plain kernels are never fused"
     assert lean_tokens == stock_tokens
     assert len(lean_logits) == len(stock_logits)
@@ -96,7 +97,7 @@ def test_lean_forward_equals_stock_forward_bitwise(family, tmp_path, make_peft_a
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_projections_agree_with_the_stock_forward(family, tmp_path, make_peft_adapter):
     (lean_logits, lean_tokens, lean), (stock_logits, stock_tokens, _) = _lean_and_stock_runs(
-        family, tmp_path, make_peft_adapter, pack_weights=True)
+        family, tmp_path, make_peft_adapter, kernel_choice=PACKED)
     if not lean.runner.lean.fused:
         pytest.skip("oneDNN packing is not available on this CPU: nothing is fused")
     assert len(lean.runner.lean.fused) == 2 * 2  # q/k/v and gate/up in each of the 2 layers
@@ -115,7 +116,7 @@ def test_fused_projections_agree_with_the_stock_forward(family, tmp_path, make_p
 def _packed_vs_plain_noise(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """Largest logit difference between the base on packed and on plain kernels, relative to the logits."""
     plain = model(ids).logits
-    packed = wrap_model(copy.deepcopy(model), pack_weights=True).model(ids).logits
+    packed = wrap_model(copy.deepcopy(model), kernels=KernelPlan(PACKED)).model(ids).logits
     return ((packed - plain).abs().max() / plain.abs().max()).item()
 
 

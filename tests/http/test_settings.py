@@ -14,7 +14,7 @@ from server.http.settings import Settings
 
 def test_every_shared_knob_reaches_the_engine_config():
     shared = [name for name in EngineConfig.model_fields if name in Settings.model_fields]
-    assert {"max_loras", "max_lora_rank", "max_num_seqs", "kv_cache_tokens", "pack_weights"} <= set(shared)
+    assert {"max_loras", "max_lora_rank", "max_num_seqs", "kv_cache_tokens", "kernel_choice"} <= set(shared)
     defaults = EngineConfig()
     changed = {name: _changed(name, getattr(defaults, name)) for name in shared}
     config = Settings(**changed).engine_config()
@@ -31,10 +31,11 @@ def _changed(name: str, value):
     return (not value) if isinstance(value, bool) else (value or 8) * 2  # doubling keeps block_size legal
 
 
-def test_pack_weights_is_on_by_default_and_off_from_the_environment(monkeypatch):
-    assert Settings().engine_config().pack_weights is True
-    monkeypatch.setenv("LORASERVE_PACK_WEIGHTS", "false")
-    assert Settings().engine_config().pack_weights is False
+def test_kernel_choice_is_auto_by_default_and_plain_from_the_environment(monkeypatch):
+    assert Settings().engine_config().kernel_choice == "auto"
+    monkeypatch.setenv("LORASERVE_KERNEL_CHOICE", "plain")
+    assert Settings().engine_config().kernel_choice == "plain"
+    assert "pack_weights" not in Settings.model_fields  # one setting for the base kernels
 
 
 def serve_flags(*argv: str) -> EngineConfig:

@@ -1,0 +1,252 @@
+"""The kernel plan: which kernel runs each base weight of a model on this machine.
+
+Which kernel wins depends on the CPU, the dtype, the weight's shape and the row count (a packed
+matmul's fixed cost per call may not hide behind one row; a library's bf16 path is slow on some
+CPUs; the int8 kernel loses to dequantizing at many rows), so nothing is fixed in code:
+- `measure` times each candidate of the device's backend at a few row counts, interleaved, medians
+  of short repeats, cycling through enough copies of the weight that every call reads it from
+  memory as a forward over many layers does (timing one weight over and over measures it in cache,
+  and picked a kernel that halved one-stream decoding in the real model);
+- `decide` turns the timings into a rule (one kernel, or one below N rows and the other from N);
+- `plan_kernels` caches the rules as JSON per machine (its name, torch, threads, dtype, shapes),
+  so a later start on the same machine skips the measurement;
+- `apply_kernel_plan` gives each wrapped linear its kernels, quantizing first where asked.
+Measured tables: benchmarks/results/base_precision.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backends import backend_for, dense_kernel, int8_kernel
+from .kernels import (
+    DENSE_WEIGHT,
+    DEQUANTIZED,
+    INT8_WEIGHT,
+    KERNEL_DTYPE,
+    PACKED,
+    PLAIN,
+    Int8Weight,
+    KernelPlan,
+    KernelRule,
+    QuantizationError,
+    WeightKey,
+    can_quantize,
+)
+from .layer import LoraLinear
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+KERNEL_CHOICES = (AUTO, PACKED, PLAIN)  # EngineSettings.kernel_choice: measured, or one kernel for all
+QUANTIZATIONS = ("none", "int8")
+QUANTIZE_HEAD = False  # see is_quantized
+MEASURED_ON = torch.device("cpu")  # timings need no device synchronisation here
+MEASUREMENT = "cold-weights"  # how `measure` times: a plan measured another way is not reused
+ROW_COUNTS = (1, 16, 64)  # a decode step of one sequence, of a small batch, of a large batch or a prefill chunk
+NUM_REPEATS = 7
+MIN_SAMPLE_SECONDS = 2e-4  # calls per sample: timer overhead stays well under 1% of a sample
+SPLIT_MARGIN = 0.03  # keep two kernels (two weights) only if it beats the best single one by this much
+COLD_BYTES = 128 << 20  # weight copies cycled per measurement: more than a server CPU's last-level cache
+MAX_COPIES = 1024  # a tiny weight (tests) needs no more to leave the small caches
+Timings = Mapping[str, Mapping[int, float]]  # kernel -> rows -> median seconds per call
+KernelRules = dict[WeightKey, KernelRule]
+
+
+def is_quantized(module: nn.Module, is_head: bool, quantization: str | None) -> bool:
+    """Whether `module` (an nn.Linear or a LoraLinear) runs on int8 under `quantization`.
+
+    Not the output head unless QUANTIZE_HEAD: its W0 stays resident anyway (a tied embedding reads
+    it, saved copies are compared with it), so an int8 copy only replaces its packed one; measured
+    (benchmarks/results/base_precision.json), that made fp32 decoding faster but let the head's
+    error reach the logits undamped, and gained nothing in bf16. Not GPT-2's Conv1D ([in, out]).
+    """
+    if quantization != "int8" or (is_head and not QUANTIZE_HEAD):
+        return False
+    return isinstance(module, (nn.Linear, LoraLinear)) and not getattr(module, "is_conv1d", False) \
+        and can_quantize(module.in_features)
+
+
+def weight_keys(model: nn.Module, quantization: str | None = None) -> list[WeightKey]:
+    """The distinct weights of an unwrapped model's linears a plan needs rules for, by shape:
+    every full-precision weight (W0s, and the merged weights even of int8 layers) and int8 W0s."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keys = set()
+    for module in model.modules():
+        if type(module) is nn.Linear:  # Conv1D runs its own kernel, not planned
+            keys.add((DENSE_WEIGHT, module.out_features, module.in_features))
+            if is_quantized(module, module is head, quantization):
+                keys.add((INT8_WEIGHT, module.out_features, module.in_features))
+    return sorted(keys)
+
+
+def choose_kernels(model: nn.Module, kernel_choice: str, quantization: str | None, cache_dir: Path) -> KernelPlan:
+    """The plan for `kernel_choice`: one kernel for every full-precision weight, or (auto) rules
+    measured per weight shape where the backend measures, packed elsewhere. Changes no weight."""
+    if kernel_choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernel_choice must be one of {', '.join(KERNEL_CHOICES)}, not {kernel_choice!r}")
+    if kernel_choice != AUTO:
+        return KernelPlan(kernel_choice)
+    return KernelPlan(PACKED, plan_kernels(model, quantization, cache_dir) or {})
+
+
+def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantization: str | None = None) -> None:
+    """Give each layer its kernels by `plan`; quantize its W0 to int8 first where asked."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise QuantizationError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
+    layers = list(layers)
+    scratch: dict[tuple[int, int], torch.Tensor] = {}  # dequantized W0, shared by the layers of one shape
+    quantized = {layer for layer in layers if is_quantized(layer, layer.is_head, quantization)}
+    if quantized:
+        device = next(iter(quantized)).device
+        backend_for(device).check_int8(device)
+    for layer in layers:
+        shape = (layer.out_features, layer.in_features)
+        layer.use_kernels(plan.rule_for((DENSE_WEIGHT, *shape)))
+        if layer not in quantized:
+            continue
+        rule = plan.rule_for((INT8_WEIGHT, *shape))
+        if DEQUANTIZED in rule.kernels and shape not in scratch:
+            scratch[shape] = torch.empty(shape, dtype=KERNEL_DTYPE, device=layer.device)
+        layer.quantize_int8(rule, scratch.get(shape), keep_weight=layer.is_head)
+
+
+def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) -> KernelRules | None:
+    """Rules per weight shape for `model`'s linears, from the cache or measured now; None where the
+    device's backend does not measure (each weight then runs the plan's default)."""
+    backend = backend_for(model.device)
+    if not backend.is_measured:
+        return None
+    dtype, keys = model.dtype, weight_keys(model, quantization)
+    identity = {"method": MEASUREMENT, "cpu": backend.machine_name(), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+                "weights": [list(key) for key in keys]}  # key order is part of the cache file's name
+    path = cache_dir / "kernels" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.json"
+    rules = _read(path, identity)
+    if rules is not None:
+        log.info("base kernels (cached in %s): %s", path, KernelPlan(rules=rules))
+        return rules
+    started = time.perf_counter()
+    timings = {key: measure(key, dtype) for key in keys}
+    rules = {key: decide(timings[key]) for key in keys}
+    _write(path, identity, rules, timings)
+    log.info("base kernels (measured in %.1f s on %s, cached in %s): %s", time.perf_counter() - started,
+             identity["cpu"], path, KernelPlan(rules=rules))
+    return rules
+
+
+@torch.inference_mode()
+def measure(key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_COUNTS,
+            num_repeats: int = NUM_REPEATS) -> dict[str, dict[int, float]]:
+    """Median seconds per call of each candidate kernel for weight `key` on random data."""
+    kind, out_features, in_features = key
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
+    copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)) - 1)]
+    kernels = {name: [_kernel(kind, name, w, dtype) for w in copies] for name in _candidates(kind)}
+    inputs = {rows: torch.randn(rows, in_features, generator=generator).to(dtype) for rows in row_counts}
+    calls = {rows: _calls_per_sample(kernels, inputs[rows]) for rows in row_counts}
+    samples = {name: {rows: [] for rows in row_counts} for name in kernels}
+    for _ in range(num_repeats):  # interleaved: a burst of load from elsewhere hits every candidate alike
+        for rows in row_counts:
+            for name, kernel in kernels.items():
+                samples[name][rows].append(_time(kernel, inputs[rows], calls[rows]))
+    return {name: {rows: statistics.median(values) for rows, values in by_rows.items()}
+            for name, by_rows in samples.items()}
+
+
+def decide(timings: Timings) -> KernelRule:
+    """The rule with the least total time relative to the best kernel at each measured row count;
+    a split (two kernels, both weights resident) only when it beats the best single kernel by
+    SPLIT_MARGIN, and among near-equal single kernels the first in preference order."""
+    preference = (*_candidates(DENSE_WEIGHT), *_candidates(INT8_WEIGHT))
+    names = sorted(timings, key=preference.index)
+    row_counts = sorted(next(iter(timings.values())))
+    best = {rows: min(timings[name][rows] for name in names) for rows in row_counts}
+
+    def cost(rule: KernelRule) -> float:
+        return sum(timings[rule.small if rows < rule.from_rows else rule.large][rows] / best[rows]
+                   for rows in row_counts)
+
+    singles = [KernelRule.single(name) for name in names]
+    best_single_cost = min(cost(rule) for rule in singles)
+    single = next(rule for rule in singles if cost(rule) <= best_single_cost * (1 + SPLIT_MARGIN))
+    splits = [KernelRule(small, large, rows) for small in names for large in names if small != large
+              for rows in row_counts[1:]]
+    split = min(splits, key=cost, default=None)  # min keeps the first of equal costs: deterministic
+    if split is not None and cost(split) < cost(single) * (1 - SPLIT_MARGIN):
+        return split
+    return single
+
+
+def _candidates(kind: str) -> tuple[str, ...]:
+    backend = backend_for(MEASURED_ON)
+    return backend.dense_kernels if kind == DENSE_WEIGHT else backend.int8_kernels
+
+
+def _kernel(kind: str, name: str, weight: torch.Tensor, dtype: torch.dtype):
+    rule = KernelRule.single(name)
+    if kind == INT8_WEIGHT:
+        scratch = torch.empty(weight.shape, dtype=KERNEL_DTYPE)
+        return int8_kernel(rule, Int8Weight.quantize(weight), None, dtype, scratch)
+    return dense_kernel(rule, weight, None)
+
+
+def _calls_per_sample(kernels: dict, x: torch.Tensor) -> int:
+    """At least one pass over the copies, and enough calls that the timer's overhead is noise."""
+    copies = len(next(iter(kernels.values())))
+    slowest = max(_time(copies_of, x, copies) for copies_of in kernels.values() for _ in range(2))  # 1st: warm-up
+    return max(copies, int(MIN_SAMPLE_SECONDS / max(slowest, 1e-9)))
+
+
+def _time(copies: list, x: torch.Tensor, calls: int) -> float:
+    """Seconds per call, each call on the next copy of the weight (so it comes from memory)."""
+    started = time.perf_counter()
+    for call in range(calls):
+        copies[call % len(copies)](x)
+    return (time.perf_counter() - started) / calls
+
+
+def _read(path: Path, identity: dict) -> KernelRules | None:
+    try:
+        saved = json.loads(path.read_text())
+        if saved["identity"] != identity:  # a hash collision, or a file from elsewhere
+            return None
+        return {_key(entry["weight"]): KernelRule(**entry["rule"]) for entry in saved["rules"]}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: measure again, rewrite it
+        log.warning("ignoring the kernel cache %s (%s)", path, exc)
+        return None
+
+
+def _write(path: Path, identity: dict, rules: KernelRules, timings: dict) -> None:
+    entries = [{"weight": list(key), "rule": dataclasses.asdict(rule),
+                "median_us": {kernel: {str(rows): round(seconds * 1e6, 2) for rows, seconds in by_rows.items()}
+                              for kernel, by_rows in timings[key].items()}}
+               for key, rule in rules.items()]
+    text = json.dumps({"identity": identity, "rules": entries}, indent=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+            file.write(text)
+        os.replace(file.name, path)  # atomic: replicas starting together never read half a file
+    except OSError as exc:  # a read-only cache costs a measurement per start, nothing more
+        log.warning("cannot cache the kernel choice in %s (%s)", path, exc)
+
+
+def _key(weight: list) -> WeightKey:
+    kind, out_features, in_features = weight
+    return str(kind), int(out_features), int(in_features)
