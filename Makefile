@@ -23,7 +23,7 @@ serve: setup
 
 bench: setup
 	$(PY) benchmarks/adapter_ops.py
-	$(PY) benchmarks/adapter_ops.py --pack-weights
+	$(PY) benchmarks/adapter_ops.py --kernel-choice packed
 	$(PY) benchmarks/throughput.py
 
 clean:

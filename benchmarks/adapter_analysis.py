@@ -30,16 +30,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adapter_ops import (NUM_ADAPTERS, compare, gather_step, machine_info, packed_by_adapter,  # noqa: E402
-                         prepare_decode, sample_pairs, summarize)
+from adapter_ops import (  # noqa: E402
+    NUM_ADAPTERS,
+    compare,
+    gather_step,
+    machine_info,
+    packed_by_adapter,
+    prepare_decode,
+    sample_pairs,
+    summarize,
+)
 
 from adapters import AdapterRegistry, wrap_model  # noqa: E402
 from adapters.analysis import analyze, base_weights  # noqa: E402
+from adapters.backends.cpu import cpu_model_name  # noqa: E402
 from adapters.compress import compress_dir  # noqa: E402
 from adapters.peft_format import read_factors  # noqa: E402
 from client.plots import plot_analysis  # noqa: E402
 from client.types import AdapterAnalysis  # noqa: E402
-from server.engine.kernel_plan import cpu_model_name  # noqa: E402
 from server.engine.model_loader import load_base_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

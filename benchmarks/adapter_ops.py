@@ -14,10 +14,11 @@ the milliseconds are context.
    (base-only batches should cost nothing extra).
 3. memory: the slot buffers, and the merge buffers a merge fills (one copy of each targeted weight).
 
-Usage: python benchmarks/adapter_ops.py [--repeats N] [--out PATH] [--threads N] [--profile] [--pack-weights]
+Usage: python benchmarks/adapter_ops.py [--repeats N] [--out PATH] [--threads N] [--profile] [--kernel-choice K]
 
---pack-weights measures the engine's CPU default: the base weights (and merged weights) packed for
-oneDNN (adapters/packed.py); results go to adapter_ops_packed.json unless --out says otherwise.
+--kernel-choice packed measures the engine's CPU default: the base weights (and merged weights)
+packed for oneDNN (adapters/backends/cpu.py); results go to adapter_ops_packed.json unless --out
+says otherwise. plain (the default here) runs F.linear.
 
 One torch thread by default: on a shared 2-core machine, two intra-op threads stall on each other
 at every op whenever another process runs (steps 5-20x slower, ratios skewed, runs past 10 min).
@@ -43,7 +44,8 @@ import torch
 import transformers
 
 from adapters import AdapterRegistry, wrap_model
-from server.engine.kernel_plan import cpu_model_name
+from adapters.backends.cpu import cpu_model_name
+from adapters.kernels import PACKED, PLAIN, KernelPlan
 from server.engine.model_loader import load_base_model
 
 NUM_ADAPTERS, RANK, TARGETS = 4, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -114,9 +116,9 @@ def load_peft_model(base: torch.nn.Module, dirs: list[Path]) -> peft.PeftModel:
     return model.eval()
 
 
-def load_slots(base: torch.nn.Module, dirs: list[Path], pack_weights: bool):
+def load_slots(base: torch.nn.Module, dirs: list[Path], kernel_choice: str):
     """Wrap `base` in place and put every adapter in a device slot; returns (lm, slots)."""
-    lm = wrap_model(base, max_loras=NUM_ADAPTERS, max_rank=RANK, pack_weights=pack_weights)
+    lm = wrap_model(base, max_loras=NUM_ADAPTERS, max_rank=RANK, kernels=KernelPlan(kernel_choice))
     registry = AdapterRegistry(lm)
     for directory in dirs:
         registry.add(directory.name, directory)
@@ -298,7 +300,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def run(repeats: int, profile: bool, pack_weights: bool) -> dict:
+def run(repeats: int, profile: bool, kernel_choice: str) -> dict:
     machine = machine_info()
     base = load_base_model().model
     unwrapped = copy.deepcopy(base)  # before wrapping: the reference for PEFT and for base forwards
@@ -306,7 +308,7 @@ def run(repeats: int, profile: bool, pack_weights: bool) -> dict:
         with torch.inference_mode(False):
             dirs = make_peft_adapters(unwrapped, Path(tmp))
             peft_model = load_peft_model(unwrapped, dirs)
-        lm, slots = load_slots(base, dirs, pack_weights)
+        lm, slots = load_slots(base, dirs, kernel_choice)
         swap = bench_swap(lm, slots, peft_model, repeats)
         del peft_model
         gather = bench_gather(lm, unwrapped, slots, repeats)
@@ -315,7 +317,7 @@ def run(repeats: int, profile: bool, pack_weights: bool) -> dict:
             profile_ops(lm, slots)
     machine["load_average_1m_after"] = os.getloadavg()[0]  # includes this run
     config = {"repeats": repeats, "warmup": WARMUP, "num_adapters": NUM_ADAPTERS, "rank": RANK,
-              "pack_weights": pack_weights,
+              "kernel_choice": kernel_choice,
               "targets": TARGETS, "num_rows": NUM_ROWS, "context_len": CONTEXT_LEN,
               "num_layers": lm.model.config.num_hidden_layers}
     return {"machine": machine, "config": config, "swap": swap, "gather": gather, "memory": memory}
@@ -328,13 +330,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads; 0 keeps torch's default (see the module docstring)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
-    parser.add_argument("--pack-weights", action="store_true", help="oneDNN-packed base weights (engine default)")
+    parser.add_argument("--kernel-choice", choices=(PACKED, PLAIN), default=PLAIN,
+                        help="packed: oneDNN-packed base weights (the engine's default)")
     args = parser.parse_args()
-    out = args.out or (DEFAULT_OUT.with_name("adapter_ops_packed.json") if args.pack_weights else DEFAULT_OUT)
+    out = args.out or (DEFAULT_OUT.with_name("adapter_ops_packed.json") if args.kernel_choice == PACKED else DEFAULT_OUT)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT
-    results = run(args.repeats, args.profile, args.pack_weights)
+    results = run(args.repeats, args.profile, args.kernel_choice)
     print_table(table_rows(results))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

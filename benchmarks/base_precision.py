@@ -10,10 +10,10 @@ engine (kernel_choice=auto, as the server runs) on base rows, gathered adapter r
     batch of 16 such requests (32 tokens each), as ratios to fp32 in the same run, variants
     interleaved round by round, medians;
   - each kernel's median time per call for the default model's weight shapes at 1, 16 and 64 rows
-    (adapters/kernel_choice.measure), in fp32 and bf16: what the engine's kernel choice sees;
+    (adapters/kernel_plan.measure), in fp32 and bf16: what the engine's kernel choice sees;
   - resident base-weight bytes (parameters, int8 values and scales, packed copies).
 "int8" runs fp32 activations (cast to bf16 for the int8 kernel), "int8-bf16" a bf16 model; the
-"+head" variants also give the tied head an int8 copy (base_kernels.QUANTIZE_HEAD).
+"+head" variants also give the tied head an int8 copy (kernel_plan.QUANTIZE_HEAD).
 
 Usage: python benchmarks/base_precision.py [--threads 1] [--rounds 3] [--out PATH]
 """
@@ -34,14 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from adapter_ops import machine_info  # noqa: E402
 from throughput import make_adapters  # noqa: E402
 
-import adapters.base_kernels as base_kernels  # noqa: E402
+import adapters.kernel_plan as kernel_plan  # noqa: E402
 from adapters import LoraLinear  # noqa: E402
-from adapters.base_kernels import describe, weight_keys  # noqa: E402
-from adapters.kernel_choice import measure  # noqa: E402
+from adapters.backends.cpu import can_pack  # noqa: E402
+from adapters.kernel_plan import AUTO, choose_kernels, measure, weight_keys  # noqa: E402
 from adapters.kernels import PACKED  # noqa: E402
-from adapters.packed import can_pack  # noqa: E402
 from server.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from server.engine.kernel_plan import plan_kernels  # noqa: E402
 from server.engine.model_loader import default_cache_dir, load_base_model  # noqa: E402
 from server.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -70,13 +68,13 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "base_precision.json"
 def make_engine(variant: str, adapter_path: Path) -> tuple[LLMEngine, str]:
     """The engine, and its kernel rules (the cached plan it was built with)."""
     dtype, quantization, head = VARIANTS[variant]
-    base_kernels.QUANTIZE_HEAD = head  # read while planning and wrapping only
+    kernel_plan.QUANTIZE_HEAD = head  # read while planning and wrapping only
     try:
         base = load_base_model(dtype=dtype)
-        rules = describe(plan_kernels(base.model, quantization, default_cache_dir()) or {})
+        rules = str(choose_kernels(base.model, AUTO, quantization, default_cache_dir()))
         engine = LLMEngine(base, EngineConfig(quantization=quantization, kernel_choice="auto"))
     finally:
-        base_kernels.QUANTIZE_HEAD = False
+        kernel_plan.QUANTIZE_HEAD = False
     engine.registry.add(ADAPTER, adapter_path)
     return engine, rules
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine.kernel_plan import cpu_model_name
+from adapters.backends.cpu import cpu_model_name
 from server.engine.model_loader import resolve_model_dir
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "color"],

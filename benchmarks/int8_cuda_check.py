@@ -2,7 +2,7 @@
 and is it right? On the GPU machine, from the repo root, with the wheels and the default model's
 config and tokenizer in .gpu/ (see gpu_run.sh): `PYTHONPATH=/tmp/site:$PWD python3 benchmarks/int8_cuda_check.py`.
 
-Checks: the startup probe (adapters/int8.check_int8_kernel); the raw kernel against exact products
+Checks: the startup probe (adapters/backends/cpu.check_int8_kernel, the kernel every device without a backend of its own runs); the raw kernel against exact products
 (relative error: bf16 output rounding), also at inner dimensions the CPU kernel cannot take; a
 tiny Llama with a LoRA adapter gathered and merged against fp32 PEFT on the dequantized model (as
 tests/adapters/test_quantization.py does on CPU); and the engine generating on a random model of the
@@ -15,7 +15,8 @@ sys.path[:0] = ["tests", "tests/adapters"]  # support.* and test_quantization
 out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
 dev = torch.device("cuda")
 from adapters import AdapterRegistry, wrap_model
-from adapters.int8 import Int8Weight, QuantizationError, check_int8_kernel
+from adapters.backends.cpu import check_int8_kernel, int8_matmul
+from adapters.kernels import Int8Weight, QuantizationError
 try:
     check_int8_kernel(dev); out["probe"] = "ok"
 except QuantizationError as exc:
@@ -26,7 +27,7 @@ def raw_check(shapes):
     try:
         w = Int8Weight.quantize(torch.randn(n, k, device=dev) * 0.02)
         x = torch.randn(5, k, device=dev).bfloat16()
-        y = w.matmul(x).double(); ref = x.double() @ w.dequantize(torch.float64).T
+        y = int8_matmul(x, w).double(); ref = x.double() @ w.dequantize(torch.float64).T
         raw[f"{n}x{k}"] = ((y - ref).abs().max() / ref.abs().max()).item()
         torch.cuda.synchronize()
     except Exception as exc:

@@ -25,7 +25,7 @@ import torch
 from vs_llamacpp import ADAPTERS, make_adapters
 
 import adapters.layer
-from server.engine.kernel_plan import cpu_model_name
+from adapters.backends.cpu import cpu_model_name
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from adapters.backends.cpu import cpu_model_name
 from server.engine.config import EngineConfig
 from server.engine.grammar import GrammarSpec
-from server.engine.kernel_plan import cpu_model_name
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from adapter_ops import CONTEXT_LEN, NUM_ROWS, machine_info, sample_pairs  # noqa: E402
 
 from adapters import AdapterRegistry, LoraBatch, wrap_model  # noqa: E402
+from adapters.kernels import PACKED, KernelPlan  # noqa: E402
 from server.engine.model_loader import load_base_model  # noqa: E402
 
 RANK, TARGETS = 16, ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -59,7 +60,7 @@ def run(repeats: int) -> dict:
         with torch.inference_mode(False):
             paths = {f"a{i}": save_adapter(base, Path(tmp) / f"a{i}", i) for i in range(4)}
             paths["dora"] = save_adapter(base, Path(tmp) / "dora", 9, use_dora=True)
-        lm = wrap_model(base, max_loras=5, max_rank=RANK, pack_weights=True)
+        lm = wrap_model(base, max_loras=5, max_rank=RANK, kernels=KernelPlan(PACKED))
         registry = AdapterRegistry(lm)
         slots = {name: (registry.add(name, path), registry.acquire(name).slot)[1] for name, path in paths.items()}
         generator = torch.Generator().manual_seed(0)

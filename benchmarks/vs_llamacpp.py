@@ -63,7 +63,7 @@ import peft
 import torch
 from throughput import TEXT, run_static
 
-from server.engine.kernel_plan import cpu_model_name
+from adapters.backends.cpu import cpu_model_name
 from server.engine.model_loader import default_cache_dir, default_gguf_path, load_base_model
 
 ADAPTERS = {  # name -> (rank, targets); lora_alpha = 2 * rank
