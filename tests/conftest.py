@@ -88,3 +88,14 @@ def adapter_dirs(tmp_path_factory, default_model, make_peft_adapter) -> dict[str
     from support.http import write_real_adapters
 
     return write_real_adapters(tmp_path_factory.mktemp("http-adapters"), default_model.model, make_peft_adapter)
+
+
+@pytest.fixture(scope="session")
+def alpha_server(adapter_dirs):
+    """One server, default settings with the adapter `alpha` alone, shared by every module on that
+    profile (the OpenAI API, echo/logprobs, lm-eval): their tests only read it and leave it idle."""
+    from server.http.settings import Settings
+    from support.http import serve
+
+    with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
+        yield served

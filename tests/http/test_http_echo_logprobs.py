@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import PeftModel
 
-from server.http.settings import Settings
 from support.http import (
     BASE,
     CROSS_KERNELS_ULPS,
@@ -17,7 +16,6 @@ from support.http import (
     assert_openai_error,
     fp32_tolerance,
     openai_client,
-    serve,
 )
 
 pytestmark = pytest.mark.real_model
@@ -26,9 +24,8 @@ PROMPTS = ["The capital of France is Paris, and the capital of Italy is", "def f
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):
-    with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
-        yield served
+def served(alpha_server):
+    return alpha_server  # one server per settings profile (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

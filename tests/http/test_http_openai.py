@@ -26,9 +26,8 @@ NUM_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):
-    with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
-        yield served
+def served(alpha_server):
+    return alpha_server  # one server per settings profile (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server.http.settings import Settings
-from support.http import BASE, assert_openai_error, serve, wait_idle
+from support.http import BASE, assert_openai_error, wait_idle
 
 pytestmark = pytest.mark.real_model
 
@@ -51,10 +50,8 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):
-    adapters = [f"{name}={adapter_dirs[name]}" for name in ("alpha", "beta")]
-    with serve(Settings(adapters=adapters)) as served:
-        yield served
+def served(default_server):
+    return default_server  # one server per settings profile (tests/http/conftest.py)
 
 
 @pytest.fixture(scope="module")

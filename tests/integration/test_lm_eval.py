@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from server.engine.model_loader import resolve_model_dir
-from server.http.settings import Settings
-from support.http import BASE, serve
+from support.http import BASE
 
 pytestmark = pytest.mark.real_model
 
@@ -131,9 +130,8 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def served(adapter_dirs):
-    with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
-        yield served
+def served(alpha_server):
+    return alpha_server  # one server per settings profile (tests/conftest.py)
 
 
 def _model_dir() -> str:
