@@ -14,12 +14,12 @@ from support.engine import PROMPTS, assert_released, break_loop_when_busy, greed
 JOIN_TIMEOUT = 60  # seconds; only so a hung loop fails the test instead of the whole run
 
 
-async def until(condition, max_polls: int = 6000) -> None:
-    """Yield to the event loop until `condition()` holds (the engine thread works meanwhile)."""
-    for _ in range(max_polls):
-        if condition():
+async def until(engine: AsyncEngine, condition, max_checks: int = 6000) -> None:
+    """Until `condition()` holds, checked on the engine thread: a command runs only between steps, so
+    each check waits for the step in progress instead of a clock. Bounded in count and time."""
+    for _ in range(max_checks):
+        if await asyncio.wait_for(engine.call(condition), JOIN_TIMEOUT):
             return
-        await asyncio.sleep(0.005)
     raise AssertionError("condition never held")
 
 
@@ -36,7 +36,7 @@ def test_concurrent_streams_equal_generate(adapter_paths):
     try:
         async def main():
             streams = await asyncio.gather(*(collect(engine, p, greedy(n), a) for p, a, n in requests))
-            await until(lambda: engine.is_idle)
+            await until(engine, lambda: engine.is_idle)
             return streams
 
         streams = asyncio.run(main())
@@ -63,7 +63,7 @@ def test_leaving_a_stream_early_aborts_it():
                 num_outputs += 1
                 if num_outputs == 2:
                     break
-            await until(lambda: finished and engine.is_idle)
+            await until(engine, lambda: finished and engine.is_idle)
 
         asyncio.run(main())
         (stats,) = finished
@@ -150,7 +150,7 @@ def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
             with pytest.raises(RequestError) as info:
                 await engine.submit(PROMPTS[1], greedy(5), request_id="x")
             assert info.value.field == "request_id"
-            await until(lambda: engine.is_idle)
+            await until(engine, lambda: engine.is_idle)
             await asyncio.sleep(0)  # let the outputs already posted reach the queue
             assert first.num_pending == 5  # the first stream still gets every delta
             return [output async for output in first]
@@ -164,13 +164,17 @@ def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
 def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
     llm = make_engine()
     engine = AsyncEngine(llm)
-    gate, ran = threading.Event(), []
+    gate, taken, ran = threading.Event(), threading.Event(), []
     try:
         async def main():
-            blocker = asyncio.ensure_future(engine.call(lambda: gate.wait(JOIN_TIMEOUT)))  # holds the thread
-            await until(lambda: engine.is_idle)  # the engine thread has taken the blocker
+            def block():  # holds the engine thread until the gate opens
+                taken.set()
+                return gate.wait(JOIN_TIMEOUT)
+
+            blocker = asyncio.ensure_future(engine.call(block))
+            assert await asyncio.to_thread(taken.wait, JOIN_TIMEOUT)  # the engine thread has taken the blocker
             cancelled = asyncio.ensure_future(engine.call(lambda: ran.append("ran")))
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a loop turn, not a wait: the task submits its command
             cancelled.cancel()
             # The cancel reaches the command's concurrent future through a loop callback: let it land
             # (the caller has given up) before the engine thread is free to pick the command up.

@@ -3,12 +3,12 @@ unknown routes. Every error must leave as OpenAI's {"error": {"message", "type",
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
 from server.http.settings import Settings
+from support.engine import wait_for_engine
 from support.http import (
     BASE,
     adapter_files,
@@ -204,9 +204,11 @@ def test_full_queue_is_503_with_retry_after():
                 responses.append(exc)
 
         threads = [threading.Thread(target=one) for _ in range(5)]
-        for thread in threads:
+        threads[0].start()
+        engine = served.engine
+        wait_for_engine(engine, engine.has_unfinished, 120, "the first request reaching the engine")
+        for thread in threads[1:]:  # arrive while the first is running
             thread.start()
-            time.sleep(0.02)  # arrive while the first is running, in order
         for thread in threads:
             thread.join(120)
         assert len(responses) == 5 and all(isinstance(r, httpx.Response) for r in responses), responses

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
@@ -14,7 +13,7 @@ import pytest
 from server.engine.model_loader import load_base_model
 from server.http.app import create_app
 from server.http.settings import Settings
-from support.engine import break_loop_when_busy
+from support.engine import break_loop_when_busy, wait_for_engine
 from support.http import BASE, adapter_files, assert_nothing_held, assert_openai_error, reference_text, serve, wait_idle
 from support.servers import serve_in_thread
 
@@ -97,9 +96,7 @@ def test_a_non_streaming_client_that_leaves_aborts_its_request(served, http):
     body = {"model": "alpha", "prompt": "Count to a thousand:", "max_tokens": 250, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served.url}/v1/completions", json=body, timeout=1.5)
-    deadline = time.monotonic() + 60
-    while not records and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_engine(served.engine, lambda: records, 60, "the abort of the abandoned request")
     (record,) = records
     assert record.finish_reason == "abort" and record.num_output_tokens < 250
 

@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.http.metrics import BASE_LABEL, OVERFLOW_LABEL, AdapterLabels
 from server.http.settings import Settings
+from support.engine import wait_for_engine
 from support.http import serve as serve_app
+from support.http import wait_idle as wait_engine_idle
 
 pytestmark = pytest.mark.real_model
 BASE = "SmolLM2-135M-Instruct"
@@ -20,9 +22,9 @@ BASE = "SmolLM2-135M-Instruct"
 
 @contextmanager
 def serve(settings: Settings):
-    """The app under the shared harness, with a client on its URL."""
+    """The app under the shared harness, and a client on its URL."""
     with serve_app(settings) as served, httpx.Client(base_url=served.url, timeout=120) as client:
-        yield client
+        yield served, client
 
 
 def scrape(client: httpx.Client) -> dict:
@@ -39,13 +41,10 @@ def value(families: dict, name: str, sample: str | None = None, **labels) -> flo
     return sum(matches)
 
 
-def wait_idle(client: httpx.Client) -> dict:
-    for _ in range(100):  # the engine thread publishes its snapshot right after finishing
-        families = scrape(client)
-        if value(families, "vllm:num_requests_running") == 0 and value(families, "vllm:num_requests_waiting") == 0:
-            return families
-        time.sleep(0.05)
-    raise AssertionError("engine did not go idle")
+def wait_idle(served, client: httpx.Client) -> dict:
+    """The families once the engine is idle and has published the step that finished the last request."""
+    wait_engine_idle(served)
+    return scrape(client)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +62,11 @@ def complete(client, model: str, max_tokens: int = 4, **extra) -> dict:
 
 
 def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
-    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as client:
-        before = wait_idle(client)
+    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as (served, client):
+        before = wait_idle(served, client)
         usages = [complete(client, BASE)["usage"], complete(client, "qv")["usage"], complete(client, "qv")["usage"]]
         assert client.post("/v1/completions", json={"model": "missing", "prompt": "x"}).status_code == 404
-        after = wait_idle(client)
+        after = wait_idle(served, client)
 
     expected_types = {
         "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
@@ -110,7 +109,7 @@ def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
 
 
 def test_lora_requests_info_names_running_adapters(adapter_dir):
-    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as client:
+    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as (served, client):
         done = threading.Event()
         seen = set()
 
@@ -132,10 +131,10 @@ def test_adapter_label_cardinality_is_capped(tmp_path, default_model, make_peft_
     names = ["a1", "a2", "a3", "a4"]
     specs = [f"{n}={make_peft_adapter(default_model.model, tmp_path / n, r=2, target_modules=['q_proj'])}"
              for n in names]
-    with serve(Settings(adapters=specs, max_adapter_labels=2)) as client:
+    with serve(Settings(adapters=specs, max_adapter_labels=2)) as (served, client):
         for name in names:
             complete(client, name, max_tokens=1)
-        families = wait_idle(client)
+        families = wait_idle(served, client)
     labels = {s.labels["adapter"] for s in families["loraserve:requests"].samples if s.name.endswith("_total")}
     assert labels == {"a1", "a2", OVERFLOW_LABEL}
     assert value(families, "loraserve:requests", "loraserve:requests_total", adapter=OVERFLOW_LABEL) == 2
@@ -148,16 +147,15 @@ def test_adapter_labels_unit():
 
 def test_metrics_key_and_request_log(adapter_dir, caplog):
     settings = Settings(api_key="k", metrics_require_key=True)
-    with serve(settings) as client:
+    with serve(settings) as (served, client):
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
         with caplog.at_level(logging.INFO, logger="loraserve.requests"):
             response = client.post("/v1/completions", headers={"Authorization": "Bearer k"}, json={
                 "model": BASE, "prompt": "secret prompt words", "max_tokens": 2})
             assert response.status_code == 200
-            deadline = time.monotonic() + 10
-            while not caplog.records and time.monotonic() < deadline:
-                time.sleep(0.05)
+            # logged by the metrics' request listener, on the engine thread once the request finished
+            wait_for_engine(served.engine, lambda: caplog.records, 10, "the request log line")
     record = caplog.records[-1]
     assert record.fields["outcome"] == "length" and record.fields["output_tokens"] == 2
     assert "secret" not in record.getMessage() and "secret" not in str(record.fields)

@@ -91,7 +91,7 @@ def wait_in_flight(url: str, requests: list[Completion]) -> None:
         assert not failed, f"a request failed before SIGTERM: {failed}"
         if time.monotonic() > deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.1)  # the server is another process: polling its API is the only way to see it
     raise AssertionError(f"the {len(requests)} requests were not all running within {IN_FLIGHT_TIMEOUT} s")
 
 
@@ -107,7 +107,7 @@ def refused_while_draining(url: str, process, timeout: float = 30.0) -> bool:
             return process.poll() is None
         except httpx.TransportError:
             pass  # accepted just before the listener closed, then dropped: try again
-        time.sleep(0.1)
+        time.sleep(0.1)  # another process: polled, bounded in count and time
     return False
 
 

@@ -30,7 +30,7 @@ def files_for(tag: int) -> dict[str, bytes]:
 def read_tag(directory: Path) -> tuple[int, int]:
     """(tag in the config, tag in the weights) as stored in `directory`, read in that order."""
     config_tag = json.loads((directory / CONFIG).read_bytes())["tag"]
-    time.sleep(0.0005)  # a replace landing between the two reads must not mix them
+    time.sleep(0.0005)  # widens the race on purpose: a replace landing between the two reads must not mix them
     return config_tag, int((directory / WEIGHTS).read_bytes().removeprefix(b"weights-"))
 
 

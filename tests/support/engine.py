@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,6 +120,34 @@ def run_steps(engine: LLMEngine, max_steps: int = 1000) -> dict[str, list]:
         for output in engine.step():
             outputs.setdefault(output.request_id, []).append(output)
     raise AssertionError(f"engine still busy after {max_steps} steps")
+
+
+@contextmanager
+def listening(engine: LLMEngine, listener: Callable[[object], None]) -> Iterator[None]:
+    """`listener` hears every engine step and every finished request (on the engine thread) inside
+    the block. The lists are replaced, not changed in place, as the engine thread may be iterating them."""
+    engine.step_listeners = [*engine.step_listeners, listener]
+    engine.request_listeners = [*engine.request_listeners, listener]
+    try:
+        yield
+    finally:
+        engine.step_listeners = [f for f in engine.step_listeners if f is not listener]
+        engine.request_listeners = [f for f in engine.request_listeners if f is not listener]
+
+
+def wait_for_engine(engine: LLMEngine, condition: Callable[[], bool], timeout: float = 60.0,
+                    what: str = "the condition") -> None:
+    """Until `condition()` holds: checked now, then on the engine thread after each step and each
+    finished request, so a change is seen the moment the engine makes it. Bounded by `timeout`."""
+    holds = threading.Event()
+
+    def check(_stats) -> None:
+        if condition():
+            holds.set()
+
+    with listening(engine, check):
+        if not condition() and not holds.wait(timeout):
+            raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
 def assert_released(engine: LLMEngine) -> None:

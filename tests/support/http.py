@@ -6,6 +6,7 @@ these (adapter_dirs, the shared servers) live in conftest.py.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 import time
@@ -25,6 +26,7 @@ from server.engine.sampling_params import SamplingParams
 from server.http.app import create_app
 from server.http.settings import Settings
 from server.http.state import ServerState
+from support.engine import wait_for_engine
 from support.servers import serve_in_thread
 
 BASE = "SmolLM2-135M-Instruct"  # the default model's served name
@@ -66,15 +68,17 @@ def openai_client(served: Served) -> Iterator[openai.OpenAI]:
 
 
 def wait_idle(served: Served, timeout: float = 30.0) -> None:
-    """Until the engine has nothing running, waiting or queued (bounded)."""
+    """Until the engine has nothing running, waiting or queued: woken by the engine's own step and
+    request events, then confirmed by a command on the engine thread, which runs only between steps,
+    so the step that finished the last request is over too. Bounded by `timeout`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if served.state.async_engine.is_idle:
-            time.sleep(0.05)  # let the engine thread finish the step it may be inside
-            if served.state.async_engine.is_idle:
-                return
-        time.sleep(0.05)
-    stats = served.engine.stats()
+    async_engine, engine = served.state.async_engine, served.engine
+    while (remaining := deadline - time.monotonic()) > 0:
+        wait_for_engine(engine, lambda: not engine.has_unfinished(), remaining, "the engine going idle")
+        confirm = async_engine.call(lambda: async_engine.is_idle)
+        if asyncio.run(asyncio.wait_for(confirm, max(deadline - time.monotonic(), 0.1))):
+            return
+    stats = engine.stats()
     raise AssertionError(f"engine still busy after {timeout} s: {stats.num_running} running, "
                          f"{stats.num_waiting} waiting")
 

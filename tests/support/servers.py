@@ -55,7 +55,7 @@ def wait_ready(url: str, is_alive: Callable[[], bool], describe: Callable[[], st
             assert "load_failed" not in response.text, f"the model failed to load: {response.text}"
         except httpx.TransportError:
             pass  # not listening yet
-        time.sleep(POLL_INTERVAL)
+        time.sleep(POLL_INTERVAL)  # the server may be another process: only /ready can tell it is up
     raise AssertionError(f"{url} not ready after {timeout} s\n{describe()}")
 
 
