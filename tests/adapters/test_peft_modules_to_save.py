@@ -11,16 +11,6 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from engine_fixtures import (  # noqa: F401
-    PROMPTS,
-    _pristine_model,
-    adapter_paths,
-    encode,
-    greedy,
-    hf_greedy,
-    make_engine,
-    peft_reference,
-)
 from safetensors.torch import load_file, save_file
 from test_peft_equivalence import GROUPED, load_peft, logits, merged_logits, wrap_with
 from test_peft_variants import check_rows, tolerance
@@ -29,6 +19,7 @@ from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
 from adapters.identity import adapter_identity
 from server.engine.composition import bind_terms
 from server.engine.errors import RequestError
+from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
 
 BASE = "__base__"
 KINDS = {
@@ -170,9 +161,9 @@ def test_copies_that_cannot_be_served_per_row_are_refused(copied, tmp_path):
     assert info.value.field == "modules_to_save"
 
 
-def test_engine_serves_copies_beside_others_and_refuses_composing_them(adapter_paths, tmp_path):  # noqa: F811
+def test_engine_serves_copies_beside_others_and_refuses_composing_them(adapter_paths, tmp_path):
     """The head's copy follows the engine's kept rows; greedy tokens equal PEFT's generate per request."""
-    paths = dict(adapter_paths, m=make_copied_adapter(_pristine_model(), tmp_path / "m", target_modules=["q_proj"],
+    paths = dict(adapter_paths, m=make_copied_adapter(pristine_model(), tmp_path / "m", target_modules=["q_proj"],
                                                       modules_to_save=["lm_head", "norm"]))
     requests = [(PROMPTS[0], "m", 8), (PROMPTS[0], None, 8), (PROMPTS[1], "a", 6), (PROMPTS[2], "m", 5)]
     engine = make_engine(paths)

@@ -6,12 +6,21 @@ import math
 from collections import Counter
 
 import pytest
-from engine_fixtures import (PROMPTS, adapter_paths, assert_released, encode, fresh_model, greedy,  # noqa: F401
-                             hf_greedy, make_engine, peft_reference, run_steps)
 
 from adapters import AdapterNotFoundError
 from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
 from server.engine.sequence import SeqStatus
+from support.engine import (
+    PROMPTS,
+    assert_released,
+    encode,
+    fresh_model,
+    greedy,
+    hf_greedy,
+    make_engine,
+    peft_reference,
+    run_steps,
+)
 
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
 
