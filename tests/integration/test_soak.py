@@ -24,6 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.http import adapter_files, reference_text
+
+from adapters.backends.cpu import cpu_model_name
 from support.servers import serve_process
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -139,7 +141,7 @@ def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path
             assert _gauge(server.url, "vllm:num_requests_running") == 0
             assert _gauge(server.url, "vllm:num_requests_waiting") == 0
         end = [_rss_and_fds(s.process.pid) for s in servers]
-    figures = {"seconds": SECONDS, "counts": traffic.counts, "rss_mb_warm_end": [
+    figures = {"cpu": cpu_model_name(), "seconds": SECONDS, "counts": traffic.counts, "rss_mb_warm_end": [
         (w[0] >> 20, e[0] >> 20) for w, e in zip(warm, end)], "fds_warm_end": [(w[1], e[1]) for w, e in zip(warm, end)]}
     print("soak figures:", json.dumps(figures))
     Path(os.environ.get("LORASERVE_SOAK_REPORT", tmp_path / "soak.json")).write_text(json.dumps(figures, indent=1))
