@@ -13,15 +13,15 @@ from .errors import (
                      UnsupportedAdapterError,
 )
 from .layer import LoraLinear
-from .model import LoraModel, SlotKey, SlotMix, wrap_model
+from .model import BASE_MIX, LoraModel, SlotMix, wrap_model
 from .ops import add_lora, add_lora_reference
 from .peft_format import LoraAdapter, LoraWeights, TargetSpec, load_adapter
 from .registry import AdapterInfo, AdapterLease, AdapterRegistry, AdapterVersion
 
 __all__ = [
-    "BASE_SLOT", "AdapterCapacityError", "AdapterError", "AdapterExistsError", "AdapterInfo", "AdapterLease",
-    "AdapterNotFoundError", "AdapterRegistry", "AdapterVersion", "IncompatibleAdapterError", "InvalidAdapterError",
-    "LoraAdapter", "LoraBatch", "LoraConfig", "LoraLinear", "LoraModel", "LoraWeights", "SlotKey", "SlotMix", "TargetSpec",
-    "UnsafeAdapterFormatError", "UnsupportedAdapterError", "add_lora", "add_lora_reference",
+    "BASE_MIX", "BASE_SLOT", "AdapterCapacityError", "AdapterError", "AdapterExistsError", "AdapterInfo",
+    "AdapterLease", "AdapterNotFoundError", "AdapterRegistry", "AdapterVersion", "IncompatibleAdapterError",
+    "InvalidAdapterError", "LoraAdapter", "LoraBatch", "LoraConfig", "LoraLinear", "LoraModel", "LoraWeights",
+    "SlotMix", "TargetSpec", "UnsafeAdapterFormatError", "UnsupportedAdapterError", "add_lora", "add_lora_reference",
     "load_adapter", "wrap_model",
 ]

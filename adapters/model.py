@@ -15,8 +15,8 @@ from .layer import LoraLinear, LoraState
 from .peft_format import LoraAdapter, TargetSpec
 from .saved import PerRowModule, row_modules
 
-SlotMix = tuple[tuple[int, float], ...]  # ((slot, scale), ...): one row's Σ scale·delta(slot)
-SlotKey = int | SlotMix  # where a row's deltas come from: BASE_SLOT, one slot, or a mix of slots
+SlotMix = tuple[tuple[int, float], ...]  # ((slot, scale), ...): where a row's deltas come from, Σ scale·delta(slot)
+BASE_MIX: SlotMix = ()  # the base model alone; one adapter is ((slot, 1.0),)
 
 
 class LoraModel:
@@ -34,7 +34,7 @@ class LoraModel:
         self.dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter: their rows run directly
         self.copy_slots: frozenset[int] = frozenset()  # slots holding full module copies: direct runs too
         self.copies: dict[str, PerRowModule] = {}  # installed on first load of a copy of that module
-        self.merged_slot: SlotKey | None = None
+        self.merged: SlotMix | None = None  # what merge() folded into the weights; None: W0 alone
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -50,7 +50,7 @@ class LoraModel:
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into device slot `slot`; layers it does not target get zeros there."""
-        if self.merged_slot == slot:
+        if self._merged_uses(slot):
             self.unmerge()
         for name, layer in self.layers.items():
             layer.set_slot(slot, adapter.weights.get(name))
@@ -72,7 +72,7 @@ class LoraModel:
         self.copies[name] = module
 
     def clear_slot(self, slot: int) -> None:
-        if self.merged_slot == slot:
+        if self._merged_uses(slot):
             self.unmerge()
         for layer in [*self.layers.values(), *self.copies.values()]:
             layer.set_slot(slot, None)
@@ -80,24 +80,29 @@ class LoraModel:
         self.dora_slots = self.dora_slots - {slot}
         self.copy_slots = self.copy_slots - {slot}
 
-    def merge(self, target: SlotKey) -> None:
-        """Fold the adapter in slot `target` (or a composition's Σ scale·delta) into the weights;
-        replaces whatever was merged before."""
-        terms = [(target, 1.0)] if isinstance(target, int) else list(target)
-        assert all(self.slot_ranks[slot] > 0 for slot, _ in terms), f"a slot of {target} is empty"
+    def merge(self, mix: SlotMix | int) -> None:
+        """Fold Σ scale·delta(slot) of `mix` into the weights (a bare slot number, as scripts and
+        tests pass it: that adapter at scale 1); replaces whatever was merged before."""
+        mix = ((mix, 1.0),) if isinstance(mix, int) else tuple(mix)
+        assert mix and all(self.slot_ranks[slot] > 0 for slot, _ in mix), f"a slot of {mix} is empty"
         try:
             for layer in [*self.layers.values(), *self.copies.values()]:
-                layer.merge(terms)
+                layer.merge(list(mix))
         except Exception:
             self.unmerge()
             raise
-        self.merged_slot = target
+        self.merged = mix
 
     def unmerge(self) -> None:
         """Back to the base weights: no arithmetic, W0 was never written."""
         for layer in [*self.layers.values(), *self.copies.values()]:
             layer.unmerge()
-        self.merged_slot = None
+        self.merged = None
+
+    def _merged_uses(self, slot: int) -> bool:
+        """Whether the merged weights hold slot `slot`'s delta: then new contents there must unmerge
+        them, or a later step on the same slots would run the old adapter."""
+        return self.merged is not None and any(merged == slot for merged, _ in self.merged)
 
     @property
     def has_head_lora(self) -> bool:
@@ -116,7 +121,7 @@ class LoraModel:
     @contextmanager
     def gather(self, batch: LoraBatch | None):
         """Run forwards inside this block with each token row's own adapter applied."""
-        assert batch is None or self.merged_slot is None, "gather needs unmerged weights"
+        assert batch is None or self.merged is None, "gather needs unmerged weights"
         self.state.batch = batch
         try:
             yield

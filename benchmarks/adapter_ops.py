@@ -143,7 +143,7 @@ def bench_swap(lm, slots: list[int], peft_model: peft.PeftModel, repeats: int) -
 
 
 def _swap(lm, slots: list[int]) -> None:
-    lm.merge(slots[(slots.index(lm.merged_slot) + 1) % len(slots)])
+    lm.merge(slots[(slots.index(lm.merged[0][0]) + 1) % len(slots)])
 
 
 def _merge_unmerge(lm, slot: int) -> None:

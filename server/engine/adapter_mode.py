@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from adapters import BASE_SLOT, InvalidAdapterError, LoraModel, SlotKey
+from adapters import BASE_MIX, InvalidAdapterError, LoraModel, SlotMix
 
 log = logging.getLogger(__name__)
 
@@ -27,32 +27,33 @@ class ModePolicy:
 
     def __init__(self, lora_model: LoraModel, merge_after_steps: int):
         self.lora_model, self.merge_after_steps = lora_model, merge_after_steps
-        self._candidate: SlotKey | None = None
+        self._candidate: SlotMix | None = None
         self._streak = 0
-        self._unmergeable: set[SlotKey] = set()  # keys whose merge was not finite: they stay gathered
+        self._unmergeable: set[SlotMix] = set()  # mixes whose merge was not finite: they stay gathered
 
-    def choose(self, slots: set[SlotKey]) -> ModeDecision:
+    def choose(self, mixes: set[SlotMix]) -> ModeDecision:
+        """The mode of a step whose rows use `mixes`; merges (or unmerges) the weights to match."""
         model = self.lora_model
-        if len(slots) != 1 or BASE_SLOT in slots:
+        if len(mixes) != 1 or BASE_MIX in mixes:
             self._candidate, self._streak = None, 0
-            if model.merged_slot is not None:
+            if model.merged is not None:
                 model.unmerge()
-            return ModeDecision(BASE if slots <= {BASE_SLOT} else GATHER)
-        (slot,) = slots
-        if model.merged_slot == slot:
+            return ModeDecision(BASE if mixes <= {BASE_MIX} else GATHER)
+        (mix,) = mixes
+        if model.merged == mix:
             return ModeDecision(MERGED)
-        self._streak = self._streak + 1 if self._candidate == slot else 1
-        self._candidate = slot
-        if self._streak < self.merge_after_steps or slot in self._unmergeable:
-            if model.merged_slot is not None:
+        self._streak = self._streak + 1 if self._candidate == mix else 1
+        self._candidate = mix
+        if self._streak < self.merge_after_steps or mix in self._unmergeable:
+            if model.merged is not None:
                 model.unmerge()
             return ModeDecision(GATHER)
         started = time.perf_counter()
         try:
-            model.merge(slot)
+            model.merge(mix)
         except InvalidAdapterError as exc:  # W0 + ΔW overflows the dtype: those rows' problem, not the step's
-            log.warning("serving %s gathered: its merge is not finite (%s)", slot, exc)
+            log.warning("serving %s gathered: its merge is not finite (%s)", mix, exc)
             self._unmergeable = self._unmergeable if len(self._unmergeable) < 64 else set()
-            self._unmergeable.add(slot)
+            self._unmergeable.add(mix)
             return ModeDecision(GATHER)
         return ModeDecision(MERGED, swap_seconds=time.perf_counter() - started)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
-from adapters import BASE_SLOT, AdapterNotFoundError, AdapterRegistry, wrap_model
+from adapters import BASE_MIX, AdapterNotFoundError, AdapterRegistry, SlotMix, wrap_model
 from adapters.kernel_plan import choose_kernels
 
 from .adapter_mode import GATHER, ModeDecision, ModePolicy
@@ -46,7 +46,8 @@ class LLMEngine:
         model_config = base.model.config
         self.cache = KVCache(
             num_layers=model_config.num_hidden_layers, num_kv_heads=model_config.num_key_value_heads,
-            head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
+            head_dim=getattr(model_config, "head_dim", None)
+            or model_config.hidden_size // model_config.num_attention_heads,
             capacity_tokens=config.kv_cache_tokens, dtype=base.model.dtype, device=self.lora_model.device,
             block_size=config.block_size)
         self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
@@ -133,10 +134,11 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         outputs = [self.abort(seq.request_id, exc) for seq, exc in plan.failed]
         if plan.scheduled:
-            decision = self.policy.choose({seq.slot_key for seq, _ in plan.scheduled})
+            mixes = {seq.slot_mix for seq, _ in plan.scheduled}  # before advancing: finishing releases slots
+            decision = self.policy.choose(mixes)
             sampling, tokens, logprobs = self._run(plan, decision)
             outputs += self._advance(plan, sampling, tokens, logprobs)
-            self._record_step(plan, decision, time.perf_counter() - started)
+            self._record_step(plan, mixes, decision, time.perf_counter() - started)
         return outputs
 
     def _run(self, plan: StepPlan, decision: ModeDecision) -> tuple[list[Sequence], list[int], list]:
@@ -149,7 +151,8 @@ class LLMEngine:
         masks = masking.result() if masking is not None else None
         return sampling, *sample(logits, sampling, masks, self.eos_token_ids)
 
-    def _advance(self, plan: StepPlan, sampling: list[Sequence], tokens: list[int], logprobs: list) -> list[RequestOutput]:
+    def _advance(self, plan: StepPlan, sampling: list[Sequence], tokens: list[int],
+                 logprobs: list) -> list[RequestOutput]:
         now = time.monotonic()
         prompt_only = [seq for seq, num_new in plan.scheduled if self._account(seq, num_new, now)]
         outputs = [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
@@ -268,15 +271,14 @@ class LLMEngine:
                              seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
                              prompt_scores, seq.error)
 
-    def _record_step(self, plan: StepPlan, decision: ModeDecision, duration: float) -> None:
-        slots = {seq.slot_key for seq, _ in plan.scheduled}
+    def _record_step(self, plan: StepPlan, mixes: set[SlotMix], decision: ModeDecision, duration: float) -> None:
         counters = self.counters
         counters.num_steps += 1
         counters.steps_by_mode[decision.mode] += 1
         if decision.swap_seconds is not None:
             counters.num_swaps += 1
             counters.swap_seconds += decision.swap_seconds
-        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(slots - {BASE_SLOT}), duration,
+        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(mixes - {BASE_MIX}), duration,
                          decision.swap_seconds)
         for listener in self.step_listeners:
             listener(step)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters import BASE_SLOT, LoraModel
+from adapters import BASE_SLOT, LoraModel, SlotMix
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice
 from .kv_cache import KVCache
@@ -37,16 +37,17 @@ class ModelRunner:
             gather: bool) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
         """Forward the step; returns logits [M, V] for the M sequences that now sample a token, and
         the prompt rows of the sequences that score their prompt (none unless a request asks)."""
-        ids, positions, write, slots, keep, prompt_keep = [], [], [], [], [], []
+        ids, positions, write, mixes, keep, prompt_keep = [], [], [], [], [], []
         seq_slices, sampling, scored = [], [], []
-        # Rows of one adapter side by side: the LoRA op then takes them as one view, not a gather.
-        for seq, num_new in sorted(scheduled, key=lambda item: _row_order(item[0])):
+        # Rows of one adapter side by side (the base first): the LoRA op then takes them as one view,
+        # not a gather.
+        for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot_mix):
             first, row = seq.num_computed, len(ids)
             kv_start = self.cache.start(seq.seq_id)
             ids += seq.all_token_ids[first:first + num_new]
             positions += range(first, first + num_new)
             write += range(kv_start + first, kv_start + first + num_new)
-            slots += [seq.slot_key] * num_new
+            mixes.append((seq.slot_mix, num_new))
             seq_slices.append(SeqSlice(row, num_new, kv_start, first + num_new))
             if first + num_new == seq.num_tokens and seq.max_tokens:  # this row yields the next token
                 keep.append(row + num_new - 1)
@@ -60,8 +61,10 @@ class ModelRunner:
         head_rows = as_tensor(keep + prompt_keep)
         # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
         head_keep = head_rows if self.lora_model.has_head_lora else None
-        has_composed = any(seq.adapter.is_composition for seq, _ in scheduled)
-        batch = self._build_batch(slots, has_composed, head_keep) if gather else None
+        batch = None
+        if gather:
+            token_slots, token_scales = _lora_rows(mixes, any(seq.adapter.is_composition for seq, _ in scheduled))
+            batch = self.lora_model.build_batch(token_slots, token_scales=token_scales, keep=head_keep)
         with self.lora_model.gather(batch):
             logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step)  # [M + scored, V]
         return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
@@ -73,25 +76,22 @@ class ModelRunner:
                          kv_step=step)
         return out.logits[0]
 
-    def _build_batch(self, slots: list, has_composed: bool, keep: torch.Tensor | None):
-        if not has_composed:
-            return self.lora_model.build_batch(torch.tensor(slots), keep=keep)
-        return self.lora_model.build_batch(*_composed_rows(slots), keep=keep)
 
-
-def _row_order(seq: Sequence) -> tuple[int, tuple]:
-    """Plain rows by slot, then compositions by their terms (ints and tuples do not compare)."""
-    key = seq.slot_key
-    return (key, ()) if isinstance(key, int) else (BASE_SLOT, key)
-
-
-def _composed_rows(slots: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """[K, N] slots and scales, one line per term, for a step with composed rows (tuples of terms)."""
-    depth = max(len(s) if isinstance(s, tuple) else 1 for s in slots)
-    token_slots, token_scales = torch.full((depth, len(slots)), BASE_SLOT), torch.ones(depth, len(slots))
-    for row, terms in enumerate(slots):
-        for k, (slot, scale) in enumerate(terms if isinstance(terms, tuple) else ((terms, 1.0),)):
-            token_slots[k, row], token_scales[k, row] = slot, scale
+def _lora_rows(mixes: list[tuple[SlotMix, int]], has_composed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's rows for LoraBatch from each sequence's (mix, number of rows): [N] slots when every
+    row has one adapter or none (the plain path), else [K, N] slots and scales, one line per term."""
+    if not has_composed:
+        slots = []
+        for mix, num_rows in mixes:
+            slots += [mix[0][0] if mix else BASE_SLOT] * num_rows
+        return torch.tensor(slots), None
+    num_tokens, depth = sum(num_rows for _, num_rows in mixes), max(len(mix) for mix, _ in mixes)
+    token_slots, token_scales = torch.full((depth, num_tokens), BASE_SLOT), torch.ones(depth, num_tokens)
+    row = 0
+    for mix, num_rows in mixes:
+        for k, (slot, scale) in enumerate(mix):
+            token_slots[k, row:row + num_rows], token_scales[k, row:row + num_rows] = slot, scale
+        row += num_rows
     return token_slots, token_scales
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from adapters import BASE_SLOT, AdapterLease, SlotKey
+from adapters import AdapterLease, SlotMix
 
 from .adapter_ref import AdapterRef, BoundTerm
 from .detokenizer import IncrementalDetokenizer
@@ -89,12 +89,10 @@ class Sequence:
         return self.adapter.label
 
     @property
-    def slot_key(self) -> SlotKey:
-        """Where its rows' deltas come from, while it holds its slots: BASE_SLOT, its adapter's slot,
-        or a composition's (slot, scale) terms."""
-        if self.adapter.is_composition:
-            return tuple((lease.slot, scale) for lease, (_, scale) in zip(self.leases, self.bound))
-        return self.leases[0].slot if self.leases else BASE_SLOT
+    def slot_mix(self) -> SlotMix:
+        """Where its rows' deltas come from, while it holds its slots: a (slot, scale) per bound
+        term; BASE_MIX (no terms) for the base."""
+        return tuple((lease.slot, scale) for lease, (_, scale) in zip(self.leases, self.bound))
 
 
 @dataclass

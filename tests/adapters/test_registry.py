@@ -231,12 +231,13 @@ def test_replace_swaps_in_new_weights(make_registry, paths, token_ids):
     assert registry.resident().count("x") == 1 and slot_is_zero(registry, old.slot)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["slot", "mix"])  # a composition's merge holds the slot too
 @pytest.mark.parametrize("how", ["evicted", "removed", "replaced"])
-def test_dropping_a_merged_slot_unmerges(make_registry, paths, token_ids, tiny_llama, how):
+def test_dropping_a_merged_slot_unmerges(make_registry, paths, token_ids, tiny_llama, how, mixed):
     registry = make_registry(max_loras=1, names="ab")
     lora_model = registry.lora_model
     lease = registry.acquire("a")
-    lora_model.merge(lease.slot)
+    lora_model.merge(((lease.slot, 0.5),) if mixed else lease.slot)
     registry.release(lease)
     with torch.no_grad():
         base = tiny_llama(token_ids).logits
@@ -249,7 +250,7 @@ def test_dropping_a_merged_slot_unmerges(make_registry, paths, token_ids, tiny_l
         registry.remove("a")
     else:
         registry.add("a", paths["c"], replace=True)
-    assert lora_model.merged_slot is None
+    assert lora_model.merged is None
     assert all(layer.merged_weight is None for layer in lora_model.layers.values())
     with torch.no_grad():
         assert torch.equal(lora_model.model(token_ids).logits, base)
