@@ -154,7 +154,7 @@ def test_context_limit_is_exact(http):
     """prompt + max_tokens == max_model_len fits; one more does not."""
     ids = list(range(1000, 1010))
     ok = http.post("/v1/completions", json=_body(prompt=ids, max_tokens=MAX_MODEL_LEN - 10, ignore_eos=True,
-                                                 stop_token_ids=list(range(49152))))
+                                                 stop_token_ids=[2], logit_bias={"2": 100}))  # stops at once
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "stop", ok.text
     assert_openai_error(http.post("/v1/completions", json=_body(prompt=ids, max_tokens=MAX_MODEL_LEN - 9)), 400)
 
