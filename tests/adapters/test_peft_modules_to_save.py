@@ -12,12 +12,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from server.engine.adapter_ref import AdapterRef, bind
 from test_peft_equivalence import GROUPED, load_peft, logits, merged_logits, wrap_with
 from test_peft_variants import check_rows, tolerance
 
 from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
 from adapters.identity import adapter_identity
-from server.engine.composition import bind_terms
 from server.engine.errors import RequestError
 from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
 
@@ -177,5 +177,5 @@ def test_engine_serves_copies_beside_others_and_refuses_composing_them(adapter_p
         assert completion.token_ids == expected, (prompt, adapter)
     assert completions[0].token_ids != completions[1].token_ids, "the copies must change the output"
     with pytest.raises(RequestError) as info:
-        bind_terms(engine.registry, (("a", 0.5), ("m", 1.0)), max_loras=4)
+        bind(engine.registry, AdapterRef.composed((("a", 0.5), ("m", 1.0))), max_loras=4)
     assert info.value.field == "adapters[1].name"

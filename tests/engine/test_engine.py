@@ -172,8 +172,8 @@ def test_preemption_under_a_small_kv_budget_keeps_outputs(adapter_paths):
     while engine.has_unfinished():
         engine.step()
         # a preempted request gives its adapter back while it waits
-        assert all(seq.lease is None for seq in engine.scheduler.waiting)
-        held = Counter(seq.adapter for seq in engine.scheduler.running if seq.adapter)
+        assert all(not seq.leases for seq in engine.scheduler.waiting)
+        held = Counter(seq.label for seq in engine.scheduler.running if seq.label)
         assert engine.registry.held() == held
 
     assert engine.stats().num_preemptions > 0
@@ -226,7 +226,7 @@ def test_adapter_removed_while_waiting_still_serves_the_request_it_accepted(adap
         engine.add_request(PROMPTS[0], greedy(5), "a")
     run_steps(engine)
     assert (seq.finish_reason, seq.output_token_ids) == ("length", expected)
-    assert seq.version.num_requests == 0 and seq.version.adapter is None, "the old version is freed after its last user"
+    assert seq.bound[0][0].num_requests == 0 and seq.bound[0][0].adapter is None, "the old version is freed after its last user"
     assert engine.registry.resident() == [None] * engine.registry.max_loras
     assert_released(engine)
 
