@@ -112,9 +112,9 @@ def test_every_field_of_peft_lora_config_is_classified_once():
 
 
 def test_docs_table_names_every_peft_lora_config_field():
-    readme = (Path(__file__).resolve().parents[2] / "docs" / "peft-compatibility.md").read_text()
-    table = readme[readme.index("### Every PEFT `LoraConfig` field"):]
-    table = table.split("\n## ")[0]  # up to the next section, or the end of the file
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "peft-compatibility.md").read_text()
+    table = doc[doc.index("### Every PEFT `LoraConfig` field"):]
+    table = table[:table.index("\n## ")]
     rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     named = {name.strip(" `") for row in rows for name in row.split(",")}
     assert named == {f.name for f in dataclasses.fields(peft.LoraConfig)}
