@@ -9,7 +9,7 @@
    4 adapters, 128 cached tokens), rows interleaved and packed by adapter, originals against the
    compressed copies, timed in alternation (ABBA) on two wrapped copies of the base.
 3. a figure and a table of one synthetic adapter (r=16 on q/v, spectrum decaying by 0.7 per index),
-   for the README.
+   for docs/adapter-analysis.md.
 
 Usage: python benchmarks/adapter_analysis.py [--repeats N] [--out PATH]
 One torch thread, as benchmarks/adapter_ops.py explains. Results name the CPU (lscpu's model name).

@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
 
     @app.get("/metrics", dependencies=[Depends(require_metrics_key)])
     async def prometheus_metrics(request: Request) -> Response:
-        """Prometheus text format; see the README's Operating section for every series."""
+        """Prometheus text format; see docs/operating.md (Operating) for every series."""
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -8,7 +8,7 @@ Tool calls are constrained, not parsed from free text: `required` makes the answ
 `{"name", "arguments"}` objects, one per call, each valid against its function's parameters; a
 named function makes the answer that function's arguments object. `auto` would need the model to
 choose between text and a call in its own syntax, which the default model's template does not
-render: it is refused (README, "Structured output").
+render: it is refused (docs/structured-output.md).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ churn of uploads, replaces and deletes of other names, each through a random rep
 completions on them from the other replica. Afterwards both replicas are idle and hold nothing
 (no running or waiting request, no KV reserved), and their RSS and open file descriptors, taken
 after a warm-up and again at the end, have not grown past the noise of the allocator.
-Figures go to the log (and the README quotes a `make soak` run)."""
+Figures go to the log (and docs/benchmarks.md quotes a `make soak` run)."""
 
 from __future__ import annotations
 
