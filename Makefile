@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test soak serve bench clean
+.PHONY: setup lint test soak serve bench clean
 
 setup: $(VENV)/.installed
 
@@ -10,6 +10,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	PYTHON=$(PY) LORASERVE_DEV=1 scripts/install.sh
 	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: setup
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@ Every layer's update is ΔW = s·B·A ([out, in]), of rank at most r. Its SVD co
 factor and an SVD of the r×r core, O((in + out)·r²), never from the d×k matrix; all in float64,
 so singular values far below the largest are still meaningful.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,18 +68,26 @@ def analyze_layer(module: str, weights: LoraWeights, scale: float, w0: torch.Ten
     """One layer's report; `w0` is the base weight as [out, in]."""
     svd = delta_svd(weights)
     delta_norm = float(svd.s.norm())
-    return {"module": module, "rank": int(weights.a.shape[0]), "scale": scale, "delta_norm": delta_norm,
-            "base_norm": float(torch.linalg.matrix_norm(w0.double())),
-            "singular_values": svd.s.tolist(),
-            "effective_rank": {str(e): effective_rank(svd.s, e) for e in ENERGIES},
-            "amplification": amplification(svd, w0)}
+    return {
+        "module": module,
+        "rank": int(weights.a.shape[0]),
+        "scale": scale,
+        "delta_norm": delta_norm,
+        "base_norm": float(torch.linalg.matrix_norm(w0.double())),
+        "singular_values": svd.s.tolist(),
+        "effective_rank": {str(e): effective_rank(svd.s, e) for e in ENERGIES},
+        "amplification": amplification(svd, w0),
+    }
 
 
-def analyze(name: str, config: LoraConfig, factors: Mapping[str, LoraWeights],
-            base_weight: Callable[[str], torch.Tensor]) -> dict:
+def analyze(
+    name: str, config: LoraConfig, factors: Mapping[str, LoraWeights], base_weight: Callable[[str], torch.Tensor]
+) -> dict:
     """The whole adapter: a report per targeted module, and a summary that flags broken ones."""
-    layers = [analyze_layer(module, weights, config.scale_for(module), base_weight(module))
-              for module, weights in sorted(factors.items(), key=lambda item: module_order(item[0]))]
+    layers = [
+        analyze_layer(module, weights, config.scale_for(module), base_weight(module))
+        for module, weights in sorted(factors.items(), key=lambda item: module_order(item[0]))
+    ]
     return {"name": name, "layers": layers, "summary": summarize(layers, factors)}
 
 
@@ -97,16 +106,20 @@ def summarize(layers: list[dict], factors: Mapping[str, LoraWeights]) -> dict:
 
 def _warnings(layers: list[dict]) -> list[str]:
     """What an operator should look at: updates that vanish, explode or collapse to rank 1."""
+
     def modules(pick) -> list[str]:
         return [layer["module"] for layer in layers if pick(layer)]
 
     checks = [
-        ("near-zero update (‖ΔW‖ < 1e-6·‖W0‖)",
-         modules(lambda l: l["delta_norm"] < _NEAR_ZERO * l["base_norm"])),
-        ("update larger than the base weight (‖ΔW‖ > ‖W0‖)",
-         modules(lambda l: l["delta_norm"] > _EXPLODING * l["base_norm"])),
-        ("rank collapse (one direction holds 99% of the update)",
-         modules(lambda l: l["rank"] > 1 and l["effective_rank"]["0.99"] == 1)),
+        ("near-zero update (‖ΔW‖ < 1e-6·‖W0‖)", modules(lambda m: m["delta_norm"] < _NEAR_ZERO * m["base_norm"])),
+        (
+            "update larger than the base weight (‖ΔW‖ > ‖W0‖)",
+            modules(lambda m: m["delta_norm"] > _EXPLODING * m["base_norm"]),
+        ),
+        (
+            "rank collapse (one direction holds 99% of the update)",
+            modules(lambda m: m["rank"] > 1 and m["effective_rank"]["0.99"] == 1),
+        ),
     ]
     return [f"{what}: {len(found)} layer(s), e.g. {found[0]}" for what, found in checks if found]
 
@@ -119,8 +132,9 @@ def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(q1 @ q2.T).square()) / min(len(q1), len(q2))
 
 
-def similarity(name: str, other: str, factors: Mapping[str, LoraWeights],
-               other_factors: Mapping[str, LoraWeights]) -> dict:
+def similarity(
+    name: str, other: str, factors: Mapping[str, LoraWeights], other_factors: Mapping[str, LoraWeights]
+) -> dict:
     """φ per module that both adapters target, at their full ranks, and the mean over them."""
     shared = sorted(set(factors) & set(other_factors), key=module_order)
     layers = [{"module": m, "similarity": subspace_similarity(factors[m].a, other_factors[m].a)} for m in shared]
@@ -130,8 +144,10 @@ def similarity(name: str, other: str, factors: Mapping[str, LoraWeights],
 
 def base_weights(layers: Mapping) -> Callable[[str], torch.Tensor]:
     """module -> its W0 as [out, in], from a LoraModel's `layers` (GPT-2's Conv1D stores [in, out])."""
+
     def weight(module: str) -> torch.Tensor:
         layer = layers[module]
         weight = layer.base_weight().detach().cpu()  # the factors are host tensors, whatever the model's device
         return weight.T if layer.is_conv1d else weight
+
     return weight

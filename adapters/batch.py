@@ -18,6 +18,7 @@ on the same rows: `token_slots` [K, N] gives each row's k-th adapter (BASE_SLOT 
 `token_scales` [K, N] its scale. Each term is one more run or group entry over the same slot
 buffers, scaled in the matmul, so a composition never copies weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -67,13 +68,20 @@ class LoraBatch:
     runs: list[Run]
     groups: Groups | None
     num_tokens: int  # N: all token rows in the step, base rows included
-    head: "LoraBatch | None" = field(default=None)  # the rows that reach the output head, if not all N
+    head: LoraBatch | None = field(default=None)  # the rows that reach the output head, if not all N
 
     @classmethod
-    def build(cls, token_slots: torch.Tensor, device: torch.device | str = "cpu",
-              max_direct_runs: int = MAX_DIRECT_RUNS, min_run_rows: int = MIN_RUN_ROWS, *,
-              token_scales: torch.Tensor | None = None, direct_slots: frozenset[int] = frozenset(),
-              keep: torch.Tensor | None = None) -> "LoraBatch | None":
+    def build(
+        cls,
+        token_slots: torch.Tensor,
+        device: torch.device | str = "cpu",
+        max_direct_runs: int = MAX_DIRECT_RUNS,
+        min_run_rows: int = MIN_RUN_ROWS,
+        *,
+        token_scales: torch.Tensor | None = None,
+        direct_slots: frozenset[int] = frozenset(),
+        keep: torch.Tensor | None = None,
+    ) -> LoraBatch | None:
         """Split the step's rows into runs and groups; `token_slots` is [N] (or [K, N] with composed
         rows, `token_scales` the same shape) with BASE_SLOT for no adapter.
 
@@ -93,15 +101,21 @@ class LoraBatch:
         if keep is not None and batch is not None:
             keep = keep.to("cpu", torch.long)
             head_scales = None if token_scales is None else token_scales.to("cpu")[..., keep]
-            head = cls.build(token_slots[..., keep], device, max_direct_runs, min_run_rows,
-                             token_scales=head_scales, direct_slots=direct_slots)
+            head = cls.build(
+                token_slots[..., keep],
+                device,
+                max_direct_runs,
+                min_run_rows,
+                token_scales=head_scales,
+                direct_slots=direct_slots,
+            )
             if head is None:  # no kept row uses an adapter: the head adds nothing, rather than all N rows' deltas
                 head = cls(runs=[], groups=None, num_tokens=keep.numel())
             batch = cls(batch.runs, batch.groups, batch.num_tokens, head)
         return batch
 
     @classmethod
-    def _build_terms(cls, terms, device, max_direct_runs, min_run_rows, direct_slots) -> "LoraBatch":
+    def _build_terms(cls, terms, device, max_direct_runs, min_run_rows, direct_slots) -> LoraBatch:
         runs = [run for slots, scales in terms for run in _runs(slots, scales)]
         if len(runs) > max_direct_runs:
             runs = [run for run in runs if run.stop - run.start >= min_run_rows or run.slot in direct_slots]
@@ -109,13 +123,13 @@ class LoraBatch:
         for slots, scales in terms:
             slots = slots.clone()
             for run in runs:
-                slots[run.start:run.stop] = -1
+                slots[run.start : run.stop] = -1
             grouped.append((slots, scales))
         groups = _group(grouped, device) if any(bool((slots >= 0).any()) for slots, _ in grouped) else None
         return cls(runs=runs, groups=groups, num_tokens=terms[0][0].numel())
 
     @property
-    def head_batch(self) -> "LoraBatch":
+    def head_batch(self) -> LoraBatch:
         """The batch the output head applies: every row reaches it unless `keep` said otherwise."""
         return self if self.head is None else self.head
 
@@ -125,8 +139,11 @@ def _runs(token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -
     if token_scales is None:
         values, counts = torch.unique_consecutive(token_slots, return_counts=True)
         stops = torch.cumsum(counts, 0)
-        return [Run(slot, stop - count, stop)
-                for slot, count, stop in zip(values.tolist(), counts.tolist(), stops.tolist()) if slot >= 0]
+        return [
+            Run(slot, stop - count, stop)
+            for slot, count, stop in zip(values.tolist(), counts.tolist(), stops.tolist())
+            if slot >= 0
+        ]
     change = torch.ones(token_slots.numel(), dtype=torch.bool)
     change[1:] = (token_slots[1:] != token_slots[:-1]) | (token_scales[1:] != token_scales[:-1])
     starts = change.nonzero().view(-1).tolist()
@@ -164,6 +181,11 @@ def _group(terms: list[tuple[torch.Tensor, torch.Tensor | None]], device) -> Gro
         pad_mask[group, position, 0] = 1.0 if entry_scales is None else entry_scales
         pad_mask = pad_mask.to(device)
     slot_list = slots.tolist()
-    return Groups(rows=rows.view(-1).to(device), slots=slots.to(device), slot_list=slot_list,
-                  pad_mask=pad_mask, group_len=group_len,
-                  slots_are_prefix=slot_list == list(range(num_groups)))
+    return Groups(
+        rows=rows.view(-1).to(device),
+        slots=slots.to(device),
+        slot_list=slot_list,
+        pad_mask=pad_mask,
+        group_len=group_len,
+        slots_are_prefix=slot_list == list(range(num_groups)),
+    )

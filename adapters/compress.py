@@ -6,6 +6,7 @@ Each layer keeps its own k = min(max_rank, effective rank at `energy`); the writ
 every module its rank and an alpha equal to it (scale 1) through rank_pattern/alpha_pattern, so
 the scale lives in B and no rsLoRA or alpha arithmetic has to survive the round trip.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from .analysis import delta_svd, effective_rank
@@ -61,8 +61,9 @@ def truncate(weights: LoraWeights, energy: float | None, max_rank: int | None) -
     return LoraWeights(a, b), float(power[:k].sum()), float(power.sum())
 
 
-def compress_factors(factors: Mapping[str, LoraWeights], energy: float | None,
-                     max_rank: int | None) -> tuple[dict[str, LoraWeights], CompressionReport]:
+def compress_factors(
+    factors: Mapping[str, LoraWeights], energy: float | None, max_rank: int | None
+) -> tuple[dict[str, LoraWeights], CompressionReport]:
     check_compression(energy, max_rank)
     compressed, kept, total = {}, 0.0, 0.0
     for module, weights in sorted(factors.items()):
@@ -71,9 +72,11 @@ def compress_factors(factors: Mapping[str, LoraWeights], energy: float | None,
     report = CompressionReport(
         rank_before=max(w.a.shape[0] for w in factors.values()),
         rank=max(w.a.shape[0] for w in compressed.values()),
-        params_before=_num_params(factors), params_after=_num_params(compressed),
+        params_before=_num_params(factors),
+        params_after=_num_params(compressed),
         energy_kept=kept / total if total else 1.0,
-        ranks={module: w.a.shape[0] for module, w in compressed.items()})
+        ranks={module: w.a.shape[0] for module, w in compressed.items()},
+    )
     return compressed, report
 
 
@@ -81,30 +84,43 @@ def peft_files(raw_config: dict, factors: Mapping[str, LoraWeights]) -> dict[str
     """adapter_config.json and adapter_model.safetensors for `factors` (B holding the whole scale)."""
     ranks = {re.escape(module): w.a.shape[0] for module, w in factors.items()}  # exact names, as regexes
     top = max(ranks.values())
-    config = {**raw_config, "r": top, "lora_alpha": top, "use_rslora": False,
-              "rank_pattern": ranks, "alpha_pattern": dict(ranks)}
+    config = {
+        **raw_config,
+        "r": top,
+        "lora_alpha": top,
+        "use_rslora": False,
+        "rank_pattern": ranks,
+        "alpha_pattern": dict(ranks),
+    }
     tensors = {}
     for module, w in factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = w.a.float().contiguous()  # [k, in]
         tensors[f"base_model.model.{module}.lora_B.weight"] = w.b.T.float().contiguous()  # [out, k]
-    return {CONFIG_FILE: json.dumps(config, indent=2).encode(),
-            WEIGHTS_FILE: save_safetensors_bytes(tensors, metadata={"format": "pt"})}
+    return {
+        CONFIG_FILE: json.dumps(config, indent=2).encode(),
+        WEIGHTS_FILE: save_safetensors_bytes(tensors, metadata={"format": "pt"}),
+    }
 
 
-def compress_files(source: AdapterSource, *, energy: float | None = None,
-                   max_rank: int | None = None) -> tuple[dict[str, bytes], CompressionReport]:
+def compress_files(
+    source: AdapterSource, *, energy: float | None = None, max_rank: int | None = None
+) -> tuple[dict[str, bytes], CompressionReport]:
     """Read an adapter (directory or upload), compress it, and return the new PEFT files' bytes."""
     raw_config, config, factors = read_factors(source)
     for flag in ("use_dora", "lora_bias"):  # the refactored B·A would drop the magnitudes or biases
         if getattr(config, flag):
-            raise UnsupportedAdapterError(f"adapters with {flag} cannot be compressed; upload it without energy "
-                                          "or max_rank", file=CONFIG_FILE, field=flag)
+            raise UnsupportedAdapterError(
+                f"adapters with {flag} cannot be compressed; upload it without energy or max_rank",
+                file=CONFIG_FILE,
+                field=flag,
+            )
     compressed, report = compress_factors(factors, energy, max_rank)
     return peft_files(raw_config, compressed), report
 
 
-def compress_dir(source: str | Path, dest: str | Path, *, energy: float | None = None,
-                 max_rank: int | None = None) -> CompressionReport:
+def compress_dir(
+    source: str | Path, dest: str | Path, *, energy: float | None = None, max_rank: int | None = None
+) -> CompressionReport:
     """`loraserve adapters compress IN OUT`: the same, written as a PEFT directory at `dest`."""
     files, report = compress_files(Path(source), energy=energy, max_rank=max_rank)
     dest = Path(dest)

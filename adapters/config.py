@@ -1,4 +1,5 @@
 """PEFT's `adapter_config.json` for LoRA, and PEFT's rules for which module gets which rank and scale."""
+
 from __future__ import annotations
 
 import functools
@@ -23,31 +24,50 @@ class Refused(NamedTuple):
 # Every field of PEFT's LoraConfig (checked against peft 0.21) is in exactly one of these three
 # groups. Supporting a feature moves its field from REFUSED to SUPPORTED, with a field on LoraConfig.
 # A field in no group (a newer PEFT's) is refused when set: we cannot know that it is harmless.
-SUPPORTED = frozenset({  # read by LoraConfig below: they decide the targets, ranks and scales
-    "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
-    "use_dora", "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
-    "modules_to_save",  # full copies of row-wise modules (norms, linears, embedding, head), served per row
-    "trainable_token_indices",  # new rows for some token ids of the embedding (and its tied head)
-})
-INFERENCE_NEUTRAL = frozenset({  # accepted and ignored: none changes what a loaded adapter computes
-    "task_type", "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
-    "peft_version", "revision",  # bookkeeping: the PEFT release, the base checkpoint's revision
-    "inference_mode", "lora_dropout",  # training-only: frozen weights, dropout is identity at eval
-    "fan_in_fan_out",  # PEFT sets it from the base layer's type (Conv1D or Linear), as we do
-    "megatron_config", "megatron_core",  # which parallel linear class holds the same math
-    "runtime_config",  # where PEFT keeps the weights at run time (ephemeral GPU offload)
-    "velora_config",  # a memory-saving backward pass; the forward is plain LoRA
-    "eva_config",  # initial values of A and B only; the file holds the trained ones
-    "loftq_config", "corda_config", "lora_ga_config",  # read only by init methods refused below
-    "qalora_group_size",  # read only with use_qalora, refused below
-})
+SUPPORTED = frozenset(
+    {  # read by LoraConfig below: they decide the targets, ranks and scales
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "target_modules",
+        "exclude_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+        "base_model_name_or_path",
+        "use_dora",
+        "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
+        "modules_to_save",  # full copies of row-wise modules (norms, linears, embedding, head), served per row
+        "trainable_token_indices",  # new rows for some token ids of the embedding (and its tied head)
+    }
+)
+INFERENCE_NEUTRAL = frozenset(
+    {  # accepted and ignored: none changes what a loaded adapter computes
+        "task_type",
+        "auto_mapping",  # which PEFT/transformers wrapper class to build, not the LoRA math
+        "peft_version",
+        "revision",  # bookkeeping: the PEFT release, the base checkpoint's revision
+        "inference_mode",
+        "lora_dropout",  # training-only: frozen weights, dropout is identity at eval
+        "fan_in_fan_out",  # PEFT sets it from the base layer's type (Conv1D or Linear), as we do
+        "megatron_config",
+        "megatron_core",  # which parallel linear class holds the same math
+        "runtime_config",  # where PEFT keeps the weights at run time (ephemeral GPU offload)
+        "velora_config",  # a memory-saving backward pass; the forward is plain LoRA
+        "eva_config",  # initial values of A and B only; the file holds the trained ones
+        "loftq_config",
+        "corda_config",
+        "lora_ga_config",  # read only by init methods refused below
+        "qalora_group_size",  # read only with use_qalora, refused below
+    }
+)
 REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
     "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
     "target_parameters": Refused("parameter-targeted LoRA is not supported"),
     "layer_replication": Refused("layer replication changes the base model's layer stack"),
-    "alora_invocation_tokens": Refused("Activated LoRA (applied only after its invocation tokens) "
-                                       "is not supported"),
+    "alora_invocation_tokens": Refused("Activated LoRA (applied only after its invocation tokens) is not supported"),
     "use_qalora": Refused("QALoRA (pooled adapter inputs) is not supported"),
     "use_bdlora": Refused("block-diagonal LoRA factors are not supported"),
     "monteclora_config": Refused("MonteCLoRA's sampled variational terms are not supported"),
@@ -55,9 +75,10 @@ REFUSED = {  # change the outputs, and we do not serve them: refused by name whe
     "kasa_config": Refused("KaSA (truncated base weights plus a singular-value diagonal) is not supported"),
     "ensure_weight_tying": Refused("adapters tied across tied layers are not supported"),
     # PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights; the others set A and B only.
-    "init_lora_weights": Refused("this initialisation rewrites the base weights; save the adapter "
-                                 "converted to plain LoRA", off=(True, False, "gaussian", "eva",
-                                                                 "orthogonal", "mica")),
+    "init_lora_weights": Refused(
+        "this initialisation rewrites the base weights; save the adapter converted to plain LoRA",
+        off=(True, False, "gaussian", "eva", "orthogonal", "mica"),
+    ),
 }
 
 
@@ -96,8 +117,10 @@ class LoraConfig(BaseModel):
         for field, value in data.items():
             if field in SUPPORTED or field in INFERENCE_NEUTRAL:
                 continue
-            refused = REFUSED.get(field, Refused(f"unknown field (not in PEFT {_PEFT_CHECKED}); it may "
-                                                 "change the outputs, so it must be unset"))
+            refused = REFUSED.get(
+                field,
+                Refused(f"unknown field (not in PEFT {_PEFT_CHECKED}); it may change the outputs, so it must be unset"),
+            )
             if value not in refused.off:
                 raise UnsupportedAdapterError(refused.why, file=file, field=field)
         return data
@@ -126,7 +149,7 @@ class LoraConfig(BaseModel):
         return {} if value is None else value
 
     @classmethod
-    def from_json(cls, data: bytes | str, file: str = CONFIG_FILE) -> "LoraConfig":
+    def from_json(cls, data: bytes | str, file: str = CONFIG_FILE) -> LoraConfig:
         """Parse and check a config; every failure is a typed error naming the file and field."""
         try:
             raw = json.loads(data)

@@ -1,4 +1,5 @@
 """LoraEmbedding: the input embedding with per-slot LoRA rows (PEFT's lora_embedding_A/B)."""
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,14 @@ class LoraEmbedding(LoraSlots):
         return f"embedding, vocab={self.in_features}, hidden={self.out_features}, slots={self.num_slots}"
 
 
-def add_embedding_lora(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       slot_ranks: list[int], batch: LoraBatch) -> torch.Tensor:
+def add_embedding_lora(
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot_ranks: list[int],
+    batch: LoraBatch,
+) -> torch.Tensor:
     """Add each token's own embedding delta to the looked-up rows, in place.
 
     Semantics:
@@ -62,8 +69,8 @@ def add_embedding_lora(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     for run in batch.runs:
         rank = slot_ranks[run.slot]
         if rank:
-            h = lora_a[run.slot].index_select(0, ids[run.start:run.stop])[:, :rank]  # [n, r]
-            y2[run.start:run.stop].addmm_(h, lora_b[run.slot, :rank], alpha=run.scale)
+            h = lora_a[run.slot].index_select(0, ids[run.start : run.stop])[:, :rank]  # [n, r]
+            y2[run.start : run.stop].addmm_(h, lora_b[run.slot, :rank], alpha=run.scale)
     groups = batch.groups
     rank = max((slot_ranks[s] for s in groups.slot_list), default=0) if groups else 0
     if rank == 0:

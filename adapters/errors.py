@@ -5,6 +5,7 @@ request errors subclass it too); the HTTP layer maps each class to its status co
 (server/http/errors.py), so nothing here knows HTTP. Each error names the file and the field
 (or tensor) at fault, so a user can fix the input without reading our code.
 """
+
 from __future__ import annotations
 
 

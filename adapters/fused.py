@@ -13,6 +13,7 @@ weights at the first forward after the merge (one more packed copy of those laye
 unmerge). int8 members are not fused: the int8 kernel's fixed cost is small, and its weights
 would have to be copied.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,10 @@ class FusedLinears:
         if not all(type(m) is LoraLinear for m in members):  # missing, or a per-row copy wraps one
             return None
         first = members[0]
-        if any(m.is_conv1d or m.int8 is not None or m.in_features != first.in_features or m.dtype != first.dtype
-               for m in members):
+        if any(
+            m.is_conv1d or m.int8 is not None or m.in_features != first.in_features or m.dtype != first.dtype
+            for m in members
+        ):
             return None
         backend = backend_for(first.device)
         if not all(backend.gains_from_fusing(m.dense_rule, m.weight) for m in members):
@@ -80,6 +83,10 @@ class FusedLinears:
     def _fuse(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
         bias = None
         if any(b is not None for b in biases):
-            bias = torch.cat([torch.zeros(m.out_features, dtype=m.dtype, device=m.device) if b is None else b
-                              for m, b in zip(self.members, biases)])
+            bias = torch.cat(
+                [
+                    torch.zeros(m.out_features, dtype=m.dtype, device=m.device) if b is None else b
+                    for m, b in zip(self.members, biases)
+                ]
+            )
         return dense_kernel(self.members[0].dense_rule, torch.cat(weights), bias)

@@ -11,6 +11,7 @@ same identity, and its cached K/V are then exactly what it would compute.
 Hashing reads every weight once (about 1 GB/s with SHA-256), so `AdapterRegistry.parse` does it
 on the worker thread that parsed the files; the result is remembered per `LoraAdapter` object.
 """
+
 from __future__ import annotations
 
 import hashlib

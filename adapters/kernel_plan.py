@@ -13,6 +13,7 @@ CPUs; the int8 kernel loses to dequantizing at many rows), so nothing is fixed i
 - `apply_kernel_plan` gives each wrapped linear its kernels, quantizing first where asked.
 Measured tables: benchmarks/results/base_precision.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,11 @@ def is_quantized(module: nn.Module, is_head: bool, quantization: str | None) -> 
     """
     if quantization != "int8" or (is_head and not QUANTIZE_HEAD):
         return False
-    return isinstance(module, (nn.Linear, LoraLinear)) and not getattr(module, "is_conv1d", False) \
+    return (
+        isinstance(module, (nn.Linear, LoraLinear))
+        and not getattr(module, "is_conv1d", False)
         and can_quantize(module.in_features)
+    )
 
 
 def weight_keys(model: nn.Module, quantization: str | None = None) -> list[WeightKey]:
@@ -130,9 +134,14 @@ def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) ->
     if not backend.is_measured:
         return None
     dtype, keys = model.dtype, weight_keys(model, quantization)
-    identity = {"method": MEASUREMENT, "cpu": backend.machine_name(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-                "weights": [list(key) for key in keys]}  # key order is part of the cache file's name
+    identity = {
+        "method": MEASUREMENT,
+        "cpu": backend.machine_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": [list(key) for key in keys],
+    }  # key order is part of the cache file's name
     path = cache_dir / "kernels" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.json"
     rules = _read(path, identity)
     if rules is not None:
@@ -142,14 +151,20 @@ def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) ->
     timings = {key: measure(key, dtype) for key in keys}
     rules = {key: decide(timings[key]) for key in keys}
     _write(path, identity, rules, timings)
-    log.info("base kernels (measured in %.1f s on %s, cached in %s): %s", time.perf_counter() - started,
-             identity["cpu"], path, KernelPlan(rules=rules))
+    log.info(
+        "base kernels (measured in %.1f s on %s, cached in %s): %s",
+        time.perf_counter() - started,
+        identity["cpu"],
+        path,
+        KernelPlan(rules=rules),
+    )
     return rules
 
 
 @torch.inference_mode()
-def measure(key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_COUNTS,
-            num_repeats: int = NUM_REPEATS) -> dict[str, dict[int, float]]:
+def measure(
+    key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_COUNTS, num_repeats: int = NUM_REPEATS
+) -> dict[str, dict[int, float]]:
     """Median seconds per call of each candidate kernel for weight `key` on random data."""
     kind, out_features, in_features = key
     generator = torch.Generator().manual_seed(0)
@@ -163,8 +178,9 @@ def measure(key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_
         for rows in row_counts:
             for name, kernel in kernels.items():
                 samples[name][rows].append(_time(kernel, inputs[rows], calls[rows]))
-    return {name: {rows: statistics.median(values) for rows, values in by_rows.items()}
-            for name, by_rows in samples.items()}
+    return {
+        name: {rows: statistics.median(values) for rows, values in by_rows.items()} for name, by_rows in samples.items()
+    }
 
 
 def decide(timings: Timings) -> KernelRule:
@@ -177,14 +193,20 @@ def decide(timings: Timings) -> KernelRule:
     best = {rows: min(timings[name][rows] for name in names) for rows in row_counts}
 
     def cost(rule: KernelRule) -> float:
-        return sum(timings[rule.small if rows < rule.from_rows else rule.large][rows] / best[rows]
-                   for rows in row_counts)
+        return sum(
+            timings[rule.small if rows < rule.from_rows else rule.large][rows] / best[rows] for rows in row_counts
+        )
 
     singles = [KernelRule.single(name) for name in names]
     best_single_cost = min(cost(rule) for rule in singles)
     single = next(rule for rule in singles if cost(rule) <= best_single_cost * (1 + SPLIT_MARGIN))
-    splits = [KernelRule(small, large, rows) for small in names for large in names if small != large
-              for rows in row_counts[1:]]
+    splits = [
+        KernelRule(small, large, rows)
+        for small in names
+        for large in names
+        if small != large
+        for rows in row_counts[1:]
+    ]
     split = min(splits, key=cost, default=None)  # min keeps the first of equal costs: deterministic
     if split is not None and cost(split) < cost(single) * (1 - SPLIT_MARGIN):
         return split
@@ -233,10 +255,17 @@ def _read(path: Path, identity: dict) -> KernelRules | None:
 
 
 def _write(path: Path, identity: dict, rules: KernelRules, timings: dict) -> None:
-    entries = [{"weight": list(key), "rule": dataclasses.asdict(rule),
-                "median_us": {kernel: {str(rows): round(seconds * 1e6, 2) for rows, seconds in by_rows.items()}
-                              for kernel, by_rows in timings[key].items()}}
-               for key, rule in rules.items()]
+    entries = [
+        {
+            "weight": list(key),
+            "rule": dataclasses.asdict(rule),
+            "median_us": {
+                kernel: {str(rows): round(seconds * 1e6, 2) for rows, seconds in by_rows.items()}
+                for kernel, by_rows in timings[key].items()
+            },
+        }
+        for key, rule in rules.items()
+    ]
     text = json.dumps({"identity": identity, "rules": entries}, indent=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

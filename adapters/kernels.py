@@ -10,6 +10,7 @@ Full-precision weights run `plain` (F.linear) or `packed` (a copy laid out once 
 library kernel, one more copy in memory); an int8 W0 runs `int8` (a GEMV-style kernel, fast for a
 few rows) or `dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping

@@ -1,4 +1,5 @@
 """LoraLinear: a base Linear or Conv1D with per-slot LoRA buffers and an optional merged weight."""
+
 from __future__ import annotations
 
 import torch
@@ -146,4 +147,6 @@ class LoraLinear(LoraSlots):
 
     def extra_repr(self) -> str:
         kind = "conv1d" if self.is_conv1d else "int8 linear" if self.int8 is not None else "linear"
-        return f"{kind}, in={self.in_features}, out={self.out_features}, slots={self.num_slots}, max_rank={self.max_rank}"
+        return (
+            f"{kind}, in={self.in_features}, out={self.out_features}, slots={self.num_slots}, max_rank={self.max_rank}"
+        )

@@ -1,4 +1,5 @@
 """wrap_model: put LoRA layers on a stock transformers model in one pass, and drive them per step."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -26,8 +27,14 @@ class LoraModel:
     cost) or gather (W0 clean, each token row gets its slot's delta inside the same forward).
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, LoraLinear | LoraEmbedding], state: LoraState,
-                 max_loras: int, max_rank: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, LoraLinear | LoraEmbedding],
+        state: LoraState,
+        max_loras: int,
+        max_rank: int,
+    ):
         self.model, self.layers, self.state = model, layers, state
         self.max_loras, self.max_rank = max_loras, max_rank
         self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot; 0 = empty
@@ -39,13 +46,15 @@ class LoraModel:
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
         # The embedding and the head: a saved copy of their weight is compared with these at parse.
-        full_weights = {name: layer.weight for name, layer in layers.items()
-                        if isinstance(layer, LoraEmbedding) or layer.is_head}
+        full_weights = {
+            name: layer.weight for name, layer in layers.items() if isinstance(layer, LoraEmbedding) or layer.is_head
+        }
         embeddings = frozenset(name for name, layer in layers.items() if isinstance(layer, LoraEmbedding))
         head = next((name for name, layer in layers.items() if getattr(layer, "is_head", False)), None)
         tied = head is not None and any(full_weights[head] is full_weights[name] for name in embeddings)
-        self.spec = TargetSpec(shapes, names, base_name, full_weights, embeddings, head if tied else None,
-                               row_modules(model))
+        self.spec = TargetSpec(
+            shapes, names, base_name, full_weights, embeddings, head if tied else None, row_modules(model)
+        )
         self.head = next((layer for layer in layers.values() if getattr(layer, "is_head", False)), None)
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
@@ -111,12 +120,18 @@ class LoraModel:
             return True
         return any(module.is_head and module.copies for module in self.copies.values())
 
-    def build_batch(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None = None,
-                    keep: torch.Tensor | None = None) -> LoraBatch | None:
+    def build_batch(
+        self, token_slots: torch.Tensor, token_scales: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> LoraBatch | None:
         """Per-step metadata for `token_slots` ([N], -1 = base; [K, N] with `token_scales` for composed
         rows) and the rows `keep` that reach the output head; None when every row is base."""
-        return LoraBatch.build(token_slots, device=self.device, token_scales=token_scales,
-                               direct_slots=self.dora_slots | self.copy_slots, keep=keep)
+        return LoraBatch.build(
+            token_slots,
+            device=self.device,
+            token_scales=token_scales,
+            direct_slots=self.dora_slots | self.copy_slots,
+            keep=keep,
+        )
 
     @contextmanager
     def gather(self, batch: LoraBatch | None):
@@ -138,8 +153,14 @@ class LoraModel:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
 
-def wrap_model(model: nn.Module, *, max_loras: int = 4, max_rank: int = 64, kernels: KernelPlan = KernelPlan(),
-               quantization: str | None = None) -> LoraModel:
+def wrap_model(
+    model: nn.Module,
+    *,
+    max_loras: int = 4,
+    max_rank: int = 64,
+    kernels: KernelPlan = KernelPlan(),
+    quantization: str | None = None,
+) -> LoraModel:
     """Give every Linear/Conv1D, the output head and the input embedding LoRA slots, in place, in
     one pass; freeze the base.
 

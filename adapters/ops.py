@@ -1,4 +1,5 @@
 """The batched-gather LoRA op and the plain reference it is tested against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,15 @@ class SlotExtras:
             y.mul_(self.dora_scale[slot]).add_(self.dora_shift[slot])
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             slot_ranks: list[int], batch: LoraBatch, extras: SlotExtras | None = None) -> torch.Tensor:
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    slot_ranks: list[int],
+    batch: LoraBatch,
+    extras: SlotExtras | None = None,
+) -> torch.Tensor:
     """Add each token's own adapter delta to the base output, in place.
 
     Semantics:
@@ -53,10 +61,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     for run in batch.runs:
         rank = slot_ranks[run.slot]
         if rank:
-            h = x2[run.start:run.stop] @ lora_a[run.slot, :rank].T  # [n, r]
-            y2[run.start:run.stop].addmm_(h, lora_b[run.slot, :rank], alpha=run.scale)
+            h = x2[run.start : run.stop] @ lora_a[run.slot, :rank].T  # [n, r]
+            y2[run.start : run.stop].addmm_(h, lora_b[run.slot, :rank], alpha=run.scale)
             if extras is not None:
-                extras.apply_run(y2[run.start:run.stop], run.slot, run.scale)
+                extras.apply_run(y2[run.start : run.stop], run.slot, run.scale)
     groups = batch.groups
     rank = max((slot_ranks[s] for s in groups.slot_list), default=0) if groups else 0
     if rank == 0:
@@ -80,8 +88,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     return y
 
 
-def add_lora_reference(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -> torch.Tensor:
+def add_lora_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    token_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Row-by-row loop with the same semantics as `add_lora` (B·A terms; `token_slots` [N] or
     [K, N] with `token_scales` alike); slow, obviously right, for tests."""
     out = y.clone().view(-1, y.shape[-1])

@@ -3,6 +3,7 @@
 The result is a `LoraAdapter`: per target module, A as [r, in] and B already scaled and transposed
 to [r, out], so neither the merge nor the gather path ever multiplies by a scale again.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -26,17 +27,26 @@ PICKLE_FILE = "adapter_model.bin"
 # PEFT saves "base_model.model.<module>.lora_A.weight" (and lora_B.bias with lora_bias, the DoRA
 # lora_magnitude_vector; an embedding's lora_embedding_A/B, and its or the head's full matrix as
 # base_layer.weight); raw state dicts keep the adapter name too ("lora_A.default.weight").
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|"
-                  r"lora_embedding_A|lora_embedding_B|base_layer|token_adapter\.trainable_tokens_delta)"
-                  r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<kind>weight|bias))?$")
-_PARTS = {("lora_A", "weight"): "A", ("lora_B", "weight"): "B", ("lora_B", "bias"): "bias",
-          ("lora_magnitude_vector", None): "magnitude", ("lora_magnitude_vector", "weight"): "magnitude",
-          ("lora_embedding_A", None): "A", ("lora_embedding_B", None): "B", ("base_layer", "weight"): "full",
-          ("token_adapter.trainable_tokens_delta", None): "tokens"}
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector|"
+    r"lora_embedding_A|lora_embedding_B|base_layer|token_adapter\.trainable_tokens_delta)"
+    r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<kind>weight|bias))?$"
+)
+_PARTS = {
+    ("lora_A", "weight"): "A",
+    ("lora_B", "weight"): "B",
+    ("lora_B", "bias"): "bias",
+    ("lora_magnitude_vector", None): "magnitude",
+    ("lora_magnitude_vector", "weight"): "magnitude",
+    ("lora_embedding_A", None): "A",
+    ("lora_embedding_B", None): "B",
+    ("base_layer", "weight"): "full",
+    ("token_adapter.trainable_tokens_delta", None): "tokens",
+}
 
 log = logging.getLogger(__name__)
 
-AdapterSource = Union[str, Path, Mapping[str, bytes]]
+AdapterSource = str | Path | Mapping[str, bytes]
 """A directory on disk, or the two files' bytes keyed by file name (an upload)."""
 
 
@@ -108,7 +118,8 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
             raise UnsafeAdapterFormatError(
                 "pickle weights are refused because loading them can run arbitrary code; convert "
                 "them to safetensors (e.g. PeftModel.save_pretrained(..., safe_serialization=True))",
-                file=PICKLE_FILE)
+                file=PICKLE_FILE,
+            )
         raise InvalidAdapterError("file is missing", file=WEIGHTS_FILE)
     try:
         tensors = load_safetensors_bytes(weights_bytes)
@@ -116,8 +127,11 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
         raise InvalidAdapterError(f"not a readable safetensors file ({exc})", file=WEIGHTS_FILE) from None
     for key, tensor in tensors.items():
         if tensor.dtype not in READABLE_DTYPES:  # float8 and ints: the folds and merges have no kernel for them
-            raise InvalidAdapterError(f"tensor {key!r} is {tensor.dtype}; adapter weights must be float16, "
-                                      "bfloat16, float32 or float64", file=WEIGHTS_FILE, field=key)
+            raise InvalidAdapterError(
+                f"tensor {key!r} is {tensor.dtype}; adapter weights must be float16, bfloat16, float32 or float64",
+                file=WEIGHTS_FILE,
+                field=key,
+            )
     return config_bytes, tensors
 
 
@@ -138,8 +152,9 @@ class _FileView:
         return (self.source / name).read_bytes() if isinstance(self.source, Path) else self.source[name]
 
 
-def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank: int,
-                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
+def load_adapter(
+    name: str, source: AdapterSource, spec: TargetSpec, *, max_rank: int, dtype: torch.dtype = torch.float32
+) -> LoraAdapter:
     """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
@@ -147,12 +162,17 @@ def load_adapter(name: str, source: AdapterSource, spec: TargetSpec, *, max_rank
     _check_targets(config, pairs, spec)
     modules = _saved_modules(other, config, spec, dtype)
     modules.update(_changed_full_weights({m: t for (part, m), t in full.items() if part == "full"}, spec, dtype))
-    modules.update(_trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec,
-                                     set(pairs), dtype))
+    modules.update(
+        _trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec, set(pairs), dtype)
+    )
     weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
-        log.warning("adapter %r was trained on %r, serving it on %r because the shapes fit",
-                    name, config.base_model_name_or_path, spec.base_name)
+        log.warning(
+            "adapter %r was trained on %r, serving it on %r because the shapes fit",
+            name,
+            config.base_model_name_or_path,
+            spec.base_name,
+        )
     return LoraAdapter(name, config, weights, modules)
 
 
@@ -169,8 +189,9 @@ def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, Lor
     return json.loads(config_bytes), config, factors
 
 
-def _pair_tensors(tensors: dict[str, torch.Tensor],
-                  config: LoraConfig) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _pair_tensors(
+    tensors: dict[str, torch.Tensor], config: LoraConfig
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """module -> {"A", "B"[, "bias"][, "magnitude"]}: exactly the parts the config says each module has;
     module -> the full matrix saved beside an embedding's or head's LoRA (base_layer.weight); and the
     other tensors by key, when the config has modules_to_save (their copies)."""
@@ -184,9 +205,12 @@ def _pair_tensors(tensors: dict[str, torch.Tensor],
             other[key.removeprefix("base_model.model.")] = tensor
             continue
         if part is None:
-            raise InvalidAdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
-                                      "biases, DoRA magnitudes, embedding LoRA) are served", file=WEIGHTS_FILE,
-                                      field=key)
+            raise InvalidAdapterError(
+                f"unexpected tensor {key!r}: only lora_A/lora_B weights (and lora_B "
+                "biases, DoRA magnitudes, embedding LoRA) are served",
+                file=WEIGHTS_FILE,
+                field=key,
+            )
         if part in ("full", "tokens"):
             full[part, match["module"]] = tensor
         else:
@@ -199,72 +223,99 @@ def _pair_tensors(tensors: dict[str, torch.Tensor],
     for module, parts in sorted(found.items()):  # sorted: the error names the same module every time
         for part, suffix in wanted.items():
             if part not in parts:
-                raise InvalidAdapterError(f"{suffix} for module {module!r} is missing", file=WEIGHTS_FILE,
-                                          field=f"{module}.{suffix}")
+                raise InvalidAdapterError(
+                    f"{suffix} for module {module!r} is missing", file=WEIGHTS_FILE, field=f"{module}.{suffix}"
+                )
         for part in set(parts) - set(wanted):
             flag = "lora_bias" if part == "bias" else "use_dora"
-            raise InvalidAdapterError(f"module {module!r} has a {part} tensor but the config does not set {flag}",
-                                      file=CONFIG_FILE, field=flag)
+            raise InvalidAdapterError(
+                f"module {module!r} has a {part} tensor but the config does not set {flag}",
+                file=CONFIG_FILE,
+                field=flag,
+            )
     if not found:
         raise InvalidAdapterError("contains no LoRA tensors", file=WEIGHTS_FILE)
     return found, full, other
 
 
-def _saved_modules(tensors: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
-                   dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+def _saved_modules(
+    tensors: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec, dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
     """modules_to_save: each saved module's full parameters, checked to be servable per row and to fit."""
     selected = sorted((name for name in spec.module_names if config.saves(name)), key=len, reverse=True)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sorted(tensors.items()):
         module = next((name for name in selected if key.startswith(name + ".")), None)
         if module is None:
-            raise InvalidAdapterError(f"unexpected tensor {key!r}: neither LoRA nor a module modules_to_save "
-                                      "selects", file=WEIGHTS_FILE, field=key)
+            raise InvalidAdapterError(
+                f"unexpected tensor {key!r}: neither LoRA nor a module modules_to_save selects",
+                file=WEIGHTS_FILE,
+                field=key,
+            )
         shapes = spec.row_modules.get(module)
         if shapes is None:
-            raise UnsupportedAdapterError(f"a full copy of {module!r} cannot be served per row (only linear, "
-                                          "embedding and norm modules can)", file=CONFIG_FILE, field="modules_to_save")
-        param = key[len(module) + 1:]
+            raise UnsupportedAdapterError(
+                f"a full copy of {module!r} cannot be served per row (only linear, embedding and norm modules can)",
+                file=CONFIG_FILE,
+                field="modules_to_save",
+            )
+        param = key[len(module) + 1 :]
         if shapes.get(param) != tuple(tensor.shape):
-            raise UnsupportedAdapterError(f"shape {tuple(tensor.shape)} does not fit the base's {shapes.get(param)} "
-                                          "(a resized vocabulary cannot be served beside the base's rows)",
-                                          file=WEIGHTS_FILE, field=key)
+            raise UnsupportedAdapterError(
+                f"shape {tuple(tensor.shape)} does not fit the base's {shapes.get(param)} "
+                "(a resized vocabulary cannot be served beside the base's rows)",
+                file=WEIGHTS_FILE,
+                field=key,
+            )
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
         modules.setdefault(module, {})[param] = tensor.to(dtype).contiguous()
     for module, params in modules.items():
         missing = sorted(set(spec.row_modules[module]) - set(params))
         if missing:
-            raise InvalidAdapterError(f"the copy of {module!r} has no {missing[0]!r}", file=WEIGHTS_FILE,
-                                      field=f"{module}.{missing[0]}")
+            raise InvalidAdapterError(
+                f"the copy of {module!r} has no {missing[0]!r}", file=WEIGHTS_FILE, field=f"{module}.{missing[0]}"
+            )
     return modules
 
 
-def _trainable_tokens(deltas: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
-                      lora_modules: set[str], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+def _trainable_tokens(
+    deltas: Mapping[str, torch.Tensor], config: LoraConfig, spec: TargetSpec, lora_modules: set[str], dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT's trainable tokens: new rows for some token ids of an embedding (and of the head tied to it)."""
     indices = config.trainable_token_indices
     if isinstance(indices, list):
         indices = {next(iter(sorted(spec.embeddings)), "embed_tokens"): indices}
-    wanted = {name: list(ids) for key, ids in (indices or {}).items()
-              for name in spec.module_names if name == key or name.endswith("." + key)}
+    wanted = {
+        name: list(ids)
+        for key, ids in (indices or {}).items()
+        for name in spec.module_names
+        if name == key or name.endswith("." + key)
+    }
     field = "trainable_token_indices"
     modules = {}
     for module, ids in sorted(wanted.items()):
         delta, base = deltas.get(module), spec.full_weights.get(module)
         if base is None:
-            raise UnsupportedAdapterError(f"trainable tokens of {module!r}: only the embedding's and the head's "
-                                          "are served", file=CONFIG_FILE, field=field)
+            raise UnsupportedAdapterError(
+                f"trainable tokens of {module!r}: only the embedding's and the head's are served",
+                file=CONFIG_FILE,
+                field=field,
+            )
         if module in lora_modules:
-            raise UnsupportedAdapterError(f"{module!r} has both LoRA and trainable tokens", file=CONFIG_FILE,
-                                          field=field)
+            raise UnsupportedAdapterError(
+                f"{module!r} has both LoRA and trainable tokens", file=CONFIG_FILE, field=field
+            )
         key = f"{module}.token_adapter.trainable_tokens_delta"
         if delta is None:
             raise InvalidAdapterError("is missing", file=WEIGHTS_FILE, field=key)
         if tuple(delta.shape) != (len(ids), base.shape[1]) or not all(0 <= i < base.shape[0] for i in ids):
-            raise IncompatibleAdapterError(f"{len(ids)} token ids in [0, {base.shape[0]}) need rows "
-                                           f"({len(ids)}, {base.shape[1]}), got {tuple(delta.shape)}",
-                                           file=WEIGHTS_FILE, field=key)
+            raise IncompatibleAdapterError(
+                f"{len(ids)} token ids in [0, {base.shape[0]}) need rows "
+                f"({len(ids)}, {base.shape[1]}), got {tuple(delta.shape)}",
+                file=WEIGHTS_FILE,
+                field=key,
+            )
         if not delta.is_floating_point() or not torch.isfinite(delta).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
         rows = {"token_ids": torch.tensor(ids, dtype=torch.long), "token_rows": delta.to(dtype).contiguous()}
@@ -272,13 +323,17 @@ def _trainable_tokens(deltas: Mapping[str, torch.Tensor], config: LoraConfig, sp
         if module in spec.embeddings and spec.tied_head:  # PEFT applies them to the tied head as well
             modules[spec.tied_head] = rows
     for module in sorted(set(deltas) - set(wanted)):
-        raise InvalidAdapterError("trainable_token_indices does not select this module", file=WEIGHTS_FILE,
-                                  field=f"{module}.token_adapter.trainable_tokens_delta")
+        raise InvalidAdapterError(
+            "trainable_token_indices does not select this module",
+            file=WEIGHTS_FILE,
+            field=f"{module}.token_adapter.trainable_tokens_delta",
+        )
     return modules
 
 
-def _changed_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec,
-                          dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+def _changed_full_weights(
+    full: Mapping[str, torch.Tensor], spec: TargetSpec, dtype: torch.dtype
+) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT saves the embedding's or head's whole matrix beside its LoRA (save_embedding_layers): a
     copy of the base's is ignored; one that differs (retrained) is served like modules_to_save."""
     changed = {}
@@ -286,12 +341,18 @@ def _changed_full_weights(full: Mapping[str, torch.Tensor], spec: TargetSpec,
         field = f"{module}.base_layer.weight"
         base = spec.full_weights.get(module)
         if base is None:
-            raise InvalidAdapterError(f"a full matrix is saved for {module!r}, which is not the base's embedding "
-                                      "or output head", file=WEIGHTS_FILE, field=field)
+            raise InvalidAdapterError(
+                f"a full matrix is saved for {module!r}, which is not the base's embedding or output head",
+                file=WEIGHTS_FILE,
+                field=field,
+            )
         if tuple(tensor.shape) != tuple(base.shape):
-            raise UnsupportedAdapterError(f"shape {tuple(tensor.shape)} differs from the base's {tuple(base.shape)} "
-                                          "(a resized vocabulary): its rows cannot be served beside the base's",
-                                          file=WEIGHTS_FILE, field=field)
+            raise UnsupportedAdapterError(
+                f"shape {tuple(tensor.shape)} differs from the base's {tuple(base.shape)} "
+                "(a resized vocabulary): its rows cannot be served beside the base's",
+                file=WEIGHTS_FILE,
+                field=field,
+            )
         tensor = tensor.to(base.device, dtype)
         if not torch.isfinite(tensor).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
@@ -305,24 +366,35 @@ def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None
     targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     for target in targets:
         if not any(config.targets(name) for name in spec.module_names if _selects(config, target, name)):
-            raise IncompatibleAdapterError(f"{target!r} matches no module of the base model",
-                                           file=CONFIG_FILE, field="target_modules")
+            raise IncompatibleAdapterError(
+                f"{target!r} matches no module of the base model", file=CONFIG_FILE, field="target_modules"
+            )
     expected = {name for name in spec.module_names if config.targets(name)}
     for module in pairs:
         if module not in spec.module_names:
-            raise IncompatibleAdapterError(f"the base model has no module {module!r}",
-                                           file=WEIGHTS_FILE, field=f"{module}.lora_A.weight")
+            raise IncompatibleAdapterError(
+                f"the base model has no module {module!r}", file=WEIGHTS_FILE, field=f"{module}.lora_A.weight"
+            )
         if module not in expected:
-            raise InvalidAdapterError(f"module {module!r} has weights but target_modules does not select it",
-                                      file=WEIGHTS_FILE, field=f"{module}.lora_A.weight")
+            raise InvalidAdapterError(
+                f"module {module!r} has weights but target_modules does not select it",
+                file=WEIGHTS_FILE,
+                field=f"{module}.lora_A.weight",
+            )
         if module not in spec.shapes:
-            raise UnsupportedAdapterError(f"module {module!r} is not a Linear, Conv1D or the input embedding",
-                                          file=CONFIG_FILE, field="target_modules")
+            raise UnsupportedAdapterError(
+                f"module {module!r} is not a Linear, Conv1D or the input embedding",
+                file=CONFIG_FILE,
+                field="target_modules",
+            )
     missing = sorted(expected - set(pairs))
     if missing:
-        raise InvalidAdapterError(f"no weights for targeted module(s) {', '.join(missing[:3])}"
-                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                                  file=WEIGHTS_FILE, field=f"{missing[0]}.lora_A.weight")
+        raise InvalidAdapterError(
+            f"no weights for targeted module(s) {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+            file=WEIGHTS_FILE,
+            field=f"{missing[0]}.lora_A.weight",
+        )
 
 
 def _selects(config: LoraConfig, target: str, name: str) -> bool:
@@ -331,35 +403,46 @@ def _selects(config: LoraConfig, target: str, name: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _fold(module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec: TargetSpec,
-          max_rank: int, dtype: torch.dtype) -> LoraWeights:
+def _fold(
+    module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec: TargetSpec, max_rank: int, dtype: torch.dtype
+) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     a, b = parts["A"], parts["B"]
     _check_pair(module, a, b, config)
     if module in spec.embeddings and ("bias" in parts or "magnitude" in parts):
-        raise UnsupportedAdapterError(f"DoRA and LoRA biases on the embedding {module!r} are not supported",
-                                      file=CONFIG_FILE, field="use_dora" if "magnitude" in parts else "lora_bias")
+        raise UnsupportedAdapterError(
+            f"DoRA and LoRA biases on the embedding {module!r} are not supported",
+            file=CONFIG_FILE,
+            field="use_dora" if "magnitude" in parts else "lora_bias",
+        )
     rank = a.shape[0]
     if rank > max_rank:
-        raise UnsupportedAdapterError(f"rank {rank} of {module!r} exceeds the server's max_lora_rank {max_rank}",
-                                      file=CONFIG_FILE, field="r")
+        raise UnsupportedAdapterError(
+            f"rank {rank} of {module!r} exceeds the server's max_lora_rank {max_rank}", file=CONFIG_FILE, field="r"
+        )
     in_features, out_features = spec.shapes[module]
     if a.shape[1] != in_features or b.shape[0] != out_features:
         raise IncompatibleAdapterError(
             f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit the base layer ({in_features} -> {out_features})",
-            file=WEIGHTS_FILE, field=field_a)
+            file=WEIGHTS_FILE,
+            field=field_a,
+        )
     scale = config.scale_for(module)
     extras = {part: _vector(module, part, parts[part], out_features) for part in ("bias", "magnitude") if part in parts}
     if "bias" in extras:
         extras["bias"] = extras["bias"].float().mul(scale)
-    folded = LoraWeights(a.to(dtype).contiguous(), b.float().mul(scale).t().to(dtype).contiguous(),  # [r, out]
-                         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()})
+    folded = LoraWeights(
+        a.to(dtype).contiguous(),
+        b.float().mul(scale).t().to(dtype).contiguous(),  # [r, out]
+        **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()},
+    )
     # Finite in the file can still overflow once scaled and cast (fp16 tops out at 65504).
     fields = ((field_a, folded.a), (field_b, folded.b), (f"{module}.lora_B.bias", folded.bias))
     for field, tensor in fields:
         if tensor is not None and not torch.isfinite(tensor).all():
-            raise InvalidAdapterError(f"overflows {dtype} once scaled by the config's alpha",
-                                      file=WEIGHTS_FILE, field=field)
+            raise InvalidAdapterError(
+                f"overflows {dtype} once scaled by the config's alpha", file=WEIGHTS_FILE, field=field
+            )
     return folded
 
 
@@ -367,11 +450,15 @@ def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfi
     """A [r, in] and B [out, r] of the rank the config gives this module, finite floats."""
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise InvalidAdapterError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair",
-                                  file=WEIGHTS_FILE, field=field_a)
+        raise InvalidAdapterError(
+            f"A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair", file=WEIGHTS_FILE, field=field_a
+        )
     if a.shape[0] != config.rank_for(module):
-        raise InvalidAdapterError(f"weights have rank {a.shape[0]} but the config gives {config.rank_for(module)}",
-                                  file=CONFIG_FILE, field="rank_pattern" if config.rank_pattern else "r")
+        raise InvalidAdapterError(
+            f"weights have rank {a.shape[0]} but the config gives {config.rank_for(module)}",
+            file=CONFIG_FILE,
+            field="rank_pattern" if config.rank_pattern else "r",
+        )
     for field, tensor in ((field_a, a), (field_b, b)):
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
@@ -381,8 +468,11 @@ def _vector(module: str, part: str, tensor: torch.Tensor, out_features: int) -> 
     """A lora_B bias or DoRA magnitude: a finite float vector with one entry per output feature."""
     field = f"{module}.{'lora_B.bias' if part == 'bias' else 'lora_magnitude_vector'}"
     if tuple(tensor.shape) != (out_features,):
-        raise IncompatibleAdapterError(f"shape {tuple(tensor.shape)} does not fit the base layer's "
-                                       f"{out_features} outputs", file=WEIGHTS_FILE, field=field)
+        raise IncompatibleAdapterError(
+            f"shape {tuple(tensor.shape)} does not fit the base layer's {out_features} outputs",
+            file=WEIGHTS_FILE,
+            field=field,
+        )
     if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
         raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
     return tensor

@@ -11,6 +11,7 @@ changes what *new* requests get, and an old version (its host copy kept) lives u
 request `unbind`s it. One thread (the engine's) mutates the registry; the lock only makes reads
 from other threads consistent.
 """
+
 from __future__ import annotations
 
 import threading
@@ -110,13 +111,23 @@ class AdapterRegistry:
             if entry.adapter is None and not entry.removed:
                 self._prepared[id(entry)] = (entry, adapter)  # keyed by id: a version is not hashable by value
 
-    def install(self, name: str, adapter: LoraAdapter, source: AdapterSource, *, replace: bool = False,
-                pinned: bool = False) -> AdapterInfo:
+    def install(
+        self, name: str, adapter: LoraAdapter, source: AdapterSource, *, replace: bool = False, pinned: bool = False
+    ) -> AdapterInfo:
         """Register an adapter that `parse` returned: no IO, so the engine thread can do it between steps."""
         if not isinstance(source, Mapping):
             source = Path(source)
-        entry = AdapterVersion(name, source, adapter.rank, adapter.target_modules, adapter.num_bytes, pinned, adapter,
-                               num_params=adapter.num_params, identity=adapter_identity(adapter))
+        entry = AdapterVersion(
+            name,
+            source,
+            adapter.rank,
+            adapter.target_modules,
+            adapter.num_bytes,
+            pinned,
+            adapter,
+            num_params=adapter.num_params,
+            identity=adapter_identity(adapter),
+        )
         with self._lock:
             if name in self._entries:
                 if not replace:
@@ -186,8 +197,11 @@ class AdapterRegistry:
     def sizes(self) -> dict[str, tuple[int, int]]:
         """(rank, parameter count) of each adapter in a device slot or in host memory."""
         with self._lock:
-            return {e.name: (e.rank, e.num_params) for e in self._entries.values()
-                    if e.slot is not None or e.adapter is not None}
+            return {
+                e.name: (e.rank, e.num_params)
+                for e in self._entries.values()
+                if e.slot is not None or e.adapter is not None
+            }
 
     def list(self) -> list[AdapterInfo]:
         with self._lock:
@@ -256,8 +270,9 @@ class AdapterRegistry:
             entry.identity = adapter_identity(adapter)  # hashed by prepare_host already: a lookup
         if adapter is None:
             model = self.lora_model
-            adapter = entry.adapter = load_adapter(entry.name, entry.source, model.spec,
-                                                   max_rank=model.max_rank, dtype=_dtype(model))
+            adapter = entry.adapter = load_adapter(
+                entry.name, entry.source, model.spec, max_rank=model.max_rank, dtype=_dtype(model)
+            )
             # A directory source can change on disk while its host copy was dropped: cached K/V must
             # follow what is computed now, not what was read at install.
             entry.identity = adapter_identity(adapter)
@@ -272,7 +287,7 @@ class AdapterRegistry:
 
     def _trim_host(self) -> None:
         evictable = [n for n in self._host_lru if not self._entries[n].pinned and not self._entries[n].num_requests]
-        for name in evictable[:max(0, len(evictable) - self.max_cpu_loras)]:
+        for name in evictable[: max(0, len(evictable) - self.max_cpu_loras)]:
             self._entries[name].adapter = None
             del self._host_lru[name]
 
@@ -291,8 +306,16 @@ class AdapterRegistry:
 
     def _info(self, entry: AdapterVersion) -> AdapterInfo:
         source = None if isinstance(entry.source, Mapping) else str(entry.source)
-        return AdapterInfo(entry.name, entry.rank, entry.target_modules, entry.num_bytes,
-                           entry.pinned, entry.slot, entry.adapter is not None, source)
+        return AdapterInfo(
+            entry.name,
+            entry.rank,
+            entry.target_modules,
+            entry.num_bytes,
+            entry.pinned,
+            entry.slot,
+            entry.adapter is not None,
+            source,
+        )
 
 
 def _dtype(model: LoraModel):

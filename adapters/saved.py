@@ -5,6 +5,7 @@ Only row-wise modules can be served so: a row's output depends on that row's inp
 Conv1D, Embedding, LayerNorm, RMSNorm), so the copy's output for an adapter's rows is exactly what
 that adapter computes, whatever shares the batch. Anything else is refused at parse (`row_modules`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,13 +83,13 @@ class PerRowModule(nn.Module):
             if copy is None:
                 continue
             if "token_ids" in copy:
-                self._replace_tokens(copy, flat_x[run.start:run.stop], flat_y[run.start:run.stop])
+                self._replace_tokens(copy, flat_x[run.start : run.stop], flat_y[run.start : run.stop])
                 continue
-            rows = self._run_copy(copy, flat_x[run.start:run.stop])
+            rows = self._run_copy(copy, flat_x[run.start : run.stop])
             if self.is_difference:
-                flat_y[run.start:run.stop] += rows
+                flat_y[run.start : run.stop] += rows
             else:
-                flat_y[run.start:run.stop] = rows
+                flat_y[run.start : run.stop] = rows
         return y
 
     def _replace_tokens(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

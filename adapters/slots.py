@@ -1,4 +1,5 @@
 """LoraSlots: the per-slot A/B buffers, merge and gather dispatch that every LoRA layer shares."""
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ class LoraSlots(nn.Module):
     is_a_transposed = False  # True: A is kept [S, in, R], so a row of Aᵀ is one contiguous lookup
     weight_is_in_out = False  # True: W0 is [in, out] (Conv1D, an embedding table), not Linear's [out, in]
 
-    def __init__(self, state: LoraState, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 weight: torch.Tensor):
+    def __init__(
+        self, state: LoraState, num_slots: int, max_rank: int, in_features: int, out_features: int, weight: torch.Tensor
+    ):
         super().__init__()
         self.state, self.num_slots, self.max_rank = state, num_slots, max_rank
         self.in_features, self.out_features = in_features, out_features

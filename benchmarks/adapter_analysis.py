@@ -14,6 +14,7 @@
 Usage: python benchmarks/adapter_analysis.py [--repeats N] [--out PATH]
 One torch thread, as benchmarks/adapter_ops.py explains. Results name the CPU (lscpu's model name).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,14 @@ def bench_analysis(base, root: Path, repeats: int) -> dict:
             torch.linalg.svd(w.b.T @ w.a, full_matrices=False)
 
     seconds = [timed(ours) for _ in range(repeats)]
-    return {"rank": 64, "targets": ALL_LINEAR, "num_layers": len(ours()["layers"]),
-            "seconds": seconds, "median_s": statistics.median(seconds), "dense_svd_s": timed(dense)}
+    return {
+        "rank": 64,
+        "targets": ALL_LINEAR,
+        "num_layers": len(ours()["layers"]),
+        "seconds": seconds,
+        "median_s": statistics.median(seconds),
+        "dense_svd_s": timed(dense),
+    }
 
 
 def low_rank_adapters(base, root: Path) -> list[Path]:
@@ -108,8 +115,11 @@ def wrapped(base, paths: list[Path], max_rank: int):
         registry.add(path.name, path)
     slots = [registry.acquire(path.name).slot for path in paths]
     host = sum(registry.info(path.name).num_bytes for path in paths)
-    slot_bytes = sum((layer.lora_a[0].numel() + layer.lora_b[0].numel()) * layer.lora_a.element_size()
-                     for layer in lm.layers.values() if layer.lora_a is not None)
+    slot_bytes = sum(
+        (layer.lora_a[0].numel() + layer.lora_b[0].numel()) * layer.lora_a.element_size()
+        for layer in lm.layers.values()
+        if layer.lora_a is not None
+    )
     return lm, slots, {"host_bytes": host, "slot_bytes_per_adapter": slot_bytes}
 
 
@@ -119,10 +129,14 @@ def bench_compression(base, root: Path, repeats: int) -> dict:
     compressed = [root / f"{p.name}-c" for p in originals]
     lm_full, slots_full, memory_full = wrapped(base, originals, max_rank=32)
     lm_small, slots_small, memory_small = wrapped(base, compressed, max_rank=max(r.rank for r in reports))
-    result = {"ranks_after": sorted({r.rank for r in reports}), "energy_kept": min(r.energy_kept for r in reports),
-              "params_before": sum(r.params_before for r in reports),
-              "params_after": sum(r.params_after for r in reports),
-              "memory_r32": memory_full, "memory_compressed": memory_small}
+    result = {
+        "ranks_after": sorted({r.rank for r in reports}),
+        "energy_kept": min(r.energy_kept for r in reports),
+        "params_before": sum(r.params_before for r in reports),
+        "params_after": sum(r.params_after for r in reports),
+        "memory_r32": memory_full,
+        "memory_compressed": memory_small,
+    }
     for layout in ("interleaved", "packed"):
         steps = []
         for lm, slots in ((lm_full, slots_full), (lm_small, slots_small)):
@@ -133,11 +147,16 @@ def bench_compression(base, root: Path, repeats: int) -> dict:
         # the LoRA share of each step: the same step with no batch (base only), in alternation
         lora = {}
         for label, (lm, batch, cache, ids) in zip(("r32", "compressed"), steps):
-            with_lora, base_only = sample_pairs(lambda: gather_step(lm, batch, cache, ids),
-                                                lambda: gather_step(lm, None, cache, ids), repeats)
+            with_lora, base_only = sample_pairs(
+                lambda: gather_step(lm, batch, cache, ids), lambda: gather_step(lm, None, cache, ids), repeats
+            )
             lora[label] = compare(with_lora, base_only)
-        result[f"gather_{layout}"] = {"r32": summarize(full), "compressed": summarize(small),
-                                      "compressed_vs_r32": compare(small, full), "lora_overhead": lora}
+        result[f"gather_{layout}"] = {
+            "r32": summarize(full),
+            "compressed": summarize(small),
+            "compressed_vs_r32": compare(small, full),
+            "lora_overhead": lora,
+        }
     return result
 
 
@@ -149,10 +168,14 @@ def figure(base, root: Path) -> dict:
     _, config, factors = read_factors(path)
     result = analyze("decay", config, factors, base_weights(wrap_model(copy.deepcopy(base)).layers))
     plot_analysis(AdapterAnalysis(**result), RESULTS / "adapter_analysis.png")
-    return {"summary": result["summary"], "layers": [
-        {k: v for k, v in layer.items() if k != "singular_values"}
-        | {"top_singular_values": layer["singular_values"][:4]}
-        for layer in result["layers"][:4]]}
+    return {
+        "summary": result["summary"],
+        "layers": [
+            {k: v for k, v in layer.items() if k != "singular_values"}
+            | {"top_singular_values": layer["singular_values"][:4]}
+            for layer in result["layers"][:4]
+        ],
+    }
 
 
 def main() -> None:
@@ -165,8 +188,12 @@ def main() -> None:
     machine = machine_info() | {"cpu": cpu_model_name()}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         root = Path(tmp)
-        result = {"machine": machine, "analysis": bench_analysis(base, root, max(3, args.repeats // 5)),
-                  "compression": bench_compression(base, root, args.repeats), "example": figure(base, root)}
+        result = {
+            "machine": machine,
+            "analysis": bench_analysis(base, root, max(3, args.repeats // 5)),
+            "compression": bench_compression(base, root, args.repeats),
+            "example": figure(base, root),
+        }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "example"}, indent=2))
 

@@ -24,6 +24,7 @@ One torch thread by default: on a shared 2-core machine, two intra-op threads st
 at every op whenever another process runs (steps 5-20x slower, ratios skewed, runs past 10 min).
 `--threads 0` keeps torch's default for a quiet machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,16 +85,25 @@ def sample_pairs(fn_a, fn_b, repeats: int) -> tuple[list[float], list[float]]:
 
 def summarize(samples: list[float]) -> dict:
     q1, _, q3 = statistics.quantiles(samples, n=4)
-    return {"median_ms": statistics.median(samples), "p25_ms": q1, "p75_ms": q3,
-            "min_ms": min(samples), "n": len(samples)}
+    return {
+        "median_ms": statistics.median(samples),
+        "p25_ms": q1,
+        "p75_ms": q3,
+        "min_ms": min(samples),
+        "n": len(samples),
+    }
 
 
 def compare(samples: list[float], reference: list[float]) -> dict:
     """Ratio of medians, and the median of per-pair ratios (the sturdier one under bursty load)."""
     ratio = statistics.median(samples) / statistics.median(reference)
     paired = statistics.median(s / r for s, r in zip(samples, reference))
-    return {"ratio": ratio, "paired_ratio": paired,
-            "overhead_pct": (ratio - 1) * 100, "paired_overhead_pct": (paired - 1) * 100}
+    return {
+        "ratio": ratio,
+        "paired_ratio": paired,
+        "overhead_pct": (ratio - 1) * 100,
+        "paired_overhead_pct": (paired - 1) * 100,
+    }
 
 
 # Setup
@@ -135,11 +145,18 @@ def bench_swap(lm, slots: list[int], peft_model: peft.PeftModel, repeats: int) -
     lm.unmerge()
     peft_model.unmerge_adapter()
     merge_unmerge, peft_merge_unmerge = sample_pairs(
-        partial(_merge_unmerge, lm, slots[0]), partial(_peft_merge_unmerge, peft_model), repeats)
+        partial(_merge_unmerge, lm, slots[0]), partial(_peft_merge_unmerge, peft_model), repeats
+    )
     unmerges = [_time_unmerge(lm, slots[i % len(slots)]) for i in range(repeats)]
-    return {"swap": summarize(swaps), "peft_swap": summarize(peft_swaps), "swap_vs_peft": compare(swaps, peft_swaps),
-            "merge_unmerge": summarize(merge_unmerge), "peft_merge_unmerge": summarize(peft_merge_unmerge),
-            "merge_unmerge_vs_peft": compare(merge_unmerge, peft_merge_unmerge), "unmerge": summarize(unmerges)}
+    return {
+        "swap": summarize(swaps),
+        "peft_swap": summarize(peft_swaps),
+        "swap_vs_peft": compare(swaps, peft_swaps),
+        "merge_unmerge": summarize(merge_unmerge),
+        "peft_merge_unmerge": summarize(peft_merge_unmerge),
+        "merge_unmerge_vs_peft": compare(merge_unmerge, peft_merge_unmerge),
+        "unmerge": summarize(unmerges),
+    }
 
 
 def _swap(lm, slots: list[int]) -> None:
@@ -205,23 +222,35 @@ def bench_gather(lm, unwrapped: torch.nn.Module, slots: list[int], repeats: int)
     packed, packed_base = sample_pairs(partial(gather_step, lm, packed_batch, cache, ids), no_batch, repeats)
     wrapped, original = sample_pairs(no_batch, partial(decode_step, unwrapped, cache, ids), repeats)
     build = sample(partial(lm.build_batch, token_slots), repeats)
-    return {"gather": summarize(gathered), "no_batch": summarize(base), "gather_vs_no_batch": compare(gathered, base),
-            "gather_packed": summarize(packed), "packed_no_batch": summarize(packed_base),
-            "gather_packed_vs_no_batch": compare(packed, packed_base),
-            "wrapped_no_batch": summarize(wrapped), "unwrapped": summarize(original),
-            "wrapped_vs_unwrapped": compare(wrapped, original), "build_batch": summarize(build)}
+    return {
+        "gather": summarize(gathered),
+        "no_batch": summarize(base),
+        "gather_vs_no_batch": compare(gathered, base),
+        "gather_packed": summarize(packed),
+        "packed_no_batch": summarize(packed_base),
+        "gather_packed_vs_no_batch": compare(packed, packed_base),
+        "wrapped_no_batch": summarize(wrapped),
+        "unwrapped": summarize(original),
+        "wrapped_vs_unwrapped": compare(wrapped, original),
+        "build_batch": summarize(build),
+    }
 
 
 # 3. Memory
 def bench_memory(lm, slot: int) -> dict:
     layers = lm.layers.values()
-    slot_bytes = sum(l.lora_a.nbytes + l.lora_b.nbytes for l in layers if l.lora_a is not None)
+    slot_bytes = sum(layer.lora_a.nbytes + layer.lora_b.nbytes for layer in layers if layer.lora_a is not None)
     lm.merge(slot)
-    merge_bytes = sum(l.merged_weight.nbytes for l in layers if l.merged_weight is not None)
+    merge_bytes = sum(layer.merged_weight.nbytes for layer in layers if layer.merged_weight is not None)
     lm.unmerge()
     model_bytes = sum(p.nbytes for p in lm.model.parameters())
-    return {"slot_buffers_mb": slot_bytes / 2**20, "merge_buffers_mb": merge_bytes / 2**20,
-            "base_model_mb": model_bytes / 2**20, "max_loras": lm.max_loras, "max_rank": lm.max_rank}
+    return {
+        "slot_buffers_mb": slot_bytes / 2**20,
+        "merge_buffers_mb": merge_bytes / 2**20,
+        "base_model_mb": model_bytes / 2**20,
+        "max_loras": lm.max_loras,
+        "max_rank": lm.max_rank,
+    }
 
 
 # Profile (--profile): where a swap and a gathered decode step spend their time
@@ -245,11 +274,18 @@ def _profile(title: str, job, num_calls: int = 10) -> None:
 
 # Report
 def machine_info() -> dict:
-    return {"cpu": cpu_model_name(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "load_average_1m_before": os.getloadavg()[0],
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu": cpu_model_name(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_before": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def table_rows(r: dict) -> list[tuple[str, ...]]:
@@ -258,22 +294,57 @@ def table_rows(r: dict) -> list[tuple[str, ...]]:
     overhead = gather["gather_vs_no_batch"]["paired_overhead_pct"]
     model_mb = memory["base_model_mb"]
     return [
-        ("merged swap (merge while merged)", _ms(swap["swap"]), "PEFT swap " + _ms(swap["peft_swap"]),
-         _ratio(swap["swap_vs_peft"]), f"<= {SWAP_TARGET_MS:.0f} ms: {_verdict(swap_ms <= SWAP_TARGET_MS)}"),
-        ("merge + unmerge", _ms(swap["merge_unmerge"]), "PEFT merge+unmerge " + _ms(swap["peft_merge_unmerge"]),
-         _ratio(swap["merge_unmerge_vs_peft"]), ""),
+        (
+            "merged swap (merge while merged)",
+            _ms(swap["swap"]),
+            "PEFT swap " + _ms(swap["peft_swap"]),
+            _ratio(swap["swap_vs_peft"]),
+            f"<= {SWAP_TARGET_MS:.0f} ms: {_verdict(swap_ms <= SWAP_TARGET_MS)}",
+        ),
+        (
+            "merge + unmerge",
+            _ms(swap["merge_unmerge"]),
+            "PEFT merge+unmerge " + _ms(swap["peft_merge_unmerge"]),
+            _ratio(swap["merge_unmerge_vs_peft"]),
+            "",
+        ),
         ("unmerge alone", _ms(swap["unmerge"]), "", "", ""),
-        ("decode 16x1, 4 adapters, gather", _ms(gather["gather"]), "no batch " + _ms(gather["no_batch"]),
-         _pct(gather["gather_vs_no_batch"]), f"<= {GATHER_TARGET_PCT:.0f}%: {_verdict(overhead <= GATHER_TARGET_PCT)}"),
-        ("  same rows packed by adapter", _ms(gather["gather_packed"]), "no batch " + _ms(gather["packed_no_batch"]),
-         _pct(gather["gather_packed_vs_no_batch"]), ""),
-        ("decode 16x1, wrapped, no batch", _ms(gather["wrapped_no_batch"]), "unwrapped " + _ms(gather["unwrapped"]),
-         _pct(gather["wrapped_vs_unwrapped"]), "~0%"),
+        (
+            "decode 16x1, 4 adapters, gather",
+            _ms(gather["gather"]),
+            "no batch " + _ms(gather["no_batch"]),
+            _pct(gather["gather_vs_no_batch"]),
+            f"<= {GATHER_TARGET_PCT:.0f}%: {_verdict(overhead <= GATHER_TARGET_PCT)}",
+        ),
+        (
+            "  same rows packed by adapter",
+            _ms(gather["gather_packed"]),
+            "no batch " + _ms(gather["packed_no_batch"]),
+            _pct(gather["gather_packed_vs_no_batch"]),
+            "",
+        ),
+        (
+            "decode 16x1, wrapped, no batch",
+            _ms(gather["wrapped_no_batch"]),
+            "unwrapped " + _ms(gather["unwrapped"]),
+            _pct(gather["wrapped_vs_unwrapped"]),
+            "~0%",
+        ),
         ("build_batch (host, once a step)", _ms(gather["build_batch"]), "", "", ""),
-        ("slot buffers (4 slots x r16)", f"{memory['slot_buffers_mb']:.1f} MB", f"base model {model_mb:.0f} MB",
-         f"{memory['slot_buffers_mb'] / model_mb:.1%}", ""),
-        ("merge buffers (while merged)", f"{memory['merge_buffers_mb']:.1f} MB", f"base model {model_mb:.0f} MB",
-         f"{memory['merge_buffers_mb'] / model_mb:.1%}", ""),
+        (
+            "slot buffers (4 slots x r16)",
+            f"{memory['slot_buffers_mb']:.1f} MB",
+            f"base model {model_mb:.0f} MB",
+            f"{memory['slot_buffers_mb'] / model_mb:.1%}",
+            "",
+        ),
+        (
+            "merge buffers (while merged)",
+            f"{memory['merge_buffers_mb']:.1f} MB",
+            f"base model {model_mb:.0f} MB",
+            f"{memory['merge_buffers_mb'] / model_mb:.1%}",
+            "",
+        ),
     ]
 
 
@@ -316,10 +387,17 @@ def run(repeats: int, profile: bool, kernel_choice: str) -> dict:
         if profile:
             profile_ops(lm, slots)
     machine["load_average_1m_after"] = os.getloadavg()[0]  # includes this run
-    config = {"repeats": repeats, "warmup": WARMUP, "num_adapters": NUM_ADAPTERS, "rank": RANK,
-              "kernel_choice": kernel_choice,
-              "targets": TARGETS, "num_rows": NUM_ROWS, "context_len": CONTEXT_LEN,
-              "num_layers": lm.model.config.num_hidden_layers}
+    config = {
+        "repeats": repeats,
+        "warmup": WARMUP,
+        "num_adapters": NUM_ADAPTERS,
+        "rank": RANK,
+        "kernel_choice": kernel_choice,
+        "targets": TARGETS,
+        "num_rows": NUM_ROWS,
+        "context_len": CONTEXT_LEN,
+        "num_layers": lm.model.config.num_hidden_layers,
+    }
     return {"machine": machine, "config": config, "swap": swap, "gather": gather, "memory": memory}
 
 
@@ -327,13 +405,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement, after warm-up")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads; 0 keeps torch's default (see the module docstring)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; 0 keeps torch's default (see the module docstring)",
+    )
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
-    parser.add_argument("--kernel-choice", choices=(PACKED, PLAIN), default=PLAIN,
-                        help="packed: oneDNN-packed base weights (the engine's default)")
+    parser.add_argument(
+        "--kernel-choice",
+        choices=(PACKED, PLAIN),
+        default=PLAIN,
+        help="packed: oneDNN-packed base weights (the engine's default)",
+    )
     args = parser.parse_args()
-    out = args.out or (DEFAULT_OUT.with_name("adapter_ops_packed.json") if args.kernel_choice == PACKED else DEFAULT_OUT)
+    out = args.out or (
+        DEFAULT_OUT.with_name("adapter_ops_packed.json") if args.kernel_choice == PACKED else DEFAULT_OUT
+    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT
@@ -348,8 +436,10 @@ def main() -> None:
 def warn_if_contended(machine: dict) -> None:
     load = machine["load_average_1m_before"]  # the load after includes this run's own threads
     if load >= 1.0 and machine["torch_threads"] > 1:
-        print(f"note: load average {load:.1f} on {machine['cpu_count']} cores with "
-              f"{machine['torch_threads']} torch threads: timings are unreliable, try --threads 1")
+        print(
+            f"note: load average {load:.1f} on {machine['cpu_count']} cores with "
+            f"{machine['torch_threads']} torch threads: timings are unreliable, try --threads 1"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ engine (kernel_choice=auto, as the server runs) on base rows, gathered adapter r
 
 Usage: python benchmarks/base_precision.py [--threads 1] [--rounds 3] [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,21 @@ ADAPTER = "all32"  # rank 32 on every linear: merged mode merges every int8 laye
 MODES = {"base": (None, 10**9), "gather": (ADAPTER, 10**9), "merged": (ADAPTER, 1)}  # adapter, merge_after_steps
 NUM_TOKENS, SPEED_TOKENS, BATCH, BATCH_TOKENS = 64, 128, 16, 32
 QUESTIONS = [
-    "What is the capital of France?", "Explain photosynthesis in two sentences.", "Write a haiku about the sea.",
-    "How do I reverse a list in Python?", "What causes the seasons on Earth?", "Give three tips for better sleep.",
-    "Summarize the plot of Romeo and Juliet.", "What is a prime number?", "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?", "Describe a cat to someone who has never seen one.", "What is 17 times 23?",
-    "List the planets of the solar system.", "What does a compiler do?", "Write a limerick about a programmer.",
+    "What is the capital of France?",
+    "Explain photosynthesis in two sentences.",
+    "Write a haiku about the sea.",
+    "How do I reverse a list in Python?",
+    "What causes the seasons on Earth?",
+    "Give three tips for better sleep.",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is a prime number?",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Describe a cat to someone who has never seen one.",
+    "What is 17 times 23?",
+    "List the planets of the solar system.",
+    "What does a compiler do?",
+    "Write a limerick about a programmer.",
     "How does a bicycle stay upright?",
 ]
 DEFAULT_OUT = Path(__file__).parent / "results" / "base_precision.json"
@@ -90,9 +101,16 @@ def reference(adapter_path: Path, prompts: list[list[int]]) -> dict[str, dict]:
         for prompt in prompts:
             ids = torch.tensor([prompt])
             kwargs = {"adapter_names": [adapter or "__base__"]}
-            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=NUM_TOKENS, eos_token_id=None, pad_token_id=0, **kwargs)
-            new = generated[0, len(prompt):].tolist()
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=NUM_TOKENS,
+                eos_token_id=None,
+                pad_token_id=0,
+                **kwargs,
+            )
+            new = generated[0, len(prompt) :].tolist()
             scores = torch.log_softmax(model(generated[:, :-1], **kwargs).logits[0, -NUM_TOKENS:].float(), -1)
             tokens.append(new)
             logprobs.append(scores.gather(1, torch.tensor(new)[:, None])[:, 0])
@@ -109,12 +127,20 @@ def fidelity(engine: LLMEngine, mode: str, prompts: list[list[int]], ref: dict) 
     agree = [_common_prefix(c.token_ids, r) for c, r in zip(completions, ref["tokens"])]
     scoring = SamplingParams(max_tokens=0, prompt_logprobs=0)
     scored = engine.generate([p + r for p, r in zip(prompts, ref["tokens"])], scoring, [adapter] * len(prompts))
-    errors = torch.cat([(torch.tensor([lp.logprob for lp in c.prompt_logprobs[-NUM_TOKENS:]]) - r).abs()
-                        for c, r in zip(scored, ref["logprobs"])])
-    return {"tokens_until_divergence_mean": statistics.mean(agree), "tokens_until_divergence_min": min(agree),
-            "identical_sequences": sum(a == NUM_TOKENS for a in agree) / len(agree),
-            "logprob_abs_error_mean": errors.mean().item(), "logprob_abs_error_max": errors.max().item(),
-            "steps_by_mode": dict(engine.stats().steps_by_mode - steps_before)}
+    errors = torch.cat(
+        [
+            (torch.tensor([lp.logprob for lp in c.prompt_logprobs[-NUM_TOKENS:]]) - r).abs()
+            for c, r in zip(scored, ref["logprobs"])
+        ]
+    )
+    return {
+        "tokens_until_divergence_mean": statistics.mean(agree),
+        "tokens_until_divergence_min": min(agree),
+        "identical_sequences": sum(a == NUM_TOKENS for a in agree) / len(agree),
+        "logprob_abs_error_mean": errors.mean().item(),
+        "logprob_abs_error_max": errors.max().item(),
+        "steps_by_mode": dict(engine.stats().steps_by_mode - steps_before),
+    }
 
 
 def decode_seconds(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> float:
@@ -127,10 +153,16 @@ def decode_seconds(engine: LLMEngine, prompts: list[list[int]], max_tokens: int)
 
 def kernel_timings(model) -> dict[str, dict]:
     """dtype -> weight -> kernel -> rows -> median µs per call."""
-    return {str(dtype).removeprefix("torch."): {
-        f"{kind} [{out}x{inp}]": {kernel: {rows: round(seconds * 1e6, 1) for rows, seconds in by_rows.items()}
-                                  for kernel, by_rows in measure((kind, out, inp), dtype).items()}
-        for kind, out, inp in weight_keys(model, "int8")} for dtype in (torch.float32, torch.bfloat16)}
+    return {
+        str(dtype).removeprefix("torch."): {
+            f"{kind} [{out}x{inp}]": {
+                kernel: {rows: round(seconds * 1e6, 1) for rows, seconds in by_rows.items()}
+                for kernel, by_rows in measure((kind, out, inp), dtype).items()
+            }
+            for kind, out, inp in weight_keys(model, "int8")
+        }
+        for dtype in (torch.float32, torch.bfloat16)
+    }
 
 
 def weight_bytes(engine: LLMEngine) -> dict[str, int]:
@@ -140,28 +172,41 @@ def weight_bytes(engine: LLMEngine) -> dict[str, int]:
     storages = {p.untyped_storage().data_ptr(): p.nbytes for p in engine.lora_model.model.parameters()}
     linears = [layer for layer in engine.lora_model.layers.values() if isinstance(layer, LoraLinear)]
     int8 = sum(layer.int8.nbytes for layer in linears if layer.int8 is not None)
-    packed = sum(layer.weight.nbytes for layer in linears if layer.int8 is None and not layer.is_conv1d
-                 and PACKED in layer.dense_rule.kernels and can_pack(layer.weight))
-    return {"parameters": sum(storages.values()), "int8": int8, "packed_copies": packed,
-            "total": sum(storages.values()) + int8 + packed}
+    packed = sum(
+        layer.weight.nbytes
+        for layer in linears
+        if layer.int8 is None and not layer.is_conv1d and PACKED in layer.dense_rule.kernels and can_pack(layer.weight)
+    )
+    return {
+        "parameters": sum(storages.values()),
+        "int8": int8,
+        "packed_copies": packed,
+        "total": sum(storages.values()) + int8 + packed,
+    }
 
 
 def run(rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_base_model().tokenizer
         adapter_path = make_adapters(load_base_model().model, Path(tmp))[ADAPTER]
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-                   for q in QUESTIONS]
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in QUESTIONS
+        ]
         prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
         ref = reference(adapter_path, prompts)
         engines, rules = {}, {}
         for variant in VARIANTS:
             engines[variant], rules[variant] = make_engine(variant, adapter_path)
         references = {mode: ref["base" if mode == "base" else ADAPTER] for mode in MODES}
-        results = {variant: {"kernels": rules[variant],
-                             "fidelity": {mode: fidelity(engine, mode, prompts, references[mode]) for mode in MODES},
-                             "weight_bytes": weight_bytes(engine)}
-                   for variant, engine in engines.items()}
+        results = {
+            variant: {
+                "kernels": rules[variant],
+                "fidelity": {mode: fidelity(engine, mode, prompts, references[mode]) for mode in MODES},
+                "weight_bytes": weight_bytes(engine),
+            }
+            for variant, engine in engines.items()
+        }
         speeds = {"single": ([prompts[0]], SPEED_TOKENS), "batch16": (prompts[:BATCH], BATCH_TOKENS)}
         seconds = {(variant, speed): [] for variant in VARIANTS for speed in speeds}
         for _ in range(rounds):  # interleaved: a slow spell on a shared machine hits every variant alike
@@ -172,7 +217,8 @@ def run(rounds: int) -> dict:
         batch, max_tokens = speeds[speed]
         results[variant][f"{speed}_decode_tokens_per_s"] = len(batch) * max_tokens / statistics.median(values)
         results[variant][f"{speed}_decode_speed_vs_fp32"] = statistics.median(
-            fp32 / own for fp32, own in zip(seconds["fp32", speed], values))
+            fp32 / own for fp32, own in zip(seconds["fp32", speed], values)
+        )
     return results
 
 
@@ -187,17 +233,33 @@ def main() -> None:
     timings = kernel_timings(load_base_model().model)
     results = run(args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "prompts": len(QUESTIONS), "tokens": NUM_TOKENS,
-                                    "adapter": ADAPTER, "results": results,
-                                    "kernel_median_us": timings}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "prompts": len(QUESTIONS),
+                "tokens": NUM_TOKENS,
+                "adapter": ADAPTER,
+                "results": results,
+                "kernel_median_us": timings,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     for variant, r in results.items():
         f = r["fidelity"]
-        print(f"{variant:15s} speed x{r['single_decode_speed_vs_fp32']:.2f} "
-              f"({r['single_decode_tokens_per_s']:.1f} tok/s)"
-              f" batch16 x{r['batch16_decode_speed_vs_fp32']:.2f}  "
-              f"weights {r['weight_bytes']['total'] / 2**20:.0f} MiB  " + "  ".join(
-                  f"{mode}: agree {m['tokens_until_divergence_mean']:.1f} ident {m['identical_sequences']:.2f} "
-                  f"lp {m['logprob_abs_error_mean']:.4f}/{m['logprob_abs_error_max']:.3f}" for mode, m in f.items()))
+        print(
+            f"{variant:15s} speed x{r['single_decode_speed_vs_fp32']:.2f} "
+            f"({r['single_decode_tokens_per_s']:.1f} tok/s)"
+            f" batch16 x{r['batch16_decode_speed_vs_fp32']:.2f}  "
+            f"weights {r['weight_bytes']['total'] / 2**20:.0f} MiB  "
+            + "  ".join(
+                f"{mode}: agree {m['tokens_until_divergence_mean']:.1f} ident {m['identical_sequences']:.2f} "
+                f"lp {m['logprob_abs_error_mean']:.4f}/{m['logprob_abs_error_max']:.3f}"
+                for mode, m in f.items()
+            )
+        )
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -19,6 +19,7 @@ Checks, each printed as one PASS/FAIL line and collected in a JSON summary (--ou
 Usage: python benchmarks/cuda_check.py [--device cuda] [--model-dir .gpu/model] [--out PATH]
 Exit status 1 if any check fails. `--device cpu` runs the same on CPU (a smoke test of the script).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,20 @@ from server.engine.sampling_params import SamplingParams  # noqa: E402
 
 BASE = "__base__"  # PEFT's adapter name for a plain base row
 ROWS = ["a1", BASE, "a2", "a1", BASE, "a1"]  # unequal groups, base rows between adapter rows
-ADAPTERS = {"a1": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-            "a2": dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True)}
+ADAPTERS = {
+    "a1": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "a2": dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+}
 GROUPED = dict(max_direct_runs=0, min_run_rows=10**9)  # every adapter row through the grouped bmm
 FLOAT_STEPS = 128  # fp32 steps of the largest logit allowed whatever the measured noise
-PROMPTS = ["Hello there, how are you", "The quick brown fox jumps over", "1 2 3 4 5", "Once upon a time",
-           "def fibonacci(n):", "List three colors:"]
+PROMPTS = [
+    "Hello there, how are you",
+    "The quick brown fox jumps over",
+    "1 2 3 4 5",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "List three colors:",
+]
 GEN_ADAPTERS = [None, "a1", "a2", "a1", None, "a2"]
 
 
@@ -78,9 +87,19 @@ class Checks:
 # Models and adapters
 def tiny_config(vocab_size: int) -> LlamaConfig:
     """As tests/support/engine.py: init scaled up so greedy argmaxes are far apart."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
 
 
 def build(config) -> torch.nn.Module:
@@ -155,28 +174,38 @@ def peft_references(fp32_model, paths, ids, device, dtype) -> dict:
     model = load_peft(fp32_model.to(device=device, dtype=dtype), paths)
     ref = {"mixed": peft_logits(model, ids, ROWS)}
     ref.update({name: peft_logits(model, ids, [name] * len(ROWS)) for name in {*ROWS}})
-    ref["alone"] = torch.cat([peft_logits(model, ids[i:i + 1], [name]) for i, name in enumerate(ROWS)])
+    ref["alone"] = torch.cat([peft_logits(model, ids[i : i + 1], [name]) for i, name in enumerate(ROWS)])
     ref.update({f"{name}-merged": peft_merged_logits(model, name, ids) for name in paths})
     del model
     return ref
 
 
-def check_logits(checks: Checks, label: str, pristine, paths, device: str, dtype: torch.dtype,
-                 fp32_ref: dict | None) -> dict:
-    ids = torch.randint(0, pristine.config.vocab_size, (len(ROWS), 12),
-                        generator=torch.Generator().manual_seed(2)).to(device)
+def check_logits(
+    checks: Checks, label: str, pristine, paths, device: str, dtype: torch.dtype, fp32_ref: dict | None
+) -> dict:
+    ids = torch.randint(0, pristine.config.vocab_size, (len(ROWS), 12), generator=torch.Generator().manual_seed(2)).to(
+        device
+    )
     ref = peft_references(copy.deepcopy(pristine), paths, ids, device, dtype)
     # PEFT against itself: the same math through other kernels (row subsets, batch of one row)
-    peft_noise = max(max(max_diff(ref["mixed"][i], ref[name][i]) for i, name in enumerate(ROWS)),
-                     max_diff(ref["alone"], ref["mixed"]))
+    peft_noise = max(
+        max(max_diff(ref["mixed"][i], ref[name][i]) for i, name in enumerate(ROWS)),
+        max_diff(ref["alone"], ref["mixed"]),
+    )
     # bf16: PEFT runs its adapters in fp32 and we in bf16, so each rounds differently; allow twice
     # PEFT's own bf16 error against the fp32 reference (the "vs fp32" check below bounds ours)
     precision = max_diff(ref["mixed"], fp32_ref["mixed"]) if fp32_ref is not None else 0.0
     floor = FLOAT_STEPS * torch.finfo(torch.float32).eps * ref[BASE].abs().max().item()
     tol = max(2 * peft_noise, 2 * precision, floor)
     effect = min(max_diff(ref[name], ref[BASE]) for name in paths)
-    checks.add(f"{label} adapters move logits far beyond tolerance", effect > 10 * tol,
-               effect=effect, tol=tol, peft_noise=peft_noise, peft_vs_fp32=precision)
+    checks.add(
+        f"{label} adapters move logits far beyond tolerance",
+        effect > 10 * tol,
+        effect=effect,
+        tol=tol,
+        peft_noise=peft_noise,
+        peft_vs_fp32=precision,
+    )
 
     model = copy.deepcopy(pristine).to(device=device, dtype=dtype)
     lora_model = wrap_model(model, max_loras=4, max_rank=64)
@@ -185,7 +214,10 @@ def check_logits(checks: Checks, label: str, pristine, paths, device: str, dtype
         registry.add(name, path)
     slots = {BASE: -1, **{name: registry.acquire(name).slot for name in paths}}
     row_slots = [slots[name] for name in ROWS]
-    ours = {"runs": gather_logits(lora_model, ids, row_slots), "grouped": gather_logits(lora_model, ids, row_slots, **GROUPED)}
+    ours = {
+        "runs": gather_logits(lora_model, ids, row_slots),
+        "grouped": gather_logits(lora_model, ids, row_slots, **GROUPED),
+    }
     errors = {}
     for split, got in ours.items():
         errors[f"gather_{split}"] = err = max_diff(got, ref["mixed"])
@@ -204,8 +236,12 @@ def check_logits(checks: Checks, label: str, pristine, paths, device: str, dtype
     checks.add(f"{label} base rows == unwrapped model", err <= floor, max_err=err, exact=err == 0.0)
     if fp32_ref is not None:  # bf16: no further from the fp32 truth than PEFT in bf16 is
         ours_err = max(max_diff(got, fp32_ref["mixed"]) for got in ours.values())
-        checks.add(f"{label} error vs fp32 PEFT <= 2x PEFT's", ours_err <= 2 * precision + floor,
-                   ours_err=ours_err, peft_err=precision)
+        checks.add(
+            f"{label} error vs fp32 PEFT <= 2x PEFT's",
+            ours_err <= 2 * precision + floor,
+            ours_err=ours_err,
+            peft_err=precision,
+        )
         errors.update(vs_fp32=ours_err, peft_vs_fp32=precision)
     del lora_model, model
     return {"ref": ref, "tol": tol, "peft_noise": peft_noise, "effect": effect, "errors": errors}
@@ -217,17 +253,27 @@ def peft_greedy(model: peft.PeftModel, prompt_ids: list[int], n: int, adapter: s
     """Greedy tokens from PEFT `generate`, EOS neither stopping nor suppressed, and the step scores."""
     ids = torch.tensor([prompt_ids], device=device)
     model.get_base_model().generation_config.eos_token_id = None
-    config = GenerationConfig(eos_token_id=None, pad_token_id=2, do_sample=False, max_new_tokens=n,
-                              output_scores=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                         adapter_names=[adapter or BASE])
-    return out.sequences[0, ids.shape[1]:].tolist(), [s[0].float() for s in out.scores]
+    config = GenerationConfig(
+        eos_token_id=None,
+        pad_token_id=2,
+        do_sample=False,
+        max_new_tokens=n,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, adapter_names=[adapter or BASE]
+    )
+    return out.sequences[0, ids.shape[1] :].tolist(), [s[0].float() for s in out.scores]
 
 
-def check_generate(checks: Checks, label: str, pristine, tokenizer, paths, device: str, num_tokens: int,
-                   near_tie: float | None) -> dict:
-    engine = LLMEngine(BaseModel(copy.deepcopy(pristine).to(device), tokenizer, label, Path(label)),
-                       EngineConfig(max_num_seqs=16, kv_cache_tokens=4096))
+def check_generate(
+    checks: Checks, label: str, pristine, tokenizer, paths, device: str, num_tokens: int, near_tie: float | None
+) -> dict:
+    engine = LLMEngine(
+        BaseModel(copy.deepcopy(pristine).to(device), tokenizer, label, Path(label)),
+        EngineConfig(max_num_seqs=16, kv_cache_tokens=4096),
+    )
     for name, path in paths.items():
         engine.registry.add(name, path)
     params = SamplingParams(max_tokens=num_tokens, temperature=0, ignore_eos=True)
@@ -243,25 +289,40 @@ def check_generate(checks: Checks, label: str, pristine, tokenizer, paths, devic
             exact += 1
         else:
             first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-            gap = (scores[first][expected[first]] - scores[first][got[first]]).item() if first < len(got) else float("inf")
+            gap = (
+                (scores[first][expected[first]] - scores[first][got[first]]).item()
+                if first < len(got)
+                else float("inf")
+            )
             worst_gap = max(worst_gap, gap)
             ties += near_tie is not None and gap <= near_tie
         outputs.append({"adapter": adapter, "ours": got, "peft": expected})
     distinct = len({tuple(o["ours"]) for o in outputs[:3]})  # prompt-wise: different adapters, different text
     passed = exact + ties == len(PROMPTS)
-    checks.add(f"{label} engine greedy == PEFT generate", passed, exact=f"{exact}/{len(PROMPTS)}",
-               near_ties=ties, worst_gap=worst_gap, seconds=seconds)
+    checks.add(
+        f"{label} engine greedy == PEFT generate",
+        passed,
+        exact=f"{exact}/{len(PROMPTS)}",
+        near_ties=ties,
+        worst_gap=worst_gap,
+        seconds=seconds,
+    )
     stats = engine.stats()
-    checks.add(f"{label} engine used gather steps", stats.steps_by_mode.get("gather", 0) > 0,
-               steps=dict(stats.steps_by_mode))
+    checks.add(
+        f"{label} engine used gather steps", stats.steps_by_mode.get("gather", 0) > 0, steps=dict(stats.steps_by_mode)
+    )
     return {"outputs": outputs, "seconds": seconds, "distinct_first_three": distinct}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--model-dir", type=Path, default=Path(__file__).resolve().parent.parent / ".gpu" / "model",
-                        help="a directory with config.json and the tokenizer (weights not needed)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / ".gpu" / "model",
+        help="a directory with config.json and the tokenizer (weights not needed)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tokens", type=int, default=16, help="greedy tokens per request in the engine check")
     args = parser.parse_args()
@@ -270,13 +331,14 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    models = {"tiny": build(tiny_config(len(tokenizer))),
-              "arch": build(AutoConfig.from_pretrained(args.model_dir))}
+    models = {"tiny": build(tiny_config(len(tokenizer))), "arch": build(AutoConfig.from_pretrained(args.model_dir))}
     checks, summary = Checks(), {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, pristine in models.items():
-            paths = {name: make_peft_adapter(pristine, Path(tmp) / f"{label}-{name}", **kwargs)
-                     for name, kwargs in ADAPTERS.items()}
+            paths = {
+                name: make_peft_adapter(pristine, Path(tmp) / f"{label}-{name}", **kwargs)
+                for name, kwargs in ADAPTERS.items()
+            }
             fp32 = {}
 
             def logits_fp32(label=label, pristine=pristine, paths=paths):
@@ -284,14 +346,16 @@ def main() -> None:
                 summary[f"{label}_fp32_logits"] = {k: v for k, v in fp32.items() if k != "ref"}
 
             def logits_bf16(label=label, pristine=pristine, paths=paths):
-                result = check_logits(checks, f"{label} bf16", pristine, paths, args.device, torch.bfloat16,
-                                      fp32.get("ref"))
+                result = check_logits(
+                    checks, f"{label} bf16", pristine, paths, args.device, torch.bfloat16, fp32.get("ref")
+                )
                 summary[f"{label}_bf16_logits"] = {k: v for k, v in result.items() if k != "ref"}
 
             def generate(label=label, pristine=pristine, paths=paths):
                 near_tie = None if label == "tiny" else 1e-3  # the random 30-layer model's logits are nearly flat
-                summary[f"{label}_fp32_generate"] = check_generate(checks, f"{label} fp32", pristine, tokenizer, paths,
-                                                                   args.device, args.tokens, near_tie)
+                summary[f"{label}_fp32_generate"] = check_generate(
+                    checks, f"{label} fp32", pristine, tokenizer, paths, args.device, args.tokens, near_tie
+                )
 
             checks.run(f"{label} fp32 logits", logits_fp32)
             checks.run(f"{label} bf16 logits", logits_bf16)
@@ -301,13 +365,25 @@ def main() -> None:
                 torch.cuda.empty_cache()
 
     failed = [c["name"] for c in checks.results if not c["passed"]]
-    result = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "peft": peft.__version__, "device": args.device,
-                          "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
-              "models": {label: {"layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size,
-                                 "vocab": m.config.vocab_size} for label, m in models.items()},
-              "checks": checks.results, "details": summary, "failed": failed, "passed": not failed}
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        },
+        "models": {
+            label: {"layers": m.config.num_hidden_layers, "hidden": m.config.hidden_size, "vocab": m.config.vocab_size}
+            for label, m in models.items()
+        },
+        "checks": checks.results,
+        "details": summary,
+        "failed": failed,
+        "passed": not failed,
+    }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -9,6 +9,7 @@ engine's public API.
 
 Usage: python benchmarks/mixed_step.py [--rounds 5] [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ class LoraClock:
                 return original(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - started
+
         return add_lora
 
 
@@ -92,15 +94,29 @@ def main() -> None:
         mixed.append(seconds), shares.append(share)
         base_runs.append(run(False)[0])
     ratio = statistics.median(b / m for m, b in zip(mixed, base_runs))
-    commit = subprocess.run(["git", "-C", str(Path(adapters.layer.__file__).parent), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    result = {"machine": {"cpu": cpu_model_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-              "code": {"checkout": str(Path(adapters.layer.__file__).parents[1]), "commit": commit},
-              "workload": {"rows": ROWS, "tokens": TOKENS, "adapters": {k: {"rank": r, "targets": t}
-                                                                        for k, (r, t) in ADAPTERS.items()}},
-              "seconds": {"mixed": mixed, "base": base_runs}, "lora_share_per_round": shares,
-              "mixed_over_base_throughput": ratio, "lora_share": statistics.median(shares)}
+    commit = subprocess.run(
+        ["git", "-C", str(Path(adapters.layer.__file__).parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    result = {
+        "machine": {
+            "cpu": cpu_model_name(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "code": {"checkout": str(Path(adapters.layer.__file__).parents[1]), "commit": commit},
+        "workload": {
+            "rows": ROWS,
+            "tokens": TOKENS,
+            "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()},
+        },
+        "seconds": {"mixed": mixed, "base": base_runs},
+        "lora_share_per_round": shares,
+        "mixed_over_base_throughput": ratio,
+        "lora_share": statistics.median(shares),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{commit}: mixed/base throughput {ratio:.3f}, LoRA share of the mixed run {result['lora_share']:.3f}")

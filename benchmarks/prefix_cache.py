@@ -12,6 +12,7 @@ Three parts, one engine per configuration, 1 torch thread by default (the machin
 
 Usage: python benchmarks/prefix_cache.py [--rounds N] [--threads N] [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,18 @@ from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
 
 TARGET = 4.0
-RULES = ("Rule {i}: when a user asks about topic {i}, answer in plain words, cite rule {i}, keep it short, "
-         "and never invent facts you cannot check. ")
-QUESTIONS = ["What is two plus two?", "Name a colour.", "Who wrote Hamlet?", "Spell cat.", "Is water wet?",
-             "What day follows Monday?"]
+RULES = (
+    "Rule {i}: when a user asks about topic {i}, answer in plain words, cite rule {i}, keep it short, "
+    "and never invent facts you cannot check. "
+)
+QUESTIONS = [
+    "What is two plus two?",
+    "Name a colour.",
+    "Who wrote Hamlet?",
+    "Spell cat.",
+    "Is water wet?",
+    "What day follows Monday?",
+]
 MODELS = [None, "alpha", "beta"]
 DEFAULT_OUT = Path(__file__).parent / "results" / "prefix_cache.json"
 
@@ -53,11 +62,13 @@ def system_prompt(tokenizer, variant: int, num_tokens: int) -> str:
 
 def make_adapters(model, root: Path) -> dict[str, Path]:
     import peft
+
     paths = {}
     for seed, name in enumerate(MODELS[1:]):
         torch.manual_seed(seed)
-        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                 init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+        )
         peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(root / name)
         paths[name] = root / name
     return paths
@@ -73,7 +84,10 @@ def make_engine(paths: dict[str, Path], caching: bool) -> LLMEngine:
 def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, adapters: list) -> tuple[list, list]:
     """Run the prompts together: their completions and each one's time to first token, in order."""
     seen: dict[str, float] = {}
-    listener = lambda stats: seen.__setitem__(stats.request_id, stats.time_to_first_token)
+
+    def listener(stats) -> None:
+        seen[stats.request_id] = stats.time_to_first_token
+
     engine.request_listeners.append(listener)
     try:
         completions = engine.generate(prompts, params, adapters)
@@ -91,15 +105,21 @@ def shared_prefix(engine: LLMEngine, rounds: int, warm: int, prefix_tokens: int)
     cold, warm_ttft = [], []
     for r in range(rounds):
         system = system_prompt(tok, r, prefix_tokens)
-        prompts = [tok.encode(system + "\nQuestion: " + q) for q in QUESTIONS[:warm + 1]]
+        prompts = [tok.encode(system + "\nQuestion: " + q) for q in QUESTIONS[: warm + 1]]
         cold += ttfts(engine, prompts[:1], params, [None])
         for prompt in prompts[1:]:
             warm_ttft += ttfts(engine, [prompt], params, [None])
         print(f"round {r}: cold {cold[-1]:.3f}s, warm {statistics.median(warm_ttft[-warm:]):.3f}s", flush=True)
     cold_s, warm_s = statistics.median(cold), statistics.median(warm_ttft)
-    return {"prompt_tokens": len(prompts[0]), "cold_ttft_s": cold, "warm_ttft_s": warm_ttft,
-            "median_cold_ttft_s": cold_s, "median_warm_ttft_s": warm_s, "speedup": cold_s / warm_s,
-            "prefill_tokens_saved_per_warm_request": engine.stats().prefix_cache_hits // max(1, rounds * warm)}
+    return {
+        "prompt_tokens": len(prompts[0]),
+        "cold_ttft_s": cold,
+        "warm_ttft_s": warm_ttft,
+        "median_cold_ttft_s": cold_s,
+        "median_warm_ttft_s": warm_s,
+        "speedup": cold_s / warm_s,
+        "prefill_tokens_saved_per_warm_request": engine.stats().prefix_cache_hits // max(1, rounds * warm),
+    }
 
 
 def design(engine: LLMEngine, num_tokens: int, repeats: int = 20) -> dict:
@@ -136,17 +156,21 @@ def design(engine: LLMEngine, num_tokens: int, repeats: int = 20) -> dict:
     cache.free(-1)
     cache.free(-2)
     per_token = cache.k[0].shape[0] * cache.k[0].shape[2] * cache.k[0].element_size() * 2 * len(cache.k)
-    return {"context_tokens": num_blocks * size, "kv_bytes": per_token * num_blocks * size,
-            "copy_on_hit_s": copy_s, "copy_on_hit_scattered_blocks_s": scattered_s,
-            "decode_attention_view_s": view_s, "decode_attention_gathered_blocks_s": gather_s,
-            "gather_extra_per_decode_step_s": gather_s - view_s}
+    return {
+        "context_tokens": num_blocks * size,
+        "kv_bytes": per_token * num_blocks * size,
+        "copy_on_hit_s": copy_s,
+        "copy_on_hit_scattered_blocks_s": scattered_s,
+        "decode_attention_view_s": view_s,
+        "decode_attention_gathered_blocks_s": gather_s,
+        "gather_extra_per_decode_step_s": gather_s - view_s,
+    }
 
 
 def multi_turn(engine: LLMEngine, turns: int, per_model: int, max_tokens: int, system: str) -> dict:
     tok = engine.tokenizer
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    chats = [(MODELS[i % len(MODELS)], [{"role": "system", "content": system}])
-             for i in range(per_model * len(MODELS))]
+    chats = [(MODELS[i % len(MODELS)], [{"role": "system", "content": system}]) for i in range(per_model * len(MODELS))]
     before, started, all_ttft, tokens, outputs = engine.stats(), time.perf_counter(), [], 0, []
     for turn in range(turns):
         prompts = []
@@ -155,17 +179,24 @@ def multi_turn(engine: LLMEngine, turns: int, per_model: int, max_tokens: int, s
             prompts.append(engine.tokenization.chat_prompt(messages))
         completions, turn_ttft = generate(engine, prompts, params, [model for model, _ in chats])
         for (_, messages), completion in zip(chats, completions):
-            messages.append({"role": "assistant", "content": tok.decode(completion.token_ids, skip_special_tokens=True)})
+            messages.append(
+                {"role": "assistant", "content": tok.decode(completion.token_ids, skip_special_tokens=True)}
+            )
             tokens += len(completion.token_ids)
             outputs.append(completion.token_ids)
         all_ttft += turn_ttft
     seconds, after = time.perf_counter() - started, engine.stats()
     queries = after.prefix_cache_queries - before.prefix_cache_queries
-    return {"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
-            "prompt_tokens": after.num_prompt_tokens - before.num_prompt_tokens,
-            "median_ttft_s": statistics.median(all_ttft), "mean_ttft_s": statistics.fmean(all_ttft),
-            "prefix_cache_hit_rate": (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0,
-            "token_ids": outputs}
+    return {
+        "seconds": seconds,
+        "output_tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "prompt_tokens": after.num_prompt_tokens - before.num_prompt_tokens,
+        "median_ttft_s": statistics.median(all_ttft),
+        "mean_ttft_s": statistics.fmean(all_ttft),
+        "prefix_cache_hit_rate": (after.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0,
+        "token_ids": outputs,
+    }
 
 
 def main() -> None:
@@ -197,14 +228,27 @@ def main() -> None:
     mt["outputs_equal"] = mt["on"].pop("token_ids") == mt["off"].pop("token_ids")  # greedy: caching changes nothing
     report["multi_turn"]["throughput_on/off"] = mt["on"]["tokens_per_s"] / mt["off"]["tokens_per_s"]
     report["multi_turn"]["median_ttft_off/on"] = mt["off"]["median_ttft_s"] / mt["on"]["median_ttft_s"]
-    report["machine"] = {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "torch": torch.__version__,
-                         "load_average_1m": os.getloadavg()[0],
-                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    report["workload"] = {"rounds": args.rounds, "warm_per_round": args.warm, "prefix_tokens": args.prefix_tokens,
-                          "turns": args.turns, "chats": args.chats_per_model * len(MODELS),
-                          "models": ["base", *MODELS[1:]], "adapter": "r=8 q,k,v,o", "multi_turn_max_tokens": 24,
-                          "block_size": on.config.block_size, "target_speedup": TARGET}
+    report["machine"] = {
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average_1m": os.getloadavg()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    report["workload"] = {
+        "rounds": args.rounds,
+        "warm_per_round": args.warm,
+        "prefix_tokens": args.prefix_tokens,
+        "turns": args.turns,
+        "chats": args.chats_per_model * len(MODELS),
+        "models": ["base", *MODELS[1:]],
+        "adapter": "r=8 q,k,v,o",
+        "multi_turn_max_tokens": 24,
+        "block_size": on.config.block_size,
+        "target_speedup": TARGET,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

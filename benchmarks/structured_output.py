@@ -11,6 +11,7 @@ rows live about as long as free ones and the batches stay comparable.
 
 Usage: python benchmarks/structured_output.py [--rounds N] [--threads N] [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,22 @@ from server.engine.sampling_params import SamplingParams
 
 NUM_REQUESTS, MAX_TOKENS, TARGET = 12, 64, 0.8
 MODELS = [None, "alpha", "beta"]
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["items", "summary"], "properties": {
-    "items": {"type": "array", "minItems": 8, "maxItems": 8, "items": {"type": "string", "maxLength": 12}},
-    "summary": {"type": "string", "minLength": 40, "maxLength": 60}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["items", "summary"],
+    "properties": {
+        "items": {"type": "array", "minItems": 8, "maxItems": 8, "items": {"type": "string", "maxLength": 12}},
+        "summary": {"type": "string", "minLength": 40, "maxLength": 60},
+    },
+}
 PROMPT = "List eight things to pack for a trip, as JSON, with a summary."
 DEFAULT_OUT = Path(__file__).parent / "results" / "structured_output.json"
 
 
 def make_adapters(model, root: Path) -> dict[str, Path]:
     import peft
+
     paths = {}
     for seed, name in enumerate(MODELS[1:]):
         torch.manual_seed(seed)
@@ -56,8 +64,12 @@ def make_adapters(model, root: Path) -> dict[str, Path]:
 def workload(kind: str) -> list[SamplingParams]:
     spec = GrammarSpec(kind="json_schema", source=json.dumps(SCHEMA))
     constrained = {"free": lambda i: False, "mixed": lambda i: i % 2 == 1, "constrained": lambda i: True}[kind]
-    return [SamplingParams(temperature=0.9, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True,
-                           grammar=spec if constrained(i) else None) for i in range(NUM_REQUESTS)]
+    return [
+        SamplingParams(
+            temperature=0.9, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True, grammar=spec if constrained(i) else None
+        )
+        for i in range(NUM_REQUESTS)
+    ]
 
 
 def run(engine: LLMEngine, kind: str) -> tuple[float, int]:
@@ -92,14 +104,32 @@ def main() -> None:
                 tps[kind].append(tokens / seconds)
                 print(f"round {round_} {kind}: {tokens / seconds:.1f} tokens/s", flush=True)
     medians = {kind: statistics.median(values) for kind, values in tps.items()}
-    ratios = {"constrained/free": medians["constrained"] / medians["free"], "mixed/free": medians["mixed"] / medians["free"]}
-    report = {"machine": {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "platform": platform.platform(), "torch": torch.__version__,
-                          "load_average_1m": os.getloadavg()[0],
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-              "workload": {"requests": NUM_REQUESTS, "max_tokens": MAX_TOKENS, "models": ["base", *MODELS[1:]],
-                           "temperature": 0.9, "schema": SCHEMA},
-              "tokens_per_s": tps, "median_tokens_per_s": medians, "ratios": ratios, "target": TARGET}
+    ratios = {
+        "constrained/free": medians["constrained"] / medians["free"],
+        "mixed/free": medians["mixed"] / medians["free"],
+    }
+    report = {
+        "machine": {
+            "cpu": cpu_model_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "load_average_1m": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        "workload": {
+            "requests": NUM_REQUESTS,
+            "max_tokens": MAX_TOKENS,
+            "models": ["base", *MODELS[1:]],
+            "temperature": 0.9,
+            "schema": SCHEMA,
+        },
+        "tokens_per_s": tps,
+        "median_tokens_per_s": medians,
+        "ratios": ratios,
+        "target": TARGET,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"median_tokens_per_s": medians, "ratios": ratios}, indent=2))

@@ -17,6 +17,7 @@ Usage: python benchmarks/throughput.py [--requests 64] [--rounds 3] [--out PATH]
 --model: any local model (an HF directory or a .gguf); the embedded default if not given.
 --device: where every configuration runs (cpu by default); on CUDA each timing waits for the device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,34 @@ ADAPTERS = {  # name -> (rank, targets)
 STATIC_BATCH = 16
 TARGETS = {"a/b": 0.85, "a/c": 3.0, "b/d": 1.3}
 DEFAULT_OUT = Path(__file__).parent / "results" / "throughput.json"
-TEXT = ("LoRA adapts a frozen model with a low-rank update, so one server can keep a single base model "
-        "resident and serve many small task adapters, mixing their requests in one batch. ")
+TEXT = (
+    "LoRA adapts a frozen model with a low-rank update, so one server can keep a single base model "
+    "resident and serve many small task adapters, mixing their requests in one batch. "
+)
 
 
 def make_workload(tokenizer, num_requests: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     text_ids = tokenizer.encode(TEXT * 40)
     names = list(ADAPTERS)
-    return [{"prompt": text_ids[start:start + rng.randint(20, 300)],
-             "max_tokens": rng.randint(16, 128),
-             "adapter": names[i % len(names)]}
-            for i in range(num_requests) for start in [rng.randint(0, 200)]]
+    return [
+        {
+            "prompt": text_ids[start : start + rng.randint(20, 300)],
+            "max_tokens": rng.randint(16, 128),
+            "adapter": names[i % len(names)],
+        }
+        for i in range(num_requests)
+        for start in [rng.randint(0, 200)]
+    ]
 
 
 def make_adapters(model, root: Path) -> dict[str, Path]:
     paths = {}
     for name, (rank, targets) in ADAPTERS.items():
-        peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False))
+        peft_model = peft.get_peft_model(
+            copy.deepcopy(model),
+            peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
+        )
         peft_model.save_pretrained(root / name)
         paths[name] = root / name
     return paths
@@ -94,45 +104,65 @@ def run_static(model, tokenizer, workload: list[dict], use_adapters: bool) -> fl
     device = model.device
     started = clock(device)
     for first in range(0, len(workload), STATIC_BATCH):
-        batch = workload[first:first + STATIC_BATCH]
+        batch = workload[first : first + STATIC_BATCH]
         width = max(len(w["prompt"]) for w in batch)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.tensor([[pad] * (width - len(w["prompt"])) + w["prompt"] for w in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in batch],
-                            device=device)
-        config = GenerationConfig(max_new_tokens=max(w["max_tokens"] for w in batch), do_sample=False,
-                                  eos_token_id=None, pad_token_id=pad)
+        mask = torch.tensor([[0] * (width - len(w["prompt"])) + [1] * len(w["prompt"]) for w in batch], device=device)
+        config = GenerationConfig(
+            max_new_tokens=max(w["max_tokens"] for w in batch), do_sample=False, eos_token_id=None, pad_token_id=pad
+        )
         extra = {"adapter_names": [w["adapter"] for w in batch]} if use_adapters else {}
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
     return clock(device) - started
 
 
-def write_result(out: Path, base, device: torch.device, workload: list[dict], seconds: dict[str, list[float]],
-                 engine: LLMEngine) -> dict[str, float]:
+def write_result(
+    out: Path, base, device: torch.device, workload: list[dict], seconds: dict[str, list[float]], engine: LLMEngine
+) -> dict[str, float]:
     """Write the JSON for the rounds done so far; returns the median ratios."""
     useful_tokens = sum(w["max_tokens"] for w in workload)
     a, b, c, d = seconds.values()  # per round; a ratio of throughputs is the inverse ratio of times
-    per_round = {"a/b": [y / x for x, y in zip(a, b)], "a/c": [y / x for x, y in zip(a, c)],
-                 "b/d": [y / x for x, y in zip(b, d)]}
+    per_round = {
+        "a/b": [y / x for x, y in zip(a, b)],
+        "a/c": [y / x for x, y in zip(a, c)],
+        "b/d": [y / x for x, y in zip(b, d)],
+    }
     ratios = {name: statistics.median(values) for name, values in per_round.items()}
     tps = {name: useful_tokens / statistics.median(values) for name, values in seconds.items()}
     stats = engine.stats()
     result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-                    "peft": peft.__version__, "load_average_1m": os.getloadavg()[0],
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "load_average_1m": os.getloadavg()[0],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
         "model": {"name": base.name, "path": str(base.path), "dtype": str(base.model.dtype)},
-        "workload": {"requests": len(workload), "useful_output_tokens": useful_tokens,
-                     "prompt_tokens": sum(len(w["prompt"]) for w in workload),
-                     "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()}},
-        "rounds": len(seconds["a_loraserve_mixed"]), "seconds": seconds, "median_output_tokens_per_s": tps,
-        "ratios_per_round": per_round, "ratios": ratios, "targets": TARGETS,
-        "engine": {"steps_by_mode": dict(stats.steps_by_mode), "swaps": stats.num_swaps,
-                   "preemptions": stats.num_preemptions},
+        "workload": {
+            "requests": len(workload),
+            "useful_output_tokens": useful_tokens,
+            "prompt_tokens": sum(len(w["prompt"]) for w in workload),
+            "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()},
+        },
+        "rounds": len(seconds["a_loraserve_mixed"]),
+        "seconds": seconds,
+        "median_output_tokens_per_s": tps,
+        "ratios_per_round": per_round,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "engine": {
+            "steps_by_mode": dict(stats.steps_by_mode),
+            "swaps": stats.num_swaps,
+            "preemptions": stats.num_preemptions,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -176,8 +206,11 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name, run in runs.items():
                 seconds[name].append(run())
-                print(f"round {round_index + 1} {name:24s} {seconds[name][-1]:8.1f} s "
-                      f"{useful_tokens / seconds[name][-1]:8.1f} tok/s", flush=True)
+                print(
+                    f"round {round_index + 1} {name:24s} {seconds[name][-1]:8.1f} s "
+                    f"{useful_tokens / seconds[name][-1]:8.1f} tok/s",
+                    flush=True,
+                )
             if round_index + 1 < args.rounds:  # a run cut short still leaves the rounds it finished
                 write_result(args.out, base, device, workload, seconds, engine)
     ratios = write_result(args.out, base, device, workload, seconds, engine)

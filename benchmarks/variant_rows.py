@@ -11,6 +11,7 @@ next to a plain LoRA row's own cost (the plain step's time over the base step, p
 
 Usage: python benchmarks/variant_rows.py [--repeats N] [--out PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "variant_rows.json"
 
 def save_adapter(base, path: Path, seed: int, **extra) -> Path:
     torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS,
-                                                                      init_lora_weights=False, **extra))
+    model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False, **extra),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -80,19 +83,35 @@ def run(repeats: int) -> dict:
         composed = LoraBatch.build(composed_slots, token_scales=composed_scales, direct_slots=lm.dora_slots)
         timings = {}
         for name, batch in (("base", None), ("dora", dora), ("composed", composed)):
-            timings[name] = sample_pairs(lambda b=batch: step(lm, b, cache, ids), lambda: step(lm, plain, cache, ids),
-                                         repeats)
+            timings[name] = sample_pairs(
+                lambda b=batch: step(lm, b, cache, ids), lambda: step(lm, plain, cache, ids), repeats
+            )
     med = {name: (statistics.median(a), statistics.median(b)) for name, (a, b) in timings.items()}
     plain_row = (med["base"][1] - med["base"][0]) / NUM_ROWS  # a plain LoRA row over a base row
-    result = {"machine": machine_info(), "config": {"repeats": repeats, "rank": RANK, "targets": TARGETS,
-                                                    "num_rows": NUM_ROWS, "context_len": CONTEXT_LEN},
-              "plain_step_ms": med["base"][1], "base_step_ms": med["base"][0], "plain_row_ms": plain_row}
+    result = {
+        "machine": machine_info(),
+        "config": {
+            "repeats": repeats,
+            "rank": RANK,
+            "targets": TARGETS,
+            "num_rows": NUM_ROWS,
+            "context_len": CONTEXT_LEN,
+        },
+        "plain_step_ms": med["base"][1],
+        "base_step_ms": med["base"][0],
+        "plain_row_ms": plain_row,
+    }
     for name in ("dora", "composed"):
         variant, reference = med[name]
         extra = (variant - reference) / per
         paired = statistics.median(a / b for a, b in zip(*timings[name]))
-        result[name] = {"step_ms": variant, "plain_step_ms": reference, "paired_step_ratio": paired,
-                        "extra_per_row_ms": extra, "row_cost_vs_plain_row": (plain_row + extra) / plain_row}
+        result[name] = {
+            "step_ms": variant,
+            "plain_step_ms": reference,
+            "paired_step_ratio": paired,
+            "extra_per_row_ms": extra,
+            "row_cost_vs_plain_row": (plain_row + extra) / plain_row,
+        }
     return result
 
 

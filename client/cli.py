@@ -1,4 +1,5 @@
 """`loraserve complete | chat | adapters ...`: command-line use of the client."""
+
 from __future__ import annotations
 
 import argparse
@@ -111,13 +112,17 @@ def format_analysis(analysis: AdapterAnalysis) -> str:
     lines = [header + f" {'amplif.':>8}"]
     for layer in analysis.layers:
         amp = layer["amplification"]
-        lines.append(f"{layer['module']:<40} {layer['rank']:>4} {layer['scale']:>7.3g} {layer['delta_norm']:>9.4g} "
-                     + " ".join(f"{layer['effective_rank'][e]:>7}" for e in energies)
-                     + f" {amp if amp is not None else float('inf'):>8.3g}")
+        lines.append(
+            f"{layer['module']:<40} {layer['rank']:>4} {layer['scale']:>7.3g} {layer['delta_norm']:>9.4g} "
+            + " ".join(f"{layer['effective_rank'][e]:>7}" for e in energies)
+            + f" {amp if amp is not None else float('inf'):>8.3g}"
+        )
     summary = analysis.summary
-    lines.append(f"{summary['num_layers']} layers, rank {summary['rank']}, {summary['num_params']} parameters, "
-                 f"|dW| {summary['delta_norm']:.4g}, effective rank "
-                 + ", ".join(f"{summary['effective_rank'][e]} @ {e}" for e in energies))
+    lines.append(
+        f"{summary['num_layers']} layers, rank {summary['rank']}, {summary['num_params']} parameters, "
+        f"|dW| {summary['delta_norm']:.4g}, effective rank "
+        + ", ".join(f"{summary['effective_rank'][e]} @ {e}" for e in energies)
+    )
     lines.extend(f"warning: {warning}" for warning in summary["warnings"])
     return "\n".join(lines)
 
@@ -142,5 +147,6 @@ def _print_stream(deltas) -> None:
 
 def _print(value) -> None:
     items = value if isinstance(value, list) else [value]
-    print(json.dumps([item.model_dump() for item in items] if isinstance(value, list) else value.model_dump(),
-                     indent=2))
+    print(
+        json.dumps([item.model_dump() for item in items] if isinstance(value, list) else value.model_dump(), indent=2)
+    )

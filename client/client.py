@@ -2,6 +2,7 @@
 
 Both share the request builders and parsers below; only the transport calls differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def _stream_options(stream: bool) -> dict:
     return {"stream_options": {"include_usage": True}} if stream else {}
 
 
-def _upload_parts(name: str, path: str | Path, replace: bool, energy: float | None,
-                  max_rank: int | None) -> tuple[dict, dict]:
+def _upload_parts(
+    name: str, path: str | Path, replace: bool, energy: float | None, max_rank: int | None
+) -> tuple[dict, dict]:
     directory = Path(path)
     files = {f: (f, (directory / f).read_bytes()) for f in ADAPTER_FILES if (directory / f).is_file()}
     data = {"name": name, "replace": "true" if replace else "false"}
@@ -76,8 +78,13 @@ def _check(response: httpx.Response) -> httpx.Response:
 class Client:
     """Synchronous client. Every failure raises a `client.errors.LoraserveError` subclass."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 600.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport)
 
     def complete(self, model: str, prompt: str | list[int], **params: Any) -> Completion:
@@ -87,7 +94,9 @@ class Client:
         yield from self._stream("/v1/completions", _completion_body(model, prompt, True, params))
 
     def chat(self, model: str, messages: list[dict] | str, **params: Any) -> ChatCompletion:
-        return ChatCompletion(**self._json("POST", "/v1/chat/completions", json=_chat_body(model, messages, False, params)))
+        return ChatCompletion(
+            **self._json("POST", "/v1/chat/completions", json=_chat_body(model, messages, False, params))
+        )
 
     def stream_chat(self, model: str, messages: list[dict] | str, **params: Any) -> Iterator[StreamDelta]:
         yield from self._stream("/v1/chat/completions", _chat_body(model, messages, True, params))
@@ -101,8 +110,14 @@ class Client:
     def adapter(self, name: str) -> AdapterInfo:
         return AdapterInfo(**self._json("GET", f"/v1/adapters/{name}"))
 
-    def upload_adapter(self, name: str, path: str | Path, replace: bool = False, energy: float | None = None,
-                       max_rank: int | None = None) -> AdapterInfo:
+    def upload_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        replace: bool = False,
+        energy: float | None = None,
+        max_rank: int | None = None,
+    ) -> AdapterInfo:
         """Upload a PEFT directory; `energy`/`max_rank` have the server compress each layer's rank."""
         data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**self._json("POST", "/v1/adapters", data=data, files=files))
@@ -129,7 +144,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -157,10 +172,16 @@ class Client:
 class AsyncClient:
     """The same API as `Client`, for asyncio."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 600.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout,
-                                       transport=transport)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
 
     async def complete(self, model: str, prompt: str | list[int], **params: Any) -> Completion:
         body = _completion_body(model, prompt, False, params)
@@ -187,8 +208,14 @@ class AsyncClient:
     async def adapter(self, name: str) -> AdapterInfo:
         return AdapterInfo(**await self._json("GET", f"/v1/adapters/{name}"))
 
-    async def upload_adapter(self, name: str, path: str | Path, replace: bool = False, energy: float | None = None,
-                             max_rank: int | None = None) -> AdapterInfo:
+    async def upload_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        replace: bool = False,
+        energy: float | None = None,
+        max_rank: int | None = None,
+    ) -> AdapterInfo:
         data, files = _upload_parts(name, path, replace, energy, max_rank)
         return AdapterInfo(**await self._json("POST", "/v1/adapters", data=data, files=files))
 
@@ -208,7 +235,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
 """Typed client errors, one per failure a caller handles differently; `parse_error` picks one."""
+
 from __future__ import annotations
 
 import httpx
@@ -7,8 +8,15 @@ import httpx
 class LoraserveError(Exception):
     """The server answered with an error (or could not be reached)."""
 
-    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
-                 code: str | int | None = None, param: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        code: str | int | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.type, self.code, self.param = message, status, type, code, param
 
@@ -47,8 +55,16 @@ class ServerBusyError(LoraserveError):
     retry_after: float | None = None
 
 
-_BY_STATUS = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
-              409: ConflictError, 413: PayloadTooLargeError, 422: BadRequestError, 503: ServerBusyError}
+_BY_STATUS = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: BadRequestError,
+    503: ServerBusyError,
+}
 
 
 def parse_error(response: httpx.Response) -> LoraserveError:
@@ -60,8 +76,13 @@ def parse_error(response: httpx.Response) -> LoraserveError:
     if not isinstance(body, dict):
         body = {"message": str(body)}
     error_class = _BY_STATUS.get(response.status_code, LoraserveError)
-    error = error_class(body.get("message") or f"HTTP {response.status_code}", status=response.status_code,
-                        type=body.get("type"), code=body.get("code"), param=body.get("param"))
+    error = error_class(
+        body.get("message") or f"HTTP {response.status_code}",
+        status=response.status_code,
+        type=body.get("type"),
+        code=body.get("code"),
+        param=body.get("param"),
+    )
     if isinstance(error, ServerBusyError) and response.headers.get("retry-after", "").isdigit():
         error.retry_after = float(response.headers["retry-after"])
     return error

@@ -1,6 +1,7 @@
 """Figures of an adapter's analysis and of two adapters' similarity, with matplotlib (an optional
 extra: `pip install 'loraserve[plot]'`). matplotlib is imported only when a figure is drawn, so the
 client and the CLI work without it."""
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ def _pyplot():
         raise LoraserveError("drawing a figure needs matplotlib: pip install 'loraserve[plot]'") from None
     matplotlib.use("Agg")  # files only: never open a window, work without a display
     import matplotlib.pyplot as plt  # noqa: PLC0415
+
     return plt
 
 
@@ -33,8 +35,9 @@ def plot_analysis(analysis: AdapterAnalysis, path: str | Path) -> None:
     layers = analysis.layers
     names = [short_name(layer["module"]) for layer in layers]
     x = range(len(layers))
-    fig, (amp, norm, heat) = plt.subplots(3, 1, figsize=(max(8.0, 0.22 * len(layers)), 10), sharex=True,
-                                          gridspec_kw={"height_ratios": [1, 1, 1.6]})
+    fig, (amp, norm, heat) = plt.subplots(
+        3, 1, figsize=(max(8.0, 0.22 * len(layers)), 10), sharex=True, gridspec_kw={"height_ratios": [1, 1, 1.6]}
+    )
     amp.bar(x, [layer["amplification"] or 0.0 for layer in layers], color="tab:orange")
     amp.set_ylabel("amplification\n‖ΔW‖ / ‖UᵀW0V‖")
     norm.bar(x, [layer["delta_norm"] for layer in layers], color="tab:blue")
@@ -44,8 +47,7 @@ def plot_analysis(analysis: AdapterAnalysis, path: str | Path) -> None:
     bar = fig.colorbar(image, ax=heat, orientation="horizontal", pad=0.25, fraction=0.05, label="log10(σ_i / σ_1)")
     bar.ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     heat.set_xticks(list(x), names, rotation=90, fontsize=6)
-    fig.suptitle(f"adapter {analysis.name}: rank {analysis.summary['rank']}, "
-                 f"{analysis.summary['num_layers']} layers")
+    fig.suptitle(f"adapter {analysis.name}: rank {analysis.summary['rank']}, {analysis.summary['num_layers']} layers")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

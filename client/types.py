@@ -1,4 +1,5 @@
 """Response types of the loraserve API (OpenAI's shapes); unknown fields are kept, not rejected."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict

@@ -27,6 +27,7 @@ ignored and logged, so neither a read nor a delete can reach outside the store.
 A composition is one small JSON file, written to a temporary name (fsynced) and then linked into
 place (create: os.link fails if the name exists, so one creator wins) or renamed over it (replace).
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,8 +64,11 @@ log = logging.getLogger(__name__)
 def check_name(name: str) -> str:
     """Adapter names become directory names and URL parts: no separators, no '..'."""
     if not is_valid_name(name):
-        raise InvalidAdapterError("must be 1-128 characters of letters, digits, '.', '_' or '-', "
-                                  "start with a letter or digit, and not contain '..'", field="name")
+        raise InvalidAdapterError(
+            "must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "start with a letter or digit, and not contain '..'",
+            field="name",
+        )
     return name
 
 
@@ -162,7 +166,7 @@ class AdapterStore:
                 return None
             raise
         prefix = f"{VERSIONS}/{name}/"
-        if not (target.startswith(prefix) and VERSION_PATTERN.fullmatch(target[len(prefix):])):
+        if not (target.startswith(prefix) and VERSION_PATTERN.fullmatch(target[len(prefix) :])):
             log.warning("ignoring %s -> %s: not a version of this store", self.root / name, target)
             return None
         if (self._versions / name).is_symlink():
@@ -202,8 +206,10 @@ class AdapterStore:
         Only a pointer of this store is taken: a foreign link is refused, never followed."""
         link = self.root / check_name(name)
         if link.is_symlink() and self._pointer(name) is None:
-            raise InvalidAdapterError(f"{name!r} in the store is a link that does not point to one of its "
-                                      "versions; remove it by hand", field="name")
+            raise InvalidAdapterError(
+                f"{name!r} in the store is a link that does not point to one of its versions; remove it by hand",
+                field="name",
+            )
         previous = self.version(name)
         taken = self.root / f".deleting-{_new_version()}"
         try:
@@ -225,7 +231,7 @@ class AdapterStore:
         with os.scandir(self.root) as entries:
             for entry in entries:
                 if entry.name.startswith(STAGING):
-                    uploads.add(entry.name[len(STAGING):].removesuffix(LOCK))
+                    uploads.add(entry.name[len(STAGING) :].removesuffix(LOCK))
                 elif entry.name.startswith(TEMPORARY_LINKS):
                     links.append(Path(entry.path))
         for version in uploads:
@@ -259,8 +265,7 @@ class AdapterStore:
             try:
                 os.symlink(target, link)
             except FileExistsError:
-                raise AdapterExistsError(f"adapter {name!r} already exists; "
-                                         "send replace=true to overwrite") from None
+                raise AdapterExistsError(f"adapter {name!r} already exists; send replace=true to overwrite") from None
         else:
             previous = self.version(name)
             temporary = self.root / f".link-{version}"
@@ -348,8 +353,9 @@ def _read_composition(path: Path) -> tuple[tuple[str, float], ...]:
 
 def _refuse_link(path: Path) -> None:
     if path.is_symlink():
-        raise InvalidAdapterError(f"{path} is a link; the store's own folders must be real directories",
-                                  field="adapter_store")
+        raise InvalidAdapterError(
+            f"{path} is a link; the store's own folders must be real directories", field="adapter_store"
+        )
 
 
 def _new_version() -> str:

@@ -1,6 +1,7 @@
 """Fixtures used by more than one test folder: tiny random base models built from a config, the real
 default model, PEFT adapters with non-zero B for both. Nothing here touches a model hub; the plain
 helpers behind these live in tests/support."""
+
 from __future__ import annotations
 
 import random
@@ -35,16 +36,24 @@ def _build(model_class, config):
 @pytest.fixture(scope="session")
 def tiny_llama() -> LlamaForCausalLM:
     """A pristine 2-layer random Llama: deepcopy it before wrap_model or PEFT change it in place."""
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return _build(LlamaForCausalLM, config)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> GPT2LMHeadModel:
     """A pristine 2-layer random GPT-2: its projections are transformers Conv1D ([in, out] weights)."""
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return _build(GPT2LMHeadModel, config)
 
 

@@ -6,6 +6,7 @@ cached, and for the callables; fused linears (fused.py) ask it whether a rule ga
 for several weights. A new device adds a module here (a `cuda.py` with the methods of `Backend`
 and, if its kernels are to be measured, a timer that synchronises) and one entry in BACKENDS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,14 @@ class Backend(Protocol):
 
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel: ...
 
-    def int8(self, kernel: str, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-             scratch: torch.Tensor | None) -> Kernel: ...
+    def int8(
+        self,
+        kernel: str,
+        weight: Int8Weight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        scratch: torch.Tensor | None,
+    ) -> Kernel: ...
 
     def check_int8(self, device: torch.device) -> None: ...  # QuantizationError where int8 cannot run
 
@@ -52,8 +59,9 @@ def dense_kernel(rule: KernelRule, weight: torch.Tensor, bias: torch.Tensor | No
     return by_rule(rule, lambda kernel: backend.dense(kernel, weight, bias), weight.shape[1])
 
 
-def int8_kernel(rule: KernelRule, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-                scratch: torch.Tensor | None) -> Kernel:
+def int8_kernel(
+    rule: KernelRule, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, scratch: torch.Tensor | None
+) -> Kernel:
     """The rule's kernel for an int8 W0; `scratch` ([out, in], bf16) is needed only for `dequantized`."""
     backend = backend_for(weight.q.device)
     return by_rule(rule, lambda kernel: backend.int8(kernel, weight, bias, dtype, scratch), weight.q.shape[1])

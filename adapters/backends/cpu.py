@@ -13,6 +13,7 @@ bf16 activations (fp32 ones take a scalar path), so activations are cast to bf16
 result back to the model's dtype; it reads out of bounds unless `in` is a multiple of 16
 (kernels.can_quantize). `dequantized` trades it for one bf16 matmul on a scratch copy of W0.
 """
+
 from __future__ import annotations
 
 import platform
@@ -76,8 +77,10 @@ def int8_matmul(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
 def check_int8_kernel(device: torch.device) -> None:
     """Raise QuantizationError unless the int8 kernel runs on `device` and gives the right numbers."""
     if _int8_mm is None:
-        raise QuantizationError(f"--quantization int8: this torch build ({torch.__version__}) has no int8 "
-                                "weight-only kernel (aten._weight_int8pack_mm)")
+        raise QuantizationError(
+            f"--quantization int8: this torch build ({torch.__version__}) has no int8 "
+            "weight-only kernel (aten._weight_int8pack_mm)"
+        )
     weight = torch.arange(-16, 16, dtype=torch.float32).repeat(3, 1)  # [3, 32]
     weight[:, 0] = 127  # scale 1: quantization is exact, so is the expected product
     x = torch.ones(2, 32)
@@ -85,11 +88,15 @@ def check_int8_kernel(device: torch.device) -> None:
     try:
         got = int8_matmul(x.to(device, KERNEL_DTYPE), Int8Weight.quantize(weight.to(device))).float().cpu()
     except (RuntimeError, NotImplementedError) as exc:
-        raise QuantizationError(f"--quantization int8: no int8 weight-only kernel on device {device.type!r} "
-                                f"in this torch build ({torch.__version__}): {exc}") from exc
+        raise QuantizationError(
+            f"--quantization int8: no int8 weight-only kernel on device {device.type!r} "
+            f"in this torch build ({torch.__version__}): {exc}"
+        ) from exc
     if not torch.allclose(got, expected, rtol=1e-2):
-        raise QuantizationError(f"--quantization int8: the int8 kernel on device {device.type!r} gives wrong "
-                                "results in this torch build; serve without quantization")
+        raise QuantizationError(
+            f"--quantization int8: the int8 kernel on device {device.type!r} gives wrong "
+            "results in this torch build; serve without quantization"
+        )
 
 
 def cpu_model_name() -> str:
@@ -154,8 +161,14 @@ class CpuBackend:
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
         return PackedLinear(weight, bias) if kernel == PACKED and can_pack(weight) else PlainLinear(weight, bias)
 
-    def int8(self, kernel: str, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype,
-             scratch: torch.Tensor | None) -> Kernel:
+    def int8(
+        self,
+        kernel: str,
+        weight: Int8Weight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        scratch: torch.Tensor | None,
+    ) -> Kernel:
         if kernel == DEQUANTIZED:
             return DequantizedLinear(weight, bias, dtype, scratch)
         return Int8Linear(weight, bias, dtype)

@@ -1,4 +1,5 @@
 """Per-step choice between merged and gathered LoRA, with hysteresis so swaps do not thrash."""
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ composition, from the `adapters` field or a named composition, is several. The e
 term's current adapter version once, at admission (`bind`), and keeps those versions through
 preemption and recompute; the scheduler then holds all of its slots at once or none.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,16 +111,20 @@ def check_scale(scale: float, max_scale: float, field: str) -> None:
     if not math.isfinite(scale):
         raise RequestError("scales must be finite numbers", field=field)
     if abs(scale) > max_scale:
-        raise RequestError(f"|scale| must be at most {max_scale:.4g}, the largest number the model's dtype "
-                           "holds", field=field)
+        raise RequestError(
+            f"|scale| must be at most {max_scale:.4g}, the largest number the model's dtype holds", field=field
+        )
 
 
 def _check_composition(ref: AdapterRef, max_loras: int, max_scale: float) -> None:
     if not ref.terms:
         raise RequestError("must name at least one adapter", field="adapters")
     if len(ref.terms) > max_loras:
-        raise RequestError(f"{len(ref.terms)} adapters cannot share a row: the server holds {max_loras} "
-                           "in device slots (setting max_loras)", field="adapters")
+        raise RequestError(
+            f"{len(ref.terms)} adapters cannot share a row: the server holds {max_loras} "
+            "in device slots (setting max_loras)",
+            field="adapters",
+        )
     for index, (_, scale) in enumerate(ref.terms):
         check_scale(scale, max_scale, f"adapters[{index}].scale")
 
@@ -127,8 +132,14 @@ def _check_composition(ref: AdapterRef, max_loras: int, max_scale: float) -> Non
 def _check_composable(version: AdapterVersion, index: int) -> None:
     adapter = version.adapter
     if adapter is not None and adapter.is_dora:
-        raise RequestError(f"adapter {version.name!r} is a DoRA adapter, which cannot be composed: its "
-                           "magnitude normalises its own W0 + ΔW", field=f"adapters[{index}].name")
+        raise RequestError(
+            f"adapter {version.name!r} is a DoRA adapter, which cannot be composed: its "
+            "magnitude normalises its own W0 + ΔW",
+            field=f"adapters[{index}].name",
+        )
     if adapter is not None and adapter.modules:
-        raise RequestError(f"adapter {version.name!r} replaces whole modules (modules_to_save), which cannot "
-                           "be scaled or summed with others", field=f"adapters[{index}].name")
+        raise RequestError(
+            f"adapter {version.name!r} replaces whole modules (modules_to_save), which cannot "
+            "be scaled or summed with others",
+            field=f"adapters[{index}].name",
+        )

@@ -6,6 +6,7 @@ outputs are posted back to the caller's event loop, so the HTTP side stays respo
 forward pass runs. A failing command or step fails its requests, never the thread; if the thread
 dies anyway, every caller gets an error and `on_fatal` is told (the server then exits).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -50,8 +51,13 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="loraserve-engine", daemon=True)
         self._thread.start()
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterRef | str | None = None,
-                     request_id: str | None = None) -> "RequestStream":
+    async def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: AdapterRef | str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
         """Queue a request; typed errors (unknown adapter, too long, queue full) raise here."""
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
@@ -70,8 +76,13 @@ class AsyncEngine:
             raise
         return RequestStream(self, request_id, outputs)
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams, adapter: AdapterRef | str | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: AdapterRef | str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; leaving the loop early aborts it."""
         request = await self.submit(prompt, params, adapter, request_id)
         try:
@@ -154,8 +165,9 @@ class AsyncEngine:
         """Read and validate an adapter against this base model (slow: not on the event loop)."""
         return self._engine.registry.parse(name, source)
 
-    async def install_adapter(self, name: str, adapter: LoraAdapter, source: AdapterSource,
-                              replace: bool = False) -> AdapterInfo:
+    async def install_adapter(
+        self, name: str, adapter: LoraAdapter, source: AdapterSource, replace: bool = False
+    ) -> AdapterInfo:
         registry = self._engine.registry
         return await self.call(lambda: registry.install(name, adapter, source, replace=replace))
 

@@ -6,6 +6,7 @@ RoPE; the model code stays untouched. The step's metadata arrives as the `kv_ste
 transformers forwards from `model(...)` to each attention call. No mask is built by transformers
 for names it does not know, so packed inputs cost no [N, N] mask.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,12 +41,20 @@ class KVStep:
     def __post_init__(self):
         # Each sequence's rows, pool extent and mask, made once here rather than in every layer.
         device = self.write_index.device
-        self.parts = [(slice(s.query_start, s.query_start + s.num_new), slice(s.kv_start, s.kv_start + s.context_len),
-                       _causal_mask(s, device), s.num_new == s.context_len > 1) for s in self.seqs]
+        self.parts = [
+            (
+                slice(s.query_start, s.query_start + s.num_new),
+                slice(s.kv_start, s.kv_start + s.context_len),
+                _causal_mask(s, device),
+                s.num_new == s.context_len > 1,
+            )
+            for s in self.seqs
+        ]
 
 
-def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                   kv_step: KVStep | None = None, **kwargs):
+def pool_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step: KVStep | None = None, **kwargs
+):
     """Write the step's new K/V into the pool, then attend each sequence to its own extent.
 
     Semantics, per sequence s with new rows q_s and cached keys/values K_s, V_s (a view):
@@ -58,16 +67,26 @@ def pool_attention(module, query, key, value, attention_mask, scaling=None, drop
     return attend(module.layer_idx, query, key, value, scaling, kv_step), None
 
 
-def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-           kv_step: KVStep) -> torch.Tensor:
+def attend(
+    layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kv_step: KVStep
+) -> torch.Tensor:
     """`pool_attention`'s work for layer `layer`, shared with the lean forward; returns [1, N, H, D]."""
     k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]  # [KVH, C, D]
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
     k_pool, v_pool = k_pool[None], v_pool[None]
-    outs = [F.scaled_dot_product_attention(query[:, :, rows], k_pool[:, :, ctx], v_pool[:, :, ctx], attn_mask=mask,
-                                           is_causal=is_causal, scale=scaling, enable_gqa=True)
-            for rows, ctx, mask, is_causal in kv_step.parts]  # one cat below: fewer ops than N slice-assigns
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, rows],
+            k_pool[:, :, ctx],
+            v_pool[:, :, ctx],
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        for rows, ctx, mask, is_causal in kv_step.parts
+    ]  # one cat below: fewer ops than N slice-assigns
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)  # [1, N, H, D]
 

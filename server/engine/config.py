@@ -1,4 +1,5 @@
 """Engine capacity and policy knobs (no torch here: the CLI reads them without loading it)."""
+
 from __future__ import annotations
 
 from pathlib import Path

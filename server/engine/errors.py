@@ -1,4 +1,5 @@
 """Typed errors a request can trigger in the engine; server/http/errors.py maps each to its HTTP code."""
+
 from __future__ import annotations
 
 from adapters.errors import LoraServeError

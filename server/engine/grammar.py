@@ -19,6 +19,7 @@ the next member (`,` or `","`, as after an endless number while a required prope
 open strings, numbers, arrays and objects end as soon as the schema lets them (still valid: this
 only narrows the grammar's mask).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,10 +120,12 @@ class GrammarCompiler:
                 eos = [i for i in self.eos_token_ids if i < self.vocab_size]
                 self._closing_bits[True] = [
                     self._bits([i for i, t in enumerate(texts) if t[:1] == '"' and set(t[1:]) <= _BRACKETS]),
-                    self._bits([i for i, t in enumerate(texts) if t in ('",', '","')])]
+                    self._bits([i for i, t in enumerate(texts) if t in ('",', '","')]),
+                ]
                 self._closing_bits[False] = [
                     self._bits([i for i, t in enumerate(texts) if t and set(t) <= _BRACKETS] + eos),
-                    self._bits([i for i, t in enumerate(texts) if t in (",", ',"')])]
+                    self._bits([i for i, t in enumerate(texts) if t in (",", ',"')]),
+                ]
             return self._closing_bits[in_string]
 
     def _bits(self, ids: list[int]) -> torch.Tensor:
@@ -136,7 +139,8 @@ class GrammarCompiler:
         with self._lock:
             if self._ll_tokenizer is None:
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
+                    self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
+                )
             return self._ll_tokenizer
 
 
@@ -156,8 +160,9 @@ def constrained_rows(scheduled) -> dict[int, RowGrammar]:
         if seq.matcher is None or seq.num_computed + num_new != seq.num_tokens:
             continue
         left = seq.max_tokens - len(seq.output_token_ids)
-        is_closing = (seq.params.grammar.kind == "json_schema"
-                      and left <= max(MIN_CLOSING_TOKENS, CLOSING_FRACTION * seq.max_tokens))
+        is_closing = seq.params.grammar.kind == "json_schema" and left <= max(
+            MIN_CLOSING_TOKENS, CLOSING_FRACTION * seq.max_tokens
+        )
         rows[seq.seq_id] = RowGrammar(seq.matcher, is_closing, is_closing and _in_string(seq.detokenizer.text))
     return rows
 

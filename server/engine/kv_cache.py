@@ -10,6 +10,7 @@ but the prefix index (prefix_cache.py) can still copy from. They count against t
 and `reserve` evicts them, least recently used first, before it reports no room, so a running
 sequence is never preempted while cached blocks could make room instead.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -31,8 +32,17 @@ class Extent:
 class KVCache:
     """k[layer], v[layer]: [kv_heads, capacity, head_dim] pools plus an extent allocator."""
 
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity_tokens: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", block_size: int = PAGE_TOKENS):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        block_size: int = PAGE_TOKENS,
+    ):
         if block_size % PAGE_TOKENS:
             raise ValueError(f"block_size must be a multiple of {PAGE_TOKENS}, not {block_size}")
         self.block_size, self.block_pages = block_size, block_size // PAGE_TOKENS
@@ -101,7 +111,7 @@ class KVCache:
         for pool in (*self.k, *self.v):
             offset = dst
             for src, length in runs:
-                pool[:, offset:offset + length].copy_(pool[:, src:src + length])
+                pool[:, offset : offset + length].copy_(pool[:, src : src + length])
                 offset += length
 
     def _shortfall_blocks(self, seq_id: int, num_tokens: int) -> int:
@@ -159,5 +169,5 @@ class KVCache:
 
     def _move(self, src: int, dst: int, num_tokens: int) -> None:
         for pool in (*self.k, *self.v):
-            pool[:, dst:dst + num_tokens] = pool[:, src:src + num_tokens].clone()
+            pool[:, dst : dst + num_tokens] = pool[:, src : src + num_tokens].clone()
         self.num_relocations += 1

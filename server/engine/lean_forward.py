@@ -2,9 +2,10 @@
 
 transformers' forward wraps every decoder layer and attention call in decorators, kwarg plumbing,
 output records and mask builders: at one decode row per step, glue rather than arithmetic (one
-stream ran 9% faster without it on the 2-core AMD EPYC). This pass calls the same submodules (so LoRA layers, per-row module copies and
+stream ran 9% faster without it on the 2-core AMD EPYC). This pass calls the same submodules (so
+LoRA layers, per-row module copies and
 RMSNorm modules run exactly as they do there) and the same tensor ops in the same order, so its
-logits equal the stock forward's bit for bit where no layers are fused (tests/test_lean_forward.py).
+logits equal the stock forward's bit for bit where no layers are fused (tests/engine/test_lean_forward.py).
 Packed q/k/v and gate/up each run as one base matmul (adapters/fused.py): equal up to float
 rounding (bit for bit on the AVX-512 box it was measured on). Two spots are rewritten exactly, not
 approximately:
@@ -14,6 +15,7 @@ approximately:
 Families with other layer shapes (GPT-2, Qwen3's q/k norms, Gemma's scaled embeddings) keep the
 stock forward: `lean_forward` returns None for them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,20 +42,25 @@ class LeanForward:
         # Per layer: q/k/v and gate/up as one base matmul each (adapters/fused.py), where they can be.
         self.fused: dict[nn.Module, FusedLinears] = {}
         for layer in model.model.layers:
-            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+            for parent, names in (
+                (layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                (layer.mlp, ("gate_proj", "up_proj")),
+            ):
                 if (group := FusedLinears.of(parent, names)) is not None:
                     self.fused[parent] = group
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
-                 kv_step: KVStep) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor, kv_step: KVStep
+    ) -> torch.Tensor:
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids[None])  # [1, N, C]: the stock modules' shapes
         cos, sin = inner.rotary_emb(hidden, position_ids[None])  # [1, N, D]
         half = self.head_dim // 2
         cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
         for layer in inner.layers:
-            hidden = hidden + self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
-                                              kv_step)
+            hidden = hidden + self._attention(
+                layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin, kv_step
+            )
             mlp, x = layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden)
             gate, up = self._project(mlp, x, "gate_proj", "up_proj")
             act = F.silu if type(mlp.act_fn).__name__ in SILU else mlp.act_fn
@@ -61,8 +68,9 @@ class LeanForward:
         hidden = _rms_norm(inner.norm, hidden)
         return self.model.lm_head(hidden[:, rows])[0]
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   kv_step: KVStep) -> torch.Tensor:
+    def _attention(
+        self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_step: KVStep
+    ) -> torch.Tensor:
         shape = (1, x.shape[1], -1, self.head_dim)
         q, k, v = (y.view(shape).transpose(1, 2) for y in self._project(attn, x, "q_proj", "k_proj", "v_proj"))
         half = self.head_dim // 2

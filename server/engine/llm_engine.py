@@ -2,6 +2,7 @@
 
 Each `step()` is the whole spine: schedule -> choose LoRA mode -> run -> sample -> postprocess.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,24 +39,40 @@ class LLMEngine:
     def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
-        kernels = choose_kernels(base.model, config.kernel_choice, config.quantization,
-                                 config.cache_dir or default_cache_dir())
-        self.lora_model = wrap_model(base.model, max_loras=config.max_loras, max_rank=config.max_lora_rank,
-                                     kernels=kernels, quantization=config.quantization)
+        kernels = choose_kernels(
+            base.model, config.kernel_choice, config.quantization, config.cache_dir or default_cache_dir()
+        )
+        self.lora_model = wrap_model(
+            base.model,
+            max_loras=config.max_loras,
+            max_rank=config.max_lora_rank,
+            kernels=kernels,
+            quantization=config.quantization,
+        )
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
         self.cache = KVCache(
-            num_layers=model_config.num_hidden_layers, num_kv_heads=model_config.num_key_value_heads,
+            num_layers=model_config.num_hidden_layers,
+            num_kv_heads=model_config.num_key_value_heads,
             head_dim=getattr(model_config, "head_dim", None)
             or model_config.hidden_size // model_config.num_attention_heads,
-            capacity_tokens=config.kv_cache_tokens, dtype=base.model.dtype, device=self.lora_model.device,
-            block_size=config.block_size)
+            capacity_tokens=config.kv_cache_tokens,
+            dtype=base.model.dtype,
+            device=self.lora_model.device,
+            block_size=config.block_size,
+        )
         self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
-        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 self.cache.capacity_tokens)
-        self.scheduler = Scheduler(self.cache, self.registry, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_bypass_steps=config.max_bypass_steps, prefix=self.prefix_cache)
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings, self.cache.capacity_tokens
+        )
+        self.scheduler = Scheduler(
+            self.cache,
+            self.registry,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_bypass_steps=config.max_bypass_steps,
+            prefix=self.prefix_cache,
+        )
         self.runner = ModelRunner(self.lora_model, self.cache)
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = frozenset(_eos_ids(base))
@@ -64,16 +81,24 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # thread-safe
         self.mask_filler = MaskFiller(self.grammars)
         self.requests: dict[str, Sequence] = {}
-        self.counters = EngineStats(kv_capacity_tokens=self.cache.capacity_tokens, max_loras=config.max_loras,
-                                    max_cpu_loras=config.max_cpu_loras)
+        self.counters = EngineStats(
+            kv_capacity_tokens=self.cache.capacity_tokens,
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+        )
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.request_listeners: list[Callable[[RequestStats], None]] = []
         self._request_ids = itertools.count()
         self.snapshot = self.stats()  # refreshed by the engine thread; safe to read from any thread
 
     # Requests
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    adapter: AdapterRef | str | None | tuple = None, request_id: str | None = None) -> Sequence:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: AdapterRef | str | None | tuple = None,
+        request_id: str | None = None,
+    ) -> Sequence:
         """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
 
         `adapter` is an AdapterRef (HTTP makes one per request), or for scripts a name, None or
@@ -88,7 +113,9 @@ class LLMEngine:
         if len(prompt_ids) + max(max_tokens, 1 if params.max_tokens is None else 0) > self.max_model_len:
             raise PromptTooLongError(
                 f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
-                f"maximum context length of {self.max_model_len} tokens", field="prompt")
+                f"maximum context length of {self.max_model_len} tokens",
+                field="prompt",
+            )
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
         request_id = request_id or f"req-{next(self._request_ids)}"
@@ -111,8 +138,9 @@ class LLMEngine:
         for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
             bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
             if bad is not None:
-                raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
-                                   field=field)
+                raise RequestError(
+                    f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})", field=field
+                )
 
     def abort(self, request_id: str, error: Exception | None = None) -> RequestOutput | None:
         """Stop a request now and free its KV cache and adapter slot; `error` says why the engine
@@ -151,8 +179,9 @@ class LLMEngine:
         masks = masking.result() if masking is not None else None
         return sampling, *sample(logits, sampling, masks, self.eos_token_ids)
 
-    def _advance(self, plan: StepPlan, sampling: list[Sequence], tokens: list[int],
-                 logprobs: list) -> list[RequestOutput]:
+    def _advance(
+        self, plan: StepPlan, sampling: list[Sequence], tokens: list[int], logprobs: list
+    ) -> list[RequestOutput]:
         now = time.monotonic()
         prompt_only = [seq for seq, num_new in plan.scheduled if self._account(seq, num_new, now)]
         outputs = [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
@@ -167,8 +196,12 @@ class LLMEngine:
             self.counters.num_prompt_tokens += len(seq.prompt_token_ids)
         return not seq.max_tokens and seq.num_computed == seq.num_tokens
 
-    def generate(self, prompts: Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[str | None] | None = None,
+    ) -> list[Completion]:
         """Run prompts to completion together (continuous batching) and return them in order."""
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         adapters = list(adapters) if adapters is not None else [None] * len(prompts)
@@ -182,9 +215,18 @@ class LLMEngine:
             raise
         while any(not s.is_finished for s in seqs):
             self.step()
-        return [Completion(s.request_id, s.detokenizer.text, s.output_token_ids, s.logprobs, s.finish_reason,
-                           len(s.prompt_token_ids),
-                           s.prompt_logprobs if s.params.prompt_logprobs is not None else None) for s in seqs]
+        return [
+            Completion(
+                s.request_id,
+                s.detokenizer.text,
+                s.output_token_ids,
+                s.logprobs,
+                s.finish_reason,
+                len(s.prompt_token_ids),
+                s.prompt_logprobs if s.params.prompt_logprobs is not None else None,
+            )
+            for s in seqs
+        ]
 
     def publish_stats(self) -> None:
         """Refresh `snapshot` (call from the thread that steps the engine)."""
@@ -221,8 +263,9 @@ class LLMEngine:
         seq.first_token_time = seq.first_token_time or now
         params, reason = seq.params, None
         # A grammar allows EOS only once its text is complete: then EOS ends it, ignore_eos or not.
-        if token in params.stop_token_ids or (token in self.eos_token_ids
-                                              and (not params.ignore_eos or seq.matcher is not None)):
+        if token in params.stop_token_ids or (
+            token in self.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
+        ):
             reason = "stop"
         elif seq.matcher is not None and not seq.matcher.consume_token(token):
             seq.error = EngineFailedError(f"the grammar rejected a token it allowed: {seq.matcher.get_error()}")
@@ -240,8 +283,9 @@ class LLMEngine:
         if not seq.prompt_logprobs:  # nothing predicts the first token (vLLM reports None for it)
             seq.prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
         if rows.targets:
-            seq.prompt_logprobs += prompt_logprobs(rows.logits, prompt[rows.targets.start:rows.targets.stop],
-                                                   seq.params.prompt_logprobs)
+            seq.prompt_logprobs += prompt_logprobs(
+                rows.logits, prompt[rows.targets.start : rows.targets.stop], seq.params.prompt_logprobs
+            )
 
     def _finish_prompt_only(self, seq: Sequence) -> RequestOutput:
         """max_tokens 0: the prompt is in (and scored, if asked); nothing is sampled."""
@@ -253,23 +297,41 @@ class LLMEngine:
         seq.finish_reason, seq.finish_time = reason, time.monotonic()
         del self.requests[seq.request_id]
         stats = RequestStats(
-            seq.request_id, seq.label, reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
-            _since(seq.arrival_time, seq.scheduled_time), _since(seq.arrival_time, seq.first_token_time),
-            seq.finish_time - seq.arrival_time, seq.num_preemptions, seq.prefix_cache_queries, seq.prefix_cache_hits)
+            seq.request_id,
+            seq.label,
+            reason,
+            len(seq.prompt_token_ids),
+            len(seq.output_token_ids),
+            _since(seq.arrival_time, seq.scheduled_time),
+            _since(seq.arrival_time, seq.first_token_time),
+            seq.finish_time - seq.arrival_time,
+            seq.num_preemptions,
+            seq.prefix_cache_queries,
+            seq.prefix_cache_hits,
+        )
         self.counters.num_finished += 1
         for listener in self.request_listeners:
             listener(stats)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         finished = seq.is_finished
-        tokens = seq.output_token_ids[seq.num_emitted_tokens:]
-        logprobs = seq.logprobs[seq.num_emitted_logprobs:]
-        prompt_scores = seq.prompt_logprobs[seq.num_emitted_prompt_logprobs:]
+        tokens = seq.output_token_ids[seq.num_emitted_tokens :]
+        logprobs = seq.logprobs[seq.num_emitted_logprobs :]
+        prompt_scores = seq.prompt_logprobs[seq.num_emitted_prompt_logprobs :]
         seq.num_emitted_tokens, seq.num_emitted_logprobs = len(seq.output_token_ids), len(seq.logprobs)
         seq.num_emitted_prompt_logprobs = len(seq.prompt_logprobs)
-        return RequestOutput(seq.request_id, seq.detokenizer.delta(finished), tokens, logprobs, finished,
-                             seq.finish_reason, len(seq.prompt_token_ids), len(seq.output_token_ids),
-                             prompt_scores, seq.error)
+        return RequestOutput(
+            seq.request_id,
+            seq.detokenizer.delta(finished),
+            tokens,
+            logprobs,
+            finished,
+            seq.finish_reason,
+            len(seq.prompt_token_ids),
+            len(seq.output_token_ids),
+            prompt_scores,
+            seq.error,
+        )
 
     def _record_step(self, plan: StepPlan, mixes: set[SlotMix], decision: ModeDecision, duration: float) -> None:
         counters = self.counters
@@ -278,8 +340,14 @@ class LLMEngine:
         if decision.swap_seconds is not None:
             counters.num_swaps += 1
             counters.swap_seconds += decision.swap_seconds
-        step = StepStats(decision.mode, len(plan.scheduled), plan.num_tokens, len(mixes - {BASE_MIX}), duration,
-                         decision.swap_seconds)
+        step = StepStats(
+            decision.mode,
+            len(plan.scheduled),
+            plan.num_tokens,
+            len(mixes - {BASE_MIX}),
+            duration,
+            decision.swap_seconds,
+        )
         for listener in self.step_listeners:
             listener(step)
 

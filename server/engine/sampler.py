@@ -1,4 +1,5 @@
 """Turn the step's last-position logits into next tokens, each row by its own request's rules."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,12 @@ from .grammar import TokenMasks, allowed_tokens
 from .sequence import Sequence, TokenLogprob
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None,
-           eos_token_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    masks: TokenMasks | None = None,
+    eos_token_ids: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V], one row per sequence. Returns next token ids and (if asked) their logprobs.
 
     Logprobs are those of the model's raw distribution (before penalties, biases, grammar and
@@ -27,9 +32,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None 
     tokens = [_pick(logits[row], seq) for row, seq in enumerate(seqs)]
     if raw_logprobs is None:
         return tokens, [None] * len(seqs)
-    return tokens, [_logprob(raw_logprobs[row], tok, seq.params.logprobs)
-                    if seq.params.logprobs is not None else None
-                    for row, (tok, seq) in enumerate(zip(tokens, seqs))]
+    return tokens, [
+        _logprob(raw_logprobs[row], tok, seq.params.logprobs) if seq.params.logprobs is not None else None
+        for row, (tok, seq) in enumerate(zip(tokens, seqs))
+    ]
 
 
 def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], top_n: int) -> list[TokenLogprob]:
@@ -41,8 +47,10 @@ def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], top_n: int) -> 
     if not top_n:
         return [TokenLogprob(t, v, []) for t, v in zip(target_ids, chosen)]
     top = torch.topk(logprobs, top_n)  # [K, top_n]
-    return [TokenLogprob(t, v, list(zip(ids, values)))
-            for t, v, ids, values in zip(target_ids, chosen, top.indices.tolist(), top.values.tolist())]
+    return [
+        TokenLogprob(t, v, list(zip(ids, values)))
+        for t, v, ids, values in zip(target_ids, chosen, top.indices.tolist(), top.values.tolist())
+    ]
 
 
 def _process_row(row: torch.Tensor, seq: Sequence, eos_token_ids: frozenset[int]) -> None:

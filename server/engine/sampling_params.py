@@ -1,4 +1,5 @@
 """Per-request sampling parameters, validated into typed errors (never asserts)."""
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,7 +18,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)  # -1 (or 0) = off
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # what torch.Generator.manual_seed takes
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -35,7 +36,7 @@ class SamplingParams(BaseModel):
     cache_salt: str | None = Field(None, min_length=1)
 
     @classmethod
-    def make(cls, **fields) -> "SamplingParams":
+    def make(cls, **fields) -> SamplingParams:
         """Build from user input; a bad value is a RequestError naming the field."""
         try:
             # max_tokens=None is a choice (run to the end of the context), not "use the default"

@@ -9,6 +9,7 @@ the prefix cache holds are copied, not computed, and cost no token budget. A req
 adapter cannot get a slot may be bypassed by later ones for at most `max_bypass_steps` steps;
 after that nothing new is admitted until it fits, so a rare adapter waits a bounded time.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -33,8 +34,16 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, registry: AdapterRegistry, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_bypass_steps: int, prefix: PrefixCache | None = None):
+    def __init__(
+        self,
+        cache: KVCache,
+        registry: AdapterRegistry,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_bypass_steps: int,
+        prefix: PrefixCache | None = None,
+    ):
         self.cache, self.registry = cache, registry
         self.prefix = prefix or PrefixCache(cache, enabled=False)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens

@@ -1,4 +1,5 @@
 """Plain stats objects the engine produces; only the metrics module turns them into Prometheus."""
+
 from __future__ import annotations
 
 from collections import Counter

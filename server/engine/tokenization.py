@@ -5,6 +5,7 @@ engine checks what it is handed; both go through this object, so a prompt, a cha
 token's text mean the same on both sides of the boundary. Streaming output has its own
 `IncrementalDetokenizer` (detokenizer.py): it holds per-request state.
 """
+
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
@@ -30,8 +31,7 @@ class Tokenization:
             raise RequestError("must not be empty", field="prompt")
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
-                               field="prompt")
+            raise RequestError(f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})", field="prompt")
         return prompt_ids
 
     def prompt_text(self, prompt_ids: list[int]) -> str:

@@ -1,4 +1,5 @@
 """OpenAI-compatible request and response bodies (plus vLLM's extra sampling fields)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -111,24 +112,44 @@ class _SamplingFields(_Request):
     guided_choice: Any = None
     guided_grammar: Any = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, choice: int,
-                        prompt_logprobs: int | None = None, grammar: GrammarSpec | None = None) -> SamplingParams:
+    def sampling_params(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        choice: int,
+        prompt_logprobs: int | None = None,
+        grammar: GrammarSpec | None = None,
+    ) -> SamplingParams:
         self.refuse_unserved()
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         seed = None if self.seed is None else self.seed + choice  # n choices must differ
         return SamplingParams.make(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            seed=seed, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, stop=stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, grammar=grammar,
-            cache_salt=self.cache_salt, min_p=self.min_p, min_tokens=self.min_tokens,
-            logit_bias=self.token_biases())
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            stop=stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
+            cache_salt=self.cache_salt,
+            min_p=self.min_p,
+            min_tokens=self.min_tokens,
+            logit_bias=self.token_biases(),
+        )
 
     def refuse_unserved(self) -> None:
         """A sampling field set to what it cannot mean here is a 400 naming it, never ignored."""
         if self.best_of is not None and self.best_of != self.n:
-            raise RequestError(f"best_of={self.best_of} is not served: each choice is sampled once (use n)",
-                               field="best_of")
+            raise RequestError(
+                f"best_of={self.best_of} is not served: each choice is sampled once (use n)", field="best_of"
+            )
         for name, neutral in UNSERVED_FIELDS.items():
             if getattr(self, name, None) not in (None, neutral):
                 raise RequestError("is not supported by this server", field=name)
@@ -149,9 +170,16 @@ class _SamplingFields(_Request):
 
 # Fields of OpenAI's or vLLM's requests that loraserve does not serve, with the value that asks for
 # nothing (also accepted): any other value is refused by name.
-UNSERVED_FIELDS = {"use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
-                   "bad_words": [], "allowed_token_ids": None, "truncate_prompt_tokens": None,
-                   "logits_processors": None, "suffix": None}
+UNSERVED_FIELDS = {
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "bad_words": [],
+    "allowed_token_ids": None,
+    "truncate_prompt_tokens": None,
+    "logits_processors": None,
+    "suffix": None,
+}
 
 
 class CompletionRequest(_SamplingFields):
@@ -357,8 +385,11 @@ def _fields_of(info: type, exclude: set[str]) -> type[BaseModel]:
     """A pydantic model with the fields of the dataclass `info` (types and defaults), so the API
     reports what the registry knows without a second list to keep in step."""
     hints = typing.get_type_hints(info)
-    fields = {f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
-              for f in dataclasses.fields(info) if f.name not in exclude}
+    fields = {
+        f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(info)
+        if f.name not in exclude
+    }
     return create_model(f"_{info.__name__}Fields", **fields)
 
 

@@ -1,4 +1,5 @@
 """The FastAPI app factory: one app owns one engine (on app.state), built by the lifespan."""
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ from .state import ServerState
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, base: BaseModel | None = None,
-               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, base: BaseModel | None = None, on_fatal: Callable[[str], None] | None = None
+) -> FastAPI:
     """Build an app; `base` lets tests hand in an already loaded model. `on_fatal(reason)` is called
     when the app can no longer serve (startup failed, engine thread died): the CLI exits on it."""
     settings = settings or Settings()
@@ -47,8 +49,12 @@ def create_app(settings: Settings | None = None, base: BaseModel | None = None,
             analysis.shutdown()
             serving.shutdown(wait=False)
 
-    app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan,
-                  description="Multi-adapter LoRA inference server with an OpenAI-compatible API.")
+    app = FastAPI(
+        title="loraserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Multi-adapter LoRA inference server with an OpenAI-compatible API.",
+    )
     # Endpoints read per-app objects from app.state, never from closures: FastAPI keeps endpoint
     # callables in process-wide caches, which would keep every app's engine alive in a process
     # that builds several apps (the tests).

@@ -1,4 +1,5 @@
 """Bearer-key checks: an API key for every /v1 route, an optional admin key for adapter changes."""
+
 from __future__ import annotations
 
 import secrets
@@ -19,8 +20,12 @@ def _check(request: Request, *keys: str | None) -> None:
         return
     presented = _presented_key(request)
     if presented is None:
-        raise HTTPError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            "missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not any(secrets.compare_digest(presented.encode(), k.encode()) for k in wanted):
         raise HTTPError(401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 

@@ -64,8 +64,11 @@ async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
         try:
             message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
         except TimeoutError:
-            raise HTTPError(408, f"the request body did not arrive within {timeout:g} s "
-                            "(setting request_read_timeout)", "request_timeout") from None
+            raise HTTPError(
+                408,
+                f"the request body did not arrive within {timeout:g} s (setting request_read_timeout)",
+                "request_timeout",
+            ) from None
         if message["type"] == "http.disconnect":
             raise HTTPError(400, "the client disconnected while sending the body", "client_disconnected")
         chunk = message.get("body", b"")
@@ -102,8 +105,11 @@ def _idle_bounded(receive: Receive, timeout: float) -> Receive:
         try:
             message = await asyncio.wait_for(receive(), timeout)
         except TimeoutError:
-            raise HTTPError(408, f"no part of the upload arrived for {timeout:g} s (setting request_read_timeout)",
-                            "request_timeout") from None
+            raise HTTPError(
+                408,
+                f"no part of the upload arrived for {timeout:g} s (setting request_read_timeout)",
+                "request_timeout",
+            ) from None
         body_done = message["type"] != "http.request" or not message.get("more_body", False)
         return message
 
@@ -121,5 +127,6 @@ def _content_length(scope: Scope) -> int | None:
 
 
 def _too_large(limit: int) -> HTTPError:
-    return HTTPError(413, f"the request body is larger than the limit of {limit} bytes (setting max_request_bytes)",
-                     "too_large")
+    return HTTPError(
+        413, f"the request body is larger than the limit of {limit} bytes (setting max_request_bytes)", "too_large"
+    )

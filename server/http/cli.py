@@ -3,6 +3,7 @@
 Every `serve` flag mirrors a field of `Settings` (and so a LORASERVE_* variable); a flag given
 on the command line wins over the environment. Nothing here imports torch until `serve` runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,14 +66,16 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"loraserve: invalid settings: {_errors(exc)}", file=sys.stderr)
         return 2
     from server.http.logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
+
     configure_logging(settings)
     import uvicorn  # noqa: PLC0415
 
     from server.http.app import create_app  # noqa: PLC0415
 
     log = logging.getLogger(__name__)
-    log.info("loading %s; /ready turns 200 when it can serve",
-             settings.model or "the default model (SmolLM2-135M-Instruct)")
+    log.info(
+        "loading %s; /ready turns 200 when it can serve", settings.model or "the default model (SmolLM2-135M-Instruct)"
+    )
     failures: list[str] = []
 
     def on_fatal(reason: str) -> None:
@@ -87,9 +90,14 @@ def serve_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit(failures))
     from server.http.protocol import uvicorn_options  # noqa: PLC0415
 
-    uvicorn.run(create_app(settings, on_fatal=on_fatal), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=settings.shutdown_timeout,
-                **uvicorn_options(settings))
+    uvicorn.run(
+        create_app(settings, on_fatal=on_fatal),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        **uvicorn_options(settings),
+    )
     return _exit_code(failures)
 
 
@@ -114,13 +122,15 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         kind = _base_type(field.annotation)
         help_text = f"env LORASERVE_{name.upper()}"
         if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         elif kind is list:
             parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text)
         elif kind is typing.Literal:  # argparse names the flag and the allowed values on a bad one
-            parser.add_argument(flag, dest=name, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=name, choices=typing.get_args(field.annotation), default=argparse.SUPPRESS, help=help_text
+            )
         else:
             parser.add_argument(flag, dest=name, type=str, default=argparse.SUPPRESS, help=help_text)
 

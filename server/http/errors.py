@@ -1,4 +1,5 @@
 """Every error leaves as OpenAI's shape: {"error": {"message", "type", "code", "param"}}."""
+
 from __future__ import annotations
 
 import logging
@@ -21,10 +22,18 @@ from server.engine.errors import EngineDeadError, EngineFailedError, EngineStopp
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 409: "conflict_error", 413: "request_too_large",
-          422: "invalid_request_error", 499: "client_closed_request", 503: "service_unavailable",
-          500: "internal_server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    499: "client_closed_request",
+    503: "service_unavailable",
+    500: "internal_server_error",
+}
 
 # The one table of typed errors: class -> (HTTP status, OpenAI `code`). A class not listed takes
 # its nearest listed base's entry, so every subclass of LoraServeError has one.
@@ -47,8 +56,14 @@ _STATUS_AND_CODE: dict[type[LoraServeError], tuple[int, str]] = {
 class HTTPError(Exception):
     """An error raised by a route itself, with its status and OpenAI `code`."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
 
@@ -57,14 +72,25 @@ class ClientDisconnectedError(Exception):
     """The client closed the connection before its response was ready; its requests were aborted."""
 
 
-def error_response(status: int, message: str, code: str | int | None = None, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    code: str | int | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(_body(status, message, code, param), status_code=status, headers=headers)
 
 
 def _body(status: int, message: str, code: str | int | None, param: str | None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "code": code if code is not None else status, "param": param}}
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "invalid_request_error"),
+            "code": code if code is not None else status,
+            "param": param,
+        }
+    }
 
 
 def status_and_code(exc: LoraServeError) -> tuple[int, str]:

@@ -32,9 +32,13 @@ class AnalysisPool:
     async def run(self, fn: Callable[..., T], *args) -> T:
         with self._lock:
             if self._admitted >= self._capacity:
-                raise HTTPError(429, f"{self._capacity} adapter analyses are already running or queued "
-                                "(settings analysis_workers, max_queued_analyses); retry later",
-                                "too_many_analyses", headers={"Retry-After": str(RETRY_AFTER_S)})
+                raise HTTPError(
+                    429,
+                    f"{self._capacity} adapter analyses are already running or queued "
+                    "(settings analysis_workers, max_queued_analyses); retry later",
+                    "too_many_analyses",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
             self._admitted += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

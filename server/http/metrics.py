@@ -5,6 +5,7 @@ update counters and histograms; gauges are read at scrape time from the engine's
 snapshot. The router-facing gauges use vLLM's names so a loraserve pod is a drop-in endpoint
 for the Gateway API Inference Extension's endpoint picker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,33 +52,68 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.adapter_label = AdapterLabels(max_adapter_labels)
         r = self.registry
-        self.requests = Counter("loraserve:requests", "Finished requests by adapter and finish reason "
-                                "(stop, length, abort).", ["adapter", "finish_reason"], registry=r)
-        self.success = Counter("vllm:request_success", "Requests that finished normally, by reason (vLLM's name).",
-                               ["finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first output token.",
-                              buckets=_LATENCY, registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Mean time between output tokens, per request.",
-                              buckets=_PER_TOKEN, registry=r)
+        self.requests = Counter(
+            "loraserve:requests",
+            "Finished requests by adapter and finish reason (stop, length, abort).",
+            ["adapter", "finish_reason"],
+            registry=r,
+        )
+        self.success = Counter(
+            "vllm:request_success",
+            "Requests that finished normally, by reason (vLLM's name).",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Arrival to first output token.", buckets=_LATENCY, registry=r
+        )
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Mean time between output tokens, per request.",
+            buckets=_PER_TOKEN,
+            registry=r,
+        )
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", buckets=_LATENCY, registry=r)
-        self.queue = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY,
-                               registry=r)
-        self.adapter_latency = Histogram("loraserve:adapter_request_latency_seconds", "Arrival to finish, per adapter.",
-                                         ["adapter"], buckets=_LATENCY, registry=r)
-        self.adapter_prompt_tokens = Counter("loraserve:adapter_prompt_tokens", "Prompt tokens of finished requests, "
-                                             "per adapter.", ["adapter"], registry=r)
-        self.adapter_generation_tokens = Counter("loraserve:adapter_generation_tokens", "Output tokens of finished "
-                                                 "requests, per adapter.", ["adapter"], registry=r)
-        self.steps = Counter("loraserve:engine_steps", "Engine steps by LoRA mode (base, merged, gather).", ["mode"],
-                             registry=r)
-        self.swap = Histogram("loraserve:adapter_swap_seconds", "Time to merge an adapter into the weights.",
-                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
-        self.step_time = Histogram("loraserve:step_duration_seconds", "Duration of one engine step.",
-                                   buckets=_LATENCY, registry=r)
-        self.batch_size = Histogram("loraserve:batch_size", "Sequences in one engine step.", buckets=_COUNTS,
-                                    registry=r)
-        self.step_tokens = Histogram("vllm:iteration_tokens_total", "Tokens in one engine step.", buckets=_TOKENS,
-                                     registry=r)
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds", "Arrival to first scheduled.", buckets=_LATENCY, registry=r
+        )
+        self.adapter_latency = Histogram(
+            "loraserve:adapter_request_latency_seconds",
+            "Arrival to finish, per adapter.",
+            ["adapter"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.adapter_prompt_tokens = Counter(
+            "loraserve:adapter_prompt_tokens",
+            "Prompt tokens of finished requests, per adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_generation_tokens = Counter(
+            "loraserve:adapter_generation_tokens",
+            "Output tokens of finished requests, per adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.steps = Counter(
+            "loraserve:engine_steps", "Engine steps by LoRA mode (base, merged, gather).", ["mode"], registry=r
+        )
+        self.swap = Histogram(
+            "loraserve:adapter_swap_seconds",
+            "Time to merge an adapter into the weights.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+        self.step_time = Histogram(
+            "loraserve:step_duration_seconds", "Duration of one engine step.", buckets=_LATENCY, registry=r
+        )
+        self.batch_size = Histogram(
+            "loraserve:batch_size", "Sequences in one engine step.", buckets=_COUNTS, registry=r
+        )
+        self.step_tokens = Histogram(
+            "vllm:iteration_tokens_total", "Tokens in one engine step.", buckets=_TOKENS, registry=r
+        )
         self.prefix_cache_by_adapter: dict[str, list[int]] = {}  # label -> [queried, hit] tokens, finished requests
         self._engine: LLMEngine | None = None
         r.register(_SnapshotCollector(self))
@@ -93,8 +129,12 @@ class Metrics:
         self.requests.labels(adapter, stats.finish_reason or "unknown").inc()
         if stats.finish_reason in ("stop", "length"):
             self.success.labels(stats.finish_reason).inc()
-        for histogram, value in ((self.ttft, stats.time_to_first_token), (self.tpot, stats.time_per_output_token),
-                                 (self.e2e, stats.e2e_latency), (self.queue, stats.queue_time)):
+        for histogram, value in (
+            (self.ttft, stats.time_to_first_token),
+            (self.tpot, stats.time_per_output_token),
+            (self.e2e, stats.e2e_latency),
+            (self.queue, stats.queue_time),
+        ):
             if value is not None:
                 histogram.observe(value)
         self.adapter_latency.labels(adapter).observe(stats.e2e_latency)
@@ -105,13 +145,27 @@ class Metrics:
             counts[0] += stats.prefix_cache_queries
             counts[1] += stats.prefix_cache_hits
         request_log.info(
-            "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs", stats.request_id,
-            stats.adapter or "-", stats.finish_reason, stats.num_prompt_tokens, stats.num_output_tokens,
-            stats.e2e_latency, extra={"fields": {
-                "request_id": stats.request_id, "adapter": stats.adapter, "outcome": stats.finish_reason,
-                "prompt_tokens": stats.num_prompt_tokens, "output_tokens": stats.num_output_tokens,
-                "queue_time": stats.queue_time, "ttft": stats.time_to_first_token, "e2e": stats.e2e_latency,
-                "preemptions": stats.num_preemptions}})
+            "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs",
+            stats.request_id,
+            stats.adapter or "-",
+            stats.finish_reason,
+            stats.num_prompt_tokens,
+            stats.num_output_tokens,
+            stats.e2e_latency,
+            extra={
+                "fields": {
+                    "request_id": stats.request_id,
+                    "adapter": stats.adapter,
+                    "outcome": stats.finish_reason,
+                    "prompt_tokens": stats.num_prompt_tokens,
+                    "output_tokens": stats.num_output_tokens,
+                    "queue_time": stats.queue_time,
+                    "ttft": stats.time_to_first_token,
+                    "e2e": stats.e2e_latency,
+                    "preemptions": stats.num_preemptions,
+                }
+            },
+        )
 
     def on_step(self, stats: StepStats) -> None:
         self.steps.labels(stats.mode).inc()
@@ -136,53 +190,72 @@ class _SnapshotCollector(Collector):
         yield _gauge("vllm:num_requests_running", "Requests in the running batch.", s.num_running)
         yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield _gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0 to 1 (tokens held / capacity).", s.kv_usage)
-        yield _gauge("vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older endpoint pickers.",
-                     s.kv_usage)
-        yield _gauge("loraserve:kv_cache_used_tokens", "Tokens whose K/V running requests hold (in use).",
-                     s.kv_used_tokens)
-        yield _gauge("loraserve:kv_cache_cached_tokens", "Tokens of prefix-cache blocks no request holds: "
-                     "reusable, and evicted as soon as room is needed (not in vllm:kv_cache_usage_perc).",
-                     s.kv_cached_tokens)
-        yield _counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                       s.prefix_cache_queries)
-        yield _counter("vllm:prefix_cache_hits", "Of those, tokens found in the cache (prefill skipped).",
-                       s.prefix_cache_hits)
-        yield _counter("loraserve:prefix_cache_evictions", "Cached prefix blocks evicted to make room.",
-                       s.num_prefix_cache_evictions)
+        yield _gauge(
+            "vllm:gpu_cache_usage_perc", "Alias of vllm:kv_cache_usage_perc for older endpoint pickers.", s.kv_usage
+        )
+        yield _gauge(
+            "loraserve:kv_cache_used_tokens", "Tokens whose K/V running requests hold (in use).", s.kv_used_tokens
+        )
+        yield _gauge(
+            "loraserve:kv_cache_cached_tokens",
+            "Tokens of prefix-cache blocks no request holds: "
+            "reusable, and evicted as soon as room is needed (not in vllm:kv_cache_usage_perc).",
+            s.kv_cached_tokens,
+        )
+        yield _counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries
+        )
+        yield _counter(
+            "vllm:prefix_cache_hits", "Of those, tokens found in the cache (prefill skipped).", s.prefix_cache_hits
+        )
+        yield _counter(
+            "loraserve:prefix_cache_evictions",
+            "Cached prefix blocks evicted to make room.",
+            s.num_prefix_cache_evictions,
+        )
         yield from self._prefix_cache_by_adapter()
         yield _gauge("loraserve:kv_cache_capacity_tokens", "KV cache capacity in tokens.", s.kv_capacity_tokens)
-        yield _counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
-                       s.num_preemptions)
+        yield _counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).", s.num_preemptions)
         yield _counter("vllm:prompt_tokens", "Prompt tokens scheduled.", s.num_prompt_tokens)
         yield _counter("vllm:generation_tokens", "Output tokens generated.", s.num_generation_tokens)
         yield _counter("loraserve:adapter_swaps", "Merges of an adapter into the weights.", s.num_swaps)
         yield _counter("loraserve:adapter_loads", "Copies of an adapter into a device slot.", s.num_adapter_loads)
-        yield _counter("loraserve:adapter_evictions", "Device slots taken from an idle adapter.",
-                       s.num_adapter_evictions)
+        yield _counter(
+            "loraserve:adapter_evictions", "Device slots taken from an idle adapter.", s.num_adapter_evictions
+        )
         yield _gauge("loraserve:adapter_slots_used", "Device slots holding an adapter.", len(s.resident_adapters))
         yield _gauge("loraserve:adapter_slots_total", "Device slots (max_loras).", s.max_loras)
         yield _gauge("loraserve:adapter_host_cache_used", "Adapters parsed in host memory.", len(s.host_adapters))
-        yield _gauge("loraserve:adapter_host_cache_total", "Host-memory adapter cache size (max_cpu_loras).",
-                     s.max_cpu_loras)
+        yield _gauge(
+            "loraserve:adapter_host_cache_total", "Host-memory adapter cache size (max_cpu_loras).", s.max_cpu_loras
+        )
         yield _gauge("loraserve:adapters_registered", "Adapters that can be requested.", s.num_registered_adapters)
         # Every adapter label goes through the cap, here too: names are user-chosen.
         device, host = self._labels(s.resident_adapters), self._labels(s.host_adapters)
-        resident = GaugeMetricFamily("loraserve:adapter_resident", "Adapters in a tier (device, host); names past "
-                                     "the label cap are counted under one label.", labels=["adapter", "tier"])
+        resident = GaugeMetricFamily(
+            "loraserve:adapter_resident",
+            "Adapters in a tier (device, host); names past the label cap are counted under one label.",
+            labels=["adapter", "tier"],
+        )
         for tier, labels in (("device", device), ("host", host)):
             for label in sorted(set(labels)):
                 resident.add_metric([label, tier], labels.count(label))
         yield resident
         yield from self._adapter_sizes(s.adapter_sizes)
         now = time.time()
-        info = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters of running and waiting requests; the "
-                                 "value is the Unix time of this update.",
-                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "LoRA adapters of running and waiting requests; the value is the Unix time of this update.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
         info.add_metric([str(s.max_loras), self._joined(s.running_adapters), self._joined(s.waiting_adapters)], now)
         yield info
-        warm = GaugeMetricFamily("loraserve:lora_resident_info", "Adapters resident in device slots and in host "
-                                 "memory even when idle (a warm pod); the value is the Unix time of this update.",
-                                 labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"])
+        warm = GaugeMetricFamily(
+            "loraserve:lora_resident_info",
+            "Adapters resident in device slots and in host "
+            "memory even when idle (a warm pod); the value is the Unix time of this update.",
+            labels=["max_lora", "resident_lora_adapters", "host_lora_adapters"],
+        )
         warm.add_metric([str(s.max_loras), ",".join(sorted(set(device))), ",".join(sorted(set(host)))], now)
         yield warm
 
@@ -195,12 +268,21 @@ class _SnapshotCollector(Collector):
 
     def _prefix_cache_by_adapter(self):
         """Per adapter label, from finished requests: the counters and their ratio, the hit rate."""
-        queries = CounterMetricFamily("loraserve:adapter_prefix_cache_queries", "Prompt tokens looked up in the "
-                                      "prefix cache, per adapter (finished requests).", labels=["adapter"])
-        hits = CounterMetricFamily("loraserve:adapter_prefix_cache_hits", "Of those, tokens found in the cache, "
-                                   "per adapter.", labels=["adapter"])
-        rate = GaugeMetricFamily("loraserve:adapter_prefix_cache_hit_rate", "Prefix-cache hits / queries in tokens, "
-                                 "per adapter, since start.", labels=["adapter"])
+        queries = CounterMetricFamily(
+            "loraserve:adapter_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache, per adapter (finished requests).",
+            labels=["adapter"],
+        )
+        hits = CounterMetricFamily(
+            "loraserve:adapter_prefix_cache_hits",
+            "Of those, tokens found in the cache, per adapter.",
+            labels=["adapter"],
+        )
+        rate = GaugeMetricFamily(
+            "loraserve:adapter_prefix_cache_hit_rate",
+            "Prefix-cache hits / queries in tokens, per adapter, since start.",
+            labels=["adapter"],
+        )
         by_adapter = dict(self.metrics.prefix_cache_by_adapter)  # copied in one C call: the engine thread adds
         for label, (num_queries, num_hits) in sorted(by_adapter.items()):
             queries.add_metric([label], num_queries)
@@ -218,10 +300,12 @@ class _SnapshotCollector(Collector):
             label = self.metrics.adapter_label(name)
             old_rank, old_params = by_label.get(label, (0, 0))
             by_label[label] = (max(old_rank, rank), old_params + num_params)
-        rank = GaugeMetricFamily("loraserve:adapter_rank", "Largest layer rank of each resident adapter.",
-                                 labels=["adapter"])
-        params = GaugeMetricFamily("loraserve:adapter_params", "LoRA parameters (A and B) of each resident adapter.",
-                                   labels=["adapter"])
+        rank = GaugeMetricFamily(
+            "loraserve:adapter_rank", "Largest layer rank of each resident adapter.", labels=["adapter"]
+        )
+        params = GaugeMetricFamily(
+            "loraserve:adapter_params", "LoRA parameters (A and B) of each resident adapter.", labels=["adapter"]
+        )
         for label, (num_rank, num_params) in sorted(by_label.items()):
             rank.add_metric([label], num_rank)
             params.add_metric([label], num_params)

@@ -1,4 +1,5 @@
 """Adapter management: upload, list, show, delete; and vLLM's load/unload by server path."""
+
 from __future__ import annotations
 
 import asyncio
@@ -93,8 +94,12 @@ async def _compose(state: ServerState, request: Request) -> JSONResponse:
         raise InvalidAdapterError(first["msg"], field=".".join(str(p) for p in first["loc"]) or None) from None
     terms = tuple((term.name, term.scale) for term in body.compose)
     await state.add_composition(body.name, terms, body.replace)
-    card = {"name": body.name, "object": "composition", "parent": state.model_name,
-            "compose": [term.model_dump() for term in body.compose]}
+    card = {
+        "name": body.name,
+        "object": "composition",
+        "parent": state.model_name,
+        "compose": [term.model_dump() for term in body.compose],
+    }
     return JSONResponse(card, status_code=201)
 
 
@@ -106,8 +111,9 @@ def _compression_fields(form) -> tuple[float | None, int | None]:
         try:
             values.append(None if raw in (None, "") else kind(str(raw)))
         except ValueError:
-            raise InvalidAdapterError(f"must be a {'number' if kind is float else 'whole number'}, "
-                                      f"got {str(raw)[:40]!r}", field=field) from None
+            raise InvalidAdapterError(
+                f"must be a {'number' if kind is float else 'whole number'}, got {str(raw)[:40]!r}", field=field
+            ) from None
     if values != [None, None]:
         check_compression(*values)
     return values[0], values[1]
@@ -116,8 +122,12 @@ def _compression_fields(form) -> tuple[float | None, int | None]:
 def _compression(report: CompressionReport | None) -> Compression | None:
     if report is None:
         return None
-    return Compression(rank_before=report.rank_before, params_before=report.params_before,
-                       params_after=report.params_after, energy_kept=report.energy_kept)
+    return Compression(
+        rank_before=report.rank_before,
+        params_before=report.params_before,
+        params_after=report.params_after,
+        energy_kept=report.energy_kept,
+    )
 
 
 def _limited(request: Request, limit: int) -> Request:
@@ -137,8 +147,7 @@ def _limited(request: Request, limit: int) -> Request:
 
 
 def _too_large(limit: int) -> HTTPError:
-    return HTTPError(413, f"upload is larger than the limit of {limit} bytes (setting max_upload_bytes)",
-                     "too_large")
+    return HTTPError(413, f"upload is larger than the limit of {limit} bytes (setting max_upload_bytes)", "too_large")
 
 
 async def _read_files(form, limit: int) -> dict[str, bytes]:
@@ -153,8 +162,10 @@ async def _read_files(form, limit: int) -> dict[str, bytes]:
             raise _too_large(limit)
         files[file_name] = data
     if PICKLE_FILE in files and ADAPTER_FILES[1] not in files:
-        raise UnsafeAdapterFormatError("pickle weights are refused because loading them can run arbitrary code; "
-                                       "convert them to safetensors", file=PICKLE_FILE)
+        raise UnsafeAdapterFormatError(
+            "pickle weights are refused because loading them can run arbitrary code; convert them to safetensors",
+            file=PICKLE_FILE,
+        )
     for required in ADAPTER_FILES:
         if required not in files:
             raise InvalidAdapterError("file part is missing from the upload", file=required)
@@ -202,8 +213,12 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     state = _state(request)
     root = state.settings.adapter_root
     if root is None:
-        raise HTTPError(403, "loading adapters by path is disabled: start the server with --adapter-root",
-                        "adapter_root_unset", "lora_path")
+        raise HTTPError(
+            403,
+            "loading adapters by path is disabled: start the server with --adapter-root",
+            "adapter_root_unset",
+            "lora_path",
+        )
     try:
         path = Path(os.path.realpath(body.lora_path))
     except ValueError as exc:  # e.g. an embedded NUL byte
@@ -211,8 +226,13 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     real_root = os.path.realpath(root)
     outside = [p for p in [path, *_entries(path)] if not Path(os.path.realpath(p)).is_relative_to(real_root)]
     if outside:  # the directory, or a file in it linked elsewhere: the loader would read outside the root
-        raise HTTPError(400, f"lora_path must lie under the adapter root {str(root)!r}, with every file in it "
-                        f"({outside[0].name!r} does not)", "path_outside_root", "lora_path")
+        raise HTTPError(
+            400,
+            f"lora_path must lie under the adapter root {str(root)!r}, with every file in it "
+            f"({outside[0].name!r} does not)",
+            "path_outside_root",
+            "lora_path",
+        )
     state.check_name_free(body.lora_name)
     if state.ready_engine().has_adapter(body.lora_name):
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")

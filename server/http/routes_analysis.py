@@ -5,6 +5,7 @@ analysis pool (executors.py), never on the event loop, the engine thread or the 
 analysis is cached per adapter version: a replace makes a new version, so it is analyzed afresh, and
 a dropped version takes its entry along. A similarity is cached per pair of content identities.
 """
+
 from __future__ import annotations
 
 import threading

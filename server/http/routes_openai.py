@@ -4,6 +4,7 @@ Each route checks the request's limits, resolves its adapter, tokenizes on a wor
 on the event loop or the engine thread), and hands token ids to the engine. A client that goes
 away aborts its requests, streaming or not.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -92,15 +93,27 @@ async def list_models(request: Request) -> ModelList:
     await state.sync_store()
     base = ModelCard(id=state.model_name, root=state.model_name)
     # root is the adapter's name, never a server path (vLLM shows its lora_path there)
-    adapters = [ModelCard(id=info.name, parent=state.model_name, root=info.name,
-                          rank=info.rank, target_modules=info.target_modules)
-                for info in engine.list_adapters()]
-    compositions = [ModelCard(id=name, parent=state.model_name, root=state.model_name,
-                              compose=[AdapterTerm(name=adapter, scale=scale) for adapter, scale in terms])
-                    for name, terms in sorted(state.compositions.items())]
+    adapters = [
+        ModelCard(
+            id=info.name, parent=state.model_name, root=info.name, rank=info.rank, target_modules=info.target_modules
+        )
+        for info in engine.list_adapters()
+    ]
+    compositions = [
+        ModelCard(
+            id=name,
+            parent=state.model_name,
+            root=state.model_name,
+            compose=[AdapterTerm(name=adapter, scale=scale) for adapter, scale in terms],
+        )
+        for name, terms in sorted(state.compositions.items())
+    ]
     return ModelList(data=[base, *adapters, *compositions])
 
 
 def _sse(events) -> StreamingResponse:
-    return StreamingResponse(error_events(events), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        error_events(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,4 +1,5 @@
 """From OpenAI requests to engine requests and back: whole responses and SSE streams."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from adapters.errors import LoraServeError
-from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.adapter_ref import AdapterRef
+from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.errors import EngineFailedError, RequestError
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import RequestOutput, TokenLogprob
@@ -71,16 +72,18 @@ class Result:
         self.num_prompt_tokens, self.num_output_tokens = output.num_prompt_tokens, output.num_output_tokens
 
 
-def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]], str],
-                    plan: OutputPlan = OutputPlan()) -> list[Job]:
+def completion_jobs(
+    request: CompletionRequest, prompt_text: Callable[[list[int]], str], plan: OutputPlan = OutputPlan()
+) -> list[Job]:
     prompts = request.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
         raise RequestError("must not be empty", field="prompt")
     if request.max_tokens == 0 and not request.echo:
-        raise RequestError("must be at least 1 unless echo is true (0 scores the echoed prompt only)",
-                           field="max_tokens")
+        raise RequestError(
+            "must be at least 1 unless echo is true (0 scores the echoed prompt only)", field="max_tokens"
+        )
     # With echo, logprobs cover the prompt's tokens too (vLLM's prompt_logprobs): lm-eval scores with them.
     prompt_logprobs = request.logprobs if request.echo else None
     jobs = []
@@ -97,8 +100,10 @@ def completion_jobs(request: CompletionRequest, prompt_text: Callable[[list[int]
 def chat_jobs(request: ChatCompletionRequest, prompt_ids: list[int], plan: OutputPlan = OutputPlan()) -> list[Job]:
     max_tokens = request.max_completion_tokens or request.max_tokens
     top = (request.top_logprobs or 0) if request.logprobs else None
-    return [Job(c, prompt_ids, request.sampling_params(max_tokens, top, c, grammar=plan.grammar), tools=plan.tools)
-            for c in range(request.n)]
+    return [
+        Job(c, prompt_ids, request.sampling_params(max_tokens, top, c, grammar=plan.grammar), tools=plan.tools)
+        for c in range(request.n)
+    ]
 
 
 async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: AdapterRef) -> list[RequestStream]:
@@ -203,19 +208,30 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 
 
 def completion_response(model: str, jobs: list[Job], results: list[Result], token_text) -> CompletionResponse:
-    choices = [CompletionChoice(index=job.index, text=job.echo + result.text,
-                                logprobs=completion_logprobs(result.prompt_logprobs + result.logprobs, token_text)
-                                if job.params.logprobs is not None else None,
-                                finish_reason=result.finish_reason)
-               for job, result in zip(jobs, results)]
+    choices = [
+        CompletionChoice(
+            index=job.index,
+            text=job.echo + result.text,
+            logprobs=completion_logprobs(result.prompt_logprobs + result.logprobs, token_text)
+            if job.params.logprobs is not None
+            else None,
+            finish_reason=result.finish_reason,
+        )
+        for job, result in zip(jobs, results)
+    ]
     return CompletionResponse(model=model, choices=choices, usage=_usage(jobs, results))
 
 
 def chat_response(model: str, jobs: list[Job], results: list[Result], token_text) -> ChatCompletionResponse:
-    choices = [ChatChoice(index=job.index, message=_message(job, result),
-                          logprobs=chat_logprobs(result.logprobs, token_text) if job.params.logprobs is not None else None,
-                          finish_reason=_finish_reason(job, result.finish_reason))
-               for job, result in zip(jobs, results)]
+    choices = [
+        ChatChoice(
+            index=job.index,
+            message=_message(job, result),
+            logprobs=chat_logprobs(result.logprobs, token_text) if job.params.logprobs is not None else None,
+            finish_reason=_finish_reason(job, result.finish_reason),
+        )
+        for job, result in zip(jobs, results)
+    ]
     return ChatCompletionResponse(model=model, choices=choices, usage=_usage(jobs, results))
 
 
@@ -248,8 +264,9 @@ def completion_logprobs(logprobs: list[TokenLogprob], token_text, offset: int = 
         text = token_text(lp.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append(None if lp.logprob is None else
-                                {text: lp.logprob, **{token_text(t): v for t, v in lp.top}})
+        out.top_logprobs.append(
+            None if lp.logprob is None else {text: lp.logprob, **{token_text(t): v for t, v in lp.top}}
+        )
         out.text_offset.append(offset)
         offset += len(text)
     return out
@@ -260,9 +277,14 @@ def chat_logprobs(logprobs: list[TokenLogprob], token_text) -> ChatLogprobs:
         text = token_text(token_id)
         return {"token": text, "logprob": value, "bytes": list(text.encode())}
 
-    return ChatLogprobs(content=[ChatTokenLogprob(**entry(lp.token_id, lp.logprob),
-                                                  top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
-                                 for lp in logprobs])
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **entry(lp.token_id, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top]
+            )
+            for lp in logprobs
+        ]
+    )
 
 
 def sse(payload) -> str:
@@ -270,32 +292,54 @@ def sse(payload) -> str:
     return f"data: {data}\n\n"
 
 
-async def completion_events(model: str, jobs: list[Job], streams: list[RequestStream], include_usage: bool,
-                            token_text) -> AsyncIterator[str]:
+async def completion_events(
+    model: str, jobs: list[Job], streams: list[RequestStream], include_usage: bool, token_text
+) -> AsyncIterator[str]:
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     results = [Result() for _ in jobs]
     for job in jobs:
         if job.echo and job.params.logprobs is None:
-            yield sse(CompletionResponse(id=response_id, created=created, model=model,
-                                         choices=[CompletionChoice(index=job.index, text=job.echo)]))
+            yield sse(
+                CompletionResponse(
+                    id=response_id,
+                    created=created,
+                    model=model,
+                    choices=[CompletionChoice(index=job.index, text=job.echo)],
+                )
+            )
     async for position, output in merged(streams):
         job, result = jobs[position], results[position]
         # echo with logprobs: the prompt goes out with the first delta, once its scores are in
         echo = job.echo if job.params.logprobs is not None and not result.prompt_logprobs else ""
         offset = len(job.echo) + len(result.text) if not echo else 0
         result.add(output)
-        logprobs = (completion_logprobs(output.prompt_logprobs + output.logprobs, token_text, offset)
-                    if job.params.logprobs is not None else None)
-        yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[CompletionChoice(
-            index=job.index, text=echo + output.text, logprobs=logprobs, finish_reason=output.finish_reason)]))
+        logprobs = (
+            completion_logprobs(output.prompt_logprobs + output.logprobs, token_text, offset)
+            if job.params.logprobs is not None
+            else None
+        )
+        yield sse(
+            CompletionResponse(
+                id=response_id,
+                created=created,
+                model=model,
+                choices=[
+                    CompletionChoice(
+                        index=job.index, text=echo + output.text, logprobs=logprobs, finish_reason=output.finish_reason
+                    )
+                ],
+            )
+        )
     if include_usage:
-        yield sse(CompletionResponse(id=response_id, created=created, model=model, choices=[],
-                                     usage=_usage(jobs, results)))
+        yield sse(
+            CompletionResponse(id=response_id, created=created, model=model, choices=[], usage=_usage(jobs, results))
+        )
     yield sse("[DONE]")
 
 
-async def chat_events(model: str, jobs: list[Job], streams: list[RequestStream], include_usage: bool,
-                      token_text) -> AsyncIterator[str]:
+async def chat_events(
+    model: str, jobs: list[Job], streams: list[RequestStream], include_usage: bool, token_text
+) -> AsyncIterator[str]:
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     results = [Result() for _ in jobs]
 
@@ -314,9 +358,16 @@ async def chat_events(model: str, jobs: list[Job], streams: list[RequestStream],
             delta = ChatDelta(tool_calls=call.add(output.text, output.finished and output.finish_reason == "stop"))
         else:
             delta = ChatDelta(content=output.text) if output.text or not output.finished else ChatDelta()
-        yield chunk([ChatChunkChoice(index=job.index, delta=delta, logprobs=logprobs,
-                                     finish_reason=_finish_reason(job, output.finish_reason))])
+        yield chunk(
+            [
+                ChatChunkChoice(
+                    index=job.index,
+                    delta=delta,
+                    logprobs=logprobs,
+                    finish_reason=_finish_reason(job, output.finish_reason),
+                )
+            ]
+        )
     if include_usage:
         yield chunk([], _usage(jobs, results))
     yield sse("[DONE]")
-

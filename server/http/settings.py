@@ -1,4 +1,5 @@
 """Server settings: every field is a CLI flag and a LORASERVE_* environment variable."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,8 +67,10 @@ class Settings(BaseSettings, EngineSettings):
         could never match what a client sends: both are refused at startup, naming the setting."""
         if key is not None and (not key or key != key.strip()):
             problem = "is empty" if not key.strip() else "has leading or trailing whitespace"
-            raise ValueError(f"LORASERVE_{info.field_name.upper()} / --{info.field_name.replace('_', '-')} "
-                             f"{problem}: unset it, or strip the secret")
+            raise ValueError(
+                f"LORASERVE_{info.field_name.upper()} / --{info.field_name.replace('_', '-')} "
+                f"{problem}: unset it, or strip the secret"
+            )
         return key
 
     def engine_config(self) -> EngineConfig:

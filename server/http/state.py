@@ -4,6 +4,7 @@ The engine thread is the only writer of the engine and its registry: this module
 files on worker threads (never on the event loop, never on the engine thread) and hands the
 engine only the cheap install or remove, as a command.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,8 @@ import torch
 from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
-from server.engine.async_engine import AsyncEngine
 from server.engine.adapter_ref import BASE_REF, AdapterRef, Term, check_scale
+from server.engine.async_engine import AsyncEngine
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
@@ -38,8 +39,13 @@ class ServerState:
     `on_fatal(reason)` is called once when the server cannot go on: the model or a startup adapter
     failed to load, or the engine thread died. The CLI exits non-zero on it, so a supervisor restarts."""
 
-    def __init__(self, settings: Settings, base: BaseModel | None = None, metrics: Metrics | None = None,
-                 on_fatal: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        base: BaseModel | None = None,
+        metrics: Metrics | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
         self.engine: LLMEngine | None = None
@@ -90,10 +96,12 @@ class ServerState:
         adapter, a named composition, or the field's composition on the base. Unknown names: 404."""
         if adapters is not None:
             if model != self.model_name:
-                raise RequestError(f"must be the base model {self.model_name!r} when `adapters` composes "
-                                   "adapters", field="model")
-            return AdapterRef.composed([(await self._resolve_term(index, term.name), term.scale)
-                                        for index, term in enumerate(adapters)])
+                raise RequestError(
+                    f"must be the base model {self.model_name!r} when `adapters` composes adapters", field="model"
+                )
+            return AdapterRef.composed(
+                [(await self._resolve_term(index, term.name), term.scale) for index, term in enumerate(adapters)]
+            )
         if model == self.model_name:
             return BASE_REF
         if model in self.compositions:
@@ -110,8 +118,7 @@ class ServerState:
 
     async def _resolve_term(self, index: int, name: str) -> str:
         if name in self.compositions:
-            raise RequestError(f"{name!r} is a composition: list its adapters instead",
-                               field=f"adapters[{index}].name")
+            raise RequestError(f"{name!r} is a composition: list its adapters instead", field=f"adapters[{index}].name")
         if name == self.model_name or not await self.has_adapter(name):
             raise AdapterNotFoundError(f"adapter {name!r} does not exist", field=f"adapters[{index}].name")
         return name
@@ -124,8 +131,14 @@ class ServerState:
         for name in sorted(stored | set(self._store_versions)):
             await self._sync_stored(name)
 
-    async def register(self, name: str, source: AdapterSource, replace: bool = False,
-                       adapter: LoraAdapter | None = None, store_version: str | None = None) -> AdapterInfo:
+    async def register(
+        self,
+        name: str,
+        source: AdapterSource,
+        replace: bool = False,
+        adapter: LoraAdapter | None = None,
+        store_version: str | None = None,
+    ) -> AdapterInfo:
         """Parse `source` (unless `adapter` is its parse already) off the loop, then install it on the
         engine thread. `store_version` marks a registration that mirrors the store's entry."""
         engine = self.ready_engine()
@@ -155,16 +168,20 @@ class ServerState:
         check_name(name)
         engine = self.ready_engine()
         if name == self.model_name or engine.has_adapter(name) or (name in self.compositions and not replace):
-            raise HTTPError(409, f"{name!r} is already the name of a model, an adapter or a composition",
-                            "name_in_use", "name")
+            raise HTTPError(
+                409, f"{name!r} is already the name of a model, an adapter or a composition", "name_in_use", "name"
+            )
         if len(terms) > self.limits.max_adapters_per_request:
-            raise RequestError(f"at most {self.limits.max_adapters_per_request} adapters (setting "
-                               "max_adapters_per_request)", field="compose")
+            raise RequestError(
+                f"at most {self.limits.max_adapters_per_request} adapters (setting max_adapters_per_request)",
+                field="compose",
+            )
         for index, (adapter, scale) in enumerate(terms):
             check_scale(scale, engine.max_composition_scale, f"compose[{index}].scale")
             if adapter in self.compositions or adapter == self.model_name:
-                raise RequestError("must name an adapter, not a composition or the base",
-                                   field=f"compose[{index}].name")
+                raise RequestError(
+                    "must name an adapter, not a composition or the base", field=f"compose[{index}].name"
+                )
             if not await self.has_adapter(adapter):
                 raise AdapterNotFoundError(f"adapter {adapter!r} does not exist", field=f"compose[{index}].name")
         if self.store is not None:
@@ -180,8 +197,12 @@ class ServerState:
         """An adapter a named composition uses cannot be deleted: a 409 naming the composition."""
         for name, terms in sorted(self.compositions.items()):
             if any(term == adapter for term, _ in terms):
-                raise HTTPError(409, f"adapter {adapter!r} is used by the composition {name!r}; delete that "
-                                "first", "adapter_in_use", "name")
+                raise HTTPError(
+                    409,
+                    f"adapter {adapter!r} is used by the composition {name!r}; delete that first",
+                    "adapter_in_use",
+                    "name",
+                )
 
     async def unregister(self, name: str) -> None:
         engine = self.ready_engine()
@@ -211,15 +232,25 @@ class ServerState:
     def _load(self, base: BaseModel | None) -> None:
         settings = self.settings
         try:
-            base = base or load_base_model(settings.model, dtype=getattr(torch, settings.dtype),
-                                           device=settings.device, cache_dir=settings.cache_dir)
+            base = base or load_base_model(
+                settings.model,
+                dtype=getattr(torch, settings.dtype),
+                device=settings.device,
+                cache_dir=settings.cache_dir,
+            )
             engine = LLMEngine(base, settings.engine_config())
             self.model_name = settings.served_model_name or base.name
             prompt_bytes = settings.max_prompt_bytes or engine.max_model_len * max_token_bytes(base.tokenizer)
-            self.limits = RequestLimits(settings.max_stop_sequences, settings.max_stop_length, prompt_bytes,
-                                        engine.max_model_len, settings.max_adapters_per_request,
-                                        settings.max_prompts_per_request, settings.max_stop_token_ids,
-                                        engine.vocab_size)
+            self.limits = RequestLimits(
+                settings.max_stop_sequences,
+                settings.max_stop_length,
+                prompt_bytes,
+                engine.max_model_len,
+                settings.max_adapters_per_request,
+                settings.max_prompts_per_request,
+                settings.max_stop_token_ids,
+                engine.vocab_size,
+            )
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
             self.compositions = self.store.compositions() if self.store else {}
             if self.metrics is not None:

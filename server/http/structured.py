@@ -10,6 +10,7 @@ named function makes the answer that function's arguments object. `auto` would n
 choose between text and a call in its own syntax, which the default model's template does not
 render: it is refused (docs/structured-output.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,58 @@ import llguidance
 from server.engine.errors import RequestError
 from server.engine.grammar import GrammarCompiler, GrammarSpec
 
-from .api_models import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionCallDelta, StructuredOutputs, ToolCall,
-                         ToolCallDelta)
+from .api_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionCall,
+    FunctionCallDelta,
+    StructuredOutputs,
+    ToolCall,
+    ToolCallDelta,
+)
 
 # JSON Schema keywords the grammar enforces; anything else would be silently ignored: refused.
-ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-            "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "minimum",
-            "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
-            "pattern", "format"}
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-               "readOnly", "writeOnly", "discriminator", "nullable"}
+ENFORCED = {
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "prefixItems",
+    "minItems",
+    "maxItems",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "definitions",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+}
+ANNOTATIONS = {
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "discriminator",
+    "nullable",
+}
 _SCHEMA_MAPS = {"properties", "$defs", "definitions"}  # name -> schema
 _SCHEMA_LISTS = {"prefixItems", "anyOf", "oneOf", "allOf"}
 
@@ -93,8 +136,9 @@ def json_grammar(schema: dict, field: str) -> GrammarSpec:
 def _format_grammar(body) -> GrammarSpec | None:
     for old in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
         if getattr(body, old) is not None:
-            raise RequestError(f"was removed in vLLM 0.12: use structured_outputs.{old.removeprefix('guided_')}",
-                               field=old)
+            raise RequestError(
+                f"was removed in vLLM 0.12: use structured_outputs.{old.removeprefix('guided_')}", field=old
+            )
     formats = body.response_format
     grammar = None
     if formats is not None and formats.type == "json_object":
@@ -157,12 +201,18 @@ def _tool_plan(body: ChatCompletionRequest) -> OutputPlan:
         return OutputPlan()
     if body.stop or body.stop_token_ids:  # a stop inside the call's JSON would leave it unparseable
         field = "stop" if body.stop else "stop_token_ids"
-        raise RequestError("cannot be combined with tool calls: a stop inside a call would cut its JSON "
-                           "arguments; the call's grammar already ends it", field=field)
+        raise RequestError(
+            "cannot be combined with tool calls: a stop inside a call would cut its JSON "
+            "arguments; the call's grammar already ends it",
+            field=field,
+        )
     if choice in (None, "auto"):
-        raise RequestError("'auto' (the default with tools) is not supported: the model's chat template does "
-                           "not render tools, so it cannot choose to call one; use 'required', a named "
-                           "function, or 'none'", field="tool_choice")
+        raise RequestError(
+            "'auto' (the default with tools) is not supported: the model's chat template does "
+            "not render tools, so it cannot choose to call one; use 'required', a named "
+            "function, or 'none'",
+            field="tool_choice",
+        )
     if choice == "required":
         calls = {"anyOf": [_call_schema(name, schema) for name, schema in parameters.items()]}
         array = {"type": "array", "items": calls, "minItems": 1}
@@ -172,22 +222,31 @@ def _tool_plan(body: ChatCompletionRequest) -> OutputPlan:
     name = choice.function.name
     if name not in parameters:
         raise RequestError(f"no tool is named {name!r}", field="tool_choice.function.name")
-    spec = GrammarSpec(kind="json_schema", source=json.dumps(parameters[name]),
-                       field=f"tools[{list(parameters).index(name)}].function.parameters")
+    spec = GrammarSpec(
+        kind="json_schema",
+        source=json.dumps(parameters[name]),
+        field=f"tools[{list(parameters).index(name)}].function.parameters",
+    )
     return OutputPlan(spec, ToolMode(name))
 
 
 def _call_schema(name: str, parameters: dict) -> dict:
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def tool_calls(mode: ToolMode, text: str) -> list[ToolCall]:
     """The calls a finished constrained answer holds (`function.arguments` as JSON text)."""
     if mode.function is not None:
         return [new_call(mode.function, text)]
-    return [new_call(call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":")))
-            for call in json.loads(text)]
+    return [
+        new_call(call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":")))
+        for call in json.loads(text)
+    ]
 
 
 def new_call(name: str, arguments: str) -> ToolCall:
@@ -205,11 +264,14 @@ def template_messages(messages: list[ChatMessage], renders_tool_calls: bool) -> 
                 raise RequestError("is required in a tool message", field=f"messages[{i}].tool_call_id")
             entry["tool_call_id"] = message.tool_call_id
         if message.tool_calls:
-            calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments, i, j)}
-                     for j, c in enumerate(message.tool_calls)]
+            calls = [
+                {"name": c.function.name, "arguments": _arguments(c.function.arguments, i, j)}
+                for j, c in enumerate(message.tool_calls)
+            ]
             if renders_tool_calls:
-                entry["tool_calls"] = [{"id": c.id, "type": "function", "function": call}
-                                       for c, call in zip(message.tool_calls, calls)]
+                entry["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": call} for c, call in zip(message.tool_calls, calls)
+                ]
             else:
                 entry["content"] += json.dumps(calls, ensure_ascii=False, separators=(",", ":"))
         out.append(entry)
@@ -235,8 +297,11 @@ class ToolCallStream:
         if self.mode.function is None:
             return None
         call = new_call(self.mode.function, "")
-        return [ToolCallDelta(index=0, id=call.id, type="function",
-                              function=FunctionCallDelta(name=call.function.name, arguments=""))]
+        return [
+            ToolCallDelta(
+                index=0, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name, arguments="")
+            )
+        ]
 
     def add(self, text: str, is_complete: bool) -> list[ToolCallDelta] | None:
         self.text += text
@@ -244,6 +309,12 @@ class ToolCallStream:
             return [ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))] if text else None
         if not is_complete:
             return None
-        return [ToolCallDelta(index=i, id=call.id, type="function",
-                              function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments))
-                for i, call in enumerate(tool_calls(self.mode, self.text))]
+        return [
+            ToolCallDelta(
+                index=i,
+                id=call.id,
+                type="function",
+                function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+            )
+            for i, call in enumerate(tool_calls(self.mode, self.text))
+        ]

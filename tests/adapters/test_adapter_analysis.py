@@ -1,6 +1,7 @@
 """Adapter analysis, similarity and compression against an independent float64 reference: PEFT loads
 each adapter, and the test forms ΔW = s·B·A densely from PEFT's own factors and scale, then takes
 a full SVD of it. Regex targets, rank/alpha patterns, rsLoRA and GPT-2's Conv1D are all covered."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,13 @@ from adapters.compress import compress_dir
 from adapters.peft_format import read_factors
 from support.analysis import dense_reference, low_rank_adapter, projector_similarity, reference_effective_rank
 
-PATTERNS = dict(r=8, lora_alpha=16, target_modules=r".*\.(q_proj|v_proj|down_proj)",
-                rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"down_proj": 3.0})
+PATTERNS = dict(
+    r=8,
+    lora_alpha=16,
+    target_modules=r".*\.(q_proj|v_proj|down_proj)",
+    rank_pattern={"v_proj": 4, "layers.1.self_attn.q_proj": 6},
+    alpha_pattern={"down_proj": 3.0},
+)
 CASES = {
     "regex-patterns": ("tiny_llama", PATTERNS),
     "rslora": ("tiny_llama", dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj", "up_proj"])),
@@ -59,8 +65,9 @@ def test_analysis_matches_a_dense_float64_svd(case):
         assert close(layer["amplification"], expected, rtol=1e-8)
     summary = report["summary"]
     assert summary["num_layers"] == len(reference)
-    assert summary["num_params"] == sum(r["a"].numel() + r["delta"].shape[0] * r["a"].shape[0]
-                                        for r in reference.values())
+    assert summary["num_params"] == sum(
+        r["a"].numel() + r["delta"].shape[0] * r["a"].shape[0] for r in reference.values()
+    )
     # random factors on a tiny random base: some updates outweigh W0, and only those are flagged
     norm = torch.linalg.matrix_norm
     larger = [m for m, r in reference.items() if norm(r["delta"]) > norm(r["w0"])]
@@ -84,10 +91,12 @@ def test_similarity_matches_projections(case, tmp_path, make_peft_adapter):
 
 @pytest.mark.parametrize("fixture,targets", [("tiny_llama", r".*\.(q_proj|gate_proj)"), ("tiny_gpt2", ["c_attn"])])
 def test_rank_4_update_compresses_to_rank_4_and_peft_loads_it_identically(
-        request, fixture, targets, tmp_path, make_peft_adapter):
+    request, fixture, targets, tmp_path, make_peft_adapter
+):
     base = request.getfixturevalue(fixture)
-    original = low_rank_adapter(base, tmp_path / "r32", make_peft_adapter, target_modules=targets,
-                                fan_in_fan_out=fixture == "tiny_gpt2")
+    original = low_rank_adapter(
+        base, tmp_path / "r32", make_peft_adapter, target_modules=targets, fan_in_fan_out=fixture == "tiny_gpt2"
+    )
     report = compress_dir(original, tmp_path / "r4", energy=0.9999)
     assert report.rank_before == 32 and report.rank == 4 and set(report.ranks.values()) == {4}
     assert report.energy_kept == pytest.approx(1.0, abs=1e-12)
@@ -115,13 +124,15 @@ def test_truncation_is_the_best_rank_k_approximation(tiny_llama, tmp_path, make_
         # Eckart-Young: the error of the best rank-k approximation is the tail of the spectrum
         err = torch.linalg.matrix_norm(after[module]["delta"] - ref["delta"])
         assert float(err) == pytest.approx(float(s[k:].norm()), rel=1e-5, abs=1e-6)
-        kept, total = kept + float((s[:k] ** 2).sum()), total + float((s ** 2).sum())
+        kept, total = kept + float((s[:k] ** 2).sum()), total + float((s**2).sum())
     assert report.energy_kept == pytest.approx(kept / total, rel=1e-9)
     assert report.params_after == sum(report.ranks[m] * sum(r["delta"].shape) for m, r in before.items())
 
 
-@pytest.mark.parametrize("energy,max_rank,field", [(0.0, None, "energy"), (1.5, None, "energy"),
-                                                   (None, 0, "max_rank"), (None, None, "energy")])
+@pytest.mark.parametrize(
+    "energy,max_rank,field",
+    [(0.0, None, "energy"), (1.5, None, "energy"), (None, 0, "max_rank"), (None, None, "energy")],
+)
 def test_bad_compression_fields_name_the_field(tiny_llama, tmp_path, make_peft_adapter, energy, max_rank, field):
     path = make_peft_adapter(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj"])
     with pytest.raises(InvalidAdapterError) as caught:

@@ -1,5 +1,6 @@
 """adapter_config.json as untrusted input: regexes that cannot be run or would never finish, and
 fields that change the outputs in ways we do not serve."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,16 +25,20 @@ def parse(**fields) -> LoraConfig:
     return LoraConfig.from_json(json.dumps({**BASE, **fields}))
 
 
-@pytest.mark.parametrize("fields, field", [
-    (dict(target_modules="("), "target_modules"),
-    (dict(exclude_modules="("), "exclude_modules"),
-    (dict(layers_to_transform=[0], layers_pattern="("), "layers_pattern"),
-    (dict(layers_to_transform=[0], layers_pattern=["layers", "("]), "layers_pattern"),
-    (dict(rank_pattern={"(": 2}), "rank_pattern.("),
-    (dict(alpha_pattern={"(": 2}), "alpha_pattern.("),
-    (dict(target_modules=r"(?=.*q_proj).*"), "target_modules"),  # valid for `re`, but no lookarounds in RE2
-    (dict(rank_pattern={r"(q)_proj\1": 2}), r"rank_pattern.(q)_proj\1"),  # nor backreferences
-], ids=lambda value: value if isinstance(value, str) else None)
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        (dict(target_modules="("), "target_modules"),
+        (dict(exclude_modules="("), "exclude_modules"),
+        (dict(layers_to_transform=[0], layers_pattern="("), "layers_pattern"),
+        (dict(layers_to_transform=[0], layers_pattern=["layers", "("]), "layers_pattern"),
+        (dict(rank_pattern={"(": 2}), "rank_pattern.("),
+        (dict(alpha_pattern={"(": 2}), "alpha_pattern.("),
+        (dict(target_modules=r"(?=.*q_proj).*"), "target_modules"),  # valid for `re`, but no lookarounds in RE2
+        (dict(rank_pattern={r"(q)_proj\1": 2}), r"rank_pattern.(q)_proj\1"),  # nor backreferences
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
 def test_a_regex_we_cannot_run_is_an_invalid_adapter_naming_the_field(fields, field):
     with pytest.raises(InvalidAdapterError) as caught:
         parse(**fields)
@@ -42,8 +47,12 @@ def test_a_regex_we_cannot_run_is_an_invalid_adapter_naming_the_field(fields, fi
 
 
 def test_regexes_keep_peft_semantics():
-    config = parse(target_modules=r".*\.(q|v)_proj", exclude_modules=r".*layers\.0\..*",
-                   rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6}, alpha_pattern={"v_proj": 3})
+    config = parse(
+        target_modules=r".*\.(q|v)_proj",
+        exclude_modules=r".*layers\.0\..*",
+        rank_pattern={"q_proj": 2, r"layers\.1\.self_attn\.v_proj": 6},
+        alpha_pattern={"v_proj": 3},
+    )
     assert config.targets(MODULE) and not config.targets("model.layers.0.self_attn.q_proj")
     assert not config.targets("model.layers.1.self_attn.k_proj")
     assert (config.rank_for(MODULE), config.rank_for("model.layers.1.self_attn.v_proj")) == (2, 6)
@@ -76,24 +85,34 @@ def test_a_catastrophic_regex_finishes():
     assert done.stdout.strip() == "finished"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("layer_replication", [[0, 2], [1, 2]]),
-    ("init_lora_weights", "pissa"),
-    ("alora_invocation_tokens", [1, 2, 3]),
-    ("use_qalora", True),
-    ("future_knob", 1),  # in no list: it might change the outputs
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("layer_replication", [[0, 2], [1, 2]]),
+        ("init_lora_weights", "pissa"),
+        ("alora_invocation_tokens", [1, 2, 3]),
+        ("use_qalora", True),
+        ("future_knob", 1),  # in no list: it might change the outputs
+    ],
+)
 def test_a_field_that_changes_the_outputs_is_refused_by_name(field, value):
     with pytest.raises(UnsupportedAdapterError) as caught:
         parse(**{field: value})
     assert (caught.value.file, caught.value.field, status_and_code(caught.value)[0]) == (CONFIG_FILE, field, 422)
 
 
-@pytest.mark.parametrize("fields", [
-    dict(lora_dropout=0.1), dict(task_type="CAUSAL_LM"), dict(init_lora_weights="gaussian"),
-    dict(inference_mode=True), dict(runtime_config={"ephemeral_gpu_offload": True}),
-    dict(layer_replication=None, future_knob=None),  # refused features, left off
-], ids=lambda fields: ",".join(fields))
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(lora_dropout=0.1),
+        dict(task_type="CAUSAL_LM"),
+        dict(init_lora_weights="gaussian"),
+        dict(inference_mode=True),
+        dict(runtime_config={"ephemeral_gpu_offload": True}),
+        dict(layer_replication=None, future_knob=None),  # refused features, left off
+    ],
+    ids=lambda fields: ",".join(fields),
+)
 def test_a_field_that_does_not_change_the_outputs_is_accepted(fields):
     assert parse(**fields).targets(MODULE)
 
@@ -106,19 +125,18 @@ def test_dora_with_lora_bias_is_refused_as_peft_refuses_it():
 
 def test_every_field_of_peft_lora_config_is_classified_once():
     groups = [SUPPORTED, INFERENCE_NEUTRAL, set(REFUSED)]
-    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
     unclassified = {f.name for f in dataclasses.fields(peft.LoraConfig)} - set().union(*groups)
     assert not unclassified, f"classify these new PEFT fields in adapters/config.py: {unclassified}"
 
 
 def test_docs_table_names_every_peft_lora_config_field():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "peft-compatibility.md").read_text()
-    table = doc[doc.index("### Every PEFT `LoraConfig` field"):]
-    table = table[:table.index("\n## ")]
+    table = doc[doc.index("### Every PEFT `LoraConfig` field") :]
+    table = table[: table.index("\n## ")]
     rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     named = {name.strip(" `") for row in rows for name in row.split(",")}
     assert named == {f.name for f in dataclasses.fields(peft.LoraConfig)}
-
 
 
 def test_a_config_saved_by_peft_with_its_defaults_is_accepted():

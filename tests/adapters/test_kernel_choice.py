@@ -1,5 +1,6 @@
 """Base kernels chosen per machine: the decision from timings (injected, and one real measurement),
 its cache under the cache dir, forced choices, and equal outputs whichever kernel runs."""
+
 from __future__ import annotations
 
 import copy
@@ -21,14 +22,17 @@ def timings(**by_kernel: tuple[float, float, float]) -> dict:
     return {kernel: dict(zip(ROW_COUNTS, values)) for kernel, values in by_kernel.items()}
 
 
-@pytest.mark.parametrize("measured, rule", [
-    (timings(plain=(30, 360, 950), packed=(14, 150, 330)), KernelRule.single(PACKED)),  # packed wins everywhere
-    (timings(plain=(10, 100, 300), packed=(10.1, 99, 301)), KernelRule.single(PLAIN)),  # a tie: no extra copy
-    (timings(plain=(8.9, 110, 400), packed=(10, 100, 330)), KernelRule(PLAIN, PACKED, 16)),  # plain for 1 row only
-    (timings(plain=(9.9, 100, 300), packed=(10, 80, 250)), KernelRule.single(PACKED)),  # a split not worth 3%
-    (timings(int8=(12, 118, 470), dequantized=(176, 203, 310)), KernelRule(INT8, DEQUANTIZED, 64)),
-    (timings(plain=(10, 100, 300), packed=(8, 100, 400)), KernelRule(PACKED, PLAIN, 16)),  # either order
-])
+@pytest.mark.parametrize(
+    "measured, rule",
+    [
+        (timings(plain=(30, 360, 950), packed=(14, 150, 330)), KernelRule.single(PACKED)),  # packed wins everywhere
+        (timings(plain=(10, 100, 300), packed=(10.1, 99, 301)), KernelRule.single(PLAIN)),  # a tie: no extra copy
+        (timings(plain=(8.9, 110, 400), packed=(10, 100, 330)), KernelRule(PLAIN, PACKED, 16)),  # plain for 1 row only
+        (timings(plain=(9.9, 100, 300), packed=(10, 80, 250)), KernelRule.single(PACKED)),  # a split not worth 3%
+        (timings(int8=(12, 118, 470), dequantized=(176, 203, 310)), KernelRule(INT8, DEQUANTIZED, 64)),
+        (timings(plain=(10, 100, 300), packed=(8, 100, 400)), KernelRule(PACKED, PLAIN, 16)),  # either order
+    ],
+)
 def test_the_decision_follows_the_timings_and_is_deterministic(measured, rule):
     assert decide(measured) == rule
     assert decide(json.loads(json.dumps(measured), object_hook=_int_keys)) == rule  # as read back from a cache
@@ -87,18 +91,24 @@ def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_lla
     assert kernel_plan.plan_kernels(tiny_llama, None, tmp_path) == first and calls  # damaged: measured again
 
 
-@pytest.mark.parametrize("config, rule", [
-    (dict(kernel_choice="packed"), KernelRule.single(PACKED)), (dict(kernel_choice="plain"), KernelRule.single(PLAIN)),
-    (dict(kernel_choice="auto"), KernelRule(PLAIN, PACKED, 16)),
-])
+@pytest.mark.parametrize(
+    "config, rule",
+    [
+        (dict(kernel_choice="packed"), KernelRule.single(PACKED)),
+        (dict(kernel_choice="plain"), KernelRule.single(PLAIN)),
+        (dict(kernel_choice="auto"), KernelRule(PLAIN, PACKED, 16)),
+    ],
+)
 def test_a_forced_choice_is_honoured(config, rule, tmp_path, monkeypatch):
     """Each linear runs its weights by the rule (sibling linears may share one fused matmul built by it)."""
     monkeypatch.setattr(kernel_plan, "measure", lambda key, dtype: timings(plain=(1, 16, 64), packed=(2, 8, 32)))
     engine = make_engine(cache_dir=tmp_path, **config)
     embedding = engine.lora_model.model.get_input_embeddings()
     assert all(layer.dense_rule == rule for layer in engine.lora_model.layers.values() if layer is not embedding)
-    assert isinstance(engine.lora_model.model.lm_head.kernel, {PACKED: PackedLinear, PLAIN: PlainLinear}.get(
-        rule.large if len(rule.kernels) == 1 else None, RowSwitch))
+    assert isinstance(
+        engine.lora_model.model.lm_head.kernel,
+        {PACKED: PackedLinear, PLAIN: PlainLinear}.get(rule.large if len(rule.kernels) == 1 else None, RowSwitch),
+    )
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """add_lora (direct runs + grouped bmm over slot buffers) against add_lora_reference (a per-token loop)."""
+
 from __future__ import annotations
 
 import copy
@@ -83,7 +84,7 @@ def test_add_lora_matches_reference(case, path):
     assert batch.runs == runs_of(token_slots, path)
     in_runs = torch.zeros(token_slots.numel(), dtype=torch.bool)
     for run in batch.runs:
-        in_runs[run.start:run.stop] = True
+        in_runs[run.start : run.stop] = True
     grouped = token_slots[(token_slots >= 0) & ~in_runs]
     used, counts = torch.unique(grouped, return_counts=True)
     if batch.groups is None:
@@ -95,7 +96,8 @@ def test_add_lora_matches_reference(case, path):
         assert (groups.num_groups, groups.group_len) == (used.numel(), int(counts.max()))
         assert (groups.pad_mask is None) == bool((counts == counts.max()).all())
         assert sorted(token_slots[groups.rows].tolist()) == sorted(
-            [s for s, n in zip(used.tolist(), counts.tolist()) for _ in range(int(counts.max()))])
+            [s for s, n in zip(used.tolist(), counts.tolist()) for _ in range(int(counts.max()))]
+        )
     assert batch.num_tokens == token_slots.numel()
 
 

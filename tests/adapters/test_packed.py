@@ -1,5 +1,6 @@
 """The oneDNN-packed CPU path: same results as the plain path, used only where it applies, and
 merges that pack their merged weight (PEFT parity of the packed path is in test_peft_equivalence)."""
+
 from __future__ import annotations
 
 import copy
@@ -52,15 +53,19 @@ def test_only_float32_and_supported_bf16_on_cpu_are_packed(tiny_llama, dtype):
     assert (pack(torch.randn(4, 4, dtype=dtype)) is not None) == is_packed
     lora_model = wrap_model(copy.deepcopy(tiny_llama).to(dtype), max_loras=2, max_rank=8, kernels=KernelPlan(PACKED))
     embedding = lora_model.model.get_input_embeddings()
-    assert all((layer.packed_weight is not None) == is_packed for layer in lora_model.layers.values()
-               if layer is not embedding)
+    assert all(
+        (layer.packed_weight is not None) == is_packed for layer in lora_model.layers.values() if layer is not embedding
+    )
 
 
 def test_conv1d_layers_are_left_to_the_plain_path(tiny_gpt2):
     lora_model = wrap_model(copy.deepcopy(tiny_gpt2), max_loras=2, max_rank=8, kernels=KernelPlan(PACKED))
     head, embedding = lora_model.model.lm_head, lora_model.model.get_input_embeddings()
-    assert all(layer.is_conv1d and layer.packed_weight is None for layer in lora_model.layers.values()
-               if layer not in (head, embedding))
+    assert all(
+        layer.is_conv1d and layer.packed_weight is None
+        for layer in lora_model.layers.values()
+        if layer not in (head, embedding)
+    )
     assert head.is_head and head.packed_weight is not None  # GPT-2's head is an nn.Linear
 
 
@@ -79,8 +84,10 @@ def test_packed_model_equals_plain_model_and_keeps_tied_weights(tiny_llama, toke
 
 def test_merge_packs_the_merged_weight_and_unmerge_returns_to_w0(tiny_llama, token_ids, tmp_path, make_peft_adapter):
     path = make_peft_adapter(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj", "down_proj"])
-    models = [wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, kernels=KernelPlan(kernel))
-              for kernel in (PLAIN, PACKED)]
+    models = [
+        wrap_model(copy.deepcopy(tiny_llama), max_loras=2, max_rank=8, kernels=KernelPlan(kernel))
+        for kernel in (PLAIN, PACKED)
+    ]
     slots = []
     for lora_model in models:
         registry = AdapterRegistry(lora_model)
@@ -125,8 +132,9 @@ def test_bf16_engine_serves_on_packed_weights_as_on_plain_ones(adapter_paths):
 
 
 def bf16_engine(adapter_paths, **config) -> LLMEngine:
-    engine = LLMEngine(BaseModel(fresh_model().to(torch.bfloat16), load_tokenizer(), "tiny", Path("tiny")),
-                       EngineConfig(**config))
+    engine = LLMEngine(
+        BaseModel(fresh_model().to(torch.bfloat16), load_tokenizer(), "tiny", Path("tiny")), EngineConfig(**config)
+    )
     for name, path in adapter_paths.items():
         engine.registry.add(name, path)
     return engine

@@ -1,6 +1,7 @@
 """LoRA on the input embedding and the output head (tied on GPT-2, untied on the tiny Llama) against
 PEFT's own forward, mixed row by row with plain LoRA and base rows, gathered and merged; the head's
 delta follows the rows the step keeps; the saved full matrices PEFT writes beside them."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,14 +27,18 @@ from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft
 
 BASE = "__base__"
 KINDS = {
-    "llama": dict(emb=dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-                  head=dict(r=8, lora_alpha=16, target_modules=["lm_head", "v_proj"]),
-                  both=dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head"]),
-                  plain=dict(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"])),
-    "gpt2": dict(emb=dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]),
-                 head=dict(r=8, lora_alpha=16, target_modules=["lm_head", "c_fc"]),
-                 both=dict(r=2, lora_alpha=4, target_modules=["wte", "lm_head"]),
-                 plain=dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+    "llama": dict(
+        emb=dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        head=dict(r=8, lora_alpha=16, target_modules=["lm_head", "v_proj"]),
+        both=dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head"]),
+        plain=dict(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"]),
+    ),
+    "gpt2": dict(
+        emb=dict(r=4, lora_alpha=8, target_modules=["wte", "c_attn"]),
+        head=dict(r=8, lora_alpha=16, target_modules=["lm_head", "c_fc"]),
+        both=dict(r=2, lora_alpha=4, target_modules=["wte", "lm_head"]),
+        plain=dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+    ),
 }
 ROWS = ["emb", BASE, "head", "plain", "both", "emb", BASE, "head"]
 COMPOSITION = (("emb", 0.5), ("head", -0.5), ("both", 1.0))
@@ -81,11 +86,13 @@ def test_embedding_and_head_lora_mixed_batch_match_peft(embedded, split):
     ids = torch.cat([embedded["ids"], embedded["ids"][:1]])  # the composed row reads row 0's tokens
     with torch.no_grad():
         ours_base = lora_model.model(ids).logits
-    atol = tolerance(embedded["noise"], (ours_base[:-1] - singles[BASE]).abs().max().item(),
-                     reference=singles[BASE])
+    atol = tolerance(embedded["noise"], (ours_base[:-1] - singles[BASE]).abs().max().item(), reference=singles[BASE])
     row_slots, row_scales = row_terms(slots, rows)
-    batch = LoraBatch.build(row_slots.repeat_interleave(ids.shape[1], dim=1),
-                            token_scales=row_scales.repeat_interleave(ids.shape[1], dim=1), **split)
+    batch = LoraBatch.build(
+        row_slots.repeat_interleave(ids.shape[1], dim=1),
+        token_scales=row_scales.repeat_interleave(ids.shape[1], dim=1),
+        **split,
+    )
     assert batch.groups is None if split is not GROUPED else not batch.runs
     with lora_model.gather(batch), torch.no_grad():
         ours = lora_model.model(ids).logits
@@ -123,8 +130,9 @@ def test_head_lora_follows_the_kept_rows(embedded):
     for i, name in enumerate(ROWS):
         torch.testing.assert_close(ours[i], singles[name][i, -1], atol=atol, rtol=0, msg=f"row {i} ({name})")
     base_only = lora_model.build_batch(token_slots, keep=keep[[i for i, n in enumerate(ROWS) if n == BASE]])
-    assert base_only.runs and not base_only.head.runs and base_only.head.groups is None, \
+    assert base_only.runs and not base_only.head.runs and base_only.head.groups is None, (
         "no kept adapter row: the head adds nothing, and never all N rows' deltas"
+    )
 
 
 def _rewrite(path, out, change):
@@ -149,8 +157,9 @@ def test_saved_full_matrices(embedded, tmp_path):
         module = key.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
         changed = _rewrite(path, tmp_path / f"changed-{module}", lambda t, key=key: t[key].__setitem__((3, 0), 1.0))
         assert list(load_adapter("x", changed, lora_model.spec, max_rank=64).modules) == [module]
-        resized = _rewrite(path, tmp_path / f"resized-{module}",
-                           lambda t, key=key: t.__setitem__(key, torch.zeros(130, 64)))
+        resized = _rewrite(
+            path, tmp_path / f"resized-{module}", lambda t, key=key: t.__setitem__(key, torch.zeros(130, 64))
+        )
         with pytest.raises(UnsupportedAdapterError, match="resized vocabulary") as info:
             load_adapter("x", resized, lora_model.spec, max_rank=64)
         assert info.value.field == key.removeprefix("base_model.model.")
@@ -168,16 +177,20 @@ def test_identity_covers_embedding_and_head_lora(embedded, tmp_path):
     assert adapter_identity(same) == adapter_identity(again) != adapter_identity(other)
 
 
-
 def test_engine_serves_embedding_and_head_lora_beside_others(adapter_paths, tmp_path, make_peft_adapter):
     """The engine keeps one row per sequence for the head: greedy tokens equal PEFT's generate,
     per request, with embedding+head, plain LoRA and base requests in the same steps."""
-    paths = dict(adapter_paths, e=make_peft_adapter(pristine_model(), tmp_path / "e", r=4, lora_alpha=16,
-                                                    target_modules=["embed_tokens", "lm_head", "q_proj"]))
+    paths = dict(
+        adapter_paths,
+        e=make_peft_adapter(
+            pristine_model(), tmp_path / "e", r=4, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "q_proj"]
+        ),
+    )
     requests = [(PROMPTS[0], "e", 8), (PROMPTS[0], None, 8), (PROMPTS[1], "a", 6), (PROMPTS[2], "e", 5)]
     engine = make_engine(paths)
-    completions = engine.generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
-                                  [a for _, a, _ in requests])
+    completions = engine.generate(
+        [p for p, _, _ in requests], [greedy(n) for _, _, n in requests], [a for _, a, _ in requests]
+    )
     reference = peft_reference(paths)
     for (prompt, adapter, n), completion in zip(requests, completions):
         assert completion.token_ids == hf_greedy(reference, encode(prompt), n, adapter), (prompt, adapter)

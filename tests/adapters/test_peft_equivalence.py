@@ -1,5 +1,6 @@
 """Our wrapped model must compute what PEFT computes, in merged and in gather mode, adapter by
 adapter and with adapters mixed row by row in one batch (PEFT's own mixed-batch test)."""
+
 from __future__ import annotations
 
 import copy
@@ -29,29 +30,70 @@ def _product_cases(attention, extra=None):
 
 
 LLAMA_CASES = _product_cases(LLAMA_ATTENTION) + [
-    pytest.param(dict(r=8, lora_alpha=16, target_modules="all-linear",
-                      rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 16},
-                      alpha_pattern={"v_proj": 3, "o_proj": 40}), id="rank-alpha-pattern"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION, use_rslora=True,
-                      rank_pattern={"k_proj": 12}, alpha_pattern={"k_proj": 5}), id="pattern-rslora"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=r".*\.(q|v)_proj|.*layers\.1\.mlp\.up_proj"),
-                 id="regex-string"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION, layers_to_transform=[1]),
-                 id="layers-to-transform"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=["gate_proj", "v_proj"], layers_to_transform=0,
-                      layers_pattern="layers"), id="layers-to-transform-int-pattern"),
+    pytest.param(
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules="all-linear",
+            rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 16},
+            alpha_pattern={"v_proj": 3, "o_proj": 40},
+        ),
+        id="rank-alpha-pattern",
+    ),
+    pytest.param(
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_ATTENTION,
+            use_rslora=True,
+            rank_pattern={"k_proj": 12},
+            alpha_pattern={"k_proj": 5},
+        ),
+        id="pattern-rslora",
+    ),
+    pytest.param(
+        dict(r=4, lora_alpha=8, target_modules=r".*\.(q|v)_proj|.*layers\.1\.mlp\.up_proj"), id="regex-string"
+    ),
+    pytest.param(
+        dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION, layers_to_transform=[1]), id="layers-to-transform"
+    ),
+    pytest.param(
+        dict(r=4, lora_alpha=8, target_modules=["gate_proj", "v_proj"], layers_to_transform=0, layers_pattern="layers"),
+        id="layers-to-transform-int-pattern",
+    ),
     # PEFT selects a full module name even outside layers_to_transform.
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
-                      layers_to_transform=[1]), id="full-name-with-layers-to-transform"),
+    pytest.param(
+        dict(r=4, lora_alpha=8, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1]),
+        id="full-name-with-layers-to-transform",
+    ),
 ]
 
 GPT2_CASES = _product_cases(GPT2_ATTENTION, dict(fan_in_fan_out=True)) + [
-    pytest.param(dict(r=8, lora_alpha=16, target_modules="all-linear", fan_in_fan_out=True,
-                      rank_pattern={"c_attn": 2}, alpha_pattern={"mlp.c_proj": 3}), id="rank-alpha-pattern"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=r".*\.h\.1\.(attn|mlp)\.c_.*", fan_in_fan_out=True),
-                 id="regex-string"),
-    pytest.param(dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                      layers_to_transform=[0], layers_pattern="h"), id="layers-to-transform"),
+    pytest.param(
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules="all-linear",
+            fan_in_fan_out=True,
+            rank_pattern={"c_attn": 2},
+            alpha_pattern={"mlp.c_proj": 3},
+        ),
+        id="rank-alpha-pattern",
+    ),
+    pytest.param(
+        dict(r=4, lora_alpha=8, target_modules=r".*\.h\.1\.(attn|mlp)\.c_.*", fan_in_fan_out=True), id="regex-string"
+    ),
+    pytest.param(
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc"],
+            fan_in_fan_out=True,
+            layers_to_transform=[0],
+            layers_pattern="h",
+        ),
+        id="layers-to-transform",
+    ),
 ]
 
 
@@ -66,16 +108,23 @@ def load_peft(base, paths: dict) -> PeftModel:
 
 def peft_module_names(model: PeftModel, adapter: str) -> list[str]:
     prefix = "base_model.model."
-    return sorted(name[len(prefix):-len(".lora_A")] for name, module in model.named_modules()
-                  if name.endswith(".lora_A") and adapter in module)
+    return sorted(
+        name[len(prefix) : -len(".lora_A")]
+        for name, module in model.named_modules()
+        if name.endswith(".lora_A") and adapter in module
+    )
 
 
 def wrap_with(base, paths: dict, max_loras: int = 4, max_rank: int = 64, packed: bool = False):
-    lora_model = wrap_model(copy.deepcopy(base), max_loras=max_loras, max_rank=max_rank,
-                            kernels=KernelPlan(PACKED if packed else PLAIN))
+    lora_model = wrap_model(
+        copy.deepcopy(base), max_loras=max_loras, max_rank=max_rank, kernels=KernelPlan(PACKED if packed else PLAIN)
+    )
     embedding = lora_model.model.get_input_embeddings()
-    assert all((layer.packed_weight is not None) == (packed and not layer.is_conv1d)
-               for layer in lora_model.layers.values() if layer is not embedding)
+    assert all(
+        (layer.packed_weight is not None) == (packed and not layer.is_conv1d)
+        for layer in lora_model.layers.values()
+        if layer is not embedding
+    )
     registry = AdapterRegistry(lora_model)
     for name, path in paths.items():
         registry.add(name, path)
@@ -198,22 +247,25 @@ def check_mixed_batch(base, ids, paths, *, prefix_slots: bool, fillers: dict, sp
 @pytest.fixture(scope="module")
 def llama_mixed_paths(tiny_llama, tmp_path_factory, make_peft_adapter):
     root = tmp_path_factory.mktemp("llama-mixed")
-    adapters = dict(a1=dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION),
-                    a2=dict(r=16, lora_alpha=4, target_modules="all-linear", use_rslora=True),
-                    f0=dict(r=2, lora_alpha=2, target_modules=["q_proj"]),
-                    f2=dict(r=8, lora_alpha=2, target_modules=["down_proj"]))
+    adapters = dict(
+        a1=dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTENTION),
+        a2=dict(r=16, lora_alpha=4, target_modules="all-linear", use_rslora=True),
+        f0=dict(r=2, lora_alpha=2, target_modules=["q_proj"]),
+        f2=dict(r=8, lora_alpha=2, target_modules=["down_proj"]),
+    )
     return {name: make_peft_adapter(tiny_llama, root / name, **kw) for name, kw in adapters.items()}
 
 
 @pytest.fixture(scope="module")
 def gpt2_mixed_paths(tiny_gpt2, tmp_path_factory, make_peft_adapter):
     root = tmp_path_factory.mktemp("gpt2-mixed")
-    adapters = dict(a1=dict(r=2, lora_alpha=8, target_modules=["c_attn"]),
-                    a2=dict(r=12, lora_alpha=6, target_modules="all-linear"),
-                    f0=dict(r=1, lora_alpha=2, target_modules=["c_fc"]),
-                    f2=dict(r=3, lora_alpha=2, target_modules=["c_attn"]))
-    return {name: make_peft_adapter(tiny_gpt2, root / name, fan_in_fan_out=True, **kw)
-            for name, kw in adapters.items()}
+    adapters = dict(
+        a1=dict(r=2, lora_alpha=8, target_modules=["c_attn"]),
+        a2=dict(r=12, lora_alpha=6, target_modules="all-linear"),
+        f0=dict(r=1, lora_alpha=2, target_modules=["c_fc"]),
+        f2=dict(r=3, lora_alpha=2, target_modules=["c_attn"]),
+    )
+    return {name: make_peft_adapter(tiny_gpt2, root / name, fan_in_fan_out=True, **kw) for name, kw in adapters.items()}
 
 
 def _split(paths):
@@ -226,8 +278,7 @@ def _split(paths):
 def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots, split, packed):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(llama_mixed_paths)
-    check_mixed_batch(tiny_llama, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split,
-                      packed=packed)
+    check_mixed_batch(tiny_llama, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split, packed=packed)
 
 
 @pytest.mark.parametrize(**PACK)
@@ -236,8 +287,7 @@ def test_llama_mixed_batch(tiny_llama, llama_mixed_paths, prefix_slots, split, p
 def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots, split, packed):
     ids = torch.randint(0, 128, (len(ROWS), 5))
     used, fillers = _split(gpt2_mixed_paths)
-    check_mixed_batch(tiny_gpt2, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split,
-                      packed=packed)
+    check_mixed_batch(tiny_gpt2, ids, used, prefix_slots=prefix_slots, fillers=fillers, split=split, packed=packed)
 
 
 # The real default model: fewer combinations, short inputs.
@@ -245,8 +295,10 @@ def test_gpt2_mixed_batch(tiny_gpt2, gpt2_mixed_paths, prefix_slots, split, pack
 def real_reference(default_model, tmp_path_factory, make_peft_adapter):
     base = default_model.model
     root = tmp_path_factory.mktemp("real")
-    paths = {"a1": make_peft_adapter(base, root / "a1", r=8, lora_alpha=16, target_modules=LLAMA_ATTENTION),
-             "a2": make_peft_adapter(base, root / "a2", r=16, lora_alpha=16, target_modules="all-linear")}
+    paths = {
+        "a1": make_peft_adapter(base, root / "a1", r=8, lora_alpha=16, target_modules=LLAMA_ATTENTION),
+        "a2": make_peft_adapter(base, root / "a2", r=16, lora_alpha=16, target_modules="all-linear"),
+    }
     ids = torch.randint(0, base.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(2))
     peft_model = load_peft(base, paths)
     rows = ["a1", BASE, "a2", "a1"]
@@ -259,11 +311,17 @@ def real_reference(default_model, tmp_path_factory, make_peft_adapter):
 
 @pytest.fixture(scope="module", **{"params": PACK["argvalues"], "ids": PACK["ids"]})
 def real_setup(real_reference, request):
-    lora_model, registry = wrap_with(real_reference["base"], real_reference["paths"], max_loras=2, max_rank=16,
-                                     packed=request.param)
+    lora_model, registry = wrap_with(
+        real_reference["base"], real_reference["paths"], max_loras=2, max_rank=16, packed=request.param
+    )
     slots = {BASE: BASE_SLOT, **{name: registry.acquire(name).slot for name in real_reference["paths"]}}
-    return dict(real_reference, lora_model=lora_model, registry=registry, slots=slots,
-                atol=real_tolerance(lora_model, real_reference))
+    return dict(
+        real_reference,
+        lora_model=lora_model,
+        registry=registry,
+        slots=slots,
+        atol=real_tolerance(lora_model, real_reference),
+    )
 
 
 FLOAT_ULPS = 128  # fp32 steps of the largest logit that 30 layers of reordered sums may drift by
@@ -280,8 +338,7 @@ def real_tolerance(lora_model, reference) -> float:
     move logits by far more (each test checks > 1e-2), so this cannot hide a wrong delta."""
     ids, expected, rows = reference["ids"], reference["expected"], reference["rows"]
     base_noise = (gather_logits(lora_model, ids, [BASE_SLOT] * ids.shape[0]) - expected[BASE]).abs().max().item()
-    peft_noise = max((expected["mixed"][row] - expected[name][row]).abs().max().item()
-                     for row, name in enumerate(rows))
+    peft_noise = max((expected["mixed"][row] - expected[name][row]).abs().max().item() for row, name in enumerate(rows))
     floor = FLOAT_ULPS * torch.finfo(torch.float32).eps * expected[BASE].abs().max().item()
     tolerance = max(2 * base_noise, 2 * peft_noise, floor)
     assert tolerance < 1e-3, f"kernel noise {base_noise:.2e}/{peft_noise:.2e} is implausibly large"
@@ -302,8 +359,7 @@ def test_real_model_adapter_matches_peft(real_setup, name):
 
 @pytest.mark.real_model
 def test_real_model_mixed_batch(real_setup):
-    lora_model, ids, rows, slots, expected = (real_setup[k] for k in ("lora_model", "ids", "rows", "slots",
-                                                                      "expected"))
+    lora_model, ids, rows, slots, expected = (real_setup[k] for k in ("lora_model", "ids", "rows", "slots", "expected"))
     atol = real_setup["atol"]
     mixed = gather_logits(lora_model, ids, [slots[name] for name in rows])
     assert_close(mixed, expected["mixed"], atol)

@@ -1,6 +1,7 @@
 """modules_to_save (PEFT's suffix rule) and a retrained embedding matrix saved beside its LoRA: each
 adapter's full copies serve its rows only, beside plain LoRA and base rows, gathered and merged,
 against PEFT's own forward; copies that cannot be served per row are refused naming the field."""
+
 from __future__ import annotations
 
 import copy
@@ -12,25 +13,29 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from server.engine.adapter_ref import AdapterRef, bind
 from test_peft_equivalence import GROUPED, load_peft, logits, merged_logits, wrap_with
 from test_peft_variants import check_rows, tolerance
 
 from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
 from adapters.identity import adapter_identity
+from server.engine.adapter_ref import AdapterRef, bind
 from server.engine.errors import RequestError
 from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
 
 BASE = "__base__"
 KINDS = {
-    "llama": {"norms": {"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
-              "head": {"target_modules": ["v_proj"], "modules_to_save": ["lm_head"]},
-              "emb": {"target_modules": ["embed_tokens", "k_proj"]},
-              "plain": {"target_modules": ["k_proj", "v_proj"]}},
-    "gpt2": {"norms": {"target_modules": ["c_attn"], "modules_to_save": ["ln_f", "ln_1"]},
-             "head": {"target_modules": ["c_fc"], "modules_to_save": ["lm_head"]},
-             "emb": {"target_modules": ["wte", "c_attn"]},
-             "plain": {"target_modules": ["c_attn"]}},
+    "llama": {
+        "norms": {"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
+        "head": {"target_modules": ["v_proj"], "modules_to_save": ["lm_head"]},
+        "emb": {"target_modules": ["embed_tokens", "k_proj"]},
+        "plain": {"target_modules": ["k_proj", "v_proj"]},
+    },
+    "gpt2": {
+        "norms": {"target_modules": ["c_attn"], "modules_to_save": ["ln_f", "ln_1"]},
+        "head": {"target_modules": ["c_fc"], "modules_to_save": ["lm_head"]},
+        "emb": {"target_modules": ["wte", "c_attn"]},
+        "plain": {"target_modules": ["c_attn"]},
+    },
 }
 ROWS = ["norms", BASE, "head", "plain", "emb", "norms", BASE, "head"]
 
@@ -40,8 +45,9 @@ def make_copied_adapter(base, path: Path, **lora_kwargs) -> Path:
     base's, as training moves them: a copy equal to the base's would prove nothing."""
     with torch.random.fork_rng():
         torch.manual_seed(zlib.crc32(path.name.encode()))
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                                                         **lora_kwargs))
+        model = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kwargs)
+        )
         model.save_pretrained(str(path))
         file = path / "adapter_model.safetensors"
         tensors = load_file(file)
@@ -83,8 +89,11 @@ def test_copies_mixed_batch_match_peft(copied, split):
     atol = tolerance(copied["noise"], (ours_base - singles[BASE]).abs().max().item(), reference=singles[BASE])
     token_slots = torch.tensor([slots[name] for name in ROWS]).repeat_interleave(ids.shape[1])
     direct = lora_model.dora_slots | lora_model.copy_slots
-    batch = (lora_model.build_batch(token_slots) if split == "server"
-             else LoraBatch.build(token_slots, **GROUPED, direct_slots=direct))
+    batch = (
+        lora_model.build_batch(token_slots)
+        if split == "server"
+        else LoraBatch.build(token_slots, **GROUPED, direct_slots=direct)
+    )
     if split == "grouped":
         grouped = {slots[name] for name in slots if name != BASE and name not in with_copies}
         assert set(batch.groups.slot_list) == grouped, "rows of adapters with copies run directly"
@@ -110,8 +119,11 @@ def test_copies_count_in_memory_and_identity(copied, tmp_path):
     path = copied["paths"]["norms"]
     adapter = load_adapter("norms", path, lora_model.spec, max_rank=64)
     names = sorted(adapter.modules)
-    norms = (["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm"]
-             if copied["kind"] == "llama" else ["transformer.h.0.ln_1"])
+    norms = (
+        ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm"]
+        if copied["kind"] == "llama"
+        else ["transformer.h.0.ln_1"]
+    )
     assert all(name in names for name in norms), "PEFT's suffix rule: 'norm' selects every *norm module"
     copy_bytes = sum(t.numel() * t.element_size() for params in adapter.modules.values() for t in params.values())
     lora_bytes = sum(t.numel() * t.element_size() for w in adapter.weights.values() for t in w if t is not None)
@@ -124,8 +136,11 @@ def test_copies_count_in_memory_and_identity(copied, tmp_path):
     (changed / "adapter_config.json").write_bytes((path / "adapter_config.json").read_bytes())
     save_file(tensors, changed / "adapter_model.safetensors")
     other = load_adapter("other", changed, lora_model.spec, max_rank=64)
-    assert adapter_identity(other) != adapter_identity(adapter) == adapter_identity(
-        load_adapter("again", path, lora_model.spec, max_rank=64))
+    assert (
+        adapter_identity(other)
+        != adapter_identity(adapter)
+        == adapter_identity(load_adapter("again", path, lora_model.spec, max_rank=64))
+    )
 
 
 def _with(path: Path, out: Path, config_change=None, tensor_change=None) -> Path:
@@ -152,8 +167,11 @@ def test_copies_that_cannot_be_served_per_row_are_refused(copied, tmp_path):
 
     def whole_block(tensors):  # a copy of an attention block: its rows depend on other rows
         del tensors[key]
-        tensors[f"base_model.model.{layer}.o_proj.weight" if copied["kind"] == "llama"
-                else f"base_model.model.{layer}.c_proj.weight"] = torch.zeros(64, 64)
+        tensors[
+            f"base_model.model.{layer}.o_proj.weight"
+            if copied["kind"] == "llama"
+            else f"base_model.model.{layer}.c_proj.weight"
+        ] = torch.zeros(64, 64)
 
     whole = _with(path, tmp_path / "whole", {"modules_to_save": [layer.rpartition(".")[2]]}, whole_block)
     with pytest.raises(UnsupportedAdapterError, match="cannot be served per row") as info:
@@ -163,17 +181,23 @@ def test_copies_that_cannot_be_served_per_row_are_refused(copied, tmp_path):
 
 def test_engine_serves_copies_beside_others_and_refuses_composing_them(adapter_paths, tmp_path):
     """The head's copy follows the engine's kept rows; greedy tokens equal PEFT's generate per request."""
-    paths = dict(adapter_paths, m=make_copied_adapter(pristine_model(), tmp_path / "m", target_modules=["q_proj"],
-                                                      modules_to_save=["lm_head", "norm"]))
+    paths = dict(
+        adapter_paths,
+        m=make_copied_adapter(
+            pristine_model(), tmp_path / "m", target_modules=["q_proj"], modules_to_save=["lm_head", "norm"]
+        ),
+    )
     requests = [(PROMPTS[0], "m", 8), (PROMPTS[0], None, 8), (PROMPTS[1], "a", 6), (PROMPTS[2], "m", 5)]
     engine = make_engine(paths)
-    completions = engine.generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
-                                  [a for _, a, _ in requests])
+    completions = engine.generate(
+        [p for p, _, _ in requests], [greedy(n) for _, _, n in requests], [a for _, a, _ in requests]
+    )
     # PEFT's mixed batches take no modules_to_save: "m" runs alone, as the injected model with it active
     only_m, others = peft_reference({"m": paths["m"]}).get_base_model(), peft_reference(adapter_paths)
     for (prompt, adapter, n), completion in zip(requests, completions):
-        expected = (hf_greedy(only_m, encode(prompt), n) if adapter == "m"
-                    else hf_greedy(others, encode(prompt), n, adapter))
+        expected = (
+            hf_greedy(only_m, encode(prompt), n) if adapter == "m" else hf_greedy(others, encode(prompt), n, adapter)
+        )
         assert completion.token_ids == expected, (prompt, adapter)
     assert completions[0].token_ids != completions[1].token_ids, "the copies must change the output"
     with pytest.raises(RequestError) as info:

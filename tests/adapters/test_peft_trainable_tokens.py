@@ -1,6 +1,7 @@
 """Trainable tokens (PEFT's trainable_token_indices): an adapter's new rows for some token ids of the
 embedding, and of the head tied to it (GPT-2), serve its rows only, beside plain LoRA and base rows,
 gathered and merged, against PEFT's own forward."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,9 +24,12 @@ def tokens(request, tmp_path_factory, tiny_llama, tiny_gpt2):
     llama = request.param == "llama"
     base = tiny_llama if llama else tiny_gpt2
     root = tmp_path_factory.mktemp(f"tokens-{request.param}")
-    paths = {"tok": make_copied_adapter(base, root / "tok", target_modules=["q_proj"] if llama else ["c_attn"],
-                                        trainable_token_indices=TOKENS),
-             "plain": make_copied_adapter(base, root / "plain", target_modules=["v_proj"] if llama else ["c_fc"])}
+    paths = {
+        "tok": make_copied_adapter(
+            base, root / "tok", target_modules=["q_proj"] if llama else ["c_attn"], trainable_token_indices=TOKENS
+        ),
+        "plain": make_copied_adapter(base, root / "plain", target_modules=["v_proj"] if llama else ["c_fc"]),
+    }
     ids = torch.randint(0, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(7))
     ids[:, 1], ids[0, 3], ids[3, 4] = TOKENS[0], TOKENS[1], TOKENS[2]  # every row reads some new rows
     singles, halves = {}, {}

@@ -3,6 +3,7 @@ DoRA, plain LoRA, composed and base side by side), gathered (runs and grouped) a
 
 Tolerances are measured, not fixed: PEFT against itself on the same rows in another batch shape,
 and our base rows against PEFT's, floored at a few fp32 steps of the largest logit."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,15 @@ import peft
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from test_peft_equivalence import (GROUPED, gather_logits, load_peft, logits, merged_logits, peft_merged_logits,
-                                   wrap_with)
+from test_peft_equivalence import (
+    GROUPED,
+    gather_logits,
+    load_peft,
+    logits,
+    merged_logits,
+    peft_merged_logits,
+    wrap_with,
+)
 
 from adapters import BASE_SLOT, LoraBatch
 
@@ -53,15 +61,18 @@ def check_rows(ours, expected_rows: dict, rows: list[str], atol: float) -> None:
 # refuses DoRA in its own mixed batches, `adapter_names`).
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
-    "llama": dict(d8=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True),
-                  d16=dict(r=16, lora_alpha=8, target_modules=LLAMA_ALL, use_dora=True, use_rslora=True),
-                  bias=dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_bias=True),
-                  plain=dict(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"])),
-    "gpt2": dict(d8=dict(r=8, lora_alpha=16, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
-                 d16=dict(r=16, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True,
-                          fan_in_fan_out=True),
-                 bias=dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_bias=True, fan_in_fan_out=True),
-                 plain=dict(r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True)),
+    "llama": dict(
+        d8=dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True),
+        d16=dict(r=16, lora_alpha=8, target_modules=LLAMA_ALL, use_dora=True, use_rslora=True),
+        bias=dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_bias=True),
+        plain=dict(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"]),
+    ),
+    "gpt2": dict(
+        d8=dict(r=8, lora_alpha=16, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
+        d16=dict(r=16, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True, fan_in_fan_out=True),
+        bias=dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_bias=True, fan_in_fan_out=True),
+        plain=dict(r=4, lora_alpha=8, target_modules=["c_fc"], fan_in_fan_out=True),
+    ),
 }
 ROWS = ["d8", BASE, "plain", "d16", "bias", "d8", BASE, "bias"]
 
@@ -132,8 +143,12 @@ def test_dora_scale_is_computed_once_per_load(variants):
 
 
 # Compositions: PEFT with several active adapters, each at its scale (set_scale), is the reference.
-COMPOSITIONS = {"one": (("a", 0.5),), "two": (("a", 1.0), ("b", 0.7)),
-                "three": (("a", 0.5), ("b", -0.5), ("c", 1.0)), "neg": (("b", -0.5),)}
+COMPOSITIONS = {
+    "one": (("a", 0.5),),
+    "two": (("a", 1.0), ("b", 0.7)),
+    "three": (("a", 0.5), ("b", -0.5), ("c", 1.0)),
+    "neg": (("b", -0.5),),
+}
 COMPOSED_ROWS = ["two", BASE, "three", "a", "one", "two", "neg", "three"]
 
 
@@ -160,9 +175,11 @@ def composed(request, tmp_path_factory, tiny_llama, tiny_gpt2, make_peft_adapter
     llama = request.param == "llama"
     base = tiny_llama if llama else tiny_gpt2
     extra = {} if llama else dict(fan_in_fan_out=True)
-    kinds = dict(a=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"] if llama else ["c_attn"]),
-                 b=dict(r=8, lora_alpha=4, target_modules="all-linear"),
-                 c=dict(r=2, lora_alpha=8, target_modules=["v_proj", "up_proj"] if llama else ["c_fc"], lora_bias=True))
+    kinds = dict(
+        a=dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"] if llama else ["c_attn"]),
+        b=dict(r=8, lora_alpha=4, target_modules="all-linear"),
+        c=dict(r=2, lora_alpha=8, target_modules=["v_proj", "up_proj"] if llama else ["c_fc"], lora_bias=True),
+    )
     root = tmp_path_factory.mktemp(f"composed-{request.param}")
     paths = {name: make_trained_adapter(base, root / name, **kw, **extra) for name, kw in kinds.items()}
     ids = torch.randint(0, 128, (len(COMPOSED_ROWS), 5), generator=torch.Generator().manual_seed(4))
@@ -205,8 +222,9 @@ def test_compositions_mixed_batch_match_peft(composed, split):
     atol = tolerance(composed["noise"], (ours_base - expected[BASE]).abs().max().item(), reference=expected[BASE])
     row_slots, row_scales = composed_rows(slots, COMPOSED_ROWS)
     length = ids.shape[1]
-    batch = LoraBatch.build(row_slots.repeat_interleave(length, dim=1), token_scales=row_scales.repeat_interleave(
-        length, dim=1), **split)
+    batch = LoraBatch.build(
+        row_slots.repeat_interleave(length, dim=1), token_scales=row_scales.repeat_interleave(length, dim=1), **split
+    )
     assert batch.groups is None if split is ALL_RUNS else not batch.runs  # the server's split groups these
     with lora_model.gather(batch), torch.no_grad():
         ours = lora_model.model(ids).logits

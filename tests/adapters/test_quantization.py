@@ -8,6 +8,7 @@ output type); the tolerance is that rounding's own effect, measured on the refer
 what each quantized linear reads and writes to bf16 (`bf16_linears`): the engine's error may be
 another realization of the same roundings, so at most twice it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,11 @@ VARIANTS = {  # PEFT LoraConfig kwargs, all with non-zero B
 
 def quantized_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings()
-    return {name for name, module in model.named_modules()
-            if type(module) is nn.Linear and is_quantized(module, module is head, "int8")}
+    return {
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and is_quantized(module, module is head, "int8")
+    }
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
@@ -101,16 +105,16 @@ def variant_paths(tiny_llama, tmp_path_factory, make_peft_adapter):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kernel", [PLAIN, PACKED])
 @torch.no_grad()
-def test_gathered_and_merged_match_peft_on_the_dequantized_model(tiny_llama, token_ids, variant_paths, variant,
-                                                                  kernel):
+def test_gathered_and_merged_match_peft_on_the_dequantized_model(tiny_llama, token_ids, variant_paths, variant, kernel):
     paths = {variant: variant_paths[variant]}
     lora_model, slots = wrapped_int8(tiny_llama, paths, kernels=KernelPlan(kernel))
     reference = int8_reference(tiny_llama, paths)
     expected = reference(token_ids).logits
     with bf16_linears(reference, quantized_names(tiny_llama)):
         rounded = reference(token_ids).logits
-    assert (expected - peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(paths[variant]))(
-        token_ids).logits).abs().max() > 0, "the int8 reference must differ from the fp32 model"
+    assert (
+        expected - peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(paths[variant]))(token_ids).logits
+    ).abs().max() > 0, "the int8 reference must differ from the fp32 model"
 
     batch = lora_model.build_batch(torch.full((token_ids.numel(),), slots[variant]))
     with lora_model.gather(batch):
@@ -133,24 +137,27 @@ def test_mixed_batch_rows_each_match_their_own_adapter(tiny_llama, token_ids, va
     with lora_model.gather(lora_model.build_batch(token_slots)):
         got = lora_model.model(token_ids).logits
     for row, adapter in enumerate(row_adapters):
-        ids, kwargs = token_ids[row:row + 1], {"adapter_names": [adapter or "__base__"]}
+        ids, kwargs = token_ids[row : row + 1], {"adapter_names": [adapter or "__base__"]}
         expected = reference(ids, **kwargs).logits
         with bf16_linears(reference, names):
             rounded = reference(ids, **kwargs).logits
-        assert_within_bf16_effect(got[row:row + 1], expected, rounded)
+        assert_within_bf16_effect(got[row : row + 1], expected, rounded)
 
 
 @torch.no_grad()
-def test_quantized_layers_keep_no_full_precision_w0_and_unmerge_frees_the_merged_copy(tiny_llama, token_ids,
-                                                                                       variant_paths):
+def test_quantized_layers_keep_no_full_precision_w0_and_unmerge_frees_the_merged_copy(
+    tiny_llama, token_ids, variant_paths
+):
     lora_model, slots = wrapped_int8(tiny_llama, {"lora": variant_paths["lora"]})
     names = quantized_names(tiny_llama)
     assert names and all(name in lora_model.layers for name in names)
     for name, layer in lora_model.layers.items():
         if name in names:
             assert layer.int8 is not None and not hasattr(layer, "weight")
-            assert torch.equal(layer.base_weight(), Int8Weight.quantize(tiny_llama.get_submodule(name).weight)
-                               .dequantize(torch.float32))
+            assert torch.equal(
+                layer.base_weight(),
+                Int8Weight.quantize(tiny_llama.get_submodule(name).weight).dequantize(torch.float32),
+            )
     head = lora_model.model.lm_head
     assert head.int8 is None and torch.equal(head.weight, tiny_llama.lm_head.weight)  # full precision
     base = lora_model.model(token_ids).logits
@@ -243,7 +250,7 @@ def test_a_rule_can_switch_int8_kernels_by_row_count(tiny_llama, token_ids):
 
 def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     """Logprob of each generated token at the position that predicted it."""
-    logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens):]  # [T, V]
+    logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens) :]  # [T, V]
     return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
@@ -258,8 +265,9 @@ def test_an_int8_server_answers_as_the_int8_engine_alone():
     prompt = "The capital of France is"
     with serve(Settings(quantization="int8")) as served, openai_client(served) as client:
         completion = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
-        assert all(layer.int8 is not None for name, layer in served.engine.lora_model.layers.items()
-                   if name.endswith("q_proj"))
+        assert all(
+            layer.int8 is not None for name, layer in served.engine.lora_model.layers.items() if name.endswith("q_proj")
+        )
     alone = LLMEngine(load_base_model(), EngineConfig(quantization="int8", kernel_choice="auto"))
     assert completion.choices[0].text == alone.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].text
 

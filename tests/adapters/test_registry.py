@@ -1,5 +1,6 @@
 """AdapterRegistry: bounded device slots (LRU over unused ones), a bounded host cache that reloads
 from the source, pinning, removal that really frees memory, replacement, and merged-slot eviction."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 import adapters.registry
-from adapters import (AdapterCapacityError, AdapterExistsError, AdapterNotFoundError, AdapterRegistry,
-                      wrap_model)
+from adapters import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError, AdapterRegistry, wrap_model
 from server.http.errors import status_and_code
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -20,20 +20,26 @@ WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 @pytest.fixture(scope="module")
 def paths(tiny_llama, tmp_path_factory, make_peft_adapter):
     root = tmp_path_factory.mktemp("registry")
-    kinds = dict(a=dict(r=4, target_modules=["q_proj", "v_proj"]), b=dict(r=8, target_modules="all-linear"),
-                 c=dict(r=2, target_modules=["o_proj", "down_proj"]), d=dict(r=6, target_modules=["k_proj"]),
-                 e=dict(r=3, target_modules=["up_proj"], use_rslora=True))
+    kinds = dict(
+        a=dict(r=4, target_modules=["q_proj", "v_proj"]),
+        b=dict(r=8, target_modules="all-linear"),
+        c=dict(r=2, target_modules=["o_proj", "down_proj"]),
+        d=dict(r=6, target_modules=["k_proj"]),
+        e=dict(r=3, target_modules=["up_proj"], use_rslora=True),
+    )
     return {name: make_peft_adapter(tiny_llama, root / name, lora_alpha=8, **kw) for name, kw in kinds.items()}
 
 
 @pytest.fixture
 def make_registry(tiny_llama, paths):
     def make(max_loras=2, max_cpu_loras=16, names="abcde"):
-        registry = AdapterRegistry(wrap_model(copy.deepcopy(tiny_llama), max_loras=max_loras, max_rank=8),
-                                   max_cpu_loras=max_cpu_loras)
+        registry = AdapterRegistry(
+            wrap_model(copy.deepcopy(tiny_llama), max_loras=max_loras, max_rank=8), max_cpu_loras=max_cpu_loras
+        )
         for name in names:
             registry.add(name, paths[name])
         return registry
+
     return make
 
 
@@ -71,8 +77,9 @@ def use(registry, name, ids):
 
 def slot_is_zero(registry, slot):
     layers = registry.lora_model.layers.values()
-    return all(not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
-               for layer in layers if layer.lora_a is not None)
+    return all(
+        not layer.lora_a[slot].any() and not layer.lora_b[slot].any() for layer in layers if layer.lora_a is not None
+    )
 
 
 def test_slots_are_bounded_with_lru_eviction(make_registry, token_ids):
@@ -122,8 +129,12 @@ def test_capacity_error_when_every_slot_is_held_or_pinned(make_registry, token_i
 def test_host_cache_is_bounded_and_reloads_on_demand(make_registry, paths, disk_loads, token_ids, kind):
     loads, _ = disk_loads
     registry = make_registry(max_loras=1, max_cpu_loras=2, names="")
-    sources = {name: paths[name] if kind == "directory" else
-               {file: (paths[name] / file).read_bytes() for file in (CONFIG, WEIGHTS)} for name in "abc"}
+    sources = {
+        name: paths[name]
+        if kind == "directory"
+        else {file: (paths[name] / file).read_bytes() for file in (CONFIG, WEIGHTS)}
+        for name in "abc"
+    }
     registry.add("a", sources["a"])
     first_a = use(registry, "a", token_ids)
     registry.add("b", sources["b"])

@@ -1,5 +1,6 @@
 """`loraserve adapters compress | inspect | compare` as a user runs them: real subprocesses, against
 a real server for the two that ask one; the figures are real PNG files."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _run(*args: str, command=COMMAND) -> subprocess.CompletedProcess:
-    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())})
+    return subprocess.run(
+        [*command, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())},
+    )
 
 
 def test_offline_compress_writes_a_peft_directory(tiny_llama, tmp_path, make_peft_adapter):
@@ -48,15 +55,17 @@ def test_offline_compress_names_a_bad_field(tiny_llama, tmp_path, make_peft_adap
 def test_inspect_and_compare_print_tables_and_draw(tmp_path, adapter_dirs):
     with serve(Settings()) as server:
         for name in ("alpha", "beta"):
-            response = httpx.post(f"{server.url}/v1/adapters", data={"name": name},
-                                  files=adapter_files(adapter_dirs[name]), timeout=60)
+            response = httpx.post(
+                f"{server.url}/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name]), timeout=60
+            )
             assert response.status_code == 201, response.text
         inspect = _run("adapters", "inspect", "alpha", "--url", server.url, "--plot", str(tmp_path / "alpha.png"))
         assert inspect.returncode == 0, inspect.stderr
         rows = [line for line in inspect.stdout.splitlines() if line.startswith("model.layers.")]
         assert len(rows) == 60 and rows[0].split()[:2] == ["model.layers.0.self_attn.q_proj", "8"]
-        compare = _run("adapters", "compare", "alpha", "beta", "--url", server.url,
-                       "--plot", str(tmp_path / "compare.png"))
+        compare = _run(
+            "adapters", "compare", "alpha", "beta", "--url", server.url, "--plot", str(tmp_path / "compare.png")
+        )
         assert compare.returncode == 0, compare.stderr
         assert sum(line.startswith("model.layers.") for line in compare.stdout.splitlines()) == 60
         for figure in ("alpha.png", "compare.png"):
@@ -64,9 +73,20 @@ def test_inspect_and_compare_print_tables_and_draw(tmp_path, adapter_dirs):
         missing = _run("adapters", "inspect", "nope", "--url", server.url)
         assert missing.returncode == 1 and "nope" in missing.stderr
         # without the plot extra: the table still prints, and the error says what to install
-        no_matplotlib = [sys.executable, "-c", "import sys; sys.modules['matplotlib'] = None; "
-                         "from server.http.cli import main; sys.exit(main())"]
-        done = _run("adapters", "inspect", "alpha", "--url", server.url, "--plot", str(tmp_path / "x.png"),
-                    command=no_matplotlib)
+        no_matplotlib = [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['matplotlib'] = None; from server.http.cli import main; sys.exit(main())",
+        ]
+        done = _run(
+            "adapters",
+            "inspect",
+            "alpha",
+            "--url",
+            server.url,
+            "--plot",
+            str(tmp_path / "x.png"),
+            command=no_matplotlib,
+        )
         assert done.returncode == 1 and "loraserve[plot]" in done.stderr, done.stderr
         assert not (tmp_path / "x.png").exists()

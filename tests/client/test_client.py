@@ -1,4 +1,5 @@
 """The project's own client (`client.Client`, `client.AsyncClient`) against the live server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -127,8 +128,9 @@ def test_typed_errors(served, client, tmp_path, adapter_dirs):
 def test_async_client(served, adapter_dirs):
     async def scenario():
         async with AsyncClient(served.url, api_key=KEY, timeout=120) as client:
-            whole, chat = await asyncio.gather(client.complete(BASE, PROMPT, **GREEDY),
-                                               client.chat(BASE, "What is the capital of France?", **GREEDY))
+            whole, chat = await asyncio.gather(
+                client.complete(BASE, PROMPT, **GREEDY), client.chat(BASE, "What is the capital of France?", **GREEDY)
+            )
             streamed = [d async for d in client.stream_complete(BASE, PROMPT, **GREEDY)]
             assert "".join(d.text for d in streamed) == whole.text
             streamed_chat = [d async for d in client.stream_chat(BASE, "What is the capital of France?", **GREEDY)]

@@ -1,5 +1,6 @@
 """The client keeps its own response types (it imports neither torch nor `server`): they must still
 name every field the server sends, and the server's adapter card every field its registry knows."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,5 +19,8 @@ def test_the_servers_adapter_card_carries_every_public_registry_field():
     assert public <= set(AdapterCard.model_fields)
     info = RegistryInfo("a", 4, ["q_proj"], 10, pinned=True, slot=1, in_host_memory=True, source="/srv/a")
     card = AdapterCard.of(info, persisted=False)
-    assert card.model_dump() == {**{name: getattr(info, name) for name in public}, "persisted": False,
-                                 "compression": None}
+    assert card.model_dump() == {
+        **{name: getattr(info, name) for name in public},
+        "persisted": False,
+        "compression": None,
+    }

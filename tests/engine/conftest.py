@@ -1,4 +1,5 @@
 """Fixtures for the engine tests (the tiny Llama and its adapters are in tests/conftest.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """AsyncEngine: the engine loop on its own thread, streamed to asyncio callers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,11 +30,13 @@ async def collect(engine: AsyncEngine, prompt, params, adapter=None) -> list:
 
 def test_concurrent_streams_equal_generate(adapter_paths):
     requests = [(PROMPTS[0], None, 8), (PROMPTS[1], "a", 10), (PROMPTS[2], "b", 6), (PROMPTS[3], "a", 12)]
-    expected = make_engine(adapter_paths).generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
-                                                   [a for _, a, _ in requests])
+    expected = make_engine(adapter_paths).generate(
+        [p for p, _, _ in requests], [greedy(n) for _, _, n in requests], [a for _, a, _ in requests]
+    )
     llm = make_engine(adapter_paths)
     engine = AsyncEngine(llm)
     try:
+
         async def main():
             streams = await asyncio.gather(*(collect(engine, p, greedy(n), a) for p, a, n in requests))
             await until(engine, lambda: engine.is_idle)
@@ -57,6 +60,7 @@ def test_leaving_a_stream_early_aborts_it():
     llm.request_listeners.append(finished.append)
     engine = AsyncEngine(llm)
     try:
+
         async def main():
             num_outputs = 0
             async for _ in engine.stream(PROMPTS[0], greedy(400)):
@@ -79,6 +83,7 @@ def test_leaving_a_stream_early_aborts_it():
 def test_unknown_adapter_raises_from_the_stream():
     engine = AsyncEngine(make_engine())
     try:
+
         async def main():
             with pytest.raises(AdapterNotFoundError):
                 await collect(engine, PROMPTS[0], greedy(), "missing")
@@ -105,6 +110,7 @@ def test_a_failing_step_aborts_running_requests_and_the_loop_goes_on():
     llm.runner.run = fail_second_step
     engine = AsyncEngine(llm)
     try:
+
         async def main():
             failed = await collect(engine, PROMPTS[0], greedy(5))
             return failed, await collect(engine, PROMPTS[1], greedy(3))
@@ -123,6 +129,7 @@ def test_stop_finishes_running_requests_then_ends_the_thread():
     llm = make_engine()
     engine = AsyncEngine(llm)
     try:
+
         async def main():
             stream = engine.stream(PROMPTS[0], greedy(6))
             outputs = [await anext(stream)]
@@ -145,6 +152,7 @@ def test_stop_finishes_running_requests_then_ends_the_thread():
 def test_reused_request_id_is_refused_without_hijacking_the_first_stream():
     engine = AsyncEngine(make_engine())
     try:
+
         async def main():
             first = await engine.submit(PROMPTS[0], greedy(5), request_id="x")
             with pytest.raises(RequestError) as info:
@@ -166,6 +174,7 @@ def test_a_cancelled_call_never_runs_and_never_stops_the_engine_thread():
     engine = AsyncEngine(llm)
     gate, taken, ran = threading.Event(), threading.Event(), []
     try:
+
         async def main():
             def block():  # holds the engine thread until the gate opens
                 taken.set()

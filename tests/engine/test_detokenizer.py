@@ -1,4 +1,5 @@
 """Streaming detokenization on the real default tokenizer: whole characters, no stop-string leaks."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,11 +23,14 @@ def stream(tokenizer, text: str, stop: list[str] | None = None) -> tuple[list[st
     return deltas, detok, stopped
 
 
-@pytest.mark.parametrize("text", [
-    " Hello world, this is a plain sentence.\nWith a second line.",
-    " Emoji 🙂👍🏽 and 日本語の文章です。Ünïcödé ok 😀",
-    "🙂🙂 中文字符测试 ok",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " Hello world, this is a plain sentence.\nWith a second line.",
+        " Emoji 🙂👍🏽 and 日本語の文章です。Ünïcödé ok 😀",
+        "🙂🙂 中文字符测试 ok",
+    ],
+)
 def test_deltas_concatenate_to_the_text_and_hold_whole_characters(tokenizer, text):
     deltas, detok, stopped = stream(tokenizer, text)
     assert not stopped
@@ -40,13 +44,16 @@ def test_multibyte_characters_span_tokens(tokenizer):
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
 
 
-@pytest.mark.parametrize("text, stop, expected", [
-    (" The answer is 42. END OF TEXT and more", ["END OF TEXT"], " The answer is 42. "),
-    # starts and ends inside tokens (" END", " OF", " TEXT")
-    (" The answer is 42. END OF TEXT and more", ["ND OF TEX"], " The answer is 42. E"),
-    # an almost-stop is real text and must come out whole
-    (" look: END OF TEX but END OF TEXT stops", ["END OF TEXT"], " look: END OF TEX but "),
-])
+@pytest.mark.parametrize(
+    "text, stop, expected",
+    [
+        (" The answer is 42. END OF TEXT and more", ["END OF TEXT"], " The answer is 42. "),
+        # starts and ends inside tokens (" END", " OF", " TEXT")
+        (" The answer is 42. END OF TEXT and more", ["ND OF TEX"], " The answer is 42. E"),
+        # an almost-stop is real text and must come out whole
+        (" look: END OF TEX but END OF TEXT stops", ["END OF TEXT"], " look: END OF TEX but "),
+    ],
+)
 def test_stop_string_across_tokens_never_leaks(tokenizer, text, stop, expected):
     assert len(tokenizer.encode(stop[0])) > 1
     deltas, detok, stopped = stream(tokenizer, text, stop)

@@ -1,5 +1,6 @@
 """LLMEngine on a tiny random Llama: PEFT parity, continuous batching, chunked prefill, capacity
 limits, preemption, abort, the merged/gather mode policy, adapter fairness and typed errors."""
+
 from __future__ import annotations
 
 import math
@@ -39,12 +40,20 @@ def alone(prompt, max_tokens, adapter=None, paths=None) -> list[int]:
 
 # PEFT parity
 def test_mixed_batch_equals_peft_generate_per_request(adapter_paths):
-    requests = [(PROMPTS[0], None, 10), (PROMPTS[0], "a", 10), (PROMPTS[0], "b", 10),
-                (PROMPTS[1], "a", 7), (PROMPTS[2], None, 12), (PROMPTS[3], "b", 9), (LONG_PROMPT, "a", 6)]
+    requests = [
+        (PROMPTS[0], None, 10),
+        (PROMPTS[0], "a", 10),
+        (PROMPTS[0], "b", 10),
+        (PROMPTS[1], "a", 7),
+        (PROMPTS[2], None, 12),
+        (PROMPTS[3], "b", 9),
+        (LONG_PROMPT, "a", 6),
+    ]
     engine = make_engine(adapter_paths)
     steps = record_steps(engine)
-    completions = engine.generate([p for p, _, _ in requests], [greedy(n) for _, _, n in requests],
-                                  [a for _, a, _ in requests])
+    completions = engine.generate(
+        [p for p, _, _ in requests], [greedy(n) for _, _, n in requests], [a for _, a, _ in requests]
+    )
     assert steps[0].mode == "gather" and steps[0].num_distinct_adapters == 2
 
     reference = peft_reference(adapter_paths)
@@ -65,8 +74,11 @@ def test_packed_and_plain_base_weights_give_the_same_tokens(adapter_paths):
     groups = packed.runner.lean.fused.values()  # q/k/v and gate/up run on one packed copy per group
     assert groups and all(group.kernel.packed is not None for group in groups)
     fused = {id(m) for group in groups for m in group.members}
-    assert all(layer.packed_weight is not None for layer in packed.lora_model.layers.values()
-               if layer is not embedding and id(layer) not in fused)
+    assert all(
+        layer.packed_weight is not None
+        for layer in packed.lora_model.layers.values()
+        if layer is not embedding and id(layer) not in fused
+    )
     assert all(layer.packed_weight is None for layer in plain.lora_model.layers.values())
     tokens = [[c.token_ids for c in engine.generate(prompts, greedy(8), adapters)] for engine in (packed, plain)]
     assert tokens[0] == tokens[1]
@@ -226,7 +238,9 @@ def test_adapter_removed_while_waiting_still_serves_the_request_it_accepted(adap
         engine.add_request(PROMPTS[0], greedy(5), "a")
     run_steps(engine)
     assert (seq.finish_reason, seq.output_token_ids) == ("length", expected)
-    assert seq.bound[0][0].num_requests == 0 and seq.bound[0][0].adapter is None, "the old version is freed after its last user"
+    assert seq.bound[0][0].num_requests == 0 and seq.bound[0][0].adapter is None, (
+        "the old version is freed after its last user"
+    )
     assert engine.registry.resident() == [None] * engine.registry.max_loras
     assert_released(engine)
 
@@ -293,8 +307,10 @@ def test_merged_then_mixed_then_merged_again_matches_peft(adapter_paths):
     run_steps(engine)
 
     modes = [s.mode for s in steps]
-    assert modes == ["gather", "merged", "merged", "merged", "gather", "gather", "gather", "gather",
-                     "merged"] + ["merged"] * 5
+    assert (
+        modes
+        == ["gather", "merged", "merged", "merged", "gather", "gather", "gather", "gather", "merged"] + ["merged"] * 5
+    )
     assert engine.stats().num_swaps == 2
     reference = peft_reference(adapter_paths)
     assert long.output_token_ids == hf_greedy(reference, encode(PROMPTS[0]), 14, "a")

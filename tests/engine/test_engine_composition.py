@@ -1,6 +1,7 @@
 """Per-request compositions in the engine: rows with different adapter sets and scales share one
 forward pass with plain and base rows, and give PEFT's tokens with those adapters active at those
 scales (PEFT's `set_adapter([...])` with `set_scale`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,15 @@ def peft_composed_greedy(model, prompt_ids, max_new_tokens, composition) -> list
 
 
 def test_composed_rows_share_a_step_with_plain_and_base_rows_and_match_peft(adapter_paths):
-    requests = [(PROMPTS[0], None), (PROMPTS[0], "a"), (PROMPTS[0], TWO), (PROMPTS[0], THREE_LIKE),
-                (PROMPTS[1], ONE), (PROMPTS[2], TWO), (PROMPTS[3], "b")]
+    requests = [
+        (PROMPTS[0], None),
+        (PROMPTS[0], "a"),
+        (PROMPTS[0], TWO),
+        (PROMPTS[0], THREE_LIKE),
+        (PROMPTS[1], ONE),
+        (PROMPTS[2], TWO),
+        (PROMPTS[3], "b"),
+    ]
     engine = make_engine(adapter_paths)
     steps = record_steps(engine)
     completions = engine.generate([p for p, _ in requests], [greedy(8)] * len(requests), [a for _, a in requests])
@@ -79,8 +87,10 @@ def test_unknown_adapter_in_a_composition_is_refused_and_binds_nothing(adapter_p
     assert "a" not in engine.registry
 
 
-@pytest.mark.parametrize("composition, field", [((), "adapters"), ((("a", float("nan")),), "adapters[0].scale"),
-                                                ((("a", 1.0), ("b", 1.0)) * 3, "adapters")])
+@pytest.mark.parametrize(
+    "composition, field",
+    [((), "adapters"), ((("a", float("nan")),), "adapters[0].scale"), ((("a", 1.0), ("b", 1.0)) * 3, "adapters")],
+)
 def test_bad_compositions_are_refused_by_field(adapter_paths, composition, field):
     engine = make_engine(adapter_paths, max_loras=4)
     with pytest.raises(RequestError) as caught:

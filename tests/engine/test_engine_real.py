@@ -1,5 +1,6 @@
 """Acceptance on the real default model: a mixed batch of 25 concurrent requests over 4 adapters
 plus the base gives, token for token, what HF/PEFT `generate` gives for each prompt alone."""
+
 from __future__ import annotations
 
 import copy
@@ -21,17 +22,23 @@ ADAPTERS = {  # name -> (rank, targets): different ranks and targets in one batc
     "mlp4": (4, ["gate_proj", "up_proj", "down_proj"]),
     "mix32": (32, ["q_proj", "o_proj", "down_proj"]),
 }
-PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
-           "List three colors:", "Once upon a time"]
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "List three colors:",
+    "Once upon a time",
+]
 NUM_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory, default_model, make_peft_adapter):
     root = tmp_path_factory.mktemp("real-adapters")
-    return {name: make_peft_adapter(default_model.model, root / name, r=rank, lora_alpha=2 * rank,
-                                    target_modules=targets)
-            for name, (rank, targets) in ADAPTERS.items()}
+    return {
+        name: make_peft_adapter(default_model.model, root / name, r=rank, lora_alpha=2 * rank, target_modules=targets)
+        for name, (rank, targets) in ADAPTERS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,9 @@ def requests_and_references(default_model, adapter_dirs):
     reference = peft.PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         reference.load_adapter(adapter_dirs[name], adapter_name=name)
-    greedy = GenerationConfig(max_new_tokens=NUM_TOKENS, do_sample=False,
-                              pad_token_id=default_model.tokenizer.eos_token_id)
+    greedy = GenerationConfig(
+        max_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=default_model.tokenizer.eos_token_id
+    )
     expected = []
     for prompt, adapter in pairs:
         ids = default_model.tokenizer(prompt, return_tensors="pt").input_ids
@@ -59,7 +67,7 @@ def requests_and_references(default_model, adapter_dirs):
             else:
                 reference.set_adapter(adapter)
                 out = reference.generate(ids, generation_config=greedy)
-        expected.append(out[0, ids.shape[1]:].tolist())
+        expected.append(out[0, ids.shape[1] :].tolist())
     return pairs, expected
 
 

@@ -1,4 +1,5 @@
 """The KV pool's extent allocator: grow in place, relocate with the data, free, refuse when full."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 4
 
 
 def make_cache(num_pages: int) -> KVCache:
-    return KVCache(num_layers=NUM_LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                   capacity_tokens=num_pages * PAGE_TOKENS)
+    return KVCache(
+        num_layers=NUM_LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, capacity_tokens=num_pages * PAGE_TOKENS
+    )
 
 
 def write(cache: KVCache, seq_id: int, num_tokens: int) -> list[torch.Tensor]:
@@ -19,14 +21,14 @@ def write(cache: KVCache, seq_id: int, num_tokens: int) -> list[torch.Tensor]:
     written = []
     for i, pool in enumerate((*cache.k, *cache.v)):
         values = torch.randn(KV_HEADS, num_tokens, HEAD_DIM) + 10 * (i + 1)
-        pool[:, start:start + num_tokens] = values
+        pool[:, start : start + num_tokens] = values
         written.append(values)
     return written
 
 
 def read(cache: KVCache, seq_id: int, num_tokens: int) -> list[torch.Tensor]:
     start = cache.start(seq_id)
-    return [pool[:, start:start + num_tokens].clone() for pool in (*cache.k, *cache.v)]
+    return [pool[:, start : start + num_tokens].clone() for pool in (*cache.k, *cache.v)]
 
 
 def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
 """server.engine.model_loader: the embedded default model, the GGUF conversion cache, local HF directories,
 and a ModelLoadError that says what is wrong for anything else."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ def test_default_model_loads(default_model):
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert "Hi there" in prompt and prompt != "Hi there"
     assert (default_model.path / "config.json").is_file()
 
@@ -81,12 +83,15 @@ def empty_dir(tmp):
     return tmp / "empty-dir"
 
 
-@pytest.mark.parametrize("make", [
-    pytest.param(lambda tmp: tmp / "missing-model", id="nonexistent-path"),
-    pytest.param(lambda tmp: tmp / "missing.gguf", id="nonexistent-gguf"),
-    pytest.param(text_file, id="non-gguf-file"),
-    pytest.param(empty_dir, id="dir-without-config"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda tmp: tmp / "missing-model", id="nonexistent-path"),
+        pytest.param(lambda tmp: tmp / "missing.gguf", id="nonexistent-gguf"),
+        pytest.param(text_file, id="non-gguf-file"),
+        pytest.param(empty_dir, id="dir-without-config"),
+    ],
+)
 def test_not_a_model_is_a_clear_error(tmp_path, make):
     path = make(tmp_path)
     with pytest.raises(ModelLoadError, match=NOT_A_MODEL) as raised:

@@ -1,5 +1,6 @@
 """Prefix caching on the tiny engine: prompts' blocks computed once, outputs unchanged, and never
 shared across adapter identities (other weights, a replaced version, another salt)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,11 @@ def test_salt_cannot_spell_another_root():
     prefix = PrefixCache(cache)
     ids = list(range(32))
     other = hashlib.sha256(b"other").digest()
-    names = {prefix.hash_blocks(i, s, ids)[0] for i in (BASE_IDENTITY, other)
-             for s in (None, "", "x", other.hex(), BASE_IDENTITY.decode("latin-1"))}
+    names = {
+        prefix.hash_blocks(i, s, ids)[0]
+        for i in (BASE_IDENTITY, other)
+        for s in (None, "", "x", other.hex(), BASE_IDENTITY.decode("latin-1"))
+    }
     assert len(names) == 10
 
 
@@ -100,13 +104,19 @@ def test_chunked_prefill_and_a_mixed_batch_with_shared_prefixes(paths):
     prompts = [SYSTEM + q for q in QUESTIONS] * 2
     adapters = [None, "a", "b", "kv", "a", None, "kv", "b"]
     params = [greedy(5 + i) for i in range(len(prompts))]
-    expected = [c.token_ids for c in make_engine(paths, enable_prefix_caching=False, max_num_batched_tokens=48)
-                .generate(prompts[:1], params[:1], adapters[:1])]
+    expected = [
+        c.token_ids
+        for c in make_engine(paths, enable_prefix_caching=False, max_num_batched_tokens=48).generate(
+            prompts[:1], params[:1], adapters[:1]
+        )
+    ]
     engine = make_engine(paths, max_num_batched_tokens=48)
     assert [c.token_ids for c in engine.generate(prompts[:1], params[:1], adapters[:1])] == expected
     # the rest arrive together, each chunked, each hitting its own adapter's blocks (or computing them)
-    alone = [make_engine(paths, enable_prefix_caching=False).generate([p], [sp], [a])[0].token_ids
-             for p, sp, a in zip(prompts[1:], params[1:], adapters[1:])]
+    alone = [
+        make_engine(paths, enable_prefix_caching=False).generate([p], [sp], [a])[0].token_ids
+        for p, sp, a in zip(prompts[1:], params[1:], adapters[1:])
+    ]
     assert [c.token_ids for c in engine.generate(prompts[1:], params[1:], adapters[1:])] == alone
     assert hits(engine) > 0
     assert_released(engine)
@@ -126,8 +136,9 @@ def test_preemption_with_shared_prefixes_keeps_outputs(paths):
 
 
 # Never across identities
-@pytest.mark.parametrize("first, second", [("a", "b"), (None, "a"), ("a", None), ("kv", "a"), (None, "late_mlp"),
-                                           ("late_mlp", None)])
+@pytest.mark.parametrize(
+    "first, second", [("a", "b"), (None, "a"), ("a", None), ("kv", "a"), (None, "late_mlp"), ("late_mlp", None)]
+)
 def test_a_prefix_is_never_hit_under_another_adapter(paths, first, second):
     engine = make_engine(paths)
     run(engine, [SYSTEM + QUESTIONS[0]], [first])
@@ -154,7 +165,10 @@ def test_a_replaced_adapter_never_hits_its_old_versions_blocks(paths):
 def test_cache_salt_partitions_the_cache(paths):
     engine = make_engine(paths)
     prompt = SYSTEM + QUESTIONS[0]
-    salted = lambda salt: greedy(4, cache_salt=salt)
+
+    def salted(salt: str):
+        return greedy(4, cache_salt=salt)
+
     run(engine, [prompt], ["a"], salted("tenant-1"))
     for params in (salted("tenant-2"), greedy(4)):
         before = hits(engine)
@@ -190,9 +204,15 @@ def test_no_leak_after_random_prefixes_and_aborts(paths):
     rng = random.Random(0)
     engine = make_engine(paths, kv_cache_tokens=1024, max_num_batched_tokens=64)
     heads = [SYSTEM, SYSTEM[:100], "Other text entirely. " * 5]
-    for round_ in range(6):
-        seqs = [engine.add_request(rng.choice(heads) + rng.choice(QUESTIONS) * rng.randint(1, 3),
-                                   greedy(rng.randint(1, 20)), rng.choice([None, "a", "kv"])) for _ in range(6)]
+    for _ in range(6):
+        seqs = [
+            engine.add_request(
+                rng.choice(heads) + rng.choice(QUESTIONS) * rng.randint(1, 3),
+                greedy(rng.randint(1, 20)),
+                rng.choice([None, "a", "kv"]),
+            )
+            for _ in range(6)
+        ]
         for _ in range(rng.randint(1, 8)):
             engine.step()
             cache = engine.cache
@@ -219,13 +239,16 @@ def test_metrics_use_vllms_names_and_report_the_hit_rate_per_adapter(paths):
     run(engine, [SYSTEM + q for q in QUESTIONS[:2]], ["a", "a"])
     run(engine, [SYSTEM + QUESTIONS[2]], [None])
     engine.publish_stats()
-    samples = {(s.name, s.labels.get("adapter")): s.value for family in metrics.registry.collect()
-               for s in family.samples}
+    samples = {
+        (s.name, s.labels.get("adapter")): s.value for family in metrics.registry.collect() for s in family.samples
+    }
     queries, hits_ = samples[("vllm:prefix_cache_queries_total", None)], samples[("vllm:prefix_cache_hits_total", None)]
     assert queries == sum(len(encode(SYSTEM + q)) for q in QUESTIONS[:3]) and hits_ == hits(engine) > 0
     assert samples[("loraserve:adapter_prefix_cache_hits_total", "__base__")] == 0
-    assert samples[("loraserve:adapter_prefix_cache_hit_rate", "a")] == hits_ / samples[
-        ("loraserve:adapter_prefix_cache_queries_total", "a")]
+    assert (
+        samples[("loraserve:adapter_prefix_cache_hit_rate", "a")]
+        == hits_ / samples[("loraserve:adapter_prefix_cache_queries_total", "a")]
+    )
     assert samples[("loraserve:kv_cache_cached_tokens", None)] == engine.cache.num_cached_tokens > 0
     assert samples[("vllm:kv_cache_usage_perc", None)] == 0, "cached blocks are not usage"
 

@@ -1,6 +1,7 @@
 """Prompt logprobs (SamplingParams.prompt_logprobs) against a direct HF/PEFT forward of the same
 model and adapter: whole prefill, chunked prefill, a preempted and recomputed request, and
 max_tokens 0 (score the prompt, sample nothing)."""
+
 from __future__ import annotations
 
 import pytest
@@ -90,8 +91,9 @@ def test_max_tokens_zero_scores_the_prompt_and_samples_nothing():
     assert len(outputs) == 1 and outputs[0].finished and outputs[0].finish_reason == "length"
     assert outputs[0].token_ids == [] and outputs[0].text == "" and seq.output_token_ids == []
     reference = hf_logprobs(fresh_model(), ids)
-    assert [lp.logprob for lp in outputs[0].prompt_logprobs][1:] == \
-        pytest.approx([float(reference[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
+    assert [lp.logprob for lp in outputs[0].prompt_logprobs][1:] == pytest.approx(
+        [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4
+    )
     assert all(lp.top == [] for lp in outputs[0].prompt_logprobs)
 
 

@@ -1,4 +1,5 @@
 """Sampling parameters: validation into typed errors, and their effect through the engine."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -16,15 +17,18 @@ from support.engine import PROMPTS, encode, fresh_model, greedy, hf_logprobs, ma
 REPEATING = "1 2 3 4 5"  # the tiny model's greedy continuation repeats one token several times
 
 
-@pytest.mark.parametrize("fields, name", [
-    (dict(temperature=-1), "temperature"),
-    (dict(top_p=0), "top_p"),
-    (dict(top_k=-2), "top_k"),
-    (dict(logprobs=21), "logprobs"),
-    (dict(max_tokens=-1), "max_tokens"),  # 0 is valid: score the prompt only
-    (dict(presence_penalty=3), "presence_penalty"),
-    (dict(bogus=1), "bogus"),
-])
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(max_tokens=-1), "max_tokens"),  # 0 is valid: score the prompt only
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
 def test_invalid_params_raise_request_error_naming_the_field(fields, name):
     with pytest.raises(RequestError) as info:
         SamplingParams.make(**fields)
@@ -81,10 +85,14 @@ def test_top_k_1_equals_greedy():
     assert tokens(engine, PROMPTS[1], SamplingParams(temperature=1.0, top_p=1e-6, **sampled)) == expected
 
 
-@pytest.mark.parametrize("params", [
-    greedy(5, logprobs=5),
-    SamplingParams(temperature=1.5, seed=5, max_tokens=5, ignore_eos=True, logprobs=3),
-], ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        greedy(5, logprobs=5),
+        SamplingParams(temperature=1.5, seed=5, max_tokens=5, ignore_eos=True, logprobs=3),
+    ],
+    ids=["greedy", "sampled"],
+)
 def test_logprobs_are_the_models_raw_log_softmax(params):
     engine = make_engine()
     seq = engine.add_request(PROMPTS[0], params)
@@ -121,8 +129,11 @@ def max_repeats(ids: list[int]) -> int:
     return max(Counter(ids).values())
 
 
-@pytest.mark.parametrize("penalty", [dict(frequency_penalty=2.0), dict(presence_penalty=2.0),
-                                     dict(repetition_penalty=1.5)], ids=lambda p: next(iter(p)))
+@pytest.mark.parametrize(
+    "penalty",
+    [dict(frequency_penalty=2.0), dict(presence_penalty=2.0), dict(repetition_penalty=1.5)],
+    ids=lambda p: next(iter(p)),
+)
 def test_penalties_change_a_repeating_greedy_output(penalty):
     engine = make_engine()
     plain = tokens(engine, REPEATING, greedy(10))
@@ -138,7 +149,7 @@ def test_stop_token_ids_stop_with_reason_stop():
     plain = tokens(engine, PROMPTS[2], greedy(8))
     k = first_new_token_index(plain)
     (completion,) = engine.generate([PROMPTS[2]], greedy(8, stop_token_ids=[plain[k]]))
-    assert completion.token_ids == plain[:k + 1]
+    assert completion.token_ids == plain[: k + 1]
     assert completion.finish_reason == "stop"
 
 
@@ -150,16 +161,16 @@ def test_stop_string_in_generated_text_stops_without_leaking():
     engine = make_engine()
     (plain,) = engine.generate([PROMPTS[0]], greedy(12))
     middle = len(plain.text) // 2
-    stop = plain.text[middle:middle + 6]
+    stop = plain.text[middle : middle + 6]
     assert "\ufffd" not in stop and len(stop) == 6
-    expected = plain.text[:plain.text.find(stop)]
+    expected = plain.text[: plain.text.find(stop)]
 
     seq = engine.add_request(PROMPTS[0], greedy(12, stop=[stop]))
     outputs = run_steps(engine)[seq.request_id]
     streamed = "".join(o.text for o in outputs)
     assert streamed == seq.detokenizer.text == expected
     assert outputs[-1].finish_reason == "stop"
-    assert seq.output_token_ids == plain.token_ids[:len(seq.output_token_ids)]
+    assert seq.output_token_ids == plain.token_ids[: len(seq.output_token_ids)]
     assert len(seq.output_token_ids) < 12
 
 
@@ -169,7 +180,7 @@ def test_eos_stops_unless_ignore_eos():
     engine = make_engine(extra_eos=plain[k])
     assert engine.eos_token_ids == {2, plain[k]}
     (stopped,) = engine.generate([PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=8))
-    assert (stopped.token_ids, stopped.finish_reason) == (plain[:k + 1], "stop")
+    assert (stopped.token_ids, stopped.finish_reason) == (plain[: k + 1], "stop")
     (ignored,) = engine.generate([PROMPTS[3]], greedy(8))
     assert (ignored.token_ids, ignored.finish_reason) == (plain, "length")
 
@@ -194,9 +205,11 @@ def test_seeded_and_penalized_sampling_on_cuda_matches_cpu():
     logits = 3 * torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
 
     def make_seqs():
-        params = [SamplingParams(temperature=1.0, seed=1, max_tokens=9, frequency_penalty=1.0, presence_penalty=0.5),
-                  SamplingParams(temperature=0.7, seed=2, max_tokens=9, top_k=20, top_p=0.9, repetition_penalty=1.3),
-                  greedy(9, logprobs=2)]
+        params = [
+            SamplingParams(temperature=1.0, seed=1, max_tokens=9, frequency_penalty=1.0, presence_penalty=0.5),
+            SamplingParams(temperature=0.7, seed=2, max_tokens=9, top_k=20, top_p=0.9, repetition_penalty=1.3),
+            greedy(9, logprobs=2),
+        ]
         seqs = [Sequence(f"r{i}", [1, 2, 3], p, None, None, p.max_tokens) for i, p in enumerate(params)]
         for seq in seqs:
             seq.output_token_ids = [4, 4, 5]

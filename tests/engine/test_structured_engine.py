@@ -1,6 +1,7 @@
 """Structured output in the engine, on the tiny random model: grammars constrain only their own rows,
 in a step shared with free rows on other adapters; a finished grammar ends its request; bad specs are
 typed errors naming their field; a spec compiles once."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def test_free_rows_are_unchanged_by_constrained_neighbours(adapter_paths):
     """A seeded free row gives the same tokens alone as beside constrained rows."""
     free = [sampled(7, max_tokens=12), sampled(8, max_tokens=12)]
     alone = make_engine(adapter_paths).generate(PROMPTS[:2], free, [None, "a"])
-    mixed = make_engine(adapter_paths).generate(PROMPTS[:2] * 2, free + [sampled(1, json_spec(SCHEMA))] * 2,
-                                                [None, "a", "b", None])
+    mixed = make_engine(adapter_paths).generate(
+        PROMPTS[:2] * 2, free + [sampled(1, json_spec(SCHEMA))] * 2, [None, "a", "b", None]
+    )
     assert [c.token_ids for c in mixed[:2]] == [c.token_ids for c in alone]
 
 
@@ -65,8 +67,7 @@ def test_json_object_is_compact_and_ends_the_request():
     for completion in completions:
         if completion.finish_reason == "stop":  # a random model may still run out of tokens in a string
             assert isinstance(json.loads(completion.text), dict)
-            assert completion.text == json.dumps(json.loads(completion.text), separators=(",", ":"),
-                                                 ensure_ascii=False)
+            assert completion.text == json.dumps(json.loads(completion.text), separators=(",", ":"), ensure_ascii=False)
     assert any(c.finish_reason == "stop" for c in completions)
 
 
@@ -89,12 +90,15 @@ def test_greedy_constrained_row():
     assert completion.text in {"yes", "no"} and completion.finish_reason == "stop"
 
 
-@pytest.mark.parametrize("spec, message", [
-    (GrammarSpec(kind="regex", source="[a-", field="structured_outputs.regex"), "unclosed"),
-    (GrammarSpec(kind="json_schema", source='{"type": "objekt"}', field="response_format"), "objekt"),
-    (GrammarSpec(kind="json_schema", source='{"type": "string", "format": "zzz"}', field="response_format"), "zzz"),
-    (GrammarSpec(kind="lark", source="start: nowhere", field="structured_outputs.grammar"), "nowhere"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (GrammarSpec(kind="regex", source="[a-", field="structured_outputs.regex"), "unclosed"),
+        (GrammarSpec(kind="json_schema", source='{"type": "objekt"}', field="response_format"), "objekt"),
+        (GrammarSpec(kind="json_schema", source='{"type": "string", "format": "zzz"}', field="response_format"), "zzz"),
+        (GrammarSpec(kind="lark", source="start: nowhere", field="structured_outputs.grammar"), "nowhere"),
+    ],
+)
 def test_bad_spec_is_a_request_error_naming_its_field(spec, message):
     engine = make_engine()
     with pytest.raises(RequestError, match=message) as caught:
@@ -121,8 +125,11 @@ def test_free_steps_fill_no_masks():
 def test_json_rows_close_within_their_budget():
     """The random model would wander; in the last quarter of max_tokens a JSON row closes what is open."""
     engine = make_engine()
-    schema = {"type": "object", "properties": {"note": {"type": "string"}, "tags": {"type": "array",
-              "items": {"type": "string"}}}, "required": ["note", "tags"]}
+    schema = {
+        "type": "object",
+        "properties": {"note": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["note", "tags"],
+    }
     specs = [json_spec({"type": "object"}), json_spec(schema)]
     completions = engine.generate(PROMPTS * 2, [sampled(s, specs[s % 2], max_tokens=40) for s in range(8)])
     for seed, completion in enumerate(completions):

@@ -1,4 +1,5 @@
 """Tokenization: the one place prompts become token ids and tokens become text, for engine and HTTP."""
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ from server.engine.model_loader import resolve_model_dir
 from server.engine.tokenization import Tokenization
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokens() -> Tokenization:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None)[0])
     return Tokenization(tokenizer, vocab_size=len(tokenizer))
@@ -25,9 +26,15 @@ def test_text_and_token_prompts_encode_alike_and_read_back():
     assert "".join(tokens().token_text(t) for t in ids) == "The quick brown fox"
 
 
-@pytest.mark.parametrize("prompt, message", [("", "must not be empty"), ([], "must not be empty"),
-                                             ([1, -1], "outside the vocabulary"),
-                                             ([1, 10**9], "outside the vocabulary")])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("", "must not be empty"),
+        ([], "must not be empty"),
+        ([1, -1], "outside the vocabulary"),
+        ([1, 10**9], "outside the vocabulary"),
+    ],
+)
 def test_a_bad_prompt_is_refused_naming_the_prompt_field(prompt, message):
     with pytest.raises(RequestError, match=message) as refused:
         tokens().encode_prompt(prompt)

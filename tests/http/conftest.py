@@ -1,6 +1,7 @@
 """Servers shared by the HTTP test modules, one per settings profile; a module whose tests need other
 settings, or a pristine server, starts its own. Every test on a shared server leaves it idle and
 mutates nothing it does not own."""
+
 from __future__ import annotations
 
 import pytest

@@ -34,8 +34,9 @@ def test_empty_or_padded_keys_are_refused_naming_the_setting(field, key):
 
 def test_serve_exits_on_an_empty_admin_key_naming_it():
     env = {**server_env(), "LORASERVE_ADMIN_KEY": ""}
-    done = subprocess.run([str(LORASERVE_BIN), "serve", "--port", "0"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [str(LORASERVE_BIN), "serve", "--port", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     assert "LORASERVE_ADMIN_KEY" in done.stderr + done.stdout
 
@@ -43,13 +44,22 @@ def test_serve_exits_on_an_empty_admin_key_naming_it():
 @pytest.fixture(scope="module")
 def served(adapter_dirs, tmp_path_factory):
     store = tmp_path_factory.mktemp("names-store")
-    settings = Settings(adapter_store=store, adapter_root=os.path.commonpath([str(p) for p in adapter_dirs.values()]),
-                        max_adapter_labels=CAP, kv_cache_tokens=2048, max_num_seqs=4)
+    settings = Settings(
+        adapter_store=store,
+        adapter_root=os.path.commonpath([str(p) for p in adapter_dirs.values()]),
+        max_adapter_labels=CAP,
+        kv_cache_tokens=2048,
+        max_num_seqs=4,
+    )
     with serve(settings) as served:
         with httpx.Client(base_url=served.url, timeout=120) as http:
             for name in NAMES:
-                assert http.post("/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name])).is_success
-            assert http.post("/v1/adapters", json={"name": "mix", "compose": [{"name": "alpha", "scale": 1}]}).is_success
+                assert http.post(
+                    "/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name])
+                ).is_success
+            assert http.post(
+                "/v1/adapters", json={"name": "mix", "compose": [{"name": "alpha", "scale": 1}]}
+            ).is_success
         yield served
 
 
@@ -86,8 +96,12 @@ def test_every_adapter_label_is_capped(served):
         for sample in family.samples:
             labels = sample.labels
             seen.update(v for k, v in labels.items() if k == "adapter")
-            for key in ("running_lora_adapters", "waiting_lora_adapters", "resident_lora_adapters",
-                        "host_lora_adapters"):
+            for key in (
+                "running_lora_adapters",
+                "waiting_lora_adapters",
+                "resident_lora_adapters",
+                "host_lora_adapters",
+            ):
                 seen.update(v for v in labels.get(key, "").split(",") if v)
     adapters = seen - {"__base__", "__other__"}
     assert len(adapters) <= CAP and "__other__" in seen, seen
@@ -114,7 +128,8 @@ def test_float8_weights_are_a_400_naming_the_tensor(served, adapter_dirs):
     tensors = safetensors.torch.load_file(str(adapter_dirs["beta"] / "adapter_model.safetensors"))
     tensors = {key: value.to(torch.float8_e4m3fn) for key, value in tensors.items()}
     files = adapter_files(adapter_dirs["beta"]) | {
-        "adapter_model.safetensors": ("adapter_model.safetensors", safetensors.torch.save(tensors))}
+        "adapter_model.safetensors": ("adapter_model.safetensors", safetensors.torch.save(tensors))
+    }
     with httpx.Client(base_url=served.url, timeout=120) as http:
         error = assert_openai_error(_upload(http, "float8", files), 400, "float8")
     assert error["param"] in tensors

@@ -17,8 +17,14 @@ from support.http import BASE, assert_openai_error, serve
 pytestmark = pytest.mark.real_model
 
 BIG = dict(r=64, lora_alpha=16, target_modules="all-linear")  # similarity takes ~1 s: it holds a worker
-PAIRS = [("big-a", "big-b"), ("big-b", "big-a"), ("big-a", "big-c"), ("big-c", "big-a"), ("big-b", "big-c"),
-         ("big-c", "big-b")]
+PAIRS = [
+    ("big-a", "big-b"),
+    ("big-b", "big-a"),
+    ("big-a", "big-c"),
+    ("big-c", "big-a"),
+    ("big-b", "big-c"),
+    ("big-c", "big-b"),
+]
 BODY_LIMIT = 64 * 1024
 TIMEOUT_S = 1.0
 WAIT_S = 30.0  # bound on any wait for the server to act
@@ -27,11 +33,20 @@ WAIT_S = 30.0  # bound on any wait for the server to act
 @pytest.fixture(scope="module")
 def served(default_model, make_peft_adapter, tmp_path_factory):
     root = tmp_path_factory.mktemp("big-adapters")
-    adapters = [f"{name}={make_peft_adapter(default_model.model, root / name, **BIG)}"
-                for name in ("big-a", "big-b", "big-c")]
-    settings = Settings(adapters=adapters, analysis_workers=1, max_queued_analyses=1, max_request_bytes=BODY_LIMIT,
-                        request_read_timeout=TIMEOUT_S, request_header_timeout=TIMEOUT_S, max_prompts_per_request=8,
-                        kv_cache_tokens=2048, max_num_seqs=4)
+    adapters = [
+        f"{name}={make_peft_adapter(default_model.model, root / name, **BIG)}" for name in ("big-a", "big-b", "big-c")
+    ]
+    settings = Settings(
+        adapters=adapters,
+        analysis_workers=1,
+        max_queued_analyses=1,
+        max_request_bytes=BODY_LIMIT,
+        request_read_timeout=TIMEOUT_S,
+        request_header_timeout=TIMEOUT_S,
+        max_prompts_per_request=8,
+        kv_cache_tokens=2048,
+        max_num_seqs=4,
+    )
     with serve(settings) as served:
         yield served
 
@@ -44,8 +59,9 @@ def _similarity(url: str, name: str, other: str) -> tuple[httpx.Response, float]
 def test_analysis_is_bounded_and_never_delays_a_completion(served):
     with concurrent.futures.ThreadPoolExecutor(len(PAIRS) + 1) as pool:
         analyses = [pool.submit(_similarity, served.url, a, b) for a, b in PAIRS]
-        completion = httpx.post(f"{served.url}/v1/completions", timeout=120,
-                                json={"model": BASE, "prompt": "Hello", "max_tokens": 1})
+        completion = httpx.post(
+            f"{served.url}/v1/completions", timeout=120, json={"model": BASE, "prompt": "Hello", "max_tokens": 1}
+        )
         completed_at = time.monotonic()
         results = [future.result(timeout=120) for future in analyses]
     assert completion.status_code == 200, completion.text
@@ -68,8 +84,9 @@ def test_a_similarity_is_computed_once_per_pair(served):
 
 def test_an_oversized_body_is_refused_before_it_is_read(served):
     body = b'{"model": "%s", "prompt": [%s]}' % (BASE.encode(), b",".join([b"1"] * BODY_LIMIT))
-    response = httpx.post(f"{served.url}/v1/completions", content=body, timeout=WAIT_S,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{served.url}/v1/completions", content=body, timeout=WAIT_S, headers={"content-type": "application/json"}
+    )
     assert_openai_error(response, 413, "max_request_bytes")
     assert httpx.get(f"{served.url}/health", timeout=WAIT_S).status_code == 200
 
@@ -85,8 +102,12 @@ def test_an_oversized_chunked_body_is_refused_mid_stream(served):
             yield b"a" * (16 * 1024)
 
     try:
-        response = httpx.post(f"{served.url}/v1/completions", content=chunks(), timeout=WAIT_S,
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            f"{served.url}/v1/completions",
+            content=chunks(),
+            timeout=WAIT_S,
+            headers={"content-type": "application/json"},
+        )
         assert_openai_error(response, 413, "max_request_bytes")
     except httpx.TransportError:  # the server answered and closed while the client was still sending
         pass
@@ -94,8 +115,9 @@ def test_an_oversized_chunked_body_is_refused_mid_stream(served):
 
 
 def test_too_many_prompts_are_a_400_naming_prompt(served):
-    response = httpx.post(f"{served.url}/v1/completions", timeout=WAIT_S,
-                          json={"model": BASE, "prompt": ["Hi"] * 9, "max_tokens": 1})
+    response = httpx.post(
+        f"{served.url}/v1/completions", timeout=WAIT_S, json={"model": BASE, "prompt": ["Hi"] * 9, "max_tokens": 1}
+    )
     error = assert_openai_error(response, 400, "max_prompts_per_request")
     assert error["param"] == "prompt"
 
@@ -116,8 +138,10 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 
 def test_a_slow_body_gets_408_and_the_connection_closes(served):
     with _connect(served.url) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"model\":")  # then nothing more
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model":'
+        )  # then nothing more
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_read_timeout" in answer

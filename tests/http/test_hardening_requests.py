@@ -1,6 +1,7 @@
 """One authorised request cannot hurt another: scales past the dtype are refused (the merge that
-overflows is tests/engine/test_step_isolation.py's), evicted adapters are read off the engine thread, token-id fields are bounded, a stop cannot cut a tool call, and every
-sampling field is honoured (logit_bias, min_p, min_tokens) or refused by name."""
+overflows is tests/engine/test_step_isolation.py's), evicted adapters are read off the engine
+thread, token-id fields are bounded, a stop cannot cut a tool call, and every sampling field is
+honoured (logit_bias, min_p, min_tokens) or refused by name."""
 
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def served(adapter_dirs):
-    settings = Settings(adapters=[f"{name}={path}" for name, path in adapter_dirs.items()], max_cpu_loras=0,
-                        kv_cache_tokens=4096, max_num_seqs=8)
+    settings = Settings(
+        adapters=[f"{name}={path}" for name, path in adapter_dirs.items()],
+        max_cpu_loras=0,
+        kv_cache_tokens=4096,
+        max_num_seqs=8,
+    )
     with serve(settings) as served:
         yield served
 
@@ -32,8 +37,9 @@ def _complete(http: httpx.Client, **fields) -> httpx.Response:
 
 def test_a_scale_past_the_dtype_is_a_400_and_other_streams_go_on(served):
     with openai_client(served) as client, httpx.Client(base_url=served.url, timeout=120) as http:
-        stream = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=24, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="alpha", prompt=PROMPT, max_tokens=24, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = iter(stream)
         first = next(chunks)
         bad = _complete(http, adapters=[{"name": "alpha", "scale": 1e300}])
@@ -76,8 +82,14 @@ def test_token_id_fields_are_bounded_and_checked(served):
 @pytest.mark.parametrize("stop", [{"stop": ["}"]}, {"stop_token_ids": [17]}])
 def test_a_stop_with_tool_calls_is_a_400_naming_it(served, stream, stop):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    body = {"model": BASE, "messages": [{"role": "user", "content": "Call f"}], "tools": tools,
-            "tool_choice": "required", "stream": stream, **stop}
+    body = {
+        "model": BASE,
+        "messages": [{"role": "user", "content": "Call f"}],
+        "tools": tools,
+        "tool_choice": "required",
+        "stream": stream,
+        **stop,
+    }
     with httpx.Client(base_url=served.url, timeout=120) as http:
         error = assert_openai_error(http.post("/v1/chat/completions", json=body), 400, "tool call")
     assert error["param"] == next(iter(stop))
@@ -101,12 +113,20 @@ def _greedy_first_id(http: httpx.Client, tokenizer) -> int:
     """The greedy first token's id: the one token the prompt's encoding gains with its text."""
     text = _complete(http, temperature=0, max_tokens=1).json()["choices"][0]["text"]
     before, after = tokenizer.encode(PROMPT), tokenizer.encode(PROMPT + text)
-    assert after[:len(before)] == before and len(after) == len(before) + 1, (before, after)
+    assert after[: len(before)] == before and len(after) == len(before) + 1, (before, after)
     return after[-1]
 
 
-@pytest.mark.parametrize("field", [{"best_of": 2}, {"use_beam_search": True}, {"length_penalty": 0.5},
-                                   {"suffix": "!"}, {"include_stop_str_in_output": True}])
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"best_of": 2},
+        {"use_beam_search": True},
+        {"length_penalty": 0.5},
+        {"suffix": "!"},
+        {"include_stop_str_in_output": True},
+    ],
+)
 def test_unserved_sampling_fields_are_refused_by_name(served, field):
     with httpx.Client(base_url=served.url, timeout=120) as http:
         error = assert_openai_error(_complete(http, **field), 400)

@@ -1,6 +1,7 @@
 """The analysis, similarity and compression routes through the real app on the default model:
 numbers against a dense float64 reference, typed errors, and a compressed upload that serves
 PEFT's greedy tokens of the original and is what the store keeps."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,12 @@ CHECKED_LAYERS = 6  # the dense reference costs a full SVD per layer: a sample i
 @pytest.fixture(scope="module")
 def low_rank(tmp_path_factory, default_model, make_peft_adapter):
     """r=32 on q_proj and v_proj, every update of rank 4."""
-    return low_rank_adapter(default_model.model, tmp_path_factory.mktemp("low") / "low32", make_peft_adapter,
-                            target_modules=["q_proj", "v_proj"])
+    return low_rank_adapter(
+        default_model.model,
+        tmp_path_factory.mktemp("low") / "low32",
+        make_peft_adapter,
+        target_modules=["q_proj", "v_proj"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,9 @@ def served(tmp_path_factory, adapter_dirs):
     (root / "lora").mkdir()
     with serve(Settings(adapter_store=root / "store", adapter_root=root / "lora", max_lora_rank=32)) as server:
         for name in ("alpha", "beta"):
-            response = httpx.post(f"{server.url}/v1/adapters", data={"name": name},
-                                  files=adapter_files(adapter_dirs[name]), timeout=60)
+            response = httpx.post(
+                f"{server.url}/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name]), timeout=60
+            )
             assert response.status_code == 201, response.text
         yield server
 
@@ -68,14 +74,19 @@ def test_analysis_matches_dense_reference_and_is_cached_per_version(served, defa
 
 def test_a_replace_is_analyzed_afresh(served, default_model, adapter_dirs):
     for files, replace in ((adapter_dirs["alpha"], "false"), (adapter_dirs["gamma"], "true")):
-        response = httpx.post(f"{served.url}/v1/adapters", data={"name": "replaced", "replace": replace},
-                              files=adapter_files(files), timeout=60)
+        response = httpx.post(
+            f"{served.url}/v1/adapters",
+            data={"name": "replaced", "replace": replace},
+            files=adapter_files(files),
+            timeout=60,
+        )
         assert response.status_code == 201, response.text
         replaced = httpx.get(f"{served.url}/v1/adapters/replaced/analysis", timeout=120).json()
     gamma = dense_reference(default_model.model, adapter_dirs["gamma"])
     layer = replaced["layers"][0]
-    assert layer["delta_norm"] == pytest.approx(float(torch.linalg.matrix_norm(gamma[layer["module"]]["delta"])),
-                                                rel=1e-9)
+    assert layer["delta_norm"] == pytest.approx(
+        float(torch.linalg.matrix_norm(gamma[layer["module"]]["delta"])), rel=1e-9
+    )
 
 
 def test_similarity_matches_projectors(served, default_model, adapter_dirs):
@@ -89,9 +100,15 @@ def test_similarity_matches_projectors(served, default_model, adapter_dirs):
     assert body["mean"] == pytest.approx(sum(la["similarity"] for la in body["layers"]) / len(body["layers"]))
 
 
-@pytest.mark.parametrize("path,param", [
-    ("/v1/adapters/nope/analysis", None), ("/v1/adapters/nope/similarity?other=beta", None),
-    ("/v1/adapters/beta/similarity?other=nope", "other"), ("/v1/adapters/SmolLM2-135M-Instruct/analysis", None)])
+@pytest.mark.parametrize(
+    "path,param",
+    [
+        ("/v1/adapters/nope/analysis", None),
+        ("/v1/adapters/nope/similarity?other=beta", None),
+        ("/v1/adapters/beta/similarity?other=nope", "other"),
+        ("/v1/adapters/SmolLM2-135M-Instruct/analysis", None),
+    ],
+)
 def test_unknown_adapters_are_404(served, path, param):
     error = assert_openai_error(httpx.get(f"{served.url}{path}", timeout=30), 404)
     assert error["code"] == "model_not_found" and error["param"] == param
@@ -102,19 +119,34 @@ def test_similarity_needs_other(served):
     assert error["param"] == "other"
 
 
-@pytest.mark.parametrize("fields,param", [({"energy": "0"}, "energy"), ({"energy": "1.5"}, "energy"),
-                                          ({"energy": "lots"}, "energy"), ({"max_rank": "0"}, "max_rank"),
-                                          ({"max_rank": "2.5"}, "max_rank")])
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"energy": "0"}, "energy"),
+        ({"energy": "1.5"}, "energy"),
+        ({"energy": "lots"}, "energy"),
+        ({"max_rank": "0"}, "max_rank"),
+        ({"max_rank": "2.5"}, "max_rank"),
+    ],
+)
 def test_bad_compression_fields_are_400_naming_them(served, adapter_dirs, fields, param):
-    response = httpx.post(f"{served.url}/v1/adapters", data={"name": "bad", **fields},
-                          files=adapter_files(adapter_dirs["beta"]), timeout=60)
+    response = httpx.post(
+        f"{served.url}/v1/adapters",
+        data={"name": "bad", **fields},
+        files=adapter_files(adapter_dirs["beta"]),
+        timeout=60,
+    )
     assert assert_openai_error(response, 400, param)["param"] == param
     assert "bad" not in served.state.store
 
 
 def test_compressed_upload_serves_peft_greedy_tokens_and_is_stored(served, default_model, low_rank):
-    response = httpx.post(f"{served.url}/v1/adapters", data={"name": "low", "energy": "0.9999"},
-                          files=adapter_files(low_rank), timeout=120)
+    response = httpx.post(
+        f"{served.url}/v1/adapters",
+        data={"name": "low", "energy": "0.9999"},
+        files=adapter_files(low_rank),
+        timeout=120,
+    )
     assert response.status_code == 201, response.text
     card = response.json()
     assert card["rank"] == 4
@@ -144,11 +176,17 @@ def test_vllm_load_compresses_to_max_rank(served, low_rank):
     target.mkdir(exist_ok=True)
     for name, (_, data) in adapter_files(low_rank).items():
         (target / name).write_bytes(data)
-    bad = httpx.post(f"{served.url}/v1/load_lora_adapter", timeout=60,
-                     json={"lora_name": "vllm-low", "lora_path": str(target), "energy": 2})
+    bad = httpx.post(
+        f"{served.url}/v1/load_lora_adapter",
+        timeout=60,
+        json={"lora_name": "vllm-low", "lora_path": str(target), "energy": 2},
+    )
     assert assert_openai_error(bad, 400, "energy")["param"] == "energy"
-    response = httpx.post(f"{served.url}/v1/load_lora_adapter", timeout=60,
-                          json={"lora_name": "vllm-low", "lora_path": str(target), "max_rank": 2})
+    response = httpx.post(
+        f"{served.url}/v1/load_lora_adapter",
+        timeout=60,
+        json={"lora_name": "vllm-low", "lora_path": str(target), "max_rank": 2},
+    )
     assert response.status_code == 200, response.text
     models = {m["id"]: m for m in httpx.get(f"{served.url}/v1/models", timeout=30).json()["data"]}
     assert models["vllm-low"]["rank"] == 2
@@ -158,13 +196,14 @@ def _peft_greedy(default_model, path) -> list[list[int]]:
     model = copy.deepcopy(default_model.model)
     model.generation_config.eos_token_id = None  # the server runs with ignore_eos
     reference = PeftModel.from_pretrained(model, str(path))
-    greedy = GenerationConfig(max_new_tokens=NUM_TOKENS, do_sample=False,
-                              pad_token_id=default_model.tokenizer.eos_token_id)
+    greedy = GenerationConfig(
+        max_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=default_model.tokenizer.eos_token_id
+    )
     outputs = []
     for prompt in PROMPTS:
         ids = default_model.tokenizer(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
-            outputs.append(reference.generate(ids, generation_config=greedy)[0, ids.shape[1]:].tolist())
+            outputs.append(reference.generate(ids, generation_config=greedy)[0, ids.shape[1] :].tolist())
     return outputs
 
 

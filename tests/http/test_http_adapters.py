@@ -1,6 +1,7 @@
 """Adapter management over raw HTTP: upload, conflict, replace, list, show, delete; vLLM's
 load/unload by path under --adapter-root; persistence across restarts; bad uploads that must
 leave nothing behind; deleting an adapter while a stream uses it."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,10 @@ def _upload(http: httpx.Client, name: str, files: dict, **data) -> httpx.Respons
 
 
 def _complete(http: httpx.Client, model: str, max_tokens: int = 2) -> httpx.Response:
-    return http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                                              "temperature": 0, "ignore_eos": True})
+    return http.post(
+        "/v1/completions",
+        json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    )
 
 
 def _store_entries(store: Path) -> list[str]:
@@ -101,8 +104,9 @@ def test_upload_conflict_replace_list_show_delete(served, http, dirs, adapter_di
 def test_load_lora_adapter_is_refused_without_an_adapter_root(adapter_dirs):
     with serve(Settings()) as plain:
         body = {"lora_name": "x", "lora_path": str(adapter_dirs["beta"])}
-        error = assert_openai_error(httpx.post(plain.url + "/v1/load_lora_adapter", json=body, timeout=60), 403,
-                                    "adapter-root")
+        error = assert_openai_error(
+            httpx.post(plain.url + "/v1/load_lora_adapter", json=body, timeout=60), 403, "adapter-root"
+        )
         assert error["code"] == "adapter_root_unset"
         assert "x" not in plain.engine.registry
 
@@ -114,8 +118,13 @@ def test_load_lora_adapter_outside_the_root_is_400(http, dirs, where):
         link = root / "sneaky"
         if not link.exists():
             link.symlink_to(outside)
-    path = {"outside": str(outside), "traversal": f"{root}/../outside/beta", "symlink": str(root / "sneaky"),
-            "nul": f"{root}/beta-on-disk\x00", "relative": "outside/beta"}[where]
+    path = {
+        "outside": str(outside),
+        "traversal": f"{root}/../outside/beta",
+        "symlink": str(root / "sneaky"),
+        "nul": f"{root}/beta-on-disk\x00",
+        "relative": "outside/beta",
+    }[where]
     response = http.post("/v1/load_lora_adapter", json={"lora_name": f"sneaky-{where}", "lora_path": path})
     error = assert_openai_error(response, 400, "lora_path")
     assert error["param"] == "lora_path"
@@ -143,8 +152,9 @@ def test_load_and_unload_lora_adapter_under_the_root(http, dirs, adapter_dirs):
 def test_uploads_persist_across_restarts(tmp_path, adapter_dirs):
     store = tmp_path / "store"
     with serve(Settings(adapter_store=store)) as first:
-        uploaded = httpx.post(first.url + "/v1/adapters", data={"name": "kept"},
-                              files=adapter_files(adapter_dirs["gamma"]), timeout=120)
+        uploaded = httpx.post(
+            first.url + "/v1/adapters", data={"name": "kept"}, files=adapter_files(adapter_dirs["gamma"]), timeout=120
+        )
         assert uploaded.status_code == 201, uploaded.text
         with httpx.Client(base_url=first.url, timeout=120) as http:
             before = _complete(http, "kept", 6).json()["choices"][0]["text"]
@@ -192,8 +202,11 @@ BAD_UPLOADS = {  # case -> (files from the good ones, status, words the message 
     "config-not-object": (lambda f: {**f, CONFIG: (CONFIG, b"[1, 2]")}, 400, [CONFIG, "object"]),
     "config-missing": (lambda f: {WEIGHTS: f[WEIGHTS]}, 400, [CONFIG, "missing"]),
     "safetensors-missing": (lambda f: {CONFIG: f[CONFIG]}, 400, [WEIGHTS, "missing"]),
-    "bin-only": (lambda f: {CONFIG: f[CONFIG], "adapter_model.bin": ("adapter_model.bin", b"\x80\x04pickle")},
-                 400, ["adapter_model.bin", "pickle"]),
+    "bin-only": (
+        lambda f: {CONFIG: f[CONFIG], "adapter_model.bin": ("adapter_model.bin", b"\x80\x04pickle")},
+        400,
+        ["adapter_model.bin", "pickle"],
+    ),
     "not-safetensors": (lambda f: {**f, WEIGHTS: (WEIGHTS, b"definitely not safetensors")}, 400, [WEIGHTS]),
     "nan-weights": (lambda f: _with_tensor_change(f, _nan), 400, [WEIGHTS, "NaN"]),
     "wrong-shape": (lambda f: _with_tensor_change(f, _wrong_shape), 422, [WEIGHTS, "(8, 100)"]),
@@ -207,8 +220,9 @@ BAD_UPLOADS = {  # case -> (files from the good ones, status, words the message 
 def test_bad_upload_is_refused_and_leaves_nothing(served, http, dirs, adapter_dirs, case):
     make_files, status, words = BAD_UPLOADS[case]
     before = _snapshot(dirs)
-    error = assert_openai_error(_upload(http, f"bad-{case}", make_files(adapter_files(adapter_dirs["alpha"]))),
-                                status, *words)
+    error = assert_openai_error(
+        _upload(http, f"bad-{case}", make_files(adapter_files(adapter_dirs["alpha"]))), status, *words
+    )
     assert error["code"] in ("invalid_adapter", "incompatible_adapter", "unsupported_adapter")
     _assert_left_nothing(served, http, dirs, before, f"bad-{case}")
 
@@ -231,8 +245,9 @@ def test_upload_over_the_limit_is_413(served, http, dirs, adapter_dirs, chunked)
         request = http.build_request("POST", "/v1/adapters", data={"name": "too-big"}, files=files)
         body = request.read()
         headers = {"content-type": request.headers["content-type"]}
-        response = http.post("/v1/adapters", content=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
-                             headers=headers)
+        response = http.post(
+            "/v1/adapters", content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]), headers=headers
+        )
         assert "content-length" not in response.request.headers
     error = assert_openai_error(response, 413, "limit", str(MAX_UPLOAD))
     assert error["code"] == "too_large"
@@ -242,10 +257,16 @@ def test_upload_over_the_limit_is_413(served, http, dirs, adapter_dirs, chunked)
 def test_chunked_upload_is_refused_while_it_streams(served, http, dirs, adapter_dirs):
     """The 413 comes once the limit is crossed, while the client is still sending: the server
     neither waits for nor keeps what lies past the limit (a raw socket, to see when it answers)."""
-    request = http.build_request("POST", "/v1/adapters", data={"name": "too-big"},
-                                 files={**adapter_files(adapter_dirs["alpha"]), "padding.bin": ("p", b"\0" * 10)})
-    head = (f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    request = http.build_request(
+        "POST",
+        "/v1/adapters",
+        data={"name": "too-big"},
+        files={**adapter_files(adapter_dirs["alpha"]), "padding.bin": ("p", b"\0" * 10)},
+    )
+    head = (
+        f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
     chunk = b"\0" * 65536
     with socket.create_connection(served.url.removeprefix("http://").split(":"), timeout=60) as sock:
         sock.sendall(head + b"%x\r\n%s\r\n" % (len(request.read()), request.read()))
@@ -270,8 +291,7 @@ def _assert_left_nothing(served, http: httpx.Client, dirs: dict[str, Path], befo
 
 def test_delete_while_streaming_finishes_the_stream_then_it_is_gone(served, http, dirs, adapter_dirs):
     assert _upload(http, "doomed", adapter_files(adapter_dirs["beta"])).status_code == 201
-    body = {"model": "doomed", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    body = {"model": "doomed", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as stream:
         assert stream.status_code == 200
         events = stream.iter_lines()

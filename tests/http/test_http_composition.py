@@ -1,6 +1,7 @@
 """Per-request composition over HTTP, through the official `openai` client on the real default
 model: the `adapters` extension field (sent with `extra_body`) gives what the engine computes for
 that composition alone, while a plain adapter request shares the batch; bad input is a typed error."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -51,19 +52,24 @@ def test_composition_field_gives_the_engines_tokens_beside_a_plain_request(clien
 
 def test_chat_takes_the_composition_field_too(client, adapter_dirs):
     messages = [{"role": "user", "content": "Name a colour."}]
-    answer = client.chat.completions.create(model=BASE, messages=messages, extra_body={"adapters": COMPOSED,
-                                                                                         "ignore_eos": True}, **GREEDY)
+    answer = client.chat.completions.create(
+        model=BASE, messages=messages, extra_body={"adapters": COMPOSED, "ignore_eos": True}, **GREEDY
+    )
     plain = client.chat.completions.create(model=BASE, messages=messages, extra_body={"ignore_eos": True}, **GREEDY)
     assert answer.choices[0].message.content != plain.choices[0].message.content
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (dict(adapters=[{"name": "nope", "scale": 1.0}]), 404, "adapters[0].name"),
-    (dict(adapters=COMPOSED, model="alpha"), 400, "model"),
-    (dict(adapters=COMPOSED * 2), 400, "adapters"),
-    (dict(adapters=[]), 400, "adapters"),
-    (dict(adapters=[{"name": "alpha", "weight": 1.0}]), 400, "adapters.0.weight"),
-], ids=["unknown-name", "model-not-base", "over-the-limit", "empty", "unknown-key"])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (dict(adapters=[{"name": "nope", "scale": 1.0}]), 404, "adapters[0].name"),
+        (dict(adapters=COMPOSED, model="alpha"), 400, "model"),
+        (dict(adapters=COMPOSED * 2), 400, "adapters"),
+        (dict(adapters=[]), 400, "adapters"),
+        (dict(adapters=[{"name": "alpha", "weight": 1.0}]), 400, "adapters.0.weight"),
+    ],
+    ids=["unknown-name", "model-not-base", "over-the-limit", "empty", "unknown-key"],
+)
 def test_bad_compositions_are_typed_errors_naming_the_field(served, body, status, param):
     payload = {"model": BASE, "prompt": PROMPT, "max_tokens": 2} | body
     response = httpx.post(f"{served.url}/v1/completions", json=payload, timeout=60)
@@ -72,8 +78,12 @@ def test_bad_compositions_are_typed_errors_naming_the_field(served, body, status
 
 
 def test_non_finite_scale_is_a_400(served):
-    response = httpx.post(f"{served.url}/v1/completions", timeout=60, headers={"content-type": "application/json"},
-                          content=f'{{"model": "{BASE}", "prompt": "x", "adapters": [{{"name": "alpha", "scale": NaN}}]}}')
+    response = httpx.post(
+        f"{served.url}/v1/completions",
+        timeout=60,
+        headers={"content-type": "application/json"},
+        content=f'{{"model": "{BASE}", "prompt": "x", "adapters": [{{"name": "alpha", "scale": NaN}}]}}',
+    )
     assert response.status_code == 400, response.text
 
 

@@ -1,5 +1,6 @@
 """Concurrent HTTP traffic over several adapters: the same greedy text as the engine alone, and a
 bounded load test with clients that hang up mid-stream, after which nothing may be left held."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,14 @@ def served(default_server):
 
 
 def _body(prompt: str, adapter: str | None, max_tokens: int = NUM_TOKENS, stream: bool = False) -> dict:
-    return {"model": adapter or BASE, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    return {
+        "model": adapter or BASE,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
 
 
 async def _whole(client: httpx.AsyncClient, prompt: str, adapter: str | None) -> str:
@@ -35,8 +42,13 @@ async def _whole(client: httpx.AsyncClient, prompt: str, adapter: str | None) ->
     return response.json()["choices"][0]["text"]
 
 
-async def _streamed(client: httpx.AsyncClient, prompt: str, adapter: str | None, max_tokens: int = NUM_TOKENS,
-                    hang_up_after: int | None = None) -> tuple[str, str | None]:
+async def _streamed(
+    client: httpx.AsyncClient,
+    prompt: str,
+    adapter: str | None,
+    max_tokens: int = NUM_TOKENS,
+    hang_up_after: int | None = None,
+) -> tuple[str, str | None]:
     """(text, finish_reason); with `hang_up_after`, close the connection after that many chunks."""
     text, reason, num_chunks = "", None, 0
     async with client.stream("POST", "/v1/completions", json=_body(prompt, adapter, max_tokens, True)) as response:
@@ -78,8 +90,12 @@ def test_load_with_hang_ups_leaves_nothing_held(served, adapter_dirs):
     clients = [(i % 3 == 0, *PAIRS[i % 8]) for i in range(12)]
 
     def calls(client):
-        return [_streamed(client, prompt, "gamma" if hangs_up else adapter, 300, 2) if hangs_up
-                else _streamed(client, prompt, adapter) for hangs_up, prompt, adapter in clients]
+        return [
+            _streamed(client, prompt, "gamma" if hangs_up else adapter, 300, 2)
+            if hangs_up
+            else _streamed(client, prompt, adapter)
+            for hangs_up, prompt, adapter in clients
+        ]
 
     try:
         results = asyncio.run(_all(served.url, calls))

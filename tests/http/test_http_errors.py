@@ -1,5 +1,6 @@
 """Error paths over raw HTTP: auth, malformed and invalid requests, context limits, a full queue,
 unknown routes. Every error must leave as OpenAI's {"error": {"message", "type", "code"}} shape."""
+
 from __future__ import annotations
 
 import threading
@@ -42,9 +43,17 @@ def _body(**fields) -> dict:
 
 
 # Auth
-@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                          ("POST", "/v1/chat/completions"), ("GET", "/v1/adapters"),
-                                          ("DELETE", "/v1/adapters/x"), ("POST", "/v1/load_lora_adapter")])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/adapters"),
+        ("DELETE", "/v1/adapters/x"),
+        ("POST", "/v1/load_lora_adapter"),
+    ],
+)
 def test_no_key_is_401(guarded, method, path):
     response = httpx.request(method, guarded.url + path, json={}, timeout=30)
     error = assert_openai_error(response, 401, "API key")
@@ -70,19 +79,22 @@ def test_only_the_admin_key_changes_adapters(guarded, adapter_dirs):
     files = adapter_files(adapter_dirs["alpha"])
     as_user = {"Authorization": f"Bearer {API_KEY}"}
     as_admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    response = httpx.post(guarded.url + "/v1/adapters", data={"name": "guarded"}, files=files, headers=as_user,
-                          timeout=60)
+    response = httpx.post(
+        guarded.url + "/v1/adapters", data={"name": "guarded"}, files=files, headers=as_user, timeout=60
+    )
     assert_openai_error(response, 401, "invalid API key")
     assert httpx.get(guarded.url + "/v1/adapters", headers=as_user, timeout=30).json()["data"] == []
 
-    response = httpx.post(guarded.url + "/v1/adapters", data={"name": "guarded"}, files=files, headers=as_admin,
-                          timeout=60)
+    response = httpx.post(
+        guarded.url + "/v1/adapters", data={"name": "guarded"}, files=files, headers=as_admin, timeout=60
+    )
     assert response.status_code == 201, response.text
     assert_openai_error(httpx.delete(guarded.url + "/v1/adapters/guarded", headers=as_user, timeout=30), 401)
     lora = {"lora_name": "x", "lora_path": "/tmp"}
     assert_openai_error(httpx.post(guarded.url + "/v1/load_lora_adapter", json=lora, headers=as_user, timeout=30), 401)
-    assert_openai_error(httpx.post(guarded.url + "/v1/unload_lora_adapter", json=lora, headers=as_user, timeout=30),
-                        401)
+    assert_openai_error(
+        httpx.post(guarded.url + "/v1/unload_lora_adapter", json=lora, headers=as_user, timeout=30), 401
+    )
     assert httpx.delete(guarded.url + "/v1/adapters/guarded", headers=as_admin, timeout=30).status_code == 200
 
 
@@ -104,33 +116,39 @@ def test_a_body_that_is_not_an_object_is_400(http, content):
     assert_openai_error(response, 400)
 
 
-@pytest.mark.parametrize("path, change, field", [
-    ("/v1/completions", {"temperature": 5}, "temperature"),
-    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
-    ("/v1/completions", {"n": 0}, "n"),
-    ("/v1/completions", {"n": 17}, "n"),
-    ("/v1/completions", {"model": None}, "model"),
-    ("/v1/completions", {"top_p": 0}, "top_p"),
-    ("/v1/completions", {"logprobs": 21}, "logprobs"),
-    ("/v1/completions", {"presence_penalty": 3}, "presence_penalty"),
-    ("/v1/completions", {"prompt": None}, "prompt"),
-    ("/v1/completions", {"prompt": ""}, "prompt"),
-    ("/v1/completions", {"prompt": []}, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
-    ("/v1/completions", {"seed": 2 ** 70}, "seed"),
-    ("/v1/completions", {"seed": -2 ** 64}, "seed"),
-    ("/v1/completions", {"prompt": [99999999]}, "prompt"),
-    ("/v1/completions", {"prompt": [-1], "echo": True}, "prompt"),
-    ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "content"),
-    ("/v1/chat/completions", {"temperature": -1}, "temperature"),
-    ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    "path, change, field",
+    [
+        ("/v1/completions", {"temperature": 5}, "temperature"),
+        ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/completions", {"n": 0}, "n"),
+        ("/v1/completions", {"n": 17}, "n"),
+        ("/v1/completions", {"model": None}, "model"),
+        ("/v1/completions", {"top_p": 0}, "top_p"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"presence_penalty": 3}, "presence_penalty"),
+        ("/v1/completions", {"prompt": None}, "prompt"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+        ("/v1/completions", {"seed": 2**70}, "seed"),
+        ("/v1/completions", {"seed": -(2**64)}, "seed"),
+        ("/v1/completions", {"prompt": [99999999]}, "prompt"),
+        ("/v1/completions", {"prompt": [-1], "echo": True}, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "content"),
+        ("/v1/chat/completions", {"temperature": -1}, "temperature"),
+        ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ],
+)
 def test_invalid_field_is_400_naming_it(http, path, change, field):
-    body = _body(**change) if path == "/v1/completions" else {
-        "model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **change}
+    body = (
+        _body(**change)
+        if path == "/v1/completions"
+        else {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **change}
+    )
     if body.get("model", "") is None:
         del body["model"]
     if body.get("prompt", "") is None:
@@ -139,12 +157,15 @@ def test_invalid_field_is_400_naming_it(http, path, change, field):
     assert field in (error.get("param") or ""), error
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "hello " * 100}),
-    ("/v1/completions", {"prompt": "hello", "max_tokens": MAX_MODEL_LEN}),
-    ("/v1/completions", {"prompt": list(range(100, 100 + MAX_MODEL_LEN))}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 100}]}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "hello " * 100}),
+        ("/v1/completions", {"prompt": "hello", "max_tokens": MAX_MODEL_LEN}),
+        ("/v1/completions", {"prompt": list(range(100, 100 + MAX_MODEL_LEN))}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 100}]}),
+    ],
+)
 def test_prompt_longer_than_the_context_is_400(http, path, body):
     error = assert_openai_error(http.post(path, json={"model": BASE, **body}), 400, "context", str(MAX_MODEL_LEN))
     assert error["param"] == "prompt"
@@ -153,8 +174,12 @@ def test_prompt_longer_than_the_context_is_400(http, path, body):
 def test_context_limit_is_exact(http):
     """prompt + max_tokens == max_model_len fits; one more does not."""
     ids = list(range(1000, 1010))
-    ok = http.post("/v1/completions", json=_body(prompt=ids, max_tokens=MAX_MODEL_LEN - 10, ignore_eos=True,
-                                                 stop_token_ids=[2], logit_bias={"2": 100}))  # stops at once
+    ok = http.post(
+        "/v1/completions",
+        json=_body(
+            prompt=ids, max_tokens=MAX_MODEL_LEN - 10, ignore_eos=True, stop_token_ids=[2], logit_bias={"2": 100}
+        ),
+    )  # stops at once
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "stop", ok.text
     assert_openai_error(http.post("/v1/completions", json=_body(prompt=ids, max_tokens=MAX_MODEL_LEN - 9)), 400)
 
@@ -165,7 +190,7 @@ def test_a_bad_request_does_not_abort_others(guarded, http):
     with http.stream("POST", "/v1/completions", json=body) as stream:
         lines = stream.iter_lines()
         first = next(line for line in lines if line.startswith("data:"))
-        assert_openai_error(http.post("/v1/completions", json=_body(prompt=[5, 10 ** 7])), 400, "prompt")
+        assert_openai_error(http.post("/v1/completions", json=_body(prompt=[5, 10**7])), 400, "prompt")
         rest = [line for line in lines if line.startswith("data:")]
     assert rest[-1] == "data: [DONE]"
     assert '"finish_reason": "length"' in rest[-2], [first, *rest]
@@ -178,10 +203,16 @@ def test_unknown_model_is_404(http):
     assert error["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("method, path, status", [
-    ("GET", "/v1/nowhere", 404), ("POST", "/v2/completions", 404), ("GET", "/", 404),
-    ("GET", "/v1/completions", 405), ("PUT", "/v1/models", 405),
-])
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/v1/nowhere", 404),
+        ("POST", "/v2/completions", 404),
+        ("GET", "/", 404),
+        ("GET", "/v1/completions", 405),
+        ("PUT", "/v1/models", 405),
+    ],
+)
 def test_unknown_route_or_method_is_openai_shaped(http, method, path, status):
     assert_openai_error(http.request(method, path), status)
 

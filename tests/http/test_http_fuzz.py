@@ -4,6 +4,7 @@ the live server: no input may cause a 5xx, and every 4xx must carry OpenAI's err
 Bounded: a few examples per operation, derandomized, and a small context (max_model_len) so a
 fuzzed max_tokens or n can never make one example generate for long.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -26,14 +27,19 @@ _OPENAPI = create_app(Settings()).openapi()  # the lifespan never runs: no model
 _NO_COVERAGE = {"phases": {"coverage": {"enabled": False}}}
 schema = schemathesis.openapi.from_dict(_OPENAPI, config=schemathesis.Config.from_dict(_NO_COVERAGE))
 valid_only = schemathesis.openapi.from_dict(
-    _OPENAPI, config=schemathesis.Config.from_dict({**_NO_COVERAGE, "generation": {"mode": "positive"}}))
+    _OPENAPI, config=schemathesis.Config.from_dict({**_NO_COVERAGE, "generation": {"mode": "positive"}})
+)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    settings = Settings(max_model_len=MAX_MODEL_LEN, adapter_store=root / "store", adapter_root=root / "adapters",
-                        max_upload_bytes=1_000_000)
+    settings = Settings(
+        max_model_len=MAX_MODEL_LEN,
+        adapter_store=root / "store",
+        adapter_root=root / "adapters",
+        max_upload_bytes=1_000_000,
+    )
     (root / "adapters").mkdir()
     with serve(settings) as served:
         yield served
@@ -47,12 +53,22 @@ def _steer(case, share: int) -> None:
 
 
 def test_schema_covers_every_route():
-    paths = {(method.upper(), path) for path, item in create_app(Settings()).openapi()["paths"].items()
-             for method in item}
-    assert {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-            ("POST", "/v1/adapters"), ("GET", "/v1/adapters"), ("GET", "/v1/adapters/{name}"),
-            ("DELETE", "/v1/adapters/{name}"), ("POST", "/v1/load_lora_adapter"),
-            ("POST", "/v1/unload_lora_adapter"), ("GET", "/health"), ("GET", "/ready")} <= paths
+    paths = {
+        (method.upper(), path) for path, item in create_app(Settings()).openapi()["paths"].items() for method in item
+    }
+    assert {
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/adapters"),
+        ("GET", "/v1/adapters"),
+        ("GET", "/v1/adapters/{name}"),
+        ("DELETE", "/v1/adapters/{name}"),
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+        ("GET", "/health"),
+        ("GET", "/ready"),
+    } <= paths
 
 
 @schema.parametrize()

@@ -1,6 +1,7 @@
 """The hardening issue's defects, each through real HTTP on the real app and model: chat length,
 request limits, client disconnects, engine failures as OpenAI errors, adapter versions that
 outlive a replace or delete, upload races on one store, and a dead engine thread."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ ADMIN = {"Authorization": "Bearer admin"}
 @pytest.fixture(scope="module")
 def served(adapter_dirs, tmp_path_factory):
     store = tmp_path_factory.mktemp("hardening-store")
-    settings = Settings(adapters=[f"alpha={adapter_dirs['alpha']}", f"beta={adapter_dirs['beta']}"],
-                        adapter_store=store, max_model_len=MAX_MODEL_LEN, admin_key="admin")
+    settings = Settings(
+        adapters=[f"alpha={adapter_dirs['alpha']}", f"beta={adapter_dirs['beta']}"],
+        adapter_store=store,
+        max_model_len=MAX_MODEL_LEN,
+        admin_key="admin",
+    )
     with serve(settings) as served:
         yield served
 
@@ -51,7 +56,8 @@ def finished(served) -> list:
 def test_chat_without_max_tokens_runs_to_the_end_of_the_answer(served):
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
     answer = client.chat.completions.create(
-        model=BASE, temperature=0, messages=[{"role": "user", "content": "Write a long story about a dragon."}])
+        model=BASE, temperature=0, messages=[{"role": "user", "content": "Write a long story about a dragon."}]
+    )
     choice = answer.choices[0]
     assert answer.usage.completion_tokens > 16, "the old default of 16 tokens still applies"
     if choice.finish_reason == "length":  # no end of answer before the context ran out
@@ -61,12 +67,19 @@ def test_chat_without_max_tokens_runs_to_the_end_of_the_answer(served):
 
 
 # Limits
-@pytest.mark.parametrize("stop, words", [(["a", "b", "c", "d", "e"], ["at most 4", "stop"]),
-                                         (["x" * 257], ["256 characters", "stop"]),
-                                         ([""], ["empty", "stop"])])
+@pytest.mark.parametrize(
+    "stop, words",
+    [
+        (["a", "b", "c", "d", "e"], ["at most 4", "stop"]),
+        (["x" * 257], ["256 characters", "stop"]),
+        ([""], ["empty", "stop"]),
+    ],
+)
 def test_stop_sequences_are_bounded(http, stop, words):
-    for path, body in (("/v1/completions", {"prompt": "Hi"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "Hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ):
         error = assert_openai_error(http.post(path, json={"model": BASE, "stop": stop, **body}), 400, *words)
         assert error["param"] == "stop"
 
@@ -85,9 +98,12 @@ def test_oversized_prompts_are_refused_before_tokenizing(served, http):
 
 def test_prompt_byte_limit_is_a_setting(adapter_dirs):
     with serve(Settings(max_prompt_bytes=64)) as served, httpx.Client(base_url=served.url, timeout=60) as http:
-        assert http.post("/v1/completions", json={"model": BASE, "prompt": "a" * 64, "max_tokens": 1}).status_code == 200
-        assert_openai_error(http.post("/v1/completions", json={"model": BASE, "prompt": "a" * 65}), 400,
-                            "65 bytes", "max_prompt_bytes")
+        assert (
+            http.post("/v1/completions", json={"model": BASE, "prompt": "a" * 64, "max_tokens": 1}).status_code == 200
+        )
+        assert_openai_error(
+            http.post("/v1/completions", json={"model": BASE, "prompt": "a" * 65}), 400, "65 bytes", "max_prompt_bytes"
+        )
 
 
 # Disconnects
@@ -141,15 +157,18 @@ def test_engine_failure_mid_stream_is_an_error_event(served, http):
 # Adapter versions
 def test_delete_and_replace_never_change_accepted_requests(served, http, adapter_dirs):
     upload = {"name": "moving"}
-    assert http.post("/v1/adapters", data=upload, files=adapter_files(adapter_dirs["alpha"]),
-                     headers=ADMIN).status_code == 201
+    assert (
+        http.post("/v1/adapters", data=upload, files=adapter_files(adapter_dirs["alpha"]), headers=ADMIN).status_code
+        == 201
+    )
     prompt, expected = "Once upon a time", reference_text(adapter_dirs, "Once upon a time", "alpha", 24)
     body = {"model": "moving", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
-        replaced = http.post("/v1/adapters", data={**upload, "replace": "true"},
-                             files=adapter_files(adapter_dirs["beta"]), headers=ADMIN)
+        replaced = http.post(
+            "/v1/adapters", data={**upload, "replace": "true"}, files=adapter_files(adapter_dirs["beta"]), headers=ADMIN
+        )
         assert replaced.status_code == 201
         rest = [line[6:] for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
     text = "".join(json.loads(e)["choices"][0]["text"] for e in [first[6:], *rest])
@@ -212,8 +231,9 @@ def test_a_dead_engine_thread_turns_health_to_503_and_reports_once(adapter_dirs)
 
 
 # Config regexes from uploads
-@pytest.mark.parametrize("field, value", [("target_modules", "("), ("rank_pattern", {"(": 4}),
-                                          ("target_modules", "(.|.)*X")])
+@pytest.mark.parametrize(
+    "field, value", [("target_modules", "("), ("rank_pattern", {"(": 4}), ("target_modules", "(.|.)*X")]
+)
 def test_upload_with_a_bad_or_catastrophic_regex(served, http, adapter_dirs, field, value):
     """An invalid pattern is a 400 naming its field; a catastrophic one runs in linear time (RE2) and
     simply matches nothing, while /health keeps answering."""
@@ -240,13 +260,18 @@ def test_only_the_engine_thread_writes_the_registry(served, http, adapter_dirs):
         def recorded(*args, **kwargs):
             writers.append(threading.current_thread().name)
             return method(*args, **kwargs)
+
         return recorded
 
     registry.install, registry.remove = spy(install), spy(remove)
     try:
         for replace in ("false", "true"):
-            response = http.post("/v1/adapters", data={"name": "owned", "replace": replace},
-                                 files=adapter_files(adapter_dirs["gamma"]), headers=ADMIN)
+            response = http.post(
+                "/v1/adapters",
+                data={"name": "owned", "replace": replace},
+                files=adapter_files(adapter_dirs["gamma"]),
+                headers=ADMIN,
+            )
             assert response.status_code == 201, response.text
         assert http.delete("/v1/adapters/owned", headers=ADMIN).status_code == 200
     finally:

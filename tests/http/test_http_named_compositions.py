@@ -2,6 +2,7 @@
 as `model`: the same tokens as the per-request `adapters` field, listed in /v1/models, persisted in
 the store across a restart, a 409 when deleting an adapter it uses, labelled by name in metrics,
 and the Python client and CLI."""
+
 from __future__ import annotations
 
 import httpx
@@ -19,8 +20,9 @@ COMPOSED = [{"name": "alpha", "scale": 1.5}, {"name": "beta", "scale": -1.0}]
 
 
 def _settings(adapter_dirs, store) -> Settings:
-    return Settings(adapters=[f"{n}={adapter_dirs[n]}" for n in ("alpha", "beta")], adapter_store=store,
-                    max_adapters_per_request=2)
+    return Settings(
+        adapters=[f"{n}={adapter_dirs[n]}" for n in ("alpha", "beta")], adapter_store=store, max_adapters_per_request=2
+    )
 
 
 def _complete(http: httpx.Client, model: str, adapters=None) -> str:
@@ -49,8 +51,9 @@ def test_named_composition_end_to_end(adapter_dirs, tmp_path):
         assert 'adapter="ab"' in http.get("/metrics").text
         with Client(served.url) as client:
             client.compose("ba", _terms(["beta=0.5", "alpha"]))
-            assert [m.compose for m in client.models() if m.id == "ba"] == [[{"name": "beta", "scale": 0.5},
-                                                                             {"name": "alpha", "scale": 1.0}]]
+            assert [m.compose for m in client.models() if m.id == "ba"] == [
+                [{"name": "beta", "scale": 0.5}, {"name": "alpha", "scale": 1.0}]
+            ]
             client.delete_adapter("ba")
             assert "ba" not in [m.id for m in client.models()]
     with serve(_settings(adapter_dirs, store)) as served, httpx.Client(base_url=served.url, timeout=120) as http:

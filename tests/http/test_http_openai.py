@@ -3,6 +3,7 @@
 Greedy outputs are compared with the non-streamed response and with `LLMEngine.generate` alone on a
 fresh model with the same adapter, so a wrong adapter, a lost delta or a leaked stop string fails.
 """
+
 from __future__ import annotations
 
 import gc
@@ -41,8 +42,7 @@ def _complete(client, model=BASE, prompt=PROMPT, max_tokens=NUM_TOKENS, **kwargs
 
 
 def _chat(client, model=BASE, messages=CHAT, max_tokens=NUM_TOKENS, **kwargs):
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                          **{**GREEDY, **kwargs})
+    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, **{**GREEDY, **kwargs})
 
 
 def test_completion_stream_concatenates_to_the_whole_text(client):
@@ -83,10 +83,13 @@ def test_stream_without_usage_has_no_usage_chunk(client):
     assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": PROMPT}),
-    ("/v1/chat/completions", {"messages": CHAT}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": PROMPT}),
+        ("/v1/chat/completions", {"messages": CHAT}),
+    ],
+)
 def test_raw_sse_is_well_formed_and_ends_with_done(served, path, body):
     """What the client library hides: every event is `data: <json>`, and the last is [DONE]."""
     request = {"model": BASE, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True, **body}
@@ -97,7 +100,7 @@ def test_raw_sse_is_well_formed_and_ends_with_done(served, path, body):
     assert events[-1] == "data: [DONE]" and response.text.endswith("data: [DONE]\n\n")
     for event in events[:-1]:
         assert event.startswith("data: ")
-        json.loads(event[len("data: "):])
+        json.loads(event[len("data: ") :])
 
 
 def test_adapter_output_differs_from_base_and_equals_the_engine(client, adapter_dirs):
@@ -117,8 +120,11 @@ def test_chat_with_adapter_equals_the_engine(client, adapter_dirs):
 
 
 def test_chat_content_parts_read_as_their_text(client):
-    parts = [{"type": "text", "text": "What is the capital"}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": " of France?"}]
+    parts = [
+        {"type": "text", "text": "What is the capital"},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": " of France?"},
+    ]
     as_parts = _chat(client, messages=[{"role": "user", "content": parts}], max_tokens=4)
     assert as_parts.choices[0].message.content == _chat(client, max_tokens=4).choices[0].message.content
 
@@ -172,7 +178,7 @@ def test_no_logprobs_unless_asked(client):
 def test_stop_string_ends_the_text_and_is_not_included(client):
     full = _complete(client, max_tokens=12).choices[0].text
     stop = full.split()[1]  # a word that starts after the first one, so the kept text is not empty
-    expected = full[:full.index(stop)]
+    expected = full[: full.index(stop)]
     assert expected
 
     choice = _complete(client, max_tokens=12, stop=[stop]).choices[0]
@@ -188,7 +194,7 @@ def test_chat_stop_string(client):
     full = _chat(client, max_tokens=12).choices[0].message.content
     stop = full.split()[1]
     choice = _chat(client, max_tokens=12, stop=[stop]).choices[0]
-    assert (choice.message.content, choice.finish_reason) == (full[:full.index(stop)], "stop")
+    assert (choice.message.content, choice.finish_reason) == (full[: full.index(stop)], "stop")
 
 
 def test_models_list_has_base_and_adapter_with_parent(client):

@@ -1,4 +1,5 @@
 """/metrics after real HTTP traffic, parsed with prometheus-client's own parser."""
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,11 @@ def scrape(client: httpx.Client) -> dict:
 
 def value(families: dict, name: str, sample: str | None = None, **labels) -> float:
     family = families[name]
-    matches = [s.value for s in family.samples if s.name == (sample or name)
-               and all(s.labels.get(k) == v for k, v in labels.items())]
+    matches = [
+        s.value
+        for s in family.samples
+        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     return sum(matches)
 
 
@@ -49,13 +53,24 @@ def wait_idle(served, client: httpx.Client) -> dict:
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, default_model, make_peft_adapter):
-    return make_peft_adapter(default_model.model, tmp_path_factory.mktemp("metrics") / "qv",
-                             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    return make_peft_adapter(
+        default_model.model,
+        tmp_path_factory.mktemp("metrics") / "qv",
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+    )
 
 
 def complete(client, model: str, max_tokens: int = 4, **extra) -> dict:
-    body = {"model": model, "prompt": "Hello there", "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, **extra}
+    body = {
+        "model": model,
+        "prompt": "Hello there",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        **extra,
+    }
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()
@@ -69,19 +84,33 @@ def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
         after = wait_idle(served, client)
 
     expected_types = {
-        "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
-        "vllm:kv_cache_usage_perc": "gauge", "vllm:lora_requests_info": "gauge",
-        "vllm:time_to_first_token_seconds": "histogram", "vllm:time_per_output_token_seconds": "histogram",
-        "vllm:e2e_request_latency_seconds": "histogram", "vllm:request_queue_time_seconds": "histogram",
-        "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter", "loraserve:requests": "counter",
-        "loraserve:adapter_request_latency_seconds": "histogram", "loraserve:adapter_prompt_tokens": "counter",
-        "loraserve:adapter_generation_tokens": "counter", "loraserve:engine_steps": "counter",
-        "loraserve:adapter_swap_seconds": "histogram", "loraserve:adapter_loads": "counter",
-        "loraserve:adapter_evictions": "counter", "loraserve:adapter_slots_used": "gauge",
-        "loraserve:adapter_slots_total": "gauge", "loraserve:adapter_host_cache_used": "gauge",
-        "loraserve:adapter_resident": "gauge", "loraserve:lora_resident_info": "gauge",
-        "loraserve:step_duration_seconds": "histogram", "loraserve:batch_size": "histogram",
-        "loraserve:kv_cache_capacity_tokens": "gauge", "vllm:num_preemptions": "counter",
+        "vllm:num_requests_running": "gauge",
+        "vllm:num_requests_waiting": "gauge",
+        "vllm:kv_cache_usage_perc": "gauge",
+        "vllm:lora_requests_info": "gauge",
+        "vllm:time_to_first_token_seconds": "histogram",
+        "vllm:time_per_output_token_seconds": "histogram",
+        "vllm:e2e_request_latency_seconds": "histogram",
+        "vllm:request_queue_time_seconds": "histogram",
+        "vllm:prompt_tokens": "counter",
+        "vllm:generation_tokens": "counter",
+        "loraserve:requests": "counter",
+        "loraserve:adapter_request_latency_seconds": "histogram",
+        "loraserve:adapter_prompt_tokens": "counter",
+        "loraserve:adapter_generation_tokens": "counter",
+        "loraserve:engine_steps": "counter",
+        "loraserve:adapter_swap_seconds": "histogram",
+        "loraserve:adapter_loads": "counter",
+        "loraserve:adapter_evictions": "counter",
+        "loraserve:adapter_slots_used": "gauge",
+        "loraserve:adapter_slots_total": "gauge",
+        "loraserve:adapter_host_cache_used": "gauge",
+        "loraserve:adapter_resident": "gauge",
+        "loraserve:lora_resident_info": "gauge",
+        "loraserve:step_duration_seconds": "histogram",
+        "loraserve:batch_size": "histogram",
+        "loraserve:kv_cache_capacity_tokens": "gauge",
+        "vllm:num_preemptions": "counter",
     }
     for name, kind in expected_types.items():
         assert after[name].type == kind, name
@@ -95,7 +124,9 @@ def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
     assert moved("vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count") == 3
     assert moved("vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count") == 3
     assert moved("vllm:prompt_tokens", "vllm:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
-    assert moved("vllm:generation_tokens", "vllm:generation_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    assert moved("vllm:generation_tokens", "vllm:generation_tokens_total") == sum(
+        u["completion_tokens"] for u in usages
+    )
     assert moved("loraserve:adapter_generation_tokens", "loraserve:adapter_generation_tokens_total", adapter="qv") == 8
     assert moved("loraserve:engine_steps", "loraserve:engine_steps_total") > 0
     assert value(after, "loraserve:adapter_loads", "loraserve:adapter_loads_total") >= 1
@@ -129,8 +160,9 @@ def test_lora_requests_info_names_running_adapters(adapter_dir):
 
 def test_adapter_label_cardinality_is_capped(tmp_path, default_model, make_peft_adapter):
     names = ["a1", "a2", "a3", "a4"]
-    specs = [f"{n}={make_peft_adapter(default_model.model, tmp_path / n, r=2, target_modules=['q_proj'])}"
-             for n in names]
+    specs = [
+        f"{n}={make_peft_adapter(default_model.model, tmp_path / n, r=2, target_modules=['q_proj'])}" for n in names
+    ]
     with serve(Settings(adapters=specs, max_adapter_labels=2)) as (served, client):
         for name in names:
             complete(client, name, max_tokens=1)
@@ -151,8 +183,11 @@ def test_metrics_key_and_request_log(adapter_dir, caplog):
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer k"}).status_code == 200
         with caplog.at_level(logging.INFO, logger="loraserve.requests"):
-            response = client.post("/v1/completions", headers={"Authorization": "Bearer k"}, json={
-                "model": BASE, "prompt": "secret prompt words", "max_tokens": 2})
+            response = client.post(
+                "/v1/completions",
+                headers={"Authorization": "Bearer k"},
+                json={"model": BASE, "prompt": "secret prompt words", "max_tokens": 2},
+            )
             assert response.status_code == 200
             # logged by the metrics' request listener, on the engine thread once the request finished
             wait_for_engine(served.engine, lambda: caplog.records, 10, "the request log line")

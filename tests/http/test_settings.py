@@ -1,4 +1,5 @@
 """Settings reach the engine: every EngineConfig knob that is also a setting is passed through."""
+
 from __future__ import annotations
 
 import argparse

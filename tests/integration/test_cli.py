@@ -1,5 +1,6 @@
 """`loraserve` as a user runs it: serve in a subprocess, upload with the CLI, generate, SIGTERM,
 start again on the same store, and the adapter is still there and answers the same."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ def loraserve_serve(store: Path, log: Path):
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*COMMAND, *args, "--url", url], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [*COMMAND, *args, "--url", url], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180
+    )
 
 
 def _complete(url: str, model: str) -> str:
@@ -64,8 +66,10 @@ def test_serve_upload_restart_keeps_the_adapter(tmp_path, adapter_dirs):
         process.send_signal(signal.SIGTERM)
         assert process.wait(STOP_TIMEOUT) == 0, log.read_text()[-4000:]
     assert before == reference_text(adapter_dirs, PROMPT, "alpha", 6) + "\n"
-    assert sorted(p.name for p in (store / "cli-alpha").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+    assert sorted(p.name for p in (store / "cli-alpha").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
 
     with loraserve_serve(store, log) as (url, _):
         listed = _cli(url, "adapters", "list")

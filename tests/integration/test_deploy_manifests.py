@@ -5,6 +5,7 @@ files are read as they are and the overlay's tests skip); core objects are check
 Kubernetes OpenAPI schemas that `kubernetes_validate` ships; the CRD objects are checked by hand.
 Every name, port, path and setting is compared with the real `Settings` and `create_app()` routes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,11 @@ from server.http.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 BASE_DIR, CPU_DIR = ROOT / "deploy" / "base", ROOT / "deploy" / "overlays" / "cpu"
 CORE_KINDS = {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
-CRD_KINDS = {("inference.networking.k8s.io/v1", "InferencePool"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
-             ("gateway.networking.k8s.io/v1", "HTTPRoute")}
+CRD_KINDS = {
+    ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+}
 # The oldest release whose API the manifests use (preStop `sleep` is GA in 1.30) and the newest shipped.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 SERVER, EPP = "loraserve", "loraserve-epp"  # Deployment and Service names
@@ -107,7 +111,7 @@ def get_paths() -> set[str]:
 
 def setting_name(env_name: str) -> str:
     assert env_name.startswith(ENV_PREFIX), env_name
-    return env_name[len(ENV_PREFIX):].lower()
+    return env_name[len(ENV_PREFIX) :].lower()
 
 
 # Schemas
@@ -119,8 +123,10 @@ def test_core_objects_match_the_kubernetes_schema(rendered, version):
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} against Kubernetes {version}: {exc.message} "
-                        f"at {'.'.join(map(str, exc.path))}")
+            pytest.fail(
+                f"{doc['kind']}/{doc['metadata']['name']} against Kubernetes {version}: {exc.message} "
+                f"at {'.'.join(map(str, exc.path))}"
+            )
 
 
 def test_every_object_is_checked(rendered):
@@ -167,8 +173,11 @@ def test_services_reach_named_container_ports(rendered):
 def test_service_monitor_scrapes_the_server_metrics(rendered, get_paths):
     monitor = find(rendered, "ServiceMonitor", SERVER)
     selector = monitor["spec"]["selector"]["matchLabels"]
-    selected = [s["metadata"]["name"] for s in rendered
-                if s["kind"] == "Service" and selector.items() <= s["metadata"].get("labels", {}).items()]
+    selected = [
+        s["metadata"]["name"]
+        for s in rendered
+        if s["kind"] == "Service" and selector.items() <= s["metadata"].get("labels", {}).items()
+    ]
     assert selected == [SERVER]
     service_ports = {p["name"] for p in find(rendered, "Service", SERVER)["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
@@ -180,8 +189,12 @@ def test_http_route_sends_the_api_to_the_pool(rendered):
     route = find(rendered, "HTTPRoute", SERVER)
     pool = find(rendered, "InferencePool", SERVER)
     backends = [ref for rule in route["spec"]["rules"] for ref in rule["backendRefs"]]
-    assert backends and all(ref["group"] == "inference.networking.k8s.io" and ref["kind"] == "InferencePool"
-                            and ref["name"] == pool["metadata"]["name"] for ref in backends)
+    assert backends and all(
+        ref["group"] == "inference.networking.k8s.io"
+        and ref["kind"] == "InferencePool"
+        and ref["name"] == pool["metadata"]["name"]
+        for ref in backends
+    )
     assert route["spec"]["parentRefs"][0]["name"]
 
 
@@ -266,8 +279,10 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "")
-            for parts in (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())]
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for parts in (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())
+    ]
 
 
 def instructions(kind: str) -> list[str]:

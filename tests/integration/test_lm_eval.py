@@ -10,6 +10,7 @@ vs HF, no adapter) gives the kernel noise between the two backends on this machi
 weights and our attention vs stock HF; AVX-512/AMX and AVX2 machines differ), and the adapter run
 may differ by a small multiple of it, plus a small floor for machines where that noise is ~0.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,22 +39,42 @@ def _mc_questions() -> list[dict]:
         a, b = i + 2, (3 * i) % 7 + 1
         choices = [str(a + b), str(a + b + 1), str(a + b - 1), str(2 * (a + b))]
         docs.append({"question": f"What is {a} plus {b}?", "choices": choices, "answer": i % 4})
-    for i, thing in enumerate(["a ripe tomato", "the sky", "grass", "a banana", "blood", "the sea",
-                               "a leaf", "a lemon", "a fire truck", "a bluebird"]):
+    for i, thing in enumerate(
+        [
+            "a ripe tomato",
+            "the sky",
+            "grass",
+            "a banana",
+            "blood",
+            "the sea",
+            "a leaf",
+            "a lemon",
+            "a fire truck",
+            "a bluebird",
+        ]
+    ):
         docs.append({"question": f"What color is {thing}?", "choices": COLORS, "answer": i % 4})
     for i in range(10):
-        docs.append({"question": f"Which animal says {['meow', 'woof', 'neigh', 'moo'][i % 4]}?",
-                     "choices": ANIMALS, "answer": i % 4})
+        docs.append(
+            {
+                "question": f"Which animal says {['meow', 'woof', 'neigh', 'moo'][i % 4]}?",
+                "choices": ANIMALS,
+                "answer": i % 4,
+            }
+        )
     return docs
 
 
-GEN_QUESTIONS = [{"question": q, "answer": a} for q, a in [
-    ("What is the capital of France? Answer in one word.", "Paris"),
-    ("What is 2 plus 2? Answer with a number.", "4"),
-    ("Name the color of grass in one word.", "Green"),
-    ("What is the opposite of hot? One word.", "Cold"),
-    ("What is the capital of Italy? Answer in one word.", "Rome"),
-]]
+GEN_QUESTIONS = [
+    {"question": q, "answer": a}
+    for q, a in [
+        ("What is the capital of France? Answer in one word.", "Paris"),
+        ("What is 2 plus 2? Answer with a number.", "4"),
+        ("Name the color of grass in one word.", "Green"),
+        ("What is the opposite of hot? One word.", "Cold"),
+        ("What is the capital of Italy? Answer in one word.", "Rome"),
+    ]
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +87,7 @@ task: loraserve_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {root / 'mc.jsonl'}
+    test: {root / "mc.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -80,7 +101,7 @@ task: loraserve_gen
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {root / 'gen.jsonl'}
+    test: {root / "gen.jsonl"}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{question}}}}"
@@ -114,9 +135,17 @@ def lm_eval(tasks, monkeypatch_module):
 
     def evaluate(model: str, model_args: dict, task: str, **kwargs) -> dict:
         results = lm_eval.simple_evaluate(
-            model=model, model_args=model_args, tasks=[task], task_manager=TaskManager(include_path=str(tasks)),
-            log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-            **kwargs)
+            model=model,
+            model_args=model_args,
+            tasks=[task],
+            task_manager=TaskManager(include_path=str(tasks)),
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+            **kwargs,
+        )
         samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
         return {"metrics": results["results"][task], "samples": samples}
 
@@ -139,8 +168,15 @@ def _model_dir() -> str:
 
 
 def _served_args(served, model: str) -> dict:
-    return dict(base_url=f"{served.url}/v1/completions", model=model, tokenizer=_model_dir(),
-                tokenizer_backend="huggingface", tokenized_requests=True, batch_size=4, max_retries=1)
+    return dict(
+        base_url=f"{served.url}/v1/completions",
+        model=model,
+        tokenizer=_model_dir(),
+        tokenizer_backend="huggingface",
+        tokenized_requests=True,
+        batch_size=4,
+        max_retries=1,
+    )
 
 
 def _hf_args(adapter: Path | None) -> dict:
@@ -169,27 +205,33 @@ def test_loglikelihoods_match_hf_peft_within_measured_noise(served, adapter_dirs
     spread = _max_spread(adapter_served, adapter_hf)
 
     tolerance = NOISE_MULTIPLE * noise + ABS_FLOOR
-    print(f"\nacc served/hf: base {base_served['metrics']['acc,none']}/{base_hf['metrics']['acc,none']}, "
-          f"alpha {adapter_served['metrics']['acc,none']}/{adapter_hf['metrics']['acc,none']}; "
-          f"max |dLL| base {noise:.2e}, alpha {spread:.2e}, tolerance {tolerance:.2e}")
+    print(
+        f"\nacc served/hf: base {base_served['metrics']['acc,none']}/{base_hf['metrics']['acc,none']}, "
+        f"alpha {adapter_served['metrics']['acc,none']}/{adapter_hf['metrics']['acc,none']}; "
+        f"max |dLL| base {noise:.2e}, alpha {spread:.2e}, tolerance {tolerance:.2e}"
+    )
     assert spread <= tolerance
     assert adapter_served["metrics"]["acc,none"] == adapter_hf["metrics"]["acc,none"]
     assert base_served["metrics"]["acc,none"] == base_hf["metrics"]["acc,none"]
     base_lls, adapter_lls = _loglikelihoods(base_hf), _loglikelihoods(adapter_hf)
-    assert max(abs(x - y) for x, y in zip(base_lls, adapter_lls)) > 100 * tolerance, \
+    assert max(abs(x - y) for x, y in zip(base_lls, adapter_lls)) > 100 * tolerance, (
         "the adapter must move the scores far more than the tolerance, or the test proves nothing"
+    )
     assert all(math.isfinite(v) for v in _loglikelihoods(adapter_served))
 
 
 def test_generate_until_through_local_chat_completions_matches_hf_peft(served, adapter_dirs, lm_eval):
-    served_args = dict(base_url=f"{served.url}/v1/chat/completions", model="alpha", max_retries=1,
-                       tokenized_requests=False)
+    served_args = dict(
+        base_url=f"{served.url}/v1/chat/completions", model="alpha", max_retries=1, tokenized_requests=False
+    )
     chat = lm_eval("local-chat-completions", served_args, "loraserve_gen", apply_chat_template=True)
     hf = lm_eval("hf", _hf_args(adapter_dirs["alpha"]), "loraserve_gen", apply_chat_template=True)
     served_texts = [s["resps"][0][0] for s in chat["samples"]]
     hf_texts = [s["resps"][0][0] for s in hf["samples"]]
-    print(f"\nexact_match served {chat['metrics']['exact_match,strip']} hf {hf['metrics']['exact_match,strip']}; "
-          f"{served_texts} vs {hf_texts}")
+    print(
+        f"\nexact_match served {chat['metrics']['exact_match,strip']} hf {hf['metrics']['exact_match,strip']}; "
+        f"{served_texts} vs {hf_texts}"
+    )
     assert len(served_texts) == len(GEN_QUESTIONS) and all(isinstance(t, str) for t in served_texts)
     assert served_texts == hf_texts
     assert chat["metrics"]["exact_match,strip"] == hf["metrics"]["exact_match,strip"]

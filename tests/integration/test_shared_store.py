@@ -3,6 +3,7 @@
 An adapter uploaded, replaced or deleted through one replica is what the other serves: each replica
 here is a real app under uvicorn with its own freshly loaded default model, sharing only the directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ def upload(client: httpx.Client, weights: Path, replace: bool = False) -> httpx.
 
 
 def complete(client: httpx.Client, model: str) -> httpx.Response:
-    return client.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS,
-                                                "temperature": 0.0, "ignore_eos": True})
+    return client.post(
+        "/v1/completions",
+        json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True},
+    )
 
 
 def greedy_text(client: httpx.Client, model: str) -> str:

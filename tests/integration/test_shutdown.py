@@ -3,6 +3,7 @@
 The contract (Dockerfile, deploy/base/deployment.yaml): stop accepting new connections, let every
 in-flight request finish in full within LORASERVE_SHUTDOWN_TIMEOUT, then exit 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ class Completion(threading.Thread):
     def __init__(self, url: str, prompt: str, stream: bool):
         super().__init__(name=f"completion-{prompt}", daemon=True)
         self.url, self.stream = url, stream
-        self.body = {"model": BASE, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                     "ignore_eos": True, "stream": stream}
+        self.body = {
+            "model": BASE,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
         if stream:
             self.body["stream_options"] = {"include_usage": True}
         self.first_chunk = threading.Event()
@@ -57,7 +64,7 @@ class Completion(threading.Thread):
             self.status = response.status_code
             for line in response.iter_lines():
                 if line.startswith("data:"):
-                    self.events.append(line[len("data:"):].strip())
+                    self.events.append(line[len("data:") :].strip())
                     self.first_chunk.set()
 
     @property
@@ -113,9 +120,11 @@ def refused_while_draining(url: str, process, timeout: float = 30.0) -> bool:
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     with serve_process(tmp_path, "--shutdown-timeout", "60") as server:
-        requests = [Completion(server.url, "Once upon a time", stream=True),
-                    Completion(server.url, "The three rules of cooking are", stream=True),
-                    Completion(server.url, "List the planets:", stream=False)]
+        requests = [
+            Completion(server.url, "Once upon a time", stream=True),
+            Completion(server.url, "The three rules of cooking are", stream=True),
+            Completion(server.url, "List the planets:", stream=False),
+        ]
         for request in requests:
             request.start()
         wait_in_flight(server.url, requests)
@@ -143,10 +152,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path):
     assert returncode == 0, f"exit status {returncode} after SIGTERM\n{log}"
 
 
-@pytest.mark.parametrize("flags, reason", [
-    (("--adapter", "broken=/nonexistent/adapter"), "does not exist"),
-    (("--model", "/nonexistent/model"), "/nonexistent/model"),
-])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (("--adapter", "broken=/nonexistent/adapter"), "does not exist"),
+        (("--model", "/nonexistent/model"), "/nonexistent/model"),
+    ],
+)
 def test_a_server_that_cannot_start_exits_non_zero_with_the_reason(tmp_path, flags, reason):
     """A supervisor restarts (or reports) a failed pod only if the process exits: it must not sit
     answering 503 forever."""

@@ -23,9 +23,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.http import adapter_files, reference_text
-
 from adapters.backends.cpu import cpu_model_name
+from support.http import adapter_files, reference_text
 from support.servers import serve_process
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -83,14 +82,24 @@ class Traffic:
         self.tally("complete", None if text == expected else f"{adapter} {prompt!r}: {text!r} != {expected!r}")
 
     def compose(self, http: httpx.Client, rng: random.Random) -> None:
-        body = {"model": "SmolLM2-135M-Instruct", "prompt": rng.choice(PROMPTS), "max_tokens": MAX_TOKENS,
-                "temperature": 0, "adapters": [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}]}
+        body = {
+            "model": "SmolLM2-135M-Instruct",
+            "prompt": rng.choice(PROMPTS),
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "adapters": [{"name": "alpha", "scale": 0.5}, {"name": "beta", "scale": 0.5}],
+        }
         answer = http.post(f"{rng.choice(self.urls)}/v1/completions", json=body)
         self.tally("compose", None if answer.status_code == 200 else answer.text)
 
     def drop_stream(self, http: httpx.Client, rng: random.Random) -> None:
-        body = {"model": rng.choice(STABLE), "prompt": rng.choice(PROMPTS), "max_tokens": 64, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": rng.choice(STABLE),
+            "prompt": rng.choice(PROMPTS),
+            "max_tokens": 64,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with http.stream("POST", f"{rng.choice(self.urls)}/v1/completions", json=body) as response:
             for index, _ in enumerate(response.iter_lines()):
                 if index >= 2:
@@ -105,12 +114,15 @@ class Traffic:
             response = http.delete(f"{upload_url}/v1/adapters/{name}")
             self.tally("delete", None if response.status_code in (200, 404) else response.text)
             return
-        response = http.post(f"{upload_url}/v1/adapters", data={"name": name, "replace": "true"},
-                             files=self.churn_weights[weights])
+        response = http.post(
+            f"{upload_url}/v1/adapters", data={"name": name, "replace": "true"}, files=self.churn_weights[weights]
+        )
         self.tally("upload", None if response.status_code == 201 else response.text)
         prompt = rng.choice(PROMPTS)
-        answer = http.post(f"{read_url}/v1/completions", json={"model": name, "prompt": prompt, "temperature": 0,
-                                                                "max_tokens": MAX_TOKENS, "ignore_eos": True})
+        answer = http.post(
+            f"{read_url}/v1/completions",
+            json={"model": name, "prompt": prompt, "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True},
+        )
         if answer.status_code == 404:  # another client deleted it meanwhile
             self.tally("churn_read_gone")
             return
@@ -119,15 +131,27 @@ class Traffic:
         self.tally("churn_read", None if text in allowed else f"{name} {prompt!r}: {text!r}")
 
     def _text(self, http: httpx.Client, url: str, adapter: str, prompt: str) -> str:
-        answer = http.post(f"{url}/v1/completions", json={"model": adapter, "prompt": prompt, "temperature": 0,
-                                                           "max_tokens": MAX_TOKENS, "ignore_eos": True})
+        answer = http.post(
+            f"{url}/v1/completions",
+            json={"model": adapter, "prompt": prompt, "temperature": 0, "max_tokens": MAX_TOKENS, "ignore_eos": True},
+        )
         return answer.json()["choices"][0]["text"] if answer.status_code == 200 else f"HTTP {answer.status_code}"
 
 
 def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path):
     store = tmp_path / "store"
-    flags = ["--adapter-store", str(store), "--kernel-choice", "packed", "--max-cpu-loras", "2",
-             "--kv-cache-tokens", "4096", "--max-num-seqs", "8"]
+    flags = [
+        "--adapter-store",
+        str(store),
+        "--kernel-choice",
+        "packed",
+        "--max-cpu-loras",
+        "2",
+        "--kv-cache-tokens",
+        "4096",
+        "--max-num-seqs",
+        "8",
+    ]
     for name in STABLE:
         flags += ["--adapter", f"{name}={adapter_dirs[name]}"]
     with serve_process(tmp_path, *flags) as first, serve_process(tmp_path, *flags) as second:
@@ -141,8 +165,13 @@ def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path
             assert _gauge(server.url, "vllm:num_requests_running") == 0
             assert _gauge(server.url, "vllm:num_requests_waiting") == 0
         end = [_rss_and_fds(s.process.pid) for s in servers]
-    figures = {"cpu": cpu_model_name(), "seconds": SECONDS, "counts": traffic.counts, "rss_mb_warm_end": [
-        (w[0] >> 20, e[0] >> 20) for w, e in zip(warm, end)], "fds_warm_end": [(w[1], e[1]) for w, e in zip(warm, end)]}
+    figures = {
+        "cpu": cpu_model_name(),
+        "seconds": SECONDS,
+        "counts": traffic.counts,
+        "rss_mb_warm_end": [(w[0] >> 20, e[0] >> 20) for w, e in zip(warm, end)],
+        "fds_warm_end": [(w[1], e[1]) for w, e in zip(warm, end)],
+    }
     print("soak figures:", json.dumps(figures))
     Path(os.environ.get("LORASERVE_SOAK_REPORT", tmp_path / "soak.json")).write_text(json.dumps(figures, indent=1))
     assert not traffic.failures, traffic.failures[:10]
@@ -153,8 +182,9 @@ def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path
 
 
 def _drive(traffic: Traffic, deadline: float, seed: int) -> None:
-    threads = [threading.Thread(target=traffic.run, args=(seed + i, deadline), name=f"soak-{i}")
-               for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=traffic.run, args=(seed + i, deadline), name=f"soak-{i}") for i in range(CLIENTS)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,5 +1,6 @@
 """The adapter store under concurrent writers: real processes race on one directory, as replicas on a
 shared volume do. Every loop is bounded in count and time, and every child is joined with a timeout."""
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,7 @@ def _save_and_crash(root: str, name: str) -> None:
 def test_concurrent_creates_of_one_name_have_exactly_one_winner(tmp_path):
     num_writers = 4
     barrier, results = spawn.Barrier(num_writers), spawn.Queue()
-    writers = [spawn.Process(target=_create, args=(str(tmp_path), tag, barrier, results))
-               for tag in range(num_writers)]
+    writers = [spawn.Process(target=_create, args=(str(tmp_path), tag, barrier, results)) for tag in range(num_writers)]
     for writer in writers:
         writer.start()
     outcomes = [results.get(timeout=JOIN_S) for _ in writers]

@@ -103,4 +103,3 @@ def test_delete_keeps_the_version_readable_for_the_grace_period(hostile_store, a
     assert (version_dir / "adapter_model.safetensors").read_bytes() == expected, "a replica may be reading it"
     AdapterStore(store_dir, grace_s=0)  # a sweep past the grace period collects it
     assert not version_dir.exists()
-

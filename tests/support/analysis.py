@@ -1,6 +1,7 @@
 """Independent float64 references for the adapter analysis tests, and adapters whose update has a
 known low rank. PEFT loads each adapter; ΔW = s·B·A is formed densely from PEFT's own factors and
 scale, so nothing here goes through loraserve's reader or math."""
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,7 @@ def dense_reference(base, path: Path) -> dict[str, dict]:
             scale = layer.scaling["default"]
             w0 = layer.get_base_layer().weight.double()
             w0 = w0.T if getattr(layer, "fan_in_fan_out", False) else w0
-            found[name.removeprefix("base_model.model.")] = {"delta": scale * (b @ a), "w0": w0, "scale": scale,
-                                                              "a": a}
+            found[name.removeprefix("base_model.model.")] = {"delta": scale * (b @ a), "w0": w0, "scale": scale, "a": a}
     return found
 
 

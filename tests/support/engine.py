@@ -7,6 +7,7 @@ engine's greedy tokens can be compared with HF/PEFT `generate` token for token.
 Expensive objects are cached per process (lru_cache), so the fixtures in conftest.py and the
 helpers called directly share one tokenizer and one pristine model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,17 +36,27 @@ ADAPTERS = {
 PROMPTS = ["Hello there, how are you", "The quick brown fox jumps over", "1 2 3 4 5", "Once upon a time"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_dir(None)[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pristine_model() -> LlamaForCausalLM:
     """The tiny model every engine test copies; never changed in place (see fresh_model)."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2, bos_token_id=1, eos_token_id=EOS, pad_token_id=EOS)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
@@ -61,8 +72,7 @@ def write_tiny_adapters(root: Path, make_peft_adapter) -> dict[str, Path]:
     return {name: make_peft_adapter(pristine_model(), root / name, **kwargs) for name, kwargs in ADAPTERS.items()}
 
 
-def make_engine(adapter_paths: dict[str, Path] | None = None, *, extra_eos: int | None = None,
-                **config) -> LLMEngine:
+def make_engine(adapter_paths: dict[str, Path] | None = None, *, extra_eos: int | None = None, **config) -> LLMEngine:
     """An engine on a fresh tiny model, with `adapter_paths` registered; `extra_eos` is one more
     end-of-sequence id in the model's generation config (as many chat models list several)."""
     model = fresh_model()
@@ -100,7 +110,7 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, adapter: str | 
     (model.get_base_model() if isinstance(model, PeftModel) else model).generation_config.eos_token_id = None
     config = GenerationConfig(eos_token_id=None, pad_token_id=EOS, do_sample=False, max_new_tokens=max_new_tokens)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **kwargs)
-    tokens = out[0, ids.shape[1]:].tolist()
+    tokens = out[0, ids.shape[1] :].tolist()
     assert len(tokens) == max_new_tokens, "the reference stopped early"
     return tokens
 
@@ -135,8 +145,9 @@ def listening(engine: LLMEngine, listener: Callable[[object], None]) -> Iterator
         engine.request_listeners = [f for f in engine.request_listeners if f is not listener]
 
 
-def wait_for_engine(engine: LLMEngine, condition: Callable[[], bool], timeout: float = 60.0,
-                    what: str = "the condition") -> None:
+def wait_for_engine(
+    engine: LLMEngine, condition: Callable[[], bool], timeout: float = 60.0, what: str = "the condition"
+) -> None:
     """Until `condition()` holds: checked now, then on the engine thread after each step and each
     finished request, so a change is seen the moment the engine makes it. Bounded by `timeout`."""
     holds = threading.Event()

@@ -4,6 +4,7 @@ the default model, an engine-only reference, and checks on OpenAI-shaped error b
 Every wait here is bounded in time; nothing listens anywhere but 127.0.0.1. The fixtures built on
 these (adapter_dirs, the shared servers) live in conftest.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -79,8 +80,9 @@ def wait_idle(served: Served, timeout: float = 30.0) -> None:
         if asyncio.run(asyncio.wait_for(confirm, max(deadline - time.monotonic(), 0.1))):
             return
     stats = engine.stats()
-    raise AssertionError(f"engine still busy after {timeout} s: {stats.num_running} running, "
-                         f"{stats.num_waiting} waiting")
+    raise AssertionError(
+        f"engine still busy after {timeout} s: {stats.num_running} running, {stats.num_waiting} waiting"
+    )
 
 
 def assert_nothing_held(engine: LLMEngine) -> None:
@@ -165,8 +167,7 @@ def _reference(adapters, prompt, adapter, max_tokens) -> str:
         return engine.generate([list(prompt) if isinstance(prompt, tuple) else prompt], params, [adapter])[0].text
 
 
-def reference_text(adapter_dirs: dict[str, Path], prompt: str | list[int], adapter: str | None,
-                   max_tokens: int) -> str:
+def reference_text(adapter_dirs: dict[str, Path], prompt: str | list[int], adapter: str | None, max_tokens: int) -> str:
     """Greedy text from `LLMEngine.generate` on a fresh model with the same adapters, one request alone."""
     key = tuple(sorted((name, str(path)) for name, path in adapter_dirs.items()))
     return _reference(key, tuple(prompt) if isinstance(prompt, list) else prompt, adapter, max_tokens)

@@ -1,4 +1,5 @@
 """PEFT adapters with non-zero B for any base model, written to a directory; nothing downloaded."""
+
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,7 @@
 """The one harness for tests that run whole servers: `loraserve serve` as a child process, or an
 in-process app under uvicorn on a background thread. Loopback only; every wait is bounded in count
 and time, and every process or thread started here is stopped in a `finally`."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, is_alive: Callable[[], bool], describe: Callable[[], str] = str,
-               timeout: float = READY_TIMEOUT) -> None:
+def wait_ready(
+    url: str, is_alive: Callable[[], bool], describe: Callable[[], str] = str, timeout: float = READY_TIMEOUT
+) -> None:
     """Poll GET /ready until 200; fail early if the server died or reported a load failure."""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / POLL_INTERVAL) + 1):
@@ -86,9 +88,14 @@ def start_process(log_dir: Path, *flags: str) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"loraserve-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(LORASERVE_BIN), "serve", "--host", LOOPBACK, "--port", str(port), *flags],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=server_env(), start_new_session=True)
+        process = subprocess.Popen(
+            [str(LORASERVE_BIN), "serve", "--host", LOOPBACK, "--port", str(port), *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            start_new_session=True,
+        )
     return ServerProcess(f"http://{LOOPBACK}:{port}", process, log_path)
 
 
@@ -119,8 +126,9 @@ def serve_in_thread(app: FastAPI, stop_timeout: float = 30.0) -> Iterator[str]:
     """Serve `app` on a free loopback port from a background thread until the block ends; yields the URL."""
     sock = bound_socket()
     url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
-                            **uvicorn_options(app.state.settings))  # the limits `loraserve serve` sets
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=5, **uvicorn_options(app.state.settings)
+    )  # the limits `loraserve serve` sets
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{url}", daemon=True)
     thread.start()
