@@ -108,3 +108,15 @@ def alpha_server(adapter_dirs):
 
     with serve(Settings(adapters=[f"alpha={adapter_dirs['alpha']}"])) as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def plain_server():
+    """One server on plain default settings (no adapters, no store, no adapter root), shared by the
+    modules on that profile (vLLM's load refused without a root, the analysis CLI); a test may upload
+    under names it owns and leaves the server idle."""
+    from server.http.settings import Settings
+    from support.http import serve
+
+    with serve(Settings()) as served:
+        yield served

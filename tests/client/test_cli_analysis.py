@@ -12,9 +12,8 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from server.http.settings import Settings
 from support.analysis import low_rank_adapter
-from support.http import adapter_files, serve
+from support.http import adapter_files
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "loraserve"
@@ -52,41 +51,40 @@ def test_offline_compress_names_a_bad_field(tiny_llama, tmp_path, make_peft_adap
 
 
 @pytest.mark.real_model
-def test_inspect_and_compare_print_tables_and_draw(tmp_path, adapter_dirs):
-    with serve(Settings()) as server:
-        for name in ("alpha", "beta"):
-            response = httpx.post(
-                f"{server.url}/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name]), timeout=60
-            )
-            assert response.status_code == 201, response.text
-        inspect = _run("adapters", "inspect", "alpha", "--url", server.url, "--plot", str(tmp_path / "alpha.png"))
-        assert inspect.returncode == 0, inspect.stderr
-        rows = [line for line in inspect.stdout.splitlines() if line.startswith("model.layers.")]
-        assert len(rows) == 60 and rows[0].split()[:2] == ["model.layers.0.self_attn.q_proj", "8"]
-        compare = _run(
-            "adapters", "compare", "alpha", "beta", "--url", server.url, "--plot", str(tmp_path / "compare.png")
+def test_inspect_and_compare_print_tables_and_draw(tmp_path, adapter_dirs, plain_server):
+    for name in ("alpha", "beta"):
+        response = httpx.post(
+            f"{plain_server.url}/v1/adapters", data={"name": name}, files=adapter_files(adapter_dirs[name]), timeout=60
         )
-        assert compare.returncode == 0, compare.stderr
-        assert sum(line.startswith("model.layers.") for line in compare.stdout.splitlines()) == 60
-        for figure in ("alpha.png", "compare.png"):
-            assert (tmp_path / figure).read_bytes()[:8] == PNG_MAGIC
-        missing = _run("adapters", "inspect", "nope", "--url", server.url)
-        assert missing.returncode == 1 and "nope" in missing.stderr
-        # without the plot extra: the table still prints, and the error says what to install
-        no_matplotlib = [
-            sys.executable,
-            "-c",
-            "import sys; sys.modules['matplotlib'] = None; from server.http.cli import main; sys.exit(main())",
-        ]
-        done = _run(
-            "adapters",
-            "inspect",
-            "alpha",
-            "--url",
-            server.url,
-            "--plot",
-            str(tmp_path / "x.png"),
-            command=no_matplotlib,
-        )
-        assert done.returncode == 1 and "loraserve[plot]" in done.stderr, done.stderr
-        assert not (tmp_path / "x.png").exists()
+        assert response.status_code == 201, response.text
+    inspect = _run("adapters", "inspect", "alpha", "--url", plain_server.url, "--plot", str(tmp_path / "alpha.png"))
+    assert inspect.returncode == 0, inspect.stderr
+    rows = [line for line in inspect.stdout.splitlines() if line.startswith("model.layers.")]
+    assert len(rows) == 60 and rows[0].split()[:2] == ["model.layers.0.self_attn.q_proj", "8"]
+    compare = _run(
+        "adapters", "compare", "alpha", "beta", "--url", plain_server.url, "--plot", str(tmp_path / "compare.png")
+    )
+    assert compare.returncode == 0, compare.stderr
+    assert sum(line.startswith("model.layers.") for line in compare.stdout.splitlines()) == 60
+    for figure in ("alpha.png", "compare.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == PNG_MAGIC
+    missing = _run("adapters", "inspect", "nope", "--url", plain_server.url)
+    assert missing.returncode == 1 and "nope" in missing.stderr
+    # without the plot extra: the table still prints, and the error says what to install
+    no_matplotlib = [
+        sys.executable,
+        "-c",
+        "import sys; sys.modules['matplotlib'] = None; from server.http.cli import main; sys.exit(main())",
+    ]
+    done = _run(
+        "adapters",
+        "inspect",
+        "alpha",
+        "--url",
+        plain_server.url,
+        "--plot",
+        str(tmp_path / "x.png"),
+        command=no_matplotlib,
+    )
+    assert done.returncode == 1 and "loraserve[plot]" in done.stderr, done.stderr
+    assert not (tmp_path / "x.png").exists()

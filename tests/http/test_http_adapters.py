@@ -101,14 +101,13 @@ def test_upload_conflict_replace_list_show_delete(served, http, dirs, adapter_di
     assert not (dirs["store"] / "up").exists() and "up" not in served.engine.registry
 
 
-def test_load_lora_adapter_is_refused_without_an_adapter_root(adapter_dirs):
-    with serve(Settings()) as plain:
-        body = {"lora_name": "x", "lora_path": str(adapter_dirs["beta"])}
-        error = assert_openai_error(
-            httpx.post(plain.url + "/v1/load_lora_adapter", json=body, timeout=60), 403, "adapter-root"
-        )
-        assert error["code"] == "adapter_root_unset"
-        assert "x" not in plain.engine.registry
+def test_load_lora_adapter_is_refused_without_an_adapter_root(plain_server, adapter_dirs):
+    body = {"lora_name": "x", "lora_path": str(adapter_dirs["beta"])}
+    error = assert_openai_error(
+        httpx.post(plain_server.url + "/v1/load_lora_adapter", json=body, timeout=60), 403, "adapter-root"
+    )
+    assert error["code"] == "adapter_root_unset"
+    assert "x" not in plain_server.engine.registry
 
 
 @pytest.mark.parametrize("where", ["outside", "traversal", "symlink", "nul", "relative"])

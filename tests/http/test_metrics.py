@@ -52,6 +52,14 @@ def wait_idle(served, client: httpx.Client) -> dict:
 
 
 @pytest.fixture(scope="module")
+def qv_server(adapter_dir):
+    """(served, client) on a server with the adapter `qv`, shared by the tests that read its metrics:
+    each counts from its own start and leaves the engine idle."""
+    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, default_model, make_peft_adapter):
     return make_peft_adapter(
         default_model.model,
@@ -76,12 +84,12 @@ def complete(client, model: str, max_tokens: int = 4, **extra) -> dict:
     return response.json()
 
 
-def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
-    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as (served, client):
-        before = wait_idle(served, client)
-        usages = [complete(client, BASE)["usage"], complete(client, "qv")["usage"], complete(client, "qv")["usage"]]
-        assert client.post("/v1/completions", json={"model": "missing", "prompt": "x"}).status_code == 404
-        after = wait_idle(served, client)
+def test_families_exist_with_types_and_move_by_the_traffic(qv_server):
+    served, client = qv_server
+    before = wait_idle(served, client)  # the server is shared: the counters move from here
+    usages = [complete(client, BASE)["usage"], complete(client, "qv")["usage"], complete(client, "qv")["usage"]]
+    assert client.post("/v1/completions", json={"model": "missing", "prompt": "x"}).status_code == 404
+    after = wait_idle(served, client)
 
     expected_types = {
         "vllm:num_requests_running": "gauge",
@@ -139,22 +147,22 @@ def test_families_exist_with_types_and_move_by_the_traffic(adapter_dir):
     assert info.labels == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}
 
 
-def test_lora_requests_info_names_running_adapters(adapter_dir):
-    with serve(Settings(adapters=[f"qv={adapter_dir}"])) as (served, client):
-        done = threading.Event()
-        seen = set()
+def test_lora_requests_info_names_running_adapters(qv_server):
+    _, client = qv_server
+    done = threading.Event()
+    seen = set()
 
-        def watch():
-            while not done.is_set():
-                seen.add(scrape(client)["vllm:lora_requests_info"].samples[0].labels["running_lora_adapters"])
+    def watch():
+        while not done.is_set():
+            seen.add(scrape(client)["vllm:lora_requests_info"].samples[0].labels["running_lora_adapters"])
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            complete(client, "qv", max_tokens=48)
-        finally:
-            done.set()
-            watcher.join()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        complete(client, "qv", max_tokens=48)
+    finally:
+        done.set()
+        watcher.join()
     assert "qv" in seen
 
 
