@@ -21,7 +21,7 @@ from typing import Any
 from adapters import AdapterInfo, AdapterVersion, LoraAdapter
 from adapters.peft_format import AdapterSource
 
-from .adapter_ref import AdapterRef, max_composition_scale
+from .adapter_ref import BASE_REF, AdapterRef, max_composition_scale
 from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 from .grammar import GrammarCompiler
 from .llm_engine import LLMEngine
@@ -55,7 +55,7 @@ class AsyncEngine:
         self,
         prompt: str | list[int],
         params: SamplingParams,
-        adapter: AdapterRef | str | None = None,
+        adapter: AdapterRef = BASE_REF,
         request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request; typed errors (unknown adapter, too long, queue full) raise here."""
@@ -64,7 +64,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:  # registering it again would take the running stream's outputs
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
-        for name in _adapter_names(adapter):  # an evicted host copy is read here, never on the engine thread
+        for name in adapter.names:  # an evicted host copy is read here, never on the engine thread
             await asyncio.to_thread(self._engine.registry.prepare_host, name)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
@@ -80,7 +80,7 @@ class AsyncEngine:
         self,
         prompt: str | list[int],
         params: SamplingParams,
-        adapter: AdapterRef | str | None = None,
+        adapter: AdapterRef = BASE_REF,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; leaving the loop early aborts it."""
@@ -276,8 +276,3 @@ class RequestStream:
     def close(self) -> None:
         if self.engine.detach(self.request_id) and not self.finished and self.engine.is_alive:
             self.engine.abort(self.request_id)
-
-
-def _adapter_names(adapter: AdapterRef | str | None) -> list[str]:
-    """The adapter names a request reads: none, one, or a composition's."""
-    return AdapterRef.of(adapter).names

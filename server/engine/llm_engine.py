@@ -15,7 +15,7 @@ from adapters import BASE_MIX, AdapterNotFoundError, AdapterRegistry, SlotMix, w
 from adapters.kernel_plan import choose_kernels
 
 from .adapter_mode import GATHER, ModeDecision, ModePolicy
-from .adapter_ref import AdapterRef, bind, identity
+from .adapter_ref import BASE_REF, AdapterRef, Term, bind, identity
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
@@ -96,16 +96,15 @@ class LLMEngine:
         self,
         prompt: str | list[int],
         params: SamplingParams | None = None,
-        adapter: AdapterRef | str | None | tuple = None,
+        adapter: AdapterRef = BASE_REF,
         request_id: str | None = None,
     ) -> Sequence:
         """Queue a request; raises a typed error (unknown adapter, too long, queue full) instead.
 
-        `adapter` is an AdapterRef (HTTP makes one per request), or for scripts a name, None or
-        (name, scale) terms. Each of its adapters is bound to the version registered now: a later
-        replace or delete of the name does not change or fail it, and its prefix-cache lookups use
-        that version's identity (adapter_ref.py)."""
-        params, adapter = params or SamplingParams(), AdapterRef.of(adapter)
+        Each of `adapter`'s terms is bound to the version registered now: a later replace or delete
+        of the name does not change or fail it, and its prefix-cache lookups use that version's
+        identity (adapter_ref.py)."""
+        params = params or SamplingParams()
         if not adapter.is_composition and adapter.label is not None and adapter.label not in self.registry:
             raise AdapterNotFoundError(f"adapter {adapter.label!r} does not exist")
         prompt_ids = self.tokenization.encode_prompt(prompt)
@@ -200,15 +199,18 @@ class LLMEngine:
         self,
         prompts: Seq[str | list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
-        adapters: Seq[str | None] | None = None,
+        adapters: Seq[AdapterRef | str | tuple[Term, ...] | None] | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion together (continuous batching) and return them in order."""
+        """Run prompts to completion together (continuous batching) and return them in order.
+
+        `adapters`: one per prompt, a reference or what AdapterRef.of takes (a name, None for the
+        base, or (name, scale) terms), converted here once."""
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        refs = [AdapterRef.of(a) for a in adapters] if adapters is not None else [BASE_REF] * len(prompts)
         seqs: list[Sequence] = []
         try:
-            for prompt, sampling, adapter in zip(prompts, params_list, adapters):
-                seqs.append(self.add_request(prompt, sampling, adapter))
+            for prompt, sampling, ref in zip(prompts, params_list, refs):
+                seqs.append(self.add_request(prompt, sampling, ref))
         except Exception:  # all or nothing: do not leave the accepted ones running
             for seq in seqs:
                 self.abort(seq.request_id)

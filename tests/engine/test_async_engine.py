@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from adapters import AdapterNotFoundError
+from server.engine.adapter_ref import AdapterRef
 from server.engine.async_engine import AsyncEngine
 from server.engine.errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 from support.engine import PROMPTS, assert_released, break_loop_when_busy, greedy, make_engine
@@ -25,7 +26,7 @@ async def until(engine: AsyncEngine, condition, max_checks: int = 6000) -> None:
 
 
 async def collect(engine: AsyncEngine, prompt, params, adapter=None) -> list:
-    return [output async for output in engine.stream(prompt, params, adapter)]
+    return [output async for output in engine.stream(prompt, params, AdapterRef.of(adapter))]
 
 
 def test_concurrent_streams_equal_generate(adapter_paths):

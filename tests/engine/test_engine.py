@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from adapters import AdapterNotFoundError
+from server.engine.adapter_ref import AdapterRef
 from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
 from server.engine.sequence import SeqStatus
 from support.engine import (
@@ -180,7 +181,7 @@ def test_preemption_under_a_small_kv_budget_keeps_outputs(adapter_paths):
     engine = make_engine(adapter_paths, kv_cache_tokens=256)  # 16 pages; the 4 requests need ~24
     finished = []
     engine.request_listeners.append(finished.append)
-    seqs = [engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
+    seqs = [engine.add_request(p, sp, AdapterRef.of(a)) for p, sp, a in zip(prompts, params, adapters)]
     while engine.has_unfinished():
         engine.step()
         # a preempted request gives its adapter back while it waits
@@ -197,8 +198,8 @@ def test_preemption_under_a_small_kv_budget_keeps_outputs(adapter_paths):
 
 def test_abort_frees_kv_and_adapter_at_once(adapter_paths):
     engine = make_engine(adapter_paths)
-    victim = engine.add_request(PROMPTS[0], greedy(30), "a")
-    other = engine.add_request(PROMPTS[1], greedy(10), "b")
+    victim = engine.add_request(PROMPTS[0], greedy(30), AdapterRef.named("a"))
+    other = engine.add_request(PROMPTS[1], greedy(10), AdapterRef.named("b"))
     for _ in range(3):
         engine.step()
     reserved = engine.stats().kv_reserved_tokens
@@ -231,11 +232,11 @@ def test_abort_a_waiting_request():
 def test_adapter_removed_while_waiting_still_serves_the_request_it_accepted(adapter_paths):
     expected = alone(PROMPTS[0], 5, "a", adapter_paths)
     engine = make_engine(adapter_paths)
-    seq = engine.add_request(PROMPTS[0], greedy(5), "a")
+    seq = engine.add_request(PROMPTS[0], greedy(5), AdapterRef.named("a"))
     engine.registry.remove("a")
     assert "a" not in engine.registry
     with pytest.raises(AdapterNotFoundError):  # new requests no longer find it
-        engine.add_request(PROMPTS[0], greedy(5), "a")
+        engine.add_request(PROMPTS[0], greedy(5), AdapterRef.named("a"))
     run_steps(engine)
     assert (seq.finish_reason, seq.output_token_ids) == ("length", expected)
     assert seq.bound[0][0].num_requests == 0 and seq.bound[0][0].adapter is None, (
@@ -250,11 +251,12 @@ def test_replace_during_preemption_keeps_each_request_on_its_admitted_version(ad
     prompts, params = PROMPTS, [greedy(84 + 2 * i) for i in range(4)]  # as in the preemption test above
     old = make_engine(adapter_paths).generate(prompts, params, ["a"] * 4)
     engine = make_engine(adapter_paths, kv_cache_tokens=256)
-    seqs = [engine.add_request(p, sp, "a") for p, sp in zip(prompts, params)]
+    seqs = [engine.add_request(p, sp, AdapterRef.named("a")) for p, sp in zip(prompts, params)]
     while not engine.stats().num_preemptions:
         engine.step()
     engine.registry.add("a", adapter_paths["b"], replace=True)
-    late = engine.add_request(PROMPTS[0], greedy(6), "a")  # admitted after the replace: the new weights
+    # admitted after the replace: the new weights
+    late = engine.add_request(PROMPTS[0], greedy(6), AdapterRef.named("a"))
     run_steps(engine)
     assert [s.output_token_ids for s in seqs] == [c.token_ids for c in old]
     assert late.output_token_ids == alone(PROMPTS[0], 6, "b", adapter_paths)
@@ -299,10 +301,10 @@ def test_base_and_mixed_steps_never_merge(adapter_paths):
 def test_merged_then_mixed_then_merged_again_matches_peft(adapter_paths):
     engine = make_engine(adapter_paths, merge_after_steps=2)
     steps = record_steps(engine)
-    long = engine.add_request(PROMPTS[0], greedy(14), "a")
+    long = engine.add_request(PROMPTS[0], greedy(14), AdapterRef.named("a"))
     for _ in range(4):
         engine.step()
-    short = engine.add_request(PROMPTS[1], greedy(3), "b")  # a mixed stretch while "a" is merged
+    short = engine.add_request(PROMPTS[1], greedy(3), AdapterRef.named("b"))  # a mixed stretch while "a" is merged
     base = engine.add_request(PROMPTS[2], greedy(2))
     run_steps(engine)
 
@@ -327,9 +329,9 @@ def rare_admission_step(adapter_paths, max_bypass_steps: int, max_steps: int) ->
     engine.registry.add("rare", adapter_paths["b"])
     rare = None
     for step in range(max_steps):
-        engine.add_request(PROMPTS[step % 4], greedy(3), "popular")
+        engine.add_request(PROMPTS[step % 4], greedy(3), AdapterRef.named("popular"))
         if step == 1:
-            rare = engine.add_request(PROMPTS[1], greedy(3), "rare")
+            rare = engine.add_request(PROMPTS[1], greedy(3), AdapterRef.named("rare"))
         engine.step()
         if rare is not None and rare.status is not SeqStatus.WAITING:
             return step
@@ -349,7 +351,7 @@ def test_rare_adapter_is_not_starved(adapter_paths):
 def test_unknown_adapter_is_refused():
     engine = make_engine()
     with pytest.raises(AdapterNotFoundError):
-        engine.add_request(PROMPTS[0], greedy(), "missing")
+        engine.add_request(PROMPTS[0], greedy(), AdapterRef.named("missing"))
     assert not engine.has_unfinished()
 
 

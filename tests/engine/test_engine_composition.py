@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from adapters import AdapterNotFoundError
+from server.engine.adapter_ref import AdapterRef
 from server.engine.errors import RequestError
 from support.engine import PROMPTS, assert_released, encode, greedy, hf_greedy, make_engine, peft_reference
 
@@ -81,7 +82,7 @@ def test_a_composition_alone_merges_and_gives_the_gathered_tokens(adapter_paths)
 def test_unknown_adapter_in_a_composition_is_refused_and_binds_nothing(adapter_paths):
     engine = make_engine(adapter_paths)
     with pytest.raises(AdapterNotFoundError):
-        engine.add_request(PROMPTS[0], greedy(4), (("a", 1.0), ("nope", 0.5)))
+        engine.add_request(PROMPTS[0], greedy(4), AdapterRef.composed((("a", 1.0), ("nope", 0.5))))
     assert not engine.has_unfinished()
     engine.registry.remove("a")  # would fail its unbind accounting if the failed request had kept "a" bound
     assert "a" not in engine.registry
@@ -94,6 +95,6 @@ def test_unknown_adapter_in_a_composition_is_refused_and_binds_nothing(adapter_p
 def test_bad_compositions_are_refused_by_field(adapter_paths, composition, field):
     engine = make_engine(adapter_paths, max_loras=4)
     with pytest.raises(RequestError) as caught:
-        engine.add_request(PROMPTS[0], greedy(4), composition)
+        engine.add_request(PROMPTS[0], greedy(4), AdapterRef.composed(composition))
     assert caught.value.field == field
     assert engine.registry.held() == {} and not engine.has_unfinished()

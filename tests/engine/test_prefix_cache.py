@@ -9,6 +9,7 @@ import random
 import pytest
 
 from adapters.identity import BASE_IDENTITY, adapter_identity
+from server.engine.adapter_ref import AdapterRef
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling_params import SamplingParams
 from server.http.api_models import CompletionRequest
@@ -92,9 +93,9 @@ def test_a_running_requests_blocks_are_hit_while_it_decodes(paths):
     prompts = [SYSTEM + QUESTIONS[0], SYSTEM + QUESTIONS[1]]
     expected = run(make_engine(paths, enable_prefix_caching=False), prompts, ["a", "a"], greedy(12))
     engine = make_engine(paths)
-    first = engine.add_request(prompts[0], greedy(12), "a")
+    first = engine.add_request(prompts[0], greedy(12), AdapterRef.named("a"))
     engine.step()
-    second = engine.add_request(prompts[1], greedy(12), "a")
+    second = engine.add_request(prompts[1], greedy(12), AdapterRef.named("a"))
     run_steps(engine)
     assert second.prefix_cache_hits > 0
     assert [first.output_token_ids, second.output_token_ids] == expected
@@ -127,7 +128,7 @@ def test_preemption_with_shared_prefixes_keeps_outputs(paths):
     params = [greedy(60 + 2 * i) for i in range(4)]
     expected = make_engine(paths, enable_prefix_caching=False).generate(prompts, params, adapters)
     engine = make_engine(paths, kv_cache_tokens=384)  # 24 pages; together they need ~36
-    seqs = [engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params, adapters)]
+    seqs = [engine.add_request(p, sp, AdapterRef.of(a)) for p, sp, a in zip(prompts, params, adapters)]
     run_steps(engine)
     assert engine.stats().num_preemptions > 0
     assert [s.output_token_ids for s in seqs] == [c.token_ids for c in expected]
@@ -209,7 +210,7 @@ def test_no_leak_after_random_prefixes_and_aborts(paths):
             engine.add_request(
                 rng.choice(heads) + rng.choice(QUESTIONS) * rng.randint(1, 3),
                 greedy(rng.randint(1, 20)),
-                rng.choice([None, "a", "kv"]),
+                AdapterRef.of(rng.choice([None, "a", "kv"])),
             )
             for _ in range(6)
         ]

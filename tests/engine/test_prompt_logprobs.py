@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.engine.adapter_ref import AdapterRef
 from server.engine.sampling_params import SamplingParams
 from support.engine import (
     BASE,
@@ -62,8 +63,8 @@ def test_prompt_logprobs_equal_a_peft_forward_per_adapter(adapter_paths):
 def test_chunked_prefill_scores_every_prompt_token_once(adapter_paths):
     engine = make_engine(adapter_paths, max_num_batched_tokens=7)
     ids = encode(LONG_PROMPT)
-    seq = engine.add_request(ids, greedy(3, prompt_logprobs=TOP_N), "a")
-    other = engine.add_request(PROMPTS[1], greedy(20), "b")  # shares the steps, asks for nothing
+    seq = engine.add_request(ids, greedy(3, prompt_logprobs=TOP_N), AdapterRef.named("a"))
+    other = engine.add_request(PROMPTS[1], greedy(20), AdapterRef.named("b"))  # shares the steps, asks for nothing
     outputs = run_steps(engine)
     assert len(ids) > 7 * 5
     assert_matches(seq.prompt_logprobs, ids, peft_logprobs(peft_reference(adapter_paths), ids, "a"))
@@ -75,8 +76,8 @@ def test_chunked_prefill_scores_every_prompt_token_once(adapter_paths):
 def test_a_preempted_request_is_scored_once(adapter_paths):
     ids = encode(LONG_PROMPT)
     engine = make_engine(adapter_paths, kv_cache_tokens=256, max_num_batched_tokens=16)
-    hog = engine.add_request(PROMPTS[0], greedy(180), "b")
-    seq = engine.add_request(ids, greedy(60, prompt_logprobs=TOP_N), "a")
+    hog = engine.add_request(PROMPTS[0], greedy(180), AdapterRef.named("b"))
+    seq = engine.add_request(ids, greedy(60, prompt_logprobs=TOP_N), AdapterRef.named("a"))
     run_steps(engine)
     assert seq.num_preemptions > 0, "the test must preempt the scored request"
     assert hog.finish_reason == seq.finish_reason == "length"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
+from server.engine.adapter_ref import AdapterRef
 from server.engine.config import EngineConfig
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
@@ -36,7 +37,7 @@ def _louder(source: Path, target: Path, factor: float = 1000.0) -> Path:
 
 def test_a_composition_whose_merge_overflows_is_served_gathered(adapter_paths, tmp_path):
     engine = _half_engine(adapter_paths, tmp_path)
-    overflowing = engine.add_request(encode(PROMPTS[0]), greedy(6), (("loud", FLOAT16_MAX),))
+    overflowing = engine.add_request(encode(PROMPTS[0]), greedy(6), AdapterRef.composed((("loud", FLOAT16_MAX),)))
     while engine.has_unfinished():
         engine.step()  # a merge failure used to raise out of the step, failing every request in it
     assert (overflowing.finish_reason, overflowing.error) == ("length", None)
@@ -46,7 +47,7 @@ def test_a_composition_whose_merge_overflows_is_served_gathered(adapter_paths, t
 def test_scales_past_the_dtype_and_token_ids_past_the_vocabulary_are_refused(adapter_paths, tmp_path):
     engine = _half_engine(adapter_paths, tmp_path)
     with pytest.raises(RequestError) as refused:
-        engine.add_request(encode(PROMPTS[0]), greedy(2), (("loud", FLOAT16_MAX * 2),))
+        engine.add_request(encode(PROMPTS[0]), greedy(2), AdapterRef.composed((("loud", FLOAT16_MAX * 2),)))
     assert refused.value.field == "adapters[0].scale"
     with pytest.raises(RequestError) as refused:
         engine.add_request(encode(PROMPTS[0]), greedy(2, logit_bias={engine.vocab_size: 1.0}))
