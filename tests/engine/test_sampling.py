@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from server.engine.adapter_ref import BASE_REF
 from server.engine.errors import RequestError
 from server.engine.sampler import sample
 from server.engine.sampling_params import SamplingParams
@@ -210,7 +211,7 @@ def test_seeded_and_penalized_sampling_on_cuda_matches_cpu():
             SamplingParams(temperature=0.7, seed=2, max_tokens=9, top_k=20, top_p=0.9, repetition_penalty=1.3),
             greedy(9, logprobs=2),
         ]
-        seqs = [Sequence(f"r{i}", [1, 2, 3], p, None, None, p.max_tokens) for i, p in enumerate(params)]
+        seqs = [Sequence(f"r{i}", [1, 2, 3], p, BASE_REF, None, p.max_tokens) for i, p in enumerate(params)]
         for seq in seqs:
             seq.output_token_ids = [4, 4, 5]
         return seqs
