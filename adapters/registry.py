@@ -99,12 +99,18 @@ class AdapterRegistry:
         adapter_identity(adapter)  # hashed here, on the caller's thread; install finds it remembered
         return adapter
 
+    def needs_host_read(self, name: str) -> bool:
+        """Whether `name`'s current version must be read back into host memory (its copy was evicted
+        and none is prepared): a cheap check, so requests whose copy is there skip the worker hop."""
+        with self._lock:
+            return self._evicted(self._entries.get(name))
+
     def prepare_host(self, name: str) -> None:
         """Read `name`'s current version back into host memory if its copy was evicted: file IO and
         CPU work for a worker thread, so that the engine thread's `bind` only takes the result."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None or entry.adapter is not None or id(entry) in self._prepared:
+            if not self._evicted(entry):
                 return
         adapter = self.parse(name, entry.source)
         with self._lock:
@@ -261,6 +267,9 @@ class AdapterRegistry:
         self._slots[entry.slot] = None
         self._slot_lru.pop(entry.slot, None)
         entry.slot = None
+
+    def _evicted(self, entry: AdapterVersion | None) -> bool:
+        return entry is not None and entry.adapter is None and id(entry) not in self._prepared
 
     def _load_host(self, entry: AdapterVersion) -> LoraAdapter:
         adapter = entry.adapter

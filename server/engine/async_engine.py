@@ -64,8 +64,10 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:  # registering it again would take the running stream's outputs
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
+        registry = self._engine.registry
         for name in adapter.names:  # an evicted host copy is read here, never on the engine thread
-            await asyncio.to_thread(self._engine.registry.prepare_host, name)
+            if registry.needs_host_read(name):
+                await asyncio.to_thread(registry.prepare_host, name)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
