@@ -10,6 +10,7 @@ from .errors import (
     AdapterNotFoundError,
     IncompatibleAdapterError,
     InvalidAdapterError,
+    MergeBudgetError,
     UnsafeAdapterFormatError,
     UnsupportedAdapterError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "LoraLinear",
     "LoraModel",
     "LoraWeights",
+    "MergeBudgetError",
     "SlotMix",
     "TargetSpec",
     "UnsafeAdapterFormatError",

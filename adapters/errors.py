@@ -49,6 +49,10 @@ class UnsupportedAdapterError(AdapterError):
     """The adapter uses a feature loraserve does not serve (DoRA, modules_to_save, rank too high...)."""
 
 
+class MergeBudgetError(AdapterError):
+    """Merging would take more buffer memory than --merge-memory allows: the rows are served gathered."""
+
+
 class AdapterNotFoundError(AdapterError):
     """No adapter is registered under that name."""
 

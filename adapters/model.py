@@ -10,6 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .batch import LoraBatch
 from .embedding import LoraEmbedding
+from .errors import MergeBudgetError
 from .kernel_plan import apply_kernel_plan
 from .kernels import KernelPlan
 from .layer import LoraLinear, LoraState
@@ -42,6 +43,7 @@ class LoraModel:
         self.copy_slots: frozenset[int] = frozenset()  # slots holding full module copies: direct runs too
         self.copies: dict[str, PerRowModule] = {}  # installed on first load of a copy of that module
         self.merged: SlotMix | None = None  # what merge() folded into the weights; None: W0 alone
+        self.merge_budget: int | None = None  # bytes merge buffers may hold (--merge-memory); None: no limit
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -94,6 +96,7 @@ class LoraModel:
         tests pass it: that adapter at scale 1); replaces whatever was merged before."""
         mix = ((mix, 1.0),) if isinstance(mix, int) else tuple(mix)
         assert mix and all(self.slot_ranks[slot] > 0 for slot, _ in mix), f"a slot of {mix} is empty"
+        self._fit_merge_buffers(mix)
         try:
             for layer in [*self.layers.values(), *self.copies.values()]:
                 layer.merge(list(mix))
@@ -107,6 +110,30 @@ class LoraModel:
         for layer in [*self.layers.values(), *self.copies.values()]:
             layer.unmerge()
         self.merged = None
+
+    @property
+    def merge_buffer_bytes(self) -> int:
+        """Memory the merge buffers hold now (each layer keeps its buffer for the next merge)."""
+        return sum(layer.merge_buffer_bytes for layer in self.layers.values())
+
+    def _fit_merge_buffers(self, mix: SlotMix) -> None:
+        """Keep merge buffers within `merge_budget`: a merge that needs more than the budget raises
+        MergeBudgetError (its rows are served gathered); one that fits alone but not beside the
+        buffers other merges left frees those first (the merge replaces theirs anyway)."""
+        if self.merge_budget is None:
+            return
+        needed = [layer for layer in self.layers.values() if layer.targets(mix)]
+        need = sum(layer.weight_bytes for layer in needed)
+        if need > self.merge_budget:
+            raise MergeBudgetError(
+                f"merging needs {need / 2**20:.0f} MiB of merge buffers; --merge-memory allows "
+                f"{self.merge_budget / 2**20:.0f} MiB"
+            )
+        if self.merge_buffer_bytes + need - sum(layer.merge_buffer_bytes for layer in needed) > self.merge_budget:
+            self.unmerge()
+            for layer in self.layers.values():
+                if not layer.targets(mix):
+                    layer.release_merge_buffer()
 
     def _merged_uses(self, slot: int) -> bool:
         """Whether the merged weights hold slot `slot`'s delta: then new contents there must unmerge

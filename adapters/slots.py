@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -124,6 +127,24 @@ class LoraSlots(nn.Module):
             self.unmerge()
             raise InvalidAdapterError("merging would overflow this dtype (non-finite weights)")
         self._use_merged(merged)
+
+    def targets(self, terms: Iterable[tuple[int, float]]) -> bool:
+        """Whether a merge of `terms` writes this layer (some slot of it targets the layer)."""
+        return any(self.slot_ranks[slot] for slot, _ in terms)
+
+    @property
+    def weight_bytes(self) -> int:
+        """The size of W0 in the model's dtype: what a merge buffer for this layer takes."""
+        return math.prod(self.weight_shape) * self.dtype.itemsize
+
+    @property
+    def merge_buffer_bytes(self) -> int:
+        return 0 if self._merge_buffer is None else self.weight_bytes
+
+    def release_merge_buffer(self) -> None:
+        """Give the merge buffer's memory back (only while unmerged: the merged weight lives there)."""
+        assert self.merged_weight is None or self.merged_weight is not self._merge_buffer
+        self._merge_buffer = None
 
     def _merge_source(self, buffer: torch.Tensor) -> torch.Tensor:
         """W0 as the first merge term reads it (a subclass may write it into `buffer`)."""

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from adapters import BASE_MIX, InvalidAdapterError, LoraModel, SlotMix
+from adapters import BASE_MIX, InvalidAdapterError, LoraModel, MergeBudgetError, SlotMix
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ class ModePolicy:
         started = time.perf_counter()
         try:
             model.merge(mix)
-        except InvalidAdapterError as exc:  # W0 + ΔW overflows the dtype: those rows' problem, not the step's
-            log.warning("serving %s gathered: its merge is not finite (%s)", mix, exc)
+        except (InvalidAdapterError, MergeBudgetError) as exc:  # W0 + ΔW overflows the dtype, or the
+            # buffers would pass --merge-memory: those rows' problem, not the step's
+            log.warning("serving %s gathered: %s", mix, exc)
             self._unmergeable = self._unmergeable if len(self._unmergeable) < 64 else set()
             self._unmergeable.add(mix)
             return ModeDecision(GATHER)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ByteSize, Field
 
 
 class EngineSettings(BaseModel):
@@ -17,7 +17,14 @@ class EngineSettings(BaseModel):
     max_cpu_loras: int = Field(16, ge=0)
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)  # per step: bounds how long prefill stalls decodes
-    kv_cache_tokens: int = Field(16384, ge=16)
+    # The memory plan (memory_plan.py). kv_cache_tokens None: sized from the budget where there is one
+    # (CUDA: gpu_memory_utilization of the device; anywhere: memory_budget), else 16384 tokens.
+    kv_cache_tokens: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vLLM's: the share of the GPU this engine may use
+    memory_budget: ByteSize | None = None  # bytes for everything (weights included), on any device: "8GiB"
+    # Merge buffers' most (W0 + delta copies of the targeted weights), past which an adapter is served
+    # gathered; None: 10% of the budget where there is one, else no limit.
+    merge_memory: ByteSize | None = None
     max_model_len: int | None = Field(None, ge=1)
     max_waiting: int = Field(1024, ge=1)
     # Reuse prompts' K/V across requests of one adapter identity (vLLM's --[no-]enable-prefix-caching).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -21,6 +22,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows
 from .kv_cache import KVCache
+from .memory_plan import plan_memory
 from .model_loader import BaseModel as LoadedModel
 from .model_loader import default_cache_dir
 from .model_runner import ModelRunner, PromptRows
@@ -31,6 +33,8 @@ from .scheduler import Scheduler, StepPlan
 from .sequence import Completion, RequestOutput, Sequence, TokenLogprob
 from .stats import EngineStats, RequestStats, StepStats
 from .tokenization import Tokenization
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -51,12 +55,15 @@ class LLMEngine:
         )
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
+        self.memory = plan_memory(self.lora_model, model_config, config)
+        self.lora_model.merge_budget = self.memory.merge_buffers
+        log.info("%s", self.memory.describe())
         self.cache = KVCache(
             num_layers=model_config.num_hidden_layers,
             num_kv_heads=model_config.num_key_value_heads,
             head_dim=getattr(model_config, "head_dim", None)
             or model_config.hidden_size // model_config.num_attention_heads,
-            capacity_tokens=config.kv_cache_tokens,
+            capacity_tokens=self.memory.kv_tokens,
             dtype=base.model.dtype,
             device=self.lora_model.device,
             block_size=config.block_size,
@@ -83,6 +90,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.counters = EngineStats(
             kv_capacity_tokens=self.cache.capacity_tokens,
+            memory_plan=self.memory.parts(),
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
         )
@@ -254,6 +262,7 @@ class LLMEngine:
         snapshot.adapter_sizes = self.registry.sizes()
         snapshot.num_adapter_loads = self.registry.num_loads
         snapshot.num_adapter_evictions = self.registry.num_evictions
+        snapshot.merge_buffer_bytes = self.lora_model.merge_buffer_bytes
         return snapshot
 
     # Postprocess

@@ -70,6 +70,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there (their prefill skipped)
     num_prefix_cache_evictions: int = 0  # cached blocks dropped to make room
+    memory_plan: dict[str, int] = field(default_factory=dict)  # bytes per part (memory_plan.MemoryPlan.parts)
+    merge_buffer_bytes: int = 0  # what merge buffers hold now, within memory_plan["merge_buffers"]
 
     @property
     def kv_usage(self) -> float:

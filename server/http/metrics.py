@@ -215,6 +215,20 @@ class _SnapshotCollector(Collector):
         )
         yield from self._prefix_cache_by_adapter()
         yield _gauge("loraserve:kv_cache_capacity_tokens", "KV cache capacity in tokens.", s.kv_capacity_tokens)
+        plan = GaugeMetricFamily(
+            "loraserve:memory_plan_bytes",
+            "The startup memory plan: bytes per part (budget, weights, lora_slots, merge_buffers, "
+            "activations, cuda_graphs, kv_cache).",
+            labels=["part"],
+        )
+        for part, value in s.memory_plan.items():
+            plan.add_metric([part], value)
+        yield plan
+        yield _gauge(
+            "loraserve:merge_buffer_bytes",
+            "Bytes merge buffers hold now (within the plan's share).",
+            s.merge_buffer_bytes,
+        )
         yield _counter("vllm:num_preemptions", "Sequences preempted (KV dropped, recomputed later).", s.num_preemptions)
         yield _counter("vllm:prompt_tokens", "Prompt tokens scheduled.", s.num_prompt_tokens)
         yield _counter("vllm:generation_tokens", "Output tokens generated.", s.num_generation_tokens)

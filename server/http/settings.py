@@ -26,7 +26,8 @@ class Settings(BaseSettings, EngineSettings):
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    # auto: bfloat16 on CUDA (or the config's half dtype), float32 on CPU (model_loader.auto_dtype).
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "cpu"
     adapters: list[str] = Field(default_factory=list)  # NAME=PATH, preloaded at start
     adapter_store: Path | None = None  # uploads persist here; shared by replicas

@@ -13,8 +13,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
@@ -234,7 +232,7 @@ class ServerState:
         try:
             base = base or load_base_model(
                 settings.model,
-                dtype=getattr(torch, settings.dtype),
+                dtype=settings.dtype,
                 device=settings.device,
                 cache_dir=settings.cache_dir,
             )

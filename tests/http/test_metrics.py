@@ -118,6 +118,8 @@ def test_families_exist_with_types_and_move_by_the_traffic(qv_server):
         "loraserve:step_duration_seconds": "histogram",
         "loraserve:batch_size": "histogram",
         "loraserve:kv_cache_capacity_tokens": "gauge",
+        "loraserve:memory_plan_bytes": "gauge",
+        "loraserve:merge_buffer_bytes": "gauge",
         "vllm:num_preemptions": "counter",
     }
     for name, kind in expected_types.items():
@@ -145,6 +147,12 @@ def test_families_exist_with_types_and_move_by_the_traffic(qv_server):
     assert warm.labels["resident_lora_adapters"] == "qv" and warm.value > time.time() - 600
     info = after["vllm:lora_requests_info"].samples[0]
     assert info.labels == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    # The memory plan: no budget on CPU, so the pool is the configured tokens and merges are unlimited.
+    plan = {sample.labels["part"]: sample.value for sample in after["loraserve:memory_plan_bytes"].samples}
+    assert {"weights", "lora_slots", "activations", "kv_cache"} <= plan.keys() and "budget" not in plan
+    assert plan["weights"] > 100 * 2**20  # SmolLM2-135M in float32
+    capacity = value(after, "loraserve:kv_cache_capacity_tokens")
+    assert plan["kv_cache"] == capacity * 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads of 64, fp32
 
 
 def test_lora_requests_info_names_running_adapters(qv_server):

@@ -29,6 +29,8 @@ def _changed(name: str, value):
         return next(choice for choice in typing.get_args(annotation) if choice != value)
     if name == "cache_dir":
         return Path("/tmp/elsewhere")
+    if name == "gpu_memory_utilization":
+        return value / 2
     return (not value) if isinstance(value, bool) else (value or 8) * 2  # doubling keeps block_size legal
 
 
@@ -50,6 +52,16 @@ def test_prefix_caching_is_on_by_default_with_vllms_flags():
     assert (config.enable_prefix_caching, config.block_size) == (True, 16)
     assert serve_flags("--no-enable-prefix-caching").enable_prefix_caching is False
     assert serve_flags("--enable-prefix-caching", "--block-size", "32").block_size == 32
+
+
+def test_memory_flags_take_sizes_and_shares():
+    config = serve_flags("--memory-budget", "8GiB", "--merge-memory", "512MiB", "--gpu-memory-utilization", "0.5")
+    assert (config.memory_budget, config.merge_memory, config.gpu_memory_utilization) == (8 * 2**30, 512 * 2**20, 0.5)
+    defaults = serve_flags()
+    assert (defaults.memory_budget, defaults.merge_memory, defaults.kv_cache_tokens) == (None, None, None)
+    for bad in ({"gpu_memory_utilization": 1.5}, {"merge_memory": "lots"}, {"dtype": "float64"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings(**bad)
 
 
 def test_block_size_must_be_whole_kv_pages():
