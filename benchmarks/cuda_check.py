@@ -14,7 +14,10 @@ Checks, each printed as one PASS/FAIL line and collected in a JSON summary (--ou
           must be at most twice PEFT's.
   engine  LLMEngine.generate on mixed adapters, greedy, fp32: the tokens equal PEFT `generate` run
           per request (tiny model: exactly; the random 30-layer model: exactly, or the first
-          difference is a near-tie in PEFT's own scores, as its random logits are nearly flat).
+          difference is a near-tie in PEFT's own scores, as its random logits are nearly flat), on
+          the CUDA default (Triton row kernels, decode replayed from captured graphs: also checked
+          to have replayed) and on the per-sequence torch path; and in bf16 on the default, where a
+          first difference must be a near-tie at bf16's resolution.
 
 Usage: python benchmarks/cuda_check.py [--device cuda] [--model-dir .gpu/model] [--out PATH]
 Exit status 1 if any check fails. `--device cpu` runs the same on CPU (a smoke test of the script).
@@ -149,11 +152,17 @@ def peft_merged_logits(model: peft.PeftModel, name: str, ids: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def gather_logits(lora_model, ids: torch.Tensor, row_slots: list[int], **split) -> torch.Tensor:
+def gather_logits(lora_model, ids: torch.Tensor, row_slots: list[int], row_kernels=False, **split) -> torch.Tensor:
     token_slots = torch.tensor(row_slots).repeat_interleave(ids.shape[1])
-    batch = LoraBatch.build(token_slots, lora_model.device, **split) if split else lora_model.build_batch(token_slots)
-    with lora_model.gather(batch):
-        return lora_model.model(ids).logits.float()
+    lora_model.row_kernels = row_kernels  # the Triton row kernels (adapters/lora_kernels.py) instead of runs/groups
+    try:
+        batch = (
+            LoraBatch.build(token_slots, lora_model.device, **split) if split else lora_model.build_batch(token_slots)
+        )
+        with lora_model.gather(batch):
+            return lora_model.model(ids).logits.float()
+    finally:
+        lora_model.row_kernels = False
 
 
 @torch.no_grad()
@@ -217,6 +226,7 @@ def check_logits(
     ours = {
         "runs": gather_logits(lora_model, ids, row_slots),
         "grouped": gather_logits(lora_model, ids, row_slots, **GROUPED),
+        "row_kernels": gather_logits(lora_model, ids, row_slots, row_kernels=True),
     }
     errors = {}
     for split, got in ours.items():
@@ -268,11 +278,22 @@ def peft_greedy(model: peft.PeftModel, prompt_ids: list[int], n: int, adapter: s
 
 
 def check_generate(
-    checks: Checks, label: str, pristine, tokenizer, paths, device: str, num_tokens: int, near_tie: float | None
+    checks: Checks,
+    label: str,
+    pristine,
+    tokenizer,
+    paths,
+    device: str,
+    num_tokens: int,
+    near_tie: float | None,
+    dtype: torch.dtype = torch.float32,
+    **config,
 ) -> dict:
+    """The engine's greedy tokens against PEFT's; `config`: EngineConfig fields (the default on CUDA
+    is the row kernels with captured decode; step_kernels="torch" is the per-sequence path)."""
     engine = LLMEngine(
-        BaseModel(copy.deepcopy(pristine).to(device), tokenizer, label, Path(label)),
-        EngineConfig(max_num_seqs=16, kv_cache_tokens=4096),
+        BaseModel(copy.deepcopy(pristine).to(device=device, dtype=dtype), tokenizer, label, Path(label)),
+        EngineConfig(max_num_seqs=16, kv_cache_tokens=4096, **config),
     )
     for name, path in paths.items():
         engine.registry.add(name, path)
@@ -280,7 +301,7 @@ def check_generate(
     started = time.perf_counter()
     completions = engine.generate(PROMPTS, params, GEN_ADAPTERS)
     seconds = time.perf_counter() - started
-    reference = load_peft(copy.deepcopy(pristine).to(device), paths)
+    reference = load_peft(copy.deepcopy(pristine).to(device=device, dtype=dtype), paths)
     exact, ties, worst_gap, outputs = 0, 0, 0.0, []
     for prompt, adapter, completion in zip(PROMPTS, GEN_ADAPTERS, completions):
         expected, scores = peft_greedy(reference, tokenizer.encode(prompt), num_tokens, adapter, device)
@@ -311,6 +332,10 @@ def check_generate(
     checks.add(
         f"{label} engine used gather steps", stats.steps_by_mode.get("gather", 0) > 0, steps=dict(stats.steps_by_mode)
     )
+    graphs = engine.runner.graphs
+    if graphs is not None and graphs.capture:
+        replayed = sorted(key for key, entry in graphs.graphs.items() if entry.graph is not None)
+        checks.add(f"{label} engine decoded from captured graphs", bool(replayed), graphs=len(replayed))
     return {"outputs": outputs, "seconds": seconds, "distinct_first_three": distinct}
 
 
@@ -353,13 +378,38 @@ def main() -> None:
 
             def generate(label=label, pristine=pristine, paths=paths):
                 near_tie = None if label == "tiny" else 1e-3  # the random 30-layer model's logits are nearly flat
-                summary[f"{label}_fp32_generate"] = check_generate(
-                    checks, f"{label} fp32", pristine, tokenizer, paths, args.device, args.tokens, near_tie
+                for path, config in (("captured", {}), ("torch", {"step_kernels": "torch"})):
+                    summary[f"{label}_fp32_generate_{path}"] = check_generate(
+                        checks,
+                        f"{label} fp32 {path}",
+                        pristine,
+                        tokenizer,
+                        paths,
+                        args.device,
+                        args.tokens,
+                        near_tie,
+                        **config,
+                    )
+
+            def generate_bf16(label=label, pristine=pristine, paths=paths):
+                # bf16 rounds each kernel's sums differently from PEFT's: a first difference must be a
+                # near-tie at bf16's resolution (8 ulps of a logit of ~1), or none at all
+                summary[f"{label}_bf16_generate_captured"] = check_generate(
+                    checks,
+                    f"{label} bf16 captured",
+                    pristine,
+                    tokenizer,
+                    paths,
+                    args.device,
+                    args.tokens,
+                    8 * 2**-8,
+                    torch.bfloat16,
                 )
 
             checks.run(f"{label} fp32 logits", logits_fp32)
             checks.run(f"{label} bf16 logits", logits_bf16)
             checks.run(f"{label} fp32 generate", generate)
+            checks.run(f"{label} bf16 generate", generate_bf16)
             fp32.clear()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
