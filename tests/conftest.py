@@ -4,14 +4,22 @@ helpers behind these live in tests/support."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
-import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from support.peft import make_peft_adapter
+# Without CUDA the Triton kernels (adapters/lora_kernels.py, server/engine/row_attention.py) run in
+# Triton's interpreter; triton reads the switch when it defines each kernel, so it is set before
+# anything (transformers, peft) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from support.peft import make_peft_adapter  # noqa: E402
 
 VOCAB = 128
 

@@ -1,0 +1,131 @@
+"""Attention for every row of a step in one kernel launch per layer (the CUDA step path).
+
+Semantics, for row t (a decode row, or one row of a prompt chunk) and query head h, with KV head
+g = h // (H / KVH) (grouped-query attention), s = kv_start[t], L = kv_len[t]:
+    out[t, h] = softmax(q[t, h] · K[g, s : s + L]ᵀ · scale) · V[g, s : s + L]
+A prompt row at position p of its sequence has L = p + 1: causality is in the lengths, so decode
+and prefill rows, of any number of sequences, share one call. L = 0 (a padding row) gives zeros.
+
+Why per row: the KV pool keeps each sequence in one contiguous extent (kv_cache.py), so a row's
+keys are one strided run. The loop over them reads its bound from kv_len, so one compiled kernel
+serves every length and batch: no per-shape planning (cuDNN SDPA built a plan for every new
+shape, 10x slower on fresh traffic), and a captured CUDA graph replays it with new lengths.
+A program holds one row's query heads of one KV head (padded to tl.dot's 16 rows) and streams
+the keys in blocks with an online softmax in float32 (FlashAttention's recurrence).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede triton's import: it decides per kernel at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+# The interpreter's tl.dot reads bf16/fp16 tiles as raw integers (triton 3.9): there they go up to
+# fp32 first, which changes no product (half x half is exact in fp32).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_N = 32  # keys per iteration
+
+
+def row_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [N, H, D] (any strides with a unit last one); k_pool, v_pool [KVH, C, D]; kv_start,
+    kv_len [N] int32. Returns [N, H, D] in q's dtype."""
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[0]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_rows == 0:
+        return out
+    _row_attention_kernel[(num_rows, num_kv_heads)](
+        q, k_pool, v_pool, out, kv_start, kv_len, scale,
+        group, head_dim,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=BLOCK_N, DOT_FP32=q.dtype == torch.float32 or INTERPRETED,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _row_attention_kernel(
+    q, k, v, out, kv_start, kv_len, scale,
+    group, head_dim,
+    stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    row, kv_head = tl.program_id(0), tl.program_id(1)
+    start = tl.load(kv_start + row).to(tl.int64)
+    length = tl.load(kv_len + row)
+    g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    in_group, in_dim = g < group, d < head_dim
+    heads = kv_head * group + g
+    queries = tl.load(
+        q + row * stride_q_row + heads[:, None] * stride_q_head + d[None, :],
+        mask=in_group[:, None] & in_dim[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)  # running max per head
+    total = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    pool = kv_head * stride_kv_head + start * stride_kv_token
+    for n0 in range(0, length, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        in_keys = n < length
+        offsets = pool + n[:, None] * stride_kv_token + d[None, :]
+        kv_mask = in_keys[:, None] & in_dim[None, :]
+        keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        values = tl.load(v + offsets, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(queries, tl.trans(keys))
+        scores = tl.where(in_keys[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp(best - new_best)
+        total = total * rescale + tl.sum(weights, axis=1)
+        if DOT_FP32:
+            acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+        best = new_best
+    result = acc / tl.where(total > 0, total, 1.0)[:, None]  # a row with no keys (padding): zeros
+    tl.store(
+        out + row * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
+        result.to(out.dtype.element_ty),
+        mask=in_group[:, None] & in_dim[None, :],
+    )
+
+
+def row_attention_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`row_attention` row by row, softmax in float32: slow, obviously right."""
+    num_rows, num_heads, _ = q.shape
+    group = num_heads // k_pool.shape[0]
+    out = torch.zeros_like(q)
+    for t, (start, length) in enumerate(zip(kv_start.tolist(), kv_len.tolist())):
+        if length == 0:
+            continue
+        keys = k_pool[:, start : start + length].float().repeat_interleave(group, 0)  # [H, L, D]
+        values = v_pool[:, start : start + length].float().repeat_interleave(group, 0)
+        weights = torch.softmax((keys @ q[t].float()[:, :, None]).squeeze(-1) * scale, dim=-1)  # [H, L]
+        out[t] = (weights[:, None, :] @ values).squeeze(1).to(q.dtype)
+    return out

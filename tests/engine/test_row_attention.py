@@ -1,0 +1,61 @@
+"""The row attention kernel (server/engine/row_attention.py) against its torch reference, and the
+reference against SDPA; in Triton's interpreter on CPU, compiled on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine.row_attention import BLOCK_N, row_attention, row_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+POOL = 320
+
+
+def rows_of(*pairs: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    starts, lengths = zip(*pairs)
+    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return as_int32(starts), as_int32(lengths)
+
+
+# Three prompt rows of one sequence (causal lengths 1..3), a padding row, a decode row whose keys span
+# several BLOCK_N blocks, one of a single key, and one ending at the pool's end.
+ROWS = [(0, 1), (0, 2), (0, 3), (0, 0), (40, 3 * BLOCK_N + 5), (200, 1), (POOL - 70, 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 16), (6, 2, 24), (8, 2, 64)])
+def test_row_attention_equals_its_reference(dtype, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    k_pool, v_pool = (torch.randn(kv_heads, POOL, head_dim, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    q = torch.randn(len(ROWS), heads, head_dim, generator=gen).to(DEVICE, dtype)
+    starts, lengths = rows_of(*ROWS)
+    scale = head_dim**-0.5
+    got = row_attention(q, k_pool, v_pool, starts, lengths, scale)
+    expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, scale)
+    # outputs are averages of values of magnitude ~1-4: a few ulps of that, per dtype
+    torch.testing.assert_close(got, expected, atol=8 * torch.finfo(dtype).eps * 4, rtol=0)
+    assert not got[3].any()  # the padding row (no keys) is zeros
+
+
+def test_a_strided_query_reads_the_same():
+    """The engine passes q as a transposed view of the projection's output."""
+    k_pool, v_pool = torch.randn(2, POOL, 16, device=DEVICE), torch.randn(2, POOL, 16, device=DEVICE)
+    q = torch.randn(4, len(ROWS), 16, device=DEVICE).transpose(0, 1)  # [N, H, D], not contiguous
+    starts, lengths = rows_of(*ROWS)
+    assert torch.equal(
+        row_attention(q, k_pool, v_pool, starts, lengths, 0.25),
+        row_attention(q.contiguous(), k_pool, v_pool, starts, lengths, 0.25),
+    )
+
+
+def test_the_reference_is_causal_sdpa_with_grouped_heads():
+    k_pool, v_pool = torch.randn(2, POOL, 16), torch.randn(2, POOL, 16)
+    q = torch.randn(5, 6, 16)  # five prompt rows of one sequence starting at pool token 30
+    starts, lengths = torch.full((5,), 30, dtype=torch.int32), torch.arange(1, 6, dtype=torch.int32)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k_pool[None, :, 30:35], v_pool[None, :, 30:35], is_causal=True, enable_gqa=True
+    )[0].transpose(0, 1)
+    got = row_attention_reference(q, k_pool, v_pool, starts, lengths, 16**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
