@@ -21,9 +21,13 @@ buffers, scaled in the matmul, so a composition never copies weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .lora_kernels import LoraRows
 
 MAX_DIRECT_RUNS = 8
 MIN_RUN_ROWS = 16
@@ -69,6 +73,9 @@ class LoraBatch:
     groups: Groups | None
     num_tokens: int  # N: all token rows in the step, base rows included
     head: LoraBatch | None = field(default=None)  # the rows that reach the output head, if not all N
+    rows: LoraRows | None = field(default=None)  # the same rows sorted by slot on the device, for the
+    # row kernels (CUDA): LoRA linears use them instead of runs and groups (which embeddings and
+    # per-row module copies still read)
 
     @classmethod
     def build(
@@ -132,6 +139,27 @@ class LoraBatch:
     def head_batch(self) -> LoraBatch:
         """The batch the output head applies: every row reaches it unless `keep` said otherwise."""
         return self if self.head is None else self.head
+
+
+def with_rows(
+    batch: LoraBatch,
+    token_slots: torch.Tensor,
+    token_scales: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    num_slots: int,
+    device: torch.device | str,
+) -> LoraBatch:
+    """`batch` with its rows (and its head's) sorted by slot on the device for the row kernels."""
+    from .lora_kernels import LoraRows  # Triton: imported only where rows are used
+
+    slots = token_slots.to(device, torch.int32).view(-1, token_slots.shape[-1])
+    scales = None if token_scales is None else token_scales.to(device, torch.float32).view(slots.shape)
+    head = batch.head
+    if head is not None:
+        keep = keep.to(device)
+        head_rows = LoraRows.build(slots[:, keep], None if scales is None else scales[:, keep], num_slots)
+        head = replace(head, rows=head_rows)
+    return replace(batch, head=head, rows=LoraRows.build(slots, scales, num_slots))
 
 
 def _runs(token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -> list[Run]:

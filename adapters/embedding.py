@@ -36,7 +36,7 @@ class LoraEmbedding(LoraSlots):
         weight = self.weight if self.merged_weight is None else self.merged_weight
         return F.embedding(ids, weight, self.padding_idx)
 
-    def _add_delta(self, y: torch.Tensor, ids: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    def add_delta(self, y: torch.Tensor, ids: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         return add_embedding_lora(y, ids, self.lora_a, self.lora_b, self.slot_ranks, batch)
 
     def base_weight(self) -> torch.Tensor:

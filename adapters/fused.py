@@ -21,7 +21,6 @@ from torch import nn
 
 from .backends import backend_for, dense_kernel
 from .layer import LoraLinear
-from .ops import add_lora
 
 
 class FusedLinears:
@@ -66,7 +65,7 @@ class FusedLinears:
         if batch is not None:
             for m, y in zip(self.members, outs):
                 if m.lora_a is not None:
-                    add_lora(y, x, m.lora_a, m.lora_b, m.slot_ranks, batch, m.extras)
+                    m.add_delta(y, x, batch)  # the member's own delta, by whichever kernels it runs
         return outs
 
     def _current_kernel(self):

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from .backends import dense_kernel, int8_kernel
 from .batch import LoraBatch
 from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
-from .ops import SlotExtras, add_lora
+from .ops import SlotExtras, add_lora, add_lora_rows
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
 
@@ -40,9 +40,11 @@ class LoraLinear(LoraSlots):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.kernel if self.merged_kernel is None else self.merged_kernel)(x)
 
-    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         if self.is_head:
             batch = batch.head_batch
+        if batch.rows is not None:
+            return add_lora_rows(y, x, self.lora_a, self.lora_b, batch.rows, self.extras)
         return add_lora(y, x, self.lora_a, self.lora_b, self.slot_ranks, batch, self.extras)
 
     def use_kernels(self, dense: KernelRule) -> None:
@@ -100,14 +102,19 @@ class LoraLinear(LoraSlots):
             self.extras = SlotExtras(has_bias=[False] * self.num_slots, is_dora=[False] * self.num_slots)
         extras, factory = self.extras, dict(dtype=self.dtype, device=self.device)
         extras.has_bias[slot], extras.is_dora[slot] = bias is not None, dora_scale is not None
-        if bias is not None:
-            if extras.bias is None:
-                extras.bias = torch.zeros(self.num_slots, self.out_features, **factory)
-            extras.bias[slot].copy_(bias)
-        if dora_scale is not None:
-            if extras.dora_scale is None:
-                extras.dora_scale = torch.ones(self.num_slots, self.out_features, **factory)
-                extras.dora_shift = torch.zeros(self.num_slots, self.out_features, **factory)
+        # A slot without a term holds the identity (bias 0, scale 1, shift 0): the row kernels read
+        # every slot's entry, so an old adapter's must not linger.
+        if bias is not None and extras.bias is None:
+            extras.bias = torch.zeros(self.num_slots, self.out_features, **factory)
+        if extras.bias is not None:
+            extras.bias[slot].copy_(bias) if bias is not None else extras.bias[slot].zero_()
+        if dora_scale is not None and extras.dora_scale is None:
+            extras.dora_scale = torch.ones(self.num_slots, self.out_features, **factory)
+            extras.dora_shift = torch.zeros(self.num_slots, self.out_features, **factory)
+        if extras.dora_scale is not None and dora_scale is None:
+            extras.dora_scale[slot].fill_(1)
+            extras.dora_shift[slot].zero_()
+        elif dora_scale is not None:
             extras.dora_scale[slot].copy_(dora_scale)
             extras.dora_shift[slot].copy_((1 - dora_scale) * self.bias if self.bias is not None else 0 * dora_scale)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .batch import LoraBatch
+from .batch import LoraBatch, with_rows
 from .embedding import LoraEmbedding
 from .errors import MergeBudgetError
 from .kernel_plan import apply_kernel_plan
@@ -43,6 +43,7 @@ class LoraModel:
         self.copy_slots: frozenset[int] = frozenset()  # slots holding full module copies: direct runs too
         self.copies: dict[str, PerRowModule] = {}  # installed on first load of a copy of that module
         self.merged: SlotMix | None = None  # what merge() folded into the weights; None: W0 alone
+        self.row_kernels = False  # LoRA linears run the row kernels (lora_kernels.py): set on CUDA
         self.merge_budget: int | None = None  # bytes merge buffers may hold (--merge-memory); None: no limit
         names = frozenset(name for name, _ in model.named_modules() if name)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
@@ -152,13 +153,16 @@ class LoraModel:
     ) -> LoraBatch | None:
         """Per-step metadata for `token_slots` ([N], -1 = base; [K, N] with `token_scales` for composed
         rows) and the rows `keep` that reach the output head; None when every row is base."""
-        return LoraBatch.build(
+        batch = LoraBatch.build(
             token_slots,
             device=self.device,
             token_scales=token_scales,
             direct_slots=self.dora_slots | self.copy_slots,
             keep=keep,
         )
+        if batch is None or not self.row_kernels:
+            return batch
+        return with_rows(batch, token_slots, token_scales, keep, self.max_loras, self.device)
 
     @contextmanager
     def gather(self, batch: LoraBatch | None):

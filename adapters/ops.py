@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .batch import LoraBatch
+
+if TYPE_CHECKING:
+    from .lora_kernels import LoraRows
 
 
 @dataclass
@@ -85,6 +89,32 @@ def add_lora(
         bias = extras.bias[groups.slots].unsqueeze(1)  # [k, 1, out]
         delta.add_(bias if groups.pad_mask is None else bias * groups.pad_mask)
     y2.index_add_(0, groups.rows, delta.view(k * groups.group_len, -1))
+    return y
+
+
+def add_lora_rows(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    rows: LoraRows,
+    extras: SlotExtras | None = None,
+) -> torch.Tensor:
+    """`add_lora`'s semantics in a fixed number of launches whatever the adapters in the step: one
+    shrink and one expand per term (adapters/lora_kernels.py), then DoRA's g ⊙ y + shift for every
+    row as one gather from a table whose last entry (base rows) is the identity. No host sync, so
+    it runs inside a captured CUDA graph."""
+    from .lora_kernels import lora_expand, lora_shrink  # Triton: imported only where rows are used
+
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    h = lora_shrink(x2, lora_a, rows)
+    lora_expand(y2, h, lora_b, rows, bias=None if extras is None else extras.bias)
+    if extras is not None and extras.dora_scale is not None:  # never composed: the first term's slot
+        slot = rows.token_slots[0].long()
+        entry = torch.where(slot >= 0, slot, extras.dora_scale.shape[0])
+        scale = torch.cat([extras.dora_scale, extras.dora_scale.new_ones(1, y2.shape[1])])
+        shift = torch.cat([extras.dora_shift, extras.dora_shift.new_zeros(1, y2.shape[1])])
+        y2.mul_(scale[entry]).add_(shift[entry])
     return y
 
 

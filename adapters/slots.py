@@ -29,7 +29,7 @@ class LoraSlots(nn.Module):
     W0 is never written: a merge fills a separate buffer, so going back to base is a pointer change
     and after any number of swaps W0 is bit-identical to what was loaded.
 
-    A subclass supplies the base op (`_base_forward`), the per-row delta (`_add_delta`), W0
+    A subclass supplies the base op (`_base_forward`), the per-row delta (`add_delta`), W0
     (`base_weight`) and, where it has them, per-slot extras and merge steps (the hooks below).
     """
 
@@ -55,12 +55,12 @@ class LoraSlots(nn.Module):
         batch = self.state.batch
         if batch is None or self.lora_a is None:
             return y
-        return self._add_delta(y, x, batch)
+        return self.add_delta(y, x, batch)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         """Each row's own adapter delta added to `y` in place (the batched-gather op)."""
         raise NotImplementedError
 

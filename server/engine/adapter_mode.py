@@ -43,6 +43,8 @@ class ModePolicy:
         (mix,) = mixes
         if model.merged == mix:
             return ModeDecision(MERGED)
+        if model.merge_budget == 0:  # merges are off (--merge-memory 0, or captured decode graphs)
+            return ModeDecision(GATHER)
         self._streak = self._streak + 1 if self._candidate == mix else 1
         self._candidate = mix
         if self._streak < self.merge_after_steps or mix in self._unmergeable:

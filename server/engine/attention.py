@@ -37,8 +37,13 @@ class KVStep:
     cache: KVCache
     seqs: list[SeqSlice]  # in packed-row order: their outputs concatenate back into the rows
     write_index: torch.Tensor  # [N] pool positions for the new tokens' keys and values
+    # [N] int32 pool start and length of each row's keys (a prompt row sees its sequence up to itself):
+    # set, attention is one row-kernel call per layer (row_attention.py, CUDA); None, one SDPA per sequence
+    row_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self):
+        if self.row_kv is not None:
+            return
         # Each sequence's rows, pool extent and mask, made once here rather than in every layer.
         device = self.write_index.device
         self.parts = [
@@ -74,6 +79,12 @@ def attend(
     k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]  # [KVH, C, D]
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
+    if kv_step.row_kv is not None:
+        from .row_attention import row_attention  # Triton: imported only where rows are used
+
+        starts, lengths = kv_step.row_kv
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return row_attention(query[0].transpose(0, 1), k_pool, v_pool, starts, lengths, scale)[None]
     k_pool, v_pool = k_pool[None], v_pool[None]
     outs = [
         F.scaled_dot_product_attention(

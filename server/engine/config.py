@@ -34,6 +34,10 @@ class EngineSettings(BaseModel):
     # row count (+1 weight copy); plain: never packed; auto: measured per weight shape on this machine once
     # (cached in cache_dir), the server's default. The engine's default keeps tests deterministic.
     kernel_choice: Literal["auto", "packed", "plain"] = "packed"
+    # Attention and LoRA as one Triton kernel call per layer over every row of a step (row_attention.py,
+    # adapters/lora_kernels.py); auto: on CUDA. torch: per-sequence SDPA and runs/groups of matmuls.
+    step_kernels: Literal["auto", "triton", "torch"] = "auto"
+    enforce_eager: bool = False  # vLLM's: no CUDA graphs for decode steps (decode_graphs.py)
     quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/kernel_plan.py)
     # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
     cache_dir: Path | None = None
@@ -44,3 +48,6 @@ class EngineConfig(EngineSettings):
 
     merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
     max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
+    # Decode steps through DecodeGraphs' static buffers; None: on CUDA with the row kernels unless
+    # enforce_eager. True off CUDA runs the same bookkeeping eagerly (what its CPU tests check).
+    decode_graphs: bool | None = None

@@ -42,13 +42,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         block_size: int = PAGE_TOKENS,
+        scratch_page: bool = False,
     ):
         if block_size % PAGE_TOKENS:
             raise ValueError(f"block_size must be a multiple of {PAGE_TOKENS}, not {block_size}")
         self.block_size, self.block_pages = block_size, block_size // PAGE_TOKENS
         self.num_pages = max(1, capacity_tokens // PAGE_TOKENS)
         self.capacity_tokens = self.num_pages * PAGE_TOKENS
-        shape = (num_kv_heads, self.capacity_tokens, head_dim)
+        # A page no sequence gets: captured decode graphs write their padding rows' K/V there.
+        self.scratch_token = self.capacity_tokens if scratch_page else None
+        shape = (num_kv_heads, self.capacity_tokens + (PAGE_TOKENS if scratch_page else 0), head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.extents: dict[int, Extent] = {}  # seq id -> extent

@@ -6,11 +6,14 @@ Each `step()` is the whole spine: schedule -> choose LoRA mode -> run -> sample 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+
+import torch
 
 from adapters import BASE_MIX, AdapterNotFoundError, AdapterRegistry, SlotMix, wrap_model
 from adapters.kernel_plan import choose_kernels
@@ -55,7 +58,8 @@ class LLMEngine:
         )
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
-        self.memory = plan_memory(self.lora_model, model_config, config)
+        row_kernels, decode_graphs = _step_kernels(config, self.lora_model.device)
+        self.memory = plan_memory(self.lora_model, model_config, config, captures_graphs=decode_graphs)
         self.lora_model.merge_budget = self.memory.merge_buffers
         log.info("%s", self.memory.describe())
         self.cache = KVCache(
@@ -67,6 +71,7 @@ class LLMEngine:
             dtype=base.model.dtype,
             device=self.lora_model.device,
             block_size=config.block_size,
+            scratch_page=decode_graphs,
         )
         self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
         self.max_model_len = min(
@@ -80,7 +85,13 @@ class LLMEngine:
             max_bypass_steps=config.max_bypass_steps,
             prefix=self.prefix_cache,
         )
-        self.runner = ModelRunner(self.lora_model, self.cache)
+        self.runner = ModelRunner(
+            self.lora_model,
+            self.cache,
+            row_kernels=row_kernels,
+            decode_graphs=decode_graphs,
+            max_rows=config.max_num_seqs,
+        )
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = frozenset(_eos_ids(base))
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
@@ -98,6 +109,8 @@ class LLMEngine:
         self.request_listeners: list[Callable[[RequestStats], None]] = []
         self._request_ids = itertools.count()
         self.snapshot = self.stats()  # refreshed by the engine thread; safe to read from any thread
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
 
     # Requests
     def add_request(
@@ -372,3 +385,22 @@ def _eos_ids(base: LoadedModel) -> set[int]:
     generation_eos = getattr(getattr(base.model, "generation_config", None), "eos_token_id", None)
     ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
     return {i for i in ids if i is not None}
+
+
+def _step_kernels(config: EngineConfig, device: torch.device) -> tuple[bool, bool]:
+    """(row kernels, decode graphs) for this device: both on CUDA by default (the launch-bound
+    device); elsewhere the per-sequence torch path, which measures faster on CPU."""
+    row_kernels = config.step_kernels == "triton" or (config.step_kernels == "auto" and device.type == "cuda")
+    if row_kernels and device.type == "cuda" and not _have_triton():
+        if config.step_kernels == "triton":
+            raise ValueError("--step-kernels triton needs the triton package, which is not installed")
+        log.warning("triton is not installed: CUDA steps run the per-sequence torch kernels")
+        row_kernels = False
+    graphs = config.decode_graphs
+    if graphs is None:
+        graphs = row_kernels and device.type == "cuda" and not config.enforce_eager
+    return row_kernels, graphs and row_kernels
+
+
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None

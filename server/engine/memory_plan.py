@@ -60,19 +60,23 @@ class MemoryPlan:
         return f"memory plan: {parts}; KV pool {self.kv_tokens:,} tokens"
 
 
-def plan_memory(lora_model: LoraModel, model_config, config: EngineConfig) -> MemoryPlan:
-    """The plan for a loaded, wrapped model under `config` on its device."""
+def plan_memory(lora_model: LoraModel, model_config, config: EngineConfig, captures_graphs: bool) -> MemoryPlan:
+    """The plan for a loaded, wrapped model under `config` on its device. With captured decode
+    graphs merges are off unless `merge_memory` asks for them: a merged step cannot replay a
+    graph (decode_graphs.py), and eager launches cost more than the LoRA kernels save."""
     device, dtype = lora_model.device, lora_model.dtype
     budget = config.memory_budget if config.memory_budget is not None else device_budget(device, config)
     kv_per_token = kv_bytes_per_token(model_config, dtype)
     weights, slots = model_bytes(lora_model.model), slot_bytes(lora_model)
-    graphs = CUDA_GRAPH_BYTES if device.type == "cuda" else 0
+    graphs = CUDA_GRAPH_BYTES if captures_graphs and device.type == "cuda" else 0
+    share = 0.0 if captures_graphs else MERGE_SHARE
     if budget is None:
         kv_tokens = config.kv_cache_tokens or CPU_KV_TOKENS
         merge = config.merge_memory  # None: merges are not limited (the CPU's behaviour before plans)
+        merge = 0 if merge is None and captures_graphs else merge
         activations = activation_bytes(model_config, dtype, config)
         return MemoryPlan(None, weights, slots, merge, activations, graphs, kv_tokens * kv_per_token, kv_tokens)
-    merge = config.merge_memory if config.merge_memory is not None else int(MERGE_SHARE * budget)
+    merge = config.merge_memory if config.merge_memory is not None else int(share * budget)
     activations = activation_bytes(model_config, dtype, config)
     free = budget - weights - slots - merge - activations - graphs
     kv_tokens = (max(free, 0) // kv_per_token) // PAGE_TOKENS * PAGE_TOKENS

@@ -9,6 +9,7 @@ import torch
 from adapters import BASE_SLOT, LoraModel, SlotMix
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice
+from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .lean_forward import lean_forward
 from .sequence import Sequence
@@ -26,12 +27,26 @@ class PromptRows:
 class ModelRunner:
     """All sequences of a step go in as one packed row: [1, N] tokens, per-token positions."""
 
-    def __init__(self, lora_model: LoraModel, cache: KVCache):
-        self.lora_model, self.cache = lora_model, cache
+    def __init__(
+        self,
+        lora_model: LoraModel,
+        cache: KVCache,
+        *,
+        row_kernels: bool = False,
+        decode_graphs: bool = False,
+        max_rows: int = 1,
+    ):
+        """`row_kernels`: attention and LoRA linears run the Triton row kernels (CUDA's default);
+        `decode_graphs`: decode steps of up to `max_rows` rows go through DecodeGraphs (needs them)."""
+        self.lora_model, self.cache, self.row_kernels = lora_model, cache, row_kernels
+        lora_model.row_kernels = row_kernels
         self.model = lora_model.model
         self.model.set_attn_implementation(ATTENTION_NAME)
         self.device = lora_model.device
         self.lean = lean_forward(self.model)  # None: this family runs the stock forward
+        self.graphs = None
+        if decode_graphs and self.lean is not None:
+            self.graphs = DecodeGraphs(self.lean, lora_model, cache, max_rows, max_terms=lora_model.max_loras)
 
     @torch.inference_mode()
     def run(
@@ -39,8 +54,11 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
         """Forward the step; returns logits [M, V] for the M sequences that now sample a token, and
         the prompt rows of the sequences that score their prompt (none unless a request asks)."""
+        if self.graphs is not None and self.graphs.can_run(scheduled):
+            seqs = [seq for seq, _ in scheduled]
+            return self.graphs.run(seqs), seqs, []
         ids, positions, write, mixes, keep, prompt_keep = [], [], [], [], [], []
-        seq_slices, sampling, scored = [], [], []
+        seq_slices, sampling, scored, row_starts = [], [], [], []
         # Rows of one adapter side by side (the base first): the LoRA op then takes them as one view,
         # not a gather.
         for seq, num_new in sorted(scheduled, key=lambda item: item[0].slot_mix):
@@ -50,6 +68,7 @@ class ModelRunner:
             positions += range(first, first + num_new)
             write += range(kv_start + first, kv_start + first + num_new)
             mixes.append((seq.slot_mix, num_new))
+            row_starts += [kv_start] * num_new
             seq_slices.append(SeqSlice(row, num_new, kv_start, first + num_new))
             if first + num_new == seq.num_tokens and seq.max_tokens:  # this row yields the next token
                 keep.append(row + num_new - 1)
@@ -59,7 +78,11 @@ class ModelRunner:
                 scored.append((seq, targets))
                 prompt_keep += range(row + targets.start - 1 - first, row + targets.stop - 1 - first)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        step = KVStep(self.cache, seq_slices, as_tensor(write))
+        row_kv = None
+        if self.row_kernels:  # each row's keys: its sequence's extent up to and including itself
+            as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=self.device)  # noqa: E731
+            row_kv = (as_int32(row_starts), as_int32(positions) + 1)
+        step = KVStep(self.cache, seq_slices, as_tensor(write), row_kv)
         head_rows = as_tensor(keep + prompt_keep)
         # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
         head_keep = head_rows if self.lora_model.has_head_lora else None

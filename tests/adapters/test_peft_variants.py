@@ -6,11 +6,6 @@ and our base rows against PEFT's, floored at a few fp32 steps of the largest log
 
 from __future__ import annotations
 
-import copy
-import zlib
-from pathlib import Path
-
-import peft
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -25,25 +20,10 @@ from test_peft_equivalence import (
 )
 
 from adapters import BASE_SLOT, LoraBatch
+from support.peft import make_trained_adapter
 
 BASE = "__base__"
 FLOAT_ULPS = 64
-
-
-def make_trained_adapter(base, path: Path, **lora_kwargs) -> Path:
-    """A PEFT adapter with random A, B, lora_B biases, and DoRA magnitudes moved off ‖W0 + s·B·A‖
-    (as training moves them): with m equal to the norm, DoRA would equal plain LoRA."""
-    with torch.random.fork_rng():
-        torch.manual_seed(zlib.crc32(path.name.encode()))
-        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_magnitude_vector" in name:
-                    param.mul_(1 + 0.3 * torch.randn_like(param))
-                elif ".lora_B." in name and name.endswith(".bias"):
-                    param.copy_(0.5 * torch.randn_like(param))
-    model.save_pretrained(str(path))
-    return path
 
 
 def tolerance(*noises: float, reference: torch.Tensor) -> float:

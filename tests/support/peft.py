@@ -24,3 +24,19 @@ def make_peft_adapter(base: torch.nn.Module, path: str | Path, **lora_kwargs) ->
     assert lora_b and all(bool(p.any()) for p in lora_b), "every lora_B must be non-zero"
     model.save_pretrained(str(path))
     return path
+
+
+def make_trained_adapter(base, path: Path, **lora_kwargs) -> Path:
+    """A PEFT adapter with random A, B, lora_B biases, and DoRA magnitudes moved off ‖W0 + s·B·A‖
+    (as training moves them): with m equal to the norm, DoRA would equal plain LoRA."""
+    with torch.random.fork_rng():
+        torch.manual_seed(zlib.crc32(path.name.encode()))
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.3 * torch.randn_like(param))
+                elif ".lora_B." in name and name.endswith(".bias"):
+                    param.copy_(0.5 * torch.randn_like(param))
+    model.save_pretrained(str(path))
+    return path
