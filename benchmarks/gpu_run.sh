@@ -6,14 +6,15 @@
 #              (pydantic and its deps, google-re2); installed with --target into /tmp/site.
 # .gpu/model:  the default model's config and tokenizer without its weights; a random-weight model of
 #              the same architecture is built from it (throughput does not depend on weight values).
-# Steps: install, device info, random model, benchmarks/cuda_check.py (PEFT parity on the GPU),
-# the suite's CUDA test, benchmarks/throughput.py on CUDA. Each step's log and JSON go to $OUT; a
+# Steps: install, device info, random model, benchmarks/cuda_check.py (PEFT parity on the GPU), the
+# suite's CUDA tests (Triton kernels compiled), throughput.py on the 8B-class shape with fresh traffic
+# (captured decode, then eager), and on the default model's shape against PEFT and HF. Each step's log and JSON go to $OUT; a
 # failed or timed-out step is reported and the next one still runs. Everything stops by $BUDGET_S.
 set -u -o pipefail
 
 OUT=${OUT:-/tmp/gpu_out}
-BUDGET_S=${BUDGET_S:-560}  # wall-clock seconds for the whole script
-ROUNDS=${ROUNDS:-3}
+BUDGET_S=${BUDGET_S:-480}  # wall-clock seconds for the whole script: 8 minutes
+ROUNDS=${ROUNDS:-2}
 MODEL_DIR=${MODEL_DIR:-/tmp/loraserve-random-model}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
@@ -98,10 +99,21 @@ step device_info 60 bash -c device_info
 step random_model 150 bash -c make_random_model
 CHECK_DIR=.gpu/model
 [[ -f $MODEL_DIR/tokenizer_config.json ]] && CHECK_DIR=$MODEL_DIR  # its tokenizer config is the one that loaded
-step cuda_check 240 python3 benchmarks/cuda_check.py --model-dir "$CHECK_DIR" --out "$OUT/cuda_check.json"
-step pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py -k cuda
-step throughput_cuda 420 python3 benchmarks/throughput.py --model "$MODEL_DIR" --device cuda \
-    --requests 64 --rounds "$ROUNDS" --out "$OUT/throughput_cuda.json"
+# PEFT parity: gathered (runs, groups, row kernels) and merged logits in fp32 and bf16; engine greedy
+# tokens with captured decode in fp32 and bf16, and on the per-sequence torch path.
+step cuda_check 150 python3 benchmarks/cuda_check.py --model-dir "$CHECK_DIR" --out "$OUT/cuda_check.json"
+# The tests that run on CUDA when it is there: the Triton kernels compiled (not interpreted), the sampler.
+step pytest_cuda 90 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_kernels.py \
+    tests/engine/test_row_attention.py tests/engine/test_sampling.py
+# The 8B-class shape, bf16, fresh traffic, 64 requests: mixed and base, one stream, peak memory.
+step throughput_8b 170 python3 benchmarks/throughput.py --shape llama-8b --model "$CHECK_DIR" --device cuda \
+    --skip-references --one-stream --requests 64 --rounds "$ROUNDS" --out "$OUT/throughput_8b.json"
+# The same without graphs, to see what capture buys (and a fallback figure if capture fails).
+step throughput_8b_eager 100 python3 benchmarks/throughput.py --shape llama-8b --model "$CHECK_DIR" --device cuda \
+    --skip-references --enforce-eager --requests 64 --rounds 1 --out "$OUT/throughput_8b_eager.json"
+# The default model's architecture against PEFT and HF generate, if time is left.
+step throughput_small 120 python3 benchmarks/throughput.py --model "$MODEL_DIR" --device cuda \
+    --requests 64 --rounds 2 --out "$OUT/throughput_cuda.json"
 
 echo "=== summary (${SECONDS}s)"
 printf '%s\n' "${RESULTS[@]}" | tee "$OUT/summary.txt"
