@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -37,10 +38,14 @@ import warnings
 import zlib
 from pathlib import Path
 
-import peft
 import torch
-import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+
+if not torch.cuda.is_available():  # the --device cpu smoke run: Triton kernels only run interpreted there,
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # and triton reads this when first imported (by peft)
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -396,6 +397,11 @@ def _step_kernels(config: EngineConfig, device: torch.device) -> tuple[bool, boo
             raise ValueError("--step-kernels triton needs the triton package, which is not installed")
         log.warning("triton is not installed: CUDA steps run the per-sequence torch kernels")
         row_kernels = False
+    if row_kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "--step-kernels triton runs off CUDA only in Triton's interpreter (slow; for tests): set "
+            "TRITON_INTERPRET=1 before starting, or use --step-kernels auto"
+        )
     graphs = config.decode_graphs
     if graphs is None:
         graphs = row_kernels and device.type == "cuda" and not config.enforce_eager

@@ -93,3 +93,10 @@ def test_graphs_turn_merges_off_unless_merge_memory_asks(adapter_paths):
     assert engine.memory.merge_buffers == 0 and engine.memory.cuda_graphs == 0  # nothing is captured off CUDA
     engine.generate([PROMPTS[0]], greedy(10), ["a"])
     assert engine.stats().steps_by_mode["merged"] == 0
+
+
+def test_the_triton_path_off_cuda_needs_the_interpreter_said_out_loud(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        make_engine(step_kernels="triton")
+    assert not make_engine().runner.row_kernels  # auto: the torch path off CUDA
