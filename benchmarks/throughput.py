@@ -47,6 +47,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from server.engine.llm_engine import EngineConfig, LLMEngine
@@ -109,14 +110,24 @@ def llama_8b(tokenizer, device: torch.device, dtype: torch.dtype, layers: int | 
 
 
 def make_adapters(model, root: Path) -> dict[str, Path]:
+    """The ADAPTERS as PEFT directories with random non-zero A and B, written straight from the
+    model's shapes: no copy of the model (PEFT's get_peft_model wraps one, 15 GB at 8B)."""
+    generator = torch.Generator().manual_seed(0)
     paths = {}
     for name, (rank, targets) in ADAPTERS.items():
-        peft_model = peft.get_peft_model(
-            copy.deepcopy(model),
-            peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False),
-        )
-        peft_model.save_pretrained(root / name)
+        tensors = {}
+        for module_name, module in model.named_modules():
+            if module_name.rsplit(".", 1)[-1] in targets:
+                out_features, in_features = module.weight.shape
+                a = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+                b = torch.randn(out_features, rank, generator=generator) / rank**0.5
+                prefix = f"base_model.model.{module_name}"
+                tensors[f"{prefix}.lora_A.weight"] = a.to(module.weight.dtype)
+                tensors[f"{prefix}.lora_B.weight"] = b.to(module.weight.dtype)
         paths[name] = root / name
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM")
+        config.save_pretrained(paths[name])
+        save_file(tensors, paths[name] / "adapter_model.safetensors")
     return paths
 
 
