@@ -101,6 +101,8 @@ class LoraLinear(LoraSlots):
                 return
             self.extras = SlotExtras(has_bias=[False] * self.num_slots, is_dora=[False] * self.num_slots)
         extras, factory = self.extras, dict(dtype=self.dtype, device=self.device)
+        if (bias is not None and extras.bias is None) or (dora_scale is not None and extras.dora_scale is None):
+            self.state.layout_version += 1  # a table the forward reads from now on
         extras.has_bias[slot], extras.is_dora[slot] = bias is not None, dora_scale is not None
         # A slot without a term holds the identity (bias 0, scale 1, shift 0): the row kernels read
         # every slot's entry, so an old adapter's must not linger.

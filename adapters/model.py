@@ -82,6 +82,7 @@ class LoraModel:
         module = PerRowModule(base, self.state, is_head=getattr(base, "is_head", False))
         setattr(parent, child, module)
         self.copies[name] = module
+        self.state.layout_version += 1  # a new module in the forward: captured graphs are stale
 
     def clear_slot(self, slot: int) -> None:
         if self._merged_uses(slot):

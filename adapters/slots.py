@@ -14,10 +14,13 @@ from .peft_format import LoraWeights
 
 
 class LoraState:
-    """Shared by every LoRA layer of one model: the step's gather batch, or None for no gather."""
+    """Shared by every LoRA layer of one model: the step's gather batch, or None for no gather, and
+    a count of buffer allocations: which buffers exist decides which ops a forward runs, so a
+    captured CUDA graph is stale once it moves (decode_graphs.py)."""
 
     def __init__(self):
         self.batch: LoraBatch | None = None
+        self.layout_version = 0
 
 
 class LoraSlots(nn.Module):
@@ -91,6 +94,7 @@ class LoraSlots(nn.Module):
         self._set_extras(slot, weights)
 
     def _allocate(self) -> None:
+        self.state.layout_version += 1
         factory = dict(dtype=self.dtype, device=self.device)
         a_shape = (self.in_features, self.max_rank) if self.is_a_transposed else (self.max_rank, self.in_features)
         self.lora_a = torch.zeros(self.num_slots, *a_shape, **factory)

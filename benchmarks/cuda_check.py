@@ -339,8 +339,9 @@ def check_generate(
     )
     graphs = engine.runner.graphs
     if graphs is not None and graphs.capture:
-        replayed = sorted(key for key, entry in graphs.graphs.items() if entry.graph is not None)
-        checks.add(f"{label} engine decoded from captured graphs", bool(replayed), graphs=len(replayed))
+        replayed = sum(graphs.replays.values())
+        captured = all(entry.graph is not None for entry in graphs.graphs.values())
+        checks.add(f"{label} engine decoded from captured graphs", replayed > 0 and captured, replays=replayed)
     return {"outputs": outputs, "seconds": seconds, "distinct_first_three": distinct}
 
 

@@ -19,6 +19,7 @@ bookkeeping is tested on CPU.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,44 +63,54 @@ class DecodeGraphs:
         self.ints = torch.zeros(2 + max_terms, max_rows, dtype=torch.int32, device=device)
         self.scales = torch.ones(max_terms, max_rows, dtype=torch.float32, device=device)
         self.all_rows = torch.arange(max_rows, device=device)
+        self.embeddings = [layer for layer in lora_model.layers.values() if isinstance(layer, LoraEmbedding)]
         self.graphs: dict[tuple[int, int], _Graph] = {}  # by (bucket, term depth)
         self.pool = None  # one memory pool shared by every graph (they never run at once)
+        self.layout: int | None = None  # the LoRA buffers' layout_version the graphs were made for
+        self.replays: Counter[tuple[int, int]] = Counter()  # decode steps run, by (bucket, depth)
 
     def can_run(self, scheduled: list[tuple[Sequence, int]]) -> bool:
-        """Whether this step is a decode step the graphs cover."""
+        """Whether this step is a decode step the graphs cover: one new token per row, unmerged
+        weights, and no row on an adapter the row kernels do not cover (embedding LoRA, module copies)."""
         model = self.lora_model
-        return (
-            len(scheduled) <= self.buckets[-1]
-            and model.merged is None
-            and not model.copy_slots
-            and all(num_new == 1 and seq.params.prompt_logprobs is None for seq, num_new in scheduled)
-            and all(len(seq.slot_mix) <= self.max_terms for seq, _ in scheduled)
-            and not self._embedding_lora()
-        )
+        if len(scheduled) > self.buckets[-1] or model.merged is not None:
+            return False
+        if any(num_new != 1 or seq.params.prompt_logprobs is not None for seq, num_new in scheduled):
+            return False
+        slots = {slot for seq, _ in scheduled for slot, _ in seq.slot_mix}
+        if any(len(seq.slot_mix) > self.max_terms for seq, _ in scheduled) or slots & model.copy_slots:
+            return False
+        return not any(layer.slot_ranks[slot] for layer in self.embeddings for slot in slots)
 
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         num_rows = len(seqs)
         bucket = next(b for b in self.buckets if b >= num_rows)
         depth = max(len(seq.slot_mix) for seq in seqs)
+        if self.layout != self.lora_model.state.layout_version:
+            self.capture_all()  # new slot buffers or tables: the old graphs would skip their ops
         self._fill(seqs, bucket)
         key = (bucket, depth)
         if key not in self.graphs:
             self.graphs[key] = self._prepare(bucket, depth)
         entry = self.graphs[key]
+        self.replays[key] += 1
         if entry.graph is None:  # off CUDA: the same step, eagerly
             return self._forward(bucket, entry.rows)[:num_rows]
         entry.graph.replay()
         return entry.logits[:num_rows]
 
     def capture_all(self) -> None:
-        """Capture every bucket's base and single-adapter graphs now, at startup, so no request
-        waits on a capture (compositions' deeper graphs are captured on first use)."""
-        if not self.capture:
-            return
+        """(Re)capture every bucket's base and single-adapter graphs at once: at startup, and when
+        the LoRA buffers' layout changed (the first adapter of a kind loaded), so requests do not
+        each wait on a bucket's capture. Compositions' deeper graphs are captured on first use."""
+        self.graphs.clear()
+        self.pool = None
+        self.layout = self.lora_model.state.layout_version
         for bucket in self.buckets:
             for depth in (0, 1):
                 self.graphs[(bucket, depth)] = self._prepare(bucket, depth)
-        log.info("captured decode graphs for %d batch sizes up to %d rows", len(self.buckets), self.buckets[-1])
+        if self.capture:
+            log.info("captured decode graphs for %d batch sizes up to %d rows", len(self.buckets), self.buckets[-1])
 
     def _fill(self, seqs: list[Sequence], bucket: int) -> None:
         """The step's inputs into the static buffers; padding rows up to `bucket`."""
@@ -147,8 +158,3 @@ class DecodeGraphs:
         step = KVStep(self.cache, [], write, (self.ints[0, :bucket], self.ints[1, :bucket]))
         with self.lora_model.gather(batch):
             return self.lean(ids, positions, self.all_rows[:bucket], step)
-
-    def _embedding_lora(self) -> bool:
-        return any(
-            any(layer.slot_ranks) for layer in self.lora_model.layers.values() if isinstance(layer, LoraEmbedding)
-        )
