@@ -106,6 +106,7 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
         self.layout = self.lora_model.state.layout_version
+        self._fill([], self.buckets[-1])  # every row padding: a capture's warm-up run writes only the scratch page
         for bucket in self.buckets:
             for depth in (0, 1):
                 self.graphs[(bucket, depth)] = self._prepare(bucket, depth)
@@ -138,7 +139,9 @@ class DecodeGraphs:
             rows = LoraRows.build(slots, scales, self.lora_model.max_loras)
         if not self.capture:
             return _Graph(rows)
-        self._forward(bucket, rows)  # compiles the Triton kernels and warms cuBLAS outside the capture
+        # Compiles the Triton kernels and warms cuBLAS outside the capture. It runs on the buffers as
+        # they are: all padding (capture_all), or this step's rows, whose K/V it writes as the replay will.
+        self._forward(bucket, rows)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
