@@ -42,6 +42,8 @@ def row_attention(
 ) -> torch.Tensor:
     """q [N, H, D] (any strides with a unit last one); k_pool, v_pool [KVH, C, D]; kv_start,
     kv_len [N] int32. Returns [N, H, D] in q's dtype."""
+    if q.stride(2) != 1:  # the kernel steps rows and heads by stride, and dims by one
+        q = q.contiguous()
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[0]
     group = num_heads // num_kv_heads
