@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-if not torch.cuda.is_available():  # must precede triton's import: it decides per kernel at decoration
+# Off CUDA the kernels run only in Triton's interpreter (how their tests run on CPU). triton.jit
+# reads the switch as it decorates each kernel (below), so it is set before that, and before the import.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
@@ -32,9 +34,7 @@ except ImportError:  # the engine falls back to the torch path (llm_engine._step
     HAVE_TRITON = False
 
 BLOCK_M = 16  # rows per program: tl.dot's smallest tile
-# The interpreter's tl.dot reads bf16/fp16 tiles as raw integers (triton 3.9): there the tiles go
-# up to fp32 first, which changes no product (half x half is exact in fp32).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = False  # set below from what triton.jit made of the kernels
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, rows: LoraRows, *, a_tran
         x.stride(0), lora_a.stride(0), stride_rank, stride_in, h.stride(0), h.stride(1),
         rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_R=_tile(rank), BLOCK_K=min(64, _tile(in_features)),
-        DOT_FP32=x.dtype == torch.float32 or INTERPRETED,
+        DOT_FP32=_dot_in_fp32(x.dtype),
     )  # fmt: skip
     return h
 
@@ -117,9 +117,17 @@ def lora_expand(
             out_features, rank,
             y.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), 0 if bias is None else bias.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_tile(rank),
-            HAS_BIAS=bias is not None, DOT_FP32=y.dtype == torch.float32 or INTERPRETED,
+            HAS_BIAS=bias is not None, DOT_FP32=_dot_in_fp32(y.dtype),
         )  # fmt: skip
     return y
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """fp32 tiles stay fp32 in tl.dot (IEEE, no TF32: as torch's matmul). The interpreter's tl.dot
+    multiplies bf16 tiles as their raw uint16 bits (triton 3.9 keeps bf16 as uint16 in numpy), so
+    there they go up to fp32 first: exact, a product of two bf16 is exact in fp32. fp16 is a real
+    numpy float16 there and keeps the compiled path's own code."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and INTERPRETED)
 
 
 def _tile(size: int) -> int:
@@ -159,7 +167,7 @@ if HAVE_TRITON:
                     mask=(k[:, None] < in_features) & (r[None, :] < rank),
                     other=0.0,
                 )  # [BLOCK_K, BLOCK_R]: Aᵀ, read in place
-                if DOT_FP32:  # fp32 inputs stay fp32 (no TF32, as torch), and the interpreter (above)
+                if DOT_FP32:  # see _dot_in_fp32
                     acc += tl.dot(xs.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
                 else:
                     acc += tl.dot(xs, a_t)
@@ -210,6 +218,9 @@ if HAVE_TRITON:
             pointers = y + row[:, None] * stride_y + n[None, :]
             before = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
             tl.store(pointers, (before + delta).to(y.dtype.element_ty), mask=mask)
+
+    # What triton.jit decided (it reads TRITON_INTERPRET, spelled as its version accepts it).
+    INTERPRETED = not isinstance(_shrink_kernel, triton.JITFunction)
 
 
 def lora_shrink_reference(

@@ -20,16 +20,21 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():  # must precede triton's import: it decides per kernel at decoration
+# Off CUDA the kernel runs only in Triton's interpreter (how its tests run on CPU). triton.jit reads
+# the switch as it decorates the kernel (below), so it is set before that, and before the import.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+try:
+    import triton
+    import triton.language as tl
 
-# The interpreter's tl.dot reads bf16/fp16 tiles as raw integers (triton 3.9): there they go up to
-# fp32 first, which changes no product (half x half is exact in fp32).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+    HAVE_TRITON = True
+except ImportError:  # the engine falls back to per-sequence SDPA
+    HAVE_TRITON = False
+
 BLOCK_N = 32  # keys per iteration
+INTERPRETED = False  # set below from what triton.jit made of the kernel
 
 
 def row_attention(
@@ -55,60 +60,72 @@ def row_attention(
         group, head_dim,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=BLOCK_N, DOT_FP32=q.dtype == torch.float32 or INTERPRETED,
+        BLOCK_N=BLOCK_N, DOT_FP32=_dot_in_fp32(q.dtype),
     )  # fmt: skip
     return out
 
 
-@triton.jit
-def _row_attention_kernel(
-    q, k, v, out, kv_start, kv_len, scale,
-    group, head_dim,
-    stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-):  # fmt: skip
-    row, kv_head = tl.program_id(0), tl.program_id(1)
-    start = tl.load(kv_start + row).to(tl.int64)
-    length = tl.load(kv_len + row)
-    g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    in_group, in_dim = g < group, d < head_dim
-    heads = kv_head * group + g
-    queries = tl.load(
-        q + row * stride_q_row + heads[:, None] * stride_q_head + d[None, :],
-        mask=in_group[:, None] & in_dim[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]
-    best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)  # running max per head
-    total = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running softmax denominator
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    pool = kv_head * stride_kv_head + start * stride_kv_token
-    for n0 in range(0, length, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        in_keys = n < length
-        offsets = pool + n[:, None] * stride_kv_token + d[None, :]
-        kv_mask = in_keys[:, None] & in_dim[None, :]
-        keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        values = tl.load(v + offsets, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
-        else:
-            scores = tl.dot(queries, tl.trans(keys))
-        scores = tl.where(in_keys[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        weights = tl.exp(scores - new_best[:, None])
-        rescale = tl.exp(best - new_best)
-        total = total * rescale + tl.sum(weights, axis=1)
-        if DOT_FP32:
-            acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
-        best = new_best
-    result = acc / tl.where(total > 0, total, 1.0)[:, None]  # a row with no keys (padding): zeros
-    tl.store(
-        out + row * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
-        result.to(out.dtype.element_ty),
-        mask=in_group[:, None] & in_dim[None, :],
-    )
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """fp32 tiles stay fp32 in tl.dot (IEEE, no TF32: as torch). The interpreter's tl.dot multiplies
+    bf16 tiles as their raw uint16 bits (triton 3.9), so there they go up to fp32 first (exact for
+    q·k; p·v then skips the rounding of p to bf16 that the GPU does). fp16 keeps the GPU's code."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and INTERPRETED)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _row_attention_kernel(
+        q, k, v, out, kv_start, kv_len, scale,
+        group, head_dim,
+        stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):  # fmt: skip
+        row, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)  # heads x pool tokens x dim may pass 2^31
+        start = tl.load(kv_start + row).to(tl.int64)
+        length = tl.load(kv_len + row)
+        g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+        in_group, in_dim = g < group, d < head_dim
+        heads = kv_head * group + g
+        queries = tl.load(
+            q + row * stride_q_row + heads[:, None] * stride_q_head + d[None, :],
+            mask=in_group[:, None] & in_dim[None, :],
+            other=0.0,
+        )  # [BLOCK_G, BLOCK_D]
+        best = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)  # running max per head
+        total = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running softmax denominator
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        pool = kv_head * stride_kv_head + start * stride_kv_token
+        for n0 in range(0, length, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            in_keys = n < length
+            offsets = pool + n[:, None] * stride_kv_token + d[None, :]
+            kv_mask = in_keys[:, None] & in_dim[None, :]
+            keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+            values = tl.load(v + offsets, mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(queries, tl.trans(keys))
+            scores = tl.where(in_keys[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            weights = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            total = total * rescale + tl.sum(weights, axis=1)
+            if DOT_FP32:
+                acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+            best = new_best
+        result = acc / tl.where(total > 0, total, 1.0)[:, None]  # a row with no keys (padding): zeros
+        tl.store(
+            out + row * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
+            result.to(out.dtype.element_ty),
+            mask=in_group[:, None] & in_dim[None, :],
+        )
+
+    # What triton.jit decided (it reads TRITON_INTERPRET, spelled as its version accepts it).
+    INTERPRETED = not isinstance(_row_attention_kernel, triton.JITFunction)
 
 
 def row_attention_reference(

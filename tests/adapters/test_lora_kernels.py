@@ -7,10 +7,20 @@ import pytest
 import torch
 
 from adapters import add_lora_reference
-from adapters.lora_kernels import LoraRows, lora_expand, lora_expand_reference, lora_shrink, lora_shrink_reference
+from adapters.lora_kernels import (
+    BLOCK_M,
+    LoraRows,
+    lora_expand,
+    lora_expand_reference,
+    lora_shrink,
+    lora_shrink_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-S, R, IN, OUT, N = 4, 16, 40, 72, 37  # sizes off every tile multiple
+# Sizes off every tile: rank 12 in a 16-wide tile, 100 inputs over two 64-wide steps, 72 outputs in two
+# column blocks, 53 rows; slot 1 takes about half the rows, so its runs span several BLOCK_M blocks.
+S, R, IN, OUT, N = 4, 12, 100, 72, 53
+SLOT_WEIGHTS = torch.tensor([0.2, 0.15, 0.5, 0.15, 0.0])  # base (-1), slots 0..2; slot 3 stays empty
 
 
 def ulps(dtype: torch.dtype, magnitude: float, count: int = 4) -> float:
@@ -25,8 +35,9 @@ def random_step(dtype, terms: int = 2, seed: int = 0):
     lora_a = torch.randn(S, R, IN, generator=gen).to(DEVICE, dtype)
     lora_b = torch.randn(S, R, OUT, generator=gen).to(DEVICE, dtype)
     lora_a[2, 8:], lora_b[2, 8:] = 0, 0  # slot 2 holds a rank-8 adapter: zero past its rank
-    slots = torch.randint(-1, S - 1, (terms, N), generator=gen)  # slot 3 stays empty
+    slots = torch.multinomial(SLOT_WEIGHTS, terms * N, replacement=True, generator=gen).view(terms, N) - 1
     slots[-1, :10] = -1  # composed rows next to rows with one term
+    assert (slots[0] == 1).sum() > BLOCK_M  # slot 1 needs two programs in term 0
     scales = torch.rand(terms, N, generator=gen) * 2 - 0.5
     return x, lora_a, lora_b, slots.to(DEVICE), scales.to(DEVICE)
 

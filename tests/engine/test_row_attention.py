@@ -24,7 +24,7 @@ def rows_of(*pairs: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
 ROWS = [(0, 1), (0, 2), (0, 3), (0, 0), (40, 3 * BLOCK_N + 5), (200, 1), (POOL - 70, 70)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 16), (6, 2, 24), (8, 2, 64)])
 def test_row_attention_equals_its_reference(dtype, heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(heads * head_dim)
@@ -34,8 +34,11 @@ def test_row_attention_equals_its_reference(dtype, heads, kv_heads, head_dim):
     scale = head_dim**-0.5
     got = row_attention(q, k_pool, v_pool, starts, lengths, scale)
     expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, scale)
-    # outputs are averages of values of magnitude ~1-4: a few ulps of that, per dtype
-    torch.testing.assert_close(got, expected, atol=8 * torch.finfo(dtype).eps * 4, rtol=0)
+    # An output is a convex mix of values, so its error scales with max |v|: the kernel rounds the
+    # weights to the half dtype for p·v (eps/2 each), the output once more (eps/2), and sums in another
+    # order; measured at most ~1.1 eps·max|v| in every dtype, hence 4.
+    atol = 4 * torch.finfo(dtype).eps * v_pool.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
     assert not got[3].any()  # the padding row (no keys) is zeros
 
 
