@@ -103,8 +103,10 @@ CHECK_DIR=.gpu/model
 # tokens with captured decode in fp32 and bf16, and on the per-sequence torch path.
 step cuda_check 150 python3 benchmarks/cuda_check.py --model-dir "$CHECK_DIR" --out "$OUT/cuda_check.json"
 # The tests that run on CUDA when it is there: the Triton kernels compiled (not interpreted), the sampler.
-step pytest_cuda 90 python3 -m pytest -q -p no:cacheprovider tests/adapters/test_lora_kernels.py \
-    tests/engine/test_row_attention.py tests/engine/test_sampling.py
+# CUDA_TESTS overrides the list (e.g. CUDA_TESTS="tests -k cuda"), word-split into pytest's arguments.
+CUDA_TESTS=${CUDA_TESTS:-tests/adapters/test_lora_kernels.py tests/engine/test_row_attention.py tests/engine/test_sampling.py}
+# shellcheck disable=SC2086
+step pytest_cuda 90 python3 -m pytest -q -p no:cacheprovider $CUDA_TESTS
 # The 8B-class shape, bf16, fresh traffic, 64 requests: mixed and base, one stream, peak memory.
 step throughput_8b 170 python3 benchmarks/throughput.py --shape llama-8b --model "$CHECK_DIR" --device cuda \
     --skip-references --one-stream --requests 64 --rounds "$ROUNDS" --out "$OUT/throughput_8b.json"
