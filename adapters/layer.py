@@ -111,8 +111,9 @@ class LoraLinear(LoraSlots):
         if extras.bias is not None:
             extras.bias[slot].copy_(bias) if bias is not None else extras.bias[slot].zero_()
         if dora_scale is not None and extras.dora_scale is None:
-            extras.dora_scale = torch.ones(self.num_slots, self.out_features, **factory)
-            extras.dora_shift = torch.zeros(self.num_slots, self.out_features, **factory)
+            # One row past the slots: the identity, which base rows (BASE_SLOT = -1) index (ops.add_lora_rows).
+            extras.dora_scale = torch.ones(self.num_slots + 1, self.out_features, **factory)
+            extras.dora_shift = torch.zeros(self.num_slots + 1, self.out_features, **factory)
         if extras.dora_scale is not None and dora_scale is None:
             extras.dora_scale[slot].fill_(1)
             extras.dora_shift[slot].zero_()

@@ -23,8 +23,8 @@ class SlotExtras:
     """
 
     bias: torch.Tensor | None = None  # [S, out]
-    dora_scale: torch.Tensor | None = None  # [S, out]
-    dora_shift: torch.Tensor | None = None  # [S, out]
+    dora_scale: torch.Tensor | None = None  # [S + 1, out]: the last row is the identity (base rows)
+    dora_shift: torch.Tensor | None = None  # [S + 1, out]
     has_bias: list[bool] | None = None  # per slot
     is_dora: list[bool] | None = None  # per slot
 
@@ -110,11 +110,8 @@ def add_lora_rows(
     h = lora_shrink(x2, lora_a, rows)
     lora_expand(y2, h, lora_b, rows, bias=None if extras is None else extras.bias)
     if extras is not None and extras.dora_scale is not None:  # never composed: the first term's slot
-        slot = rows.token_slots[0].long()
-        entry = torch.where(slot >= 0, slot, extras.dora_scale.shape[0])
-        scale = torch.cat([extras.dora_scale, extras.dora_scale.new_ones(1, y2.shape[1])])
-        shift = torch.cat([extras.dora_shift, extras.dora_shift.new_zeros(1, y2.shape[1])])
-        y2.mul_(scale[entry]).add_(shift[entry])
+        slot = rows.token_slots[0].long()  # a base row's -1 picks the tables' last row, the identity
+        y2.mul_(extras.dora_scale[slot]).add_(extras.dora_shift[slot])
     return y
 
 
