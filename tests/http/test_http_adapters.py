@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -271,9 +272,36 @@ def test_chunked_upload_is_refused_while_it_streams(served, http, dirs, adapter_
         sock.sendall(head + b"%x\r\n%s\r\n" % (len(request.read()), request.read()))
         for _ in range(2 * MAX_UPLOAD // len(chunk)):  # twice the limit, then we stop sending (never end the body)
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        answer = sock.recv(65536).decode(errors="replace")  # times out (fails) if the server waits for the end
+        answer = _read_response(sock, timeout=60)  # times out (fails) if the server waits for the end
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     assert "too_large" in answer
+
+
+def _read_response(sock: socket.socket, timeout: float) -> str:
+    """One whole HTTP response off a raw socket: the head and the body may come in separate segments,
+    so read until Content-Length is met or the server closes, within `timeout` seconds."""
+    deadline, data = time.monotonic() + timeout, b""
+    while not _is_complete(data) and (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            segment = sock.recv(65536)
+        except ConnectionResetError:  # the server closed on the body we were still sending
+            break
+        if not segment:
+            break
+        data += segment
+    return data.decode(errors="replace")
+
+
+def _is_complete(data: bytes) -> bool:
+    head, blank, body = data.partition(b"\r\n\r\n")
+    if not blank:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        field, _, value = line.partition(b":")
+        if field.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False  # no length given: the body ends when the server closes
 
 
 def _snapshot(dirs: dict[str, Path]) -> list[str]:
