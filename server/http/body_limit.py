@@ -1,12 +1,15 @@
-"""Request bodies are bounded in size and in time before any route sees them.
+"""The edge of every request with a body: its key, then its size and time, before any route sees it.
 
-A JSON body is read here whole, up to `max_request_bytes`, within `request_read_timeout`, and then
-replayed to the app: FastAPI parses bodies before a route runs and turns any error raised while
-reading into a 400, so the limit cannot live in the routes. A Content-Length over the limit is
-refused before a byte of the body is read. Adapter uploads (multipart) stream past this to their
-route, which counts bytes against `max_upload_bytes`; here they only get an idle timeout per chunk,
-since a large upload may rightly take long. Both refusals close the connection (the rest of the body
-is never read).
+The key is checked from the headers first (auth.py): a client without one gets its 401 and the
+connection is closed before a byte of its body is read, so keyless clients can neither hold memory
+nor make the server read or parse anything. Then a JSON body is read here whole, up to
+`max_request_bytes`, within `request_read_timeout`, and replayed to the app (whose routes parse it
+off the event loop: json_body.py): FastAPI parses bodies before a route runs and turns any error
+raised while reading into a 400, so the limit cannot live in the routes. A Content-Length over the
+limit is refused before a byte of the body is read. Adapter uploads (multipart) stream past this to
+their route, which counts bytes against `max_upload_bytes`; here they only get an idle timeout per
+chunk, since a large upload may rightly take long. Every refusal closes the connection (the rest of
+the body is never read).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .auth import body_keys, key_error
 from .errors import HTTPError, error_response
 
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -33,6 +37,9 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] not in METHODS_WITH_BODY:
             return await self.app(scope, receive, send)
         settings = scope["app"].state.settings
+        unauthorised = key_error(_header(scope, b"authorization"), *body_keys(settings, scope["method"], scope["path"]))
+        if unauthorised is not None:
+            return await _refuse(unauthorised, scope, receive, send)
         timeout = settings.request_read_timeout
         if _is_upload(scope):
             return await self.app(scope, _idle_bounded(receive, timeout), send)
@@ -43,9 +50,14 @@ class BodyLimit:
                 raise _too_large(limit)
             body = await _read_body(receive, limit, timeout)
         except HTTPError as exc:
-            response = error_response(exc.status, exc.message, exc.code, headers={"Connection": "close"})
-            return await response(scope, receive, send)
+            return await _refuse(exc, scope, receive, send)
         await self.app(scope, _replay(body, receive), send)
+
+
+async def _refuse(exc: HTTPError, scope: Scope, receive: Receive, send: Send) -> None:
+    """The error, and the connection closed: the rest of the body is never read."""
+    headers = {**(exc.headers or {}), "Connection": "close"}
+    await error_response(exc.status, exc.message, exc.code, headers=headers)(scope, receive, send)
 
 
 def request_byte_limit(app) -> int:
@@ -116,14 +128,18 @@ def _idle_bounded(receive: Receive, timeout: float) -> Receive:
     return bounded
 
 
+def _header(scope: Scope, name: bytes) -> str:
+    """A header's value as text (latin-1, as HTTP carries it); empty if absent."""
+    return dict(scope["headers"]).get(name, b"").decode("latin-1")
+
+
 def _is_upload(scope: Scope) -> bool:
-    content_type = dict(scope["headers"]).get(b"content-type", b"")
-    return scope["path"] == UPLOAD_PATH and content_type.startswith(b"multipart/")
+    return scope["path"] == UPLOAD_PATH and _header(scope, b"content-type").startswith("multipart/")
 
 
 def _content_length(scope: Scope) -> int | None:
-    value = dict(scope["headers"]).get(b"content-length", b"")
-    return int(value) if value.isdigit() else None
+    value = _header(scope, b"content-length")
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def _too_large(limit: int) -> HTTPError:
