@@ -11,7 +11,7 @@ from .grammar import GrammarSpec
 class SamplingParams(BaseModel):
     """OpenAI's sampling fields plus vLLM's extras (top_k, ignore_eos, repetition_penalty)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # None = until the end of the context (OpenAI's chat default); 0 = score the prompt only, sample nothing
     max_tokens: int | None = Field(16, ge=0)
@@ -21,7 +21,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator.manual_seed takes
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)  # logits are divided or multiplied by it
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: drop tokens below min_p x the top token's probability
     min_tokens: int = Field(0, ge=0)  # vLLM's: EOS and stop_token_ids are masked until this many tokens
     logit_bias: dict[int, float] = Field(default_factory=dict)  # OpenAI's: token id -> bias added to its logit

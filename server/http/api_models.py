@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import typing
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, field_validator
 
 from adapters import AdapterInfo
 from server.engine.errors import RequestError
@@ -17,8 +18,14 @@ from server.engine.sampling_params import SamplingParams
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored, as vLLM does, so any OpenAI client version works unchanged.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as vLLM does, so any OpenAI client version works unchanged. No
+    # number may be infinite or NaN: every float a request carries reaches arithmetic.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+TokenId = StrictInt  # a JSON integer only: never true/false, 1.0 or "1"
+INT64 = 2**63  # seeds are what torch.Generator.manual_seed takes: signed 64-bit
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,12}")  # ASCII digits: str.isdigit() also takes "²" and "٣"
 
 
 class StreamOptions(_Request):
@@ -81,7 +88,7 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -89,8 +96,9 @@ class _SamplingFields(_Request):
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1)
     ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    stop_token_ids: list[int] | None = None
+    # Bounded both ways: logits are divided or multiplied by it, and past these they overflow.
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    stop_token_ids: list[TokenId] | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     min_tokens: int | None = Field(None, ge=0)
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
@@ -100,7 +108,7 @@ class _SamplingFields(_Request):
     length_penalty: float | None = None
     include_stop_str_in_output: bool | None = None
     bad_words: list[str] | None = None
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[TokenId] | None = None
     truncate_prompt_tokens: int | None = None
     logits_processors: Any = None
     cache_salt: str | None = Field(None, min_length=1)  # shares cached prefixes only with the same salt
@@ -122,7 +130,8 @@ class _SamplingFields(_Request):
     ) -> SamplingParams:
         self.refuse_unserved()
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        seed = None if self.seed is None else self.seed + choice  # n choices must differ
+        # n choices must differ; wrapped, so a seed near the top of the range stays a valid one
+        seed = None if self.seed is None else (self.seed + choice + INT64) % (2 * INT64) - INT64
         return SamplingParams.make(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -160,7 +169,7 @@ class _SamplingFields(_Request):
             return None
         biases = {}
         for key, bias in self.logit_bias.items():
-            if not key.lstrip("-").isdigit() or len(key) > 12:
+            if not _TOKEN_ID_KEY.fullmatch(key):
                 raise RequestError(f"keys must be token ids, not {key[:40]!r}", field="logit_bias")
             if not -100.0 <= bias <= 100.0:
                 raise RequestError(f"bias {bias} of token {key} is outside [-100, 100]", field="logit_bias")
@@ -183,15 +192,34 @@ UNSERVED_FIELDS = {
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: score the prompt (lm-eval does)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None  # OpenAI's insertion suffix: refused (UNSERVED_FIELDS)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt):
+        """One message for every wrong shape (the union's own would name a branch per member)."""
+        if isinstance(prompt, str) or _is_list_of(prompt, str) or _is_token_ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and all(_is_token_ids(p) for p in prompt):
+            return prompt
+        raise ValueError("must be a string, a list of strings, a list of token ids (JSON integers) or a list of those")
+
+
+def _is_list_of(value, kind: type) -> bool:
+    return isinstance(value, list) and all(type(v) is kind for v in value)
+
+
+def _is_token_ids(value) -> bool:
+    return _is_list_of(value, int)  # type(True) is bool, not int: booleans are no token ids
+
 
 class ContentPart(_Request):
-    """One part of a message's content; only text parts carry meaning here."""
+    """One part of a message's content: only text parts are served (limits.py refuses the others by
+    name, e.g. an image on this text-only base)."""
 
     type: str
     text: str | None = None

@@ -18,7 +18,14 @@ from adapters.errors import (
     LoraServeError,
     UnsupportedAdapterError,
 )
-from server.engine.errors import EngineDeadError, EngineFailedError, EngineStoppedError, QueueFullError, RequestError
+from server.engine.errors import (
+    EngineDeadError,
+    EngineFailedError,
+    EngineStoppedError,
+    NonFiniteOutputError,
+    QueueFullError,
+    RequestError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ _STATUS_AND_CODE: dict[type[LoraServeError], tuple[int, str]] = {
     AdapterExistsError: (409, "adapter_exists"),
     AdapterCapacityError: (503, "adapter_capacity"),
     RequestError: (400, "invalid_request_error"),
+    NonFiniteOutputError: (422, "non_finite_output"),
     QueueFullError: (503, "server_overloaded"),
     EngineStoppedError: (503, "server_shutting_down"),
     EngineFailedError: (500, "engine_error"),
@@ -119,7 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, EngineFailedError):
             log.error("engine failure on %s %s: %s", request.method, request.url.path, exc)
         headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
-        return error_response(*_typed(exc), headers=headers)
+        status, message, code, param = _typed(exc)
+        return error_response(status, message, code, param, headers=_closing(status, headers))
 
     @app.exception_handler(ClientDisconnectedError)
     async def _client_gone(request: Request, exc: ClientDisconnectedError):
@@ -129,6 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # json_body.py's parser names what is wrong and where
+            return error_response(400, f"the body is not valid JSON: {first['ctx']['error']}", "invalid_json")
         param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
         return error_response(400, f"{param or 'request'}: {first['msg']}", "invalid_request", param or None)
 
@@ -139,4 +150,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "internal_error")
+        return error_response(500, "internal server error", "internal_error", headers=_closing(500))
+
+
+def _closing(status: int, headers: dict[str, str] | None = None) -> dict[str, str] | None:
+    """A 5xx from a fault closes its connection, and says so: uvicorn drops a keep-alive connection
+    after an unhandled error, and a client (or a pooling proxy) that was not told would send the next
+    request, perhaps another user's, onto a dead socket."""
+    if status < 500 or status == 503:
+        return headers
+    return {**(headers or {}), "Connection": "close"}

@@ -58,6 +58,9 @@ def check_completion(body: CompletionRequest, limits: RequestLimits) -> None:
 
 def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
     _check_stop(body.stop, limits)
+    _check_content_parts(body)
+    if body.top_logprobs is not None and not body.logprobs:  # OpenAI's rule too: never ignored
+        raise RequestError("needs logprobs: true", field="top_logprobs")
     _check_token_ids(body, limits)
     _check_adapters(body, limits)
     _check_bytes(
@@ -68,6 +71,22 @@ def check_chat(body: ChatCompletionRequest, limits: RequestLimits) -> None:
         limits,
         "messages",
     )
+
+
+def _check_content_parts(body: ChatCompletionRequest) -> None:
+    """Only text parts are served: an image, audio or file part would be dropped unseen by this
+    text-only model, so it is refused by name instead."""
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            if part.type != "text":
+                raise RequestError(
+                    f"content parts of type {part.type[:40]!r} are not served: the model reads text only",
+                    field=f"messages[{i}].content[{j}].type",
+                )
+            if part.text is None:
+                raise RequestError("a text part needs its text", field=f"messages[{i}].content[{j}].text")
 
 
 def _is_ids(prompt) -> bool:

@@ -34,9 +34,10 @@ from .api_models import (
 )
 from .auth import require_admin_key, require_api_key
 from .errors import HTTPError
+from .json_body import OffLoopJSONRoute
 from .state import ServerState
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSONRoute)  # JSON bodies parsed off the loop
 read = [Depends(require_api_key)]
 admin = [Depends(require_api_key), Depends(require_admin_key)]
 

@@ -22,6 +22,7 @@ from .api_models import (
     ModelList,
 )
 from .auth import require_api_key
+from .json_body import OffLoopJSONRoute
 from .limits import check_chat, check_completion
 from .serving import (
     chat_events,
@@ -38,7 +39,7 @@ from .serving import (
 from .state import ServerState
 from .structured import chat_plan, completion_plan, template_messages
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], route_class=OffLoopJSONRoute)
 
 
 def _state(request: Request) -> ServerState:
