@@ -17,6 +17,11 @@ class QueueFullError(RequestError):
     """Too many requests are waiting; retry later."""
 
 
+class NonFiniteOutputError(RequestError):
+    """The model's logits for this request hold a NaN or an infinity: its adapter's weights, finite
+    as checked at load, overflow the activations. The request fails alone; the others in its step go on."""
+
+
 class EngineStoppedError(RequestError):
     """The engine is shutting down and takes no new requests."""
 

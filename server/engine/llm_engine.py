@@ -20,10 +20,10 @@ from adapters import BASE_MIX, AdapterNotFoundError, AdapterRegistry, SlotMix, w
 from adapters.kernel_plan import choose_kernels
 
 from .adapter_mode import GATHER, ModeDecision, ModePolicy
-from .adapter_ref import BASE_REF, AdapterRef, Term, bind, identity
+from .adapter_ref import BASE_REF, COMPOSED_LABEL, AdapterRef, Term, bind, identity
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineFailedError, PromptTooLongError, QueueFullError, RequestError
+from .errors import EngineFailedError, NonFiniteOutputError, PromptTooLongError, QueueFullError, RequestError
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows
 from .kv_cache import KVCache
 from .memory_plan import plan_memory
@@ -31,7 +31,7 @@ from .model_loader import BaseModel as LoadedModel
 from .model_loader import default_cache_dir
 from .model_runner import ModelRunner, PromptRows
 from .prefix_cache import PrefixCache
-from .sampler import prompt_logprobs, sample
+from .sampler import non_finite_rows, prompt_logprobs, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, StepPlan
 from .sequence import Completion, RequestOutput, Sequence, TokenLogprob
@@ -198,15 +198,27 @@ class LLMEngine:
         for rows in scored:
             self._score_prompt(rows)
         masks = masking.result() if masking is not None else None
+        logits, sampling = self._drop_failed_rows(logits, sampling)
         return sampling, *sample(logits, sampling, masks, self.eos_token_ids)
+
+    def _drop_failed_rows(self, logits: torch.Tensor, sampling: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Fail the sequences whose logits are not finite (or whose prompt scores were not), and
+        sample the others as if those rows were never there."""
+        for row in non_finite_rows(logits):
+            sampling[row].error = _non_finite(sampling[row].adapter, self.lora_model.dtype)
+        keep = [row for row, seq in enumerate(sampling) if seq.error is None]
+        if len(keep) == len(sampling):
+            return logits, sampling
+        return logits[keep], [sampling[row] for row in keep]
 
     def _advance(
         self, plan: StepPlan, sampling: list[Sequence], tokens: list[int], logprobs: list
     ) -> list[RequestOutput]:
         now = time.monotonic()
         prompt_only = [seq for seq, num_new in plan.scheduled if self._account(seq, num_new, now)]
+        failed = [self.abort(seq.request_id, seq.error) for seq, _ in plan.scheduled if seq.error is not None]
         outputs = [self._append(seq, token, logprob, now) for seq, token, logprob in zip(sampling, tokens, logprobs)]
-        return outputs + [self._finish_prompt_only(seq) for seq in prompt_only]
+        return failed + outputs + [self._finish_prompt_only(seq) for seq in prompt_only if seq.error is None]
 
     def _account(self, seq: Sequence, num_new: int, now: float) -> bool:
         """Count the tokens this step computed for `seq`; True if its prompt was all it asked for."""
@@ -307,7 +319,9 @@ class LLMEngine:
         seq, prompt = rows.seq, rows.seq.prompt_token_ids
         if not seq.prompt_logprobs:  # nothing predicts the first token (vLLM reports None for it)
             seq.prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
-        if rows.targets:
+        if rows.targets and non_finite_rows(rows.logits):
+            seq.error = _non_finite(seq.adapter, self.lora_model.dtype)
+        elif rows.targets:
             seq.prompt_logprobs += prompt_logprobs(
                 rows.logits, prompt[rows.targets.start : rows.targets.stop], seq.params.prompt_logprobs
             )
@@ -375,6 +389,20 @@ class LLMEngine:
         )
         for listener in self.step_listeners:
             listener(step)
+
+
+def _non_finite(ref: AdapterRef, dtype: torch.dtype) -> NonFiniteOutputError:
+    """Why a request whose logits are not finite fails, naming what it ran (an adapter, a composition
+    or the base) and the field that chose it."""
+    if ref.label == COMPOSED_LABEL:
+        what, field = f"the composition of {', '.join(map(repr, ref.names))}", "adapters"
+    else:
+        kind = "composition" if ref.is_composition else "adapter"
+        what, field = (f"{kind} {ref.label!r}" if ref.label else "the base model"), "model"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return NonFiniteOutputError(
+        f"the logits of {what} are not finite (its weights overflow {dtype_name} activations)", field=field
+    )
 
 
 def _since(start: float, end: float | None) -> float | None:

@@ -38,6 +38,15 @@ def sample(
     ]
 
 
+def non_finite_rows(logits: torch.Tensor) -> list[int]:
+    """The rows of logits [B, V] holding a NaN or an infinity: one check for the whole tensor, and
+    per-row work only when it fails (an adapter whose weights overflow the activations)."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return []
+    return (~finite.all(-1)).nonzero()[:, 0].tolist()
+
+
 def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], top_n: int) -> list[TokenLogprob]:
     """logits: [K, V], row k predicting prompt token target_ids[k]. Each target's logprob given the
     tokens before it (raw distribution, as for sampled tokens) and the top_n alternatives."""

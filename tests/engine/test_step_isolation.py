@@ -11,7 +11,7 @@ import safetensors.torch
 
 from server.engine.adapter_ref import AdapterRef
 from server.engine.config import EngineConfig
-from server.engine.errors import RequestError
+from server.engine.errors import NonFiniteOutputError, RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
 from support.engine import PROMPTS, encode, fresh_model, greedy, load_tokenizer
@@ -38,9 +38,12 @@ def _louder(source: Path, target: Path, factor: float = 1000.0) -> Path:
 def test_a_composition_whose_merge_overflows_is_served_gathered(adapter_paths, tmp_path):
     engine = _half_engine(adapter_paths, tmp_path)
     overflowing = engine.add_request(encode(PROMPTS[0]), greedy(6), AdapterRef.composed((("loud", FLOAT16_MAX),)))
+    beside = engine.add_request(encode(PROMPTS[1]), greedy(6))
     while engine.has_unfinished():
         engine.step()  # a merge failure used to raise out of the step, failing every request in it
-    assert (overflowing.finish_reason, overflowing.error) == ("length", None)
+    # Gathered, its fp16 activations overflow too: it fails alone, with a typed error, and the base row goes on.
+    assert overflowing.finish_reason == "abort" and isinstance(overflowing.error, NonFiniteOutputError)
+    assert (beside.finish_reason, beside.error) == ("length", None)
     assert engine.counters.steps_by_mode.get("merged", 0) == 0
 
 

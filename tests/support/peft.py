@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import zlib
 from pathlib import Path
 
 import peft
+import safetensors.torch
 import torch
 
 
@@ -40,3 +42,15 @@ def make_trained_adapter(base, path: Path, **lora_kwargs) -> Path:
                     param.copy_(0.5 * torch.randn_like(param))
     model.save_pretrained(str(path))
     return path
+
+
+def make_overflowing_adapter(source: Path, target: Path, magnitude: float = 1e19) -> Path:
+    """A copy of the adapter at `source` with A and B scaled so that their largest entries are
+    `magnitude`: every weight is finite (it loads), but B·A·x overflows float32 activations, so the
+    model's logits for it are NaN or infinite."""
+    shutil.copytree(source, target)
+    weights = target / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    scaled = {k: v * (magnitude / v.abs().max()) if ".lora_" in k else v for k, v in tensors.items()}
+    safetensors.torch.save_file(scaled, str(weights))
+    return target
