@@ -5,7 +5,9 @@ Traffic, from several client threads at once, for LORASERVE_SOAK_SECONDS (60 in 
 in `make soak`): greedy completions on stable adapters (each equal to an engine-only reference),
 compositions through the `adapters` field, streams the client drops after a few chunks, and a
 churn of uploads, replaces and deletes of other names, each through a random replica, with
-completions on them from the other replica. Afterwards both replicas are idle and hold nothing
+completions on them from the other replica; and hostile traffic that must change nothing: grammar
+bombs (a 3,000-link `$ref` chain, a 3,000-rule Lark chain, a regex past the lexer's limits), lone
+surrogates in prompts, and keyless clients flooding 3.7 MB bodies. Afterwards both replicas are idle and hold nothing
 (no running or waiting request, no KV reserved), and their RSS and open file descriptors, taken
 after a warm-up and again at the end, have not grown past the noise of the allocator.
 Figures go to the log (and docs/benchmarks.md quotes a `make soak` run)."""
@@ -34,6 +36,18 @@ CLIENTS = 6
 PROMPTS = ["The capital of France is", "Water boils at", "One, two, three,", "My favourite colour is"]
 MAX_TOKENS = 8
 STABLE = ("alpha", "beta")
+API_KEY = "soak-key"
+FLOOD_BYTES = 3_700_000
+CHAIN = 3000  # links past the depth that crashed the grammar library inside the server
+_REF_CHAIN = {
+    "$defs": {**{f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(CHAIN)}, f"d{CHAIN}": {"type": "string"}},
+    "$ref": "#/$defs/d0",
+}
+GRAMMAR_BOMBS = [
+    {"json": _REF_CHAIN},
+    {"grammar": "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(CHAIN)) + f'\nr{CHAIN}: "x"'},
+    {"regex": "(a{1000}){1000}"},
+]
 RSS_SLACK_BYTES = 96 << 20  # allocator and cache noise on a 135M model: growth past this is a leak
 FD_SLACK = 16
 
@@ -45,7 +59,7 @@ def _rss_and_fds(pid: int) -> tuple[int, int]:
 
 
 def _gauge(url: str, name: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text)  # open without a key
     return sum(s.value for f in families for s in f.samples if s.name == name)
 
 
@@ -67,8 +81,8 @@ class Traffic:
 
     def run(self, seed: int, deadline: float) -> None:
         rng = random.Random(seed)
-        actions = [self.complete, self.complete, self.compose, self.drop_stream, self.churn]
-        with httpx.Client(timeout=120) as http:
+        actions = [self.complete, self.complete, self.compose, self.drop_stream, self.churn, self.hostile]
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
             while time.monotonic() < deadline:
                 try:
                     rng.choice(actions)(http, rng)
@@ -130,6 +144,24 @@ class Traffic:
         allowed = {reference_text(self.adapter_dirs, prompt, w, MAX_TOKENS) for w in self.churn_weights}
         self.tally("churn_read", None if text in allowed else f"{name} {prompt!r}: {text!r}")
 
+    def hostile(self, http: httpx.Client, rng: random.Random) -> None:
+        """One attack that must be refused and change nothing for anyone else."""
+        url, attack = rng.choice(self.urls), rng.choice(["grammar_bomb", "surrogate", "keyless_flood"])
+        if attack == "keyless_flood":  # no key, 3.7 MB: refused from the headers, the body never read
+            try:
+                response = httpx.post(f"{url}/v1/completions", content=b"x" * FLOOD_BYTES, timeout=60)
+                failure = None if response.status_code == 401 else f"{response.status_code} {response.text[:200]}"
+            except httpx.TransportError:
+                failure = None  # the server closed the connection while the client was still sending
+            self.tally(attack, failure)
+            return
+        if attack == "grammar_bomb":
+            body = json.dumps({"model": STABLE[0], "prompt": "x", "structured_outputs": rng.choice(GRAMMAR_BOMBS)})
+        else:
+            body = json.dumps({"model": STABLE[0], "prompt": "a lone surrogate: \ud800"})  # escaped by ensure_ascii
+        response = http.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+        self.tally(attack, None if response.status_code == 400 else f"{response.status_code} {response.text[:200]}")
+
     def _text(self, http: httpx.Client, url: str, adapter: str, prompt: str) -> str:
         answer = http.post(
             f"{url}/v1/completions",
@@ -141,6 +173,8 @@ class Traffic:
 def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path):
     store = tmp_path / "store"
     flags = [
+        "--api-key",
+        API_KEY,
         "--adapter-store",
         str(store),
         "--kernel-choice",
@@ -176,6 +210,7 @@ def test_two_replicas_survive_mixed_traffic_without_leaks(adapter_dirs, tmp_path
     Path(os.environ.get("LORASERVE_SOAK_REPORT", tmp_path / "soak.json")).write_text(json.dumps(figures, indent=1))
     assert not traffic.failures, traffic.failures[:10]
     assert traffic.counts.get("complete", 0) and traffic.counts.get("churn_read", 0)
+    assert traffic.counts.get("grammar_bomb", 0) and traffic.counts.get("keyless_flood", 0)
     for (warm_rss, warm_fds), (end_rss, end_fds) in zip(warm, end):
         assert end_rss <= warm_rss + RSS_SLACK_BYTES, figures
         assert end_fds <= warm_fds + FD_SLACK, figures
