@@ -9,7 +9,16 @@ import re
 from typing import Any, NamedTuple
 
 import re2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidAdapterError, UnsupportedAdapterError
 
@@ -107,6 +116,10 @@ class LoraConfig(BaseModel):
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # The name lists as sets: matching a module is a few lookups, not a scan of a list that a
+    # config may repeat 100,000 times (a scan per module per target was quadratic).
+    _target_names: frozenset[str] = PrivateAttr(frozenset())
+    _excluded_names: frozenset[str] = PrivateAttr(frozenset())
 
     @model_validator(mode="before")
     @classmethod
@@ -125,9 +138,18 @@ class LoraConfig(BaseModel):
                 raise UnsupportedAdapterError(refused.why, file=file, field=field)
         return data
 
+    @field_validator("target_modules", "exclude_modules", mode="after")
+    @classmethod
+    def _deduplicated(cls, value):
+        """Each name once, in its first place: PEFT reads the lists as sets."""
+        return list(dict.fromkeys(value)) if isinstance(value, list) else value
+
     def model_post_init(self, context: Any) -> None:
         """Compile every config-supplied regex once, now, so that a bad one fails the upload."""
         file = (context or {}).get("file", CONFIG_FILE)
+        for attribute, field in (("_target_names", "target_modules"), ("_excluded_names", "exclude_modules")):
+            value = getattr(self, field)
+            setattr(self, attribute, frozenset(value) if isinstance(value, list) else frozenset())
         for field, pattern in self._regexes():
             _compile(pattern, file, field)
 
@@ -186,9 +208,9 @@ class LoraConfig(BaseModel):
             return False
         if isinstance(self.target_modules, str):
             return _regex(self.target_modules).fullmatch(key) is not None
-        if key in self.target_modules:  # a full module name is selected even outside layers_to_transform
+        if key in self._target_names:  # a full module name is selected even outside layers_to_transform
             return True
-        if not any(key.endswith("." + t) for t in self.target_modules):
+        if self._target_names.isdisjoint(_dotted_suffixes(key)):  # no `key.endswith("." + t)`
             return False
         return self._in_transformed_layers(key)
 
@@ -198,7 +220,7 @@ class LoraConfig(BaseModel):
             return False
         if isinstance(excluded, str):
             return _regex(excluded).fullmatch(key) is not None
-        return any(key == e or key.endswith("." + e) for e in excluded)
+        return key in self._excluded_names or not self._excluded_names.isdisjoint(_dotted_suffixes(key))
 
     def _in_transformed_layers(self, key: str) -> bool:
         wanted = self.layers_to_transform
@@ -230,6 +252,12 @@ class LoraConfig(BaseModel):
         alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, key), self.lora_alpha)
         rank = self.rank_for(key)
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def _dotted_suffixes(key: str) -> list[str]:
+    """What follows each '.' of `key`: t is one of them exactly when key.endswith("." + t)."""
+    parts = key.split(".")
+    return [".".join(parts[i:]) for i in range(1, len(parts))]
 
 
 def _pattern_key(patterns: dict, key: str) -> str | None:

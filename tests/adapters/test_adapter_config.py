@@ -3,6 +3,7 @@ fields that change the outputs in ways we do not serve."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import subprocess
@@ -13,8 +14,9 @@ from pathlib import Path
 import peft
 import pytest
 
-from adapters import InvalidAdapterError, LoraConfig, UnsupportedAdapterError
+from adapters import InvalidAdapterError, LoraConfig, UnsupportedAdapterError, wrap_model
 from adapters.config import CONFIG_FILE, INFERENCE_NEUTRAL, REFUSED, SUPPORTED
+from adapters.peft_format import load_adapter
 from server.http.errors import status_and_code
 
 BASE = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
@@ -143,3 +145,37 @@ def test_a_config_saved_by_peft_with_its_defaults_is_accepted():
     saved = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM").to_dict()
     config = LoraConfig.from_json(json.dumps(saved, default=sorted))
     assert config.targets(MODULE) and config.r == 4
+
+
+NAME_LISTS = [["q_proj"], ["self_attn.q_proj"], [MODULE], ["proj"], ["_proj"], ["1.self_attn"], ["b"], ["", "x"]]
+KEYS = [MODULE, "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj", "q_proj", "a..b", "a.b"]
+
+
+@pytest.mark.parametrize("names", NAME_LISTS, ids=str)
+def test_name_lists_match_as_peft_matches_them(names):
+    for key in KEYS:
+        assert parse(target_modules=names).targets(key) == _peft_selects(key, names), key
+        excluded = parse(target_modules=["q_proj", "up_proj"], exclude_modules=names)
+        assert excluded.targets(key) == (_peft_selects(key, ["q_proj", "up_proj"]) and not _peft_selects(key, names))
+
+
+def _peft_selects(key: str, names: list[str]) -> bool:
+    """peft.tuners.tuners_utils.check_target_module_exists on a list of names."""
+    return any(key == t or key.endswith("." + t) for t in names)
+
+
+def test_a_repeated_target_list_is_read_once(tiny_llama, tmp_path, make_peft_adapter, monkeypatch):
+    """A config repeating one name 16,000 times cost a scan of the list per module per entry, so
+    quadratic in the list's length. Its names are now read once and matched through a set: the
+    matches per module do not depend on the list's length (counted here, not timed)."""
+    path = make_peft_adapter(tiny_llama, tmp_path / "repeated", r=4, target_modules=["q_proj", "v_proj"])
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config |= {"target_modules": ["q_proj"] * 16_000 + ["v_proj"], "exclude_modules": ["k_proj"] * 16_000}
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    calls = []
+    targets = LoraConfig.targets
+    monkeypatch.setattr(LoraConfig, "targets", lambda self, key: calls.append(key) or targets(self, key))
+    spec = wrap_model(copy.deepcopy(tiny_llama), max_loras=1, max_rank=8).spec
+    adapter = load_adapter("repeated", path, spec, max_rank=8)
+    assert adapter.config.target_modules == ["q_proj", "v_proj"] and adapter.config.exclude_modules == ["k_proj"]
+    assert len(calls) <= 3 * len(spec.module_names), len(calls)  # was 16,000 per q_proj module
