@@ -42,6 +42,11 @@ from .structured import OutputPlan, ToolCallStream, ToolMode, tool_calls
 
 log = logging.getLogger(__name__)
 
+# What a logprob of -inf (a token of probability 0) is reported as, as OpenAI does: JSON has no
+# infinity (json.dumps writes one that strict parsers refuse, pydantic writes null, which OpenAI's
+# chat schema does not allow).
+LOGPROB_FLOOR = -9999.0
+
 
 @dataclass
 class Job:
@@ -263,9 +268,11 @@ def completion_logprobs(logprobs: list[TokenLogprob], token_text, offset: int = 
     for lp in logprobs:
         text = token_text(lp.token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(lp.logprob)
+        out.token_logprobs.append(floored(lp.logprob))
         out.top_logprobs.append(
-            None if lp.logprob is None else {text: lp.logprob, **{token_text(t): v for t, v in lp.top}}
+            None
+            if lp.logprob is None
+            else {text: floored(lp.logprob), **{token_text(t): floored(v) for t, v in lp.top}}
         )
         out.text_offset.append(offset)
         offset += len(text)
@@ -275,7 +282,7 @@ def completion_logprobs(logprobs: list[TokenLogprob], token_text, offset: int = 
 def chat_logprobs(logprobs: list[TokenLogprob], token_text) -> ChatLogprobs:
     def entry(token_id: int, value: float) -> dict:
         text = token_text(token_id)
-        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+        return {"token": text, "logprob": floored(value), "bytes": list(text.encode())}
 
     return ChatLogprobs(
         content=[
@@ -285,6 +292,13 @@ def chat_logprobs(logprobs: list[TokenLogprob], token_text) -> ChatLogprobs:
             for lp in logprobs
         ]
     )
+
+
+def floored(logprob: float | None) -> float | None:
+    """A logprob as reported: never below LOGPROB_FLOOR, None only where nothing predicts the token
+    (an echoed prompt's first). NaN cannot reach here (the engine fails a row whose logits are not
+    finite); were it to, the floor still keeps the JSON valid."""
+    return logprob if logprob is None or logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def sse(payload) -> str:
