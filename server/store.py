@@ -133,7 +133,10 @@ class AdapterStore:
 
     def save_composition(self, name: str, terms: tuple[tuple[str, float], ...], replace: bool = False) -> None:
         """Write atomically: readers see the old file or the new one; without `replace`, an existing
-        name is an AdapterExistsError (also when another replica created it meanwhile)."""
+        name is an AdapterExistsError (also when another replica created it meanwhile). An adapter's
+        name is never taken, replace or not: names are one namespace."""
+        if name in self:
+            raise AdapterExistsError(f"{name!r} is an adapter in the store; delete it first", field="name")
         folder = self.root / COMPOSITIONS
         folder.mkdir(exist_ok=True)
         temporary = folder / f".tmp-{_new_version()}"
@@ -149,6 +152,9 @@ class AdapterStore:
         finally:
             temporary.unlink(missing_ok=True)
         _fsync_dir(folder)
+
+    def has_composition(self, name: str) -> bool:
+        return (self.root / COMPOSITIONS / f"{check_name(name)}.json").exists()
 
     def delete_composition(self, name: str) -> None:
         (self.root / COMPOSITIONS / f"{check_name(name)}.json").unlink(missing_ok=True)
@@ -179,8 +185,10 @@ class AdapterStore:
 
         replace=False raises AdapterExistsError if the name exists, also when a concurrent writer
         (another thread, process or replica) creates it first; with replace=True the last switch wins.
+        A composition's name is never taken, replace or not: names are one namespace.
         """
-        check_name(name)
+        if self.has_composition(check_name(name)):
+            raise AdapterExistsError(f"{name!r} is a composition in the store; delete it first", field="name")
         version = _new_version()
         with self._upload_lock(version):
             staging = self.root / f"{STAGING}{version}"

@@ -235,7 +235,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
             "lora_path",
         )
     state.check_name_free(body.lora_name)
-    if state.ready_engine().has_adapter(body.lora_name):
+    if await state.is_adapter_name(body.lora_name):  # a stored adapter too, unloaded or not
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
     source = path
     if body.energy is not None or body.max_rank is not None:  # served from the compressed files' bytes

@@ -126,7 +126,7 @@ class ServerState:
         if self.store is None:
             return
         stored = set(await asyncio.to_thread(self.store.names))
-        for name in sorted(stored | set(self._store_versions)):
+        for name in sorted((stored | set(self._store_versions)) - set(self.compositions)):  # one kind per name
             await self._sync_stored(name)
 
     async def register(
@@ -161,13 +161,24 @@ class ServerState:
             raise HTTPError(409, f"{name!r} is already the name of {kind}", "name_in_use", "name")
         return name
 
+    async def is_adapter_name(self, name: str) -> bool:
+        """Whether `name` is an adapter's: registered, or in the store though unloaded (it is loaded
+        again on its next use, so its name stays taken)."""
+        if self.ready_engine().has_adapter(name):
+            return True
+        return self.store is not None and await asyncio.to_thread(self.store.__contains__, name)
+
     async def add_composition(self, name: str, terms: tuple[Term, ...], replace: bool = False) -> None:
-        """Name a composition of registered adapters; persisted in the store when there is one."""
+        """Name a composition of registered adapters; persisted in the store when there is one.
+        `replace` replaces a composition only: an adapter's name stays its own until it is deleted."""
         check_name(name)
         engine = self.ready_engine()
-        if name == self.model_name or engine.has_adapter(name) or (name in self.compositions and not replace):
+        if name == self.model_name or await self.is_adapter_name(name):
+            kind = "the base model" if name == self.model_name else "an adapter (delete it first)"
+            raise HTTPError(409, f"{name!r} is already the name of {kind}", "name_in_use", "name")
+        if name in self.compositions and not replace:
             raise HTTPError(
-                409, f"{name!r} is already the name of a model, an adapter or a composition", "name_in_use", "name"
+                409, f"{name!r} is already the name of a composition; send replace=true", "name_in_use", "name"
             )
         if len(terms) > self.limits.max_adapters_per_request:
             raise RequestError(
@@ -250,7 +261,7 @@ class ServerState:
                 engine.vocab_size,
             )
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
-            self.compositions = self.store.compositions() if self.store else {}
+            self.compositions = self._stored_compositions(engine)
             if self.metrics is not None:
                 self.metrics.attach(engine)
             engine.publish_stats()
@@ -269,6 +280,24 @@ class ServerState:
     def _fatal(self, reason: str) -> None:
         if self.on_fatal is not None:
             self.on_fatal(reason)
+
+    def _stored_compositions(self, engine: LLMEngine) -> dict[str, tuple[Term, ...]]:
+        """The store's compositions, less any whose name an adapter or the base holds: a store written
+        before names were one namespace may have both, and a name must resolve (and list) once. The
+        adapter keeps the name; the composition's file stays, ignored, for its owner to rename."""
+        if self.store is None:
+            return {}
+        compositions = self.store.compositions()
+        for name in sorted(compositions):
+            if name == self.model_name or name in engine.registry or name in self.store:
+                log.warning(
+                    "ignoring stored composition %r: an adapter or the base model has that name "
+                    "(remove .compositions/%s.json from the store to silence this)",
+                    name,
+                    name,
+                )
+                del compositions[name]
+        return compositions
 
     def _register_startup_adapters(self, engine: LLMEngine) -> None:
         for spec in self.settings.adapters:

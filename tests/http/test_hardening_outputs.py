@@ -1,5 +1,6 @@
-"""What leaves the server is well formed (issue 24, item 9): an adapter whose activations overflow
-fails alone with a typed 422, and logprobs are never null past an echoed first token."""
+"""What leaves the server is well formed, and names mean one thing (issue 24, items 7, 9): an
+adapter whose activations overflow fails alone with a typed 422, logprobs are never null past an
+echoed first token, and a name is one adapter or one composition (across unload and restart)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from server.engine.sequence import TokenLogprob
 from server.http.serving import LOGPROB_FLOOR, chat_logprobs, completion_logprobs
 from server.http.settings import Settings
-from support.http import BASE, assert_openai_error, reference_text, serve, wait_idle
+from server.store import COMPOSITIONS, AdapterStore
+from support.http import BASE, adapter_files, assert_openai_error, reference_text, serve, wait_idle
 from support.peft import make_overflowing_adapter
 
 pytestmark = pytest.mark.real_model
@@ -25,14 +27,25 @@ NUM_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, adapter_dirs) -> dict[str, Path]:
-    """An overflowing copy of alpha."""
+    """An overflowing copy of alpha; an adapter root; a store written by an older version, which let
+    the composition `legacy` take the name of the stored adapter `legacy` (gamma's weights)."""
     base = tmp_path_factory.mktemp("outputs")
-    return {"huge": make_overflowing_adapter(adapter_dirs["alpha"], base / "huge")}
+    store = AdapterStore(base / "store")
+    store.save("legacy", {name: data for name, (_, data) in adapter_files(adapter_dirs["gamma"]).items()})
+    (base / "store" / COMPOSITIONS).mkdir()
+    (base / "store" / COMPOSITIONS / "legacy.json").write_text(json.dumps([{"name": "alpha", "scale": 1.0}]))
+    (base / "root").mkdir()
+    huge = make_overflowing_adapter(adapter_dirs["alpha"], base / "huge")
+    return {"huge": huge, "store": base / "store", "root": base / "root"}
 
 
 @pytest.fixture(scope="module")
 def served(dirs, adapter_dirs):
-    settings = Settings(adapters=[f"alpha={adapter_dirs['alpha']}", f"huge={dirs['huge']}"])
+    settings = Settings(
+        adapters=[f"alpha={adapter_dirs['alpha']}", f"huge={dirs['huge']}"],
+        adapter_store=dirs["store"],
+        adapter_root=dirs["root"],
+    )
     with serve(settings) as served:
         yield served
 
@@ -100,3 +113,60 @@ def test_a_logprob_of_minus_infinity_is_reported_as_openais_floor():
     chat = chat_logprobs(scored[1:], str).content[0]
     assert (chat.logprob, [t.logprob for t in chat.top_logprobs]) == (LOGPROB_FLOOR, [LOGPROB_FLOOR, -1.0])
     assert LOGPROB_FLOOR == -9999.0  # OpenAI's own
+
+
+# One namespace (item 7)
+def test_a_stored_adapter_keeps_its_name_while_unloaded(http, served, adapter_dirs):
+    assert (
+        http.post("/v1/adapters", data={"name": "kept"}, files=adapter_files(adapter_dirs["beta"])).status_code == 201
+    )
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "kept"}).status_code == 200
+    compose = {"name": "kept", "compose": [{"name": "alpha", "scale": 1}]}
+    for body in (compose, compose | {"replace": True}):
+        error = assert_openai_error(http.post("/v1/adapters", json=body), 409, "'kept'", "adapter")
+        assert (error["code"], error["param"]) == ("name_in_use", "name")
+    assert http.get("/v1/adapters/kept").status_code == 200
+    assert _complete(http, "kept").json()["choices"][0]["text"] == reference_text(
+        adapter_dirs, PROMPT, "beta", NUM_TOKENS
+    )
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert ids.count("kept") == 1
+    assert http.delete("/v1/adapters/kept").status_code == 200
+    wait_idle(served)
+
+
+def test_an_unloaded_stored_name_cannot_be_loaded_from_a_path(http, served, dirs, adapter_dirs):
+    files = adapter_files(adapter_dirs["beta"])
+    assert http.post("/v1/adapters", data={"name": "stored-beta"}, files=files).status_code == 201
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "stored-beta"}).status_code == 200
+    on_disk = dirs["root"] / "alpha-copy"
+    on_disk.mkdir(exist_ok=True)
+    for name, (_, data) in adapter_files(adapter_dirs["alpha"]).items():
+        (on_disk / name).write_bytes(data)
+    load = {"lora_name": "stored-beta", "lora_path": str(on_disk)}
+    assert_openai_error(http.post("/v1/load_lora_adapter", json=load), 409, "stored-beta")
+    text = _complete(http, "stored-beta").json()["choices"][0]["text"]
+    assert text == reference_text(adapter_dirs, PROMPT, "beta", NUM_TOKENS)
+    assert http.delete("/v1/adapters/stored-beta").status_code == 200
+    wait_idle(served)
+
+
+def test_an_upload_cannot_take_a_compositions_name_even_with_replace(http, served, adapter_dirs):
+    created = http.post("/v1/adapters", json={"name": "mixed", "compose": [{"name": "alpha", "scale": 0.5}]})
+    assert created.status_code == 201, created.text
+    files = adapter_files(adapter_dirs["beta"])
+    assert_openai_error(http.post("/v1/adapters", data={"name": "mixed", "replace": "true"}, files=files), 409)
+    assert "mixed" not in served.state.store
+    assert http.delete("/v1/adapters/mixed").status_code == 200
+
+
+def test_a_store_with_a_name_twice_serves_and_lists_it_once(http, served, adapter_dirs):
+    """Written by an older version: the adapter keeps the name, the composition is ignored."""
+    ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert ids.count("legacy") == 1
+    assert http.get("/v1/adapters/legacy").status_code == 200
+    assert _complete(http, "legacy").json()["choices"][0]["text"] == reference_text(
+        adapter_dirs, PROMPT, "gamma", NUM_TOKENS
+    )
+    assert "legacy" not in served.state.compositions
+    wait_idle(served)

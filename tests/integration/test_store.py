@@ -244,3 +244,17 @@ def test_a_store_written_before_versioning_is_migrated(tmp_path):
     assert read_tag(store.path(NAME)) == (5, 5)
     store.save(NAME, files_for(6), replace=True)
     assert read_tag(store.path(NAME)) == (6, 6)
+
+
+def test_an_adapter_and_a_composition_never_share_a_name(tmp_path):
+    """Names are one namespace in the store too, so replicas sharing it cannot make a name mean two
+    things: neither kind takes the other's name, replace or not."""
+    store = AdapterStore(tmp_path / "store")
+    store.save("adapter", files_for(1))
+    store.save_composition("composition", (("adapter", 1.0),))
+    for replace in (False, True):
+        with pytest.raises(AdapterExistsError, match="adapter in the store"):
+            store.save_composition("adapter", (("adapter", 1.0),), replace)
+        with pytest.raises(AdapterExistsError, match="composition in the store"):
+            store.save("composition", files_for(2), replace)
+    assert store.names() == ["adapter"] and set(store.compositions()) == {"composition"}
