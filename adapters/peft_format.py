@@ -136,20 +136,32 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
 
 
 class _FileView:
+    """An adapter's files, from a directory or an upload; an OSError reading the directory (a name
+    past the filesystem's limit, no permission) is a typed error naming the file, not a crash."""
+
     def __init__(self, source: AdapterSource):
         self.source = source if isinstance(source, Mapping) else Path(source)
-        if isinstance(self.source, Path) and not self.source.is_dir():
+        if isinstance(self.source, Path) and not _reading(self.source.is_dir, str(self.source)):
             raise InvalidAdapterError(f"adapter directory {str(self.source)!r} does not exist")
 
     def has(self, name: str) -> bool:
         if isinstance(self.source, Path):
-            return (self.source / name).is_file()
+            return _reading(lambda: (self.source / name).is_file(), name)
         return name in self.source
 
     def read(self, name: str) -> bytes | None:
         if not self.has(name):
             return None
-        return (self.source / name).read_bytes() if isinstance(self.source, Path) else self.source[name]
+        if isinstance(self.source, Path):
+            return _reading(lambda: (self.source / name).read_bytes(), name)
+        return self.source[name]
+
+
+def _reading(call, file: str):
+    try:
+        return call()
+    except OSError as exc:
+        raise InvalidAdapterError(f"cannot be read ({exc.strerror or exc})", file=file) from None
 
 
 def load_adapter(

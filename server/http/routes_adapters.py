@@ -222,7 +222,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
         )
     try:
         path = Path(os.path.realpath(body.lora_path))
-    except ValueError as exc:  # e.g. an embedded NUL byte
+    except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
         raise HTTPError(400, f"lora_path is not a valid path ({exc})", "invalid_path", "lora_path") from None
     real_root = os.path.realpath(root)
     outside = [p for p in [path, *_entries(path)] if not Path(os.path.realpath(p)).is_relative_to(real_root)]
@@ -234,6 +234,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
             "path_outside_root",
             "lora_path",
         )
+    _check_directory(path)
     state.check_name_free(body.lora_name)
     if await state.is_adapter_name(body.lora_name):  # a stored adapter too, unloaded or not
         raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
@@ -253,6 +254,17 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     state.check_unused(body.lora_name)
     await state.unregister(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _check_directory(path: Path) -> None:
+    """`lora_path` (inside the root, checked first) is a directory; any OSError resolving it (a name
+    longer than the filesystem's limit, no permission, a loop) is the client's path, a 400 naming it."""
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:
+        raise HTTPError(400, f"lora_path cannot be read ({exc.strerror})", "invalid_path", "lora_path") from None
+    if not is_dir:
+        raise HTTPError(400, "lora_path: the adapter directory does not exist", "invalid_path", "lora_path")
 
 
 def _entries(path: Path) -> list[Path]:

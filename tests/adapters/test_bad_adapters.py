@@ -365,6 +365,18 @@ def test_missing_directory_is_refused(registry, tmp_path):
     assert_unchanged(registry, before, "bad")
 
 
+@pytest.mark.parametrize("where", ["directory", "parent"])
+def test_a_path_the_filesystem_cannot_hold_is_refused_not_a_crash(registry, tmp_path, where):
+    """A component past NAME_MAX raises ENAMETOOLONG from the first stat: an OSError that reached
+    the HTTP layer as a 500 before it was an InvalidAdapterError (a 400)."""
+    too_long = "a" * 300
+    source = tmp_path / too_long if where == "directory" else tmp_path / too_long / "adapter"
+    before = snapshot(registry)
+    with pytest.raises(InvalidAdapterError, match="cannot be read"):
+        registry.add("bad", source)
+    assert_unchanged(registry, before, "bad")
+
+
 def test_weights_overflowing_the_serving_dtype_are_refused(tiny_llama, adapters_on_disk):
     """Finite in fp32 but inf once cast to an fp16 base: refused at load, not garbage at serve time."""
     huge = {key: value * 1e6 if ".lora_B." in key else value for key, value in adapters_on_disk.good.tensors.items()}

@@ -1,6 +1,7 @@
-"""What leaves the server is well formed, and names mean one thing (issue 24, items 7, 9): an
+"""What leaves the server is well formed, and names mean one thing (issue 24, items 4, 7, 9): an
 adapter whose activations overflow fails alone with a typed 422, logprobs are never null past an
-echoed first token, and a name is one adapter or one composition (across unload and restart)."""
+echoed first token, a name is one adapter or one composition (across unload and restart), and a
+client-given path or name the filesystem cannot hold is a 400 naming its field, never a 500."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.real_model
 
 PROMPT = "Once upon a time"
 NUM_TOKENS = 6
+LONG = "a" * 300  # past NAME_MAX (255 bytes) of every common filesystem
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,28 @@ def test_a_store_with_a_name_twice_serves_and_lists_it_once(http, served, adapte
     )
     assert "legacy" not in served.state.compositions
     wait_idle(served)
+
+
+# Paths and names past the filesystem's limits (item 4)
+@pytest.mark.parametrize("where", ["component", "parent", "whole"])
+def test_a_lora_path_the_filesystem_cannot_hold_is_a_400_naming_it(http, dirs, where):
+    root = dirs["root"]
+    path = {"component": root / LONG, "parent": root / LONG / "adapter", "whole": root.joinpath(*["b" * 200] * 25)}
+    load = {"lora_name": f"long-{where}", "lora_path": str(path[where])}
+    error = assert_openai_error(http.post("/v1/load_lora_adapter", json=load), 400, "lora_path")
+    assert error["param"] == "lora_path"
+
+
+def test_a_lora_path_that_does_not_exist_is_a_400_naming_it(http, dirs):
+    load = {"lora_name": "nothing", "lora_path": str(dirs["root"] / "nothing-here")}
+    error = assert_openai_error(http.post("/v1/load_lora_adapter", json=load), 400, "does not exist")
+    assert error["param"] == "lora_path"
+
+
+def test_a_name_the_store_cannot_hold_is_a_400_naming_it(http, adapter_dirs):
+    upload = http.post("/v1/adapters", data={"name": LONG}, files=adapter_files(adapter_dirs["beta"]))
+    assert assert_openai_error(upload, 400)["param"] == "name"
+    compose = http.post("/v1/adapters", json={"name": LONG, "compose": [{"name": "alpha", "scale": 1}]})
+    assert assert_openai_error(compose, 400)["param"] == "name"
+    for response in (http.get(f"/v1/adapters/{LONG}"), http.delete(f"/v1/adapters/{LONG}"), _complete(http, LONG)):
+        assert_openai_error(response, 404)
