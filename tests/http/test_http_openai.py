@@ -120,11 +120,7 @@ def test_chat_with_adapter_equals_the_engine(client, adapter_dirs):
 
 
 def test_chat_content_parts_read_as_their_text(client):
-    parts = [
-        {"type": "text", "text": "What is the capital"},
-        {"type": "image_url", "image_url": {"url": "x"}},
-        {"type": "text", "text": " of France?"},
-    ]
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": " of France?"}]  # an image: 400
     as_parts = _chat(client, messages=[{"role": "user", "content": parts}], max_tokens=4)
     assert as_parts.choices[0].message.content == _chat(client, max_tokens=4).choices[0].message.content
 
