@@ -1,14 +1,20 @@
 """Attention over the KV pool, plugged into stock transformers modules by name.
 
-Registering "loraserve" in transformers' AttentionInterface makes every Llama-family attention
-module (Llama, Mistral, Qwen2/3, SmolLM...) call `pool_attention` after its own projections and
-RoPE; the model code stays untouched. The step's metadata arrives as the `kv_step` keyword, which
-transformers forwards from `model(...)` to each attention call. No mask is built by transformers
-for names it does not know, so packed inputs cost no [N, N] mask.
+Registering "loraserve" in transformers' AttentionInterface makes the attention module of every
+family it serves call `pool_attention` after its own projections and rotary
+embedding; the model code stays untouched. The step's metadata reaches it through `step_context`,
+one context set once per step around the forward (nano-vllm's), not as a keyword: transformers
+forwards keywords from `model(...)` only as far as each family's decoder layer passes its
+`**kwargs` on, and some (Falcon, StableLM) drop them, so a keyword would need a patch per family.
+The context is per thread (a ContextVar), so engines on two threads never see each other's step.
+No mask is built by transformers for names it does not know, so packed inputs cost no [N, N] mask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +63,20 @@ class KVStep:
         ]
 
 
-def pool_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, kv_step: KVStep | None = None, **kwargs
-):
+_current_step: ContextVar[KVStep | None] = ContextVar("loraserve_kv_step", default=None)
+
+
+@contextmanager
+def step_context(kv_step: KVStep) -> Iterator[None]:
+    """Make `kv_step` the step every `pool_attention` call inside the block attends with."""
+    token = _current_step.set(kv_step)
+    try:
+        yield
+    finally:
+        _current_step.reset(token)
+
+
+def pool_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Write the step's new K/V into the pool, then attend each sequence to its own extent.
 
     Semantics, per sequence s with new rows q_s and cached keys/values K_s, V_s (a view):
@@ -68,7 +85,8 @@ def pool_attention(
     One SDPA call per sequence, on views of the pool: padding the sequences into one batched call
     must copy their cache first, which measured 2.5x slower per layer on CPU.
     """
-    assert kv_step is not None, "the loraserve attention runs only inside an engine step"
+    kv_step = _current_step.get()
+    assert kv_step is not None, "the loraserve attention runs only inside an engine step (step_context)"
     return attend(module.layer_idx, query, key, value, scaling, kv_step), None
 
 

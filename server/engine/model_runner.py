@@ -8,7 +8,7 @@ import torch
 
 from adapters import BASE_SLOT, LoraModel, SlotMix
 
-from .attention import ATTENTION_NAME, KVStep, SeqSlice
+from .attention import ATTENTION_NAME, KVStep, SeqSlice, step_context
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .lean_forward import lean_forward
@@ -97,9 +97,8 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep) -> torch.Tensor:
         if self.lean is not None:
             return self.lean(ids, positions, rows, step)
-        out = self.model(
-            input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows, kv_step=step
-        )
+        with step_context(step):
+            out = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=rows)
         return out.logits[0]
 
 
