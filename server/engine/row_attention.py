@@ -2,7 +2,8 @@
 
 Semantics, for row t (a decode row, or one row of a prompt chunk) and query head h, with KV head
 g = h // (H / KVH) (grouped-query attention), s = kv_start[t], L = kv_len[t]:
-    out[t, h] = softmax(q[t, h] · K[g, s : s + L]ᵀ · scale) · V[g, s : s + L]
+    out[t, h] = softmax(cap(q[t, h] · K[g, s : s + L]ᵀ · scale)) · V[g, s : s + L]
+where cap(x) = softcap · tanh(x / softcap) when a softcap is given (Gemma 2's), else x.
 A prompt row at position p of its sequence has L = p + 1: causality is in the lengths, so decode
 and prefill rows, of any number of sequences, share one call. L = 0 (a padding row) gives zeros.
 
@@ -44,9 +45,10 @@ def row_attention(
     kv_start: torch.Tensor,
     kv_len: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [N, H, D] (any strides with a unit last one); k_pool, v_pool [KVH, C, D]; kv_start,
-    kv_len [N] int32. Returns [N, H, D] in q's dtype."""
+    kv_len [N] int32; softcap: the attention logit softcap, or None. Returns [N, H, D] in q's dtype."""
     if q.stride(2) != 1:  # the kernel steps rows and heads by stride, and dims by one
         q = q.contiguous()
     num_rows, num_heads, head_dim = q.shape
@@ -56,11 +58,11 @@ def row_attention(
     if num_rows == 0:
         return out
     _row_attention_kernel[(num_rows, num_kv_heads)](
-        q, k_pool, v_pool, out, kv_start, kv_len, scale,
+        q, k_pool, v_pool, out, kv_start, kv_len, scale, softcap or 1.0,
         group, head_dim,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=BLOCK_N, DOT_FP32=_dot_in_fp32(q.dtype),
+        BLOCK_N=BLOCK_N, DOT_FP32=_dot_in_fp32(q.dtype), SOFTCAP=softcap is not None,
     )  # fmt: skip
     return out
 
@@ -76,10 +78,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_attention_kernel(
-        q, k, v, out, kv_start, kv_len, scale,
+        q, k, v, out, kv_start, kv_len, scale, softcap,
         group, head_dim,
         stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):  # fmt: skip
         row, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)  # heads x pool tokens x dim may pass 2^31
         start = tl.load(kv_start + row).to(tl.int64)
@@ -107,7 +110,10 @@ if HAVE_TRITON:
                 scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
             else:
                 scores = tl.dot(queries, tl.trans(keys))
-            scores = tl.where(in_keys[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+            scores = scores * scale
+            if SOFTCAP:  # tanh(x) = 2·sigmoid(2x) - 1: Triton has no tanh of its own on every backend
+                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+            scores = tl.where(in_keys[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
@@ -135,6 +141,7 @@ def row_attention_reference(
     kv_start: torch.Tensor,
     kv_len: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`row_attention` row by row, softmax in float32: slow, obviously right."""
     num_rows, num_heads, _ = q.shape
@@ -145,6 +152,9 @@ def row_attention_reference(
             continue
         keys = k_pool[:, start : start + length].float().repeat_interleave(group, 0)  # [H, L, D]
         values = v_pool[:, start : start + length].float().repeat_interleave(group, 0)
-        weights = torch.softmax((keys @ q[t].float()[:, :, None]).squeeze(-1) * scale, dim=-1)  # [H, L]
+        scores = (keys @ q[t].float()[:, :, None]).squeeze(-1) * scale  # [H, L]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        weights = torch.softmax(scores, dim=-1)
         out[t] = (weights[:, None, :] @ values).squeeze(1).to(q.dtype)
     return out

@@ -42,6 +42,23 @@ def test_row_attention_equals_its_reference(dtype, heads, kv_heads, head_dim):
     assert not got[3].any()  # the padding row (no keys) is zeros
 
 
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+def test_a_logit_softcap_equals_its_reference(softcap):
+    """Gemma 2's cap (scores -> softcap·tanh(scores / softcap)); 2 bends almost every score, 50 few.
+    The kernel's tanh is 2·sigmoid(2x) - 1, off torch.tanh by ~eps, so a capped score is off by
+    ~eps·softcap: measured 0.5 eps·max|v| at a cap of 2, 6 at 50; the bound grows with the cap."""
+    gen = torch.Generator().manual_seed(7)
+    k_pool, v_pool = (torch.randn(2, POOL, 16, generator=gen).to(DEVICE) for _ in range(2))
+    q = 3 * torch.randn(len(ROWS), 4, 16, generator=gen).to(DEVICE)  # scores of several units: the cap bites
+    starts, lengths = rows_of(*ROWS)
+    got = row_attention(q, k_pool, v_pool, starts, lengths, 0.25, softcap)
+    expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25, softcap)
+    uncapped = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25)
+    assert (expected - uncapped).abs().max() > 1e-3, "the cap must change the output, or the test proves nothing"
+    atol = 4 * torch.finfo(torch.float32).eps * v_pool.abs().max().item() * max(1.0, softcap / 4)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
 def test_a_strided_query_reads_the_same():
     """The engine passes q as a transposed view of the projection's output."""
     k_pool, v_pool = torch.randn(2, POOL, 16, device=DEVICE), torch.randn(2, POOL, 16, device=DEVICE)
