@@ -1,7 +1,7 @@
 """Attention over the KV pool, plugged into stock transformers modules by name.
 
 Registering "loraserve" in transformers' AttentionInterface makes the attention module of every
-family it serves call `pool_attention` after its own projections and rotary
+family it serves (model_families.py) call `pool_attention` after its own projections and rotary
 embedding; the model code stays untouched. The step's metadata reaches it through `step_context`,
 one context set once per step around the forward (nano-vllm's), not as a keyword: transformers
 forwards keywords from `model(...)` only as far as each family's decoder layer passes its

@@ -27,6 +27,7 @@ from .errors import EngineFailedError, NonFiniteOutputError, PromptTooLongError,
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows
 from .kv_cache import KVCache
 from .memory_plan import plan_memory
+from .model_families import inspect_model, served_context_len
 from .model_loader import BaseModel as LoadedModel
 from .model_loader import default_cache_dir
 from .model_runner import ModelRunner, PromptRows
@@ -47,6 +48,7 @@ class LLMEngine:
     def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
+        self.attention = inspect_model(base.model)  # the KV geometry; an unserved feature is refused here
         kernels = choose_kernels(
             base.model, config.kernel_choice, config.quantization, config.cache_dir or default_cache_dir()
         )
@@ -60,14 +62,13 @@ class LLMEngine:
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
         model_config = base.model.config
         row_kernels, decode_graphs = _step_kernels(config, self.lora_model.device)
-        self.memory = plan_memory(self.lora_model, model_config, config, captures_graphs=decode_graphs)
+        self.memory = plan_memory(self.lora_model, model_config, self.attention, config, captures_graphs=decode_graphs)
         self.lora_model.merge_budget = self.memory.merge_buffers
         log.info("%s", self.memory.describe())
         self.cache = KVCache(
-            num_layers=model_config.num_hidden_layers,
-            num_kv_heads=model_config.num_key_value_heads,
-            head_dim=getattr(model_config, "head_dim", None)
-            or model_config.hidden_size // model_config.num_attention_heads,
+            num_layers=self.attention.num_layers,
+            num_kv_heads=self.attention.num_kv_heads,
+            head_dim=self.attention.head_dim,
             capacity_tokens=self.memory.kv_tokens,
             dtype=base.model.dtype,
             device=self.lora_model.device,
@@ -76,7 +77,8 @@ class LLMEngine:
         )
         self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
         self.max_model_len = min(
-            config.max_model_len or model_config.max_position_embeddings, self.cache.capacity_tokens
+            served_context_len(self.attention, model_config.max_position_embeddings, config.max_model_len),
+            self.cache.capacity_tokens,
         )
         self.scheduler = Scheduler(
             self.cache,

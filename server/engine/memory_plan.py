@@ -21,6 +21,7 @@ from torch import nn
 
 from adapters import LoraModel
 
+from .attention_probe import AttentionShape
 from .config import EngineConfig
 from .kv_cache import PAGE_TOKENS
 
@@ -60,13 +61,16 @@ class MemoryPlan:
         return f"memory plan: {parts}; KV pool {self.kv_tokens:,} tokens"
 
 
-def plan_memory(lora_model: LoraModel, model_config, config: EngineConfig, captures_graphs: bool) -> MemoryPlan:
-    """The plan for a loaded, wrapped model under `config` on its device. With captured decode
-    graphs merges are off unless `merge_memory` asks for them: a merged step cannot replay a
-    graph (decode_graphs.py), and eager launches cost more than the LoRA kernels save."""
+def plan_memory(
+    lora_model: LoraModel, model_config, attention: AttentionShape, config: EngineConfig, captures_graphs: bool
+) -> MemoryPlan:
+    """The plan for a loaded, wrapped model whose attention layers are `attention` (as the probe
+    found them) under `config` on its device. With captured decode graphs merges are off unless
+    `merge_memory` asks for them: a merged step cannot replay a graph (decode_graphs.py), and
+    eager launches cost more than the LoRA kernels save."""
     device, dtype = lora_model.device, lora_model.dtype
     budget = config.memory_budget if config.memory_budget is not None else device_budget(device, config)
-    kv_per_token = kv_bytes_per_token(model_config, dtype)
+    kv_per_token = attention.kv_bytes_per_token(dtype)
     weights, slots = model_bytes(lora_model.model), slot_bytes(lora_model)
     graphs = CUDA_GRAPH_BYTES if captures_graphs and device.type == "cuda" else 0
     share = 0.0 if captures_graphs else MERGE_SHARE
@@ -107,12 +111,6 @@ def device_budget(device: torch.device, config: EngineConfig) -> int | None:
     return int(config.gpu_memory_utilization * total) - others
 
 
-def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
-    """K and V of one token in every layer."""
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return 2 * model_config.num_hidden_layers * model_config.num_key_value_heads * head_dim * dtype.itemsize
-
-
 def model_bytes(model: nn.Module) -> int:
     """Parameters and buffers, each storage once (tied weights, packed copies share nothing else)."""
     seen, total = set(), 0
@@ -134,7 +132,8 @@ def activation_bytes(model_config, dtype: torch.dtype, config: EngineConfig) -> 
     """A step's peak activations, estimated: a layer's hidden states, Q/K/V and MLP intermediates
     for max_num_batched_tokens rows (one layer lives at a time), plus fp32 logits and the
     sampler's copies for max_num_seqs rows."""
-    hidden, inter = model_config.hidden_size, getattr(model_config, "intermediate_size", 4 * model_config.hidden_size)
+    hidden = model_config.hidden_size
+    inter = getattr(model_config, "intermediate_size", None) or 4 * hidden  # GPT-2, GPT-J, Falcon: none, 4x
     per_token = (6 * hidden + 3 * inter) * dtype.itemsize
     logits = 3 * config.max_num_seqs * model_config.vocab_size * 4
     return config.max_num_batched_tokens * per_token + logits

@@ -74,10 +74,15 @@ def load_base_model(
     cache_dir: Path | None = None,
 ) -> BaseModel:
     """Load the frozen base model and its tokenizer, ready for `adapters.wrap_model`; `dtype` is a
-    torch dtype, its name, or "auto" (`auto_dtype`)."""
+    torch dtype, its name, or "auto" (`auto_dtype`). A family the engine does not serve is an
+    UnsupportedModelError (model_families.py) naming it."""
+    from .model_families import check_architecture  # it imports this module's error
+
     directory, name = resolve_model_dir(model, cache_dir)
+    config = AutoConfig.from_pretrained(directory)
+    check_architecture(config)  # an unserved family is refused before its weights are read
     if dtype == "auto":
-        dtype = auto_dtype(AutoConfig.from_pretrained(directory), torch.device(device))
+        dtype = auto_dtype(config, torch.device(device))
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from server.engine.memory_plan import MemoryPlanError, kv_bytes_per_token
+from server.engine.memory_plan import MemoryPlanError
 from server.engine.model_loader import auto_dtype
 from support.engine import fresh_model, greedy, make_engine
 
@@ -18,7 +18,7 @@ def test_the_kv_pool_gets_what_the_budget_leaves_and_takes_exactly_that():
     engine = make_engine(memory_budget=256 * MiB)
     plan = engine.memory
     spent = plan.weights + plan.lora_slots + plan.merge_buffers + plan.activations + plan.cuda_graphs
-    per_token = kv_bytes_per_token(engine.lora_model.model.config, torch.float32)
+    per_token = engine.attention.kv_bytes_per_token(torch.float32)
     assert per_token == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
     assert plan.kv_tokens == (256 * MiB - spent) // per_token // 16 * 16 > 0
     assert plan.merge_buffers == int(0.1 * 256 * MiB)  # the default share of a budget
