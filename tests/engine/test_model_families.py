@@ -151,7 +151,10 @@ def test_gemma2_softcaps_change_the_answer_and_are_served():
     ("family", "window_fields", "windows"),
     [
         ("mistral", dict(sliding_window=8), [8, 8]),
+        ("mixtral", dict(sliding_window=8), [8, 8]),
         ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [None, 8]),
+        ("qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [None, 8]),
+        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [8, 8]),  # its own rule
         ("gemma3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), [8, None]),
         ("gemma2", dict(sliding_window=8), [8, None]),
         ("starcoder2", dict(sliding_window=8), [8, 8]),
