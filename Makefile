@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup lint test soak serve bench clean
+.PHONY: setup lint test soak serve bench gpu-rehearsal clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ test: setup
 # Ten minutes of mixed traffic on two replicas sharing a store; figures in benchmarks/results/soak.json.
 soak: setup
 	LORASERVE_SOAK_SECONDS=600 LORASERVE_SOAK_REPORT=benchmarks/results/soak.json $(PY) -m pytest -q -s tests/integration/test_soak.py
+
+# The GPU check's every step on this CPU, in a venv of only the GPU image's packages and the carried wheels.
+gpu-rehearsal: setup
+	DEV_PY=$(PY) bash benchmarks/gpu_rehearse.sh
 
 serve: setup
 	$(VENV)/bin/loraserve serve
