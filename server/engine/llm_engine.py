@@ -48,7 +48,6 @@ class LLMEngine:
     def __init__(self, base: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.tokenizer, self.model_name = base.tokenizer, base.name
-        self.attention = inspect_model(base.model)  # the KV geometry; an unserved feature is refused here
         kernels = choose_kernels(
             base.model, config.kernel_choice, config.quantization, config.cache_dir or default_cache_dir()
         )
@@ -60,6 +59,7 @@ class LLMEngine:
             quantization=config.quantization,
         )
         self.registry = AdapterRegistry(self.lora_model, max_cpu_loras=config.max_cpu_loras)
+        self.attention = inspect_model(base.model)  # the KV geometry; an unserved feature is refused here
         model_config = base.model.config
         row_kernels, decode_graphs = _step_kernels(config, self.lora_model.device)
         self.memory = plan_memory(self.lora_model, model_config, self.attention, config, captures_graphs=decode_graphs)
