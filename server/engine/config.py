@@ -41,6 +41,22 @@ class EngineSettings(BaseModel):
     quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/kernel_plan.py)
     # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
     cache_dir: Path | None = None
+    # Structured output (docs/structured-output.md): what one request's grammar may cost; past a limit
+    # the request is a 400 naming the setting. The defaults pass every realistic schema, tool set and
+    # grammar measured, and keep llguidance far from its native stack overflow (a 2,500-rule chain
+    # crashes on an 8 MiB stack; 1,000 rules need about 3 MiB). Each grammar is checked first in a
+    # worker process (grammar_workers.py), so one that crashes or runs away fails only its request.
+    max_grammar_bytes: int = Field(256 * 1024, ge=1)  # source: schema JSON, regex, Lark or GBNF text
+    max_grammar_rules: int = Field(1000, ge=1)  # Lark rules and terminals; a JSON schema's objects + $refs
+    max_json_depth: int = Field(64, ge=1, le=256)  # JSON nesting of a schema or tool call (checks recurse)
+    max_regex_length: int = Field(8192, ge=1)  # characters of a regex (structured_outputs.regex, a pattern)
+    max_choices: int = Field(2000, ge=1)  # entries of structured_outputs.choice
+    max_grammar_compile_fuel: int = Field(200_000, ge=1)  # lexer work for a first mask (~0.3 s at most)
+    max_grammar_step_fuel: int = Field(50_000, ge=1)  # lexer work per token: a few ms at most
+    max_grammar_step_items: int = Field(2000, ge=1)  # parser items per token: ~10 ms at most
+    grammar_compile_timeout: float = Field(5.0, gt=0)  # seconds a worker may spend checking one grammar
+    grammar_compile_memory: ByteSize = Field(1 << 30, ge=256 << 20)  # address space of each worker
+    grammar_workers: int = Field(2, ge=1)  # worker processes; each holds ~75 MB once started
 
 
 class EngineConfig(EngineSettings):

@@ -18,11 +18,19 @@ a `"` possibly followed by `}`/`]`; outside: only `}`/`]`, or EOS); failing that
 the next member (`,` or `","`, as after an endless number while a required property is missing). So
 open strings, numbers, arrays and objects end as soon as the schema lets them (still valid: this
 only narrows the grammar's mask).
+
+Untrusted grammars are bounded before llguidance reads them (grammar_check.py: size, rules, depth),
+built first in a worker process where a crash or a runaway fails only that request
+(grammar_workers.py), and cached only once built here as far as their first mask. A limit reached
+later, at some token of one row, fails that row alone with a 400 naming the setting, and takes the
+spec out of the cache: copies of one matcher share its lexer, which the failure leaves broken.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,14 +39,14 @@ from functools import cached_property
 from typing import Literal
 
 import llguidance
-import llguidance.hf
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from .config import EngineSettings
 from .errors import RequestError
+from .grammar_check import GrammarLimits, GrammarRefused, build, check_source, describe_error, worker_setup
+from .grammar_workers import GrammarWorkers
 
-# JSON without optional whitespace: `{"a":1}`; a small model cannot loop on spaces or newlines.
-_JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 _BRACKETS = set("}]")
 CLOSING_FRACTION, MIN_CLOSING_TOKENS = 0.25, 8  # a JSON row closes in the last quarter of its budget
 
@@ -56,24 +64,27 @@ class GrammarSpec(BaseModel):
     def key(self) -> str:
         return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
 
-    def grammar(self) -> str:
-        """llguidance's grammar text for the spec."""
-        if self.kind == "json_schema":
-            return llguidance.LLMatcher.grammar_from_json_schema(self.source, defaults=_JSON_DEFAULTS)
-        if self.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(self.source)
-        return llguidance.LLMatcher.grammar_from_lark(self.source)
-
 
 class GrammarCompiler:
     """Compiles specs against one tokenizer and keeps the newest `max_cached` by key.
 
     Thread-safe: HTTP worker threads compile, the engine thread copies. The tokenizer's token
-    table (~0.5 s to build) is made on first use, so an engine that never constrains pays nothing."""
+    table (~0.5 s to build) and the first grammar worker are made on first use, so an engine that
+    never constrains pays nothing. `close` stops the workers."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int], max_cached: int = 256):
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        eos_token_ids: set[int],
+        settings: EngineSettings | None = None,
+        max_cached: int = 256,
+    ):
+        settings = settings or EngineSettings()
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
+        self.limits = GrammarLimits.of(settings)
         self.max_cached = max_cached
+        self.workers = GrammarWorkers(self._worker_setup, settings)
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
         self._ll_tokenizer = None
@@ -86,7 +97,16 @@ class GrammarCompiler:
             if spec.key in self._compiled:
                 self._compiled.move_to_end(spec.key)
                 return self._compiled[spec.key]
-        matcher = self._build(spec)
+        try:
+            check_source(spec.kind, spec.source, self.limits)
+            self.workers.warm()  # boots while this thread builds the token table
+            tokenizer = self._tokenizer()
+            error = self.workers.check(spec.kind, spec.source)
+            if error is not None:
+                raise GrammarRefused(error)
+            matcher = build(spec.kind, spec.source, tokenizer, self.limits)
+        except GrammarRefused as exc:
+            raise RequestError(str(exc), field=spec.field) from None
         with self._lock:
             self._compiled[spec.key] = matcher
             self.num_compiled += 1
@@ -98,18 +118,16 @@ class GrammarCompiler:
         """A fresh matcher for one sequence (a copy of the compiled one)."""
         return self.compile(spec).deep_copy()
 
-    def _build(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        try:
-            grammar = spec.grammar()
-        except (ValueError, TypeError) as exc:
-            raise RequestError(f"invalid {spec.kind}: {exc}", field=spec.field) from None
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-        if is_error or messages:  # llguidance warns on what it would ignore: refuse rather than ignore
-            raise RequestError(f"invalid {spec.kind}: {'; '.join(m.strip() for m in messages)}", field=spec.field)
-        matcher = llguidance.LLMatcher(self._tokenizer(), grammar)
-        if matcher.is_error():
-            raise RequestError(f"invalid {spec.kind}: {matcher.get_error().strip()}", field=spec.field)
-        return matcher
+    def evict_failed(self, spec: GrammarSpec, matcher: llguidance.LLMatcher, num_tokens: int) -> RequestError:
+        """Why a row's matcher failed at output token `num_tokens`, in plain words. The spec leaves the
+        cache: copies share the compiled matcher's lexer, which a limit reached leaves broken."""
+        with self._lock:
+            self._compiled.pop(spec.key, None)
+        message = describe_error(spec.kind, matcher.get_error(), self.limits, at_step=True)
+        return RequestError(f"{message} (at output token {num_tokens})", field=spec.field)
+
+    def close(self) -> None:
+        self.workers.close()
 
     def closing_bits(self, in_string: bool) -> list[torch.Tensor]:
         """[ceil(V / 32)] int32 bitmasks of the closing tokens, best first: inside a string, `"`
@@ -135,13 +153,26 @@ class GrammarCompiler:
         words = (allowed.view(-1, 32).long() * weights).sum(-1)  # [W], as unsigned 32-bit values
         return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    def _tokenizer(self):
+    def _tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
-            if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                    self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
+            if self._ll_tokenizer is None:  # from the JSON the workers get: both build the same table
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json(), n_vocab=self.vocab_size, eos_token=self.eos_token_ids
                 )
             return self._ll_tokenizer
+
+    def _tokenizer_json(self) -> str:
+        """The fast tokenizer as JSON text, without padding or truncation (as llguidance.hf reads it)."""
+        backend = copy.copy(self.tokenizer.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
+
+    def _worker_setup(self) -> bytes:
+        setup = worker_setup(
+            self._tokenizer_json(), self.vocab_size, self.eos_token_ids, self.limits, self.workers.memory
+        )
+        return json.dumps(setup).encode() + b"\n"
 
 
 @dataclass
@@ -165,6 +196,16 @@ def constrained_rows(scheduled) -> dict[int, RowGrammar]:
         )
         rows[seq.seq_id] = RowGrammar(seq.matcher, is_closing, is_closing and _in_string(seq.detokenizer.text))
     return rows
+
+
+def consume(matcher: llguidance.LLMatcher, token: int, eos_token_ids) -> bool:
+    """Advance a row's matcher by its sampled token; False if the matcher is, or now is, in an error
+    state (a limit reached while filling its mask or consuming the token). EOS is not consumed: the
+    mask allowed it, and it ends the row. An errored matcher's mask allows only EOS, so without this
+    check its row would end as a silent, successful "stop"."""
+    if matcher.is_error():
+        return False
+    return token in eos_token_ids or matcher.consume_token(token)
 
 
 def _in_string(json_text: str) -> bool:
@@ -209,6 +250,8 @@ class MaskFiller:
         bitmask = torch.zeros((len(rows), self.num_words), dtype=torch.int32)
         row_bytes = self.num_words * 4
         for row, grammar in enumerate(rows.values()):
+            # A limit reached here leaves this matcher in an error state with an EOS-only mask (never
+            # an exception, never an empty row): its row fails when it appends, the others go on.
             grammar.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
             if grammar.is_closing:
                 for tier in self.compiler.closing_bits(grammar.in_string):

@@ -23,8 +23,8 @@ from .adapter_mode import GATHER, ModeDecision, ModePolicy
 from .adapter_ref import BASE_REF, COMPOSED_LABEL, AdapterRef, Term, bind, identity
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineFailedError, NonFiniteOutputError, PromptTooLongError, QueueFullError, RequestError
-from .grammar import GrammarCompiler, MaskFiller, constrained_rows
+from .errors import NonFiniteOutputError, PromptTooLongError, QueueFullError, RequestError
+from .grammar import GrammarCompiler, MaskFiller, constrained_rows, consume
 from .kv_cache import KVCache
 from .memory_plan import plan_memory
 from .model_families import inspect_model, served_context_len
@@ -99,7 +99,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(_eos_ids(base))
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
         self.tokenization = Tokenization(self.tokenizer, self.vocab_size)  # shared with HTTP
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)  # thread-safe
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids, config)  # thread-safe
         self.mask_filler = MaskFiller(self.grammars)
         self.requests: dict[str, Sequence] = {}
         self.counters = EngineStats(
@@ -301,14 +301,14 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         seq.first_token_time = seq.first_token_time or now
         params, reason = seq.params, None
+        if seq.matcher is not None and not consume(seq.matcher, token, self.eos_token_ids):  # a grammar limit
+            seq.error = self.grammars.evict_failed(params.grammar, seq.matcher, len(seq.output_token_ids))
+            reason = "abort"
         # A grammar allows EOS only once its text is complete: then EOS ends it, ignore_eos or not.
-        if token in params.stop_token_ids or (
+        elif token in params.stop_token_ids or (
             token in self.eos_token_ids and (not params.ignore_eos or seq.matcher is not None)
         ):
             reason = "stop"
-        elif seq.matcher is not None and not seq.matcher.consume_token(token):
-            seq.error = EngineFailedError(f"the grammar rejected a token it allowed: {seq.matcher.get_error()}")
-            reason = "abort"
         elif seq.detokenizer.add(token) or (seq.matcher is not None and seq.matcher.is_stopped()):
             reason = "stop"  # a stop string, or the grammar is complete and allows nothing more
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
