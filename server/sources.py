@@ -1,0 +1,231 @@
+"""Adapter sources: where an adapter the server does not know yet may be fetched from, by name.
+
+One class per kind behind one call, `fetch(name) -> files | None` (None: not there):
+    DirectorySource  /dir or file:///dir   <dir>/<name>/{adapter_config.json, adapter_model.safetensors}
+    S3Source         s3://bucket/prefix     <prefix>/<name>/... in any S3-compatible store
+    HubSource        hf://org[@rev][/sub]   repo org/<name> (at rev, under sub) through huggingface_hub's cache
+
+A name is checked (server.store.check_name: no '/', no '..') before it becomes a path or a key, and
+every source reads only under its own root. Sizes are bounded while reading (`max_bytes` over both
+files, --max-upload-bytes). Transient failures (connection errors, timeouts, 5xx, throttling) are
+retried with exponential backoff inside the source's deadline; anything else fails at once.
+
+S3 client: boto3, chosen over the lighter `minio` client by measurement (benchmarks/s3_clients.py,
+results in benchmarks/results/s3_clients.json): minio installs ~10 MB less and creates its client and
+GETs a 30 MB object faster, but both fetch an adapter in well under the load that follows it, and
+only botocore reads AWS's whole configuration chain as operators already write it
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_REGION, profiles, `s3.addressing_style = path` in
+~/.aws/config, credential_process, the web identity tokens of EKS IRSA and Pod Identity); with minio
+we would reimplement that chain. boto3 is imported only when an s3:// source is configured, and its
+own retries are off: ours are the ones bounded by the source's deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from adapters import InvalidAdapterError
+from adapters.errors import LoraServeError
+from server.store import ADAPTER_FILES, check_name
+
+Files = dict[str, bytes]
+T = TypeVar("T")
+BACKOFF_S = 0.2  # first retry's wait; doubles each time
+
+
+class SourceUnavailableError(LoraServeError):
+    """A source failed or did not answer in time: the adapter may exist, so retry later (503)."""
+
+
+class AdapterTooLargeError(LoraServeError):
+    """A source's adapter is larger than --max-upload-bytes (413), found before it was all read."""
+
+
+class TransientSourceError(Exception):
+    """A failure worth retrying: the connection, a timeout, a 5xx or throttling."""
+
+
+class Source:
+    """One configured source; subclasses read one file by name (`_read`) and say what is transient."""
+
+    def __init__(self, uri: str, max_bytes: int, timeout_s: float, retries: int):
+        self.uri, self.max_bytes, self.timeout_s, self.retries = uri, max_bytes, timeout_s, retries
+
+    @property
+    def kind(self) -> str:
+        """A short label for metrics and listings: dir, s3 or hf."""
+        return self.uri.split("://", 1)[0] if "://" in self.uri else "dir"
+
+    def fetch(self, name: str) -> Files | None:
+        """Both adapter files of `name`, or None if this source has no such adapter."""
+        check_name(name)
+        deadline = time.monotonic() + self.timeout_s
+        files, budget = {}, self.max_bytes
+        for file_name in ADAPTER_FILES:
+            data = self._retrying(lambda f=file_name, b=budget: self._read(name, f, b), deadline)
+            if data is None:
+                return None
+            files[file_name] = data
+            budget -= len(data)
+        return files
+
+    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+        raise NotImplementedError
+
+    def _retrying(self, call: Callable[[], T], deadline: float) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except TransientSourceError as exc:
+                wait = BACKOFF_S * 2**attempt
+                if attempt == self.retries or time.monotonic() + wait >= deadline:
+                    raise SourceUnavailableError(f"adapter source {self.uri} failed: {exc}") from None
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _too_large(self) -> AdapterTooLargeError:
+        return AdapterTooLargeError(
+            f"the adapter in {self.uri} is larger than the limit of {self.max_bytes} bytes (setting max_upload_bytes)"
+        )
+
+
+class DirectorySource(Source):
+    """`<root>/<name>/` (vLLM's filesystem resolver layout); no file may lead out of the root."""
+
+    def __init__(self, uri: str, max_bytes: int, timeout_s: float, retries: int):
+        super().__init__(uri, max_bytes, timeout_s, retries)
+        self.root = Path(os.path.realpath(uri.removeprefix("file://")))
+
+    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+        path = self.root / name / file_name
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self.root):
+            raise InvalidAdapterError(f"links outside the adapter source {self.uri}", file=file_name)
+        try:
+            with open(real, "rb") as handle:
+                data = handle.read(max_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise SourceUnavailableError(
+                f"adapter source {self.uri}: cannot read {file_name} ({exc.strerror})"
+            ) from None
+        if len(data) > max_bytes:
+            raise self._too_large()
+        return data
+
+
+class S3Source(Source):
+    """`s3://bucket/prefix`; endpoint, region, addressing and credentials from AWS's own settings."""
+
+    def __init__(self, uri: str, max_bytes: int, timeout_s: float, retries: int):
+        super().__init__(uri, max_bytes, timeout_s, retries)
+        parsed = urlparse(uri)
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self._client = None
+
+    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+        key = "/".join(part for part in (self.prefix, name, file_name) if part)
+        try:
+            response = self.client().get_object(Bucket=self.bucket, Key=key)
+            if response.get("ContentLength", 0) > max_bytes:
+                raise self._too_large()
+            return self._bounded(response["Body"], max_bytes)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if error.get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if status >= 500 or status == 429 or "Throttl" in str(error.get("Code")) or error.get("Code") == "SlowDown":
+                raise TransientSourceError(f"{error.get('Code')} on {key}") from None
+            raise SourceUnavailableError(f"adapter source {self.uri}: {error.get('Code')} on {key}") from None
+        except BotoCoreError as exc:  # connection refused, reset, read timeout
+            raise TransientSourceError(str(exc)) from None
+
+    def _bounded(self, body, max_bytes: int) -> bytes:
+        chunks, total = [], 0
+        for chunk in body.iter_chunks(1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                body.close()
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def client(self):
+        if self._client is None:
+            import boto3  # noqa: PLC0415 - only when an s3:// source is configured
+            from botocore.config import Config  # noqa: PLC0415
+
+            config = Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s, retries={"max_attempts": 1})
+            self._client = boto3.session.Session().client("s3", config=config)
+        return self._client
+
+
+class HubSource(Source):
+    """`hf://org[@revision][/subfolder]` -> repo `org/<name>`, through huggingface_hub and its cache
+    (HF_HUB_CACHE, HF_HOME); HF_HUB_OFFLINE=1 reads the cache only."""
+
+    def __init__(self, uri: str, max_bytes: int, timeout_s: float, retries: int):
+        super().__init__(uri, max_bytes, timeout_s, retries)
+        org, _, subfolder = uri.removeprefix("hf://").partition("/")
+        self.org, _, revision = org.partition("@")
+        self.revision, self.subfolder = revision or None, subfolder.strip("/") or None
+
+    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        from huggingface_hub.errors import (  # noqa: PLC0415
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        try:
+            path = hf_hub_download(
+                f"{self.org}/{name}",
+                file_name,
+                subfolder=self.subfolder,
+                revision=self.revision,
+                cache_dir=os.environ.get("HF_HUB_CACHE"),
+                local_files_only=offline,
+                etag_timeout=self.timeout_s,
+            )
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        except LocalEntryNotFoundError as exc:  # not cached; online, the hub could not be reached
+            if offline:
+                return None
+            raise TransientSourceError(str(exc)) from None
+        except OSError as exc:
+            raise TransientSourceError(str(exc)) from None
+        if os.path.getsize(path) > max_bytes:
+            raise self._too_large()
+        return Path(path).read_bytes()
+
+
+KINDS: dict[str, type[Source]] = {"s3": S3Source, "hf": HubSource, "file": DirectorySource, "": DirectorySource}
+
+
+def check_source_uri(uri: str) -> str:
+    """A URI this module can read, or ValueError naming what is wrong (settings call it at startup)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in KINDS:
+        raise ValueError(f"{uri!r}: a source is a directory, file://DIR, s3://BUCKET[/PREFIX] or hf://ORG")
+    if parsed.scheme in ("s3", "hf") and not parsed.netloc:
+        raise ValueError(f"{uri!r}: names no {'bucket' if parsed.scheme == 's3' else 'organisation'}")
+    if parsed.scheme in ("", "file") and not parsed.path:
+        raise ValueError(f"{uri!r}: names no directory")
+    return uri
+
+
+def make_source(uri: str, max_bytes: int, timeout_s: float, retries: int) -> Source:
+    return KINDS[urlparse(check_source_uri(uri)).scheme](uri, max_bytes, timeout_s, retries)

@@ -1,0 +1,89 @@
+"""Adapter sources against real parts: a directory tree, moto's S3 server on loopback through boto3,
+a hub cache laid out as huggingface_hub lays it out (read offline), and a server that never answers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from adapters import InvalidAdapterError
+from server.sources import AdapterTooLargeError, SourceUnavailableError, check_source_uri, make_source
+from support.sources import hanging_server, put_adapter, s3_server, write_hub_cache
+
+FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"x" * 1000}
+BUCKET = "adapters"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server(BUCKET) as (endpoint, app):
+        put_adapter(BUCKET, "team", "sql", FILES)
+        put_adapter(BUCKET, "team", "huge", {**FILES, "adapter_model.safetensors": b"x" * 5000})
+        yield app
+
+
+def source(uri: str, max_bytes: int = 4096, timeout_s: float = 5.0, retries: int = 2):
+    return make_source(uri, max_bytes, timeout_s, retries)
+
+
+def test_directory_source_reads_name_and_refuses_links_out(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sql").mkdir(parents=True)
+    outside.mkdir()
+    for file_name, data in FILES.items():
+        (root / "sql" / file_name).write_bytes(data)
+        (outside / file_name).write_bytes(data)
+    (root / "evil").symlink_to(outside)
+    assert source(str(root)).fetch("sql") == FILES
+    assert source(f"file://{root}").fetch("absent") is None
+    with pytest.raises(InvalidAdapterError, match="outside"):
+        source(str(root)).fetch("evil")
+    with pytest.raises(AdapterTooLargeError, match="max_upload_bytes"):
+        source(str(root), max_bytes=500).fetch("sql")
+
+
+@pytest.mark.parametrize("name", ["../sql", "a/b", "..", ".hidden", "x" * 200])
+def test_bad_names_are_refused_before_any_read(s3, name):
+    before = sum(s3.gets.values())
+    with pytest.raises(InvalidAdapterError, match="name"):
+        source(f"s3://{BUCKET}/team").fetch(name)
+    assert sum(s3.gets.values()) == before
+
+
+def test_s3_source_fetches_counts_and_bounds(s3):
+    assert source(f"s3://{BUCKET}/team").fetch("sql") == FILES
+    assert s3.gets[f"/{BUCKET}/team/sql/adapter_model.safetensors"] == 1
+    assert source(f"s3://{BUCKET}/team").fetch("nowhere") is None
+    assert source(f"s3://{BUCKET}/other").fetch("sql") is None
+    with pytest.raises(AdapterTooLargeError, match="4096 bytes"):
+        source(f"s3://{BUCKET}/team").fetch("huge")
+
+
+def test_s3_source_missing_bucket_is_unavailable_not_absent(s3):
+    with pytest.raises(SourceUnavailableError, match="NoSuchBucket"):
+        source("s3://no-such-bucket/team").fetch("sql")
+
+
+def test_hanging_source_fails_within_its_timeout(s3, monkeypatch):
+    with hanging_server() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailableError, match="failed"):
+            source(f"s3://{BUCKET}/team", timeout_s=1.0, retries=3).fetch("sql")
+        assert time.monotonic() - started < 3.5  # one read timeout, backoff inside the deadline
+
+
+def test_hub_source_reads_the_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    write_hub_cache(tmp_path, "acme/sql", FILES)
+    assert source("hf://acme").fetch("sql") == FILES
+    assert source("hf://acme").fetch("absent") is None
+    assert source("hf://other").fetch("sql") is None
+
+
+@pytest.mark.parametrize("uri", ["ftp://x", "s3://", "hf://", "file://"])
+def test_unreadable_uris_are_refused(uri):
+    with pytest.raises(ValueError):
+        check_source_uri(uri)

@@ -1,0 +1,130 @@
+"""Real adapter sources on loopback for the tests: moto's S3 server (counting its GETs), a socket
+server that accepts and never answers, and a hub cache laid out as huggingface_hub lays it out.
+Nothing listens anywhere but 127.0.0.1; nothing here reaches the real hub."""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args) -> None:  # one line per GET would drown the test output
+        pass
+
+
+class CountingS3:
+    """moto's S3 as a WSGI app, counting each GET by its path (/bucket/key, path-style)."""
+
+    def __init__(self):
+        from moto.server import DomainDispatcherApplication, create_backend_app
+
+        self.app = DomainDispatcherApplication(create_backend_app)
+        self.gets: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET":
+            with self._lock:
+                self.gets[environ["PATH_INFO"]] += 1
+        return self.app(environ, start_response)
+
+
+@contextmanager
+def s3_server(bucket: str) -> Iterator[tuple[str, CountingS3]]:
+    """moto in server mode on a free loopback port, with AWS's own variables pointing boto3 at it
+    (path-style, fake credentials) for the block; yields (endpoint URL, the counting app)."""
+    app = CountingS3()
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    env = {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        s3_client().create_bucket(Bucket=bucket)
+        yield endpoint, app
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.shutdown()
+        thread.join(5)
+
+
+def s3_client():
+    import boto3
+
+    return boto3.session.Session().client("s3")
+
+
+def put_adapter(bucket: str, prefix: str, name: str, files: dict[str, bytes]) -> None:
+    client = s3_client()
+    for file_name, data in files.items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}/{file_name}", Body=data)
+
+
+def read_adapter(path: Path) -> dict[str, bytes]:
+    return {f: (path / f).read_bytes() for f in ADAPTER_FILES}
+
+
+@contextmanager
+def hanging_server() -> Iterator[str]:
+    """A loopback socket that accepts connections and never answers; yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
+def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "0" * 40) -> None:
+    """huggingface_hub's layout: models--org--name/{blobs/<etag>, snapshots/<rev>/<file> -> blob, refs/main}."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    for index, (file_name, data) in enumerate(files.items()):
+        blob = repo / "blobs" / f"{index:040x}"
+        blob.write_bytes(data)
+        (snapshot / file_name).symlink_to(os.path.relpath(blob, snapshot))
