@@ -78,6 +78,8 @@ class ServerState:
     def stop(self, timeout: float | None = None) -> None:
         if self.async_engine is not None:
             self.async_engine.stop(timeout)
+        if self.engine is not None:  # the grammar worker processes go with the server
+            self.engine.grammars.close()
 
     def ready_engine(self) -> AsyncEngine:
         failure = self.failure
