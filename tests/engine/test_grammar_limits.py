@@ -11,7 +11,6 @@ import os
 
 import jsonschema
 import pytest
-from pydantic import BaseModel, Field
 
 from server.engine.config import EngineSettings
 from server.engine.errors import EngineStoppedError, RequestError
@@ -20,6 +19,7 @@ from server.engine.sampling_params import SamplingParams
 from server.http.api_models import ChatCompletionRequest, CompletionRequest
 from server.http.structured import chat_plan, completion_plan, tool_calls
 from support.engine import EOS, PROMPTS, make_engine
+from support.tool_models import Trip
 
 REGEX_BOMB = "(a{1000}){1000}"  # lexes a million states: past any lexer fuel after the first token
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
@@ -171,17 +171,6 @@ def test_a_limit_reached_mid_generation_fails_that_row_alone_and_is_not_cached()
     assert retried.finish_reason == "abort" and "max_grammar_step_fuel" in str(retried.error)
     assert engine.grammars.num_compiled == 3  # the regex compiled twice: its failure left the cache
     engine.grammars.close()
-
-
-class City(BaseModel):
-    name: str = Field(max_length=20)
-    country: str = Field(max_length=20)
-
-
-class Trip(BaseModel):
-    origin: City
-    destination: City
-    stops: list[City] = Field(default_factory=list, max_length=2)
 
 
 def chat(**fields) -> ChatCompletionRequest:

@@ -14,9 +14,9 @@ import json
 import httpx
 import jsonschema
 import pytest
-from pydantic import BaseModel, Field
 
 from support.http import BASE, assert_openai_error
+from support.tool_models import Trip
 
 pytestmark = pytest.mark.real_model
 
@@ -126,17 +126,6 @@ def test_gbnf_is_served(served):
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     assert choice["text"] in {"yes", "no"} and choice["finish_reason"] == "stop"
-
-
-class City(BaseModel):
-    name: str = Field(max_length=20)
-    country: str = Field(max_length=20)
-
-
-class Trip(BaseModel):
-    origin: City
-    destination: City
-    stops: list[City] = Field(default_factory=list, max_length=2)
 
 
 def test_required_tool_calls_with_a_pydantic_nested_model(served):
