@@ -30,7 +30,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 from adapters import InvalidAdapterError
-from adapters.errors import LoraServeError
+from adapters.errors import AdapterError, LoraServeError
 from server.store import ADAPTER_FILES, check_name
 
 Files = dict[str, bytes]
@@ -44,6 +44,10 @@ class SourceUnavailableError(LoraServeError):
 
 class AdapterTooLargeError(LoraServeError):
     """A source's adapter is larger than --max-upload-bytes (413), found before it was all read."""
+
+
+class UnusableSourceAdapterError(AdapterError):
+    """A source had the adapter, read whole, but its files do not validate (422, naming file and field)."""
 
 
 class TransientSourceError(Exception):

@@ -26,6 +26,7 @@ from server.engine.errors import (
     QueueFullError,
     RequestError,
 )
+from server.sources import AdapterTooLargeError, SourceUnavailableError, UnusableSourceAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ _STATUS_AND_CODE: dict[type[LoraServeError], tuple[int, str]] = {
     AdapterNotFoundError: (404, "model_not_found"),  # OpenAI's code for an unknown `model`
     AdapterExistsError: (409, "adapter_exists"),
     AdapterCapacityError: (503, "adapter_capacity"),
+    UnusableSourceAdapterError: (422, "invalid_adapter"),  # found in a source, then refused by validation
+    AdapterTooLargeError: (413, "too_large"),
+    SourceUnavailableError: (503, "adapter_source_unavailable"),
     RequestError: (400, "invalid_request_error"),
     NonFiniteOutputError: (422, "non_finite_output"),
     QueueFullError: (503, "server_overloaded"),
@@ -126,7 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _typed_error(request: Request, exc: LoraServeError):
         if isinstance(exc, EngineFailedError):
             log.error("engine failure on %s %s: %s", request.method, request.url.path, exc)
-        headers = {"Retry-After": "1"} if isinstance(exc, QueueFullError) else None
+        headers = {"Retry-After": "1"} if isinstance(exc, (QueueFullError, SourceUnavailableError)) else None
         status, message, code, param = _typed(exc)
         return error_response(status, message, code, param, headers=_closing(status, headers))
 

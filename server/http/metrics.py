@@ -114,6 +114,22 @@ class Metrics:
         self.step_tokens = Histogram(
             "vllm:iteration_tokens_total", "Tokens in one engine step.", buckets=_TOKENS, registry=r
         )
+        self.resolutions = Counter(
+            "loraserve:adapter_source_resolutions",
+            "Lookups of unknown adapters in a configured source, by outcome (resolved, absent, invalid, unavailable).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.resolve_latency = Histogram(
+            "loraserve:adapter_source_resolve_seconds",
+            "A first request's wait for its adapter: fetch, validation, store write and install.",
+            ["source"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.fetched_bytes = Counter(
+            "loraserve:adapter_source_fetched_bytes", "Adapter bytes fetched from each source.", ["source"], registry=r
+        )
         self.prefix_cache_by_adapter: dict[str, list[int]] = {}  # label -> [queried, hit] tokens, finished requests
         self._engine: LLMEngine | None = None
         r.register(_SnapshotCollector(self))
@@ -123,6 +139,13 @@ class Metrics:
         self._engine = engine
         engine.request_listeners.append(self.on_request)
         engine.step_listeners.append(self.on_step)
+
+    def on_resolution(self, source: str, outcome: str, seconds: float, num_bytes: int) -> None:
+        """One lookup in one source (labels: the operator's source URIs, a handful at most)."""
+        self.resolutions.labels(source, outcome).inc()
+        if outcome == "resolved":
+            self.resolve_latency.labels(source).observe(seconds)
+            self.fetched_bytes.labels(source).inc(num_bytes)
 
     def on_request(self, stats: RequestStats) -> None:
         adapter = self.adapter_label(stats.adapter)

@@ -210,8 +210,14 @@ async def delete_adapter(name: str, request: Request) -> dict:
 
 @router.post("/load_lora_adapter", dependencies=admin)
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
-    """vLLM's API: register an adapter directory that lies under --adapter-root."""
+    """vLLM's API: register an adapter directory that lies under --adapter-root, or, with
+    --adapter-source-in-load, `<a configured source's URI>/<adapter>`."""
     state = _state(request)
+    if state.settings.adapter_source_in_load and "://" in body.lora_path:
+        if await state.is_adapter_name(body.lora_name):
+            raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
+        await state.load_from_source(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
     root = state.settings.adapter_root
     if root is None:
         raise HTTPError(

@@ -32,6 +32,14 @@ class Settings(BaseSettings, EngineSettings):
     adapters: list[str] = Field(default_factory=list)  # NAME=PATH, preloaded at start
     adapter_store: Path | None = None  # uploads persist here; shared by replicas
     adapter_root: Path | None = None  # lora_path of load_lora_adapter must lie under it
+    # Resolution on first use (server/sources.py): a directory, file://DIR, s3://BUCKET/PREFIX or
+    # hf://ORG[@REV][/SUBFOLDER], tried in order for a `model` the server does not know.
+    adapter_source: list[str] = Field(default_factory=list)
+    adapter_source_timeout: float = Field(30.0, gt=0)  # per source and name, retries included: 503 past it
+    adapter_source_retries: int = Field(2, ge=0)  # transient failures only, with backoff
+    adapter_source_negative_ttl: float = Field(10.0, ge=0)  # a name found nowhere is a 404 this long untried
+    adapter_source_check_base: bool = False  # base_model_name_or_path must name the served base (422 if not)
+    adapter_source_in_load: bool = False  # load_lora_adapter's lora_path may be <a source's URI>/<name>
     api_key: str | None = None
     admin_key: str | None = None  # guards upload, load, unload and delete when set
     metrics_require_key: bool = False
@@ -73,6 +81,13 @@ class Settings(BaseSettings, EngineSettings):
                 f"{problem}: unset it, or strip the secret"
             )
         return key
+
+    @field_validator("adapter_source")
+    @classmethod
+    def _readable_sources(cls, uris: list[str]) -> list[str]:
+        from server.sources import check_source_uri  # noqa: PLC0415 - it imports torch; client commands import settings
+
+        return [check_source_uri(uri) for uri in uris]
 
     def engine_config(self) -> EngineConfig:
         """The engine's knobs as set here; the policy only tests tune keeps EngineConfig's defaults."""

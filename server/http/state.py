@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
+from adapters import AdapterExistsError, AdapterInfo, AdapterNotFoundError, InvalidAdapterError, LoraAdapter
 from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.adapter_ref import BASE_REF, AdapterRef, Term, check_scale
@@ -21,11 +21,13 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
+from server.sources import Files, Source, make_source
 from server.store import AdapterStore, check_name, is_valid_name
 
 from .errors import HTTPError
 from .limits import RequestLimits, max_token_bytes
 from .metrics import Metrics
+from .resolver import AdapterResolver, check_base, unprocessable
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class ServerState:
     ):
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
+        self.resolver = _resolver(settings, metrics)
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
         self.model_name: str | None = None
@@ -111,10 +114,53 @@ class ServerState:
         return AdapterRef.named(model)
 
     async def has_adapter(self, name: str) -> bool:
-        """Whether `name` is a registered adapter, after picking up what another replica stored."""
+        """Whether `name` is a registered adapter, after picking up what another replica stored,
+        or what the configured sources have under that name (resolved on first use)."""
+        if await self._is_registered(name):
+            return True
+        if self.resolver is None or not is_valid_name(name) or name == self.model_name or name in self.compositions:
+            return False
+        return await self.resolver.resolve(name, self._is_registered, self._install_fetched)
+
+    async def _is_registered(self, name: str) -> bool:
         if self.store is not None and is_valid_name(name):
             await self._sync_stored(name)
         return self.ready_engine().has_adapter(name)
+
+    async def load_from_source(self, name: str, uri: str) -> None:
+        """load_lora_adapter's `lora_path` as `<a configured source's URI>/<adapter>`: only the
+        configured sources are ever read, and the adapter's name there is checked as any other."""
+        self.check_name_free(name)
+        sources = self.resolver.sources if self.resolver is not None else []
+        prefixes = [(source, source.uri.rstrip("/") + "/") for source in sources]
+        source, remote = next(((s, uri[len(p) :]) for s, p in prefixes if uri.startswith(p)), (None, None))
+        if source is None or not is_valid_name(remote):
+            message = "lora_path must be <a configured adapter source>/<adapter name>"
+            raise HTTPError(400, message, "invalid_path", "lora_path")
+        files = await self.resolver.fetch(source, remote)
+        if files is None:
+            raise AdapterNotFoundError(f"{uri} does not hold an adapter", field="lora_path")
+        await self._install_fetched(name, source, files)
+
+    async def _install_fetched(self, name: str, source: Source, files: Files) -> None:
+        """What a source returned goes the upload's way: validated whole, then the store's atomic
+        create (a replica that stored it first wins, and this one loads that copy), then the engine."""
+        engine = self.ready_engine()
+        if self.settings.adapter_source_check_base:
+            check_base(files, {self.model_name, self.settings.model, self.settings.served_model_name})
+        try:
+            adapter = await asyncio.to_thread(engine.parse_adapter, name, files)
+        except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
+            raise unprocessable(exc, source) from None
+        if self.store is None:
+            await self.register(name, files, adapter=adapter)
+            return
+        try:
+            path = await asyncio.to_thread(self.store.save, name, files)
+        except AdapterExistsError:
+            await self._sync_stored(name)
+            return
+        await self.register(name, path, True, adapter=adapter, store_version=path.name)
 
     async def _resolve_term(self, index: int, name: str) -> str:
         if name in self.compositions:
@@ -315,3 +361,14 @@ class ServerState:
                     self._store_versions[name] = path.name
                 except Exception:  # one bad stored file must not keep the server down
                     log.exception("skipping stored adapter %r", name)
+
+
+def _resolver(settings: Settings, metrics: Metrics | None) -> AdapterResolver | None:
+    if not settings.adapter_source:
+        return None
+    sources = [
+        make_source(uri, settings.max_upload_bytes, settings.adapter_source_timeout, settings.adapter_source_retries)
+        for uri in settings.adapter_source
+    ]
+    observe = metrics.on_resolution if metrics is not None else None
+    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe)

@@ -23,20 +23,31 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class CountingS3:
-    """moto's S3 as a WSGI app, counting each GET by its path (/bucket/key, path-style)."""
+    """moto's S3 as a WSGI app, counting each GET by its path (/bucket/key, path-style). A path
+    containing `stall` is accepted and never answered until the server stops: a source that hangs."""
+
+    stall = "/stalled-"
 
     def __init__(self):
         from moto.server import DomainDispatcherApplication, create_backend_app
 
         self.app = DomainDispatcherApplication(create_backend_app)
         self.gets: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
 
     def __call__(self, environ, start_response):
         if environ["REQUEST_METHOD"] == "GET":
             with self._lock:
                 self.gets[environ["PATH_INFO"]] += 1
+            if self.stall in environ["PATH_INFO"]:
+                self.stopping.wait(60)
         return self.app(environ, start_response)
+
+    def count(self, fragment: str) -> int:
+        """GETs so far whose path contains `fragment`."""
+        with self._lock:
+            return sum(n for path, n in self.gets.items() if fragment in path)
 
 
 @contextmanager
@@ -67,6 +78,7 @@ def s3_server(bucket: str) -> Iterator[tuple[str, CountingS3]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        app.stopping.set()
         server.shutdown()
         thread.join(5)
 

@@ -1,0 +1,141 @@
+"""Resolution on first use: an adapter name the server does not know is looked up in the configured
+sources (server/sources.py), in order, once per name however many requests ask at the same time.
+
+Every request for a name takes that name's lock, re-checks (another request, or another replica
+through the shared store, may have just brought it in), then tries each source off the event loop
+and off the engine thread. A name found nowhere is remembered for `negative_ttl_s`, so a typo does
+not reach the object store on every request; a source that fails or does not answer within its
+timeout is a 503 with Retry-After, and is not remembered: the next request tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from adapters.config import CONFIG_FILE
+from adapters.errors import IncompatibleAdapterError, InvalidAdapterError, LoraServeError
+from server.sources import Files, Source, SourceUnavailableError, UnusableSourceAdapterError
+
+MAX_REMEMBERED_MISSING = 10_000  # names found nowhere, kept for negative_ttl_s; the oldest go first
+
+log = logging.getLogger(__name__)
+
+Observe = Callable[[str, str, float, int], None]  # (source uri, outcome, seconds, bytes fetched)
+Install = Callable[[str, Source, Files], Awaitable[None]]
+
+
+class AdapterResolver:
+    """The configured sources, a per-name lock and a short memory of names found nowhere."""
+
+    def __init__(self, sources: list[Source], negative_ttl_s: float, observe: Observe | None = None):
+        self.sources, self.negative_ttl_s, self._observe = sources, negative_ttl_s, observe
+        self.origins: dict[str, str] = {}  # name -> URI of the source it was resolved from
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (lock, [holders and waiters])
+        self._missing: dict[str, float] = {}  # name -> monotonic time its negative entry expires
+
+    def is_missing(self, name: str) -> bool:
+        """Whether `name` was found nowhere less than `negative_ttl_s` ago."""
+        expires = self._missing.get(name)
+        if expires is not None and expires <= time.monotonic():
+            del self._missing[name]
+            return False
+        return expires is not None
+
+    async def resolve(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
+        """True once `name` is present (here, or installed from the first source that has it)."""
+        if self.is_missing(name):
+            return False
+        async with self._locked(name):
+            if await is_present(name) or self.is_missing(name):
+                return not self.is_missing(name)
+            started = time.monotonic()
+            for source in self.sources:
+                files = await self.fetch(source, name)
+                if files is not None:
+                    await self._install(name, source, files, install, started)
+                    return True
+            self._remember_missing(name)
+            return False
+
+    async def fetch(self, source: Source, name: str) -> Files | None:
+        """`name` from one source, off the loop, within its timeout; observed by source and outcome."""
+        started = time.monotonic()
+        try:
+            files = await asyncio.wait_for(asyncio.to_thread(source.fetch, name), source.timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            self._record(source, "unavailable", started)
+            raise SourceUnavailableError(
+                f"adapter source {source.uri} did not answer within {source.timeout_s} s "
+                "(setting adapter_source_timeout); retry later"
+            ) from None
+        except SourceUnavailableError:
+            self._record(source, "unavailable", started)
+            raise
+        except LoraServeError:
+            self._record(source, "invalid", started)
+            raise
+        if files is None:
+            self._record(source, "absent", started)
+        return files
+
+    async def _install(self, name: str, source: Source, files: Files, install: Install, started: float) -> None:
+        try:
+            await install(name, source, files)
+        except LoraServeError:
+            self._record(source, "invalid", started)
+            raise
+        num_bytes = sum(len(data) for data in files.values())
+        self._record(source, "resolved", started, num_bytes)
+        self.origins[name] = source.uri
+        seconds = time.monotonic() - started
+        log.info("resolved adapter %r from %s (%d bytes) in %.3f s", name, source.uri, num_bytes, seconds)
+
+    def _record(self, source: Source, outcome: str, started: float, num_bytes: int = 0) -> None:
+        if self._observe is not None:
+            self._observe(source.uri, outcome, time.monotonic() - started, num_bytes)
+
+    def _remember_missing(self, name: str) -> None:
+        if self.negative_ttl_s <= 0:
+            return
+        while len(self._missing) >= MAX_REMEMBERED_MISSING:
+            del self._missing[next(iter(self._missing))]
+        self._missing[name] = time.monotonic() + self.negative_ttl_s
+
+    @asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """One lock per name, dropped when its last holder or waiter leaves (all on the event loop)."""
+        lock, users = self._locks.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[name]
+
+
+def check_base(files: Files, base_names: set[str | None]) -> None:
+    """--adapter-source-check-base: the adapter must say it was trained on the served base (by its
+    served name, its --model, or that path's last part), as vLLM's resolvers require."""
+    try:
+        trained_on = json.loads(files[CONFIG_FILE]).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        return  # not a JSON object: the parse that follows names the problem
+    named = {name for name in base_names if name}
+    accepted = named | {name.rstrip("/").rsplit("/", 1)[-1] for name in named}
+    if trained_on not in accepted:
+        raise IncompatibleAdapterError(
+            f"is {trained_on!r}, not the served base {sorted(accepted)} (setting adapter_source_check_base)",
+            file=CONFIG_FILE,
+            field="base_model_name_or_path",
+        )
+
+
+def unprocessable(exc: InvalidAdapterError, source: Source) -> UnusableSourceAdapterError:
+    return UnusableSourceAdapterError(f"{exc.detail} (from {source.uri})", file=exc.file, field=exc.field)

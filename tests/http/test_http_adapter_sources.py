@@ -1,0 +1,154 @@
+"""Adapters resolved on first request from configured sources, through real HTTP: a directory tree,
+moto's S3 server on loopback (boto3 over HTTP, its GETs counted) and a hub cache read offline.
+Every answer is compared with the engine alone serving the same adapter files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from server.http.settings import Settings
+from support.http import assert_openai_error, reference_text, serve
+from support.sources import CountingS3, put_adapter, read_adapter, s3_server, write_hub_cache
+
+pytestmark = pytest.mark.real_model
+
+BUCKET, PREFIX = "loras", "team"
+MAX_UPLOAD = 3_000_000  # one real adapter is ~1.9 MB
+TIMEOUT_S = 2.0
+PROMPT = "Once upon a time"
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def s3(adapter_dirs):
+    with s3_server(BUCKET) as (_, app):
+        alpha, beta = read_adapter(adapter_dirs["alpha"]), read_adapter(adapter_dirs["beta"])
+        for name, files in {
+            "s3-alpha": alpha,
+            "s3-beta": beta,
+            "s3-truncated": {**alpha, WEIGHTS: alpha[WEIGHTS][: len(alpha[WEIGHTS]) // 2]},
+            "s3-huge": {**alpha, WEIGHTS: alpha[WEIGHTS] + b"\0" * MAX_UPLOAD},
+            "stalled-one": alpha,
+        }.items():
+            put_adapter(BUCKET, PREFIX, name, files)
+        yield app
+
+
+@pytest.fixture(scope="module")
+def served(s3, adapter_dirs, tmp_path_factory):
+    base = tmp_path_factory.mktemp("sources")
+    shutil.copytree(adapter_dirs["gamma"], base / "tree" / "dir-gamma")
+    write_hub_cache(base / "hub", "acme/hub-beta", read_adapter(adapter_dirs["beta"]))
+    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(base / "hub"))
+    settings = Settings(
+        adapter_source=[str(base / "tree"), f"s3://{BUCKET}/{PREFIX}", "hf://acme"],
+        adapter_store=base / "store",
+        adapter_source_timeout=TIMEOUT_S,
+        adapter_source_negative_ttl=60,
+        adapter_source_in_load=True,
+        max_upload_bytes=MAX_UPLOAD,
+    )
+    try:
+        with serve(settings) as served:
+            served.store_root = base / "store"
+            yield served
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.url, timeout=120) as client:
+        yield client
+
+
+def _complete(http: httpx.Client, model: str, max_tokens: int = 4) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return http.post("/v1/completions", json=body)
+
+
+@pytest.mark.parametrize(("model", "same_as"), [("dir-gamma", "gamma"), ("hub-beta", "beta")])
+def test_first_request_resolves_from_a_directory_tree_and_the_hub_cache(http, adapter_dirs, model, same_as):
+    response = _complete(http, model)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, same_as, 4)
+    assert model in [card["id"] for card in http.get("/v1/models").json()["data"]]
+
+
+def test_32_concurrent_first_requests_fetch_once_and_answer_as_uploaded(served, http, s3, adapter_dirs):
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(lambda _: _complete(http, "s3-beta"), range(32)))
+    assert [r.status_code for r in responses] == [200] * 32, responses[0].text
+    expected = reference_text(adapter_dirs, PROMPT, "beta", 4)
+    assert {r.json()["choices"][0]["text"] for r in responses} == {expected}
+    assert s3.count(f"/{PREFIX}/s3-beta/{WEIGHTS}") == 1
+    assert (served.store_root / "s3-beta" / WEIGHTS).read_bytes() == (adapter_dirs["beta"] / WEIGHTS).read_bytes()
+    assert _complete(http, "s3-beta").status_code == 200 and s3.count(f"/{PREFIX}/s3-beta/") == 2  # config + weights
+    metrics = http.get("/metrics").text
+    assert (
+        f'loraserve:adapter_source_resolutions_total{{outcome="resolved",source="s3://{BUCKET}/{PREFIX}"}}' in metrics
+    )
+
+
+@pytest.mark.parametrize("model", ["../s3-alpha", "team/s3-alpha", "..", "s3-alpha/../s3-beta"])
+def test_names_that_are_paths_are_404_without_touching_a_source(http, s3, model):
+    before = sum(s3.gets.values())
+    assert_openai_error(_complete(http, model), 404)
+    assert sum(s3.gets.values()) == before
+
+
+def test_a_name_found_nowhere_is_404_and_remembered(http, s3):
+    error = assert_openai_error(_complete(http, "nowhere"), 404, "nowhere")
+    assert error["code"] == "model_not_found"
+    looked = s3.count("/nowhere/")
+    assert looked == 1  # the config is looked up first; absent, the weights are never asked for
+    assert_openai_error(_complete(http, "nowhere"), 404)
+    assert s3.count("/nowhere/") == looked, "the negative cache should have answered"
+
+
+def test_a_truncated_object_is_422_naming_the_file_and_an_oversized_one_413(http):
+    error = assert_openai_error(_complete(http, "s3-truncated"), 422, WEIGHTS)
+    assert error["code"] == "invalid_adapter"
+    assert_openai_error(_complete(http, "s3-huge"), 413, "max_upload_bytes")
+    assert "s3-truncated" not in [card["id"] for card in http.get("/v1/models").json()["data"]]
+
+
+def test_a_hanging_source_is_503_with_retry_after_while_a_stream_finishes(http, adapter_dirs):
+    assert _complete(http, "dir-gamma").status_code == 200
+    body = {"model": "dir-gamma", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    texts: list[str] = []
+
+    def stream() -> None:
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: {")]
+            texts.append("".join(json.loads(chunk)["choices"][0]["text"] for chunk in chunks))
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    started = time.monotonic()
+    response = _complete(http, f"{CountingS3.stall.strip('/')}one")
+    elapsed = time.monotonic() - started
+    streamer.join(120)
+    assert_openai_error(response, 503, "adapter_source_timeout")
+    assert response.headers["Retry-After"] and elapsed < TIMEOUT_S + 2
+    assert texts == [reference_text(adapter_dirs, PROMPT, "gamma", 24)]
+
+
+def test_load_lora_adapter_takes_a_configured_source_uri_only(http, adapter_dirs):
+    loaded = http.post(
+        "/v1/load_lora_adapter", json={"lora_name": "loaded", "lora_path": f"s3://{BUCKET}/{PREFIX}/s3-alpha"}
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert _complete(http, "loaded").json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
+    elsewhere = {"lora_name": "other", "lora_path": "s3://another-bucket/s3-alpha"}
+    assert_openai_error(http.post("/v1/load_lora_adapter", json=elsewhere), 400, "configured adapter source")
