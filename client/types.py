@@ -86,6 +86,7 @@ class AdapterInfo(_Model):
     in_host_memory: bool
     persisted: bool
     compression: dict | None = None  # params_before, params_after, energy_kept: when the upload compressed it
+    resolved_from: str | None = None  # the adapter source URI the server resolved it from on first use
 
 
 class AdapterAnalysis(_Model):

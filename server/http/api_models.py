@@ -427,11 +427,12 @@ class AdapterCard(_fields_of(AdapterInfo, exclude={"source"})):  # source: a pat
 
     persisted: bool
     compression: Compression | None = None  # set by an upload that asked for energy or max_rank
+    resolved_from: str | None = None  # the --adapter-source URI this process resolved it from on first use
 
     @classmethod
-    def of(cls, info: AdapterInfo, persisted: bool) -> AdapterCard:
+    def of(cls, info: AdapterInfo, persisted: bool, resolved_from: str | None = None) -> AdapterCard:
         shared = {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name in cls.model_fields}
-        return cls(**shared, persisted=persisted)
+        return cls(**shared, persisted=persisted, resolved_from=resolved_from)
 
 
 class AdapterList(BaseModel):

@@ -48,7 +48,8 @@ def _state(request: Request) -> ServerState:
 
 def _card(state: ServerState, info: AdapterInfo) -> AdapterCard:
     persisted = state.store is not None and info.name in state.store
-    return AdapterCard.of(info, persisted)
+    resolved_from = state.resolver.origins.get(info.name) if state.resolver is not None else None
+    return AdapterCard.of(info, persisted, resolved_from)
 
 
 @router.post("/adapters", status_code=201, response_model=AdapterCard, dependencies=admin)

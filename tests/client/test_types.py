@@ -23,4 +23,5 @@ def test_the_servers_adapter_card_carries_every_public_registry_field():
         **{name: getattr(info, name) for name in public},
         "persisted": False,
         "compression": None,
+        "resolved_from": None,
     }

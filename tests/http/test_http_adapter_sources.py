@@ -83,6 +83,8 @@ def test_first_request_resolves_from_a_directory_tree_and_the_hub_cache(http, ad
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, same_as, 4)
     assert model in [card["id"] for card in http.get("/v1/models").json()["data"]]
+    card = http.get(f"/v1/adapters/{model}").json()
+    assert card["resolved_from"].endswith("tree" if model == "dir-gamma" else "hf://acme") and card["persisted"]
 
 
 def test_32_concurrent_first_requests_fetch_once_and_answer_as_uploaded(served, http, s3, adapter_dirs):
@@ -152,3 +154,26 @@ def test_load_lora_adapter_takes_a_configured_source_uri_only(http, adapter_dirs
     assert _complete(http, "loaded").json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
     elsewhere = {"lora_name": "other", "lora_path": "s3://another-bucket/s3-alpha"}
     assert_openai_error(http.post("/v1/load_lora_adapter", json=elsewhere), 400, "configured adapter source")
+
+
+def test_a_replica_on_the_same_store_serves_it_without_fetching_again(served, http, s3, adapter_dirs):
+    assert _complete(http, "s3-alpha").status_code == 200
+    fetched = s3.count(f"/{PREFIX}/s3-alpha/")
+    settings = Settings(adapter_source=[f"s3://{BUCKET}/{PREFIX}"], adapter_store=served.store_root)
+    with serve(settings) as replica, httpx.Client(base_url=replica.url, timeout=120) as other:
+        response = _complete(other, "s3-alpha")
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
+    assert s3.count(f"/{PREFIX}/s3-alpha/") == fetched
+
+
+def test_check_base_refuses_an_adapter_trained_on_another_base(served, http, s3, adapter_dirs):
+    files = read_adapter(adapter_dirs["alpha"])
+    config = json.loads(files["adapter_config.json"]) | {"base_model_name_or_path": "someone/else-7B"}
+    put_adapter(BUCKET, PREFIX, "s3-foreign", {**files, "adapter_config.json": json.dumps(config).encode()})
+    served.state.settings.adapter_source_check_base = True
+    try:
+        error = assert_openai_error(_complete(http, "s3-foreign"), 422, "base_model_name_or_path", "else-7B")
+    finally:
+        served.state.settings.adapter_source_check_base = False
+    assert error["code"] == "incompatible_adapter"
