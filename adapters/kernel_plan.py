@@ -8,8 +8,10 @@ CPUs; the int8 kernel loses to dequantizing at many rows), so nothing is fixed i
   memory as a forward over many layers does (timing one weight over and over measures it in cache,
   and picked a kernel that halved one-stream decoding in the real model);
 - `decide` turns the timings into a rule (one kernel, or one below N rows and the other from N);
-- `plan_kernels` caches the rules as JSON per machine (its name, torch, threads, dtype, shapes),
-  so a later start on the same machine skips the measurement;
+- `plan_for` brackets each weight's measurement with a reference the machine times quietly
+  (quiet_check.py), re-measures a weight while it does not, and caches the rules per machine
+  (plan_cache.py) as final only when it stayed quiet: a later start reuses a final plan and
+  measures a provisional one again (`loraserve kernels show|refresh`);
 - `apply_kernel_plan` gives each wrapped linear its kernels, quantizing first where asked.
 Measured tables: benchmarks/results/base_precision.json.
 """
@@ -17,15 +19,11 @@ Measured tables: benchmarks/results/base_precision.json.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
 import statistics
-import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,6 +45,8 @@ from .kernels import (
     can_quantize,
 )
 from .layer import LoraLinear
+from .plan_cache import KernelRules, Timings, final_rules, plan_path, read_plan, recorded_best, write_plan
+from .quiet_check import REFERENCE, QuietCheck
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ MIN_SAMPLE_SECONDS = 2e-4  # calls per sample: timer overhead stays well under 1
 SPLIT_MARGIN = 0.03  # keep two kernels (two weights) only if it beats the best single one by this much
 COLD_BYTES = 128 << 20  # weight copies cycled per measurement: more than a server CPU's last-level cache
 MAX_COPIES = 1024  # a tiny weight (tests) needs no more to leave the small caches
-Timings = Mapping[str, Mapping[int, float]]  # kernel -> rows -> median seconds per call
-KernelRules = dict[WeightKey, KernelRule]
+MAX_ATTEMPTS = 3  # tries at measuring one weight while the machine is busy, before the plan is left provisional
+PAUSE_SECONDS = 1.0  # between tries: a bounded cost at startup, no CPU taken from the load
 
 
 def is_quantized(module: nn.Module, is_head: bool, quantization: str | None) -> bool:
@@ -127,38 +127,103 @@ def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantizati
         layer.quantize_int8(rule, scratch.get(shape), keep_weight=layer.is_head)
 
 
+@dataclasses.dataclass(frozen=True)
+class MeasuredPlan:
+    """The plan a start runs: the rules of a quiet measurement (else none: every weight runs the
+    default), the file it is cached in, whether it is final there, and whether this start's own
+    measurement (if it made one) was judged noisy."""
+
+    path: Path
+    rules: KernelRules
+    is_final: bool
+    is_noisy: bool = False
+
+
 def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) -> KernelRules | None:
     """Rules per weight shape for `model`'s linears, from the cache or measured now; None where the
     device's backend does not measure (each weight then runs the plan's default)."""
-    backend = backend_for(model.device)
-    if not backend.is_measured:
+    if not backend_for(model.device).is_measured:
         return None
-    dtype, keys = model.dtype, weight_keys(model, quantization)
-    identity = {
+    return plan_for(weight_keys(model, quantization), model.dtype, cache_dir).rules
+
+
+def plan_identity(keys: Sequence[WeightKey], dtype: torch.dtype) -> dict:
+    """What a cached plan must match to apply: the machine, torch, threads, dtype and weight shapes."""
+    return {
         "method": MEASUREMENT,
-        "cpu": backend.machine_name(),
+        "cpu": backend_for(MEASURED_ON).machine_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "weights": [list(key) for key in keys],
     }  # key order is part of the cache file's name
-    path = cache_dir / "kernels" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.json"
-    rules = _read(path, identity)
-    if rules is not None:
+
+
+def plan_for(keys: Sequence[WeightKey], dtype: torch.dtype, cache_dir: Path, *, refresh: bool = False) -> MeasuredPlan:
+    """The final plan cached for `keys`, else (or with `refresh`) one measured now and cached: as
+    final if the machine stayed quiet, else as provisional (never over a final one), and this
+    start runs the default kernels rather than rules that load may have skewed."""
+    identity = plan_identity(keys, dtype)
+    path = plan_path(cache_dir, identity)
+    saved = read_plan(path, identity)
+    rules = final_rules(saved)
+    if rules is not None and not refresh:
         log.info("base kernels (cached in %s): %s", path, KernelPlan(rules=rules))
-        return rules
-    started = time.perf_counter()
-    timings = {key: measure(key, dtype) for key in keys}
-    rules = {key: decide(timings[key]) for key in keys}
-    _write(path, identity, rules, timings)
+        return MeasuredPlan(path, rules, is_final=True)
     log.info(
-        "base kernels (measured in %.1f s on %s, cached in %s): %s",
-        time.perf_counter() - started,
-        identity["cpu"],
-        path,
-        KernelPlan(rules=rules),
+        "measuring base kernels: %d weight shapes on %s, %d threads", len(keys), identity["cpu"], identity["threads"]
     )
-    return rules
+    started = time.perf_counter()
+    check = QuietCheck(recorded_best(cache_dir, identity, REFERENCE))
+    timings, brackets = measure_quietly(keys, dtype, check)
+    conditions = check.conditions(brackets) | {"seconds": round(time.perf_counter() - started, 2)}
+    conditions["quiet"] = is_quiet = conditions["quiet"] and len(timings) == len(keys)
+    measured = {key: decide(by_kernel) for key, by_kernel in timings.items()}
+    if is_quiet or rules is None:  # a noisy refresh keeps the final plan it would replace
+        write_plan(path, identity, conditions, measured, timings)
+    if is_quiet:
+        log.info(
+            "base kernels (measured in %.1f s, cached in %s): %s",
+            conditions["seconds"],
+            path,
+            KernelPlan(rules=measured),
+        )
+        return MeasuredPlan(path, measured, is_final=True)
+    log.warning(
+        "base kernel timings are noisy (the reference ran up to %.1fx its best and %.1fx its one-thread time; "
+        "bounds %s): %s",
+        conditions["max_slowdown"],
+        conditions["max_parallel_ratio"],
+        conditions["bounds"],
+        f"the final plan in {path} is kept"
+        if rules
+        else f"this start runs the default kernels, and the next measures again ({path} is provisional)",
+    )
+    return MeasuredPlan(path, rules or {}, is_final=rules is not None, is_noisy=True)
+
+
+def measure_quietly(keys: Sequence[WeightKey], dtype: torch.dtype, check: QuietCheck) -> tuple[dict, list]:
+    """Timings per weight whose measurement quiet brackets of the reference open and close, up to
+    MAX_ATTEMPTS tries each (a noisy opening skips the measurement and waits PAUSE_SECONDS); stops
+    at a weight still noisy then, so a busy machine costs seconds, not a plan's worth of timings.
+    Returns them and the brackets they are judged on."""
+    timings, accepted = {}, []
+    opening = check.bracket()
+    for key in keys:
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                time.sleep(PAUSE_SECONDS)  # a burst of load from elsewhere may pass
+                opening = check.bracket()
+            if check.is_quiet(opening):
+                measured, closing = measure(key, dtype), check.bracket()
+                if check.is_quiet(closing):
+                    timings[key] = measured
+                    accepted += [opening, closing]
+                    opening = closing
+                    break
+        else:
+            return timings, check.brackets  # judged on every bracket taken, which show the noise
+    return timings, list({id(bracket): bracket for bracket in accepted}.values())  # a closing opens the next
 
 
 @torch.inference_mode()
@@ -239,43 +304,3 @@ def _time(copies: list, x: torch.Tensor, calls: int) -> float:
     for call in range(calls):
         copies[call % len(copies)](x)
     return (time.perf_counter() - started) / calls
-
-
-def _read(path: Path, identity: dict) -> KernelRules | None:
-    try:
-        saved = json.loads(path.read_text())
-        if saved["identity"] != identity:  # a hash collision, or a file from elsewhere
-            return None
-        return {_key(entry["weight"]): KernelRule(**entry["rule"]) for entry in saved["rules"]}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file: measure again, rewrite it
-        log.warning("ignoring the kernel cache %s (%s)", path, exc)
-        return None
-
-
-def _write(path: Path, identity: dict, rules: KernelRules, timings: dict) -> None:
-    entries = [
-        {
-            "weight": list(key),
-            "rule": dataclasses.asdict(rule),
-            "median_us": {
-                kernel: {str(rows): round(seconds * 1e6, 2) for rows, seconds in by_rows.items()}
-                for kernel, by_rows in timings[key].items()
-            },
-        }
-        for key, rule in rules.items()
-    ]
-    text = json.dumps({"identity": identity, "rules": entries}, indent=1)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
-            file.write(text)
-        os.replace(file.name, path)  # atomic: replicas starting together never read half a file
-    except OSError as exc:  # a read-only cache costs a measurement per start, nothing more
-        log.warning("cannot cache the kernel choice in %s (%s)", path, exc)
-
-
-def _key(weight: list) -> WeightKey:
-    kind, out_features, in_features = weight
-    return str(kind), int(out_features), int(in_features)

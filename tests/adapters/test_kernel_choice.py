@@ -16,6 +16,8 @@ from adapters.kernel_plan import ROW_COUNTS, decide, measure, weight_keys
 from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelPlan, KernelRule, PlainLinear, RowSwitch
 from support.engine import make_engine
 
+pytestmark = pytest.mark.usefixtures("reference")  # a quiet machine: the plan measured here is final
+
 
 def timings(**by_kernel: tuple[float, float, float]) -> dict:
     """kernel=(seconds at 1, 16, 64 rows)."""
