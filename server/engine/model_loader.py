@@ -91,6 +91,24 @@ def load_base_model(
     return BaseModel(weights, tokenizer, name, directory)
 
 
+def load_model_shapes(
+    model: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+) -> PreTrainedModel:
+    """The base model's modules on the meta device, no weights read: their shapes and dtype are all
+    the kernel plan needs (`loraserve kernels`), in the dtype `load_base_model` would give them."""
+    config = AutoConfig.from_pretrained(resolve_model_dir(model, cache_dir)[0])
+    if dtype == "auto":
+        dtype = auto_dtype(config, torch.device(device))
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def auto_dtype(config, device: torch.device) -> torch.dtype:
     """--dtype auto: on CUDA the config's half dtype, bfloat16 when it names none (fp32 weights would
     double the memory and halve the speed of every memory-bound step); elsewhere float32, the

@@ -1,4 +1,4 @@
-"""The `loraserve` command: `serve` plus the client's subcommands.
+"""The `loraserve` command: `serve`, `kernels show|refresh`, plus the client's subcommands.
 
 Every `serve` flag mirrors a field of `Settings` (and so a LORASERVE_* variable); a flag given
 on the command line wins over the environment. Nothing here imports torch until `serve` runs.
@@ -22,6 +22,8 @@ from client.cli import add_client_commands, run_client_command
 from .settings import Settings
 
 _FLAG_NAMES = {"adapters": "--adapter"}  # repeatable: --adapter NAME=PATH
+# What decides which kernel plan `serve` runs: `kernels` takes these flags (and LORASERVE_* variables).
+_PLAN_SETTINGS = ("model", "cache_dir", "dtype", "device", "quantization", "kernel_choice")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the server (default model if no --model)")
     _add_settings_flags(serve)
+    kernels = commands.add_parser("kernels", help="the base kernels measured for this CPU and model")
+    actions = kernels.add_subparsers(dest="action", required=True)
+    for action, help_text in (
+        ("show", "print the cached plan and the conditions it was measured under"),
+        ("refresh", "measure the plan again and cache it (final only if the machine stayed quiet)"),
+    ):
+        _add_settings_flags(actions.add_parser(action, help=help_text), _PLAN_SETTINGS)
     adapters = add_client_commands(commands)
     compress = adapters.add_parser("compress", help="offline: rewrite a PEFT adapter at the rank it uses")
     compress.add_argument("source", help="PEFT adapter directory")
@@ -39,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "kernels":
+        return kernels_command(args)
     if getattr(args, "offline", None):
         return args.offline(args)
     return run_client_command(args)
@@ -58,12 +69,20 @@ def compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def kernels_command(args: argparse.Namespace) -> int:
+    """Print the kernel plan `serve` with these settings runs here, measuring it first for `refresh`;
+    1 where there is none, or the refresh was too noisy to replace it (it then stays provisional)."""
+    settings = _settings(args)
+    if settings is None:
+        return 2
+    from .kernels_command import show_kernel_plan  # noqa: PLC0415 - torch only when run
+
+    return show_kernel_plan(settings, refresh=args.action == "refresh")
+
+
 def serve_command(args: argparse.Namespace) -> int:
-    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    try:
-        settings = Settings(**overrides)
-    except pydantic.ValidationError as exc:  # a bad LORASERVE_* variable (flags are checked by argparse)
-        print(f"loraserve: invalid settings: {_errors(exc)}", file=sys.stderr)
+    settings = _settings(args)
+    if settings is None:
         return 2
     from server.http.logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
 
@@ -101,6 +120,15 @@ def serve_command(args: argparse.Namespace) -> int:
     return _exit_code(failures)
 
 
+def _settings(args: argparse.Namespace) -> Settings | None:
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:  # a bad LORASERVE_* variable (flags are checked by argparse)
+        print(f"loraserve: invalid settings: {_errors(exc)}", file=sys.stderr)
+        return None
+
+
 def _errors(exc: pydantic.ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
 
@@ -116,8 +144,10 @@ def _exit(failures: list[str]) -> None:
     raise SystemExit(_exit_code(failures))
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def _add_settings_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     for name, field in Settings.model_fields.items():
+        if names is not None and name not in names:
+            continue
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         kind = _base_type(field.annotation)
         help_text = f"env LORASERVE_{name.upper()}"
