@@ -163,6 +163,11 @@ class AsyncEngine:
     def adapter_version(self, name: str) -> AdapterVersion:
         return self._engine.registry.version(name)
 
+    async def adapters_in_use(self) -> set[str]:
+        """Adapters that admitted requests hold (asked on the engine thread, between steps)."""
+        registry = self._engine.registry
+        return await self.call(lambda: set(registry.held()))
+
     def parse_adapter(self, name: str, source: AdapterSource) -> LoraAdapter:
         """Read and validate an adapter against this base model (slow: not on the event loop)."""
         return self._engine.registry.parse(name, source)

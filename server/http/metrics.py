@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -130,6 +130,12 @@ class Metrics:
         self.fetched_bytes = Counter(
             "loraserve:adapter_source_fetched_bytes", "Adapter bytes fetched from each source.", ["source"], registry=r
         )
+        self.store_bytes = Gauge(
+            "loraserve:adapter_store_bytes", "Bytes of the adapter store's current versions.", registry=r
+        )
+        self.evictions = Counter(
+            "loraserve:adapter_store_evictions", "Resolved adapters evicted to keep the store in budget.", registry=r
+        )
         self.prefix_cache_by_adapter: dict[str, list[int]] = {}  # label -> [queried, hit] tokens, finished requests
         self._engine: LLMEngine | None = None
         r.register(_SnapshotCollector(self))
@@ -146,6 +152,10 @@ class Metrics:
         if outcome == "resolved":
             self.resolve_latency.labels(source).observe(seconds)
             self.fetched_bytes.labels(source).inc(num_bytes)
+
+    def on_store_budget(self, stored_bytes: int, num_evicted: int) -> None:
+        self.store_bytes.set(stored_bytes)
+        self.evictions.inc(num_evicted)
 
     def on_request(self, stats: RequestStats) -> None:
         adapter = self.adapter_label(stats.adapter)

@@ -82,6 +82,8 @@ async def upload_adapter(request: Request) -> JSONResponse:
         info = await state.register(name, files, replace, adapter=adapter)
     else:  # the store decides who gets a new name, atomically across replicas
         path = await asyncio.to_thread(state.store.save, name, files, replace)
+        if state.budget is not None:  # uploaded: exists nowhere else, so never evicted
+            await asyncio.to_thread(state.budget.forget, name)
         info = await state.register(name, path, True, adapter=adapter, store_version=path.name)
     card = _card(state, info)
     card.compression = _compression(report)

@@ -40,6 +40,7 @@ class Settings(BaseSettings, EngineSettings):
     adapter_source_negative_ttl: float = Field(10.0, ge=0)  # a name found nowhere is a 404 this long untried
     adapter_source_check_base: bool = False  # base_model_name_or_path must name the served base (422 if not)
     adapter_source_in_load: bool = False  # load_lora_adapter's lora_path may be <a source's URI>/<name>
+    adapter_store_max_bytes: int | None = Field(None, ge=1)  # resolved adapters evicted LRU past it; None: no budget
     api_key: str | None = None
     admin_key: str | None = None  # guards upload, load, unload and delete when set
     metrics_require_key: bool = False

@@ -23,6 +23,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
 from server.sources import Files, Source, make_source
 from server.store import AdapterStore, check_name, is_valid_name
+from server.store_budget import StoreBudget
 
 from .errors import HTTPError
 from .limits import RequestLimits, max_token_bytes
@@ -49,6 +50,7 @@ class ServerState:
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
         self.resolver = _resolver(settings, metrics)
+        self.budget = StoreBudget(self.store, settings.adapter_store_max_bytes) if self._has_budget() else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
         self.model_name: str | None = None
@@ -117,6 +119,8 @@ class ServerState:
         """Whether `name` is a registered adapter, after picking up what another replica stored,
         or what the configured sources have under that name (resolved on first use)."""
         if await self._is_registered(name):
+            if self.budget is not None and self.budget.is_touch_due(name):
+                await asyncio.to_thread(self.budget.touch, name)
             return True
         if self.resolver is None or not is_valid_name(name) or name == self.model_name or name in self.compositions:
             return False
@@ -161,6 +165,25 @@ class ServerState:
             await self._sync_stored(name)
             return
         await self.register(name, path, True, adapter=adapter, store_version=path.name)
+        if self.budget is not None:
+            await asyncio.to_thread(self.budget.mark_resolved, name)
+            await self._keep_store_in_budget(keep={name})
+
+    def _has_budget(self) -> bool:
+        return self.store is not None and self.settings.adapter_store_max_bytes is not None
+
+    async def _keep_store_in_budget(self, keep: set[str]) -> None:
+        """Evict resolved adapters, least recently used first, sparing `keep`, those a request
+        holds and those a named composition uses; each is unloaded here once its requests finish."""
+        in_use = await self.ready_engine().adapters_in_use()
+        composed = {adapter for terms in self.compositions.values() for adapter, _ in terms}
+        evicted, stored = await asyncio.to_thread(self.budget.evict, keep | in_use | composed)
+        for name in evicted:
+            log.info("evicted resolved adapter %r from the store (setting adapter_store_max_bytes)", name)
+            if self.ready_engine().has_adapter(name):
+                await self.unregister(name)
+        if self.metrics is not None:
+            self.metrics.on_store_budget(stored, len(evicted))
 
     async def _resolve_term(self, index: int, name: str) -> str:
         if name in self.compositions:

@@ -1,0 +1,91 @@
+"""The adapter store's byte budget (--adapter-store-max-bytes): adapters resolved from a source are
+a cache of what lives elsewhere, so the least recently used of them leave the store when it is over
+budget; an uploaded adapter exists nowhere else and is never evicted.
+
+Which names are resolved, and when each was last used, is shared by replicas through the store
+itself: an empty marker file `<root>/.resolved/<name>` per resolved adapter, its mtime the last use
+(touched at most once a minute per name and process). An upload under the same name takes the
+marker away. The budget counts the current version of every adapter; an evicted version stays on
+disk for the store's grace period (another replica may be loading it), as a deleted one does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from adapters import InvalidAdapterError
+from server.store import AdapterStore, check_name
+
+RESOLVED = ".resolved"
+TOUCH_EVERY_S = 60.0
+
+
+class StoreBudget:
+    """Evicts resolved adapters, least recently used first, until the store's adapters fit `max_bytes`."""
+
+    def __init__(self, store: AdapterStore, max_bytes: int):
+        self.store, self.max_bytes = store, max_bytes
+        self._markers = store.root / RESOLVED
+        self._markers.mkdir(exist_ok=True)
+        if self._markers.is_symlink():
+            raise InvalidAdapterError(f"{self._markers} is a link; it must be a real directory", field="adapter_store")
+        self._touched: dict[str, float] = {}  # name -> monotonic time this process last touched its marker
+
+    def mark_resolved(self, name: str) -> None:
+        fd = os.open(self._markers / check_name(name), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+
+    def forget(self, name: str) -> None:
+        """An uploaded adapter under `name`: never evicted."""
+        (self._markers / check_name(name)).unlink(missing_ok=True)
+
+    def is_touch_due(self, name: str) -> bool:
+        return time.monotonic() - self._touched.get(name, -TOUCH_EVERY_S) >= TOUCH_EVERY_S
+
+    def touch(self, name: str) -> None:
+        """Record a use of `name` (nothing for an uploaded adapter, which has no marker)."""
+        self._touched[name] = time.monotonic()
+        try:
+            os.utime(self._markers / check_name(name), follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of each stored adapter's current version."""
+        sizes = {}
+        for name in self.store.names():
+            version = self.store.current(name)
+            if version is not None:
+                sizes[name] = sum(_size(path) for path in version.iterdir())
+        return sizes
+
+    def evict(self, keep: set[str]) -> tuple[list[str], int]:
+        """Delete resolved adapters not in `keep`, least recently used first, until the store fits;
+        returns their names and the bytes stored after."""
+        sizes = self.stored_bytes()
+        total, evicted = sum(sizes.values()), []
+        for name in self._least_recently_used(set(sizes) - keep):
+            if total <= self.max_bytes:
+                break
+            self.store.delete(name)
+            self.forget(name)
+            total -= sizes[name]
+            evicted.append(name)
+        return evicted, total
+
+    def _least_recently_used(self, names: set[str]) -> list[str]:
+        used = {}
+        with os.scandir(self._markers) as entries:
+            for entry in entries:
+                if entry.name in names and entry.is_file(follow_symlinks=False):
+                    used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+        return sorted(used, key=lambda name: (used[name], name))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
