@@ -170,6 +170,14 @@ def plan_for(keys: Sequence[WeightKey], dtype: torch.dtype, cache_dir: Path, *, 
     if rules is not None and not refresh:
         log.info("base kernels (cached in %s): %s", path, KernelPlan(rules=rules))
         return MeasuredPlan(path, rules, is_final=True)
+    return _measure_and_cache(keys, dtype, cache_dir, identity, kept=rules)
+
+
+def _measure_and_cache(
+    keys: Sequence[WeightKey], dtype: torch.dtype, cache_dir: Path, identity: dict, kept: KernelRules | None
+) -> MeasuredPlan:
+    """Measure now and cache the plan, final if it was quiet; a noisy one never replaces `kept`."""
+    path = plan_path(cache_dir, identity)
     log.info(
         "measuring base kernels: %d weight shapes on %s, %d threads", len(keys), identity["cpu"], identity["threads"]
     )
@@ -179,7 +187,7 @@ def plan_for(keys: Sequence[WeightKey], dtype: torch.dtype, cache_dir: Path, *, 
     conditions = check.conditions(brackets) | {"seconds": round(time.perf_counter() - started, 2)}
     conditions["quiet"] = is_quiet = conditions["quiet"] and len(timings) == len(keys)
     measured = {key: decide(by_kernel) for key, by_kernel in timings.items()}
-    if is_quiet or rules is None:  # a noisy refresh keeps the final plan it would replace
+    if is_quiet or kept is None:
         write_plan(path, identity, conditions, measured, timings)
     if is_quiet:
         log.info(
@@ -196,10 +204,10 @@ def plan_for(keys: Sequence[WeightKey], dtype: torch.dtype, cache_dir: Path, *, 
         conditions["max_parallel_ratio"],
         conditions["bounds"],
         f"the final plan in {path} is kept"
-        if rules
+        if kept
         else f"this start runs the default kernels, and the next measures again ({path} is provisional)",
     )
-    return MeasuredPlan(path, rules or {}, is_final=rules is not None, is_noisy=True)
+    return MeasuredPlan(path, kept or {}, is_final=kept is not None, is_noisy=True)
 
 
 def measure_quietly(keys: Sequence[WeightKey], dtype: torch.dtype, check: QuietCheck) -> tuple[dict, list]:
