@@ -1,9 +1,11 @@
 """Resolution on first use: an adapter name the server does not know is looked up in the configured
 sources (server/sources.py), in order, once per name however many requests ask at the same time.
 
-Every request for a name takes that name's lock, re-checks (another request, or another replica
-through the shared store, may have just brought it in), then tries each source off the event loop
-and off the engine thread. A name found nowhere is remembered for `negative_ttl_s`, so a typo does
+The first request for a name starts one resolution; every request for that name arriving while it
+runs awaits the same one and gets its outcome, an error included (with a lock, each waiter would try
+a hanging source again in turn: 32 waiters, 32 timeouts). The resolution re-checks first (another
+replica may have just brought the name into the shared store), then tries each source off the event
+loop and off the engine thread. A name found nowhere is remembered for `negative_ttl_s`, so a typo does
 not reach the object store on every request; a source that fails or does not answer within its
 timeout is a 503 with Retry-After, and is not remembered: the next request tries again.
 """
@@ -14,8 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 from adapters.config import CONFIG_FILE
 from adapters.errors import IncompatibleAdapterError, InvalidAdapterError, LoraServeError
@@ -35,7 +36,7 @@ class AdapterResolver:
     def __init__(self, sources: list[Source], negative_ttl_s: float, observe: Observe | None = None):
         self.sources, self.negative_ttl_s, self._observe = sources, negative_ttl_s, observe
         self.origins: dict[str, str] = {}  # name -> URI of the source it was resolved from
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (lock, [holders and waiters])
+        self._flights: dict[str, asyncio.Future[bool]] = {}  # name -> its resolution under way
         self._missing: dict[str, float] = {}  # name -> monotonic time its negative entry expires
 
     def is_missing(self, name: str) -> bool:
@@ -50,17 +51,29 @@ class AdapterResolver:
         """True once `name` is present (here, or installed from the first source that has it)."""
         if self.is_missing(name):
             return False
-        async with self._locked(name):
-            if await is_present(name) or self.is_missing(name):
-                return not self.is_missing(name)
-            started = time.monotonic()
-            for source in self.sources:
-                files = await self.fetch(source, name)
-                if files is not None:
-                    await self._install(name, source, files, install, started)
-                    return True
-            self._remember_missing(name)
-            return False
+        flight = self._flights.get(name)
+        if flight is None:
+            flight = asyncio.ensure_future(self._resolve_once(name, is_present, install))
+            self._flights[name] = flight
+            flight.add_done_callback(lambda done: self._landed(name, done))
+        return await asyncio.shield(flight)  # a client that goes away leaves the others' resolution running
+
+    async def _resolve_once(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
+        if await is_present(name):
+            return True
+        started = time.monotonic()
+        for source in self.sources:
+            files = await self.fetch(source, name)
+            if files is not None:
+                await self._install(name, source, files, install, started)
+                return True
+        self._remember_missing(name)
+        return False
+
+    def _landed(self, name: str, flight: asyncio.Future[bool]) -> None:
+        self._flights.pop(name, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved here too: every waiter may have gone away
 
     async def fetch(self, source: Source, name: str) -> Files | None:
         """`name` from one source, off the loop, within its timeout; observed by source and outcome."""
@@ -105,19 +118,6 @@ class AdapterResolver:
         while len(self._missing) >= MAX_REMEMBERED_MISSING:
             del self._missing[next(iter(self._missing))]
         self._missing[name] = time.monotonic() + self.negative_ttl_s
-
-    @asynccontextmanager
-    async def _locked(self, name: str) -> AsyncIterator[None]:
-        """One lock per name, dropped when its last holder or waiter leaves (all on the event loop)."""
-        lock, users = self._locks.setdefault(name, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if users[0] == 0:
-                del self._locks[name]
 
 
 def check_base(files: Files, base_names: set[str | None]) -> None:
