@@ -87,3 +87,17 @@ def test_hub_source_reads_the_cache_offline(tmp_path, monkeypatch):
 def test_unreadable_uris_are_refused(uri):
     with pytest.raises(ValueError):
         check_source_uri(uri)
+
+
+def test_sources_come_from_the_environment_as_a_json_list_and_bad_ones_stop_startup(monkeypatch):
+    from pydantic import ValidationError
+
+    from server.http.settings import Settings
+
+    monkeypatch.setenv("LORASERVE_ADAPTER_SOURCE", '["s3://bucket/prefix", "/srv/loras", "hf://acme@v1/sub"]')
+    assert Settings().adapter_source == ["s3://bucket/prefix", "/srv/loras", "hf://acme@v1/sub"]
+    hub = source("hf://acme@v1/sub")
+    assert (hub.org, hub.revision, hub.subfolder) == ("acme", "v1", "sub")
+    monkeypatch.setenv("LORASERVE_ADAPTER_SOURCE", '["gs://bucket"]')
+    with pytest.raises(ValidationError, match="adapter_source"):
+        Settings()
