@@ -168,7 +168,9 @@ class S3Source(Source):
             import boto3  # noqa: PLC0415 - only when an s3:// source is configured
             from botocore.config import Config  # noqa: PLC0415
 
-            config = Config(connect_timeout=self.timeout_s, read_timeout=self.timeout_s, retries={"max_attempts": 1})
+            config = Config(
+                connect_timeout=self.timeout_s, read_timeout=self.timeout_s, retries={"total_max_attempts": 1}
+            )
             self._client = boto3.session.Session().client("s3", config=config)
         return self._client
 

@@ -53,6 +53,7 @@ VERSION_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f]{32}")  # what _new_version mak
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 VERSIONS = ".versions"
 COMPOSITIONS = ".compositions"
+RESOLVING = ".resolving"  # one flock file per name a source was asked for: one fetch per fleet
 STAGING = ".staging-"
 LOCK = ".lock"
 TEMPORARY_LINKS = (".link-", ".deleting-")
@@ -250,6 +251,32 @@ class AdapterStore:
         for name_dir in self._versions.iterdir():
             if not name_dir.is_symlink():
                 self._collect(name_dir.name)
+
+    @contextmanager
+    def resolving(self, name: str, timeout_s: float) -> Iterator[bool]:
+        """Held by one process at a time, across replicas, while it fetches `name` from a source, so
+        a fleet on this store fetches it once; yields False when `timeout_s` passed first (the caller
+        fetches anyway: a replica that died holding it releases it, and a stuck one must not become
+        an outage)."""
+        folder = self.root / RESOLVING
+        folder.mkdir(exist_ok=True)
+        _refuse_link(folder)
+        fd = os.open(folder / check_name(name), os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        held = False
+                        break
+                    time.sleep(0.05)
+            yield held
+        finally:
+            os.close(fd)
 
     # Writing: staging -> .versions/<name>/<version> -> pointer.
     def _publish(self, name: str, version: str, staging: Path) -> Path:

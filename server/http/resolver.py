@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 from adapters.config import CONFIG_FILE
 from adapters.errors import IncompatibleAdapterError, InvalidAdapterError, LoraServeError
@@ -28,13 +29,21 @@ log = logging.getLogger(__name__)
 
 Observe = Callable[[str, str, float, int], None]  # (source uri, outcome, seconds, bytes fetched)
 Install = Callable[[str, Source, Files], Awaitable[None]]
+Exclusive = Callable[[str], AbstractAsyncContextManager]  # one holder per name across replicas (the store's lock)
 
 
 class AdapterResolver:
     """The configured sources, a per-name lock and a short memory of names found nowhere."""
 
-    def __init__(self, sources: list[Source], negative_ttl_s: float, observe: Observe | None = None):
+    def __init__(
+        self,
+        sources: list[Source],
+        negative_ttl_s: float,
+        observe: Observe | None = None,
+        exclusive: Exclusive | None = None,
+    ):
         self.sources, self.negative_ttl_s, self._observe = sources, negative_ttl_s, observe
+        self._exclusive = exclusive or (lambda name: nullcontext())
         self.origins: dict[str, str] = {}  # name -> URI of the source it was resolved from
         self._flights: dict[str, asyncio.Future[bool]] = {}  # name -> its resolution under way
         self._missing: dict[str, float] = {}  # name -> monotonic time its negative entry expires
@@ -59,6 +68,10 @@ class AdapterResolver:
         return await asyncio.shield(flight)  # a client that goes away leaves the others' resolution running
 
     async def _resolve_once(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
+        async with self._exclusive(name):  # a replica that held it first may have stored it meanwhile
+            return await self._resolve_exclusively(name, is_present, install)
+
+    async def _resolve_exclusively(self, name: str, is_present, install: Install) -> bool:
         if await is_present(name):
             return True
         started = time.monotonic()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
 from adapters import AdapterExistsError, AdapterInfo, AdapterNotFoundError, InvalidAdapterError, LoraAdapter
@@ -49,7 +50,7 @@ class ServerState:
     ):
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
-        self.resolver = _resolver(settings, metrics)
+        self.resolver = _resolver(settings, metrics, self._fleet_lock if self.store is not None else None)
         self.budget = StoreBudget(self.store, settings.adapter_store_max_bytes) if self._has_budget() else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
@@ -168,6 +169,15 @@ class ServerState:
         if self.budget is not None:
             await asyncio.to_thread(self.budget.mark_resolved, name)
             await self._keep_store_in_budget(keep={name})
+
+    @asynccontextmanager
+    async def _fleet_lock(self, name: str) -> AsyncIterator[None]:
+        """The store's per-name lock, taken off the loop: replicas sharing the store fetch once."""
+        wait_s = self.settings.adapter_source_timeout * (len(self.settings.adapter_source) + 1)
+        with ExitStack() as held:
+            if not await asyncio.to_thread(held.enter_context, self.store.resolving(name, wait_s)):
+                log.warning("fetching %r without the store's lock: another replica held it for %.0f s", name, wait_s)
+            yield
 
     def _has_budget(self) -> bool:
         return self.store is not None and self.settings.adapter_store_max_bytes is not None
@@ -386,7 +396,7 @@ class ServerState:
                     log.exception("skipping stored adapter %r", name)
 
 
-def _resolver(settings: Settings, metrics: Metrics | None) -> AdapterResolver | None:
+def _resolver(settings: Settings, metrics: Metrics | None, exclusive) -> AdapterResolver | None:
     if not settings.adapter_source:
         return None
     sources = [
@@ -394,4 +404,4 @@ def _resolver(settings: Settings, metrics: Metrics | None) -> AdapterResolver | 
         for uri in settings.adapter_source
     ]
     observe = metrics.on_resolution if metrics is not None else None
-    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe)
+    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe, exclusive)

@@ -34,6 +34,7 @@ def s3(adapter_dirs):
         for name, files in {
             "s3-alpha": alpha,
             "s3-beta": beta,
+            "s3-gamma": read_adapter(adapter_dirs["gamma"]),
             "s3-truncated": {**alpha, WEIGHTS: alpha[WEIGHTS][: len(alpha[WEIGHTS]) // 2]},
             "s3-huge": {**alpha, WEIGHTS: alpha[WEIGHTS] + b"\0" * MAX_UPLOAD},
             "stalled-one": alpha,
@@ -159,15 +160,20 @@ def test_load_lora_adapter_takes_a_configured_source_uri_only(http, adapter_dirs
     assert_openai_error(http.post("/v1/load_lora_adapter", json=elsewhere), 400, "configured adapter source")
 
 
-def test_a_replica_on_the_same_store_serves_it_without_fetching_again(served, http, s3, adapter_dirs):
+def test_replicas_on_one_store_fetch_once_between_them(served, http, s3, adapter_dirs):
     assert _complete(http, "s3-alpha").status_code == 200
     fetched = s3.count(f"/{PREFIX}/s3-alpha/")
     settings = Settings(adapter_source=[f"s3://{BUCKET}/{PREFIX}"], adapter_store=served.store_root)
     with serve(settings) as replica, httpx.Client(base_url=replica.url, timeout=120) as other:
-        response = _complete(other, "s3-alpha")
+        response = _complete(other, "s3-alpha")  # what a restart does too
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
+        with ThreadPoolExecutor(32) as pool:  # 16 first requests on each replica at once
+            responses = list(pool.map(lambda i: _complete((http, other)[i % 2], "s3-gamma"), range(32)))
     assert s3.count(f"/{PREFIX}/s3-alpha/") == fetched
+    assert [r.status_code for r in responses] == [200] * 32, responses[0].text
+    assert {r.json()["choices"][0]["text"] for r in responses} == {reference_text(adapter_dirs, PROMPT, "gamma", 4)}
+    assert s3.count(f"/{PREFIX}/s3-gamma/{WEIGHTS}") == 1
 
 
 def test_check_base_refuses_an_adapter_trained_on_another_base(served, http, s3, adapter_dirs):
