@@ -15,7 +15,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # last: tests/adapters shadows ours
 from support.sources import s3_server  # noqa: E402
 
 PACKAGES = {"boto3": ["boto3", "botocore", "s3transfer", "jmespath"], "minio": ["minio", "pycryptodome", "argon2-cffi"]}
