@@ -23,7 +23,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -64,6 +64,7 @@ COLD_BYTES = 128 << 20  # weight copies cycled per measurement: more than a serv
 MAX_COPIES = 1024  # a tiny weight (tests) needs no more to leave the small caches
 MAX_ATTEMPTS = 3  # tries at measuring one weight while the machine is busy, before the plan is left provisional
 PAUSE_SECONDS = 1.0  # between tries: a bounded cost at startup, no CPU taken from the load
+CHECK_SECONDS = 0.5  # the reference is timed this often during a weight's measurement (~2% of it)
 
 
 def is_quantized(module: nn.Module, is_head: bool, quantization: str | None) -> bool:
@@ -211,46 +212,60 @@ def _measure_and_cache(
 
 
 def measure_quietly(keys: Sequence[WeightKey], dtype: torch.dtype, check: QuietCheck) -> tuple[dict, list]:
-    """Timings per weight whose measurement quiet brackets of the reference open and close, up to
-    MAX_ATTEMPTS tries each (a noisy opening skips the measurement and waits PAUSE_SECONDS); stops
-    at a weight still noisy then, so a busy machine costs seconds, not a plan's worth of timings.
-    Returns them and the brackets they are judged on."""
-    timings, accepted = {}, []
-    opening = check.bracket()
+    """Timings per weight whose measurement quiet brackets of the reference open, close and
+    interrupt every CHECK_SECONDS, up to MAX_ATTEMPTS tries each (a noisy bracket ends the try, and
+    the next starts after PAUSE_SECONDS); stops at a weight still noisy then, so a busy machine
+    costs seconds, not a plan's worth of timings. Returns them and the brackets they are judged on."""
+    timings, accepted = {}, set()  # accepted: indices of the brackets of the kept measurements
+
+    def still_quiet() -> bool:
+        return check.is_quiet(check.bracket())
+
+    check.bracket()  # opens the first weight; each weight's closing bracket opens the next
     for key in keys:
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 time.sleep(PAUSE_SECONDS)  # a burst of load from elsewhere may pass
-                opening = check.bracket()
-            if check.is_quiet(opening):
-                measured, closing = measure(key, dtype), check.bracket()
-                if check.is_quiet(closing):
-                    timings[key] = measured
-                    accepted += [opening, closing]
-                    opening = closing
+                check.bracket()
+            opened = len(check.brackets) - 1
+            if check.is_quiet(check.brackets[opened]):
+                try:
+                    timings[key] = measure(key, dtype, still_quiet=still_quiet)
+                except NoisyMeasurement:
+                    continue
+                if check.is_quiet(check.bracket()):
+                    accepted.update(range(opened, len(check.brackets)))
                     break
+                del timings[key]
         else:
             return timings, check.brackets  # judged on every bracket taken, which show the noise
-    return timings, list({id(bracket): bracket for bracket in accepted}.values())  # a closing opens the next
+    return timings, [check.brackets[index] for index in sorted(accepted)]
 
 
 @torch.inference_mode()
 def measure(
-    key: WeightKey, dtype: torch.dtype, row_counts: Sequence[int] = ROW_COUNTS, num_repeats: int = NUM_REPEATS
+    key: WeightKey,
+    dtype: torch.dtype,
+    row_counts: Sequence[int] = ROW_COUNTS,
+    num_repeats: int = NUM_REPEATS,
+    still_quiet: Callable[[], bool] = lambda: True,
 ) -> dict[str, dict[int, float]]:
-    """Median seconds per call of each candidate kernel for weight `key` on random data."""
+    """Median seconds per call of each candidate kernel for weight `key` on random data; asks
+    `still_quiet` every CHECK_SECONDS and raises NoisyMeasurement when it says no (under load a
+    call can stall for a scheduler tick, and a weight's timing for minutes)."""
+    check = _every(CHECK_SECONDS, still_quiet)
     kind, out_features, in_features = key
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
     copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)) - 1)]
     kernels = {name: [_kernel(kind, name, w, dtype) for w in copies] for name in _candidates(kind)}
     inputs = {rows: torch.randn(rows, in_features, generator=generator).to(dtype) for rows in row_counts}
-    calls = {rows: _calls_per_sample(kernels, inputs[rows]) for rows in row_counts}
+    calls = {rows: _calls_per_sample(kernels, inputs[rows], check) for rows in row_counts}
     samples = {name: {rows: [] for rows in row_counts} for name in kernels}
     for _ in range(num_repeats):  # interleaved: a burst of load from elsewhere hits every candidate alike
         for rows in row_counts:
             for name, kernel in kernels.items():
-                samples[name][rows].append(_time(kernel, inputs[rows], calls[rows]))
+                samples[name][rows].append(check(_time(kernel, inputs[rows], calls[rows])))
     return {
         name: {rows: statistics.median(values) for rows, values in by_rows.items()} for name, by_rows in samples.items()
     }
@@ -286,6 +301,25 @@ def decide(timings: Timings) -> KernelRule:
     return single
 
 
+class NoisyMeasurement(Exception):
+    """The machine got busy while a weight was being timed: its timings would mislead."""
+
+
+def _every(seconds: float, still_quiet: Callable[[], bool]) -> Callable:
+    """A pass-through that first asks `still_quiet` when `seconds` have passed since it last did."""
+    asked = time.perf_counter()
+
+    def check(value):
+        nonlocal asked
+        if time.perf_counter() - asked >= seconds:
+            if not still_quiet():
+                raise NoisyMeasurement
+            asked = time.perf_counter()
+        return value
+
+    return check
+
+
 def _candidates(kind: str) -> tuple[str, ...]:
     backend = backend_for(MEASURED_ON)
     return backend.dense_kernels if kind == DENSE_WEIGHT else backend.int8_kernels
@@ -299,10 +333,12 @@ def _kernel(kind: str, name: str, weight: torch.Tensor, dtype: torch.dtype):
     return dense_kernel(rule, weight, None)
 
 
-def _calls_per_sample(kernels: dict, x: torch.Tensor) -> int:
+def _calls_per_sample(kernels: dict, x: torch.Tensor, check: Callable = lambda value: value) -> int:
     """At least one pass over the copies, and enough calls that the timer's overhead is noise."""
     copies = len(next(iter(kernels.values())))
-    slowest = max(_time(copies_of, x, copies) for copies_of in kernels.values() for _ in range(2))  # 1st: warm-up
+    slowest = max(
+        check(_time(copies_of, x, copies)) for copies_of in kernels.values() for _ in range(2)
+    )  # 1st: warm-up
     return max(copies, int(MIN_SAMPLE_SECONDS / max(slowest, 1e-9)))
 
 

@@ -73,7 +73,7 @@ def test_timings_read_the_weight_from_memory_not_cache(monkeypatch):
 def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_llama, tmp_path, monkeypatch, caplog):
     calls = []
 
-    def fake_measure(key, dtype):
+    def fake_measure(key, dtype, **_):
         calls.append(key)
         return timings(plain=(1, 16, 64), packed=(2, 8, 32))  # plain for 1 row, packed from 16
 
@@ -103,7 +103,7 @@ def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_lla
 )
 def test_a_forced_choice_is_honoured(config, rule, tmp_path, monkeypatch):
     """Each linear runs its weights by the rule (sibling linears may share one fused matmul built by it)."""
-    monkeypatch.setattr(kernel_plan, "measure", lambda key, dtype: timings(plain=(1, 16, 64), packed=(2, 8, 32)))
+    monkeypatch.setattr(kernel_plan, "measure", lambda key, dtype, **_: timings(plain=(1, 16, 64), packed=(2, 8, 32)))
     engine = make_engine(cache_dir=tmp_path, **config)
     embedding = engine.lora_model.model.get_input_embeddings()
     assert all(layer.dense_rule == rule for layer in engine.lora_model.layers.values() if layer is not embedding)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adapters import kernel_plan
 from adapters.backends.cpu import cpu_model_name
-from adapters.kernel_plan import MAX_ATTEMPTS, plan_for, weight_keys
+from adapters.kernel_plan import MAX_ATTEMPTS, NoisyMeasurement, measure, plan_for, weight_keys
 from adapters.kernels import PACKED, PLAIN, KernelRule
 from adapters.quiet_check import MAX_PARALLEL_RATIO, MAX_SLOWDOWN, REFERENCE, Bracket, QuietCheck
 
@@ -24,7 +25,7 @@ def measured(monkeypatch) -> list:
     """Fake timings (plain for 1 row, packed from 16); the list records each weight measured."""
     calls = []
 
-    def fake_measure(key, dtype):
+    def fake_measure(key, dtype, **_):
         calls.append(key)
         return {PLAIN: {1: 1, 16: 16, 64: 64}, PACKED: {1: 2, 16: 8, 64: 32}}
 
@@ -91,6 +92,22 @@ def test_load_that_passes_costs_one_weight_again_not_the_plan(tiny_llama, tmp_pa
     plan = plan_for(keys, tiny_llama.dtype, tmp_path)
     assert plan.is_final and measured == [keys[0], *keys]
     assert saved(plan)["conditions"]["max_slowdown"] == 1.0  # judged on the brackets it kept
+
+
+def test_a_weight_is_abandoned_as_soon_as_the_reference_slows_down(tiny_llama, tmp_path, reference, monkeypatch):
+    """Under load a call can stall for a scheduler tick, so finishing a doomed measurement can take
+    minutes: the reference is asked every CHECK_SECONDS (here always) and the first no ends it."""
+    monkeypatch.setattr(kernel_plan, "CHECK_SECONDS", 0)
+    monkeypatch.setattr(kernel_plan, "COLD_BYTES", 1)  # one copy of each weight: fast
+    answers = iter([True, True, False])
+    with pytest.raises(NoisyMeasurement):
+        measure(("dense", 32, 64), torch.float32, row_counts=(1,), num_repeats=5, still_quiet=lambda: next(answers))
+    assert next(answers, "asked no more") == "asked no more"
+
+    reference.brackets = [QUIET, QUIET, BUSY]  # opening, a check, then load
+    keys = weight_keys(tiny_llama)
+    plan = plan_for(keys, tiny_llama.dtype, tmp_path)
+    assert plan.is_noisy and plan.rules == {} and saved(plan)["rules"] == []
 
 
 def test_a_steady_load_is_caught_against_the_quiet_reference_recorded_on_this_machine(
