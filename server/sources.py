@@ -186,9 +186,10 @@ class HubSource(Source):
         self.revision, self.subfolder = revision or None, subfolder.strip("/") or None
 
     def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
-        from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        import httpx  # noqa: PLC0415
         from huggingface_hub.errors import (  # noqa: PLC0415
             EntryNotFoundError,
+            HfHubHTTPError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
@@ -196,26 +197,42 @@ class HubSource(Source):
 
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         try:
-            path = hf_hub_download(
-                f"{self.org}/{name}",
-                file_name,
-                subfolder=self.subfolder,
-                revision=self.revision,
-                cache_dir=os.environ.get("HF_HUB_CACHE"),
-                local_files_only=offline,
-                etag_timeout=self.timeout_s,
-            )
+            path = self._download(f"{self.org}/{name}", file_name, max_bytes, offline)
         except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
             return None
         except LocalEntryNotFoundError as exc:  # not cached; online, the hub could not be reached
             if offline:
                 return None
             raise TransientSourceError(str(exc)) from None
-        except OSError as exc:
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status >= 500 or status == 429:
+                raise TransientSourceError(str(exc)) from None
+            raise SourceUnavailableError(f"adapter source {self.uri}: {exc}") from None
+        except (OSError, httpx.TransportError) as exc:
             raise TransientSourceError(str(exc)) from None
         if os.path.getsize(path) > max_bytes:
             raise self._too_large()
         return Path(path).read_bytes()
+
+    def _download(self, repo_id: str, file_name: str, max_bytes: int, offline: bool) -> str:
+        """The file's path in the hub cache; online, its size is asked first, so an oversized file
+        is refused before a byte of it is downloaded."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url  # noqa: PLC0415
+
+        where = {"subfolder": self.subfolder, "revision": self.revision}
+        if not offline:
+            size = get_hf_file_metadata(hf_hub_url(repo_id, file_name, **where), timeout=self.timeout_s).size
+            if size is not None and size > max_bytes:
+                raise self._too_large()
+        return hf_hub_download(
+            repo_id,
+            file_name,
+            **where,
+            cache_dir=os.environ.get("HF_HUB_CACHE"),
+            local_files_only=offline,
+            etag_timeout=self.timeout_s,
+        )
 
 
 KINDS: dict[str, type[Source]] = {"s3": S3Source, "hf": HubSource, "file": DirectorySource, "": DirectorySource}
