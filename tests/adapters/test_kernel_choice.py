@@ -10,9 +10,10 @@ import logging
 import pytest
 import torch
 
-from adapters import kernel_plan, wrap_model
+from adapters import kernel_plan, kernel_timing, wrap_model
 from adapters.backends.cpu import PackedLinear, cpu_model_name
-from adapters.kernel_plan import ROW_COUNTS, decide, measure, weight_keys
+from adapters.kernel_plan import decide, weight_keys
+from adapters.kernel_timing import ROW_COUNTS, measure
 from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelPlan, KernelRule, PlainLinear, RowSwitch
 from support.engine import make_engine
 
@@ -51,23 +52,23 @@ def test_timings_read_the_weight_from_memory_not_cache(monkeypatch):
     as a forward over many layers reads each weight cold; timing one weight kept in cache picked
     MKL for one-row calls on the AMD box, and halved one-stream decode in the real model."""
     weight_bytes = 32 * 64 * 4
-    monkeypatch.setattr(kernel_plan, "COLD_BYTES", 5 * weight_bytes)
-    built, make = [], kernel_plan._kernel
+    monkeypatch.setattr(kernel_timing, "COLD_BYTES", 5 * weight_bytes)
+    built, make = [], kernel_timing._kernel
 
     def spy(kind, name, weight, dtype):
         built.append((name, weight.data_ptr()))
         return make(kind, name, weight, dtype)
 
-    monkeypatch.setattr(kernel_plan, "_kernel", spy)
+    monkeypatch.setattr(kernel_timing, "_kernel", spy)
     measure(("dense", 32, 64), torch.float32, row_counts=(1,), num_repeats=1)
     for name in (PLAIN, PACKED):
         assert len({ptr for kernel, ptr in built if kernel == name}) == 5  # five distinct copies each
 
     order = []
     copies = [lambda x, i=i: order.append(i) for i in range(3)]
-    kernel_plan._time(copies, torch.zeros(1, 4), 7)
+    kernel_timing._time(copies, torch.zeros(1, 4), 7)
     assert order == [0, 1, 2, 0, 1, 2, 0]
-    assert kernel_plan._calls_per_sample({"k": copies}, torch.zeros(1, 4)) >= len(copies)  # a full pass at least
+    assert kernel_timing._calls_per_sample({"k": copies}, torch.zeros(1, 4)) >= len(copies)  # a full pass at least
 
 
 def test_the_plan_is_measured_once_per_machine_then_read_from_the_cache(tiny_llama, tmp_path, monkeypatch, caplog):

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from adapters import kernel_plan
+from adapters import kernel_plan, kernel_timing
 from adapters.backends.cpu import cpu_model_name
-from adapters.kernel_plan import MAX_ATTEMPTS, NoisyMeasurement, measure, plan_for, weight_keys
+from adapters.kernel_plan import MAX_ATTEMPTS, plan_for, weight_keys
+from adapters.kernel_timing import NoisyMeasurement, measure
 from adapters.kernels import PACKED, PLAIN, KernelRule
 from adapters.quiet_check import MAX_PARALLEL_RATIO, MAX_SLOWDOWN, REFERENCE, Bracket, QuietCheck
 
@@ -97,8 +98,8 @@ def test_load_that_passes_costs_one_weight_again_not_the_plan(tiny_llama, tmp_pa
 def test_a_weight_is_abandoned_as_soon_as_the_reference_slows_down(tiny_llama, tmp_path, reference, monkeypatch):
     """Under load a call can stall for a scheduler tick, so finishing a doomed measurement can take
     minutes: the reference is asked every CHECK_SECONDS (here always) and the first no ends it."""
-    monkeypatch.setattr(kernel_plan, "CHECK_SECONDS", 0)
-    monkeypatch.setattr(kernel_plan, "COLD_BYTES", 1)  # one copy of each weight: fast
+    monkeypatch.setattr(kernel_timing, "CHECK_SECONDS", 0)
+    monkeypatch.setattr(kernel_timing, "COLD_BYTES", 1)  # one copy of each weight: fast
     answers = iter([True, True, False])
     with pytest.raises(NoisyMeasurement):
         measure(("dense", 32, 64), torch.float32, row_counts=(1,), num_repeats=5, still_quiet=lambda: next(answers))
