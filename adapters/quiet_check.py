@@ -1,7 +1,7 @@
 """Is the machine quiet enough for the kernel plan's timings to be trusted?
 
-A plan measured while other jobs load the CPU can be wrong by 10-20x for the kernels that
-synchronise their threads (a thread descheduled mid-call stalls the others until the scheduler
+A plan measured while other jobs load the CPU can be wrong by an order of magnitude for the kernels
+that synchronise their threads (a thread descheduled mid-call stalls the others until the scheduler
 returns it), and interleaving the candidates does not fix that: load hurts them unequally. So the
 plan times a fixed reference matmul around each weight's measurement, on all intra-op threads and on
 one, and calls a bracket quiet only if:
