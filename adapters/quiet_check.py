@@ -3,7 +3,7 @@
 A plan measured while other jobs load the CPU can be wrong by an order of magnitude for the kernels
 that synchronise their threads (a thread descheduled mid-call stalls the others until the scheduler
 returns it), and interleaving the candidates does not fix that: load hurts them unequally. So the
-plan times a fixed reference matmul around each weight's measurement, on all intra-op threads and on
+plan times a fixed reference matmul around and during each weight's measurement, on all threads and on
 one, and calls a bracket quiet only if:
 - its all-threads median is within MAX_SLOWDOWN of the best the reference has done on this machine
   (this run's fastest sample, or a quiet plan recorded earlier): load came, or the machine is
