@@ -14,6 +14,7 @@ import signal
 import sys
 import types
 import typing
+from pathlib import Path
 
 import pydantic
 
@@ -87,6 +88,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from server.http.logs import configure_logging  # noqa: PLC0415 - keep `loraserve complete` free of server deps
 
     configure_logging(settings)
+    unserved = _unserved_model(settings.model)
+    if unserved is not None:
+        print(f"loraserve: invalid settings: model: {unserved}", file=sys.stderr)
+        return 2
     import uvicorn  # noqa: PLC0415
 
     from server.http.app import create_app  # noqa: PLC0415
@@ -127,6 +132,24 @@ def _settings(args: argparse.Namespace) -> Settings | None:
     except pydantic.ValidationError as exc:  # a bad LORASERVE_* variable (flags are checked by argparse)
         print(f"loraserve: invalid settings: {_errors(exc)}", file=sys.stderr)
         return None
+
+
+def _unserved_model(model: str | None) -> str | None:
+    """Why a --model directory is of a family the engine does not serve (from its config.json alone,
+    before the server starts), so it stops like any bad setting, exit 2; None when it is served or
+    is not a directory (the default model, a GGUF file: those are checked as they load)."""
+    if model is None or not (Path(model) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig  # noqa: PLC0415 - keep the client commands light
+
+    from server.engine.attention_probe import UnsupportedModelError  # noqa: PLC0415
+    from server.engine.model_families import check_architecture  # noqa: PLC0415
+
+    try:
+        check_architecture(AutoConfig.from_pretrained(model))
+    except UnsupportedModelError as exc:
+        return str(exc)
+    return None
 
 
 def _errors(exc: pydantic.ValidationError) -> str:

@@ -71,7 +71,7 @@ def test_a_falcon_directory_serves_equal_to_peft_over_http(falcon):
 
 
 def test_an_unserved_family_stops_the_server_naming_it(tmp_path):
-    """As any model that cannot load (tests/integration/test_shutdown.py): exit 1, the reason in the log."""
+    """As any bad setting: exit 2 before the server starts, the architecture named (from config.json alone)."""
     config = AutoConfig.for_model("bloom", n_layer=2, n_head=4, hidden_size=64, architectures=["BloomForCausalLM"])
     config.save_pretrained(tmp_path / "tiny-bloom")  # refused from its config: no weights needed
     server = start_process(tmp_path, "--model", str(tmp_path / "tiny-bloom"))
@@ -82,5 +82,7 @@ def test_an_unserved_family_stops_the_server_naming_it(tmp_path):
             server.process.kill()
             server.process.wait(30)
     log = server.log_tail()
-    assert code == 1, log
-    assert "startup failed" in log and "BloomForCausalLM" in log and "not a model family loraserve serves" in log
+    assert code == 2, log
+    assert (
+        "invalid settings: model:" in log and "BloomForCausalLM" in log and "not a model family loraserve serves" in log
+    )
