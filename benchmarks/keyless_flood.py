@@ -4,9 +4,13 @@ Starts `loraserve serve --api-key` on the default model (the repository given by
 checkout can be measured with the same script), then alternates rounds: one greedy 40-token stream
 with the key alone, and the same under a flood of keyless clients, each looping POSTs of a 3.7 MB
 body, with 100 more keyless connections that send their headers and all but the last byte of a body
-and then hold it. Reports per-round times, the median ratio (target: within 1.5x), and the server's
-RSS and open file descriptors before and during the flood. Every address is 127.0.0.1; every loop
-is bounded in count and time.
+and then hold it. On a 2-core machine the flooding clients take CPU the server needs whatever it does
+with their requests, so each round also streams under the same flood sent to a control: a bare
+socket server (another process) that answers each request's headers with a 401 and closes, as
+loraserve now does. Reports per-round times, the median ratios against the stream alone (target:
+within 1.5x) and against the control flood (what loraserve's own handling adds), the server's CPU
+time during each stream, and its RSS and open file descriptors before and during the flood. Every
+address is 127.0.0.1; every loop is bounded in count and time.
 
     .venv/bin/python benchmarks/keyless_flood.py [--rounds 5] [--repo .] [--out benchmarks/results/keyless_flood.json]
 """
@@ -61,6 +65,44 @@ def flood(url: str, stop, statuses) -> None:
             statuses.put(0)  # closed while still sending: the server would not read it
 
 
+def control_server(sock: socket.socket) -> None:
+    """Answer each connection's headers with a 401 and close, reading nothing of the body."""
+    response = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            conn.settimeout(5)
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                conn.sendall(response)
+            except OSError:
+                pass
+
+
+def flood_round(url: str, statuses) -> tuple[list, list, list[socket.socket]]:
+    """Start the keyless flooders and holders against `url`; the caller stops them."""
+    stop = multiprocessing.Event()
+    flooders = [multiprocessing.Process(target=flood, args=(url, stop, statuses)) for _ in range(FLOODERS)]
+    for process in flooders:
+        process.start()
+    held = hold(url, HOLDERS)
+    time.sleep(1.0)  # the flood is running
+    return stop, flooders, held
+
+
+def end_flood(stop, flooders, held) -> None:
+    stop.set()
+    for process in flooders:
+        process.join(timeout=120)
+    for sock in held:
+        sock.close()
+
+
 def hold(url: str, count: int) -> list[socket.socket]:
     """`count` keyless connections that send headers and all but the last byte of a 1 MB body."""
     host, port = url.removeprefix("http://").split(":")
@@ -79,6 +121,12 @@ def hold(url: str, count: int) -> list[socket.socket]:
         except OSError:
             break
     return held
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_and_fds(pid: int) -> tuple[int, int]:
@@ -107,39 +155,51 @@ def main() -> None:
     try:
         wait_ready(url, lambda: server.poll() is None, lambda: Path(log.name).read_text()[-2000:])
         stream_seconds(url)  # warm-up
-        alone, flooded, refused = [], [], []
-        statuses = multiprocessing.Queue()
+        alone, flooded, controlled, refused, server_cpu_alone, server_cpu_flooded = [], [], [], [], [], []
+        statuses, control_statuses = multiprocessing.Queue(), multiprocessing.Queue()
+        control_socket = socket.create_server((LOOPBACK, 0))
+        control_url = f"http://{LOOPBACK}:{control_socket.getsockname()[1]}"
+        control = multiprocessing.Process(target=control_server, args=(control_socket,), daemon=True)
+        control.start()
         memory_alone = rss_and_fds(server.pid)
         memory_flooded = memory_alone
         for _ in range(args.rounds):
+            before = cpu_seconds(server.pid)
             alone.append(stream_seconds(url))
-            stop = multiprocessing.Event()
-            threads = [multiprocessing.Process(target=flood, args=(url, stop, statuses)) for _ in range(FLOODERS)]
-            for thread in threads:
-                thread.start()
-            held = hold(url, HOLDERS)
-            time.sleep(1.0)  # the flood is running
+            server_cpu_alone.append(cpu_seconds(server.pid) - before)
+            flooding = flood_round(url, statuses)
+            before = cpu_seconds(server.pid)
             flooded.append(stream_seconds(url))
+            server_cpu_flooded.append(cpu_seconds(server.pid) - before)
             memory_flooded = max(memory_flooded, rss_and_fds(server.pid))
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=120)
+            end_flood(*flooding)
+            flooding = flood_round(control_url, control_statuses)
+            controlled.append(stream_seconds(url))
+            end_flood(*flooding)
             while not statuses.empty():
                 refused.append(statuses.get())
-            for sock in held:
-                sock.close()
+        control.kill()
     finally:
         server.kill()
         server.wait(timeout=30)
     ratios = [f / a for a, f in zip(alone, flooded)]
+    own = [f / c for c, f in zip(controlled, flooded)]
     result = {
         "cpu": cpu_model_name(),
         "repo": str(args.repo),
         "stream_seconds_alone": alone,
         "stream_seconds_flooded": flooded,
+        "stream_seconds_control_flood": controlled,
         "ratio_per_round": ratios,
+        "ratio_to_control_per_round": own,
+        "median_ratio_to_control": statistics.median(own),
+        "median_ratio_control_to_alone": statistics.median(c / a for a, c in zip(alone, controlled)),
         "median_ratio": statistics.median(ratios),
         "first_round_ratio": ratios[0],
+        # What the server itself spent while the stream ran: the flood's share of its CPU, apart from
+        # what the flooding clients take from a 2-core machine they share with it.
+        "server_cpu_seconds_alone": server_cpu_alone,
+        "server_cpu_seconds_flooded": server_cpu_flooded,
         "flood_requests": len(refused),
         "flood_statuses": {str(s): refused.count(s) for s in sorted(set(refused))},
         "rss_mib_fds_alone": memory_alone,
