@@ -37,7 +37,8 @@ from .serving import (
     tokenize_jobs,
 )
 from .state import ServerState
-from .structured import chat_plan, completion_plan, template_messages
+from .structured import chat_plan, completion_plan
+from .tool_calls import template_messages
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], route_class=OffLoopJSONRoute)
 

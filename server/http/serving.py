@@ -38,7 +38,8 @@ from .api_models import (
     Usage,
 )
 from .errors import ClientDisconnectedError, error_body
-from .structured import OutputPlan, ToolCallStream, ToolMode, tool_calls
+from .structured import OutputPlan
+from .tool_calls import ToolCallStream, ToolMode, tool_calls
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Structured output and tool calls, HTTP side: request fields -> one grammar; answers -> tool calls.
+"""Structured output and tool calls, HTTP side: request fields -> one grammar (answers -> tool calls
+is tool_calls.py).
 
 `chat_plan` and `completion_plan` read OpenAI's `response_format`, vLLM's `structured_outputs`, and
 `tools` with `tool_choice`, check them (every error names its field, every limit its setting), and
@@ -16,7 +17,6 @@ render: it is refused (docs/structured-output.md).
 from __future__ import annotations
 
 import json
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,12 +29,9 @@ from server.engine.grammar_check import GrammarLimits, GrammarRefused, check_dep
 from .api_models import (
     ChatCompletionRequest,
     ChatMessage,
-    FunctionCall,
-    FunctionCallDelta,
     StructuredOutputs,
-    ToolCall,
-    ToolCallDelta,
 )
+from .tool_calls import ToolMode
 
 # JSON Schema keywords the grammar enforces; anything else would be silently ignored: refused.
 ENFORCED = {
@@ -80,13 +77,6 @@ ANNOTATIONS = {
 }
 _SCHEMA_MAPS = {"properties", "$defs", "definitions"}  # name -> schema
 _SCHEMA_LISTS = {"prefixItems", "anyOf", "oneOf", "allOf"}
-
-
-@dataclass(frozen=True)
-class ToolMode:
-    """How a constrained answer becomes tool calls: one named function's arguments, or an array of calls."""
-
-    function: str | None  # the named function; None: the answer is [{"name", "arguments"}, ...]
 
 
 @dataclass(frozen=True)
@@ -317,91 +307,3 @@ def _rebased(schema, base: str):
         elif key != "$id":
             out[key] = value
     return out
-
-
-def tool_calls(mode: ToolMode, text: str) -> list[ToolCall]:
-    """The calls a finished constrained answer holds (`function.arguments` as JSON text)."""
-    if mode.function is not None:
-        return [new_call(mode.function, text)]
-    try:
-        return [
-            new_call(call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":")))
-            for call in json.loads(text)
-        ]
-    except RecursionError:  # a free-form arguments schema lets the model nest past what Python parses
-        raise RequestError("the generated tool calls nest too deeply to split into calls", field="tools") from None
-
-
-def new_call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
-
-
-def template_messages(messages: list[ChatMessage], renders_tool_calls: bool) -> list[dict]:
-    """Messages as the chat template takes them. A template that ignores `tool_calls` (the default
-    model's) sees an assistant's calls as the JSON it would have been constrained to write."""
-    out = []
-    for i, message in enumerate(messages):
-        entry = {"role": message.role, "content": message.text()}
-        if message.role == "tool":
-            if not message.tool_call_id:
-                raise RequestError("is required in a tool message", field=f"messages[{i}].tool_call_id")
-            entry["tool_call_id"] = message.tool_call_id
-        if message.tool_calls:
-            calls = [
-                {"name": c.function.name, "arguments": _arguments(c.function.arguments, i, j)}
-                for j, c in enumerate(message.tool_calls)
-            ]
-            if renders_tool_calls:
-                entry["tool_calls"] = [
-                    {"id": c.id, "type": "function", "function": call} for c, call in zip(message.tool_calls, calls)
-                ]
-            else:
-                entry["content"] += json.dumps(calls, ensure_ascii=False, separators=(",", ":"))
-        out.append(entry)
-    return out
-
-
-def _arguments(text: str, i: int, j: int):
-    """Parsed arguments (chat_plan bounded their depth already; RecursionError is the backstop)."""
-    field = f"messages[{i}].tool_calls[{j}].function.arguments"
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise RequestError("nests too deeply (setting max_json_depth)", field=field) from None
-    except ValueError:
-        raise RequestError("must be JSON text", field=field) from None
-
-
-class ToolCallStream:
-    """A constrained tool-call answer as OpenAI streams it. A named function's arguments go out as
-    they are generated, after a first delta with the call's id and name; an array of calls (tool
-    choice "required") goes out once complete, one delta per call."""
-
-    def __init__(self, mode: ToolMode):
-        self.mode, self.text = mode, ""
-
-    def start(self) -> list[ToolCallDelta] | None:
-        if self.mode.function is None:
-            return None
-        call = new_call(self.mode.function, "")
-        return [
-            ToolCallDelta(
-                index=0, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name, arguments="")
-            )
-        ]
-
-    def add(self, text: str, is_complete: bool) -> list[ToolCallDelta] | None:
-        self.text += text
-        if self.mode.function is not None:
-            return [ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))] if text else None
-        if not is_complete:
-            return None
-        return [
-            ToolCallDelta(
-                index=i,
-                id=call.id,
-                type="function",
-                function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
-            )
-            for i, call in enumerate(tool_calls(self.mode, self.text))
-        ]

@@ -17,7 +17,8 @@ from server.engine.errors import EngineStoppedError, RequestError
 from server.engine.grammar import GrammarCompiler, GrammarSpec
 from server.engine.sampling_params import SamplingParams
 from server.http.api_models import ChatCompletionRequest, CompletionRequest
-from server.http.structured import chat_plan, completion_plan, tool_calls
+from server.http.structured import chat_plan, completion_plan
+from server.http.tool_calls import tool_calls
 from support.engine import EOS, PROMPTS, make_engine
 from support.tool_models import Trip
 
