@@ -115,6 +115,31 @@ def add_lora_rows(
     return y
 
 
+def add_lora_group_rows(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_as: list[torch.Tensor | None],
+    lora_bs: list[torch.Tensor | None],
+    sizes: list[int],
+    rows: LoraRows,
+) -> torch.Tensor:
+    """`add_lora_rows` for a fused group: y [N, Σ sizes] holds the members' outputs side by side
+    (member j's out_features = sizes[j]); its [S, R, in] and [S, R, out_j] buffers are lora_as[j],
+    lora_bs[j] (None: no adapter targets it, no work). One shrink and one expand per term for the
+    whole group (adapters/lora_group_kernels.py). No extras: members with LoRA biases or DoRA take
+    `add_lora_rows` (the caller's choice)."""
+    from .lora_group_kernels import group_expand, group_shrink  # Triton: imported only where rows are used
+
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    present = [j for j, a in enumerate(lora_as) if a is not None]
+    if not present:
+        return y
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    h = group_shrink(x2, [lora_as[j] for j in present], rows)
+    group_expand(y2, h, [lora_bs[j] for j in present], [starts[j] for j in present], rows)
+    return y
+
+
 def add_lora_reference(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -1,0 +1,65 @@
+"""LoRA for a fused group (adapters/lora_group_kernels.py through ops.add_lora_group_rows) against
+each member's own reference delta on its columns; in Triton's interpreter on CPU, compiled on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.lora_kernels import BLOCK_M, LoraRows
+from adapters.ops import add_lora_group_rows, add_lora_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# q/k/v-like members off every tile: outputs 72, 40 and 40 (the expand's column blocks straddle no
+# member), rank 12 in a 16-wide tile, 100 inputs over two 64-wide steps, 53 rows.
+S, R, IN, N = 4, 12, 100, 53
+SIZES = [72, 40, 40]
+SLOT_WEIGHTS = torch.tensor([0.2, 0.15, 0.5, 0.15, 0.0])  # base (-1), slots 0..2; slot 3 stays empty
+
+
+def random_group(dtype, terms: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, IN, generator=gen).to(DEVICE, dtype)
+    lora_as = [torch.randn(S, R, IN, generator=gen).to(DEVICE, dtype) for _ in SIZES]
+    lora_bs = [torch.randn(S, R, out, generator=gen).to(DEVICE, dtype) for out in SIZES]
+    for a, b in zip(lora_as, lora_bs):
+        a[2, 8:], b[2, 8:] = 0, 0  # slot 2 holds a rank-8 adapter: zero past its rank
+    slots = torch.multinomial(SLOT_WEIGHTS, terms * N, replacement=True, generator=gen).view(terms, N) - 1
+    slots[-1, :10] = -1  # composed rows next to rows with one term
+    assert (slots[0] == 1).sum() > BLOCK_M  # slot 1 needs two programs in term 0
+    scales = torch.rand(terms, N, generator=gen) * 2 - 0.5
+    return x, lora_as, lora_bs, slots.to(DEVICE), scales.to(DEVICE)
+
+
+def member_references(y, x, lora_as, lora_bs, slots, scales):
+    """Each member's delta by the engine's reference op, on its own columns of y."""
+    expected = y.clone()
+    for j, (a, b) in enumerate(zip(lora_as, lora_bs)):
+        if a is not None:
+            columns = slice(sum(SIZES[:j]), sum(SIZES[: j + 1]))
+            expected[:, columns] = add_lora_reference(
+                y[:, columns].float(), x.float(), a.float(), b.float(), slots, scales
+            ).to(y.dtype)
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("terms", [1, 2], ids=["one-term", "composed"])
+@pytest.mark.parametrize("absent", [None, 1], ids=["all-members", "k-untargeted"])
+def test_one_shrink_and_expand_per_group_equal_each_members_delta(dtype, terms, absent):
+    x, lora_as, lora_bs, slots, scales = random_group(dtype, terms)
+    if absent is not None:  # a member no loaded adapter targets has no buffers
+        lora_as[absent] = lora_bs[absent] = None
+    rows = LoraRows.build(slots, scales, S)
+    y = torch.randn(N, sum(SIZES), generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    got = add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, rows)
+    expected = member_references(y, x, lora_as, lora_bs, slots, scales)
+    # h is rounded to the dtype once, then y once: a few ulps of the largest output (as test_lora_kernels)
+    atol = 8 * torch.finfo(dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    base = (slots < 0).all(0)
+    assert torch.equal(got[base], y[base])  # base rows untouched
+    if absent is not None:
+        columns = slice(sum(SIZES[:absent]), sum(SIZES[: absent + 1]))
+        assert torch.equal(got[:, columns], y[:, columns])
+    assert (got.float() - y.float()).abs().max() > 1  # the adapters did move the rows
