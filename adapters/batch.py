@@ -154,12 +154,15 @@ def with_rows(
 
     slots = token_slots.to(device, torch.int32).view(-1, token_slots.shape[-1])
     scales = None if token_scales is None else token_scales.to(device, torch.float32).view(slots.shape)
+    # The step's slots, known here on the host: a layer none of them targets launches nothing.
+    slot_list = {run.slot for run in batch.runs} | set(batch.groups.slot_list if batch.groups else ())
+    slot_list = tuple(sorted(slot_list))
     head = batch.head
-    if head is not None:
+    if head is not None:  # the head's rows are a subset: the step's slots still bound them
         keep = keep.to(device)
-        head_rows = LoraRows.build(slots[:, keep], None if scales is None else scales[:, keep], num_slots)
+        head_rows = LoraRows.build(slots[:, keep], None if scales is None else scales[:, keep], num_slots, slot_list)
         head = replace(head, rows=head_rows)
-    return replace(batch, head=head, rows=LoraRows.build(slots, scales, num_slots))
+    return replace(batch, head=head, rows=LoraRows.build(slots, scales, num_slots, slot_list))
 
 
 def _runs(token_slots: torch.Tensor, token_scales: torch.Tensor | None = None) -> list[Run]:

@@ -44,7 +44,9 @@ class LoraLinear(LoraSlots):
         if self.is_head:
             batch = batch.head_batch
         if batch.rows is not None:
-            return add_lora_rows(y, x, self.lora_a, self.lora_b, batch.rows, self.extras)
+            return add_lora_rows(
+                y, x, self.lora_a, self.lora_b, batch.rows, self.extras, self.slot_ranks, self.rank_table
+            )
         return add_lora(y, x, self.lora_a, self.lora_b, self.slot_ranks, batch, self.extras)
 
     def use_kernels(self, dense: KernelRule) -> None:

@@ -1,13 +1,19 @@
 """Batched LoRA in a fixed number of launches: every row's own adapter, whatever the mix (Punica's
 SGMV idea, written for our slot buffers).
 
-The rows of a step are sorted by adapter slot once per step (`LoraRows`, on the device, no host
-sync, so a captured CUDA graph re-sorts them on each replay). Then each LoRA linear runs two Triton
-kernels per term: `lora_shrink` h = scale·x·Aᵀ and `lora_expand` y += h·B (+ scale·bias). Each
-program takes a block of one slot's rows, so its A or B tile is shared by the block and read from
-the slot buffers in place: no gather of weights, no padding to the step's largest group, and a grid
-fixed by (rows, slots, terms), never by which adapters the step holds. Slots are zero-padded past
-their rank (adapters/slots.py), so heterogeneous ranks need no special case.
+The rows of a step are sorted by adapter slot once per step and cut into blocks of up to BLOCK_M
+rows of one slot (`LoraRows`, adapters/lora_rows.py: on the device, no host sync, so a captured CUDA
+graph re-sorts them on each replay). Then each LoRA linear runs `lora_shrink` h = scale·x·Aᵀ and,
+per term, `lora_expand` y += h·B (+ scale·bias). Each program takes one block, so its A or B tile is
+shared by the block and read from the slot buffers in place. The work is sized by the step, not by
+the slots:
+- the grid is (row blocks, ...) where the row blocks are at most (N + d·15) // 16 for d = min(N, S)
+  slots in use, not (row blocks × slots);
+- each program walks its slot's own rank (a per-layer rank table) in chunks of at most MAX_BLOCK_R,
+  so a rank-8 adapter in a rank-64 buffer loads 8 rows of A and B, and no tile outgrows shared memory;
+- the shrink splits K until one row fills the GPU's SMs; the block's last split to finish sums the
+  splits' fp32 partials in a fixed order (deterministic, no zero-filled h, no atomics into h);
+- h is torch.empty: shrink writes exactly the entries expand reads (adapter rows, their own rank).
 
 On a machine without CUDA the kernels run in Triton's interpreter: that is how their tests run on
 CPU. The `*_reference` functions are the same semantics in plain torch, for those tests.
@@ -19,6 +25,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from .lora_rows import BLOCK_M, LoraRows, max_blocks
+
+__all__ = ["BLOCK_M", "LoraRows", "max_blocks", "lora_shrink", "lora_expand", "KernelLayoutError"]
 
 # Off CUDA the kernels run only in Triton's interpreter (how their tests run on CPU). triton.jit
 # reads the switch as it decorates each kernel (below), so it is set before that, and before the import.
@@ -33,90 +43,126 @@ try:
 except ImportError:  # the engine falls back to the torch path (llm_engine._step_kernels)
     HAVE_TRITON = False
 
-BLOCK_M = 16  # rows per program: tl.dot's smallest tile
+MAX_BLOCK_R = 32  # the rank tile's cap: a rank-512 slot is walked in 16 chunks, never one 512-wide tile
+TARGET_PROGRAMS = 132  # the shrink splits K until one row fills this many SMs (an H100's; the device's own on CUDA)
+# Off CUDA (the interpreter runs programs one by one, each costing ~1 ms of Python) no split unless a
+# test asks for one: the split path's tests set this to TARGET_PROGRAMS.
+PROGRAMS_OFF_CUDA = 1
 INTERPRETED = False  # set below from what triton.jit made of the kernels
 
 
-@dataclass(frozen=True)
-class LoraRows:
-    """A step's rows sorted by adapter slot, per term, as device tensors of fixed shape."""
+class KernelLayoutError(ValueError):
+    """A tensor the LoRA kernels write, or a slot buffer they read, is not laid out as they index it."""
 
-    token_slots: torch.Tensor  # [K, N] int32: each row's slot in term k, -1 (BASE_SLOT) for none
-    token_scales: torch.Tensor  # [K, N] float32
-    sorted_rows: torch.Tensor  # [K, N] int32: per term, the rows stable-sorted by slot (base rows first)
-    slot_starts: torch.Tensor  # [K, S + 1] int32: slot s's rows are sorted_rows[k, starts[s] : starts[s + 1]]
+
+@dataclass(frozen=True)
+class ShrinkPlan:
+    """How the shrink splits K: `num_splits` programs per block, each over `k_per_split` inputs."""
+
+    num_splits: int
+    k_per_split: int
+    block_k: int
 
     @classmethod
-    def build(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, num_slots: int) -> LoraRows:
-        """From [K, N] (or [N]) slots and scales (None: all 1); torch ops only, no host sync."""
-        slots = token_slots.reshape(-1, token_slots.shape[-1]).to(torch.int32)
-        scales = torch.ones(slots.shape, dtype=torch.float32, device=slots.device)
-        if token_scales is not None:
-            scales.copy_(token_scales.reshape(slots.shape))
-        sorted_rows, slot_starts = _sort(slots, num_slots)
-        return cls(slots.clone(), scales, sorted_rows, slot_starts)
-
-    def fill_(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None) -> None:
-        """Recompute into these tensors (the static buffers a captured graph reads)."""
-        self.token_slots.copy_(token_slots.reshape(self.token_slots.shape))
-        if token_scales is None:
-            self.token_scales.fill_(1.0)
-        else:
-            self.token_scales.copy_(token_scales.reshape(self.token_scales.shape))
-        sorted_rows, slot_starts = _sort(self.token_slots, self.slot_starts.shape[1] - 1)
-        self.sorted_rows.copy_(sorted_rows)
-        self.slot_starts.copy_(slot_starts)
-
-    @property
-    def num_terms(self) -> int:
-        return self.token_slots.shape[0]
+    def choose(cls, in_features: int, num_blocks: int, num_terms: int, target: int = TARGET_PROGRAMS) -> ShrinkPlan:
+        """Enough splits that the grid reaches `target` programs even at one block, each split a
+        whole number of 16-wide steps (tl.dot's smallest K)."""
+        wanted = triton.cdiv(target, num_blocks * num_terms)
+        k_per_split = max(16, in_features // wanted // 16 * 16)
+        block_k = next(b for b in (64, 32, 16) if k_per_split % b == 0)
+        return cls(triton.cdiv(in_features, k_per_split), k_per_split, block_k)
 
 
-def _sort(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows sorted by slot, and where each slot's run starts: a searchsorted over the sorted slots
-    (bincount would size its output from the data, a host sync)."""
-    sorted_slots, order = torch.sort(slots.long(), dim=1, stable=True)
-    bounds = torch.arange(num_slots + 1, device=slots.device).expand(slots.shape[0], -1).contiguous()
-    starts = torch.searchsorted(sorted_slots, bounds)  # first position whose slot >= s; base rows (-1) sort first
-    return order.to(torch.int32), starts.to(torch.int32)
+def target_programs(device: torch.device) -> int:
+    """The SMs to fill: the device's own count on CUDA, PROGRAMS_OFF_CUDA elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return PROGRAMS_OFF_CUDA
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, rows: LoraRows, *, a_transposed: bool = False) -> torch.Tensor:
-    """h [K, N, R] in x.dtype: h[k, t] = scale[k, t]·(x[t] @ A[slot]ᵀ), zero for base rows.
+def rank_tile(max_rank: int) -> int:
+    """The rank chunk a program holds at once: the buffer's rank, capped (shared memory; a slot of
+    lower rank masks the rest and loops only up to its own rank)."""
+    return min(MAX_BLOCK_R, _tile(max_rank))
+
+
+def _require_unit_stride(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.stride(-1) != 1:
+            raise KernelLayoutError(
+                f"LoRA kernels need {name} with unit stride in its last dimension, got strides {tensor.stride()}"
+            )
+
+
+def _full_ranks(lora_a: torch.Tensor, rank: int) -> torch.Tensor:
+    return torch.full((lora_a.shape[0],), rank, dtype=torch.int32, device=lora_a.device)
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    rows: LoraRows,
+    *,
+    a_transposed: bool = False,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h [K, N, R] in x.dtype: h[k, t, :rank] = scale[k, t]·(x[t] @ A[slot]ᵀ) for each adapter row t,
+    rank its slot's (`ranks` [S] int32 on the device; None: the buffer's R for every slot).
+    Nothing else of h is written (torch.empty): `lora_expand` reads only those entries.
     x [N, in]; lora_a [S, R, in] ([S, in, R] if `a_transposed`)."""
     num_terms, (num_rows, in_features) = rows.num_terms, x.shape
-    num_slots = lora_a.shape[0]
     rank = lora_a.shape[2] if a_transposed else lora_a.shape[1]
-    h = torch.zeros(num_terms, num_rows, rank, dtype=x.dtype, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()  # an input: a copy is correct, if slow
     stride_rank, stride_in = (lora_a.stride(2), lora_a.stride(1)) if a_transposed else lora_a.stride()[1:]
-    grid = (triton.cdiv(num_rows, BLOCK_M), num_slots, num_terms)
+    if min(stride_rank, stride_in) != 1:
+        raise KernelLayoutError(f"LoRA kernels need lora_a with unit stride along rank or inputs: {lora_a.stride()}")
+    ranks = _full_ranks(lora_a, rank) if ranks is None else ranks
+    h = torch.empty(num_terms, num_rows, rank, dtype=x.dtype, device=x.device)
+    plan = ShrinkPlan.choose(in_features, rows.num_blocks, num_terms, target_programs(x.device))
+    split = plan.num_splits > 1
+    partials = h  # [splits, K, N, R] fp32 when split: each split's sum, added up by the block's last split
+    if split:
+        partials = torch.empty(plan.num_splits, num_terms, num_rows, rank, dtype=torch.float32, device=x.device)
+    grid = (rows.num_blocks, plan.num_splits, num_terms)
     _shrink_kernel[grid](
-        x, lora_a, h, rows.sorted_rows, rows.slot_starts, rows.token_scales,
-        in_features, rank,
+        x, lora_a, h, partials, ranks, rows.sorted_rows, rows.slot_starts, rows.token_scales,
+        rows.block_slots, rows.block_firsts, rows.split_counts,
+        in_features, plan.k_per_split, plan.num_splits,
         x.stride(0), lora_a.stride(0), stride_rank, stride_in, h.stride(0), h.stride(1),
-        rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=_tile(rank), BLOCK_K=min(64, _tile(in_features)),
+        partials.stride(0), partials.stride(1), partials.stride(2),
+        rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0), rows.block_slots.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_R=rank_tile(rank), BLOCK_K=plan.block_k, SPLIT=split,
         DOT_FP32=_dot_in_fp32(x.dtype),
     )  # fmt: skip
     return h
 
 
 def lora_expand(
-    y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, rows: LoraRows, bias: torch.Tensor | None = None
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    rows: LoraRows,
+    bias: torch.Tensor | None = None,
+    *,
+    ranks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """In place on y [N, out]: y[t] += Σ_k h[k, t] @ B[slot] + scale[k, t]·bias[slot]; returns y.
-    One launch per term: the terms of a composed row add to the same y rows."""
+    """In place on y [N, out]: y[t] += Σ_k h[k, t, :rank] @ B[slot, :rank] + scale[k, t]·bias[slot];
+    returns y. One launch per term: the terms of a composed row add to the same y rows."""
     num_rows, out_features = y.shape
-    num_slots, rank = lora_b.shape[0], lora_b.shape[1]
+    rank = lora_b.shape[1]
+    _require_unit_stride(y=y, h=h, lora_b=lora_b, bias=bias)
+    ranks = _full_ranks(lora_b, rank) if ranks is None else ranks
     block_n = min(64, _tile(out_features))
-    grid = (triton.cdiv(num_rows, BLOCK_M), triton.cdiv(out_features, block_n), num_slots)
+    grid = (rows.num_blocks, triton.cdiv(out_features, block_n))
     for term in range(rows.num_terms):
         _expand_kernel[grid](
-            y, h[term], lora_b, bias if bias is not None else lora_b,
+            y, h[term], lora_b, bias if bias is not None else lora_b, ranks,
             rows.sorted_rows[term], rows.slot_starts[term], rows.token_scales[term],
-            out_features, rank,
+            rows.block_slots[term], rows.block_firsts[term],
+            out_features,
             y.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), 0 if bias is None else bias.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_tile(rank),
+            BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=rank_tile(rank),
             HAS_BIAS=bias is not None, DOT_FP32=_dot_in_fp32(y.dtype),
         )  # fmt: skip
     return y
@@ -138,81 +184,117 @@ def _tile(size: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
+    def _slot_offset(slot, stride):
+        """slot·stride in 64 bits: an lm_head's B at rank 64 and a 128K vocabulary passes 2^31
+        elements past slot 261, where int32 arithmetic would wrap."""
+        return slot.to(tl.int64) * stride
+
+    @triton.jit
+    def _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M: tl.constexpr):
+        """The block's rows (int64) and which of its BLOCK_M lanes hold one."""
+        first = tl.load(block_firsts + block)
+        stop = tl.load(slot_starts + slot + 1)
+        offsets = first + tl.arange(0, BLOCK_M)
+        in_rows = offsets < stop
+        row = tl.load(sorted_rows + offsets, mask=in_rows, other=0).to(tl.int64)
+        return row, in_rows
+
+    @triton.jit
     def _shrink_kernel(
-        x, a, h, sorted_rows, slot_starts, scales,
-        in_features, rank,
+        x, a, h, partials, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts, split_counts,
+        in_features, k_per_split, num_splits,
         stride_x, stride_a_slot, stride_a_rank, stride_a_in, stride_h_term, stride_h_row,
-        stride_sorted, stride_starts, stride_scales,
-        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        stride_p_split, stride_p_term, stride_p_row,
+        stride_sorted, stride_starts, stride_scales, stride_blocks,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, slot, term = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(slot_starts + term * stride_starts + slot)
-        stop = tl.load(slot_starts + term * stride_starts + slot + 1)
-        first = start + block * BLOCK_M
-        if first < stop:  # else the slot has no rows this far: nothing to do
-            offsets = first + tl.arange(0, BLOCK_M)
-            in_rows = offsets < stop
-            row = tl.load(sorted_rows + term * stride_sorted + offsets, mask=in_rows, other=0).to(tl.int64)
-            r = tl.arange(0, BLOCK_R)
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, in_features, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                xs = tl.load(
-                    x + row[:, None] * stride_x + k[None, :],
-                    mask=in_rows[:, None] & (k[None, :] < in_features),
-                    other=0.0,
-                )  # [BLOCK_M, BLOCK_K]
-                a_t = tl.load(
-                    a + slot * stride_a_slot + k[:, None] * stride_a_in + r[None, :] * stride_a_rank,
-                    mask=(k[:, None] < in_features) & (r[None, :] < rank),
-                    other=0.0,
-                )  # [BLOCK_K, BLOCK_R]: Aᵀ, read in place
-                if DOT_FP32:  # see _dot_in_fp32
-                    acc += tl.dot(xs.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(xs, a_t)
+        block, split, term = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot = tl.load(block_slots + term * stride_blocks + block)
+        if slot >= 0:  # else past the term's last block (at most min(N, S) such programs)
+            row, in_rows = _block_rows(
+                sorted_rows + term * stride_sorted, slot_starts + term * stride_starts,
+                block_firsts + term * stride_blocks, slot, block, BLOCK_M,
+            )  # fmt: skip
+            rank = tl.load(ranks + slot)
+            a_slot = a + _slot_offset(slot, stride_a_slot)
+            k_first = split * k_per_split
+            k_stop = tl.minimum(k_first + k_per_split, in_features)
             scale = tl.load(scales + term * stride_scales + row, mask=in_rows, other=0.0)
-            acc = acc * scale[:, None]
-            tl.store(
-                h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :],
-                acc.to(h.dtype.element_ty),
-                mask=in_rows[:, None] & (r[None, :] < rank),
-            )
+            for r0 in range(0, rank, BLOCK_R):  # this slot's own rank, never the buffer's
+                r = r0 + tl.arange(0, BLOCK_R)
+                in_rank = r < rank
+                acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(k_first, k_stop, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    in_k = k < k_stop
+                    x_tile = x + row[:, None] * stride_x + k[None, :]
+                    xs = tl.load(x_tile, mask=in_rows[:, None] & in_k[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+                    a_t = tl.load(
+                        a_slot + k[:, None] * stride_a_in + r[None, :] * stride_a_rank,
+                        mask=in_k[:, None] & in_rank[None, :],
+                        other=0.0,
+                    )  # [BLOCK_K, BLOCK_R]: Aᵀ, read in place, rows past the slot's rank never loaded
+                    if DOT_FP32:  # see _dot_in_fp32
+                        acc += tl.dot(xs.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(xs, a_t)
+                mask = in_rows[:, None] & in_rank[None, :]
+                if SPLIT:
+                    p = partials + split * stride_p_split + term * stride_p_term
+                    tl.store(p + row[:, None] * stride_p_row + r[None, :], acc, mask=mask)
+                else:
+                    out = h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :]
+                    tl.store(out, (acc * scale[:, None]).to(h.dtype.element_ty), mask=mask)
+            if SPLIT:
+                # The block's last split to finish sums every split's partial, in split order (the
+                # same sum whatever the finishing order, unlike atomic adds into h, which would also
+                # need h zeroed first), and resets the count for the next launch or graph replay.
+                tl.debug_barrier()  # every lane's partial stored before the count says so
+                count = split_counts + term * stride_blocks + block
+                if tl.atomic_add(count, 1, sem="acq_rel") == num_splits - 1:
+                    tl.atomic_xchg(count, 0)
+                    for r0 in range(0, rank, BLOCK_R):
+                        r = r0 + tl.arange(0, BLOCK_R)
+                        mask = in_rows[:, None] & (r[None, :] < rank)
+                        p = partials + term * stride_p_term + row[:, None] * stride_p_row + r[None, :]
+                        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                        for j in range(0, num_splits):
+                            acc += tl.load(p + j * stride_p_split, mask=mask, other=0.0, cache_modifier=".cg")
+                        out = h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :]
+                        tl.store(out, (acc * scale[:, None]).to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _expand_kernel(
-        y, h, b, bias, sorted_rows, slot_starts, scales,
-        out_features, rank,
+        y, h, b, bias, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts,
+        out_features,
         stride_y, stride_h, stride_b_slot, stride_b_rank, stride_bias,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, column_block, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        start = tl.load(slot_starts + slot)
-        stop = tl.load(slot_starts + slot + 1)
-        first = start + block * BLOCK_M
-        if first < stop:
-            offsets = first + tl.arange(0, BLOCK_M)
-            in_rows = offsets < stop
-            row = tl.load(sorted_rows + offsets, mask=in_rows, other=0).to(tl.int64)
-            r = tl.arange(0, BLOCK_R)
+        block, column_block = tl.program_id(0), tl.program_id(1)
+        slot = tl.load(block_slots + block)
+        if slot >= 0:
+            row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
+            rank = tl.load(ranks + slot)
+            b_slot = b + _slot_offset(slot, stride_b_slot)
             n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
             in_cols = n < out_features
-            hs = tl.load(
-                h + row[:, None] * stride_h + r[None, :], mask=in_rows[:, None] & (r[None, :] < rank), other=0.0
-            )
-            bs = tl.load(
-                b + slot * stride_b_slot + r[:, None] * stride_b_rank + n[None, :],
-                mask=(r[:, None] < rank) & in_cols[None, :],
-                other=0.0,
-            )  # [BLOCK_R, BLOCK_N]
-            if DOT_FP32:
-                delta = tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
-            else:
-                delta = tl.dot(hs, bs)
+            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                in_rank = r < rank
+                h_tile = h + row[:, None] * stride_h + r[None, :]
+                hs = tl.load(h_tile, mask=in_rows[:, None] & in_rank[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+                b_tile = b_slot + r[:, None] * stride_b_rank + n[None, :]
+                bs = tl.load(b_tile, mask=in_rank[:, None] & in_cols[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                if DOT_FP32:
+                    delta += tl.dot(hs.to(tl.float32), bs.to(tl.float32), input_precision="ieee")
+                else:
+                    delta += tl.dot(hs, bs)
             if HAS_BIAS:
                 scale = tl.load(scales + row, mask=in_rows, other=0.0)
-                lora_bias = tl.load(bias + slot * stride_bias + n, mask=in_cols, other=0.0).to(tl.float32)
+                lora_bias = tl.load(bias + _slot_offset(slot, stride_bias) + n, mask=in_cols, other=0.0).to(tl.float32)
                 delta += scale[:, None] * lora_bias[None, :]
             mask = in_rows[:, None] & in_cols[None, :]
             pointers = y + row[:, None] * stride_y + n[None, :]

@@ -99,20 +99,34 @@ def add_lora_rows(
     lora_b: torch.Tensor,
     rows: LoraRows,
     extras: SlotExtras | None = None,
+    slot_ranks: list[int] | None = None,
+    rank_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`add_lora`'s semantics in a fixed number of launches whatever the adapters in the step: one
     shrink and one expand per term (adapters/lora_kernels.py), then DoRA's g ⊙ y + shift for every
     row as one gather from a table whose last entry (base rows) is the identity. No host sync, so
-    it runs inside a captured CUDA graph."""
+    it runs inside a captured CUDA graph.
+
+    `slot_ranks` (host) and `rank_table` ([S] int32, the same on the device): each slot's rank in
+    this layer. With them a layer that none of the step's slots targets (`rows.slot_list`; any
+    loaded slot for a graph, whose slots change on each replay) launches nothing, decided on the
+    host, and the kernels walk each slot's own rank; without them every slot counts as full rank."""
+    if slot_ranks is not None and not _targets(slot_ranks, rows.slot_list):
+        return y
     from .lora_kernels import lora_expand, lora_shrink  # Triton: imported only where rows are used
 
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    h = lora_shrink(x2, lora_a, rows)
-    lora_expand(y2, h, lora_b, rows, bias=None if extras is None else extras.bias)
+    h = lora_shrink(x2, lora_a, rows, ranks=rank_table)
+    lora_expand(y2, h, lora_b, rows, bias=None if extras is None else extras.bias, ranks=rank_table)
     if extras is not None and extras.dora_scale is not None:  # never composed: the first term's slot
         slot = rows.token_slots[0].long()  # a base row's -1 picks the tables' last row, the identity
         y2.mul_(extras.dora_scale[slot]).add_(extras.dora_shift[slot])
     return y
+
+
+def _targets(slot_ranks: list[int], slot_list: tuple[int, ...] | None) -> bool:
+    """Whether any of `slot_list` (None: any slot) has a rank in this layer."""
+    return any(slot_ranks) if slot_list is None else any(slot_ranks[slot] for slot in slot_list)
 
 
 def add_lora_group_rows(

@@ -50,6 +50,7 @@ class LoraSlots(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [S, R, in] or [S, in, R], allocated on first use
         self.lora_b: torch.Tensor | None = None  # [S, R, out], scale folded in
         self.slot_ranks = [0] * num_slots
+        self.rank_table: torch.Tensor | None = None  # [S] int32: slot_ranks on the device, for the row kernels
         self.merged_weight: torch.Tensor | None = None  # W0 + delta while merged, else None
         self._merge_buffer: torch.Tensor | None = None
 
@@ -82,7 +83,7 @@ class LoraSlots(nn.Module):
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
         if weights is None:
-            self.slot_ranks[slot] = 0
+            self._set_rank(slot, 0)
             self._set_extras(slot, None)
             return
         if self.lora_a is None:
@@ -90,8 +91,17 @@ class LoraSlots(nn.Module):
         rank = weights.a.shape[0]
         self.slot_a(slot, rank).copy_(weights.a)
         self.lora_b[slot, :rank].copy_(weights.b)
-        self.slot_ranks[slot] = rank
+        self._set_rank(slot, rank)
         self._set_extras(slot, weights)
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        # A layer no loaded slot targets launches nothing in a captured graph (ops.add_lora_rows);
+        # the first slot to target it changes which ops the forward runs, so graphs are made again.
+        if rank and not any(self.slot_ranks):
+            self.state.layout_version += 1
+        self.slot_ranks[slot] = rank
+        if self.rank_table is not None:
+            self.rank_table[slot] = rank
 
     def _allocate(self) -> None:
         self.state.layout_version += 1
@@ -99,6 +109,7 @@ class LoraSlots(nn.Module):
         a_shape = (self.in_features, self.max_rank) if self.is_a_transposed else (self.max_rank, self.in_features)
         self.lora_a = torch.zeros(self.num_slots, *a_shape, **factory)
         self.lora_b = torch.zeros(self.num_slots, self.max_rank, self.out_features, **factory)
+        self.rank_table = torch.zeros(self.num_slots, dtype=torch.int32, device=self.device)
 
     def _set_extras(self, slot: int, weights: LoraWeights | None) -> None:
         """Hold `slot`'s terms beyond B·A (bias, DoRA), or drop them (None); none by default."""

@@ -3,18 +3,27 @@ references against the engine's own reference op; in Triton's interpreter on CPU
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from adapters import add_lora_reference
+from adapters import add_lora_reference, lora_kernels
 from adapters.lora_kernels import (
     BLOCK_M,
+    KernelLayoutError,
     LoraRows,
     lora_expand,
     lora_expand_reference,
     lora_shrink,
     lora_shrink_reference,
+    max_blocks,
 )
+from adapters.ops import add_lora_rows
+
+if lora_kernels.HAVE_TRITON:
+    import triton
+    import triton.language as tl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Sizes off every tile: rank 12 in a 16-wide tile, 100 inputs over two 64-wide steps, 72 outputs in two
@@ -59,7 +68,8 @@ def test_shrink_and_expand_equal_their_references(dtype, bias):
     x, lora_a, lora_b, slots, scales = random_step(dtype)
     rows = LoraRows.build(slots, scales, S)
     h, h_ref = lora_shrink(x, lora_a, rows), lora_shrink_reference(x, lora_a, rows)
-    torch.testing.assert_close(h, h_ref, atol=ulps(dtype, h_ref.abs().max().item()), rtol=0)
+    adapter_rows = slots >= 0  # the only entries of h the shrink writes and the expand reads
+    torch.testing.assert_close(h[adapter_rows], h_ref[adapter_rows], atol=ulps(dtype, h_ref.abs().max().item()), rtol=0)
     lora_bias = torch.randn(S, OUT, device=DEVICE).to(dtype) if bias else None
     y = torch.randn(N, OUT, device=DEVICE).to(dtype)
     got = lora_expand(y.clone(), h_ref, lora_b, rows, lora_bias)
@@ -72,7 +82,9 @@ def test_transposed_a_reads_the_same_weights():
     x, lora_a, _, slots, scales = random_step(torch.float32)
     rows = LoraRows.build(slots, scales, S)
     transposed = lora_a.transpose(1, 2).contiguous()  # [S, in, R], as an embedding's A is kept
-    assert torch.equal(lora_shrink(x, transposed, rows, a_transposed=True), lora_shrink(x, lora_a, rows))
+    adapter_rows = slots >= 0
+    got = lora_shrink(x, transposed, rows, a_transposed=True)[adapter_rows]
+    assert torch.equal(got, lora_shrink(x, lora_a, rows)[adapter_rows])
 
 
 def test_the_references_are_add_lora_reference():
@@ -84,3 +96,173 @@ def test_the_references_are_add_lora_reference():
     expected = add_lora_reference(y, x, lora_a, lora_b, slots, scales)
     torch.testing.assert_close(ours, expected, atol=ulps(torch.float32, expected.abs().max().item(), 16), rtol=0)
     assert (ours - y).abs().max() > 1  # the adapters did move the rows
+
+
+class GridSpy:
+    """Stands in for a kernel: records each launch's grid, then runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+    @property
+    def programs(self) -> list[int]:
+        return [math.prod(grid) for grid in self.grids]
+
+
+def ranks_of(lora_a: torch.Tensor, *ranks: int) -> torch.Tensor:
+    return torch.tensor(ranks, dtype=torch.int32, device=lora_a.device)
+
+
+def test_the_block_table_covers_each_adapter_row_once_within_the_bound():
+    gen = torch.Generator().manual_seed(3)
+    for num_rows, num_slots in [(1, 64), (53, 4), (40, 40), (256, 64)]:
+        slots = torch.randint(-1, num_slots, (2, num_rows), generator=gen)
+        rows = LoraRows.build(slots.to(DEVICE), None, num_slots)
+        assert rows.num_blocks == max_blocks(num_rows, num_slots) <= math.ceil(num_rows / BLOCK_M) + num_slots
+        for term in range(2):
+            seen = []
+            for slot, first in zip(rows.block_slots[term].tolist(), rows.block_firsts[term].tolist()):
+                if slot >= 0:
+                    stop = min(first + BLOCK_M, rows.slot_starts[term, slot + 1].item())
+                    block = rows.sorted_rows[term, first:stop].tolist()
+                    assert all(slots[term, row] == slot for row in block)
+                    seen += block
+            assert sorted(seen) == (slots[term] >= 0).nonzero()[:, 0].tolist()
+
+
+def test_the_grid_grows_with_rows_not_slots(monkeypatch):
+    """One row on a 64-slot buffer: one row block per term, not one program per slot (the old grid
+    launched 64 programs per column block, 63 of them exiting at once)."""
+    shrink, expand = GridSpy(lora_kernels._shrink_kernel), GridSpy(lora_kernels._expand_kernel)
+    monkeypatch.setattr(lora_kernels, "_shrink_kernel", shrink)
+    monkeypatch.setattr(lora_kernels, "_expand_kernel", expand)
+    gen = torch.Generator().manual_seed(4)
+    slots, rank, out = 64, 16, 128
+    x = torch.randn(1, 64, generator=gen).to(DEVICE)
+    lora_a, lora_b = torch.randn(slots, rank, 64, generator=gen).to(DEVICE), torch.randn(slots, rank, out).to(DEVICE)
+    rows = LoraRows.build(torch.tensor([[37]], device=DEVICE), None, slots)
+    y = torch.zeros(1, out, device=DEVICE)
+    lora_expand(y, lora_shrink(x, lora_a, rows), lora_b, rows)
+    assert shrink.programs == [1] and expand.programs == [out // 64]
+    torch.testing.assert_close(y[0], x[0] @ lora_a[37].T @ lora_b[37], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_fills_the_sms_at_one_row_and_sums_the_same(monkeypatch, dtype):
+    """At one row a 4096-input shrink runs >= 132 programs (split over K), and the last split of each
+    block sums the partials: the same h as the unsplit kernel, launch after launch (the counts reset
+    themselves, as a graph replay needs)."""
+    spy = GridSpy(lora_kernels._shrink_kernel)
+    monkeypatch.setattr(lora_kernels, "_shrink_kernel", spy)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4096, generator=gen).to(DEVICE, dtype)
+    lora_a = torch.randn(3, 16, 4096, generator=gen).to(DEVICE, dtype)
+    rows = LoraRows.build(torch.tensor([[1]], device=DEVICE), torch.tensor([[0.5]], device=DEVICE), 3)
+    unsplit = lora_shrink(x, lora_a, rows)
+    monkeypatch.setattr(lora_kernels, "PROGRAMS_OFF_CUDA", lora_kernels.TARGET_PROGRAMS)
+    first, second = lora_shrink(x, lora_a, rows)[0, 0], lora_shrink(x, lora_a, rows)[0, 0]
+    assert spy.programs[0] == 1 and spy.programs[1] >= lora_kernels.TARGET_PROGRAMS
+    assert torch.equal(first, second) and not bool(rows.split_counts.any())
+    reference = lora_shrink_reference(x, lora_a, rows)[0, 0]
+    torch.testing.assert_close(first, reference, atol=ulps(dtype, reference.abs().max().item(), 8), rtol=0)
+    torch.testing.assert_close(first, unsplit[0, 0], atol=ulps(dtype, reference.abs().max().item(), 8), rtol=0)
+
+
+def test_split_k_over_a_mixed_composed_step(monkeypatch):
+    monkeypatch.setattr(lora_kernels, "PROGRAMS_OFF_CUDA", lora_kernels.TARGET_PROGRAMS)
+    x, lora_a, _, slots, scales = random_step(torch.float32)
+    rows = LoraRows.build(slots, scales, S)
+    adapter_rows = slots >= 0
+    h, h_ref = lora_shrink(x, lora_a, rows)[adapter_rows], lora_shrink_reference(x, lora_a, rows)[adapter_rows]
+    torch.testing.assert_close(h, h_ref, atol=ulps(torch.float32, h_ref.abs().max().item()), rtol=0)
+
+
+def test_a_slot_of_lower_rank_reads_nothing_past_its_own_rank():
+    """Slot 2 holds a rank-8 adapter in a rank-12 buffer: with the rank table the kernels never load
+    its rows 8..11 (poisoned here with NaN: a single load of them would reach y)."""
+    x, lora_a, lora_b, slots, scales = random_step(torch.float32)
+    rows = LoraRows.build(slots, scales, S)
+    y = torch.randn(N, OUT, device=DEVICE)
+    expected = lora_expand_reference(y.clone(), lora_shrink_reference(x, lora_a, rows), lora_b, rows)
+    lora_a[2, 8:], lora_b[2, 8:] = float("nan"), float("nan")
+    ranks = ranks_of(lora_a, R, R, 8, 0)
+    got = lora_expand(y.clone(), lora_shrink(x, lora_a, rows, ranks=ranks), lora_b, rows, ranks=ranks)
+    torch.testing.assert_close(got, expected, atol=ulps(torch.float32, expected.abs().max().item()), rtol=0)
+
+
+def test_h_is_not_zero_filled_and_expand_reads_only_what_shrink_wrote(monkeypatch):
+    """Every tensor the kernels allocate starts as NaN, and zero-filling one is refused: y still
+    equals the reference, so expand never reads an entry of h that shrink did not write (base rows,
+    ranks past a slot's own)."""
+    x, lora_a, lora_b, slots, scales = random_step(torch.float32)
+    rows, ranks = LoraRows.build(slots, scales, S), ranks_of(lora_a, R, R, 8, 0)
+    y = torch.randn(N, OUT, device=DEVICE)
+    expected = lora_expand_reference(y.clone(), lora_shrink_reference(x, lora_a, rows), lora_b, rows)
+    empty = torch.empty
+
+    def poisoned(*shape, **kwargs):
+        return empty(*shape, **kwargs).fill_(float("nan"))
+
+    def refused(*shape, **kwargs):
+        raise AssertionError("a LoRA kernel buffer was zero-filled")
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    monkeypatch.setattr(torch, "zeros", refused)
+    h = lora_shrink(x, lora_a, rows, ranks=ranks)
+    got = lora_expand(y.clone(), h, lora_b, rows, ranks=ranks)
+    monkeypatch.undo()
+    assert bool(h[:, (slots < 0).all(0)].isnan().all())  # base rows: never written
+    torch.testing.assert_close(got, expected, atol=ulps(torch.float32, expected.abs().max().item()), rtol=0)
+
+
+if lora_kernels.HAVE_TRITON:
+
+    @triton.jit
+    def _offset_kernel(slots, out, stride):
+        tl.store(out, lora_kernels._slot_offset(tl.load(slots), stride))
+
+
+def test_slot_offsets_are_64_bit():
+    """An lm_head B at rank 64 on a 128K vocabulary is 2^23 elements a slot: slot 300 starts past
+    2^31, where an int32 slot·stride wraps negative. The kernels compute it as the kernel below does."""
+    stride = 64 * 131072
+    slots = torch.tensor([300], dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    _offset_kernel[(1,)](slots, out, stride)
+    assert out.item() == 300 * stride > 2**31
+
+
+def test_tensors_the_kernels_cannot_index_are_refused_or_copied():
+    x, lora_a, lora_b, slots, scales = random_step(torch.float32)
+    rows = LoraRows.build(slots, scales, S)
+    h = lora_shrink(x, lora_a, rows)
+    y_columns = torch.randn(OUT, N, device=DEVICE).T  # [N, OUT] with stride (1, N): written in place
+    with pytest.raises(KernelLayoutError, match="y with unit stride"):
+        lora_expand(y_columns, h, lora_b, rows)
+    with pytest.raises(KernelLayoutError, match="lora_b"):
+        lora_expand(torch.zeros(N, OUT, device=DEVICE), h, lora_b.transpose(1, 2).contiguous().transpose(1, 2), rows)
+    x_columns = x.T.contiguous().T  # an input: copied, same answer
+    adapter_rows = slots >= 0
+    assert torch.equal(lora_shrink(x_columns, lora_a, rows)[adapter_rows], h[adapter_rows])
+
+
+def test_a_layer_none_of_the_steps_slots_targets_launches_nothing(monkeypatch):
+    """Decided on the host from the step's slots (no sync); a graph's rows (any slot) launch when
+    some loaded slot targets the layer."""
+    spy = GridSpy(lora_kernels._shrink_kernel)
+    monkeypatch.setattr(lora_kernels, "_shrink_kernel", spy)
+    x, lora_a, lora_b, slots, scales = random_step(torch.float32, terms=1)
+    slots = torch.where(slots == 2, -1, slots)  # the step's slots: 0 and 1
+    y = torch.randn(N, OUT, device=DEVICE)
+    slot_ranks = [0, 0, 8, 0]  # this layer: only slot 2's adapter targets it
+    ranks = ranks_of(lora_a, *slot_ranks)
+    step_rows = LoraRows.build(slots, scales, S, slot_list=(0, 1))
+    assert torch.equal(add_lora_rows(y.clone(), x, lora_a, lora_b, step_rows, None, slot_ranks, ranks), y)
+    assert spy.grids == []
+    graph_rows = LoraRows.build(slots, scales, S)
+    assert torch.equal(add_lora_rows(y.clone(), x, lora_a, lora_b, graph_rows, None, slot_ranks, ranks), y)
+    assert len(spy.grids) == 1
