@@ -94,6 +94,7 @@ class LLMEngine:
             row_kernels=row_kernels,
             decode_graphs=decode_graphs,
             max_rows=config.max_num_seqs,
+            max_positions=self.max_model_len,
         )
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = frozenset(_eos_ids(base))

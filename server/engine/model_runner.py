@@ -35,15 +35,22 @@ class ModelRunner:
         row_kernels: bool = False,
         decode_graphs: bool = False,
         max_rows: int = 1,
+        max_positions: int | None = None,
     ):
         """`row_kernels`: attention and LoRA linears run the Triton row kernels (CUDA's default);
-        `decode_graphs`: decode steps of up to `max_rows` rows go through DecodeGraphs (needs them)."""
+        `decode_graphs`: decode steps of up to `max_rows` rows go through DecodeGraphs (needs them);
+        `max_positions`: the served context length (the CUDA pass's rope table; None: the model's)."""
         self.lora_model, self.cache, self.row_kernels = lora_model, cache, row_kernels
         lora_model.row_kernels = row_kernels
         self.model = lora_model.model
         self.model.set_attn_implementation(ATTENTION_NAME)
         self.device = lora_model.device
-        self.lean = lean_forward(self.model)  # None: this family runs the stock forward
+        self.lean = None
+        if row_kernels:  # the CUDA pass, of few kernels per layer, where the family has one
+            from .cuda_forward import cuda_forward  # Triton: imported only where rows are used
+
+            self.lean = cuda_forward(self.model, max_positions or self.model.config.max_position_embeddings)
+        self.lean = self.lean or lean_forward(self.model)  # None: this family runs the stock forward
         self.graphs = None
         if decode_graphs and self.lean is not None:
             self.graphs = DecodeGraphs(self.lean, lora_model, cache, max_rows, max_terms=lora_model.max_loras)
