@@ -8,6 +8,15 @@ forwards keywords from `model(...)` only as far as each family's decoder layer p
 `**kwargs` on, and some (Falcon, StableLM) drop them, so a keyword would need a patch per family.
 The context is per thread (a ContextVar), so engines on two threads never see each other's step.
 No mask is built by transformers for names it does not know, so packed inputs cost no [N, N] mask.
+
+Sliding windows (Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...) are per layer (`KVCache.windows`, read
+from the model's own masks by attention_probe.py) and read-side: the pool keeps every token, and a
+row at position p of a layer with window W attends keys p - W < kv <= p, transformers' rule. Per
+sequence, the key view starts at the first key any of its new rows sees (a decode row reads only its
+window), with a band mask where a chunk's rows span more than the window; the row kernel takes W as a
+lower bound on each row's key range. Chunked prefill, prefix-cache hits and recompute after
+preemption all write every position's K/V, so they need nothing more: a chunk's rows find the keys
+before it in the pool.
 """
 
 from __future__ import annotations
@@ -51,17 +60,10 @@ class KVStep:
     def __post_init__(self):
         if self.row_kv is not None:
             return
-        # Each sequence's rows, pool extent and mask, made once here rather than in every layer.
+        # Each sequence's rows, key view and mask per distinct window (most models have one or two),
+        # made once here rather than in every layer.
         device = self.write_index.device
-        self.parts = [
-            (
-                slice(s.query_start, s.query_start + s.num_new),
-                slice(s.kv_start, s.kv_start + s.context_len),
-                _causal_mask(s, device),
-                s.num_new == s.context_len > 1,
-            )
-            for s in self.seqs
-        ]
+        self.parts = {window: [_part(s, window, device) for s in self.seqs] for window in set(self.cache.windows)}
 
 
 _current_step: ContextVar[KVStep | None] = ContextVar("loraserve_kv_step", default=None)
@@ -110,7 +112,8 @@ def attend(
 
         starts, lengths = kv_step.row_kv
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return row_attention(query[0].transpose(0, 1), k_pool, v_pool, starts, lengths, scale, softcap)[None]
+        window = kv_step.cache.windows[layer]
+        return row_attention(query[0].transpose(0, 1), k_pool, v_pool, starts, lengths, scale, softcap, window)[None]
     k_pool, v_pool = k_pool[None], v_pool[None]
     sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
     outs = [
@@ -123,7 +126,7 @@ def attend(
             scale=scaling,
             enable_gqa=True,
         )
-        for rows, ctx, mask, is_causal in kv_step.parts
+        for rows, ctx, mask, is_causal in kv_step.parts[kv_step.cache.windows[layer]]
     ]  # one cat below: fewer ops than N slice-assigns
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)  # [1, N, H, D]
@@ -144,13 +147,30 @@ def softcapped_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, 
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype) @ value
 
 
-def _causal_mask(seq: SeqSlice, device) -> torch.Tensor | None:
-    """Bottom-right causal mask for new rows that follow cached ones; None where none is needed."""
-    if seq.num_new == 1 or seq.num_new == seq.context_len:
+def _part(seq: SeqSlice, window: int | None, device) -> tuple[slice, slice, torch.Tensor | None, bool]:
+    """The sequence's rows, the pool view of the keys they see, their mask (None: all of the view)
+    and whether SDPA's own causal mask does it, for a layer with sliding window `window` (or None)."""
+    rows = slice(seq.query_start, seq.query_start + seq.num_new)
+    first = seq.context_len - seq.num_new  # position of the first new row
+    if window is None or seq.context_len <= window:  # every row sees every earlier key
+        view = slice(seq.kv_start, seq.kv_start + seq.context_len)
+        return rows, view, _band_mask(first, seq.context_len, 0, None, device), seq.num_new == seq.context_len > 1
+    lowest = max(0, first + 1 - window)  # the first key the first new row sees
+    view = slice(seq.kv_start + lowest, seq.kv_start + seq.context_len)
+    return rows, view, _band_mask(first, seq.context_len, lowest, window, device), False
+
+
+def _band_mask(first: int, context_len: int, lowest: int, window: int | None, device) -> torch.Tensor | None:
+    """Which keys from position `lowest` on each new row (positions first..context_len-1) sees:
+    kv <= q, and kv > q - window where there is one; None where a view needs no mask: one row (its
+    view is exactly its keys) or a whole prompt without a window (SDPA's is_causal does it)."""
+    num_new = context_len - first
+    if num_new == 1 or (num_new == context_len and window is None):
         return None
-    first = seq.context_len - seq.num_new
-    rows = torch.arange(first, seq.context_len, device=device)[:, None]
-    return torch.arange(seq.context_len, device=device)[None, :] <= rows  # [t, ctx]
+    queries = torch.arange(first, context_len, device=device)[:, None]
+    keys = torch.arange(lowest, context_len, device=device)[None, :]
+    mask = keys <= queries  # [t, context_len - lowest]
+    return mask if window is None else mask & (keys > queries - window)
 
 
 AttentionInterface.register(ATTENTION_NAME, pool_attention)

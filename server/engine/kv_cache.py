@@ -9,12 +9,18 @@ Prefix caching keeps blocks of a sequence that left as *cached blocks*: pages no
 but the prefix index (prefix_cache.py) can still copy from. They count against the same budget,
 and `reserve` evicts them, least recently used first, before it reports no room, so a running
 sequence is never preempted while cached blocks could make room instead.
+
+A layer with a sliding window still keeps every token of a sequence, not just its window's: one
+extent serves every layer at the same offsets (a token's K/V is written at one pool position for
+all layers), and prefix-cache blocks and recomputes stay whole-sequence. The window is read-side
+only (attention starts each row at its window, attention.py); what this costs in memory, and what
+a per-layer rolling pool would save, is in docs/models.md#sliding-windows.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +49,10 @@ class KVCache:
         device: torch.device | str = "cpu",
         block_size: int = PAGE_TOKENS,
         scratch_page: bool = False,
+        windows: Sequence[int | None] | None = None,
     ):
+        """`windows`: each layer's sliding window in keys (None: it sees every earlier key); what
+        attention reads of a layer's pool. Every layer keeps every token of a sequence either way."""
         if block_size % PAGE_TOKENS:
             raise ValueError(f"block_size must be a multiple of {PAGE_TOKENS}, not {block_size}")
         self.block_size, self.block_pages = block_size, block_size // PAGE_TOKENS
@@ -54,6 +63,8 @@ class KVCache:
         shape = (num_kv_heads, self.capacity_tokens + (PAGE_TOKENS if scratch_page else 0), head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.windows = tuple(windows) if windows is not None else (None,) * num_layers
+        assert len(self.windows) == num_layers, "one window (or None) per layer"
         self.extents: dict[int, Extent] = {}  # seq id -> extent
         self.cached: OrderedDict[int, None] = OrderedDict()  # first page of each cached block, LRU first
         self.on_evict: Callable[[int], None] = lambda page: None  # told each cached block dropped

@@ -27,7 +27,7 @@ from .errors import NonFiniteOutputError, PromptTooLongError, QueueFullError, Re
 from .grammar import GrammarCompiler, MaskFiller, constrained_rows, consume
 from .kv_cache import KVCache
 from .memory_plan import plan_memory
-from .model_families import inspect_model, served_context_len
+from .model_families import inspect_model
 from .model_loader import BaseModel as LoadedModel
 from .model_loader import default_cache_dir
 from .model_runner import ModelRunner, PromptRows
@@ -74,10 +74,11 @@ class LLMEngine:
             device=self.lora_model.device,
             block_size=config.block_size,
             scratch_page=decode_graphs,
+            windows=[layer.window for layer in self.attention.layers],
         )
         self.prefix_cache = PrefixCache(self.cache, enabled=config.enable_prefix_caching)
         self.max_model_len = min(
-            served_context_len(self.attention, model_config.max_position_embeddings, config.max_model_len),
+            config.max_model_len or model_config.max_position_embeddings,
             self.cache.capacity_tokens,
         )
         self.scheduler = Scheduler(

@@ -8,22 +8,16 @@ A new family is one row here and one entry in that test. Two checks guard the re
     table, or a feature of a served family's config the engine does not implement (ALiBi);
   - `inspect_model`, from the loaded model: attention_probe.py runs its forward once and returns
     the KV geometry, refusing any attention feature (softcap, sinks, a new mask kind) by name.
-Sliding windows are served by capping the context at the smallest window (`served_context_len`),
-as vLLM did before it implemented them: below the window a windowed layer sees every earlier key,
-so every answer is exact. Implementing windows would need a per-layer lower key bound on every
-attention path (per-sequence SDPA, the row kernel, chunked prefill); until then, no answer past
-the window can be wrong because none is given.
+Sliding windows are served past the window on every attention path (attention.py): each layer's
+window is read from the model's own mask by the probe, and attention keeps keys kv > q - W, as
+transformers does; a mask rule that is neither causal nor such a window is refused.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .attention_probe import AttentionShape, UnsupportedModelError, probe_attention
-
-log = logging.getLogger(__name__)
 
 # model_type -> the family's name in docs/models.md, where each row says what its test covers.
 FAMILIES = {
@@ -33,6 +27,8 @@ FAMILIES = {
     "qwen2": "Qwen2",
     "qwen3": "Qwen3",
     "qwen3_moe": "Qwen3-MoE",
+    "qwen2_moe": "Qwen2-MoE",
+    "olmoe": "OLMoE",
     "gemma": "Gemma",
     "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3",
@@ -70,28 +66,3 @@ def inspect_model(model: torch.nn.Module) -> AttentionShape:
     """The attention layers of a loaded model the engine can serve, or UnsupportedModelError."""
     check_architecture(model.config)
     return probe_attention(model)
-
-
-def served_context_len(attention: AttentionShape, max_positions: int, requested: int | None) -> int:
-    """The longest context (prompt and output tokens) served, before the KV pool's own bound: the
-    requested --max-model-len or the model's positions, capped at the smallest sliding window. An
-    explicit request past the window is refused, naming it, rather than answered differently."""
-    limit = requested or max_positions
-    smallest = attention.smallest_window
-    if smallest is None or smallest[0] >= limit:
-        return limit
-    window, layer = smallest
-    if requested is not None:
-        raise UnsupportedModelError(
-            f"--max-model-len {requested} passes the sliding window of {window} tokens (layer {layer}): "
-            f"the engine does not implement sliding windows, so it serves this model up to {window} tokens "
-            "of context, where every answer is exact; give --max-model-len of at most that"
-        )
-    log.info(
-        "the model's sliding window is %d tokens (layer %d): serving at most %d tokens of context, "
-        "where every answer is exact (windows are not implemented past it)",
-        window,
-        layer,
-        window,
-    )
-    return window

@@ -1,11 +1,15 @@
 """Attention for every row of a step in one kernel launch per layer (the CUDA step path).
 
 Semantics, for row t (a decode row, or one row of a prompt chunk) and query head h, with KV head
-g = h // (H / KVH) (grouped-query attention), s = kv_start[t], L = kv_len[t]:
-    out[t, h] = softmax(cap(q[t, h] · K[g, s : s + L]ᵀ · scale)) · V[g, s : s + L]
+g = h // (H / KVH) (grouped-query attention), s = kv_start[t], L = kv_len[t], and the layer's
+sliding window W (None: no window), which keeps a row's last W keys, b = max(0, L - W):
+    out[t, h] = softmax(cap(q[t, h] · K[g, s + b : s + L]ᵀ · scale)) · V[g, s + b : s + L]
 where cap(x) = softcap · tanh(x / softcap) when a softcap is given (Gemma 2's), else x.
 A prompt row at position p of its sequence has L = p + 1: causality is in the lengths, so decode
 and prefill rows, of any number of sequences, share one call. L = 0 (a padding row) gives zeros.
+The window is a lower bound on the same key range: the row at position p keeps keys p - W < kv <= p,
+transformers' sliding window (masking_utils' `kv_idx > q_idx - sliding_window`), so the loop starts
+at b and reads only the window's blocks. W is a run-time argument: one compiled kernel for every layer.
 
 Why per row: the KV pool keeps each sequence in one contiguous extent (kv_cache.py), so a row's
 keys are one strided run. The loop over them reads its bound from kv_len, so one compiled kernel
@@ -35,6 +39,7 @@ except ImportError:  # the engine falls back to per-sequence SDPA
     HAVE_TRITON = False
 
 BLOCK_N = 32  # keys per iteration
+NO_WINDOW = 2**31 - 1  # the kernel's window where a layer has none: L - NO_WINDOW < 0 for every int32 L
 INTERPRETED = False  # set below from what triton.jit made of the kernel
 
 
@@ -46,9 +51,11 @@ def row_attention(
     kv_len: torch.Tensor,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [N, H, D] (any strides with a unit last one); k_pool, v_pool [KVH, C, D]; kv_start,
-    kv_len [N] int32; softcap: the attention logit softcap, or None. Returns [N, H, D] in q's dtype."""
+    kv_len [N] int32; softcap: the attention logit softcap, or None; window: the layer's sliding
+    window in keys (a row's last `window` keys, itself included), or None. Returns [N, H, D] in q's dtype."""
     if q.stride(2) != 1:  # the kernel steps rows and heads by stride, and dims by one
         q = q.contiguous()
     num_rows, num_heads, head_dim = q.shape
@@ -58,7 +65,7 @@ def row_attention(
     if num_rows == 0:
         return out
     _row_attention_kernel[(num_rows, num_kv_heads)](
-        q, k_pool, v_pool, out, kv_start, kv_len, scale, softcap or 1.0,
+        q, k_pool, v_pool, out, kv_start, kv_len, scale, softcap or 1.0, window or NO_WINDOW,
         group, head_dim,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -78,7 +85,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_attention_kernel(
-        q, k, v, out, kv_start, kv_len, scale, softcap,
+        q, k, v, out, kv_start, kv_len, scale, softcap, window,
         group, head_dim,
         stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -99,7 +106,8 @@ if HAVE_TRITON:
         total = tl.zeros((BLOCK_G,), dtype=tl.float32)  # running softmax denominator
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         pool = kv_head * stride_kv_head + start * stride_kv_token
-        for n0 in range(0, length, BLOCK_N):
+        first = tl.maximum(length - window, 0)  # the sliding window's first key (0 without one)
+        for n0 in range(first, length, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             in_keys = n < length
             offsets = pool + n[:, None] * stride_kv_token + d[None, :]
@@ -142,6 +150,7 @@ def row_attention_reference(
     kv_len: torch.Tensor,
     scale: float,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """`row_attention` row by row, softmax in float32: slow, obviously right."""
     num_rows, num_heads, _ = q.shape
@@ -150,6 +159,8 @@ def row_attention_reference(
     for t, (start, length) in enumerate(zip(kv_start.tolist(), kv_len.tolist())):
         if length == 0:
             continue
+        if window is not None and length > window:  # keep the row's last `window` keys
+            start, length = start + length - window, window
         keys = k_pool[:, start : start + length].float().repeat_interleave(group, 0)  # [H, L, D]
         values = v_pool[:, start : start + length].float().repeat_interleave(group, 0)
         scores = (keys @ q[t].float()[:, :, None]).squeeze(-1) * scale  # [H, L]

@@ -26,13 +26,12 @@ from transformers.masking_utils import (
 from adapters import UnsupportedAdapterError
 from server.engine.attention_probe import UnsupportedModelError, mask_window, probe_attention
 from server.engine.config import EngineConfig
-from server.engine.errors import PromptTooLongError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_families import FAMILIES as SERVED
 from server.engine.model_families import check_architecture
 from server.engine.model_loader import BaseModel, load_base_model
 from support.engine import greedy, load_tokenizer
-from support.families import ATTENTION, FAMILIES, MOE, VOCAB, adapter_kwargs, model, pristine
+from support.families import ATTENTION, FAMILIES, MAX_POSITIONS, MOE, VOCAB, adapter_kwargs, model, pristine
 
 # fp32 |Δ logprob|: the issue's bound. Measured at most 5e-6 over every family here: the engine's
 # packed oneDNN kernels against PEFT's MKL ones, summed in another order.
@@ -146,38 +145,82 @@ def test_gemma2_softcaps_change_the_answer_and_are_served():
     assert probe_attention(model("gemma2")).num_layers == 2  # served, not refused
 
 
-# Sliding windows: the context is capped at the smallest window
-@pytest.mark.parametrize(
-    ("family", "window_fields", "windows"),
-    [
-        ("mistral", dict(sliding_window=8), [8, 8]),
-        ("mixtral", dict(sliding_window=8), [8, 8]),
-        ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [None, 8]),
-        ("qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [None, 8]),
-        ("qwen3_moe", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), [8, 8]),  # its own rule
-        ("gemma3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), [8, None]),
-        ("gemma2", dict(sliding_window=8), [8, None]),
-        ("starcoder2", dict(sliding_window=8), [8, 8]),
-        ("phi3", dict(sliding_window=8), [8, 8]),
-    ],
-)
-def test_a_sliding_window_caps_the_context_where_every_answer_is_exact(family, window_fields, windows):
-    assert [layer.window for layer in probe_attention(model(family, **window_fields)).layers] == windows
-    engine = make_family_engine(family, model=window_fields)
-    assert engine.max_model_len == 8
-    prompt = PROMPTS[0]  # 5 tokens + 3 new: the last row sees all 8 keys, as the window lets it
-    (completion,) = engine.generate([prompt], greedy(3, logprobs=0))
-    with torch.no_grad():
-        hf = torch.log_softmax(
-            model(family, **window_fields)(torch.tensor([prompt + completion.token_ids])).logits[0], -1
-        )
-    expected = hf[len(prompt) - 1 : -1].gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
-    assert torch.allclose(torch.tensor([entry.logprob for entry in completion.logprobs]), expected, atol=TOL)
-    with pytest.raises(PromptTooLongError, match="8 tokens"):
-        engine.add_request(PROMPTS[2], greedy(3))
-    with pytest.raises(UnsupportedModelError, match="sliding window of 8 tokens"):
-        make_family_engine(family, model=window_fields, max_model_len=16)
-    assert make_family_engine(family, model=window_fields, max_model_len=6).max_model_len == 6
+# Sliding windows: honoured past the window on every path, equal to HF's own forward
+WINDOW = 4
+WINDOWED = {  # family -> (its window fields, the window of each layer the probe reads)
+    "mistral": (dict(sliding_window=WINDOW), [WINDOW, WINDOW]),
+    "mixtral": (dict(sliding_window=WINDOW), [WINDOW, WINDOW]),
+    "qwen2": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), [None, WINDOW]),
+    "qwen3": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), [None, WINDOW]),
+    "qwen3_moe": (dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1), [WINDOW] * 2),  # its rule
+    "gemma2": (dict(sliding_window=WINDOW), [WINDOW, None]),  # alternating, with its softcaps
+    "gemma3": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), [WINDOW, None]),
+    "phi3": (dict(sliding_window=WINDOW), [WINDOW, WINDOW]),
+    "starcoder2": (dict(sliding_window=WINDOW), [WINDOW, WINDOW]),
+}
+SHARED = PROMPTS[1][:20]  # 20 tokens: prefilled in chunks of 8, then its first block of 16 is hit
+HIT = PROMPTS[1][:16] + PROMPTS[2][:5]
+
+
+@torch.no_grad()
+def assert_equals_hf(family: str, prompts: list[list[int]], completions) -> None:
+    """Every token is the greedy choice of HF's own forward with the family's window (its mask, in
+    transformers' attention), and every logprob within TOL of it; and the window changes HF's answer."""
+    windowed, unwindowed = model(family, **WINDOWED[family][0]), model(family)
+    for prompt, completion in zip(prompts, completions):
+        ids = torch.tensor([prompt + completion.token_ids])
+        assert len(prompt) + len(completion.token_ids) > 3 * WINDOW
+        expected = torch.log_softmax(windowed(ids).logits[0].float(), -1)[len(prompt) - 1 : -1]  # [new, V]
+        tokens = torch.tensor(completion.token_ids)
+        chosen = expected[torch.arange(len(tokens)), tokens]
+        assert (expected.max(-1).values - chosen).max() <= TOL, "not HF's greedy tokens"
+        ours = torch.tensor([entry.logprob for entry in completion.logprobs])
+        assert (ours - chosen).abs().max() <= TOL, f"Δ logprob {(ours - chosen).abs().max():.2e}"
+        full = torch.log_softmax(unwindowed(ids).logits[0].float(), -1)[len(prompt) - 1 : -1]
+        assert (full - expected).abs().max() > 1e-2, "the window must change HF's answer, or this proves nothing"
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_sliding_windows_equal_hf_past_the_window_with_chunks_and_a_prefix_hit(family):
+    """Per-layer windows of 4 keys, prompts of 5 to 21 tokens and 10 new: chunked prefill (8 tokens a
+    step), then a request whose first block is a prefix-cache hit, decoding beside another one."""
+    fields, windows = WINDOWED[family]
+    engine = make_family_engine(family, model=fields, max_num_batched_tokens=8)
+    assert engine.cache.windows == tuple(windows)
+    assert engine.max_model_len == MAX_POSITIONS  # no longer capped at the window
+    params = greedy(10, logprobs=0)
+    first = engine.generate([SHARED], params)
+    later = engine.generate([HIT, PROMPTS[0]], params)
+    assert engine.stats().prefix_cache_hits >= 16
+    assert_equals_hf(family, [SHARED, HIT, PROMPTS[0]], first + later)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])  # the lean pass; the stock forward, per layer
+def test_sliding_windows_equal_hf_after_preemption_and_recompute(family):
+    """A 16-page pool for four requests of one page that grow to six (a new extent takes five):
+    some are preempted, and recompute their prompt and outputs as one prefill past the window."""
+    engine = make_family_engine(family, model=WINDOWED[family][0], kv_cache_tokens=256)
+    prompts = [PROMPTS[1][:12], PROMPTS[0], PROMPTS[2], PROMPTS[1][20:30]]
+    completions = engine.generate(prompts, greedy(84, logprobs=0))
+    assert engine.stats().num_preemptions > 0
+    assert_equals_hf(family, prompts, completions)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])  # the lean pass; the stock forward, per layer
+def test_sliding_windows_equal_hf_on_the_row_kernels(family):
+    """The CUDA step path (Triton's interpreter here): the window is the row kernel's lower key bound,
+    on prefill chunks (8 tokens a step) and decode rows."""
+    engine = make_family_engine(family, model=WINDOWED[family][0], step_kernels="triton", max_num_batched_tokens=8)
+    assert engine.runner.row_kernels and (engine.runner.lean is None) == (family == "gemma3")
+    prompts = [PROMPTS[1][:13], PROMPTS[0]]
+    completions = engine.generate(prompts, greedy(8, logprobs=0))
+    assert_equals_hf(family, prompts, completions)
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_the_probe_reads_each_layers_window(family):
+    fields, windows = WINDOWED[family]
+    assert [layer.window for layer in probe_attention(model(family, **fields)).layers] == windows
 
 
 # What is not served is refused by name

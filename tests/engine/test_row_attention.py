@@ -79,3 +79,38 @@ def test_the_reference_is_causal_sdpa_with_grouped_heads():
     )[0].transpose(0, 1)
     got = row_attention_reference(q, k_pool, v_pool, starts, lengths, 16**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("window", [1, 4, BLOCK_N + 3])
+def test_a_sliding_window_equals_its_reference(window):
+    """A window keeps each row's last `window` keys: rows shorter than it see all theirs, longer
+    ones start mid-block (window + 3 > BLOCK_N: the first block is partial, the rest whole)."""
+    gen = torch.Generator().manual_seed(window)
+    k_pool, v_pool = (torch.randn(2, POOL, 16, generator=gen).to(DEVICE) for _ in range(2))
+    q = torch.randn(len(ROWS), 4, 16, generator=gen).to(DEVICE)
+    starts, lengths = rows_of(*ROWS)
+    got = row_attention(q, k_pool, v_pool, starts, lengths, 0.25, window=window)
+    expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25, window=window)
+    unwindowed = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25)
+    assert (expected - unwindowed).abs().amax(dim=(1, 2)).gt(1e-3).sum() >= 2, "the window must bite"
+    torch.testing.assert_close(
+        got, expected, atol=4 * torch.finfo(torch.float32).eps * v_pool.abs().max().item(), rtol=0
+    )
+    assert not got[3].any()
+
+
+def test_the_windowed_reference_is_sdpa_with_transformers_sliding_mask():
+    """The reference's window is transformers' own rule (masking_utils), keys kv > q - window."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    k_pool, v_pool = torch.randn(2, POOL, 16), torch.randn(2, POOL, 16)
+    q = torch.randn(9, 6, 16)  # nine prompt rows of one sequence starting at pool token 30
+    starts, lengths = torch.full((9,), 30, dtype=torch.int32), torch.arange(1, 10, dtype=torch.int32)
+    rule = sliding_window_causal_mask_function(3)
+    positions = torch.arange(9)
+    mask = rule(0, 0, positions[:, None], positions[None, :])  # [9, 9]
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k_pool[None, :, 30:39], v_pool[None, :, 30:39], attn_mask=mask, enable_gqa=True
+    )[0].transpose(0, 1)
+    got = row_attention_reference(q, k_pool, v_pool, starts, lengths, 16**-0.5, window=3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
