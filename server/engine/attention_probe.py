@@ -75,12 +75,6 @@ class AttentionShape:
     def head_dim(self) -> int:
         return self.layers[0].head_dim
 
-    @property
-    def smallest_window(self) -> tuple[int, int] | None:
-        """(window, layer) of the smallest sliding window, or None when no layer slides."""
-        windows = [(layer.window, i) for i, layer in enumerate(self.layers) if layer.window is not None]
-        return min(windows) if windows else None
-
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V of one token in every layer."""
         return sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.layers) * dtype.itemsize
