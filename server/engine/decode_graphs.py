@@ -11,9 +11,14 @@ Rows past the step's count pad the bucket: base slot, no keys (kv_len 0), KV wri
 scratch page.
 
 Prefill, chunked prompts, prompt logprobs, merged weights (a merge moves the weights the graph
-read) and adapters the row kernels do not cover (embedding LoRA, saved module copies) run eagerly.
-Off CUDA nothing is captured: the same static-buffer step runs eagerly, which is how its
-bookkeeping is tested on CPU.
+read), adapters the row kernels do not cover (embedding LoRA, saved module copies) and compositions
+deeper than MAX_GRAPH_TERMS run eagerly. Off CUDA nothing is captured, nor where the rotary
+embedding's update compares a tensor on the host (rope types "dynamic" and "longrope" under the lean
+pass): the same static-buffer step runs eagerly, which is how its bookkeeping is tested on CPU.
+
+Each graph keeps its own [bucket, vocab] logits (the pool reuses everything else), so what the
+graphs hold grows with the vocabulary, the buckets and the depths captured: `graph_bytes`, which
+the memory plan reserves.
 """
 
 from __future__ import annotations
@@ -39,6 +44,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32))
+MAX_GRAPH_TERMS = 2  # deeper compositions run eagerly: each captured depth holds its own logits per bucket
+GRAPH_WORKSPACE_BYTES = 64 * 2**20  # cuBLAS and Triton workspace, the graphs' static inputs
+HOST_ROPE_UPDATES = ("dynamic", "longrope")  # their update compares the longest position on the host
+
+
+def buckets_for(max_rows: int) -> list[int]:
+    return [b for b in BUCKETS if b < max_rows] + [max_rows]
+
+
+def graphs_capture(model) -> bool:
+    """Whether decode steps of `model` can be captured: a family with the lean pass (the stock
+    forward's wrappers are not captured), and a rotary embedding with no host-side update."""
+    from .lean_forward import SUPPORTED
+
+    if type(model).__name__ not in SUPPORTED:
+        return False
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", "default")
+    return not any(kind in str(rope_type) for kind in HOST_ROPE_UPDATES)
+
+
+def graph_bytes(max_rows: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """What captured decode graphs hold: each keeps its [bucket, vocab] logits, for every bucket and
+    every depth 0..MAX_GRAPH_TERMS, plus a workspace."""
+    logits_rows = sum(buckets_for(max_rows)) * (MAX_GRAPH_TERMS + 1)
+    return logits_rows * vocab_size * dtype.itemsize + GRAPH_WORKSPACE_BYTES
 
 
 @dataclass
@@ -53,15 +84,17 @@ class DecodeGraphs:
 
     def __init__(self, lean: LeanForward, lora_model: LoraModel, cache: KVCache, max_rows: int, max_terms: int):
         self.lean, self.lora_model, self.cache = lean, lora_model, cache
-        self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
-        self.max_terms = max_terms
-        self.capture = lora_model.device.type == "cuda"
+        self.buckets = buckets_for(max_rows)
+        self.max_terms = min(max_terms, MAX_GRAPH_TERMS)
+        self.capture = lora_model.device.type == "cuda" and graphs_capture(lora_model.model)
+        if lora_model.device.type == "cuda" and not self.capture:
+            log.info("decode steps run eagerly: this model's rotary embedding updates on the host")
         device = lora_model.device
         # ids, positions, KV write positions (long: embedding and index_copy_ take them) ...
         self.longs = torch.zeros(3, max_rows, dtype=torch.long, device=device)
         # ... each row's KV start and length, then its slot in each term (int32, as the kernels read them)
-        self.ints = torch.zeros(2 + max_terms, max_rows, dtype=torch.int32, device=device)
-        self.scales = torch.ones(max_terms, max_rows, dtype=torch.float32, device=device)
+        self.ints = torch.zeros(2 + self.max_terms, max_rows, dtype=torch.int32, device=device)
+        self.scales = torch.ones(self.max_terms, max_rows, dtype=torch.float32, device=device)
         self.all_rows = torch.arange(max_rows, device=device)
         self.embeddings = [layer for layer in lora_model.layers.values() if isinstance(layer, LoraEmbedding)]
         self.graphs: dict[tuple[int, int], _Graph] = {}  # by (bucket, term depth)
@@ -88,7 +121,7 @@ class DecodeGraphs:
         depth = max(len(seq.slot_mix) for seq in seqs)
         if self.layout != self.lora_model.state.layout_version:
             self.capture_all()  # new slot buffers or tables: the old graphs would skip their ops
-        self._fill(seqs, bucket)
+        self._fill(seqs, bucket, depth)
         key = (bucket, depth)
         if key not in self.graphs:
             self.graphs[key] = self._prepare(bucket, depth)
@@ -106,19 +139,20 @@ class DecodeGraphs:
         self.graphs.clear()
         self.pool = None
         self.layout = self.lora_model.state.layout_version
-        self._fill([], self.buckets[-1])  # every row padding: a capture's warm-up run writes only the scratch page
+        self._fill([], self.buckets[-1], 1)  # every row padding: a capture's warm-up run writes only the scratch page
         for bucket in self.buckets:
             for depth in (0, 1):
                 self.graphs[(bucket, depth)] = self._prepare(bucket, depth)
         if self.capture:
             log.info("captured decode graphs for %d batch sizes up to %d rows", len(self.buckets), self.buckets[-1])
 
-    def _fill(self, seqs: list[Sequence], bucket: int) -> None:
-        """The step's inputs into the static buffers; padding rows up to `bucket`."""
+    def _fill(self, seqs: list[Sequence], bucket: int, depth: int) -> None:
+        """The step's inputs into the static buffers; padding rows up to `bucket`. Only the `depth`
+        terms the step's graph reads are written: its lists are (2 + depth) × bucket."""
         scratch = self.cache.scratch_token
         longs = [[0] * bucket, [0] * bucket, [scratch] * bucket]
-        ints = [[0] * bucket, [0] * bucket] + [[BASE_SLOT] * bucket for _ in range(self.max_terms)]
-        scales = [[1.0] * bucket for _ in range(self.max_terms)]
+        ints = [[0] * bucket, [0] * bucket] + [[BASE_SLOT] * bucket for _ in range(depth)]
+        scales = [[1.0] * bucket for _ in range(depth)]
         for row, seq in enumerate(seqs):
             position, start = seq.num_computed, self.cache.start(seq.seq_id)
             longs[0][row], longs[1][row], longs[2][row] = seq.all_token_ids[position], position, start + position
@@ -126,8 +160,9 @@ class DecodeGraphs:
             for term, (slot, scale) in enumerate(seq.slot_mix):
                 ints[2 + term][row], scales[term][row] = slot, scale
         self.longs[:, :bucket].copy_(torch.tensor(longs), non_blocking=True)
-        self.ints[:, :bucket].copy_(torch.tensor(ints, dtype=torch.int32), non_blocking=True)
-        self.scales[:, :bucket].copy_(torch.tensor(scales), non_blocking=True)
+        self.ints[: 2 + depth, :bucket].copy_(torch.tensor(ints, dtype=torch.int32), non_blocking=True)
+        if depth:
+            self.scales[:depth, :bucket].copy_(torch.tensor(scales), non_blocking=True)
 
     def _prepare(self, bucket: int, depth: int) -> _Graph:
         """The bucket's row metadata and, on CUDA, its captured graph and output."""

@@ -23,13 +23,13 @@ from adapters import LoraModel
 
 from .attention_probe import AttentionShape
 from .config import EngineConfig
+from .decode_graphs import graph_bytes, graphs_capture
 from .kv_cache import PAGE_TOKENS
 
 log = logging.getLogger(__name__)
 
 CPU_KV_TOKENS = 16384  # the pool on a device without a budget, unless kv_cache_tokens says otherwise
 MIN_KV_TOKENS = 1024  # a plan that leaves less than this for the KV pool is refused at startup
-CUDA_GRAPH_BYTES = 256 * 2**20  # captured decode graphs' private pool (buffers + workspace), all buckets
 MERGE_SHARE = 0.1  # merge_memory's default on a budgeted device: this share of the budget
 MiB = 2**20
 
@@ -67,12 +67,16 @@ def plan_memory(
     """The plan for a loaded, wrapped model whose attention layers are `attention` (as the probe
     found them) under `config` on its device. With captured decode graphs merges are off unless
     `merge_memory` asks for them: a merged step cannot replay a graph (decode_graphs.py), and
-    eager launches cost more than the LoRA kernels save."""
+    eager launches cost more than the LoRA kernels save. A family whose decode steps are never
+    captured (no lean pass, a rotary update on the host) reserves nothing for graphs and merges."""
     device, dtype = lora_model.device, lora_model.dtype
     budget = config.memory_budget if config.memory_budget is not None else device_budget(device, config)
     kv_per_token = attention.kv_bytes_per_token(dtype)
     weights, slots = model_bytes(lora_model.model), slot_bytes(lora_model)
-    graphs = CUDA_GRAPH_BYTES if captures_graphs and device.type == "cuda" else 0
+    captures_graphs = captures_graphs and graphs_capture(lora_model.model)
+    graphs = 0
+    if captures_graphs and device.type == "cuda":
+        graphs = graph_bytes(config.max_num_seqs, model_config.vocab_size, dtype)
     share = 0.0 if captures_graphs else MERGE_SHARE
     if budget is None:
         kv_tokens = config.kv_cache_tokens or CPU_KV_TOKENS
@@ -125,6 +129,10 @@ def model_bytes(model: nn.Module) -> int:
 def slot_bytes(lora_model: LoraModel) -> int:
     """A and B of every slot of every layer at the largest rank, allocated or not yet."""
     per_slot = sum(layer.in_features + layer.out_features for layer in lora_model.layers.values())
+    per_slot += sum(  # MoE experts: a pair per expert (adapters/experts.py)
+        max(getattr(layer, "num_experts", 1), 1) * (layer.in_features + layer.out_features)
+        for layer in lora_model.params.values()
+    )
     return lora_model.max_loras * lora_model.max_rank * per_slot * lora_model.dtype.itemsize
 
 

@@ -3,13 +3,19 @@ the same arithmetic a CUDA device's gpu_memory_utilization feeds it."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from server.engine.config import EngineConfig
+from server.engine.decode_graphs import GRAPH_WORKSPACE_BYTES, MAX_GRAPH_TERMS, buckets_for, graph_bytes, graphs_capture
+from server.engine.llm_engine import LLMEngine
 from server.engine.memory_plan import MemoryPlanError
-from server.engine.model_loader import auto_dtype
-from support.engine import fresh_model, greedy, make_engine
+from server.engine.model_loader import BaseModel, auto_dtype
+from support.engine import fresh_model, greedy, load_tokenizer, make_engine
 
 MiB = 2**20
 
@@ -105,3 +111,36 @@ def test_dtype_auto_is_a_half_dtype_on_cuda_and_float32_elsewhere():
     assert auto_dtype(LlamaConfig(dtype="float32"), cuda) == torch.bfloat16
     assert auto_dtype(LlamaConfig(), cuda) == torch.bfloat16
     assert auto_dtype(LlamaConfig(dtype="bfloat16"), cpu) == torch.float32
+
+
+def dynamic_rope_model() -> LlamaForCausalLM:
+    """The tiny model with "dynamic" RoPE: its rotary update compares the longest position on the host."""
+    config = copy.deepcopy(fresh_model().config)
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+
+def test_graph_memory_is_the_logits_each_captured_bucket_keeps():
+    """An 8B-class vocabulary (128,256) at 256 sequences in bf16: each graph keeps its [bucket, V]
+    logits, 0.56 GB per captured depth over the 18 buckets; the old fixed 256 MiB held a fifth of it."""
+    rows = sum(buckets_for(256))
+    assert rows == 1 + 2 + 4 + 8 + sum(range(16, 257, 16))
+    got = graph_bytes(256, 128_256, torch.bfloat16)
+    assert got == rows * 128_256 * 2 * (MAX_GRAPH_TERMS + 1) + GRAPH_WORKSPACE_BYTES
+    assert got > 3 * 0.56e9 and graph_bytes(256, 32_000, torch.bfloat16) < got  # the vocabulary counts
+
+
+def test_only_families_whose_decode_is_captured_reserve_graphs_and_turn_merges_off():
+    assert graphs_capture(fresh_model())
+    assert not graphs_capture(dynamic_rope_model())  # would fail capture at startup: runs eagerly
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64))
+    assert not graphs_capture(gpt2)  # no lean pass: the stock forward is never captured
+    config = EngineConfig(step_kernels="triton", decode_graphs=True, memory_budget=256 * MiB)
+    engine = LLMEngine(BaseModel(dynamic_rope_model(), load_tokenizer(), "tiny", Path("tiny")), config)
+    assert engine.memory.merge_buffers == int(0.1 * 256 * MiB) and engine.memory.cuda_graphs == 0
+    assert not engine.runner.graphs.capture
+    eager = LLMEngine(BaseModel(dynamic_rope_model(), load_tokenizer(), "tiny", Path("tiny")), EngineConfig())
+    prompt = ["The quick brown fox jumps over the lazy dog"]
+    assert engine.generate(prompt, greedy(6))[0].token_ids == eager.generate(prompt, greedy(6))[0].token_ids

@@ -5,7 +5,9 @@ bookkeeping, padding and slot data). PEFT is the reference, as for the torch pat
 from __future__ import annotations
 
 import pytest
+import torch
 
+from server.engine import decode_graphs
 from support.engine import PROMPTS, encode, fresh_model, greedy, hf_greedy, make_engine, peft_reference
 from support.peft import make_trained_adapter
 
@@ -106,3 +108,23 @@ def test_the_triton_path_off_cuda_needs_the_interpreter_said_out_loud(monkeypatc
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         make_engine(step_kernels="triton")
     assert not make_engine().runner.row_kernels  # auto: the torch path off CUDA
+
+
+def test_a_decode_step_fills_only_the_terms_of_its_own_depth(adapter_paths, monkeypatch):
+    """The static inputs' host lists are (2 + depth) × bucket: the old ones were (2 + max_loras) ×
+    bucket whatever the step held."""
+    engine = make_engine(adapter_paths, step_kernels="triton", decode_graphs=True, max_loras=8)
+    built = []
+
+    class RecordingTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def tensor(self, data, *args, **kwargs):
+            built.append((len(data), kwargs.get("dtype")))
+            return torch.tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(decode_graphs, "torch", RecordingTorch())
+    generate(engine, [(PROMPTS[0], "a", 4), (PROMPTS[1], None, 4)])
+    int_lists = [rows for rows, dtype in built if dtype == torch.int32]
+    assert int_lists and set(int_lists) <= {2, 3}  # KV start and length, then one term: depth 1
