@@ -76,6 +76,9 @@ class LoraBatch:
     rows: LoraRows | None = field(default=None)  # the same rows sorted by slot on the device, for the
     # row kernels (CUDA): LoRA linears use them instead of runs and groups (which embeddings and
     # per-row module copies still read)
+    token_slots: torch.Tensor | None = field(default=None)  # [N] or [K, N] long on the host: the slots
+    # as given, for ops that regroup rows by more than their adapter (MoE experts: experts.py)
+    token_scales: torch.Tensor | None = field(default=None)  # [K, N] float on the host, or None: all 1
 
     @classmethod
     def build(
@@ -119,6 +122,9 @@ class LoraBatch:
             if head is None:  # no kept row uses an adapter: the head adds nothing, rather than all N rows' deltas
                 head = cls(runs=[], groups=None, num_tokens=keep.numel())
             batch = cls(batch.runs, batch.groups, batch.num_tokens, head)
+        if batch is not None:
+            scales = None if token_scales is None else token_scales.to("cpu", torch.float)
+            batch = replace(batch, token_slots=token_slots, token_scales=scales)
         return batch
 
     @classmethod

@@ -23,6 +23,7 @@ from pydantic import (
 from .errors import InvalidAdapterError, UnsupportedAdapterError
 
 CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class Refused(NamedTuple):
@@ -50,6 +51,7 @@ SUPPORTED = frozenset(
         "lora_bias",  # DoRA's per-feature magnitude; a trained bias on lora_B
         "modules_to_save",  # full copies of row-wise modules (norms, linears, embedding, head), served per row
         "trainable_token_indices",  # new rows for some token ids of the embedding (and its tied head)
+        "target_parameters",  # LoRA on parameters (PEFT's ParamWrapper): MoE experts and routers (experts.py)
     }
 )
 INFERENCE_NEUTRAL = frozenset(
@@ -74,7 +76,6 @@ INFERENCE_NEUTRAL = frozenset(
 )
 REFUSED = {  # change the outputs, and we do not serve them: refused by name when set
     "bias": Refused("LoRA bias terms are not supported; train with bias='none'", off=("none",)),
-    "target_parameters": Refused("parameter-targeted LoRA is not supported"),
     "layer_replication": Refused("layer replication changes the base model's layer stack"),
     "alora_invocation_tokens": Refused("Activated LoRA (applied only after its invocation tokens) is not supported"),
     "use_qalora": Refused("QALoRA (pooled adapter inputs) is not supported"),
@@ -116,10 +117,12 @@ class LoraConfig(BaseModel):
     lora_bias: bool = False
     modules_to_save: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
     # The name lists as sets: matching a module is a few lookups, not a scan of a list that a
     # config may repeat 100,000 times (a scan per module per target was quadratic).
     _target_names: frozenset[str] = PrivateAttr(frozenset())
     _excluded_names: frozenset[str] = PrivateAttr(frozenset())
+    _parameter_names: frozenset[str] = PrivateAttr(frozenset())
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +153,7 @@ class LoraConfig(BaseModel):
         for attribute, field in (("_target_names", "target_modules"), ("_excluded_names", "exclude_modules")):
             value = getattr(self, field)
             setattr(self, attribute, frozenset(value) if isinstance(value, list) else frozenset())
+        self._parameter_names = frozenset(self.target_parameters or ())
         for field, pattern in self._regexes():
             _compile(pattern, file, field)
 
@@ -194,8 +198,11 @@ class LoraConfig(BaseModel):
 
         if self.peft_type.upper() != "LORA":
             refuse("peft_type", f"{self.peft_type!r} adapters are not served; only LORA")
-        if self.target_modules is None:
+        if self.target_modules is None and not self.target_parameters:
             refuse("target_modules", "must name the modules the adapter targets")
+        if self.target_parameters and (self.use_dora or self.lora_bias):  # PEFT's ParamWrapper refuses them too
+            flag = "use_dora" if self.use_dora else "lora_bias"
+            refuse(flag, f"{flag} is not supported together with target_parameters (PEFT refuses it too)")
         if self.use_dora and self.lora_bias:  # PEFT's LoraConfig refuses the pair too
             refuse("lora_bias", "lora_bias is not supported together with use_dora (PEFT refuses it too)")
         if any(value <= 0 for value in self.rank_pattern.values()):
@@ -238,6 +245,12 @@ class LoraConfig(BaseModel):
             return False
         index = int(match.group("idx"))
         return index == wanted if isinstance(wanted, int) else index in wanted
+
+    def targets_parameter(self, key: str) -> bool:
+        """Whether PEFT would wrap the parameter named `key` (peft.tuners.tuners_utils._inject_parameters:
+        the full name or a dotted suffix of it; no layer or exclusion rules apply to parameters)."""
+        names = self._parameter_names
+        return key in names or not names.isdisjoint(_dotted_suffixes(key))
 
     def saves(self, key: str) -> bool:
         """Whether PEFT keeps a full copy of the module `key`: its name ends with an entry, as a plain

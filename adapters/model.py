@@ -11,10 +11,13 @@ from transformers.pytorch_utils import Conv1D
 from .batch import LoraBatch, with_rows
 from .embedding import LoraEmbedding
 from .errors import MergeBudgetError
+from .experts import ExpertSlots, wrap_experts
 from .kernel_plan import apply_kernel_plan
 from .kernels import KernelPlan
 from .layer import LoraLinear, LoraState
+from .parameters import ParamShape
 from .peft_format import LoraAdapter, TargetSpec
+from .router import wrap_routers
 from .saved import PerRowModule, row_modules
 
 SlotMix = tuple[tuple[int, float], ...]  # ((slot, scale), ...): where a row's deltas come from, Σ scale·delta(slot)
@@ -35,8 +38,10 @@ class LoraModel:
         state: LoraState,
         max_loras: int,
         max_rank: int,
+        params: dict[str, ExpertSlots | LoraLinear] | None = None,
     ):
         self.model, self.layers, self.state = model, layers, state
+        self.params = params or {}  # LoRA on parameters (target_parameters): MoE experts and routers
         self.max_loras, self.max_rank = max_loras, max_rank
         self.slot_ranks = [0] * max_loras  # largest rank of the adapter in each slot; 0 = empty
         self.dora_slots: frozenset[int] = frozenset()  # slots holding a DoRA adapter: their rows run directly
@@ -56,7 +61,15 @@ class LoraModel:
         head = next((name for name, layer in layers.items() if getattr(layer, "is_head", False)), None)
         tied = head is not None and any(full_weights[head] is full_weights[name] for name in embeddings)
         self.spec = TargetSpec(
-            shapes, names, base_name, full_weights, embeddings, head if tied else None, row_modules(model)
+            shapes,
+            names,
+            base_name,
+            full_weights,
+            embeddings,
+            head if tied else None,
+            row_modules(model),
+            {name: _param_shape(slots) for name, slots in self.params.items()},
+            tuple(name for name, _ in model.named_parameters()),
         )
         self.head = next((layer for layer in layers.values() if getattr(layer, "is_head", False)), None)
 
@@ -64,7 +77,7 @@ class LoraModel:
         """Copy `adapter` into device slot `slot`; layers it does not target get zeros there."""
         if self._merged_uses(slot):
             self.unmerge()
-        for name, layer in self.layers.items():
+        for name, layer in [*self.layers.items(), *self.params.items()]:
             layer.set_slot(slot, adapter.weights.get(name))
         for name in adapter.modules.keys() - self.copies.keys():
             self._install_copies(name)
@@ -87,7 +100,7 @@ class LoraModel:
     def clear_slot(self, slot: int) -> None:
         if self._merged_uses(slot):
             self.unmerge()
-        for layer in [*self.layers.values(), *self.copies.values()]:
+        for layer in [*self.layers.values(), *self.copies.values(), *self.params.values()]:
             layer.set_slot(slot, None)
         self.slot_ranks[slot] = 0
         self.dora_slots = self.dora_slots - {slot}
@@ -100,7 +113,7 @@ class LoraModel:
         assert mix and all(self.slot_ranks[slot] > 0 for slot, _ in mix), f"a slot of {mix} is empty"
         self._fit_merge_buffers(mix)
         try:
-            for layer in [*self.layers.values(), *self.copies.values()]:
+            for layer in [*self.layers.values(), *self.copies.values(), *self.params.values()]:
                 layer.merge(list(mix))
         except Exception:
             self.unmerge()
@@ -109,14 +122,19 @@ class LoraModel:
 
     def unmerge(self) -> None:
         """Back to the base weights: no arithmetic, W0 was never written."""
-        for layer in [*self.layers.values(), *self.copies.values()]:
+        for layer in [*self.layers.values(), *self.copies.values(), *self.params.values()]:
             layer.unmerge()
         self.merged = None
 
     @property
     def merge_buffer_bytes(self) -> int:
         """Memory the merge buffers hold now (each layer keeps its buffer for the next merge)."""
-        return sum(layer.merge_buffer_bytes for layer in self.layers.values())
+        return sum(layer.merge_buffer_bytes for layer in self.merging_layers)
+
+    @property
+    def merging_layers(self) -> list[LoraLinear | LoraEmbedding | ExpertSlots]:
+        """The layers whose merges take a buffer the size of their W0 (--merge-memory counts them)."""
+        return [*self.layers.values(), *self.params.values()]
 
     def _fit_merge_buffers(self, mix: SlotMix) -> None:
         """Keep merge buffers within `merge_budget`: a merge that needs more than the budget raises
@@ -124,7 +142,7 @@ class LoraModel:
         buffers other merges left frees those first (the merge replaces theirs anyway)."""
         if self.merge_budget is None:
             return
-        needed = [layer for layer in self.layers.values() if layer.targets(mix)]
+        needed = [layer for layer in self.merging_layers if layer.targets(mix)]
         need = sum(layer.weight_bytes for layer in needed)
         if need > self.merge_budget:
             raise MergeBudgetError(
@@ -133,7 +151,7 @@ class LoraModel:
             )
         if self.merge_buffer_bytes + need - sum(layer.merge_buffer_bytes for layer in needed) > self.merge_budget:
             self.unmerge()
-            for layer in self.layers.values():
+            for layer in self.merging_layers:
                 if not layer.targets(mix):
                     layer.release_merge_buffer()
 
@@ -220,4 +238,11 @@ def wrap_model(
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
     apply_kernel_plan([layer for layer in layers.values() if isinstance(layer, LoraLinear)], kernels, quantization)
-    return LoraModel(model, layers, state, max_loras, max_rank)
+    experts = wrap_experts(model, state, max_loras, max_rank)
+    experts_modules = sorted({name.rpartition(".")[0] for name in experts})
+    params = {**experts, **wrap_routers(model, experts_modules, state, max_loras, max_rank)}
+    return LoraModel(model, layers, state, max_loras, max_rank, params)
+
+
+def _param_shape(slots: ExpertSlots | LoraLinear) -> ParamShape:
+    return ParamShape(getattr(slots, "num_experts", 0), slots.in_features, slots.out_features)

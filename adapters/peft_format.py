@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from .config import CONFIG_FILE, LoraConfig
+from .config import CONFIG_FILE, WEIGHTS_FILE, LoraConfig
 from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError, UnsupportedAdapterError
+from .parameters import ParamShape, fold_parameter, parameter_pairs
 
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 # PEFT saves "base_model.model.<module>.lora_A.weight" (and lora_B.bias with lora_bias, the DoRA
 # lora_magnitude_vector; an embedding's lora_embedding_A/B, and its or the head's full matrix as
@@ -67,6 +67,8 @@ class TargetSpec(NamedTuple):
     embeddings: frozenset[str] = frozenset()  # modules that are token embeddings (lora_embedding_A/B)
     tied_head: str | None = None  # the output head, when it shares the embedding's matrix
     row_modules: Mapping[str, Mapping[str, tuple[int, ...]]] = {}  # copies servable per row: name -> shapes
+    parameters: Mapping[str, ParamShape] = {}  # parameters LoRA can target (target_parameters): experts, routers
+    parameter_names: tuple[str, ...] = ()  # every parameter of the base, in registration order
 
 
 @dataclass(eq=False)
@@ -80,7 +82,7 @@ class LoraAdapter:
 
     @property
     def rank(self) -> int:
-        return max(w.a.shape[0] for w in self.weights.values())
+        return max(w.a.shape[-2] for w in self.weights.values())  # experts' A is [E, r, in]
 
     @property
     def target_modules(self) -> list[str]:
@@ -171,6 +173,7 @@ def load_adapter(
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
     pairs, full, other = _pair_tensors(tensors, config)
+    parameters = parameter_pairs(pairs, config, spec)  # taken out of `pairs`: what is left targets modules
     _check_targets(config, pairs, spec)
     modules = _saved_modules(other, config, spec, dtype)
     modules.update(_changed_full_weights({m: t for (part, m), t in full.items() if part == "full"}, spec, dtype))
@@ -178,6 +181,10 @@ def load_adapter(
         _trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec, set(pairs), dtype)
     )
     weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
+    weights.update(
+        (param, LoraWeights(*fold_parameter(param, key, parts, config, spec.parameters[param], max_rank, dtype)))
+        for param, (key, parts) in sorted(parameters.items())
+    )
     if spec.base_name and config.base_model_name_or_path not in (None, "", spec.base_name):
         log.warning(
             "adapter %r was trained on %r, serving it on %r because the shapes fit",
@@ -375,7 +382,7 @@ def _changed_full_weights(
 
 def _check_targets(config: LoraConfig, pairs: Mapping, spec: TargetSpec) -> None:
     """Every configured target exists in the base, and tensors match the targets exactly."""
-    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
     for target in targets:
         if not any(config.targets(name) for name in spec.module_names if _selects(config, target, name)):
             raise IncompatibleAdapterError(

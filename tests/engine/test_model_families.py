@@ -1,10 +1,11 @@
 """Every served family (server/engine/model_families.py) equal to PEFT, and what is not served refused.
 
 Each family's tiny random model (tests/support/families.py) gets two adapters with non-zero B on
-every linear layer (attention only for MoE families: PEFT puts their experts in target_parameters,
-refused below). Requests run alone (a single adapter merges after a few steps) and then in one mixed
-batch with chunked prefill; each answer is checked against PEFT teacher-forced on the engine's own
-tokens: every token is PEFT's greedy choice and every logprob within TOL of PEFT's.
+every linear layer (attention only for MoE families: their experts and routers, PEFT's
+target_parameters, are tested in test_moe_experts.py). Requests run alone (a single adapter merges
+after a few steps) and then in one mixed batch with chunked prefill; each answer is checked against
+PEFT teacher-forced on the engine's own tokens: every token is PEFT's greedy choice and every logprob
+within TOL of PEFT's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
-from adapters import UnsupportedAdapterError
 from server.engine.attention_probe import UnsupportedModelError, mask_window, probe_attention
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -262,15 +262,6 @@ def test_mask_rules_are_read_and_new_kinds_refused():
     for rule in (chunked_causal_mask_function(8, torch.zeros(1, dtype=torch.long)), bidirectional_mask_function):
         with pytest.raises(UnsupportedModelError, match="neither causal nor a causal sliding window"):
             mask_window(rule, 1 << 20)
-
-
-def test_moe_expert_lora_is_refused_at_upload_naming_target_parameters(tmp_path, make_peft_adapter):
-    """PEFT's all-linear on an MoE family targets its experts as parameters (issue 26, item 4, not
-    served yet): a typed error the HTTP table maps to 422 unsupported_adapter."""
-    path = make_peft_adapter(pristine("mixtral"), tmp_path / "experts", r=4, target_modules="all-linear")
-    engine = make_family_engine("mixtral")
-    with pytest.raises(UnsupportedAdapterError, match="target_parameters"):
-        engine.registry.add("experts", path)
 
 
 def test_every_family_tested_here_is_in_the_served_table():

@@ -38,6 +38,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", dict(head_dim=16)),
     "qwen3_moe": ("qwen3_moe", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "qwen2_moe": (
+        "qwen2_moe",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+    "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
     "gemma": ("gemma", dict(head_dim=16)),
     # caps small enough to bend the tiny model's scores and logits (defaults: 50 and 30)
     "gemma2": ("gemma2", dict(head_dim=16, attn_logit_softcapping=5.0, final_logit_softcapping=5.0)),
@@ -56,7 +61,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "falcon_old": ("falcon", dict(new_decoder_architecture=False, multi_query=True)),
     "stablelm": ("stablelm", {}),
 }
-MOE = frozenset({"mixtral", "qwen3_moe"})  # PEFT's all-linear targets their experts: attention-only adapters
+# Their adapters here target attention and dense linears only; tests/engine/test_moe_experts.py adds
+# their experts and routers (PEFT's target_parameters).
+MOE = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"})
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

@@ -1,0 +1,167 @@
+"""LoRA on MoE experts and routers (PEFT's target_parameters, adapters/experts.py) equal to PEFT.
+
+Each MoE family's tiny model (tests/support/families.py: 4 experts, top-2) gets two adapters with
+non-zero B on every linear layer and on its experts' stacked projections and its router (PEFT's
+all-linear puts those in target_parameters). Requests run alone (gathered, then merged after a few
+steps) and then in one mixed batch with base rows; PEFT cannot mix these adapters in a batch
+("ParamWrapper does not support mixed adapter batches"), so each answer is checked against PEFT
+with that one adapter active, teacher-forced on the engine's own tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from adapters import UnsupportedAdapterError, load_adapter, wrap_model
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.model_loader import BaseModel
+from support.engine import greedy, load_tokenizer
+from support.families import MOE, VOCAB, model, pristine
+
+# fp32 |Δ logprob|, the suite's bound (test_model_families.py). Measured here at most ~2e-5 on the
+# logits: the experts' per-expert matmuls and the merged W0 + s·B·A against PEFT's grouped_mm over
+# W0 + s·B·A, summed in another order.
+TOL = 1e-4
+EXPERTS = ["gate_up_proj", "down_proj", "gate.weight"]  # what PEFT's all-linear adds on Mixtral and Qwen3-MoE
+NEW_TOKENS = 6
+
+
+def _prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in (5, 40, 9)]
+
+
+PROMPTS = _prompts()
+REQUESTS = [(PROMPTS[i % 3], adapter) for i, adapter in enumerate([None, "a", "b", "a", "b", None])]
+
+
+def adapter_kwargs(family: str) -> dict[str, dict]:
+    """All-linear plus the experts and router; named explicitly where PEFT's all-linear leaves them
+    out (Qwen2-MoE, OLMoE), and checked below to be in the saved config either way."""
+    targets = dict(target_modules="all-linear", target_parameters=EXPERTS)
+    return {
+        "a": dict(r=8, lora_alpha=16, **targets),
+        "b": dict(r=4, lora_alpha=8, use_rslora=True, **targets),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, make_peft_adapter):
+    root = tmp_path_factory.mktemp("moe-adapters")
+
+    @functools.cache
+    def write(family: str) -> dict[str, Path]:
+        paths = {
+            name: make_peft_adapter(pristine(family), root / family / name, **kwargs)
+            for name, kwargs in adapter_kwargs(family).items()
+        }
+        for path in paths.values():
+            saved = json.loads((path / "adapter_config.json").read_text())
+            assert {"gate_up_proj", "down_proj", "gate.weight"} <= set(saved["target_parameters"])
+        return paths
+
+    return write
+
+
+def make_engine(family: str, paths: dict[str, Path] | None = None, **config) -> LLMEngine:
+    base = BaseModel(model(family), load_tokenizer(), family, Path(family))
+    engine = LLMEngine(base, EngineConfig(**{"max_num_batched_tokens": 32, **config}))
+    for name, path in (paths or {}).items():
+        engine.registry.add(name, path)
+    return engine
+
+
+@torch.no_grad()
+def peft_logprobs(family: str, paths: dict[str, Path], requests, completions) -> list[torch.Tensor]:
+    """PEFT's log-probabilities over each request's new tokens, one adapter active at a time."""
+    (first, first_path), *rest = paths.items()
+    reference = PeftModel.from_pretrained(model(family), str(first_path), adapter_name=first).eval()
+    for name, path in rest:
+        reference.load_adapter(str(path), adapter_name=name)
+    rows = []
+    for (prompt, adapter), completion in zip(requests, completions):
+        ids = torch.tensor([prompt + completion.token_ids])
+        if adapter is None:
+            with reference.disable_adapter():
+                logits = reference(input_ids=ids).logits[0]
+        else:
+            reference.set_adapter(adapter)
+            logits = reference(input_ids=ids).logits[0]
+        rows.append(torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1])
+    return rows
+
+
+def assert_equal(expected: list[torch.Tensor], requests, completions) -> None:
+    for rows, (_, adapter), completion in zip(expected, requests, completions):
+        tokens = torch.tensor(completion.token_ids)
+        chosen = rows[torch.arange(len(tokens)), tokens]
+        assert (rows.max(-1).values - chosen).max() <= TOL, f"{adapter}: not PEFT's greedy tokens"
+        ours = torch.tensor([entry.logprob for entry in completion.logprobs])
+        assert (ours - chosen).abs().max() <= TOL, f"{adapter}: Δ logprob {(ours - chosen).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_expert_lora_equals_peft_alone_merged_and_in_one_mixed_batch(family, adapters):
+    paths = adapters(family)
+    engine = make_engine(family, paths)
+    params = greedy(NEW_TOKENS, logprobs=0)
+    alone = [engine.generate([prompt], params, [adapter])[0] for prompt, adapter in REQUESTS[:3]]
+    modes = engine.stats().steps_by_mode
+    assert modes.get("merged") and modes.get("gather"), "each adapter alone runs gathered, then merged"
+    steps = []
+    engine.step_listeners.append(steps.append)
+    mixed = engine.generate([prompt for prompt, _ in REQUESTS], params, [adapter for _, adapter in REQUESTS])
+    assert steps[0].mode == "gather" and steps[0].num_distinct_adapters == 2
+
+    assert_equal(peft_logprobs(family, paths, REQUESTS[:3], alone), REQUESTS[:3], alone)
+    expected = peft_logprobs(family, paths, REQUESTS, mixed)
+    assert_equal(expected, REQUESTS, mixed)
+    base, with_a, with_b = expected[:3]
+    for other in (with_a, with_b):
+        assert (other[0] - base[0]).abs().max() > 1e-2, "an adapter must change the answer, or this proves nothing"
+
+
+@torch.no_grad()
+def test_experts_alone_change_the_answer_and_merge_and_unmerge_exactly(tmp_path, make_peft_adapter):
+    """An adapter on the experts and nothing else (no attention, no router): PEFT's answer moves far
+    past the tolerance and ours follows it, gathered and merged; unmerging gives W0 back bit for bit."""
+    path = make_peft_adapter(
+        pristine("mixtral"), tmp_path / "experts", r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS[:2]
+    )
+    lora_model = wrap_model(model("mixtral"))
+    forward = lora_model.model
+    weights = {name: slots.weight.clone() for name, slots in lora_model.params.items()}
+    lora_model.load_slot(0, load_adapter("e", path, lora_model.spec, max_rank=lora_model.max_rank))
+    ids = torch.tensor([PROMPTS[1]])
+    reference = PeftModel.from_pretrained(model("mixtral"), str(path)).eval()
+    want = torch.log_softmax(reference(input_ids=ids).logits[0], -1)
+    with reference.disable_adapter():
+        base = torch.log_softmax(reference(input_ids=ids).logits[0], -1)
+    assert (want - base).abs().max() > 1e-2
+    with lora_model.gather(lora_model.build_batch(torch.zeros(ids.shape[1], dtype=torch.long))):
+        gathered = torch.log_softmax(forward(input_ids=ids).logits[0], -1)
+    lora_model.merge(0)
+    merged = torch.log_softmax(forward(input_ids=ids).logits[0], -1)
+    lora_model.unmerge()
+    unmerged = torch.log_softmax(forward(input_ids=ids).logits[0], -1)
+    assert (gathered - want).abs().max() <= TOL and (merged - want).abs().max() <= TOL
+    assert (unmerged - base).abs().max() <= TOL
+    assert all(torch.equal(slots.weight, weights[name]) for name, slots in lora_model.params.items())
+
+
+def test_a_parameter_the_server_cannot_adapt_is_refused_naming_it(tmp_path, make_peft_adapter):
+    """PEFT can target any 2D or 3D parameter; one that is neither an experts' projection nor a
+    router's weight is a typed error naming it (the HTTP table maps it to 422 unsupported_adapter)."""
+    path = make_peft_adapter(
+        pristine("mixtral"), tmp_path / "head", r=4, target_modules=["q_proj"], target_parameters=["lm_head.weight"]
+    )
+    engine = make_engine("mixtral")
+    with pytest.raises(UnsupportedAdapterError, match="target_parameters.*'lm_head.weight' is not served"):
+        engine.registry.add("head", path)
