@@ -212,7 +212,8 @@ def wrap_model(
     quantization: str | None = None,
 ) -> LoraModel:
     """Give every Linear/Conv1D, the output head and the input embedding LoRA slots, in place, in
-    one pass; freeze the base.
+    one pass; freeze the base. MoE experts' stacked projections and their routers get slots too
+    (`params`, for PEFT's target_parameters: experts.py, router.py).
 
     The head is a LoraLinear that sees only the rows the step keeps (LoraBatch.head). A slot that
     targets neither the head nor the embedding costs them nothing: base-only forwards run the

@@ -200,6 +200,12 @@ def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, Lor
     that module), checked as pairs but not against a base: what analysis and compression start from."""
     config_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
+    if config.target_parameters:  # served (experts.py), but the analyses read [r, in] / [out, r] pairs only
+        raise UnsupportedAdapterError(
+            "analysis and compression do not read parameter-targeted LoRA (MoE experts) yet",
+            file=CONFIG_FILE,
+            field="target_parameters",
+        )
     factors = {}
     for module, parts in sorted(_pair_tensors(tensors, config)[0].items()):
         a, b = parts["A"], parts["B"]

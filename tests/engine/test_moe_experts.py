@@ -19,6 +19,7 @@ import torch
 from peft import PeftModel
 
 from adapters import UnsupportedAdapterError, load_adapter, wrap_model
+from adapters.peft_format import read_factors
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
@@ -31,6 +32,9 @@ from support.families import MOE, VOCAB, model, pristine
 TOL = 1e-4
 EXPERTS = ["gate_up_proj", "down_proj", "gate.weight"]  # what PEFT's all-linear adds on Mixtral and Qwen3-MoE
 NEW_TOKENS = 6
+# PEFT's v5 conversion writes rank and alpha patterns for the fused gate_up_proj, then warns that no
+# *module* matches them; they apply to the parameter (the weights' shapes show it).
+pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
 
 
 def _prompts() -> list[list[int]]:
@@ -165,3 +169,21 @@ def test_a_parameter_the_server_cannot_adapt_is_refused_naming_it(tmp_path, make
     engine = make_engine("mixtral")
     with pytest.raises(UnsupportedAdapterError, match="target_parameters.*'lm_head.weight' is not served"):
         engine.registry.add("head", path)
+
+
+def test_analysis_refuses_expert_lora_by_name(adapters):
+    """Served, but not yet read by the analysis and compression routes: a typed refusal, not a
+    misreading of the stacked [E·r, in] factors as one rank-E·r pair."""
+    with pytest.raises(UnsupportedAdapterError, match="target_parameters"):
+        read_factors(adapters("mixtral")["a"])
+
+
+def test_expert_lora_on_the_row_kernels_equals_peft(adapters):
+    """The CUDA step path (here in Triton's interpreter): the router's LoraLinear on the row kernels,
+    the experts' pairs on add_lora, in one mixed step with a base row."""
+    paths = adapters("mixtral")
+    engine = make_engine("mixtral", paths, step_kernels="triton")
+    assert engine.runner.row_kernels
+    requests = REQUESTS[:3]  # 3 new tokens: the interpreter runs a few steps per second
+    mixed = engine.generate([p for p, _ in requests], greedy(3, logprobs=0), [a for _, a in requests])
+    assert_equal(peft_logprobs("mixtral", paths, requests, mixed), requests, mixed)
