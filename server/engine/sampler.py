@@ -1,4 +1,10 @@
-"""Turn the step's last-position logits into next tokens, each row by its own request's rules."""
+"""Turn the step's last-position logits into next tokens, each row by its own request's rules.
+
+The step's tokens reach the host in one copy: greedy rows take one argmax over the batch, sampled
+rows their own filters and an exponential race, all on the logits' device. Seeded rows draw their
+noise there too, from a counter-based hash of (seed, output position, token id): the same seed gives
+the same tokens whatever else shares the batch, on any device, with no generator state to carry.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import torch
 
 from .grammar import TokenMasks, allowed_tokens
 from .sequence import Sequence, TokenLogprob
+
+MASK32 = 0xFFFFFFFF
 
 
 def sample(
@@ -29,13 +37,27 @@ def sample(
                 _process_row(logits[row], seq, eos_token_ids)
     if masks is not None:
         logits = _apply_masks(logits, seqs, masks)
-    tokens = [_pick(logits[row], seq) for row, seq in enumerate(seqs)]
+    token_ids = _pick(logits, seqs)  # [B] on the device
     if raw_logprobs is None:
-        return tokens, [None] * len(seqs)
-    return tokens, [
-        _logprob(raw_logprobs[row], tok, seq.params.logprobs) if seq.params.logprobs is not None else None
-        for row, (tok, seq) in enumerate(zip(tokens, seqs))
-    ]
+        return token_ids.tolist(), [None] * len(seqs)  # the step's one copy to the host
+    return _with_logprobs(raw_logprobs, token_ids, seqs)
+
+
+def _with_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequence]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Tokens, their logprobs and the asked-for alternatives, copied to the host once each."""
+    chosen = raw_logprobs.gather(1, token_ids[:, None])[:, 0]  # [B]
+    top_n = max(seq.params.logprobs for seq in seqs if seq.params.logprobs is not None)
+    top = torch.topk(raw_logprobs, top_n) if top_n else None  # [B, top_n]
+    tokens, values = token_ids.tolist(), chosen.tolist()
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    out: list[TokenLogprob | None] = []
+    for row, seq in enumerate(seqs):
+        n = seq.params.logprobs
+        alternatives = list(zip(top_ids[row][:n], top_values[row][:n])) if n else []
+        out.append(None if n is None else TokenLogprob(tokens[row], values[row], alternatives))
+    return tokens, out
 
 
 def non_finite_rows(logits: torch.Tensor) -> list[int]:
@@ -99,10 +121,22 @@ def _apply_masks(logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks) 
     return logits
 
 
-def _pick(row: torch.Tensor, seq: Sequence) -> int:
-    params = seq.params
-    if params.is_greedy:
-        return int(row.argmax())
+def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's next token [B] (long, on the logits' device), with no host sync: one argmax over
+    the batch for greedy rows, each sampled row's own filters and an exponential race."""
+    token_ids = logits.argmax(-1)  # [B]: the greedy rows' answer; sampled rows are overwritten
+    sampled = [row for row, seq in enumerate(seqs) if not seq.params.is_greedy]
+    if not sampled:
+        return token_ids
+    probs = torch.stack([_filtered_probs(logits[row], seqs[row].params) for row in sampled])  # [S, V]
+    # Exponential race (argmax p/E) equals sampling from p.
+    noise = _exponential_noise([seqs[row] for row in sampled], logits.shape[1], logits.device)  # [S, V]
+    token_ids[torch.tensor(sampled, device=logits.device)] = (probs / noise).argmax(-1)
+    return token_ids
+
+
+def _filtered_probs(row: torch.Tensor, params) -> torch.Tensor:
+    """Temperature, top_k, top_p then min_p (as vLLM orders them) on one row's logits, as probabilities."""
     row = row / params.temperature
     if params.top_k > 0 and params.top_k < row.numel():
         kth = torch.topk(row, params.top_k).values[-1]
@@ -112,15 +146,40 @@ def _pick(row: torch.Tensor, seq: Sequence) -> int:
         sorted_probs, order = probs.sort(descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p  # keep the smallest set reaching top_p
         probs = probs.index_fill(0, order[drop], 0.0)
-    if params.min_p > 0.0:  # after top_k and top_p, as vLLM orders them; the top token always stays
+    if params.min_p > 0.0:  # the top token always stays
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    # Exponential race (argmax p/E) equals sampling from p; with a per-request generator, a seed
-    # gives the same tokens whatever else shares the batch. Drawn on the host: that generator is a CPU one.
-    noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=seq.generator).to(probs.device)
-    return int((probs / noise).argmax())
+    return probs
 
 
-def _logprob(row: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    top = torch.topk(row, top_n) if top_n else None
-    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return TokenLogprob(token, float(row[token]), alternatives)
+def _exponential_noise(seqs: list[Sequence], vocab: int, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [S, V] on `device`: seeded rows from `seeded_uniform` (a seed's k-th output token
+    draws the same noise on any device, in any batch), the others from the device's own generator."""
+    noise = torch.empty(len(seqs), vocab, device=device).exponential_()
+    seeded = [i for i, seq in enumerate(seqs) if seq.params.seed is not None]
+    if seeded:
+        seeds = [seqs[i].params.seed for i in seeded]
+        counters = [len(seqs[i].output_token_ids) for i in seeded]
+        uniform = seeded_uniform(seeds, counters, vocab, device)  # [s, V] float64 in (0, 1)
+        noise[torch.tensor(seeded, device=device)] = (-torch.log(uniform)).float()
+    return noise
+
+
+def seeded_uniform(seeds: list[int], counters: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """U(0, 1) [S, V] float64 as a pure function of (seed, counter, token id): a 32-bit integer hash
+    (multiply-xorshift rounds, constants below 2^31 so no int64 product overflows), 24 bits of it as
+    an exact float. Integer ops give the same bits on every device."""
+    seed = torch.tensor(seeds, dtype=torch.int64).to(device, non_blocking=True)
+    counter = torch.tensor(counters, dtype=torch.int64).to(device, non_blocking=True)
+    key = _mix(_mix(_mix(seed & MASK32) ^ ((seed >> 32) & MASK32)) ^ counter)  # [S]
+    token = torch.arange(vocab, dtype=torch.int64, device=device)
+    bits = _mix(_mix((key[:, None] + token * 0x61C88647) & MASK32) ^ key[:, None])  # [S, V]
+    return ((bits >> 8).double() + 0.5) / 2**24
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche (xorshift-multiply rounds, murmur3's finaliser's shape) of x in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & MASK32
+    return x ^ (x >> 16)

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-import torch
-
 from adapters import AdapterLease, SlotMix
 
 from .adapter_ref import AdapterRef, BoundTerm
@@ -56,7 +54,6 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort"
     error: Exception | None = None  # why the engine failed it, if it did
-    generator: torch.Generator | None = None
     matcher: Any = None  # llguidance matcher of params.grammar, advanced by each accepted token
     num_preemptions: int = 0
     num_bypassed: int = 0  # steps other requests were admitted ahead of it
@@ -67,10 +64,6 @@ class Sequence:
     num_emitted_tokens: int = 0
     num_emitted_logprobs: int = 0
     num_emitted_prompt_logprobs: int = 0
-
-    def __post_init__(self):
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def all_token_ids(self) -> list[int]:

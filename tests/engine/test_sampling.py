@@ -6,10 +6,11 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from server.engine.adapter_ref import BASE_REF
 from server.engine.errors import RequestError
-from server.engine.sampler import sample
+from server.engine.sampler import sample, seeded_uniform
 from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 from support.engine import PROMPTS, encode, fresh_model, greedy, hf_logprobs, make_engine, run_steps
@@ -200,8 +201,9 @@ def test_max_tokens_gives_length_and_exactly_that_many_tokens(max_tokens):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_seeded_and_penalized_sampling_on_cuda_matches_cpu():
-    """A request's generator is a CPU one and its token lists live on the host: sampling device logits
-    must neither fail nor change which tokens a seed gives."""
+    """A seeded row's noise is an integer hash of (seed, position, token) computed on the logits'
+    device, and its token lists live on the host: sampling device logits must neither fail nor
+    change which tokens a seed gives."""
     logits = 3 * torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
 
     def make_seqs():
@@ -219,3 +221,60 @@ def test_seeded_and_penalized_sampling_on_cuda_matches_cpu():
     cuda_tokens, cuda_logprobs = sample(logits.cuda(), make_seqs())
     assert cuda_tokens == cpu_tokens
     assert len(cuda_logprobs[2].top) == 2
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values by the host (each a device sync on CUDA)."""
+
+    READS = frozenset({"tolist", "item", "__int__", "__float__", "__bool__", "__index__"})
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def sampling_step(num_greedy: int, num_sampled: int):
+    params = [greedy(9)] * num_greedy + [
+        SamplingParams(temperature=0.8, seed=i if i % 2 else None, top_k=30, top_p=0.9, max_tokens=9)
+        for i in range(num_sampled)
+    ]
+    seqs = [Sequence(f"r{i}", [1, 2, 3], p, BASE_REF, None, p.max_tokens) for i, p in enumerate(params)]
+    return 3 * torch.randn(len(seqs), 1000, generator=torch.Generator().manual_seed(0)), seqs
+
+
+def test_a_step_reads_its_tokens_in_one_copy_not_one_per_row():
+    """Eight greedy and four sampled rows: one host read for all twelve tokens (was one per row)."""
+    logits, seqs = sampling_step(8, 4)
+    with HostReads() as host:
+        tokens, _ = sample(logits, seqs)
+    assert host.reads == ["tolist"]
+    assert tokens[:8] == logits[:8].argmax(-1).tolist()
+
+
+def test_logprobs_cost_a_copy_per_step_not_per_row():
+    logits, seqs = sampling_step(6, 0)
+    seqs[1].params = greedy(9, logprobs=3)
+    seqs[4].params = greedy(9, logprobs=0)
+    with HostReads() as host:
+        tokens, logprobs = sample(logits, seqs)
+    assert len(host.reads) <= 4  # tokens, their logprobs, the top ids and values
+    raw = torch.log_softmax(logits, -1)
+    assert logprobs[1].logprob == raw[1, tokens[1]].item() and len(logprobs[1].top) == 3
+    assert logprobs[4].top == [] and logprobs[0] is None
+
+
+def test_seeded_noise_is_a_pure_function_of_seed_and_position_and_samples_the_distribution():
+    first = seeded_uniform([123, -5], [0, 7], 1000, torch.device("cpu"))
+    assert torch.equal(first, seeded_uniform([123, -5], [0, 7], 1000, torch.device("cpu")))
+    assert not torch.equal(first[0], seeded_uniform([123], [1], 1000, torch.device("cpu"))[0])
+    assert bool(((first > 0) & (first < 1)).all()) and abs(first.mean().item() - 0.5) < 0.02
+    # The race over 4000 seeds picks each of four tokens at its probability.
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    noise = -torch.log(seeded_uniform(list(range(4000)), [0] * 4000, 4, torch.device("cpu"))).float()
+    counts = torch.bincount((probs / noise).argmax(-1), minlength=4) / 4000
+    torch.testing.assert_close(counts, probs, atol=0.025, rtol=0)
