@@ -187,3 +187,42 @@ def test_expert_lora_on_the_row_kernels_equals_peft(adapters):
     requests = REQUESTS[:3]  # 3 new tokens: the interpreter runs a few steps per second
     mixed = engine.generate([p for p, _ in requests], greedy(3, logprobs=0), [a for _, a in requests])
     assert_equal(peft_logprobs("mixtral", paths, requests, mixed), requests, mixed)
+
+
+@torch.no_grad()
+def test_composed_expert_adapters_equal_peft_gathered_and_merged(adapters):
+    """A row on a + b (both at scale 1: PEFT's two active adapters, summed deltas) and on 0.5·a - b
+    (no PEFT equivalent: gathered against merged), beside a base row in one gathered step."""
+    paths = adapters("mixtral")
+    lora_model = wrap_model(model("mixtral"))
+    for slot, name in enumerate(paths):
+        lora_model.load_slot(slot, load_adapter(name, paths[name], lora_model.spec, max_rank=lora_model.max_rank))
+    reference = PeftModel.from_pretrained(model("mixtral"), str(paths["a"]), adapter_name="a").eval()
+    reference.load_adapter(str(paths["b"]), adapter_name="b")
+    reference.base_model.set_adapter(["a", "b"])
+    ids = torch.tensor([PROMPTS[1][:16]])
+    want = torch.log_softmax(reference(input_ids=ids).logits[0], -1)
+    with reference.disable_adapter():
+        base = torch.log_softmax(reference(input_ids=ids).logits[0], -1)
+
+    def logprobs(mix) -> torch.Tensor:
+        """Three rows in one step: `mix`, the base, `mix` again (the pairs interleave)."""
+        n = ids.shape[1]
+        slots = torch.tensor([[0] * n + [-1] * n + [0] * n, [1] * n + [-1] * n + [1] * n])
+        scales = torch.tensor([[mix[0][1]] * 3 * n, [mix[1][1]] * 3 * n])
+        with lora_model.gather(lora_model.build_batch(slots, scales)):
+            logits = lora_model.model(input_ids=ids.repeat(3, 1)).logits
+        return torch.log_softmax(logits, -1)
+
+    both = logprobs(((0, 1.0), (1, 1.0)))
+    assert (both[0] - want).abs().max() <= TOL and (both[2] - want).abs().max() <= TOL
+    assert (both[1] - base).abs().max() <= TOL
+    lora_model.merge(((0, 1.0), (1, 1.0)))
+    assert (torch.log_softmax(lora_model.model(input_ids=ids).logits[0], -1) - want).abs().max() <= TOL
+    lora_model.unmerge()
+    mix = ((0, 0.5), (1, -1.0))
+    gathered = logprobs(mix)[2]
+    lora_model.merge(mix)
+    merged = torch.log_softmax(lora_model.model(input_ids=ids).logits[0], -1)
+    lora_model.unmerge()
+    assert (gathered - merged).abs().max() <= TOL and (gathered - want).abs().max() > 1e-2
