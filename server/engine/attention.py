@@ -59,11 +59,25 @@ class KVStep:
 
     def __post_init__(self):
         if self.row_kv is not None:
+            # A step with a prompt chunk runs the tiled kernel over every row (tiled_attention.py).
+            self.has_prompt_rows = any(s.num_new > 1 for s in self.seqs)
+            self._tiles: dict[int, torch.Tensor] = {}
             return
         # Each sequence's rows, key view and mask per distinct window (most models have one or two),
         # made once here rather than in every layer.
         device = self.write_index.device
         self.parts = {window: [_part(s, window, device) for s in self.seqs] for window in set(self.cache.windows)}
+
+    def tiles(self, group: int) -> torch.Tensor:
+        """The step's tiles of rows for the tiled kernel, for `group` query heads per KV head;
+        made once per step."""
+        from .tiled_attention import prompt_tiles, rows_per_tile
+
+        rows = rows_per_tile(group)
+        if rows not in self._tiles:
+            chunks = [(s.query_start, s.num_new) for s in self.seqs]
+            self._tiles[rows] = prompt_tiles(chunks, rows, self.write_index.device)
+        return self._tiles[rows]
 
 
 _current_step: ContextVar[KVStep | None] = ContextVar("loraserve_kv_step", default=None)
@@ -108,12 +122,7 @@ def attend(
     k_pool.index_copy_(1, kv_step.write_index, key[0])
     v_pool.index_copy_(1, kv_step.write_index, value[0])
     if kv_step.row_kv is not None:
-        from .row_attention import row_attention  # Triton: imported only where rows are used
-
-        starts, lengths = kv_step.row_kv
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        window = kv_step.cache.windows[layer]
-        return row_attention(query[0].transpose(0, 1), k_pool, v_pool, starts, lengths, scale, softcap, window)[None]
+        return _attend_rows(query, k_pool, v_pool, scaling, kv_step, softcap, kv_step.cache.windows[layer])
     k_pool, v_pool = k_pool[None], v_pool[None]
     sdpa = F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_sdpa, softcap=softcap)
     outs = [
@@ -130,6 +139,21 @@ def attend(
     ]  # one cat below: fewer ops than N slice-assigns
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)  # [1, N, H, D]
+
+
+def _attend_rows(query, k_pool, v_pool, scaling, kv_step: KVStep, softcap, window) -> torch.Tensor:
+    """The CUDA step path, every row of the step in one launch: the tiled kernel where the step has
+    a prompt chunk (a chunk's rows share each K/V load), else the row kernel. Returns [1, N, H, D]."""
+    from .row_attention import row_attention  # Triton: imported only where rows are used
+    from .tiled_attention import tiled_attention
+
+    q = query[0].transpose(0, 1)  # [N, H, D]
+    starts, lengths = kv_step.row_kv
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if kv_step.has_prompt_rows:
+        tiles = kv_step.tiles(q.shape[1] // k_pool.shape[0])
+        return tiled_attention(q, k_pool, v_pool, starts, lengths, tiles, scale, softcap, window)[None]
+    return row_attention(q, k_pool, v_pool, starts, lengths, scale, softcap, window)[None]
 
 
 def softcapped_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, softcap: float) -> torch.Tensor:

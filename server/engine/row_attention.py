@@ -17,6 +17,8 @@ serves every length and batch: no per-shape planning (cuDNN SDPA built a plan fo
 shape, 10x slower on fresh traffic), and a captured CUDA graph replays it with new lengths.
 A program holds one row's query heads of one KV head (padded to tl.dot's 16 rows) and streams
 the keys in blocks with an online softmax in float32 (FlashAttention's recurrence).
+Steps with a prompt chunk run tiled_attention.py instead, the same semantics with a chunk's rows
+sharing each K/V load; this kernel serves decode steps, eager and captured.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.row_attention import BLOCK_N, row_attention, row_attention_reference
+from server.engine.tiled_attention import prompt_tiles, rows_per_tile, tiled_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POOL = 320
@@ -114,3 +115,26 @@ def test_the_windowed_reference_is_sdpa_with_transformers_sliding_mask():
     )[0].transpose(0, 1)
     got = row_attention_reference(q, k_pool, v_pool, starts, lengths, 16**-0.5, window=3)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+# Tiled prompt rows (tiled_attention.py): a 37-row prompt chunk from position 5 (tiles of several
+# rows, the last one partial), a whole 3-token prompt, two decode rows (tiles of one).
+CHUNKS = [(0, 37), (37, 3), (40, 1), (41, 1)]
+TILED_ROWS = [(40, 6 + i) for i in range(37)] + [(0, 1), (0, 2), (0, 3), (200, 1), (POOL - 70, 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (6, 2)])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (4, None), (BLOCK_N + 3, 2.0)])
+def test_tiled_prompt_rows_equal_the_reference(dtype, heads, kv_heads, window, softcap):
+    """Windows start rows of one tile in different key blocks (some see nothing in the tile's first)."""
+    gen = torch.Generator().manual_seed(heads + (window or 0))
+    k_pool, v_pool = (torch.randn(kv_heads, POOL, 16, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    q = torch.randn(len(TILED_ROWS), heads, 16, generator=gen).to(DEVICE, dtype)
+    starts, lengths = rows_of(*TILED_ROWS)
+    tiles = prompt_tiles(CHUNKS, rows_per_tile(heads // kv_heads), DEVICE)
+    assert tiles.shape[0] < len(TILED_ROWS) and int(tiles[:, 1].max()) > 1
+    got = tiled_attention(q, k_pool, v_pool, starts, lengths, tiles, 0.25, softcap, window)
+    expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25, softcap, window)
+    atol = 4 * torch.finfo(dtype).eps * v_pool.abs().max().item() * max(1.0, (softcap or 0) / 4)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
