@@ -203,6 +203,7 @@ def wrap_experts(model: nn.Module, state: LoraState, num_slots: int, max_rank: i
     if any(names is None for names in projections.values()):
         return {}
     previous = model.config._experts_implementation
+    assert previous != EXPERTS_NAME, "this model's experts are wrapped already"
     slots: dict[str, ExpertSlots] = {}
     for name, module in modules.items():
         up, down = (

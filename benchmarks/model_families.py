@@ -9,7 +9,7 @@ not its arithmetic. Times are the process's CPU time (one torch thread), not wal
 family is timed right after Llama in every round; the figure is the median of those paired ratios,
 so another process sharing the machine moves neither much.
 
-Usage: python benchmarks/model_families.py [--rounds 7] [--out PATH]
+Usage: python benchmarks/model_families.py [--rounds 7] [--out PATH] [--families NAME ...]
 """
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), help="only these, beside Llama")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the tests: tiny matmuls only pay for OpenMP hand-offs
     families = ["llama", STOCK_LLAMA, *(f for f in FAMILIES if f != "llama")]
+    if args.families:
+        families = ["llama", *(f for f in args.families if f != "llama")]
     with tempfile.TemporaryDirectory() as tmp:
         engines = {family: make_engine(family, Path(tmp)) for family in families}
         for engine in engines.values():  # warm-up: first-call costs out of the timings
