@@ -119,16 +119,16 @@ def lora_shrink(
         raise KernelLayoutError(f"LoRA kernels need lora_a with unit stride along rank or inputs: {lora_a.stride()}")
     ranks = _full_ranks(lora_a, rank) if ranks is None else ranks
     h = torch.empty(num_terms, num_rows, rank, dtype=x.dtype, device=x.device)
-    plan = ShrinkPlan.choose(in_features, rows.num_blocks, num_terms, target_programs(x.device))
+    plan = ShrinkPlan.choose(in_features, rows.row_blocks, num_terms, target_programs(x.device))
     split = plan.num_splits > 1
     partials = h  # [splits, K, N, R] fp32 when split: each split's sum, added up by the block's last split
     if split:
         partials = torch.empty(plan.num_splits, num_terms, num_rows, rank, dtype=torch.float32, device=x.device)
-    grid = (rows.num_blocks, plan.num_splits, num_terms)
-    _shrink_kernel[grid](
+    num_programs = rows.row_blocks * plan.num_splits  # per term; each loops over the (block, split) items used
+    _shrink_kernel[(num_programs, num_terms)](
         x, lora_a, h, partials, ranks, rows.sorted_rows, rows.slot_starts, rows.token_scales,
-        rows.block_slots, rows.block_firsts, rows.split_counts,
-        in_features, plan.k_per_split, plan.num_splits,
+        rows.block_slots, rows.block_firsts, rows.blocks_used, rows.split_counts,
+        in_features, plan.k_per_split, plan.num_splits, num_programs,
         x.stride(0), lora_a.stride(0), stride_rank, stride_in, h.stride(0), h.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
         rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0), rows.block_slots.stride(0),
@@ -153,19 +153,28 @@ def lora_expand(
     rank = lora_b.shape[1]
     _require_unit_stride(y=y, h=h, lora_b=lora_b, bias=bias)
     ranks = _full_ranks(lora_b, rank) if ranks is None else ranks
-    block_n = min(64, _tile(out_features))
-    grid = (rows.num_blocks, triton.cdiv(out_features, block_n))
+    block_n = expand_block_n(out_features, rows.row_blocks, target_programs(y.device))
+    column_blocks = triton.cdiv(out_features, block_n)
+    num_programs = rows.row_blocks * column_blocks  # each loops over the (block, column block) items used
     for term in range(rows.num_terms):
-        _expand_kernel[grid](
+        _expand_kernel[(num_programs,)](
             y, h[term], lora_b, bias if bias is not None else lora_b, ranks,
             rows.sorted_rows[term], rows.slot_starts[term], rows.token_scales[term],
-            rows.block_slots[term], rows.block_firsts[term],
-            out_features,
+            rows.block_slots[term], rows.block_firsts[term], rows.blocks_used[term : term + 1],
+            out_features, column_blocks, num_programs,
             y.stride(0), h.stride(1), lora_b.stride(0), lora_b.stride(1), 0 if bias is None else bias.stride(0),
             BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=rank_tile(rank),
             HAS_BIAS=bias is not None, DOT_FP32=_dot_in_fp32(y.dtype),
         )  # fmt: skip
     return y
+
+
+def expand_block_n(out_features: int, row_blocks: int, target: int) -> int:
+    """The expand's column block: 64 wide, narrower (down to 16) while the grid is short of `target`."""
+    block_n = min(64, _tile(out_features))
+    while block_n > 16 and row_blocks * triton.cdiv(out_features, block_n) < target:
+        block_n //= 2
+    return block_n
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -201,26 +210,34 @@ if HAVE_TRITON:
 
     @triton.jit
     def _shrink_kernel(
-        x, a, h, partials, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts, split_counts,
-        in_features, k_per_split, num_splits,
+        x, a, h, partials, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts, blocks_used,
+        split_counts,
+        in_features, k_per_split, num_splits, num_programs,
         stride_x, stride_a_slot, stride_a_rank, stride_a_in, stride_h_term, stride_h_row,
         stride_p_split, stride_p_term, stride_p_row,
         stride_sorted, stride_starts, stride_scales, stride_blocks,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
         DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, split, term = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        slot = tl.load(block_slots + term * stride_blocks + block)
-        if slot >= 0:  # else past the term's last block (at most min(N, S) such programs)
-            row, in_rows = _block_rows(
-                sorted_rows + term * stride_sorted, slot_starts + term * stride_starts,
-                block_firsts + term * stride_blocks, slot, block, BLOCK_M,
-            )  # fmt: skip
+        """Program p of term k takes the (block, split) items p, p + P, ... of the term's used blocks."""
+        term = tl.program_id(1)
+        sorted_rows += term * stride_sorted
+        slot_starts += term * stride_starts
+        scales += term * stride_scales
+        block_slots += term * stride_blocks
+        block_firsts += term * stride_blocks
+        h += term * stride_h_term
+        partials += term * stride_p_term
+        num_items = tl.load(blocks_used + term) * num_splits
+        for item in range(tl.program_id(0), num_items, num_programs):
+            block, split = item // num_splits, item % num_splits
+            slot = tl.load(block_slots + block)
+            row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
             rank = tl.load(ranks + slot)
             a_slot = a + _slot_offset(slot, stride_a_slot)
             k_first = split * k_per_split
             k_stop = tl.minimum(k_first + k_per_split, in_features)
-            scale = tl.load(scales + term * stride_scales + row, mask=in_rows, other=0.0)
+            scale = tl.load(scales + row, mask=in_rows, other=0.0)
             for r0 in range(0, rank, BLOCK_R):  # this slot's own rank, never the buffer's
                 r = r0 + tl.arange(0, BLOCK_R)
                 in_rank = r < rank
@@ -241,10 +258,10 @@ if HAVE_TRITON:
                         acc += tl.dot(xs, a_t)
                 mask = in_rows[:, None] & in_rank[None, :]
                 if SPLIT:
-                    p = partials + split * stride_p_split + term * stride_p_term
-                    tl.store(p + row[:, None] * stride_p_row + r[None, :], acc, mask=mask)
+                    out = partials + split * stride_p_split + row[:, None] * stride_p_row + r[None, :]
+                    tl.store(out, acc, mask=mask)
                 else:
-                    out = h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :]
+                    out = h + row[:, None] * stride_h_row + r[None, :]
                     tl.store(out, (acc * scale[:, None]).to(h.dtype.element_ty), mask=mask)
             if SPLIT:
                 # The block's last split to finish sums every split's partial, in split order (the
@@ -257,24 +274,26 @@ if HAVE_TRITON:
                     for r0 in range(0, rank, BLOCK_R):
                         r = r0 + tl.arange(0, BLOCK_R)
                         mask = in_rows[:, None] & (r[None, :] < rank)
-                        p = partials + term * stride_p_term + row[:, None] * stride_p_row + r[None, :]
+                        p = partials + row[:, None] * stride_p_row + r[None, :]
                         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                         for j in range(0, num_splits):
                             acc += tl.load(p + j * stride_p_split, mask=mask, other=0.0, cache_modifier=".cg")
-                        out = h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :]
+                        out = h + row[:, None] * stride_h_row + r[None, :]
                         tl.store(out, (acc * scale[:, None]).to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _expand_kernel(
-        y, h, b, bias, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts,
-        out_features,
+        y, h, b, bias, ranks, sorted_rows, slot_starts, scales, block_slots, block_firsts, blocks_used,
+        out_features, column_blocks, num_programs,
         stride_y, stride_h, stride_b_slot, stride_b_rank, stride_bias,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, column_block = tl.program_id(0), tl.program_id(1)
-        slot = tl.load(block_slots + block)
-        if slot >= 0:
+        """Program p takes the (block, column block) items p, p + P, ... of the term's used blocks."""
+        num_items = tl.load(blocks_used) * column_blocks
+        for item in range(tl.program_id(0), num_items, num_programs):
+            block, column_block = item // column_blocks, item % column_blocks
+            slot = tl.load(block_slots + block)
             row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
             rank = tl.load(ranks + slot)
             b_slot = b + _slot_offset(slot, stride_b_slot)

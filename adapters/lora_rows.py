@@ -15,7 +15,9 @@ BLOCK_M = 16  # rows per program: tl.dot's smallest tile
 class LoraRows:
     """A step's rows sorted by adapter slot, per term, as device tensors of fixed shape, and the
     row blocks the kernels' programs take: each block is up to BLOCK_M rows of one slot, so its A or
-    B tile is shared by the block. The number of blocks is bounded by the rows, not the slots."""
+    B tile is shared by the block. The kernels' grids are sized by the rows (`row_blocks`, the blocks
+    N rows fill when they share a slot) and each program loops over the blocks actually used
+    (`blocks_used`, on the device), so no grid grows with the slots."""
 
     token_slots: torch.Tensor  # [K, N] int32: each row's slot in term k, -1 (BASE_SLOT) for none
     token_scales: torch.Tensor  # [K, N] float32
@@ -23,6 +25,7 @@ class LoraRows:
     slot_starts: torch.Tensor  # [K, S + 1] int32: slot s's rows are sorted_rows[k, starts[s] : starts[s + 1]]
     block_slots: torch.Tensor  # [K, B] int32: each block's slot; -1 past the term's last block
     block_firsts: torch.Tensor  # [K, B] int32: each block's first position in sorted_rows
+    blocks_used: torch.Tensor  # [K] int32: the blocks each term's adapter rows fill
     split_counts: torch.Tensor  # [K, B] int32: split-K programs done per block; zero between launches
     slot_list: tuple[int, ...] | None = None  # the slots in the step, on the host; None: any slot (a graph)
 
@@ -39,9 +42,9 @@ class LoraRows:
         scales = torch.ones(slots.shape, dtype=torch.float32, device=slots.device)
         if token_scales is not None:
             scales.copy_(token_scales.reshape(slots.shape))
-        sorted_rows, slot_starts, block_slots, block_firsts = _sort(slots, num_slots)
+        sorted_rows, slot_starts, block_slots, block_firsts, used = _sort(slots, num_slots)
         counts = torch.zeros(block_slots.shape, dtype=torch.int32, device=slots.device)
-        return cls(slots.clone(), scales, sorted_rows, slot_starts, block_slots, block_firsts, counts, slot_list)
+        return cls(slots.clone(), scales, sorted_rows, slot_starts, block_slots, block_firsts, used, counts, slot_list)
 
     def fill_(self, token_slots: torch.Tensor, token_scales: torch.Tensor | None) -> None:
         """Recompute into these tensors (the static buffers a captured graph reads)."""
@@ -50,11 +53,11 @@ class LoraRows:
             self.token_scales.fill_(1.0)
         else:
             self.token_scales.copy_(token_scales.reshape(self.token_scales.shape))
-        sorted_rows, slot_starts, block_slots, block_firsts = _sort(self.token_slots, self.num_slots)
-        self.sorted_rows.copy_(sorted_rows)
-        self.slot_starts.copy_(slot_starts)
-        self.block_slots.copy_(block_slots)
-        self.block_firsts.copy_(block_firsts)
+        for mine, new in zip(
+            (self.sorted_rows, self.slot_starts, self.block_slots, self.block_firsts, self.blocks_used),
+            _sort(self.token_slots, self.num_slots),
+        ):
+            mine.copy_(new)
 
     @property
     def num_terms(self) -> int:
@@ -66,7 +69,13 @@ class LoraRows:
 
     @property
     def num_blocks(self) -> int:
+        """The block table's capacity: the most blocks the rows can fill."""
         return self.block_slots.shape[1]
+
+    @property
+    def row_blocks(self) -> int:
+        """The blocks N rows fill when they share one slot: what the kernels' grids are sized by."""
+        return -(-self.token_slots.shape[1] // BLOCK_M)
 
 
 def max_blocks(num_rows: int, num_slots: int) -> int:
@@ -91,4 +100,5 @@ def _sort(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, ...]:
     first_block = (block_ends - blocks_per_slot).gather(1, owner)
     firsts = starts.gather(1, owner) + (block - first_block) * BLOCK_M
     block_slot = torch.where(block_slot < num_slots, block_slot, -1)
-    return order.to(torch.int32), starts.to(torch.int32), block_slot.to(torch.int32), firsts.to(torch.int32)
+    used = block_ends[:, -1].to(torch.int32)
+    return order.to(torch.int32), starts.to(torch.int32), block_slot.to(torch.int32), firsts.to(torch.int32), used

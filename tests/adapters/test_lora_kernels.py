@@ -135,20 +135,23 @@ def test_the_block_table_covers_each_adapter_row_once_within_the_bound():
 
 
 def test_the_grid_grows_with_rows_not_slots(monkeypatch):
-    """One row on a 64-slot buffer: one row block per term, not one program per slot (the old grid
-    launched 64 programs per column block, 63 of them exiting at once)."""
+    """On a 64-slot buffer the grid is the rows' blocks (× column blocks), whatever the slots: one
+    program at one row (the old grid launched 64 per column block, 63 exiting at once), and 40 rows
+    on 40 adapters take 3 programs that loop over the 40 one-row blocks."""
     shrink, expand = GridSpy(lora_kernels._shrink_kernel), GridSpy(lora_kernels._expand_kernel)
     monkeypatch.setattr(lora_kernels, "_shrink_kernel", shrink)
     monkeypatch.setattr(lora_kernels, "_expand_kernel", expand)
     gen = torch.Generator().manual_seed(4)
     slots, rank, out = 64, 16, 128
-    x = torch.randn(1, 64, generator=gen).to(DEVICE)
     lora_a, lora_b = torch.randn(slots, rank, 64, generator=gen).to(DEVICE), torch.randn(slots, rank, out).to(DEVICE)
-    rows = LoraRows.build(torch.tensor([[37]], device=DEVICE), None, slots)
-    y = torch.zeros(1, out, device=DEVICE)
-    lora_expand(y, lora_shrink(x, lora_a, rows), lora_b, rows)
-    assert shrink.programs == [1] and expand.programs == [out // 64]
-    torch.testing.assert_close(y[0], x[0] @ lora_a[37].T @ lora_b[37], rtol=1e-5, atol=1e-4)
+    for token_slots in ([37], list(range(3, 43))):
+        x = torch.randn(len(token_slots), 64, generator=gen).to(DEVICE)
+        rows = LoraRows.build(torch.tensor([token_slots], device=DEVICE), None, slots)
+        y = torch.zeros(len(token_slots), out, device=DEVICE)
+        lora_expand(y, lora_shrink(x, lora_a, rows), lora_b, rows)
+        expected = torch.stack([x[t] @ lora_a[s].T @ lora_b[s] for t, s in enumerate(token_slots)])
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    assert shrink.programs == [1, 3] and expand.programs == [out // 64, 3 * out // 64]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
