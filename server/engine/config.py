@@ -37,7 +37,11 @@ class EngineSettings(BaseModel):
     # Attention and LoRA as one Triton kernel call per layer over every row of a step (row_attention.py,
     # adapters/lora_kernels.py); auto: on CUDA. torch: per-sequence SDPA and runs/groups of matmuls.
     step_kernels: Literal["auto", "triton", "torch"] = "auto"
-    enforce_eager: bool = False  # vLLM's: no CUDA graphs for decode steps (decode_graphs.py)
+    enforce_eager: bool = False  # vLLM's: no CUDA graphs (decode_graphs.py), no compiled CPU step (compiled_step.py)
+    # CPU decode steps on base or merged weights through one torch.compile'd forward (compiled_step.py):
+    # auto: where measured faster on this CPU (once, cached in cache_dir), the server's default; on; off.
+    # The engine's default keeps tests fast (no compile).
+    compile_decode: Literal["auto", "on", "off"] = "off"
     quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/kernel_plan.py)
     # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
     cache_dir: Path | None = None

@@ -96,6 +96,8 @@ class LLMEngine:
             decode_graphs=decode_graphs,
             max_rows=config.max_num_seqs,
             max_positions=self.max_model_len,
+            compile_decode="off" if config.enforce_eager else config.compile_decode,
+            cache_dir=config.cache_dir or default_cache_dir(),
         )
         self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
         self.eos_token_ids = frozenset(_eos_ids(base))

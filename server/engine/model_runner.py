@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from adapters import BASE_SLOT, LoraModel, SlotMix
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice, step_context
+from .compiled_step import compiled_decode
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .lean_forward import lean_forward
@@ -36,10 +38,14 @@ class ModelRunner:
         decode_graphs: bool = False,
         max_rows: int = 1,
         max_positions: int | None = None,
+        compile_decode: str = "off",
+        cache_dir: Path | None = None,
     ):
         """`row_kernels`: attention and LoRA linears run the Triton row kernels (CUDA's default);
         `decode_graphs`: decode steps of up to `max_rows` rows go through DecodeGraphs (needs them);
-        `max_positions`: the served context length (the CUDA pass's rope table; None: the model's)."""
+        `max_positions`: the served context length (the CUDA pass's rope table; None: the model's);
+        `compile_decode` (on, off, auto: if measured faster here): decode steps on base or merged
+        weights run one torch.compile'd forward (compiled_step.py, CPU), its code cached in `cache_dir`."""
         self.lora_model, self.cache, self.row_kernels = lora_model, cache, row_kernels
         lora_model.row_kernels = row_kernels
         self.model = lora_model.model
@@ -54,6 +60,7 @@ class ModelRunner:
         self.graphs = None
         if decode_graphs and self.lean is not None:
             self.graphs = DecodeGraphs(self.lean, lora_model, cache, max_rows, max_terms=lora_model.max_loras)
+        self.compiled = compiled_decode(self.lean, cache, compile_decode, cache_dir or Path("."))
 
     @torch.inference_mode()
     def run(
@@ -97,11 +104,16 @@ class ModelRunner:
         if gather:
             token_slots, token_scales = _lora_rows(mixes, any(seq.adapter.is_composition for seq, _ in scheduled))
             batch = self.lora_model.build_batch(token_slots, token_scales=token_scales, keep=head_keep)
+        is_decode = batch is None and len(ids) == len(scheduled)  # one new token per sequence
         with self.lora_model.gather(batch):
-            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step)  # [M + scored, V]
+            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode)  # [M + scored, V]
         return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep, is_decode: bool = False
+    ) -> torch.Tensor:
+        if is_decode and self.compiled is not None and self.compiled.can_run():
+            return self.compiled(ids, positions, rows, step)
         if self.lean is not None:
             return self.lean(ids, positions, rows, step)
         with step_context(step):

@@ -1,0 +1,281 @@
+"""Decode steps on CPU through one torch.compile'd (inductor) forward of the lean Llama pass.
+
+At one row per sequence a decode step is ~30 layers of small ops between the matmuls (norms,
+rotary, residuals, the MLP's gate), whose eager dispatch is a fixed cost per token that lower
+precision does not shrink. Inductor fuses them into a few C++ loops; the matmuls stay MKL's.
+
+What makes one compiled graph serve every decode step:
+  - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
+    with the step's KVStep read from a context variable: the pool writes, per-sequence SDPA and
+    whatever masking `attend` does pass through untouched, and the graph does not break on them;
+  - the number of rows is dynamic: one graph for one row, one for any larger count (dynamo's 0/1
+    specialisation), both compiled at startup;
+  - the linear weights are inputs, not constants: each step passes every linear's current weight
+    (W0, or the merged weight while an adapter is merged), so a merge or unmerge swaps tensors
+    the graph reads without a guard failing or a recompilation (tests/engine/test_compiled_step.py
+    counts them).
+Gathered LoRA steps (rows on different adapters) run the eager lean pass: their per-run LoRA ops
+are Python over the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies,
+and families the lean pass does not serve.
+
+Inductor's compiled artifacts (FX graph cache) live under <cache dir>/inductor, so a restart
+re-traces (seconds) but skips most of the C++ compilation. Whether the compiled step is faster is
+measured at startup on this machine (interleaved with the eager pass) and cached per CPU model
+under <cache dir>/compiled; where it is not faster, the eager pass runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.backends.cpu import cpu_model_name
+
+from .attention import KVStep, SeqSlice, attend
+from .kv_cache import KVCache
+from .lean_forward import SILU, LeanForward, _rms_norm
+
+log = logging.getLogger(__name__)
+
+LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+           ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
+_step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
+
+
+@torch.library.custom_op("loraserve::pool_attend", mutates_args=())
+def pool_attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
+) -> torch.Tensor:
+    """attention.attend for `layer` on the current step's pool: writes key/value into it, returns
+    [1, N, H * D] (contiguous: o_proj's input). query [1, H, N, D]; key, value [1, KVH, N, D].
+    The pool write is a side effect on tensors outside the graph, which reads them only here."""
+    out = attend(layer, query, key, value, scaling, _step.get())  # [1, N, H, D]
+    return out.reshape(1, out.shape[1], -1)
+
+
+@pool_attend.register_fake
+def _(query, key, value, layer, scaling):
+    return query.new_empty(1, query.shape[2], query.shape[1] * query.shape[3])
+
+
+class CompiledDecode:
+    """run(ids [N], positions [N], rows [M], kv_step) -> logits [M, V], through the compiled graph."""
+
+    def __init__(self, lean: LeanForward):
+        self.model = lean.model
+        self.head_dim = lean.head_dim
+        inner = self.model.model
+        self.parents = [[getattr(layer, part) for part, _ in LINEARS] for layer in inner.layers]
+        self.linears = [[getattr(p, name) for p, (_, name) in zip(ps, LINEARS)] for ps in self.parents]
+        self.modules = [m for layer in self.linears for m in layer] + [inner.embed_tokens, self.model.lm_head]
+        self.linears_and_head = self.modules[:-2] + self.modules[-1:]
+        self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # W0 as plain tensors, by parameter
+        self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
+        self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
+        self.num_steps = 0  # decode steps run compiled (warm-up included)
+
+    def can_run(self) -> bool:
+        """Whether the model is still in the shape the graph reads: plain (not int8, not conv1d)
+        LoRA linears on their parents, no per-row copy installed in their place."""
+        for parents, linears in zip(self.parents, self.linears):
+            for parent, m, (_, name) in zip(parents, linears, LINEARS):
+                if (
+                    getattr(parent, name) is not m
+                    or getattr(m, "int8", None) is not None
+                    or getattr(m, "is_conv1d", False)
+                ):
+                    return False
+        return True
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
+        token = _step.set(kv_step)
+        self.num_steps += 1
+        try:
+            return self.graph(ids, positions, rows, self._weights())
+        finally:
+            _step.reset(token)
+
+    def _weights(self) -> list[torch.Tensor | None]:
+        """The embedding's current weight, then every linear's (weight, bias), the head last: W0, or
+        the merged weights while an adapter is merged. All plain tensors: a Parameter where a merged
+        tensor was would fail the graph's type guard and recompile."""
+        embed = self.modules[-2]
+        merged = getattr(embed, "merged_weight", None)
+        out = [self._plain(embed.weight if merged is None else merged)]
+        for m in self.linears_and_head:
+            weight, bias = getattr(m, "merged_weight", None), getattr(m, "merged_bias", None)
+            out += (self._plain(m.weight if weight is None else weight), self._plain(m.bias if bias is None else bias))
+        return out
+
+    def _plain(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """`tensor`, or for a Parameter a plain tensor on its storage (made once)."""
+        if type(tensor) is not nn.Parameter:
+            return tensor
+        alias = self.aliases.get(tensor)
+        if alias is None:
+            alias = self.aliases[tensor] = tensor.detach()
+        return alias
+
+    def _forward(self, ids, positions, rows, weights):
+        inner = self.model.model
+        linear = iter(zip(weights[1:-2:2], weights[2:-2:2]))
+        embed_w, head_w, head_b = weights[0], weights[-2], weights[-1]
+        hidden = F.embedding(ids[None], embed_w)  # [1, N, C]
+        cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, N, D]
+        half = self.head_dim // 2
+        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+        shape = (1, ids.shape[0], -1, self.head_dim)
+        for layer, is_silu in zip(inner.layers, self.is_silu):
+            attn, x = layer.self_attn, _rms_norm(layer.input_layernorm, hidden)
+            q, k, v = (F.linear(x, *next(linear)).view(shape).transpose(1, 2) for _ in range(3))
+            q = q * cos + q.roll(half, dims=-1) * sin
+            k = k * cos + k.roll(half, dims=-1) * sin
+            out = torch.ops.loraserve.pool_attend(q, k, v, attn.layer_idx, attn.scaling)  # [1, N, H * D]
+            hidden = hidden + F.linear(out, *next(linear))
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            gate, up = F.linear(x, *next(linear)), F.linear(x, *next(linear))
+            act = F.silu(gate) if is_silu else layer.mlp.act_fn(gate)
+            hidden = hidden + F.linear(act * up, *next(linear))
+        hidden = _rms_norm(inner.norm, hidden)
+        return F.linear(hidden[:, rows], head_w, head_b)[0]
+
+
+def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) -> CompiledDecode | None:
+    """The compiled decode step for this model, compiled and warmed now; None where decode steps
+    stay eager: `mode` "off", no lean pass (another family), not CPU, an int8 base, or (mode "auto")
+    a measurement on this CPU that found the compiled step no faster than the eager pass."""
+    if mode == "off" or not isinstance(lean, LeanForward) or cache.k[0].device.type != "cpu":
+        return None
+    compiled = CompiledDecode(lean)
+    if not compiled.can_run():
+        log.info("decode steps run eagerly: the compiled step does not serve int8 or conv1d bases")
+        return None
+    identity = _identity(lean.model)
+    path = compiled_path(cache_dir, identity)
+    verdict = _read_verdict(path, identity) if mode == "auto" else None
+    if verdict is not None and not verdict["compiled_is_faster"]:
+        log.info("decode steps run eagerly: compiled measured no faster on this CPU (%s)", path)
+        return None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read by inductor at each use
+    started = time.perf_counter()
+    log.info("compiling the decode step (1 row, then any number of rows): about a minute on a first start, "
+             "seconds once %s holds the compiled code", cache_dir / "inductor")  # fmt: skip
+    with torch.inference_mode(), _warm_steps(cache) as steps:
+        for kv_step, ids, positions, rows in steps:
+            compiled(ids, positions, rows, kv_step)
+        log.info("compiled the decode step in %.1f s", time.perf_counter() - started)
+        if mode != "auto" or verdict is not None:
+            return compiled
+        verdict = _measure(lean, compiled, steps[0])
+    _write_verdict(path, identity, verdict)
+    if not verdict["compiled_is_faster"]:
+        log.info(
+            "decode steps run eagerly: compiled %.2f ms a token against eager %.2f ms",
+            verdict["compiled_ms"],
+            verdict["eager_ms"],
+        )
+        return None
+    log.info(
+        "decode steps compiled: %.2f ms a token against eager %.2f ms (%s)",
+        verdict["compiled_ms"],
+        verdict["eager_ms"],
+        path,
+    )
+    return compiled
+
+
+def _identity(model: nn.Module) -> dict:
+    """What a cached verdict must match: the CPU model, torch, threads, dtype and the model's shape."""
+    config = model.config
+    shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    return {
+        "cpu": cpu_model_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "shape": [getattr(config, name, None) for name in shape] + [config.vocab_size],
+    }
+
+
+def compiled_path(cache_dir: Path, identity: dict) -> Path:
+    """The verdict's file: one per CPU model, torch, threads, dtype and model shape."""
+    return cache_dir / "compiled" / f"{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]}.json"
+
+
+def _read_verdict(path: Path, identity: dict) -> dict | None:
+    try:
+        saved = json.loads(path.read_text())
+        return saved["verdict"] if saved["identity"] == identity else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # damaged: measure again, rewrite it
+        log.warning("ignoring the compiled-step verdict %s (%s)", path, exc)
+        return None
+
+
+def _write_verdict(path: Path, identity: dict, verdict: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+            json.dump({"identity": identity, "verdict": verdict}, file, indent=1)
+        os.replace(file.name, path)  # atomic: replicas starting together never read half a file
+    except OSError as exc:  # a read-only cache costs a measurement per start, nothing more
+        log.warning("cannot cache the compiled-step verdict in %s (%s)", path, exc)
+
+
+@contextlib.contextmanager
+def _warm_steps(cache: KVCache) -> Iterator[list[tuple]]:
+    """Decode steps of 1 and 2 rows over the start of the pool (each row 64 tokens of context, or
+    what the pool holds), as (kv_step, ids, positions, rows); the pool's slice is restored after,
+    though at startup no sequence owns it yet."""
+    context = max(1, min(64, cache.capacity_tokens // 2))
+    saved = [(k[:, : 2 * context].clone(), v[:, : 2 * context].clone()) for k, v in zip(cache.k, cache.v)]
+    steps = []
+    for num_rows in (1, 2):
+        seqs = [SeqSlice(row, 1, row * context, context) for row in range(num_rows)]
+        write = torch.tensor([row * context + context - 1 for row in range(num_rows)])
+        positions = torch.full((num_rows,), context - 1)
+        steps.append(
+            (KVStep(cache, seqs, write), torch.zeros(num_rows, dtype=torch.long), positions, torch.arange(num_rows))
+        )
+    try:
+        yield steps
+    finally:
+        for (k, v), (k_saved, v_saved) in zip(zip(cache.k, cache.v), saved):
+            k[:, : 2 * context].copy_(k_saved)
+            v[:, : 2 * context].copy_(v_saved)
+
+
+def _measure(lean: LeanForward, compiled: CompiledDecode, step: tuple, rounds: int = 7, tokens: int = 8) -> dict:
+    """One-row decode steps, eager and compiled in turn round after round (so a busy spell slows
+    both), median ms a token of each. Compiled is kept where it is at least 3% faster."""
+    kv_step, ids, positions, rows = step
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(rounds):
+        for name, forward in (("eager", lean), ("compiled", compiled)):
+            started = time.perf_counter()
+            for _ in range(tokens):
+                forward(ids, positions, rows, kv_step)
+            times[name].append((time.perf_counter() - started) / tokens * 1e3)
+    eager, fast = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    return {
+        "compiled_is_faster": fast < 0.97 * eager,
+        "eager_ms": round(eager, 3),
+        "compiled_ms": round(fast, 3),
+        "load_average": os.getloadavg()[0],
+        "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }

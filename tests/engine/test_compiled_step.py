@@ -1,0 +1,118 @@
+"""The compiled CPU decode step (server/engine/compiled_step.py) against the eager pass and PEFT.
+
+One engine compiles its decode step (tiny Llama, 2 layers: one graph for one row and one for any
+larger count, ~10-30 s of inductor here); an eager engine on a copy of the same model runs the
+same requests. Greedy tokens equal PEFT's; logprobs equal the eager engine's and PEFT's within the
+suite's fp32 bound (inductor fuses the norms and rotary into its own loops, which reorders a few
+sums: measured |Δ logprob| below 1e-5 on this model). Merges and unmerges swap the weights the
+graph reads without a recompilation, and neither do steps of other row counts or adapter mixes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+from server.engine.compiled_step import _identity, _write_verdict, compiled_path
+from support.engine import PROMPTS, encode, greedy, hf_greedy, hf_logprobs, make_engine, peft_reference, run_steps
+
+LOGPROB_BOUND = 1e-4  # the suite's fp32 bound against PEFT
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled-cache")
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_adapter_paths, cache_dir):
+    """(compiled, eager) engines; merging after one step, so a lone request runs merged."""
+    compiled = make_engine(tiny_adapter_paths, compile_decode="on", cache_dir=cache_dir, merge_after_steps=1)
+    eager = make_engine(tiny_adapter_paths, merge_after_steps=1)
+    assert compiled.runner.compiled is not None and eager.runner.compiled is None
+    return compiled, eager
+
+
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _assert_logprobs_close(ours, theirs):
+    assert [t.token_id for t in ours] == [t.token_id for t in theirs]
+    for a, b in zip(ours, theirs):
+        assert abs(a.logprob - b.logprob) <= LOGPROB_BOUND, (a, b)
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_one_stream_matches_eager_and_peft(engines, adapter_paths, adapter):
+    """One request alone: base, or an adapter merged into the weights the graph reads."""
+    compiled, eager = engines
+    before = compiled.runner.compiled.num_steps
+    params = greedy(10, logprobs=1)
+    (ours,) = compiled.generate([PROMPTS[0]], params, [adapter])
+    (theirs,) = eager.generate([PROMPTS[0]], params, [adapter])
+    assert compiled.runner.compiled.num_steps - before >= 8, "the decode steps did not run compiled"
+    if adapter is not None:
+        assert compiled.stats().steps_by_mode.get("merged"), "the lone adapter request never merged"
+    assert ours.token_ids == theirs.token_ids
+    _assert_logprobs_close(ours.logprobs, theirs.logprobs)
+
+    reference = peft_reference(adapter_paths)
+    prompt = encode(PROMPTS[0])
+    assert ours.token_ids == hf_greedy(reference, prompt, 10, adapter)
+    with reference.disable_adapter() if adapter is None else contextlib.nullcontext():
+        if adapter is not None:
+            reference.set_adapter(adapter)
+        expected = hf_logprobs(reference, prompt + ours.token_ids)
+    for i, logprob in enumerate(ours.logprobs):
+        assert abs(logprob.logprob - float(expected[len(prompt) - 1 + i, logprob.token_id])) <= LOGPROB_BOUND
+
+
+def test_batched_base_rows_and_mixed_steps_match_peft(engines, adapter_paths):
+    """Three base rows decode together (the graph for any number of rows); a mixed batch of
+    adapters gathers per row and runs eagerly, then its last survivor merges and runs compiled."""
+    compiled, eager = engines
+    adapters = [None, None, None, "a", "b", None]
+    lengths = [6, 6, 6, 4, 4, 9]
+    params = [greedy(n, logprobs=1) for n in lengths]
+    ours = compiled.generate(PROMPTS[:3] + PROMPTS[:3], params, adapters)
+    theirs = eager.generate(PROMPTS[:3] + PROMPTS[:3], params, adapters)
+    reference = peft_reference(adapter_paths)
+    for prompt, adapter, n, a, b in zip(PROMPTS[:3] * 2, adapters, lengths, ours, theirs):
+        assert a.token_ids == b.token_ids == hf_greedy(reference, encode(prompt), n, adapter)
+        _assert_logprobs_close(a.logprobs, b.logprobs)
+
+
+def test_no_recompilation_across_steps_row_counts_and_merges(engines):
+    """After the startup warm-up, no step compiles: not a new row count, not a merge of either
+    adapter, not an unmerge back to the base."""
+    compiled, _ = engines
+    graphs, steps = _graphs(), compiled.runner.compiled.num_steps
+    for adapter in ("a", "b", None, "a"):
+        compiled.generate([PROMPTS[1]], greedy(5), [adapter])  # each lone adapter merges (a swap)
+    compiled.generate(PROMPTS, greedy(4), [None] * 4)  # 4 rows, then fewer as they finish
+    requests = [compiled.add_request(PROMPTS[i % 4], greedy(3 + i)) for i in range(5)]
+    run_steps(compiled)
+    assert all(r.output_token_ids for r in requests)
+    assert compiled.stats().num_swaps >= 3
+    assert compiled.runner.compiled.num_steps - steps >= 25
+    assert _graphs() == graphs, "a decode step recompiled"
+
+
+def test_enforce_eager_turns_the_compiled_step_off(adapter_paths, cache_dir):
+    engine = make_engine(adapter_paths, compile_decode="on", enforce_eager=True, cache_dir=cache_dir)
+    assert engine.runner.compiled is None
+
+
+def test_auto_follows_the_verdict_cached_for_this_cpu(cache_dir):
+    """A verdict measured here (compiled no faster) is kept: auto starts eager without compiling."""
+    probe = make_engine(cache_dir=cache_dir)
+    model = probe.lora_model.model
+    verdict = {"compiled_is_faster": False, "eager_ms": 1.0, "compiled_ms": 1.2}
+    _write_verdict(compiled_path(cache_dir, _identity(model)), _identity(model), verdict)
+    graphs = _graphs()
+    engine = make_engine(compile_decode="auto", cache_dir=cache_dir)
+    assert engine.runner.compiled is None and _graphs() == graphs
