@@ -46,7 +46,7 @@ except ImportError:  # the engine falls back to the torch path (llm_engine._step
 MAX_BLOCK_R = 32  # the rank tile's cap: a rank-512 slot is walked in 16 chunks, never one 512-wide tile
 TARGET_PROGRAMS = 132  # the shrink splits K until one row fills this many SMs (an H100's; the device's own on CUDA)
 # Off CUDA (the interpreter runs programs one by one, each costing ~1 ms of Python) no split unless a
-# test asks for one: the split path's tests set this to TARGET_PROGRAMS.
+# test asks for one (the split path's tests replace `target_programs`).
 PROGRAMS_OFF_CUDA = 1
 INTERPRETED = False  # set below from what triton.jit made of the kernels
 

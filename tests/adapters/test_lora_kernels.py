@@ -141,6 +141,7 @@ def test_the_grid_grows_with_rows_not_slots(monkeypatch):
     shrink, expand = GridSpy(lora_kernels._shrink_kernel), GridSpy(lora_kernels._expand_kernel)
     monkeypatch.setattr(lora_kernels, "_shrink_kernel", shrink)
     monkeypatch.setattr(lora_kernels, "_expand_kernel", expand)
+    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: 1)  # no split, 64-wide columns
     gen = torch.Generator().manual_seed(4)
     slots, rank, out = 64, 16, 128
     lora_a, lora_b = torch.randn(slots, rank, 64, generator=gen).to(DEVICE), torch.randn(slots, rank, out).to(DEVICE)
@@ -165,8 +166,9 @@ def test_split_k_fills_the_sms_at_one_row_and_sums_the_same(monkeypatch, dtype):
     x = torch.randn(1, 4096, generator=gen).to(DEVICE, dtype)
     lora_a = torch.randn(3, 16, 4096, generator=gen).to(DEVICE, dtype)
     rows = LoraRows.build(torch.tensor([[1]], device=DEVICE), torch.tensor([[0.5]], device=DEVICE), 3)
+    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: 1)
     unsplit = lora_shrink(x, lora_a, rows)
-    monkeypatch.setattr(lora_kernels, "PROGRAMS_OFF_CUDA", lora_kernels.TARGET_PROGRAMS)
+    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: lora_kernels.TARGET_PROGRAMS)
     first, second = lora_shrink(x, lora_a, rows)[0, 0], lora_shrink(x, lora_a, rows)[0, 0]
     assert spy.programs[0] == 1 and spy.programs[1] >= lora_kernels.TARGET_PROGRAMS
     assert torch.equal(first, second) and not bool(rows.split_counts.any())
@@ -176,7 +178,7 @@ def test_split_k_fills_the_sms_at_one_row_and_sums_the_same(monkeypatch, dtype):
 
 
 def test_split_k_over_a_mixed_composed_step(monkeypatch):
-    monkeypatch.setattr(lora_kernels, "PROGRAMS_OFF_CUDA", lora_kernels.TARGET_PROGRAMS)
+    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: lora_kernels.TARGET_PROGRAMS)
     x, lora_a, _, slots, scales = random_step(torch.float32)
     rows = LoraRows.build(slots, scales, S)
     adapter_rows = slots >= 0
