@@ -18,6 +18,9 @@ import torch
 # anything (transformers, peft) imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Each server a test starts would compile its decode step (server/engine/compiled_step.py, about a
+# minute for the real model); the compiled path has its own tests, which ask for it.
+os.environ.setdefault("LORASERVE_COMPILE_DECODE", "off")
 
 import pytest  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
