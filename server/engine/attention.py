@@ -61,6 +61,7 @@ class KVStep:
         if self.row_kv is not None:
             # A step with a prompt chunk runs the tiled kernel over every row (tiled_attention.py).
             self.has_prompt_rows = any(s.num_new > 1 for s in self.seqs)
+            self.max_context = max((s.context_len for s in self.seqs), default=0)  # 0: unknown (graphs)
             self._tiles: dict[int, torch.Tensor] = {}
             return
         # Each sequence's rows, key view and mask per distinct window (most models have one or two),
@@ -143,8 +144,9 @@ def attend(
 
 def _attend_rows(query, k_pool, v_pool, scaling, kv_step: KVStep, softcap, window) -> torch.Tensor:
     """The CUDA step path, every row of the step in one launch: the tiled kernel where the step has
-    a prompt chunk (a chunk's rows share each K/V load), else the row kernel. Returns [1, N, H, D]."""
-    from .row_attention import row_attention  # Triton: imported only where rows are used
+    a prompt chunk (a chunk's rows share each K/V load), else the row kernel, its keys split over
+    programs where few rows have many (decode_splits). Returns [1, N, H, D]."""
+    from .row_attention import decode_splits, row_attention, target_programs  # Triton: only where rows are used
     from .tiled_attention import tiled_attention
 
     q = query[0].transpose(0, 1)  # [N, H, D]
@@ -153,7 +155,9 @@ def _attend_rows(query, k_pool, v_pool, scaling, kv_step: KVStep, softcap, windo
     if kv_step.has_prompt_rows:
         tiles = kv_step.tiles(q.shape[1] // k_pool.shape[0])
         return tiled_attention(q, k_pool, v_pool, starts, lengths, tiles, scale, softcap, window)[None]
-    return row_attention(q, k_pool, v_pool, starts, lengths, scale, softcap, window)[None]
+    keys = kv_step.max_context if window is None else min(window, kv_step.max_context)
+    splits = decode_splits(q.shape[0], k_pool.shape[0], keys, target_programs(q.device))
+    return row_attention(q, k_pool, v_pool, starts, lengths, scale, softcap, window, splits)[None]
 
 
 def softcapped_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, softcap: float) -> torch.Tensor:

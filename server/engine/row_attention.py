@@ -18,11 +18,16 @@ shape, 10x slower on fresh traffic), and a captured CUDA graph replays it with n
 A program holds one row's query heads of one KV head (padded to tl.dot's 16 rows) and streams
 the keys in blocks with an online softmax in float32 (FlashAttention's recurrence).
 Steps with a prompt chunk run tiled_attention.py instead, the same semantics with a chunk's rows
-sharing each K/V load; this kernel serves decode steps, eager and captured.
+sharing each K/V load; this kernel serves decode steps, eager and captured. A decode step of few
+rows over long contexts would leave most of the GPU idle with one program per row and KV head, so
+there each row's keys may be split over `num_splits` programs in shares of whole blocks (flash-
+decoding): each writes its running max, sum and unnormalised output, and `_combine_splits_kernel`
+rescales them to their common max (a share with no keys weighs nothing).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,6 +46,10 @@ except ImportError:  # the engine falls back to per-sequence SDPA
     HAVE_TRITON = False
 
 BLOCK_N = 32  # keys per iteration
+# Long-context decode with few rows splits each row's keys over programs (flash-decoding), at least
+# SPLIT_KEYS keys each: fewer, and the partials' write and combine cost more than they spread.
+SPLIT_KEYS = 256
+MAX_SPLITS = 16
 NO_WINDOW = 2**31 - 1  # the kernel's window where a layer has none: L - NO_WINDOW < 0 for every int32 L
 INTERPRETED = False  # set below from what triton.jit made of the kernel
 
@@ -54,10 +63,12 @@ def row_attention(
     scale: float,
     softcap: float | None = None,
     window: int | None = None,
+    num_splits: int = 1,
 ) -> torch.Tensor:
     """q [N, H, D] (any strides with a unit last one); k_pool, v_pool [KVH, C, D]; kv_start,
     kv_len [N] int32; softcap: the attention logit softcap, or None; window: the layer's sliding
-    window in keys (a row's last `window` keys, itself included), or None. Returns [N, H, D] in q's dtype."""
+    window in keys (a row's last `window` keys, itself included), or None; num_splits: programs per
+    row and KV head, each over a share of its keys (`decode_splits`). Returns [N, H, D] in q's dtype."""
     if q.stride(2) != 1:  # the kernel steps rows and heads by stride, and dims by one
         q = q.contiguous()
     num_rows, num_heads, head_dim = q.shape
@@ -66,14 +77,40 @@ def row_attention(
     out = torch.empty(num_rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_rows == 0:
         return out
-    _row_attention_kernel[(num_rows, num_kv_heads)](
-        q, k_pool, v_pool, out, kv_start, kv_len, scale, softcap or 1.0, window or NO_WINDOW,
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # Split: each program's running max and sum [2, N, H, S] and unnormalised output [N, H, S, BLOCK_D].
+    stats = partial = out  # unread with one split
+    if num_splits > 1:
+        stats = torch.empty(2, num_rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        partial = torch.empty(num_rows, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+    _row_attention_kernel[(num_rows, num_kv_heads, num_splits)](
+        q, k_pool, v_pool, out, stats, partial, kv_start, kv_len, scale, softcap or 1.0, window or NO_WINDOW,
         group, head_dim,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=BLOCK_N, DOT_FP32=_dot_in_fp32(q.dtype), SOFTCAP=softcap is not None,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N, DOT_FP32=_dot_in_fp32(q.dtype), SOFTCAP=softcap is not None, NUM_SPLITS=num_splits,
     )  # fmt: skip
+    if num_splits > 1:
+        _combine_splits_kernel[(num_rows, num_heads)](
+            out, stats, partial, head_dim, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )  # fmt: skip
     return out
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """Programs that keep the device busy: two per SM on CUDA; off CUDA (the interpreter) an H100's
+    132 SMs, so tests split as the GPU would."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 2 * sms
+
+
+def decode_splits(num_rows: int, num_kv_heads: int, max_keys: int, num_programs: int) -> int:
+    """Programs per row and KV head for a decode step: one, unless rows x KV heads leave the GPU's
+    `num_programs` slots idle and the longest row has keys to share (SPLIT_KEYS or more a split)."""
+    idle_share = -(-num_programs // max(1, num_rows * num_kv_heads))
+    return max(1, min(MAX_SPLITS, idle_share, max_keys // SPLIT_KEYS))
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -87,11 +124,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _row_attention_kernel(
-        q, k, v, out, kv_start, kv_len, scale, softcap, window,
+        q, k, v, out, stats, partial, kv_start, kv_len, scale, softcap, window,
         group, head_dim,
         stride_q_row, stride_q_head, stride_kv_head, stride_kv_token, stride_o_row, stride_o_head,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-        SOFTCAP: tl.constexpr,
+        SOFTCAP: tl.constexpr, NUM_SPLITS: tl.constexpr,
     ):  # fmt: skip
         row, kv_head = tl.program_id(0), tl.program_id(1).to(tl.int64)  # heads x pool tokens x dim may pass 2^31
         start = tl.load(kv_start + row).to(tl.int64)
@@ -109,9 +146,14 @@ if HAVE_TRITON:
         acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
         pool = kv_head * stride_kv_head + start * stride_kv_token
         first = tl.maximum(length - window, 0)  # the sliding window's first key (0 without one)
-        for n0 in range(first, length, BLOCK_N):
+        end = length
+        if NUM_SPLITS > 1:  # this program's share of the keys, in whole blocks
+            share = tl.cdiv(tl.cdiv(length - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+            first = first + tl.program_id(2) * share
+            end = tl.minimum(first + share, length)
+        for n0 in range(first, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            in_keys = n < length
+            in_keys = n < end
             offsets = pool + n[:, None] * stride_kv_token + d[None, :]
             kv_mask = in_keys[:, None] & in_dim[None, :]
             keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -133,11 +175,38 @@ if HAVE_TRITON:
             else:
                 acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
             best = new_best
-        result = acc / tl.where(total > 0, total, 1.0)[:, None]  # a row with no keys (padding): zeros
+        if NUM_SPLITS > 1:  # partials for _combine_splits_kernel, at [row, head, split]
+            part = (row * group * tl.num_programs(1) + heads) * NUM_SPLITS + tl.program_id(2)
+            tl.store(stats + part, best, mask=in_group)
+            tl.store(stats + tl.num_programs(0) * group * tl.num_programs(1) * NUM_SPLITS + part, total, mask=in_group)
+            tl.store(partial + part[:, None] * BLOCK_D + d[None, :], acc, mask=in_group[:, None])
+        else:
+            result = acc / tl.where(total > 0, total, 1.0)[:, None]  # a row with no keys (padding): zeros
+            tl.store(
+                out + row * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
+                result.to(out.dtype.element_ty),
+                mask=in_group[:, None] & in_dim[None, :],
+            )
+
+    @triton.jit
+    def _combine_splits_kernel(
+        out, stats, partial, head_dim, stride_o_row, stride_o_head,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One row and query head: the splits' partial softmaxes rescaled to their common max."""
+        row, head = tl.program_id(0), tl.program_id(1)
+        s, d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+        in_splits = s < NUM_SPLITS
+        part = (row * tl.num_programs(1) + head) * NUM_SPLITS + s
+        best = tl.load(stats + part, mask=in_splits, other=float("-inf"))
+        total = tl.load(stats + tl.num_programs(0) * tl.num_programs(1) * NUM_SPLITS + part, mask=in_splits, other=0.0)
+        acc = tl.load(partial + part[:, None] * BLOCK_D + d[None, :], mask=in_splits[:, None], other=0.0)
+        overall = tl.max(best, axis=0)
+        weights = tl.exp(best - tl.where(overall == float("-inf"), 0.0, overall))  # splits with no keys: 0
+        denominator = tl.sum(weights * total, axis=0)
+        result = tl.sum(weights[:, None] * acc, axis=0) / tl.where(denominator > 0, denominator, 1.0)
         tl.store(
-            out + row * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
-            result.to(out.dtype.element_ty),
-            mask=in_group[:, None] & in_dim[None, :],
+            out + row * stride_o_row + head * stride_o_head + d, result.to(out.dtype.element_ty), mask=d < head_dim
         )
 
     # What triton.jit decided (it reads TRITON_INTERPRET, spelled as its version accepts it).

@@ -24,6 +24,7 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
+from server.engine import row_attention
 from server.engine.attention_probe import UnsupportedModelError, mask_window, probe_attention
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -215,6 +216,25 @@ def test_sliding_windows_equal_hf_on_the_row_kernels(family):
     prompts = [PROMPTS[1][:13], PROMPTS[0]]
     completions = engine.generate(prompts, greedy(8, logprobs=0))
     assert_equals_hf(family, prompts, completions)
+
+
+def test_long_decode_rows_split_over_their_keys_on_the_row_kernels_equal_hf(monkeypatch):
+    """Decode past 70 keys with splits of at least 16 (SPLIT_KEYS lowered from 256, so the interpreter
+    runs short contexts): the full layer's rows split over programs, the windowed one's do not."""
+    splits = []
+
+    def recording(*args):
+        splits.append(args[-1])
+        return row_kernel(*args)
+
+    row_kernel = row_attention.row_attention
+    monkeypatch.setattr(row_attention, "SPLIT_KEYS", 16)
+    monkeypatch.setattr(row_attention, "row_attention", recording)
+    engine = make_family_engine("gemma3", model=WINDOWED["gemma3"][0], step_kernels="triton")
+    prompt = (PROMPTS[1] + PROMPTS[2] + PROMPTS[0])[:48] + PROMPTS[1][:22]  # 70 tokens, prefilled tiled
+    completions = engine.generate([prompt], greedy(4, logprobs=0))
+    assert sorted(set(splits)) == [1, 4]  # the windowed layer's 4 keys; the full layer's 70-73 in 4 shares
+    assert_equals_hf("gemma3", [prompt], completions)
 
 
 @pytest.mark.parametrize("family", list(WINDOWED))

@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine.row_attention import BLOCK_N, row_attention, row_attention_reference
+from server.engine.row_attention import (
+    BLOCK_N,
+    MAX_SPLITS,
+    SPLIT_KEYS,
+    decode_splits,
+    row_attention,
+    row_attention_reference,
+)
 from server.engine.tiled_attention import prompt_tiles, rows_per_tile, tiled_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,3 +145,30 @@ def test_tiled_prompt_rows_equal_the_reference(dtype, heads, kv_heads, window, s
     expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25, softcap, window)
     atol = 4 * torch.finfo(dtype).eps * v_pool.abs().max().item() * max(1.0, (softcap or 0) / 4)
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+# Long-context decode split over the key range (row_attention's num_splits)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("num_splits", "window", "softcap"), [(2, None, None), (3, 40, None), (5, None, 2.0), (16, None, None)]
+)
+def test_decode_split_over_the_key_range_equals_the_reference(dtype, num_splits, window, softcap):
+    """Shares of whole blocks: with 16 splits most rows leave some splits without keys (the padding
+    row leaves all), which the combine must weigh as nothing."""
+    gen = torch.Generator().manual_seed(num_splits)
+    k_pool, v_pool = (torch.randn(2, POOL, 16, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    q = 3 * torch.randn(len(ROWS), 8, 16, generator=gen).to(DEVICE, dtype)
+    starts, lengths = rows_of(*ROWS)
+    got = row_attention(q, k_pool, v_pool, starts, lengths, 0.25, softcap, window, num_splits=num_splits)
+    expected = row_attention_reference(q, k_pool, v_pool, starts, lengths, 0.25, softcap, window)
+    atol = 4 * torch.finfo(dtype).eps * v_pool.abs().max().item() * max(1.0, (softcap or 0) / 4)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    assert not got[3].any()
+
+
+def test_decode_splits_fill_idle_programs_only_for_long_rows():
+    assert decode_splits(num_rows=1, num_kv_heads=8, max_keys=32768, num_programs=264) == MAX_SPLITS
+    assert decode_splits(num_rows=1, num_kv_heads=8, max_keys=3 * SPLIT_KEYS, num_programs=264) == 3
+    assert decode_splits(num_rows=64, num_kv_heads=8, max_keys=32768, num_programs=264) == 1  # the GPU is full
+    assert decode_splits(num_rows=1, num_kv_heads=8, max_keys=SPLIT_KEYS - 1, num_programs=264) == 1
+    assert decode_splits(num_rows=4, num_kv_heads=8, max_keys=32768, num_programs=264) == 9
