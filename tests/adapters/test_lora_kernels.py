@@ -13,6 +13,7 @@ from adapters.lora_kernels import (
     BLOCK_M,
     KernelLayoutError,
     LoraRows,
+    ShrinkPlan,
     lora_expand,
     lora_expand_reference,
     lora_shrink,
@@ -155,22 +156,29 @@ def test_the_grid_grows_with_rows_not_slots(monkeypatch):
     assert shrink.programs == [1, 3] and expand.programs == [out // 64, 3 * out // 64]
 
 
+def test_split_k_plans_enough_programs_to_fill_132_sms_at_one_row():
+    for in_features in (4096, 14336):  # an 8B model's hidden and intermediate sizes
+        plan = ShrinkPlan.choose(in_features, num_blocks=1, num_terms=1, target=132)
+        assert plan.num_splits >= 132 and plan.k_per_split % plan.block_k == 0
+        assert (plan.num_splits - 1) * plan.k_per_split < in_features  # no split without inputs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_k_fills_the_sms_at_one_row_and_sums_the_same(monkeypatch, dtype):
-    """At one row a 4096-input shrink runs >= 132 programs (split over K), and the last split of each
-    block sums the partials: the same h as the unsplit kernel, launch after launch (the counts reset
-    themselves, as a graph replay needs)."""
+def test_split_k_reaches_the_target_at_one_row_and_sums_the_same(monkeypatch, dtype):
+    """At one row the shrink splits K until the grid reaches the target (32 here, the interpreter
+    being slow), and the last split of each block sums the partials: the same h as the unsplit
+    kernel, launch after launch (the counts reset themselves, as a graph replay needs)."""
     spy = GridSpy(lora_kernels._shrink_kernel)
     monkeypatch.setattr(lora_kernels, "_shrink_kernel", spy)
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 4096, generator=gen).to(DEVICE, dtype)
-    lora_a = torch.randn(3, 16, 4096, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(1, 1024, generator=gen).to(DEVICE, dtype)
+    lora_a = torch.randn(3, 16, 1024, generator=gen).to(DEVICE, dtype)
     rows = LoraRows.build(torch.tensor([[1]], device=DEVICE), torch.tensor([[0.5]], device=DEVICE), 3)
     monkeypatch.setattr(lora_kernels, "target_programs", lambda device: 1)
     unsplit = lora_shrink(x, lora_a, rows)
-    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: lora_kernels.TARGET_PROGRAMS)
+    monkeypatch.setattr(lora_kernels, "target_programs", lambda device: 32)
     first, second = lora_shrink(x, lora_a, rows)[0, 0], lora_shrink(x, lora_a, rows)[0, 0]
-    assert spy.programs[0] == 1 and spy.programs[1] >= lora_kernels.TARGET_PROGRAMS
+    assert spy.programs[0] == 1 and spy.programs[1] >= 32
     assert torch.equal(first, second) and not bool(rows.split_counts.any())
     reference = lora_shrink_reference(x, lora_a, rows)[0, 0]
     torch.testing.assert_close(first, reference, atol=ulps(dtype, reference.abs().max().item(), 8), rtol=0)
