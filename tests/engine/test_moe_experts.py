@@ -226,3 +226,17 @@ def test_composed_expert_adapters_equal_peft_gathered_and_merged(adapters):
     merged = torch.log_softmax(lora_model.model(input_ids=ids).logits[0], -1)
     lora_model.unmerge()
     assert (gathered - merged).abs().max() <= TOL and (gathered - want).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_a_slot_reloaded_with_another_adapter_serves_only_the_new_one(adapters):
+    """b (rank 4) over a (rank 8) in one slot: none of a's expert rows past rank 4 may linger."""
+    paths = adapters("mixtral")
+    lora_model = wrap_model(model("mixtral"), max_loras=1)
+    for name in ("a", "b"):
+        lora_model.load_slot(0, load_adapter(name, paths[name], lora_model.spec, max_rank=lora_model.max_rank))
+    ids = torch.tensor([PROMPTS[2]])
+    with lora_model.gather(lora_model.build_batch(torch.zeros(ids.shape[1], dtype=torch.long))):
+        ours = torch.log_softmax(lora_model.model(input_ids=ids).logits[0], -1)
+    reference = PeftModel.from_pretrained(model("mixtral"), str(paths["b"])).eval()
+    assert (ours - torch.log_softmax(reference(input_ids=ids).logits[0], -1)).abs().max() <= TOL
