@@ -29,6 +29,7 @@ FAMILIES = {
     "qwen3_moe": "Qwen3-MoE",
     "qwen2_moe": "Qwen2-MoE",
     "olmoe": "OLMoE",
+    "flex_olmo": "FlexOlmo",
     "gemma": "Gemma",
     "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3",

@@ -43,6 +43,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
     ),
     "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+    "flex_olmo": ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2)),
     "gemma": ("gemma", dict(head_dim=16)),
     # caps small enough to bend the tiny model's scores and logits (defaults: 50 and 30)
     "gemma2": ("gemma2", dict(head_dim=16, attn_logit_softcapping=5.0, final_logit_softcapping=5.0)),
@@ -63,7 +64,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 # Their adapters here target attention and dense linears only; tests/engine/test_moe_experts.py adds
 # their experts and routers (PEFT's target_parameters).
-MOE = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe"})
+MOE = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "flex_olmo"})
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
