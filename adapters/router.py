@@ -52,7 +52,8 @@ class RouterLora(TorchFunctionMode):
 
 class _WeightUses(TorchFunctionMode):
     """Counts, during a call, `F.linear(x, weight)` calls and any other op that reads `weight`'s values
-    (its shape or dtype are no use of them)."""
+    (its shape or dtype are no use of them, nor a cast to its own dtype, which returns it: GLM-4-MoE's
+    and ERNIE 4.5's fp32 routers cast their fp32 weight before the F.linear)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -60,11 +61,12 @@ class _WeightUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func is F.linear and len(args) == 2 and not kwargs and args[1] is self.weight:
             self.num_linear += 1
-        elif getattr(func, "__name__", "") != "__get__" and any(a is self.weight for a in (*args, *kwargs.values())):
-            self.num_other += 1
-        return func(*args, **kwargs)
+        elif result is not self.weight and getattr(func, "__name__", "") != "__get__":  # a no-op cast is no use
+            self.num_other += any(a is self.weight for a in (*args, *kwargs.values()))
+        return result
 
 
 @torch.no_grad()

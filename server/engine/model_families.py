@@ -30,6 +30,8 @@ FAMILIES = {
     "qwen2_moe": "Qwen2-MoE",
     "olmoe": "OLMoE",
     "flex_olmo": "FlexOlmo",
+    "glm4_moe": "GLM-4-MoE",
+    "ernie4_5_moe": "ERNIE 4.5 MoE",
     "gemma": "Gemma",
     "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3",

@@ -44,6 +44,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     ),
     "olmoe": ("olmoe", dict(num_experts=4, num_experts_per_tok=2)),
     "flex_olmo": ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2)),
+    "glm4_moe": (
+        "glm4_moe",
+        dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0, head_dim=16),
+    ),
+    "ernie4_5_moe": ("ernie4_5_moe", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
     "gemma": ("gemma", dict(head_dim=16)),
     # caps small enough to bend the tiny model's scores and logits (defaults: 50 and 30)
     "gemma2": ("gemma2", dict(head_dim=16, attn_logit_softcapping=5.0, final_logit_softcapping=5.0)),
@@ -64,7 +69,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 # Their adapters here target attention and dense linears only; tests/engine/test_moe_experts.py adds
 # their experts and routers (PEFT's target_parameters).
-MOE = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "flex_olmo"})
+MOE = frozenset({"mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "flex_olmo", "glm4_moe", "ernie4_5_moe"})
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
