@@ -40,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,12 +181,17 @@ class AdapterStore:
             return None
         return target
 
-    def save(self, name: str, files: Mapping[str, bytes], replace: bool = False) -> Path:
+    def save(
+        self, name: str, files: Mapping[str, bytes], replace: bool = False, valid: Callable[[], object] | None = None
+    ) -> Path:
         """Write a new version of `name` and point the name at it; returns the version's directory.
 
         replace=False raises AdapterExistsError if the name exists, also when a concurrent writer
         (another thread, process or replica) creates it first; with replace=True the last switch wins.
         A composition's name is never taken, replace or not: names are one namespace.
+        `valid`, if given, is called once the files are written and synced and before anything is
+        published: what it raises leaves nothing behind, so a caller can validate the files on another
+        thread while their write and fsync proceed, and still store only what is sound.
         """
         if self.has_composition(check_name(name)):
             raise AdapterExistsError(f"{name!r} is a composition in the store; delete it first", field="name")
@@ -198,6 +203,8 @@ class AdapterStore:
                 for file_name in ADAPTER_FILES:
                     _write_synced(staging / file_name, files[file_name])
                 _fsync_dir(staging)
+                if valid is not None:
+                    valid()
                 target = self._publish(name, version, staging)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -326,7 +333,11 @@ class AdapterStore:
         return self.root / f"{STAGING}{version}{LOCK}"
 
     # Cleaning up.
-    def _collect(self, name: str) -> None:
+    def collect(self, name: str, grace_s: float) -> None:
+        """`_collect` with a grace of its own: the byte budget gives the versions it evicted a short one."""
+        self._collect(name, grace_s)
+
+    def _collect(self, name: str, grace_s: float | None = None) -> None:
         """Remove versions of `name` that are not current, past their grace period and not being written."""
         current = self.version(name) if is_valid_name(name) else None
         try:
@@ -334,16 +345,16 @@ class AdapterStore:
         except FileNotFoundError:
             return
         for path in versions:
-            self._remove_if_dead(path.name, path)
+            self._remove_if_dead(path.name, path, grace_s=grace_s)
         if current is None:
             try:
                 (self._versions / name).rmdir()
             except OSError:  # not empty (a version in its grace period, or a save landing), or gone
                 pass
 
-    def _remove_if_dead(self, version: str, *paths: Path) -> None:
+    def _remove_if_dead(self, version: str, *paths: Path, grace_s: float | None = None) -> None:
         ages = [_age(path) for path in paths]
-        if min(ages) < self.grace_s:
+        if min(ages) < (self.grace_s if grace_s is None else grace_s):
             return
         with _try_lock(self._lock_path(version)) as taken:
             if taken:

@@ -127,16 +127,26 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.fetch_latency = Histogram(
+            "loraserve:adapter_source_fetch_seconds",
+            "The fetch part of a resolution (reading the source); the rest is validation, store and install.",
+            ["source"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.fetched_bytes = Counter(
             "loraserve:adapter_source_fetched_bytes", "Adapter bytes fetched from each source.", ["source"], registry=r
         )
         self.store_bytes = Gauge(
-            "loraserve:adapter_store_bytes", "Bytes of the adapter store's current versions.", registry=r
+            "loraserve:adapter_store_bytes",
+            "Bytes of the adapter store's current versions, and of versions the budget evicted in the last seconds.",
+            registry=r,
         )
         self.evictions = Counter(
             "loraserve:adapter_store_evictions", "Resolved adapters evicted to keep the store in budget.", registry=r
         )
         self.prefix_cache_by_adapter: dict[str, list[int]] = {}  # label -> [queried, hit] tokens, finished requests
+        self._resolve_waits: dict[str, float] = {}  # request id -> seconds it waited for its adapter's resolution
         self._engine: LLMEngine | None = None
         r.register(_SnapshotCollector(self))
 
@@ -146,12 +156,22 @@ class Metrics:
         engine.request_listeners.append(self.on_request)
         engine.step_listeners.append(self.on_step)
 
-    def on_resolution(self, source: str, outcome: str, seconds: float, num_bytes: int) -> None:
+    def on_resolution(
+        self, source: str, outcome: str, seconds: float, num_bytes: int, fetch_seconds: float | None = None
+    ) -> None:
         """One lookup in one source (labels: the operator's source URIs, a handful at most)."""
         self.resolutions.labels(source, outcome).inc()
         if outcome == "resolved":
             self.resolve_latency.labels(source).observe(seconds)
             self.fetched_bytes.labels(source).inc(num_bytes)
+            if fetch_seconds is not None:
+                self.fetch_latency.labels(source).observe(fetch_seconds)
+
+    def note_resolve_wait(self, request_id: str, seconds: float) -> None:
+        """The request's log line will say it waited `seconds` for its adapter's resolution."""
+        while len(self._resolve_waits) >= 10_000:  # a request that never finishes must not pin its entry
+            del self._resolve_waits[next(iter(self._resolve_waits))]
+        self._resolve_waits[request_id] = seconds
 
     def on_store_budget(self, stored_bytes: int, num_evicted: int) -> None:
         self.store_bytes.set(stored_bytes)
@@ -177,14 +197,16 @@ class Metrics:
             counts = self.prefix_cache_by_adapter.setdefault(adapter, [0, 0])
             counts[0] += stats.prefix_cache_queries
             counts[1] += stats.prefix_cache_hits
+        resolve_wait = self._resolve_waits.pop(stats.request_id, None)
         request_log.info(
-            "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs",
+            "request %s adapter=%s finish=%s prompt_tokens=%d output_tokens=%d e2e=%.3fs%s",
             stats.request_id,
             stats.adapter or "-",
             stats.finish_reason,
             stats.num_prompt_tokens,
             stats.num_output_tokens,
             stats.e2e_latency,
+            "" if resolve_wait is None else f" resolve={resolve_wait:.3f}s",
             extra={
                 "fields": {
                     "request_id": stats.request_id,
@@ -196,6 +218,7 @@ class Metrics:
                     "ttft": stats.time_to_first_token,
                     "e2e": stats.e2e_latency,
                     "preemptions": stats.num_preemptions,
+                    "resolve_time": resolve_wait,  # seconds spent resolving its adapter first (None: none)
                 }
             },
         )

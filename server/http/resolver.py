@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
+from contextvars import ContextVar
 
 from adapters.config import CONFIG_FILE
 from adapters.errors import IncompatibleAdapterError, InvalidAdapterError, LoraServeError
@@ -26,8 +27,11 @@ from server.sources import Files, Source, SourceUnavailableError, UnusableSource
 MAX_REMEMBERED_MISSING = 10_000  # names found nowhere, kept for negative_ttl_s; the oldest go first
 
 log = logging.getLogger(__name__)
+# Seconds the current request waited for its model's resolution (None: it waited for none); set in the
+# request's own task, read by the route once its engine requests exist, for their log lines.
+resolve_wait: ContextVar[float | None] = ContextVar("resolve_wait", default=None)
 
-Observe = Callable[[str, str, float, int], None]  # (source uri, outcome, seconds, bytes fetched)
+Observe = Callable[[str, str, float, int, float | None], None]  # (source, outcome, seconds, bytes, fetch seconds)
 Install = Callable[[str, Source, Files], Awaitable[None]]
 Exclusive = Callable[[str], AbstractAsyncContextManager]  # one holder per name across replicas (the store's lock)
 
@@ -57,7 +61,8 @@ class AdapterResolver:
         return expires is not None
 
     async def resolve(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
-        """True once `name` is present (here, or installed from the first source that has it)."""
+        """True once `name` is present (here, or installed from the first source that has it). The
+        time this caller waited is left in `resolve_wait` for its request's log line."""
         if self.is_missing(name):
             return False
         flight = self._flights.get(name)
@@ -65,7 +70,11 @@ class AdapterResolver:
             flight = asyncio.ensure_future(self._resolve_once(name, is_present, install))
             self._flights[name] = flight
             flight.add_done_callback(lambda done: self._landed(name, done))
-        return await asyncio.shield(flight)  # a client that goes away leaves the others' resolution running
+        started = time.monotonic()
+        try:
+            return await asyncio.shield(flight)  # a client that goes away leaves the others' resolution running
+        finally:
+            resolve_wait.set(time.monotonic() - started)
 
     async def _resolve_once(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
         async with self._exclusive(name):  # a replica that held it first may have stored it meanwhile
@@ -78,7 +87,7 @@ class AdapterResolver:
         for source in self.sources:
             files = await self.fetch(source, name)
             if files is not None:
-                await self._install(name, source, files, install, started)
+                await self._install(name, source, files, install, started, time.monotonic())
                 return True
         self._remember_missing(name)
         return False
@@ -109,21 +118,28 @@ class AdapterResolver:
             self._record(source, "absent", started)
         return files
 
-    async def _install(self, name: str, source: Source, files: Files, install: Install, started: float) -> None:
+    async def _install(
+        self, name: str, source: Source, files: Files, install: Install, started: float, fetched: float
+    ) -> None:
         try:
             await install(name, source, files)
         except LoraServeError:
             self._record(source, "invalid", started)
             raise
         num_bytes = sum(len(data) for data in files.values())
-        self._record(source, "resolved", started, num_bytes)
+        self._record(source, "resolved", started, num_bytes, fetched - started)
         self.origins[name] = source.uri
-        seconds = time.monotonic() - started
-        log.info("resolved adapter %r from %s (%d bytes) in %.3f s", name, source.uri, num_bytes, seconds)
+        now = time.monotonic()
+        log.info(
+            "resolved adapter %r from %s (%d bytes) in %.3f s: fetch %.3f s, load %.3f s",
+            *(name, source.uri, num_bytes, now - started, fetched - started, now - fetched),
+        )
 
-    def _record(self, source: Source, outcome: str, started: float, num_bytes: int = 0) -> None:
+    def _record(
+        self, source: Source, outcome: str, started: float, num_bytes: int = 0, fetch_s: float | None = None
+    ) -> None:
         if self._observe is not None:
-            self._observe(source.uri, outcome, time.monotonic() - started, num_bytes)
+            self._observe(source.uri, outcome, time.monotonic() - started, num_bytes, fetch_s)
 
     def _remember_missing(self, name: str) -> None:
         if self.negative_ttl_s <= 0:

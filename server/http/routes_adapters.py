@@ -219,7 +219,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     if state.settings.adapter_source_in_load and "://" in body.lora_path:
         if await state.is_adapter_name(body.lora_name):
             raise AdapterExistsError(f"adapter {body.lora_name!r} already exists")
-        await state.load_from_source(body.lora_name, body.lora_path)
+        await state.load_from_source(body.lora_name, body.lora_path, body.energy, body.max_rank)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
     root = state.settings.adapter_root
     if root is None:

@@ -58,6 +58,7 @@ async def completions(body: CompletionRequest, request: Request):
     jobs = await asyncio.to_thread(completion_jobs, body, tokens.prompt_text, plan)
     await asyncio.to_thread(tokenize_jobs, jobs, tokens)
     streams = await submit_all(engine, jobs, adapter)
+    state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -80,6 +81,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt_ids = await asyncio.to_thread(tokens.chat_prompt, messages, tools)
     jobs = chat_jobs(body, prompt_ids, plan)
     streams = await submit_all(engine, jobs, adapter)
+    state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -41,6 +41,9 @@ class Settings(BaseSettings, EngineSettings):
     adapter_source_check_base: bool = False  # base_model_name_or_path must name the served base (422 if not)
     adapter_source_in_load: bool = False  # load_lora_adapter's lora_path may be <a source's URI>/<name>
     adapter_store_max_bytes: int | None = Field(None, ge=1)  # resolved adapters evicted LRU past it; None: no budget
+    # Rank compression of every resolved adapter, as an upload's energy / max_rank fields ask (the stored copy too).
+    adapter_source_energy: float | None = Field(None, gt=0.0, le=1.0)
+    adapter_source_max_rank: int | None = Field(None, ge=1)
     api_key: str | None = None
     admin_key: str | None = None  # guards upload, load, unload and delete when set
     metrics_require_key: bool = False

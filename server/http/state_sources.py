@@ -8,17 +8,20 @@ the state's registry, store and settings as ServerState's own methods do.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import ExitStack, asynccontextmanager
 
-from adapters import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError
+from adapters import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, LoraAdapter
+from adapters.compress import compress_files
 from server.sources import Files, Source, make_source
 from server.store import is_valid_name
 
 from .errors import HTTPError
 from .metrics import Metrics
-from .resolver import AdapterResolver, check_base, unprocessable
+from .resolver import AdapterResolver, check_base, resolve_wait, unprocessable
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,9 +30,12 @@ log = logging.getLogger(__name__)
 class AdapterSources:
     """ServerState's adapter-source methods (see the module docstring)."""
 
-    async def load_from_source(self, name: str, uri: str) -> None:
+    async def load_from_source(
+        self, name: str, uri: str, energy: float | None = None, max_rank: int | None = None
+    ) -> None:
         """load_lora_adapter's `lora_path` as `<a configured source's URI>/<adapter>`: only the
-        configured sources are ever read, and the adapter's name there is checked as any other."""
+        configured sources are ever read, and the adapter's name there is checked as any other.
+        `energy` / `max_rank` compress it as they would an upload (else the sources' settings do)."""
         self.check_name_free(name)
         sources = self.resolver.sources if self.resolver is not None else []
         prefixes = [(source, source.uri.rstrip("/") + "/") for source in sources]
@@ -40,30 +46,61 @@ class AdapterSources:
         files = await self.resolver.fetch(source, remote)
         if files is None:
             raise AdapterNotFoundError(f"{uri} does not hold an adapter", field="lora_path")
-        await self._install_fetched(name, source, files)
+        await self._install_fetched(name, source, files, energy, max_rank)
 
-    async def _install_fetched(self, name: str, source: Source, files: Files) -> None:
-        """What a source returned goes the upload's way: validated whole, then the store's atomic
-        create (a replica that stored it first wins, and this one loads that copy), then the engine."""
+    async def _install_fetched(
+        self, name: str, source: Source, files: Files, energy: float | None = None, max_rank: int | None = None
+    ) -> None:
+        """What a source returned goes the upload's way: compressed if asked, validated whole, the
+        store's atomic create (a replica that stored it first wins, and this one loads that copy),
+        then the engine. The store's write and fsync run while the files are validated, and publish
+        only once they are valid: the first request waits for the longer of the two, not both."""
         engine = self.ready_engine()
         if self.settings.adapter_source_check_base:
             check_base(files, {self.model_name, self.settings.model, self.settings.served_model_name})
-        try:
-            adapter = await asyncio.to_thread(engine.parse_adapter, name, files)
-        except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
-            raise unprocessable(exc, source) from None
+        if energy is None and max_rank is None:
+            energy, max_rank = self.settings.adapter_source_energy, self.settings.adapter_source_max_rank
+        if energy is not None or max_rank is not None:
+            files = await self._compressed(files, source, energy, max_rank)
+        parsed: Future[LoraAdapter] = Future()
+        # Submitted now, before the save that waits on it: a worker taking the save finds the parse taken.
+        parsing = asyncio.get_running_loop().run_in_executor(None, _settle, parsed, engine.parse_adapter, name, files)
         if self.store is None:
+            await parsing
+            adapter = _parsed(parsed, source)
             await self.register(name, files, adapter=adapter)
             return
-        try:
-            path = await asyncio.to_thread(self.store.save, name, files)
-        except AdapterExistsError:
+        saving = asyncio.to_thread(self.store.save, name, files, valid=parsed.result)
+        _, saved = await asyncio.gather(parsing, saving, return_exceptions=True)
+        adapter = _parsed(parsed, source)  # invalid: 422 (and the store's write was dropped unpublished)
+        if isinstance(saved, AdapterExistsError):
             await self._sync_stored(name)
             return
-        await self.register(name, path, True, adapter=adapter, store_version=path.name)
+        if isinstance(saved, BaseException):
+            raise saved
+        await self.register(name, saved, True, adapter=adapter, store_version=saved.name)
         if self.budget is not None:
             await asyncio.to_thread(self.budget.mark_resolved, name)
             await self._keep_store_in_budget(keep={name})
+
+    async def _compressed(self, files: Files, source: Source, energy: float | None, max_rank: int | None) -> Files:
+        """Rank compression as on upload (SVDs: the analysis pool's work when the app has one)."""
+        compress = functools.partial(compress_files, files, energy=energy, max_rank=max_rank)
+        try:
+            files, report = await asyncio.to_thread(compress)
+        except InvalidAdapterError as exc:
+            raise unprocessable(exc, source) from None
+        before, after = report.params_before, report.params_after
+        log.info("compressed an adapter from %s: %d -> %d parameters", source.uri, before, after)
+        return files
+
+    def note_resolve_wait(self, streams) -> None:
+        """Hand the time this request waited for its adapter's resolution (if it did) to the
+        request log line of each of its engine requests."""
+        waited = resolve_wait.get()
+        if waited is not None and self.metrics is not None:
+            for stream in streams:
+                self.metrics.note_resolve_wait(stream.request_id, waited)
 
     @asynccontextmanager
     async def _fleet_lock(self, name: str) -> AsyncIterator[None]:
@@ -89,6 +126,21 @@ class AdapterSources:
                 await self.unregister(name)
         if self.metrics is not None:
             self.metrics.on_store_budget(stored, len(evicted))
+
+
+def _settle(future: Future, call, *args) -> None:
+    """Run `call` on this (worker) thread and leave its outcome in `future` for other threads."""
+    try:
+        future.set_result(call(*args))
+    except BaseException as exc:  # noqa: BLE001 - handed over whole, re-raised by whoever reads it
+        future.set_exception(exc)
+
+
+def _parsed(parsed: Future, source: Source) -> LoraAdapter:
+    try:
+        return parsed.result()
+    except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
+        raise unprocessable(exc, source) from None
 
 
 def make_resolver(settings: Settings, metrics: Metrics | None, exclusive) -> AdapterResolver | None:

@@ -5,6 +5,7 @@ Every answer is compared with the engine alone serving the same adapter files.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from server.http.settings import Settings
-from support.http import assert_openai_error, reference_text, serve
+from support.http import adapter_files, assert_openai_error, reference_text, serve
 from support.sources import CountingS3, put_adapter, read_adapter, s3_server, write_hub_cache
 
 pytestmark = pytest.mark.real_model
@@ -186,3 +187,41 @@ def test_check_base_refuses_an_adapter_trained_on_another_base(served, http, s3,
     finally:
         served.state.settings.adapter_source_check_base = False
     assert error["code"] == "incompatible_adapter"
+
+
+def test_resolved_adapters_go_through_the_uploads_compression(served, http, s3, adapter_dirs):
+    """--adapter-source-max-rank compresses every resolved adapter as an upload's max_rank does
+    (byte for byte the same stored files, the same answer), and load_lora_adapter's own max_rank
+    compresses one loaded by source URI."""
+    uploaded = http.post(
+        "/v1/adapters", data={"name": "up-alpha-r2", "max_rank": "2"}, files=adapter_files(adapter_dirs["alpha"])
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    put_adapter(BUCKET, PREFIX, "s3-alpha-r2", read_adapter(adapter_dirs["alpha"]))
+    served.state.settings.adapter_source_max_rank = 2
+    try:
+        resolved = _complete(http, "s3-alpha-r2")
+    finally:
+        served.state.settings.adapter_source_max_rank = None
+    assert resolved.status_code == 200, resolved.text
+    assert resolved.json()["choices"][0]["text"] == _complete(http, "up-alpha-r2").json()["choices"][0]["text"]
+    assert http.get("/v1/adapters/s3-alpha-r2").json()["rank"] == 2
+    for file_name in ("adapter_config.json", WEIGHTS):
+        stored = (served.store_root / "s3-alpha-r2" / file_name).read_bytes()
+        assert stored == (served.store_root / "up-alpha-r2" / file_name).read_bytes()
+    body = {"lora_name": "loaded-r2", "lora_path": f"s3://{BUCKET}/{PREFIX}/s3-alpha", "max_rank": 2}
+    assert http.post("/v1/load_lora_adapter", json=body).status_code == 200
+    assert http.get("/v1/adapters/loaded-r2").json()["rank"] == 2
+
+
+def test_a_first_requests_log_line_says_how_long_it_waited_for_resolution(http, s3, adapter_dirs, caplog):
+    put_adapter(BUCKET, PREFIX, "s3-logged", read_adapter(adapter_dirs["beta"]))
+    with caplog.at_level(logging.INFO, logger="loraserve.requests"):
+        assert _complete(http, "s3-logged").status_code == 200
+        assert _complete(http, "s3-logged").status_code == 200
+    lines = [r for r in caplog.records if r.name == "loraserve.requests" and "adapter=s3-logged" in r.getMessage()]
+    assert len(lines) == 2, [r.getMessage() for r in caplog.records]
+    first, second = lines
+    waited = first.fields["resolve_time"]
+    assert waited > 0 and f"resolve={waited:.3f}s" in first.getMessage()
+    assert second.fields["resolve_time"] is None and "resolve=" not in second.getMessage()
