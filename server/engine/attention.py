@@ -142,6 +142,14 @@ def attend(
     return out.transpose(1, 2)  # [1, N, H, D]
 
 
+def attend_pool(layer: int, query: torch.Tensor, scaling: float, kv_step: KVStep) -> torch.Tensor:
+    """`attend` on the row kernels where the step's K/V are already in the pool (the CUDA pass writes
+    them with RoPE in one kernel, cuda_forward.py). query [N, H, D]; returns [N, H, D]."""
+    k_pool, v_pool = kv_step.cache.k[layer], kv_step.cache.v[layer]
+    window = kv_step.cache.windows[layer]
+    return _attend_rows(query.transpose(0, 1)[None], k_pool, v_pool, scaling, kv_step, None, window)[0]
+
+
 def _attend_rows(query, k_pool, v_pool, scaling, kv_step: KVStep, softcap, window) -> torch.Tensor:
     """The CUDA step path, every row of the step in one launch: the tiled kernel where the step has
     a prompt chunk (a chunk's rows share each K/V load), else the row kernel, its keys split over

@@ -1,11 +1,11 @@
 """The Llama family's forward on the CUDA step path: a decoder layer in about nine kernels.
 
 The lean pass (lean_forward.py) runs the stock modules op by op: ~38 kernels per decoder layer for
-base rows and ~59 with LoRA on all seven projections (8 per RMSNorm, 8 for RoPE, five base GEMMs,
-three launches per LoRA linear), each a few µs of GPU time even replayed from a graph. This pass
+base rows and ~52 with LoRA on all seven projections (8 per RMSNorm, 8 for RoPE, seven base GEMMs,
+two launches per LoRA linear), each a few µs of GPU time even replayed from a graph. This pass
 runs the same arithmetic as (benchmarks/decode_kernels.py counts them; docs/architecture.md):
 
-    add_rms_norm -> qkv GEMM (+ one LoRA shrink/expand) -> rope_kv_write -> row_attention
+    add_rms_norm -> qkv GEMM (+ one LoRA shrink/expand) -> rope_kv_write -> attention
     -> o GEMM (+ LoRA) -> add_rms_norm -> gate_up GEMM (+ LoRA) -> silu_mul -> down GEMM (+ LoRA)
 
 with the residual add of each block folded into the next norm (layer_kernels.py), q/k/v and
@@ -15,9 +15,10 @@ reads cos/sin from a table made once by the model's own rotary module for every 
 the served length, so a captured graph has no rotary update in it. That is exact for rope types
 whose angles are a function of the position alone (default, linear, llama3, yarn); "dynamic" and
 "longrope" rescale by the longest sequence of the batch, which no table of positions can follow,
-so those models keep the lean pass. Sliding windows keep it too, until the row kernel's window
-reaches this pass. Members with LoRA biases or DoRA, and per-row module copies, take their own
-ops (correct, more launches).
+so those models keep the lean pass. Attention is attention.py's on the row kernels (the layer's
+sliding window, tiled prompt rows, split long-context decode), once the pool holds the step's K/V.
+Members with LoRA biases or DoRA, and per-row module copies, take their own ops (correct, more
+launches).
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ from torch import nn
 from adapters.fused import FusedLinears
 from adapters.ops import add_lora_group_rows
 
-from .attention import KVStep
+from .attention import KVStep, attend_pool
 from .layer_kernels import add_rms_norm, rope_kv_write, silu_mul
 from .lean_forward import RMS_NORMS, SILU, SUPPORTED
-from .row_attention import row_attention
 
 TABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})  # angles a function of position
 
@@ -86,8 +86,7 @@ class CudaForward:
                 qkv(x), self.cos, self.sin, position_ids, kv_step.write_index, cache.k[index], cache.v[index],
                 self.num_heads,
             )  # fmt: skip  # [N, H, D]
-            starts, lengths = kv_step.row_kv
-            out = row_attention(q, cache.k[index], cache.v[index], starts, lengths, attn.scaling)  # [N, H, D]
+            out = attend_pool(index, q, attn.scaling, kv_step)  # [N, H, D]: the layer's window, tiles, splits
             x, residual = _norm(layer.post_attention_layernorm, o(out.view(out.shape[0], -1)), residual)
             hidden = down(silu_mul(gate_up(x)))
         x, _ = _norm(inner.norm, hidden, residual)
@@ -106,9 +105,8 @@ def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tu
 def cuda_forward(model: nn.Module, max_positions: int) -> CudaForward | None:
     """The CUDA pass for `model` (positions below `max_positions`), or None where it keeps the lean
     pass or the stock forward: another family or layer shape, a rope type no position table
-    follows, sliding windows, an activation other than SiLU, or linears that cannot be fused."""
-    config = model.config
-    if type(model).__name__ not in SUPPORTED or getattr(config, "sliding_window", None) is not None:
+    follows, an activation other than SiLU, or linears that cannot be fused."""
+    if type(model).__name__ not in SUPPORTED:
         return None
     inner = model.model
     if getattr(inner.rotary_emb, "rope_type", "default") not in TABLE_ROPE_TYPES:
