@@ -209,13 +209,15 @@ def test_sliding_windows_equal_hf_after_preemption_and_recompute(family):
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])  # the lean pass; the stock forward, per layer
 def test_sliding_windows_equal_hf_on_the_row_kernels(family):
-    """The CUDA step path (Triton's interpreter here): the window is the row kernel's lower key bound,
-    on prefill chunks (8 tokens a step) and decode rows."""
+    """The CUDA step path (Triton's interpreter here): the window is the kernels' lower key bound, on
+    prefill chunks (8 tokens a step, the tiled kernel), decode rows, and after a prefix-cache hit."""
     engine = make_family_engine(family, model=WINDOWED[family][0], step_kernels="triton", max_num_batched_tokens=8)
     assert engine.runner.row_kernels and (engine.runner.lean is None) == (family == "gemma3")
-    prompts = [PROMPTS[1][:13], PROMPTS[0]]
-    completions = engine.generate(prompts, greedy(8, logprobs=0))
-    assert_equals_hf(family, prompts, completions)
+    params = greedy(8, logprobs=0)
+    first = engine.generate([SHARED], params)
+    later = engine.generate([HIT, PROMPTS[0]], params)
+    assert engine.stats().prefix_cache_hits >= 16
+    assert_equals_hf(family, [SHARED, HIT, PROMPTS[0]], first + later)
 
 
 def test_long_decode_rows_split_over_their_keys_on_the_row_kernels_equal_hf(monkeypatch):
