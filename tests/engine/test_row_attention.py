@@ -1,4 +1,5 @@
-"""The row attention kernel (server/engine/row_attention.py) against its torch reference, and the
+"""The row attention kernels against their torch reference (row_attention.py's kernel, its
+split-decode variant, and tiled_attention.py's prompt tiles, with windows and softcaps), and the
 reference against SDPA; in Triton's interpreter on CPU, compiled on CUDA."""
 
 from __future__ import annotations
