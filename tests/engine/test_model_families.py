@@ -135,6 +135,20 @@ def test_row_kernels_serve_families_on_the_stock_forward_equal_to_peft(family, a
     assert_equals_peft(peft_reference(family, paths), requests, mixed)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])  # q/k/v biases; the lean pass's other families
+def test_the_cuda_pass_serves_the_llama_families_equal_to_peft(family, adapters):
+    """The CUDA pass (cuda_forward.py: fused q/k/v and gate/up, grouped LoRA, the layer kernels) on
+    the families it serves besides Llama, in Triton's interpreter."""
+    from server.engine.cuda_forward import CudaForward
+
+    paths = adapters(family)
+    engine = make_family_engine(family, paths, step_kernels="triton")
+    assert isinstance(engine.runner.lean, CudaForward)
+    requests = REQUESTS[:3]
+    mixed = engine.generate([p for p, _ in requests], greedy(3, logprobs=0), [a for _, a in requests])
+    assert_equals_peft(peft_reference(family, paths), requests, mixed)
+
+
 @torch.no_grad()
 def test_gemma2_softcaps_change_the_answer_and_are_served():
     """The family test above runs Gemma 2 with caps of 5 on attention scores and on logits; here,
