@@ -5,8 +5,12 @@ budget; an uploaded adapter exists nowhere else and is never evicted.
 Which names are resolved, and when each was last used, is shared by replicas through the store
 itself: an empty marker file `<root>/.resolved/<name>` per resolved adapter, its mtime the last use
 (touched at most once a minute per name and process). An upload under the same name takes the
-marker away. The budget counts the current version of every adapter; an evicted version stays on
-disk for the store's grace period (another replica may be loading it), as a deleted one does.
+marker away. The budget counts the current version of every adapter. An evicted version stays on
+disk only for EVICTED_GRACE_S (a replica that read the pointer just before may still be reading its
+files), not the store's grace period of a deleted one: at the rate a fleet resolves, ten minutes of
+evicted versions would hold many times the budget. Each replica removes what it evicted at its next
+eviction pass, and counts what it evicted less than EVICTED_GRACE_S ago against the budget, so the
+disk passes the budget by at most what its latest pass evicted (the adapters one resolution pushed out).
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import time
 from pathlib import Path
 
 from adapters import InvalidAdapterError
-from server.store import AdapterStore, check_name
+from server.store import VERSIONS, AdapterStore, check_name
 
 RESOLVED = ".resolved"
 TOUCH_EVERY_S = 60.0
+EVICTED_GRACE_S = 10.0  # reading two files takes well under this; a replica holding one serves it from memory
 
 
 class StoreBudget:
@@ -32,6 +37,7 @@ class StoreBudget:
         if self._markers.is_symlink():
             raise InvalidAdapterError(f"{self._markers} is a link; it must be a real directory", field="adapter_store")
         self._touched: dict[str, float] = {}  # name -> monotonic time this process last touched its marker
+        self._evicted: set[str] = set()  # names this process evicted whose old version may still be on disk
 
     def mark_resolved(self, name: str) -> None:
         fd = os.open(self._markers / check_name(name), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
@@ -64,8 +70,9 @@ class StoreBudget:
     def evict(self, keep: set[str]) -> tuple[list[str], int]:
         """Delete resolved adapters not in `keep`, least recently used first, until the store fits;
         returns their names and the bytes stored after."""
+        lingering = self.reap()
         sizes = self.stored_bytes()
-        total, evicted = sum(sizes.values()), []
+        total, evicted = sum(sizes.values()) + lingering, []
         for name in self._least_recently_used(set(sizes) - keep):
             if total <= self.max_bytes:
                 break
@@ -73,7 +80,24 @@ class StoreBudget:
             self.forget(name)
             total -= sizes[name]
             evicted.append(name)
+        self._evicted.update(evicted)
         return evicted, total
+
+    def reap(self) -> int:
+        """Remove the old versions of names this process evicted once EVICTED_GRACE_S has passed;
+        returns the bytes of those still in their grace, which the budget counts: it is the disk's."""
+        lingering = 0
+        for name in list(self._evicted):
+            self.store.collect(name, EVICTED_GRACE_S)  # never the current version, if it was resolved again
+            current = self.store.version(name)
+            try:
+                left = [entry.path for entry in os.scandir(self.store.root / VERSIONS / name) if entry.name != current]
+            except FileNotFoundError:
+                left = []
+            if not left:
+                self._evicted.discard(name)
+            lingering += sum(_size(Path(version) / file) for version in left for file in os.listdir(version))
+        return lingering
 
     def _least_recently_used(self, names: set[str]) -> list[str]:
         used = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+from server import store_budget
 from server.store import AdapterStore
 from server.store_budget import RESOLVED, StoreBudget
 
@@ -50,4 +51,26 @@ def test_touch_makes_an_adapter_recent_and_uploads_and_kept_names_never_leave(tm
     assert evicted == ["b"] and set(store.names()) == {"a", "replaced-by-upload"} and stored == 2 * ONE
     budget.max_bytes = ONE // 2
     evicted, stored = budget.evict(keep={"a"})
-    assert evicted == [] and stored == 2 * ONE  # over budget: what is left is kept or uploaded, and stays
+    assert evicted == [] and stored == 3 * ONE  # over budget: what is left is kept or uploaded, and stays
+    # (3: b's evicted version is still on disk, in its grace, and counts)
+
+
+def test_evicted_versions_count_until_they_leave_the_disk_after_a_short_grace(tmp_path, monkeypatch):
+    """The disk, old versions included, stays near the budget: what the budget evicted counts against
+    it until it is removed, at a pass once EVICTED_GRACE_S has passed (not the store's 10 minutes)."""
+    store = AdapterStore(tmp_path)
+    budget = StoreBudget(store, max_bytes=2 * ONE)
+    now = time.time()
+    for age, name in ((40, "a"), (30, "b"), (20, "c")):
+        _resolved(store, budget, name, now - age)
+    assert budget.evict(keep=set())[0] == ["a"]
+    assert _on_disk(tmp_path) == 3 * ONE  # "a" is still readable for a replica that just read its pointer
+    _resolved(store, budget, "d", now)
+    assert budget.evict(keep={"d"}) == (["b", "c"], 2 * ONE)  # "a" still on disk: one more must go
+    monkeypatch.setattr(store_budget, "EVICTED_GRACE_S", 0.0)
+    assert budget.evict(keep=set()) == ([], ONE)  # the grace is over: the evicted versions are removed
+    assert _on_disk(tmp_path) == ONE and set(store.names()) == {"d"}
+
+
+def _on_disk(root) -> int:
+    return sum(f.stat().st_size for f in (root / ".versions").rglob("*") if f.is_file())
