@@ -9,7 +9,7 @@ import pytest
 
 from adapters import InvalidAdapterError
 from server.sources import AdapterTooLargeError, SourceUnavailableError, check_source_uri, make_source
-from support.sources import hanging_server, put_adapter, s3_server, write_hub_cache
+from support.sources import HubApp, hanging_server, hub_server, put_adapter, s3_server, write_hub_cache
 
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"x" * 1000}
 BUCKET = "adapters"
@@ -101,3 +101,47 @@ def test_sources_come_from_the_environment_as_a_json_list_and_bad_ones_stop_star
     monkeypatch.setenv("LORASERVE_ADAPTER_SOURCE", '["gs://bucket"]')
     with pytest.raises(ValidationError, match="adapter_source"):
         Settings()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A hub on loopback (tests/support/sources.HubApp) as HF_ENDPOINT, with an empty cache, online."""
+    from huggingface_hub import constants
+
+    app = HubApp(
+        {"acme/sql": FILES, "acme/huge": {**FILES, "adapter_model.safetensors": b"x" * 5000}, "acme/flaky": FILES},
+        revisions=("main", "v1"),
+    )
+    app.repos["acme/nested"] = {f"sub/{name}": data for name, data in FILES.items()}
+    app.failing.add("acme/flaky")
+    with hub_server(app) as url:
+        # huggingface_hub reads HF_ENDPOINT once, at import: set both as a process started with it would
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield app
+
+
+def test_hub_source_online_downloads_into_the_cache_then_reads_it_offline(hub, monkeypatch):
+    assert source("hf://acme").fetch("sql") == FILES
+    assert hub.count("GET", "/acme/sql/resolve/main/adapter_model.safetensors") == 1
+    assert source("hf://acme").fetch("absent") is None  # the hub's RepoNotFound
+    assert source("hf://acme@v1/sub").fetch("nested") == FILES  # revision and subfolder in the URL
+    assert hub.count("GET", "/acme/nested/resolve/v1/sub/adapter_config.json") == 1
+    assert source("hf://acme@v2").fetch("sql") is None  # RevisionNotFound
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = sum(hub.requests.values())
+    assert source("hf://acme").fetch("sql") == FILES  # from the cache the online fetch filled
+    assert sum(hub.requests.values()) == before
+
+
+def test_hub_source_refuses_an_oversized_file_before_downloading_it_and_retries_5xx(hub):
+    with pytest.raises(AdapterTooLargeError, match="4096 bytes"):
+        source("hf://acme").fetch("huge")
+    assert hub.count("HEAD", "/acme/huge/resolve/main/adapter_model.safetensors") >= 1
+    assert hub.count("GET", "/acme/huge/resolve/main/adapter_model.safetensors") == 0
+    with pytest.raises(SourceUnavailableError, match="hf://acme"):
+        source("hf://acme", retries=2).fetch("flaky")
+    assert hub.count("HEAD", "/acme/flaky/") >= 3  # the first try and two retries, with backoff

@@ -5,6 +5,7 @@ Nothing listens anywhere but 127.0.0.1; nothing here reaches the real hub."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import socket
 import threading
@@ -140,3 +141,65 @@ def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision
         blob = repo / "blobs" / f"{index:040x}"
         blob.write_bytes(data)
         (snapshot / file_name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+class HubApp:
+    """The part of the Hugging Face hub's HTTP API that huggingface_hub's hf_hub_download and
+    get_hf_file_metadata use, as a WSGI app: HEAD and GET of /{org}/{name}/resolve/{revision}/{path}
+    with the hub's headers (X-Repo-Commit, ETag, Content-Length), and its 404s told apart by
+    X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound). A repo in `failing` answers 503.
+    Requests are counted as (method, path)."""
+
+    commit = "c0ffee" + "0" * 34
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], revisions: tuple[str, ...] = ("main",)):
+        self.repos, self.revisions, self.failing = repos, revisions, set()
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        with self._lock:
+            self.requests[method, path] += 1
+        org, name, resolve, revision, file_path = (path.lstrip("/").split("/", 4) + [""] * 5)[:5]
+        repo = self.repos.get(f"{org}/{name}")
+        if resolve != "resolve" or repo is None:
+            return self._error(start_response, "404 Not Found", "RepoNotFound")
+        if f"{org}/{name}" in self.failing:
+            return self._error(start_response, "503 Service Unavailable", None)
+        if revision not in self.revisions:
+            return self._error(start_response, "404 Not Found", "RevisionNotFound")
+        data = repo.get(file_path)
+        if data is None:
+            return self._error(start_response, "404 Not Found", "EntryNotFound")
+        headers = [
+            ("X-Repo-Commit", self.commit),
+            ("ETag", f'"{hashlib.sha256(data).hexdigest()}"'),
+            ("Content-Length", str(len(data))),
+            ("Content-Type", "application/octet-stream"),
+        ]
+        start_response("200 OK", headers)
+        return [b""] if method == "HEAD" else [data]
+
+    @staticmethod
+    def _error(start_response, status: str, code: str | None):
+        headers = [("Content-Type", "application/json"), ("Content-Length", "2")]
+        start_response(status, headers + ([("X-Error-Code", code)] if code else []))
+        return [b"{}"]
+
+    def count(self, method: str, fragment: str) -> int:
+        with self._lock:
+            return sum(n for (m, path), n in self.requests.items() if m == method and fragment in path)
+
+
+@contextmanager
+def hub_server(app: HubApp) -> Iterator[str]:
+    """`app` on a free loopback port; yields its URL (HF_ENDPOINT for huggingface_hub)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(5)
