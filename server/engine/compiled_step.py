@@ -8,8 +8,9 @@ What makes one compiled graph serve every decode step:
   - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
     with the step's KVStep read from a context variable: the pool writes, per-sequence SDPA and
     whatever masking `attend` does pass through untouched, and the graph does not break on them;
-  - the number of rows is dynamic: one graph for one row, one for any larger count (dynamo's 0/1
-    specialisation), both compiled at startup;
+  - the number of rows is an unbacked size (torch._dynamo.mark_unbacked), so one graph compiled at
+    startup serves one row and any larger count: a plain dynamic size would specialise one row
+    apart and compile a second graph, doubling the first start's compile;
   - the linear weights are inputs, not constants: each step passes every linear's current weight
     (W0, or the merged weight while an adapter is merged), so a merge or unmerge swaps tensors
     the graph reads without a guard failing or a recompilation (tests/engine/test_compiled_step.py
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
+MEASURED_ROWS = (1, 16)  # row counts timed eager against compiled at startup (mode auto)
 _step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
 
 
@@ -87,10 +90,14 @@ class CompiledDecode:
         self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
         self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
+        self.max_rows = sys.maxsize  # steps of more rows run eagerly (set by the measurement)
 
-    def can_run(self) -> bool:
-        """Whether the model is still in the shape the graph reads: plain (not int8, not conv1d)
-        LoRA linears on their parents, no per-row copy installed in their place."""
+    def can_run(self, num_rows: int) -> bool:
+        """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
+        model still in the shape the graph reads: plain (not int8, not conv1d) LoRA linears on
+        their parents, no per-row copy installed in their place."""
+        if num_rows > self.max_rows:
+            return False
         for parents, linears in zip(self.parents, self.linears):
             for parent, m, (_, name) in zip(parents, linears, LINEARS):
                 if (
@@ -102,6 +109,8 @@ class CompiledDecode:
         return True
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
+        for rows_first in (ids, positions, rows):
+            torch._dynamo.decorators.mark_unbacked(rows_first, 0)
         token = _step.set(kv_step)
         self.num_steps += 1
         try:
@@ -142,8 +151,7 @@ class CompiledDecode:
         for layer, is_silu in zip(inner.layers, self.is_silu):
             attn, x = layer.self_attn, _rms_norm(layer.input_layernorm, hidden)
             q, k, v = (F.linear(x, *next(linear)).view(shape).transpose(1, 2) for _ in range(3))
-            q = q * cos + q.roll(half, dims=-1) * sin
-            k = k * cos + k.roll(half, dims=-1) * sin
+            q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
             out = torch.ops.loraserve.pool_attend(q, k, v, attn.layer_idx, attn.scaling)  # [1, N, H * D]
             hidden = hidden + F.linear(out, *next(linear))
             x = _rms_norm(layer.post_attention_layernorm, hidden)
@@ -154,48 +162,42 @@ class CompiledDecode:
         return F.linear(hidden[:, rows], head_w, head_b)[0]
 
 
+def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
+    """x.roll(half, dims=-1) (the lean pass's rotary), as a cat: roll cannot trace an unbacked size."""
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
 def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) -> CompiledDecode | None:
     """The compiled decode step for this model, compiled and warmed now; None where decode steps
     stay eager: `mode` "off", no lean pass (another family), not CPU, an int8 base, or (mode "auto")
-    a measurement on this CPU that found the compiled step no faster than the eager pass."""
+    a measurement on this CPU that found the compiled step no faster than the eager pass at one row."""
     if mode == "off" or not isinstance(lean, LeanForward) or cache.k[0].device.type != "cpu":
         return None
     compiled = CompiledDecode(lean)
-    if not compiled.can_run():
+    if not compiled.can_run(1):
         log.info("decode steps run eagerly: the compiled step does not serve int8 or conv1d bases")
         return None
     identity = _identity(lean.model)
     path = compiled_path(cache_dir, identity)
     verdict = _read_verdict(path, identity) if mode == "auto" else None
-    if verdict is not None and not verdict["compiled_is_faster"]:
+    if verdict is not None and not verdict["max_rows"]:
         log.info("decode steps run eagerly: compiled measured no faster on this CPU (%s)", path)
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read by inductor at each use
     started = time.perf_counter()
-    log.info("compiling the decode step (1 row, then any number of rows): about a minute on a first start, "
+    log.info("compiling the decode step (one graph for any number of rows): about a minute on a first start, "
              "seconds once %s holds the compiled code", cache_dir / "inductor")  # fmt: skip
     with torch.inference_mode(), _warm_steps(cache) as steps:
         for kv_step, ids, positions, rows in steps:
             compiled(ids, positions, rows, kv_step)
         log.info("compiled the decode step in %.1f s", time.perf_counter() - started)
-        if mode != "auto" or verdict is not None:
-            return compiled
-        verdict = _measure(lean, compiled, steps[0])
-    _write_verdict(path, identity, verdict)
-    if not verdict["compiled_is_faster"]:
-        log.info(
-            "decode steps run eagerly: compiled %.2f ms a token against eager %.2f ms",
-            verdict["compiled_ms"],
-            verdict["eager_ms"],
-        )
-        return None
-    log.info(
-        "decode steps compiled: %.2f ms a token against eager %.2f ms (%s)",
-        verdict["compiled_ms"],
-        verdict["eager_ms"],
-        path,
-    )
-    return compiled
+        if mode == "auto" and verdict is None:
+            verdict = _measure(lean, compiled, steps)
+            _write_verdict(path, identity, verdict)
+    if verdict is not None:
+        compiled.max_rows = verdict["max_rows"]
+        log.info("decode steps of up to %s rows compiled (ms a step: %s; %s)", verdict["max_rows"], verdict["ms"], path)
+    return compiled if compiled.max_rows else None
 
 
 def _identity(model: nn.Module) -> dict:
@@ -239,43 +241,52 @@ def _write_verdict(path: Path, identity: dict, verdict: dict) -> None:
 
 @contextlib.contextmanager
 def _warm_steps(cache: KVCache) -> Iterator[list[tuple]]:
-    """Decode steps of 1 and 2 rows over the start of the pool (each row 64 tokens of context, or
-    what the pool holds), as (kv_step, ids, positions, rows); the pool's slice is restored after,
-    though at startup no sequence owns it yet."""
-    context = max(1, min(64, cache.capacity_tokens // 2))
-    saved = [(k[:, : 2 * context].clone(), v[:, : 2 * context].clone()) for k, v in zip(cache.k, cache.v)]
+    """Decode steps of each of MEASURED_ROWS rows over the start of the pool (each row 64 tokens of
+    context, or what the pool holds), as (kv_step, ids, positions, rows); the pool's slice is
+    restored after, though at startup no sequence owns it yet."""
+    span = max(MEASURED_ROWS) * max(1, min(64, cache.capacity_tokens // max(MEASURED_ROWS)))
+    context = span // max(MEASURED_ROWS)
+    saved = [(k[:, :span].clone(), v[:, :span].clone()) for k, v in zip(cache.k, cache.v)]
     steps = []
-    for num_rows in (1, 2):
+    for num_rows in MEASURED_ROWS:
         seqs = [SeqSlice(row, 1, row * context, context) for row in range(num_rows)]
         write = torch.tensor([row * context + context - 1 for row in range(num_rows)])
         positions = torch.full((num_rows,), context - 1)
-        steps.append(
-            (KVStep(cache, seqs, write), torch.zeros(num_rows, dtype=torch.long), positions, torch.arange(num_rows))
-        )
+        ids = torch.zeros(num_rows, dtype=torch.long)
+        steps.append((KVStep(cache, seqs, write), ids, positions, torch.arange(num_rows)))
     try:
         yield steps
     finally:
         for (k, v), (k_saved, v_saved) in zip(zip(cache.k, cache.v), saved):
-            k[:, : 2 * context].copy_(k_saved)
-            v[:, : 2 * context].copy_(v_saved)
+            k[:, :span].copy_(k_saved)
+            v[:, :span].copy_(v_saved)
 
 
-def _measure(lean: LeanForward, compiled: CompiledDecode, step: tuple, rounds: int = 7, tokens: int = 8) -> dict:
-    """One-row decode steps, eager and compiled in turn round after round (so a busy spell slows
-    both), median ms a token of each. Compiled is kept where it is at least 3% faster."""
-    kv_step, ids, positions, rows = step
-    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+def _measure(lean: LeanForward, compiled: CompiledDecode, steps: list[tuple], rounds: int = 7, tokens: int = 6) -> dict:
+    """Decode steps of each measured row count, eager and compiled in turn round after round (so a
+    busy spell slows both), median ms a step of each. Compiled serves steps up to the largest row
+    count at which it was at least 3% faster, and none if it was not at one row (max_rows 0). Its
+    matmuls are MKL's, where the eager pass may run oneDNN's packed ones (the kernel plan): at more
+    rows the matmuls weigh more and the fused elementwise ops less, so more rows may favour eager."""
+    times = {(rows, name): [] for rows in MEASURED_ROWS for name in ("eager", "compiled")}
     for _ in range(rounds):
-        for name, forward in (("eager", lean), ("compiled", compiled)):
-            started = time.perf_counter()
-            for _ in range(tokens):
-                forward(ids, positions, rows, kv_step)
-            times[name].append((time.perf_counter() - started) / tokens * 1e3)
-    eager, fast = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        for kv_step, ids, positions, rows in steps:
+            for name, forward in (("eager", lean), ("compiled", compiled)):
+                started = time.perf_counter()
+                for _ in range(tokens):
+                    forward(ids, positions, rows, kv_step)
+                times[len(ids), name].append((time.perf_counter() - started) / tokens * 1e3)
+    ms = {
+        rows: {name: round(statistics.median(times[rows, name]), 3) for name in ("eager", "compiled")}
+        for rows in MEASURED_ROWS
+    }
+    faster = [rows for rows in MEASURED_ROWS if ms[rows]["compiled"] < 0.97 * ms[rows]["eager"]]
+    max_rows = (
+        0 if 1 not in faster else max(rows for rows in faster if all(r in faster for r in MEASURED_ROWS if r <= rows))
+    )
     return {
-        "compiled_is_faster": fast < 0.97 * eager,
-        "eager_ms": round(eager, 3),
-        "compiled_ms": round(fast, 3),
+        "max_rows": max_rows,
+        "ms": {str(rows): times_ for rows, times_ in ms.items()},
         "load_average": os.getloadavg()[0],
         "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -112,7 +112,7 @@ class ModelRunner:
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep, is_decode: bool = False
     ) -> torch.Tensor:
-        if is_decode and self.compiled is not None and self.compiled.can_run():
+        if is_decode and self.compiled is not None and self.compiled.can_run(len(ids)):
             return self.compiled(ids, positions, rows, step)
         if self.lean is not None:
             return self.lean(ids, positions, rows, step)
