@@ -4,8 +4,11 @@ The members of a group read the same x and write side by side into one fused out
 (the CUDA pass's one base GEMM per group). lora_kernels.py would run two launches per member; here
 the shrink reads each block of x once for every member's A and writes h [K, N, G·R] (member j's
 ranks at columns j·R), and the expand's column blocks walk the members' outputs in turn, each
-with its own B and its own R columns of h. Rows are sorted by slot as there (LoraRows), so a
-program's A or B tiles are one slot's, read in place from each member's slot buffer.
+with its own B and its own R columns of h. Rows are sorted by slot and cut into blocks of one
+slot as there (LoraRows), so a program's A or B tiles are one slot's, read in place from each
+member's slot buffer; the grids are sized by the rows and each program loops over the blocks the
+step uses (as lora_kernels.py), never by the slots. Not yet: each slot's own rank (the buffer's R
+is walked), split-K in the shrink, and skipping layers no step slot targets.
 
 Up to three members (q/k/v); members no loaded adapter targets (no buffers) are left out by the
 caller (adapters/ops.py), so their columns of y get nothing.
@@ -31,17 +34,17 @@ def group_shrink(x: torch.Tensor, lora_as: list[torch.Tensor], rows: LoraRows) -
     with a slot (other rows are left unwritten: the expand never reads them). x [N, in]; each A_j
     [S, R, in], one shape for all."""
     num_terms, (num_rows, in_features) = rows.num_terms, x.shape
-    num_slots, rank, _ = lora_as[0].shape
+    rank = lora_as[0].shape[1]
     assert all(a.shape == lora_as[0].shape and a.stride() == lora_as[0].stride() for a in lora_as)
     assert x.stride(1) == 1 and lora_as[0].stride(2) == 1, "the kernel steps the input dimension by one"
     h = torch.empty(num_terms, num_rows, len(lora_as) * rank, dtype=x.dtype, device=x.device)
     pointers = lora_as + [lora_as[0]] * (MAX_MEMBERS - len(lora_as))
-    grid = (triton.cdiv(num_rows, BLOCK_M), num_slots, num_terms)
-    _group_shrink_kernel[grid](
+    _group_shrink_kernel[(rows.row_blocks, num_terms)](
         x, *pointers, h, rows.sorted_rows, rows.slot_starts, rows.token_scales,
+        rows.block_slots, rows.block_firsts, rows.blocks_used, rows.row_blocks,
         in_features, rank,
         x.stride(0), lora_as[0].stride(0), lora_as[0].stride(1), h.stride(0), h.stride(1),
-        rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0),
+        rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0), rows.block_slots.stride(0),
         NUM_MEMBERS=len(lora_as), BLOCK_M=BLOCK_M, BLOCK_R=_tile(rank), BLOCK_K=min(64, _tile(in_features)),
         DOT_FP32=_dot_in_fp32(x.dtype),
     )  # fmt: skip
@@ -53,18 +56,19 @@ def group_expand(
 ) -> torch.Tensor:
     """In place on y [N, Σ out]: y[t, c_j : c_j + out_j] += Σ_k h[k, t, j·R : (j+1)·R] @ B_j[slot],
     c_j = columns[j], each B_j [S, R, out_j]; one launch per term. Returns y."""
-    num_rows, rank = y.shape[0], lora_bs[0].shape[1]
+    rank = lora_bs[0].shape[1]
     outs = [b.shape[2] for b in lora_bs]
     blocks = [triton.cdiv(out, BLOCK_N) for out in outs]
     padded = MAX_MEMBERS - len(lora_bs)
     b_args = []
     for b, out, column in zip(lora_bs + [lora_bs[0]] * padded, outs + [0] * padded, columns + [0] * padded):
         b_args += [b, out, column, b.stride(0), b.stride(1)]
-    grid = (triton.cdiv(num_rows, BLOCK_M), sum(blocks), lora_bs[0].shape[0])
+    num_programs = rows.row_blocks * sum(blocks)  # each loops over the (row block, column block) items used
     for term in range(rows.num_terms):
-        _group_expand_kernel[grid](
-            y, h[term], *b_args, rows.sorted_rows[term], rows.slot_starts[term], rank,
-            blocks[0], sum(blocks[:2]), y.stride(0), h.stride(1),
+        _group_expand_kernel[(num_programs,)](
+            y, h[term], *b_args, rows.sorted_rows[term], rows.slot_starts[term],
+            rows.block_slots[term], rows.block_firsts[term], rows.blocks_used[term : term + 1], num_programs, rank,
+            blocks[0], sum(blocks[:2]), sum(blocks), y.stride(0), h.stride(1),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_tile(rank), DOT_FP32=_dot_in_fp32(y.dtype),
         )  # fmt: skip
     return y
@@ -89,18 +93,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _group_shrink_kernel(
-        x, a0, a1, a2, h, sorted_rows, slot_starts, scales,
+        x, a0, a1, a2, h, sorted_rows, slot_starts, scales, block_slots, block_firsts, blocks_used, num_programs,
         in_features, rank,
         stride_x, stride_a_slot, stride_a_rank, stride_h_term, stride_h_row,
-        stride_sorted, stride_starts, stride_scales,
+        stride_sorted, stride_starts, stride_scales, stride_blocks,
         NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, slot, term = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-        start = tl.load(slot_starts + term * stride_starts + slot)
-        stop = tl.load(slot_starts + term * stride_starts + slot + 1)
-        first = start + block * BLOCK_M
-        if first < stop:
+        """Program p of term k takes the blocks p, p + P, ... of the term's used blocks (LoraRows)."""
+        term = tl.program_id(1)
+        for block in range(tl.program_id(0), tl.load(blocks_used + term), num_programs):
+            slot = tl.load(block_slots + term * stride_blocks + block).to(tl.int64)
+            first = tl.load(block_firsts + term * stride_blocks + block)
+            stop = tl.load(slot_starts + term * stride_starts + slot + 1)
             offsets = first + tl.arange(0, BLOCK_M)
             in_rows = offsets < stop
             row = tl.load(sorted_rows + term * stride_sorted + offsets, mask=in_rows, other=0).to(tl.int64)
@@ -154,14 +159,17 @@ if HAVE_TRITON:
         b0, out0, column0, stride_b0_slot, stride_b0_rank,
         b1, out1, column1, stride_b1_slot, stride_b1_rank,
         b2, out2, column2, stride_b2_slot, stride_b2_rank,
-        sorted_rows, slot_starts, rank, blocks_before_1, blocks_before_2, stride_y, stride_h,
+        sorted_rows, slot_starts, block_slots, block_firsts, blocks_used, num_programs, rank,
+        blocks_before_1, blocks_before_2, column_blocks, stride_y, stride_h,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        block, column_block, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        start = tl.load(slot_starts + slot)
-        stop = tl.load(slot_starts + slot + 1)
-        first = start + block * BLOCK_M
-        if first < stop:
+        """Program p takes the (row block, column block) items p, p + P, ... of the used blocks."""
+        num_items = tl.load(blocks_used) * column_blocks
+        for item in range(tl.program_id(0), num_items, num_programs):
+            block, column_block = item // column_blocks, item % column_blocks
+            slot = tl.load(block_slots + block).to(tl.int64)
+            first = tl.load(block_firsts + block)
+            stop = tl.load(slot_starts + slot + 1)
             offsets = first + tl.arange(0, BLOCK_M)
             in_rows = offsets < stop
             row = tl.load(sorted_rows + offsets, mask=in_rows, other=0).to(tl.int64)
