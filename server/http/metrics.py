@@ -139,7 +139,7 @@ class Metrics:
         )
         self.store_bytes = Gauge(
             "loraserve:adapter_store_bytes",
-            "Bytes of the adapter store's current versions, and of versions the budget evicted in the last seconds.",
+            "Bytes of the adapter store's current versions.",
             registry=r,
         )
         self.evictions = Counter(
