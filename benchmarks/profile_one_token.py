@@ -42,9 +42,10 @@ def main() -> None:
         started = time.perf_counter()
         engine = LLMEngine(base, EngineConfig(compile_decode="on", cache_dir=Path(cache_dir)))
         startup = time.perf_counter() - started
+        print(f"engine ready in {startup:.1f} s (compile included)", flush=True)
         compiled = engine.runner.compiled
         prompt = base.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
-        request = engine.add_request(prompt, SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True))
+        request = engine.add_request(prompt, SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True))
         for _ in range(32):
             engine.step()
         step_ms: dict[str, list[float]] = {"eager": [], "compiled": []}
