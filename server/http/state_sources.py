@@ -122,8 +122,10 @@ class AdapterSources:
         evicted, stored = await asyncio.to_thread(self.budget.evict, keep | in_use | composed)
         for name in evicted:
             log.info("evicted resolved adapter %r from the store (setting adapter_store_max_bytes)", name)
-            if self.ready_engine().has_adapter(name):
+            try:
                 await self.unregister(name)
+            except AdapterNotFoundError:  # not loaded, or a concurrent pass (or a request's sync) took it
+                self._store_versions.pop(name, None)  # (asking has_adapter first raced: two passes both saw it)
         if self.metrics is not None:
             self.metrics.on_store_budget(stored, len(evicted))
 
