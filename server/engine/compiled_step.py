@@ -8,9 +8,9 @@ What makes one compiled graph serve every decode step:
   - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
     with the step's KVStep read from a context variable: the pool writes, per-sequence SDPA and
     whatever masking `attend` does pass through untouched, and the graph does not break on them;
-  - the number of rows is an unbacked size (torch._dynamo.mark_unbacked), so one graph compiled at
-    startup serves one row and any larger count: a plain dynamic size would specialise one row
-    apart and compile a second graph, doubling the first start's compile;
+  - it serves one row (one stream, the case eager dispatch hurts most): a graph over an unbacked row
+    count served any count but ran one stream 0.87x eager where the one-row graph ran 1.18x (same
+    run, AMD EPYC 2 cores; docs/benchmarks.md), and batched steps keep oneDNN's packed matmuls;
   - the linear weights are inputs, not constants: each step passes every linear's current weight
     (W0, or the merged weight while an adapter is merged), so a merge or unmerge swaps tensors
     the graph reads without a guard failing or a recompilation (tests/engine/test_compiled_step.py
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -55,7 +54,7 @@ log = logging.getLogger(__name__)
 
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
-MEASURED_ROWS = (1, 16)  # row counts timed eager against compiled at startup (mode auto)
+MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
 _step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
 
 
@@ -90,7 +89,7 @@ class CompiledDecode:
         self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
         self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
-        self.max_rows = sys.maxsize  # steps of more rows run eagerly (set by the measurement)
+        self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
 
     def can_run(self, num_rows: int) -> bool:
         """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
@@ -109,8 +108,6 @@ class CompiledDecode:
         return True
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
-        for rows_first in (ids, positions, rows):
-            torch._dynamo.decorators.mark_unbacked(rows_first, 0)
         token = _step.set(kv_step)
         self.num_steps += 1
         try:
@@ -185,7 +182,7 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read by inductor at each use
     started = time.perf_counter()
-    log.info("compiling the decode step (one graph for any number of rows): about a minute on a first start, "
+    log.info("compiling the decode step (one row): about a minute on a first start, "
              "seconds once %s holds the compiled code", cache_dir / "inductor")  # fmt: skip
     with torch.inference_mode(), _warm_steps(cache) as steps:
         for kv_step, ids, positions, rows in steps:

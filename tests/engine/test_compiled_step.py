@@ -1,7 +1,7 @@
 """The compiled CPU decode step (server/engine/compiled_step.py) against the eager pass and PEFT.
 
-One engine compiles its decode step (tiny Llama, 2 layers: one graph for any number of rows,
-~10-30 s of inductor here); an eager engine on a copy of the same model runs the
+One engine compiles its decode step (tiny Llama, 2 layers: one graph for one-row steps, ~10-30 s
+of inductor here; steps of more rows run eagerly); an eager engine on a copy of the same model runs the
 same requests. Greedy tokens equal PEFT's; logprobs equal the eager engine's and PEFT's within the
 suite's fp32 bound (inductor fuses the norms and rotary into its own loops, which reorders a few
 sums: measured |Δ logprob| below 1e-5 on this model). Merges and unmerges swap the weights the
@@ -72,7 +72,7 @@ def test_one_stream_matches_eager_and_peft(engines, adapter_paths, adapter):
 
 
 def test_batched_base_rows_and_mixed_steps_match_peft(engines, adapter_paths):
-    """Three base rows decode together (the graph for any number of rows); a mixed batch of
+    """Three base rows decode together (eagerly: the graph serves one row); a mixed batch of
     adapters gathers per row and runs eagerly, then its last survivor merges and runs compiled."""
     compiled, eager = engines
     adapters = [None, None, None, "a", "b", None]
@@ -98,7 +98,7 @@ def test_no_recompilation_across_steps_row_counts_and_merges(engines):
     run_steps(compiled)
     assert all(r.output_token_ids for r in requests)
     assert compiled.stats().num_swaps >= 3
-    assert compiled.runner.compiled.num_steps - steps >= 25
+    assert compiled.runner.compiled.num_steps - steps >= 12
     assert _graphs() == graphs, "a decode step recompiled"
 
 
