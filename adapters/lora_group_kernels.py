@@ -7,8 +7,10 @@ ranks at columns j·R), and the expand's column blocks walk the members' outputs
 with its own B and its own R columns of h. Rows are sorted by slot and cut into blocks of one
 slot as there (LoraRows), so a program's A or B tiles are one slot's, read in place from each
 member's slot buffer; the grids are sized by the rows and each program loops over the blocks the
-step uses (as lora_kernels.py), never by the slots. Not yet: each slot's own rank (the buffer's R
-is walked), split-K in the shrink, and skipping layers no step slot targets.
+step uses (as lora_kernels.py), never by the slots. Each member has its own per-layer rank table
+(an adapter may target q at rank 8 and v not at all): programs walk each slot's own ranks in chunks
+of at most MAX_BLOCK_R (lora_kernels.rank_tile), so a rank-8 adapter in a rank-64 buffer loads 8
+rows of each A and B and never the zeros past them. Not yet: split-K in the shrink.
 
 Up to three members (q/k/v); members no loaded adapter targets (no buffers) are left out by the
 caller (adapters/ops.py), so their columns of y get nothing.
@@ -18,60 +20,80 @@ from __future__ import annotations
 
 import torch
 
-from .lora_kernels import BLOCK_M, HAVE_TRITON, LoraRows
+from .lora_kernels import BLOCK_M, HAVE_TRITON, LoraRows, _full_ranks, rank_tile
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .lora_kernels import _block_rows, _slot_offset
 
 MAX_MEMBERS = 3
 BLOCK_N = 64  # output columns per expand program
 INTERPRETED = False  # set below from what triton.jit made of the kernels
 
 
-def group_shrink(x: torch.Tensor, lora_as: list[torch.Tensor], rows: LoraRows) -> torch.Tensor:
-    """h [K, N, G·R] in x.dtype: h[k, t, j·R : (j+1)·R] = scale[k, t]·(x[t] @ A_j[slot]ᵀ), for the rows
-    with a slot (other rows are left unwritten: the expand never reads them). x [N, in]; each A_j
-    [S, R, in], one shape for all."""
+def group_shrink(
+    x: torch.Tensor, lora_as: list[torch.Tensor], rows: LoraRows, ranks: list[torch.Tensor | None] | None = None
+) -> torch.Tensor:
+    """h [K, N, G·R] in x.dtype: h[k, t, j·R : j·R + r_j] = scale[k, t]·(x[t] @ A_j[slot, :r_j]ᵀ), r_j
+    the slot's rank in member j (`ranks[j]` [S] int32 on the device; None: the buffer's R), for the
+    rows with a slot. Nothing else of h is written: the expand reads only those entries. x [N, in];
+    each A_j [S, R, in], one shape for all."""
     num_terms, (num_rows, in_features) = rows.num_terms, x.shape
     rank = lora_as[0].shape[1]
     assert all(a.shape == lora_as[0].shape and a.stride() == lora_as[0].stride() for a in lora_as)
     assert x.stride(1) == 1 and lora_as[0].stride(2) == 1, "the kernel steps the input dimension by one"
     h = torch.empty(num_terms, num_rows, len(lora_as) * rank, dtype=x.dtype, device=x.device)
     pointers = lora_as + [lora_as[0]] * (MAX_MEMBERS - len(lora_as))
+    tables = _rank_tables(lora_as, ranks)
     _group_shrink_kernel[(rows.row_blocks, num_terms)](
-        x, *pointers, h, rows.sorted_rows, rows.slot_starts, rows.token_scales,
+        x, *pointers, h, *tables, rows.sorted_rows, rows.slot_starts, rows.token_scales,
         rows.block_slots, rows.block_firsts, rows.blocks_used, rows.row_blocks,
         in_features, rank,
         x.stride(0), lora_as[0].stride(0), lora_as[0].stride(1), h.stride(0), h.stride(1),
         rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0), rows.block_slots.stride(0),
-        NUM_MEMBERS=len(lora_as), BLOCK_M=BLOCK_M, BLOCK_R=_tile(rank), BLOCK_K=min(64, _tile(in_features)),
+        NUM_MEMBERS=len(lora_as), BLOCK_M=BLOCK_M, BLOCK_R=rank_tile(rank), BLOCK_K=min(64, _tile(in_features)),
         DOT_FP32=_dot_in_fp32(x.dtype),
     )  # fmt: skip
     return h
 
 
 def group_expand(
-    y: torch.Tensor, h: torch.Tensor, lora_bs: list[torch.Tensor], columns: list[int], rows: LoraRows
+    y: torch.Tensor,
+    h: torch.Tensor,
+    lora_bs: list[torch.Tensor],
+    columns: list[int],
+    rows: LoraRows,
+    ranks: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """In place on y [N, Σ out]: y[t, c_j : c_j + out_j] += Σ_k h[k, t, j·R : (j+1)·R] @ B_j[slot],
-    c_j = columns[j], each B_j [S, R, out_j]; one launch per term. Returns y."""
+    """In place on y [N, Σ out]: y[t, c_j : c_j + out_j] += Σ_k h[k, t, j·R : j·R + r_j] @ B_j[slot, :r_j],
+    c_j = columns[j], each B_j [S, R, out_j], r_j as in `group_shrink`; one launch per term. Returns y."""
     rank = lora_bs[0].shape[1]
     outs = [b.shape[2] for b in lora_bs]
     blocks = [triton.cdiv(out, BLOCK_N) for out in outs]
     padded = MAX_MEMBERS - len(lora_bs)
     b_args = []
-    for b, out, column in zip(lora_bs + [lora_bs[0]] * padded, outs + [0] * padded, columns + [0] * padded):
-        b_args += [b, out, column, b.stride(0), b.stride(1)]
+    buffers, tables = lora_bs + [lora_bs[0]] * padded, _rank_tables(lora_bs, ranks)
+    for b, table, out, column in zip(buffers, tables, outs + [0] * padded, columns + [0] * padded):
+        b_args += [b, table, out, column, b.stride(0), b.stride(1)]
     num_programs = rows.row_blocks * sum(blocks)  # each loops over the (row block, column block) items used
     for term in range(rows.num_terms):
         _group_expand_kernel[(num_programs,)](
             y, h[term], *b_args, rows.sorted_rows[term], rows.slot_starts[term],
             rows.block_slots[term], rows.block_firsts[term], rows.blocks_used[term : term + 1], num_programs, rank,
             blocks[0], sum(blocks[:2]), sum(blocks), y.stride(0), h.stride(1),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_tile(rank), DOT_FP32=_dot_in_fp32(y.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=rank_tile(rank), DOT_FP32=_dot_in_fp32(y.dtype),
         )  # fmt: skip
     return y
+
+
+def _rank_tables(buffers: list[torch.Tensor], ranks: list[torch.Tensor | None] | None) -> list[torch.Tensor]:
+    """Each member's [S] int32 rank table (the buffer's R where none is given), padded to MAX_MEMBERS
+    with the first's (a padded member's kernel code is compiled out)."""
+    ranks = [None] * len(buffers) if ranks is None else ranks
+    tables = [_full_ranks(buf, buf.shape[1]) if table is None else table for buf, table in zip(buffers, ranks)]
+    return tables + [tables[0]] * (MAX_MEMBERS - len(tables))
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -93,8 +115,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _group_shrink_kernel(
-        x, a0, a1, a2, h, sorted_rows, slot_starts, scales, block_slots, block_firsts, blocks_used, num_programs,
-        in_features, rank,
+        x, a0, a1, a2, h, ranks0, ranks1, ranks2, sorted_rows, slot_starts, scales, block_slots, block_firsts,
+        blocks_used, num_programs,
+        in_features, member_columns,
         stride_x, stride_a_slot, stride_a_rank, stride_h_term, stride_h_row,
         stride_sorted, stride_starts, stride_scales, stride_blocks,
         NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -102,52 +125,65 @@ if HAVE_TRITON:
     ):  # fmt: skip
         """Program p of term k takes the blocks p, p + P, ... of the term's used blocks (LoraRows)."""
         term = tl.program_id(1)
+        sorted_rows += term * stride_sorted
+        slot_starts += term * stride_starts
+        block_slots += term * stride_blocks
+        block_firsts += term * stride_blocks
+        scales += term * stride_scales
+        h += term * stride_h_term
         for block in range(tl.program_id(0), tl.load(blocks_used + term), num_programs):
-            slot = tl.load(block_slots + term * stride_blocks + block).to(tl.int64)
-            first = tl.load(block_firsts + term * stride_blocks + block)
-            stop = tl.load(slot_starts + term * stride_starts + slot + 1)
-            offsets = first + tl.arange(0, BLOCK_M)
-            in_rows = offsets < stop
-            row = tl.load(sorted_rows + term * stride_sorted + offsets, mask=in_rows, other=0).to(tl.int64)
-            r = tl.arange(0, BLOCK_R)
-            acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, in_features, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                in_k = k < in_features
-                xs = tl.load(x + row[:, None] * stride_x + k[None, :], mask=in_rows[:, None] & in_k[None, :], other=0.0)
-                a_offsets = slot * stride_a_slot + k[:, None] + r[None, :] * stride_a_rank  # Aᵀ tile, in place
-                a_mask = in_k[:, None] & (r[None, :] < rank)
-                acc0 += _dot(xs, tl.load(a0 + a_offsets, mask=a_mask, other=0.0), DOT_FP32)
+            slot = tl.load(block_slots + block)
+            row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
+            rank0, rank1, rank2 = tl.load(ranks0 + slot), tl.load(ranks1 + slot), tl.load(ranks2 + slot)
+            a_slot = _slot_offset(slot, stride_a_slot)
+            scale = tl.load(scales + row, mask=in_rows, other=0.0)[:, None]
+            # One x tile feeds every member's chunk; a member past its own rank masks its A (no load).
+            for r0 in range(0, tl.maximum(rank0, tl.maximum(rank1, rank2)), BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                in0, in1, in2 = r < rank0, r < rank1, r < rank2
+                acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, in_features, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    in_k = k < in_features
+                    x_tile = x + row[:, None] * stride_x + k[None, :]
+                    xs = tl.load(x_tile, mask=in_rows[:, None] & in_k[None, :], other=0.0)
+                    a_offsets = a_slot + k[:, None] + r[None, :] * stride_a_rank  # Aᵀ tile, in place
+                    acc0 += _dot(xs, tl.load(a0 + a_offsets, mask=in_k[:, None] & in0[None, :], other=0.0), DOT_FP32)
+                    if NUM_MEMBERS > 1:
+                        a_t = tl.load(a1 + a_offsets, mask=in_k[:, None] & in1[None, :], other=0.0)
+                        acc1 += _dot(xs, a_t, DOT_FP32)
+                    if NUM_MEMBERS > 2:
+                        a_t = tl.load(a2 + a_offsets, mask=in_k[:, None] & in2[None, :], other=0.0)
+                        acc2 += _dot(xs, a_t, DOT_FP32)
+                out = h + row[:, None] * stride_h_row + r[None, :]
+                tl.store(out, (acc0 * scale).to(h.dtype.element_ty), mask=in_rows[:, None] & in0[None, :])
                 if NUM_MEMBERS > 1:
-                    acc1 += _dot(xs, tl.load(a1 + a_offsets, mask=a_mask, other=0.0), DOT_FP32)
+                    mask = in_rows[:, None] & in1[None, :]
+                    tl.store(out + member_columns, (acc1 * scale).to(h.dtype.element_ty), mask=mask)
                 if NUM_MEMBERS > 2:
-                    acc2 += _dot(xs, tl.load(a2 + a_offsets, mask=a_mask, other=0.0), DOT_FP32)
-            scale = tl.load(scales + term * stride_scales + row, mask=in_rows, other=0.0)[:, None]
-            out = h + term * stride_h_term + row[:, None] * stride_h_row + r[None, :]
-            mask = in_rows[:, None] & (r[None, :] < rank)
-            tl.store(out, (acc0 * scale).to(h.dtype.element_ty), mask=mask)
-            if NUM_MEMBERS > 1:
-                tl.store(out + rank, (acc1 * scale).to(h.dtype.element_ty), mask=mask)
-            if NUM_MEMBERS > 2:
-                tl.store(out + 2 * rank, (acc2 * scale).to(h.dtype.element_ty), mask=mask)
+                    mask = in_rows[:, None] & in2[None, :]
+                    tl.store(out + 2 * member_columns, (acc2 * scale).to(h.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _expand_member(
-        y, h, b, out_features, column, stride_b_slot, stride_b_rank, slot, row, in_rows, column_block, rank,
-        stride_y, stride_h, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
+        y, h, b, ranks, out_features, column, stride_b_slot, stride_b_rank, slot, row, in_rows, column_block,
+        stride_y, stride_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        r = tl.arange(0, BLOCK_R)
+        rank = tl.load(ranks + slot)
+        b_slot = b + _slot_offset(slot, stride_b_slot)
         n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
         in_cols = n < out_features
-        hs = tl.load(h + row[:, None] * stride_h + r[None, :], mask=in_rows[:, None] & (r[None, :] < rank), other=0.0)
-        bs = tl.load(
-            b + slot * stride_b_slot + r[:, None] * stride_b_rank + n[None, :],
-            mask=(r[:, None] < rank) & in_cols[None, :],
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_N]
-        delta = _dot(hs, bs, DOT_FP32)
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):  # this slot's own rank in this member, never the buffer's
+            r = r0 + tl.arange(0, BLOCK_R)
+            in_rank = r < rank
+            hs = tl.load(h + row[:, None] * stride_h + r[None, :], mask=in_rows[:, None] & in_rank[None, :], other=0.0)
+            b_tile = b_slot + r[:, None] * stride_b_rank + n[None, :]
+            bs = tl.load(b_tile, mask=in_rank[:, None] & in_cols[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            delta += _dot(hs, bs, DOT_FP32)
         mask = in_rows[:, None] & in_cols[None, :]
         pointers = y + row[:, None] * stride_y + column + n[None, :]
         before = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
@@ -156,10 +192,10 @@ if HAVE_TRITON:
     @triton.jit
     def _group_expand_kernel(
         y, h,
-        b0, out0, column0, stride_b0_slot, stride_b0_rank,
-        b1, out1, column1, stride_b1_slot, stride_b1_rank,
-        b2, out2, column2, stride_b2_slot, stride_b2_rank,
-        sorted_rows, slot_starts, block_slots, block_firsts, blocks_used, num_programs, rank,
+        b0, ranks0, out0, column0, stride_b0_slot, stride_b0_rank,
+        b1, ranks1, out1, column1, stride_b1_slot, stride_b1_rank,
+        b2, ranks2, out2, column2, stride_b2_slot, stride_b2_rank,
+        sorted_rows, slot_starts, block_slots, block_firsts, blocks_used, num_programs, member_columns,
         blocks_before_1, blocks_before_2, column_blocks, stride_y, stride_h,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
@@ -167,26 +203,22 @@ if HAVE_TRITON:
         num_items = tl.load(blocks_used) * column_blocks
         for item in range(tl.program_id(0), num_items, num_programs):
             block, column_block = item // column_blocks, item % column_blocks
-            slot = tl.load(block_slots + block).to(tl.int64)
-            first = tl.load(block_firsts + block)
-            stop = tl.load(slot_starts + slot + 1)
-            offsets = first + tl.arange(0, BLOCK_M)
-            in_rows = offsets < stop
-            row = tl.load(sorted_rows + offsets, mask=in_rows, other=0).to(tl.int64)
+            slot = tl.load(block_slots + block)
+            row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
             if column_block < blocks_before_1:
                 _expand_member(
-                    y, h, b0, out0, column0, stride_b0_slot, stride_b0_rank, slot, row, in_rows,
-                    column_block, rank, stride_y, stride_h, BLOCK_N, BLOCK_R, DOT_FP32,
+                    y, h, b0, ranks0, out0, column0, stride_b0_slot, stride_b0_rank, slot, row, in_rows,
+                    column_block, stride_y, stride_h, BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32,
                 )  # fmt: skip
             elif column_block < blocks_before_2:
                 _expand_member(
-                    y, h + rank, b1, out1, column1, stride_b1_slot, stride_b1_rank, slot, row, in_rows,
-                    column_block - blocks_before_1, rank, stride_y, stride_h, BLOCK_N, BLOCK_R, DOT_FP32,
+                    y, h + member_columns, b1, ranks1, out1, column1, stride_b1_slot, stride_b1_rank, slot, row,
+                    in_rows, column_block - blocks_before_1, stride_y, stride_h, BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32,
                 )  # fmt: skip
             else:
                 _expand_member(
-                    y, h + 2 * rank, b2, out2, column2, stride_b2_slot, stride_b2_rank, slot, row, in_rows,
-                    column_block - blocks_before_2, rank, stride_y, stride_h, BLOCK_N, BLOCK_R, DOT_FP32,
+                    y, h + 2 * member_columns, b2, ranks2, out2, column2, stride_b2_slot, stride_b2_rank, slot, row,
+                    in_rows, column_block - blocks_before_2, stride_y, stride_h, BLOCK_M, BLOCK_N, BLOCK_R, DOT_FP32,
                 )  # fmt: skip
 
     # What triton.jit decided (it reads TRITON_INTERPRET, spelled as its version accepts it).

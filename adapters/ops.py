@@ -136,21 +136,32 @@ def add_lora_group_rows(
     lora_bs: list[torch.Tensor | None],
     sizes: list[int],
     rows: LoraRows,
+    slot_ranks: list[list[int]] | None = None,
+    rank_tables: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """`add_lora_rows` for a fused group: y [N, Σ sizes] holds the members' outputs side by side
     (member j's out_features = sizes[j]); its [S, R, in] and [S, R, out_j] buffers are lora_as[j],
     lora_bs[j] (None: no adapter targets it, no work). One shrink and one expand per term for the
     whole group (adapters/lora_group_kernels.py). No extras: members with LoRA biases or DoRA take
-    `add_lora_rows` (the caller's choice)."""
+    `add_lora_rows` (the caller's choice).
+
+    `slot_ranks[j]` (host) and `rank_tables[j]` (device) are member j's as in `add_lora_rows`: a
+    member none of the step's slots targets is left out on the host (no sync), the group launches
+    nothing when that leaves none, and the kernels walk each slot's own rank per member."""
     from .lora_group_kernels import group_expand, group_shrink  # Triton: imported only where rows are used
 
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
-    present = [j for j, a in enumerate(lora_as) if a is not None]
+    present = [
+        j
+        for j, a in enumerate(lora_as)
+        if a is not None and (slot_ranks is None or _targets(slot_ranks[j], rows.slot_list))
+    ]
     if not present:
         return y
+    ranks = None if rank_tables is None else [rank_tables[j] for j in present]
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    h = group_shrink(x2, [lora_as[j] for j in present], rows)
-    group_expand(y2, h, [lora_bs[j] for j in present], [starts[j] for j in present], rows)
+    h = group_shrink(x2, [lora_as[j] for j in present], rows, ranks)
+    group_expand(y2, h, [lora_bs[j] for j in present], [starts[j] for j in present], rows, ranks)
     return y
 
 

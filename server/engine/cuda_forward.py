@@ -56,7 +56,8 @@ class _Group:
                     m.add_delta(view, x, batch)  # the member's own ops, extras included
             return y
         lora_as, lora_bs = [m.lora_a for m in members], [m.lora_b for m in members]
-        return add_lora_group_rows(y, x, lora_as, lora_bs, self.fused.sizes, batch.rows)
+        ranks, tables = [m.slot_ranks for m in members], [m.rank_table for m in members]
+        return add_lora_group_rows(y, x, lora_as, lora_bs, self.fused.sizes, batch.rows, ranks, tables)
 
 
 class CudaForward:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters import lora_group_kernels
 from adapters.lora_kernels import BLOCK_M, LoraRows
 from adapters.ops import add_lora_group_rows, add_lora_reference
 
@@ -63,3 +64,58 @@ def test_one_shrink_and_expand_per_group_equal_each_members_delta(dtype, terms, 
         columns = slice(sum(SIZES[:absent]), sum(SIZES[: absent + 1]))
         assert torch.equal(got[:, columns], y[:, columns])
     assert (got.float() - y.float()).abs().max() > 1  # the adapters did move the rows
+
+
+def rank_tables(*per_member: list[int]) -> list[torch.Tensor]:
+    return [torch.tensor(ranks, dtype=torch.int32, device=DEVICE) for ranks in per_member]
+
+
+def test_each_member_reads_nothing_past_each_slots_own_rank(monkeypatch):
+    """Slot 2 holds a rank-8 adapter in the rank-12 buffers, and slot 0's adapter does not target k
+    (rank 0 there): what lies past those ranks (poisoned with NaN here) is never loaded, and every
+    tensor the kernels allocate starts as NaN, so the expand reads only entries of h the shrink wrote."""
+    x, lora_as, lora_bs, slots, scales = random_group(torch.float32, terms=2)
+    lora_as[1][0], lora_bs[1][0] = 0, 0
+    rows = LoraRows.build(slots, scales, S)
+    y = torch.randn(N, sum(SIZES), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    expected = member_references(y, x, lora_as, lora_bs, slots, scales)
+    for a, b in zip(lora_as, lora_bs):
+        a[2, 8:], b[2, 8:] = float("nan"), float("nan")
+    lora_as[1][0], lora_bs[1][0] = float("nan"), float("nan")
+    slot_ranks = [[R, R, 8, 0], [0, R, 8, 0], [R, R, 8, 0]]
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kwargs: empty(*shape, **kwargs).fill_(float("nan")))
+    got = add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, rows, slot_ranks, rank_tables(*slot_ranks))
+    monkeypatch.undo()
+    atol = 8 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+class LaunchSpy:
+    """Stands in for a kernel: records each launch by name, then runs the kernel."""
+
+    def __init__(self, kernel, name: str, launches: list[str]):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+def test_a_group_none_of_the_steps_slots_targets_launches_nothing(monkeypatch):
+    """Decided on the host from the step's slots (no sync), member by member; a graph's rows (any
+    slot) launch when some loaded slot targets a member."""
+    launches = []
+    for name in ("_group_shrink_kernel", "_group_expand_kernel"):
+        monkeypatch.setattr(lora_group_kernels, name, LaunchSpy(getattr(lora_group_kernels, name), name, launches))
+    x, lora_as, lora_bs, slots, scales = random_group(torch.float32, terms=1)
+    slots = torch.where(slots == 2, -1, slots)  # the step's slots: 0 and 1
+    y = torch.randn(N, sum(SIZES), device=DEVICE)
+    slot_ranks = [[0, 0, 8, 0]] * 3  # this layer: only slot 2's adapter targets it
+    tables = rank_tables(*slot_ranks)
+    step_rows = LoraRows.build(slots, scales, S, slot_list=(0, 1))
+    assert torch.equal(add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, step_rows, slot_ranks, tables), y)
+    assert launches == []
+    graph_rows = LoraRows.build(slots, scales, S)
+    assert torch.equal(add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, graph_rows, slot_ranks, tables), y)
+    assert launches == ["_group_shrink_kernel", "_group_expand_kernel"]
