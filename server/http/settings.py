@@ -68,7 +68,6 @@ class Settings(BaseSettings, EngineSettings):
     max_queued_analyses: int = Field(4, ge=0)  # waiting for an analysis worker; 429 past it
     # The engine alone defaults to packed (deterministic tests); a server measures once per CPU.
     kernel_choice: Literal["auto", "packed", "plain"] = "auto"  # auto: measured per weight shape, cached per CPU
-    compile_decode: Literal["auto", "on", "off"] = "auto"  # auto: compiled decode where measured faster, per CPU
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
