@@ -10,7 +10,9 @@ member's slot buffer; the grids are sized by the rows and each program loops ove
 step uses (as lora_kernels.py), never by the slots. Each member has its own per-layer rank table
 (an adapter may target q at rank 8 and v not at all): programs walk each slot's own ranks in chunks
 of at most MAX_BLOCK_R (lora_kernels.rank_tile), so a rank-8 adapter in a rank-64 buffer loads 8
-rows of each A and B and never the zeros past them. Not yet: split-K in the shrink.
+rows of each A and B and never the zeros past them. The shrink splits K as lora_kernels.py does
+(ShrinkPlan: until one row fills the SMs; the block's last split sums the fp32 partials in split
+order, so h needs no zero fill and no atomics).
 
 Up to three members (q/k/v); members no loaded adapter targets (no buffers) are left out by the
 caller (adapters/ops.py), so their columns of y get nothing.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_kernels import BLOCK_M, HAVE_TRITON, LoraRows, _full_ranks, rank_tile
+from .lora_kernels import BLOCK_M, HAVE_TRITON, LoraRows, ShrinkPlan, _full_ranks, rank_tile, target_programs
 
 if HAVE_TRITON:
     import triton
@@ -47,13 +49,20 @@ def group_shrink(
     h = torch.empty(num_terms, num_rows, len(lora_as) * rank, dtype=x.dtype, device=x.device)
     pointers = lora_as + [lora_as[0]] * (MAX_MEMBERS - len(lora_as))
     tables = _rank_tables(lora_as, ranks)
-    _group_shrink_kernel[(rows.row_blocks, num_terms)](
-        x, *pointers, h, *tables, rows.sorted_rows, rows.slot_starts, rows.token_scales,
-        rows.block_slots, rows.block_firsts, rows.blocks_used, rows.row_blocks,
-        in_features, rank,
+    plan = ShrinkPlan.choose(in_features, rows.row_blocks, num_terms, target_programs(x.device))
+    split = plan.num_splits > 1
+    partials = h  # [splits, K, N, G·R] fp32 when split: each split's sum, added up by the block's last split
+    if split:
+        partials = torch.empty(plan.num_splits, *h.shape, dtype=torch.float32, device=x.device)
+    num_programs = rows.row_blocks * plan.num_splits  # per term; each loops over the (block, split) items used
+    _group_shrink_kernel[(num_programs, num_terms)](
+        x, *pointers, h, partials, *tables, rows.sorted_rows, rows.slot_starts, rows.token_scales,
+        rows.block_slots, rows.block_firsts, rows.blocks_used, rows.split_counts, num_programs,
+        in_features, plan.k_per_split, plan.num_splits, rank,
         x.stride(0), lora_as[0].stride(0), lora_as[0].stride(1), h.stride(0), h.stride(1),
+        partials.stride(0), partials.stride(1), partials.stride(2),
         rows.sorted_rows.stride(0), rows.slot_starts.stride(0), rows.token_scales.stride(0), rows.block_slots.stride(0),
-        NUM_MEMBERS=len(lora_as), BLOCK_M=BLOCK_M, BLOCK_R=rank_tile(rank), BLOCK_K=min(64, _tile(in_features)),
+        NUM_MEMBERS=len(lora_as), BLOCK_M=BLOCK_M, BLOCK_R=rank_tile(rank), BLOCK_K=plan.block_k, SPLIT=split,
         DOT_FP32=_dot_in_fp32(x.dtype),
     )  # fmt: skip
     return h
@@ -114,39 +123,68 @@ if HAVE_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
+    def _store_member(h, partials, split, acc, scale, row, in_rows, r, in_rank, stride_h_row, stride_p_split,
+                      stride_p_row, SPLIT: tl.constexpr):  # fmt: skip
+        """A member's chunk: its fp32 partial when split (scaled once summed), else scaled into h."""
+        mask = in_rows[:, None] & in_rank[None, :]
+        if SPLIT:
+            tl.store(partials + split * stride_p_split + row[:, None] * stride_p_row + r[None, :], acc, mask=mask)
+        else:
+            tl.store(h + row[:, None] * stride_h_row + r[None, :], (acc * scale).to(h.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sum_member(h, partials, num_splits, scale, row, in_rows, r, in_rank, stride_h_row, stride_p_split,
+                    stride_p_row, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        """The splits' partials of a member's chunk summed in split order, scaled into h."""
+        mask = in_rows[:, None] & in_rank[None, :]
+        p = partials + row[:, None] * stride_p_row + r[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for j in range(0, num_splits):
+            acc += tl.load(p + j * stride_p_split, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(h + row[:, None] * stride_h_row + r[None, :], (acc * scale).to(h.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _group_shrink_kernel(
-        x, a0, a1, a2, h, ranks0, ranks1, ranks2, sorted_rows, slot_starts, scales, block_slots, block_firsts,
-        blocks_used, num_programs,
-        in_features, member_columns,
+        x, a0, a1, a2, h, partials, ranks0, ranks1, ranks2, sorted_rows, slot_starts, scales, block_slots,
+        block_firsts, blocks_used, split_counts, num_programs,
+        in_features, k_per_split, num_splits, member_columns,
         stride_x, stride_a_slot, stride_a_rank, stride_h_term, stride_h_row,
+        stride_p_split, stride_p_term, stride_p_row,
         stride_sorted, stride_starts, stride_scales, stride_blocks,
         NUM_MEMBERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        """Program p of term k takes the blocks p, p + P, ... of the term's used blocks (LoraRows)."""
+        """Program p of term k takes the (block, split) items p, p + P, ... of the term's used blocks."""
         term = tl.program_id(1)
         sorted_rows += term * stride_sorted
         slot_starts += term * stride_starts
         block_slots += term * stride_blocks
         block_firsts += term * stride_blocks
+        split_counts += term * stride_blocks
         scales += term * stride_scales
         h += term * stride_h_term
-        for block in range(tl.program_id(0), tl.load(blocks_used + term), num_programs):
+        partials += term * stride_p_term
+        num_items = tl.load(blocks_used + term) * num_splits
+        for item in range(tl.program_id(0), num_items, num_programs):
+            block, split = item // num_splits, item % num_splits
             slot = tl.load(block_slots + block)
             row, in_rows = _block_rows(sorted_rows, slot_starts, block_firsts, slot, block, BLOCK_M)
             rank0, rank1, rank2 = tl.load(ranks0 + slot), tl.load(ranks1 + slot), tl.load(ranks2 + slot)
+            rank = tl.maximum(rank0, tl.maximum(rank1, rank2))
             a_slot = _slot_offset(slot, stride_a_slot)
+            k_first = split * k_per_split
+            k_stop = tl.minimum(k_first + k_per_split, in_features)
             scale = tl.load(scales + row, mask=in_rows, other=0.0)[:, None]
             # One x tile feeds every member's chunk; a member past its own rank masks its A (no load).
-            for r0 in range(0, tl.maximum(rank0, tl.maximum(rank1, rank2)), BLOCK_R):
+            for r0 in range(0, rank, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 in0, in1, in2 = r < rank0, r < rank1, r < rank2
                 acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(0, in_features, BLOCK_K):
+                for k0 in range(k_first, k_stop, BLOCK_K):
                     k = k0 + tl.arange(0, BLOCK_K)
-                    in_k = k < in_features
+                    in_k = k < k_stop
                     x_tile = x + row[:, None] * stride_x + k[None, :]
                     xs = tl.load(x_tile, mask=in_rows[:, None] & in_k[None, :], other=0.0)
                     a_offsets = a_slot + k[:, None] + r[None, :] * stride_a_rank  # Aᵀ tile, in place
@@ -157,14 +195,42 @@ if HAVE_TRITON:
                     if NUM_MEMBERS > 2:
                         a_t = tl.load(a2 + a_offsets, mask=in_k[:, None] & in2[None, :], other=0.0)
                         acc2 += _dot(xs, a_t, DOT_FP32)
-                out = h + row[:, None] * stride_h_row + r[None, :]
-                tl.store(out, (acc0 * scale).to(h.dtype.element_ty), mask=in_rows[:, None] & in0[None, :])
+                _store_member(
+                    h, partials, split, acc0, scale, row, in_rows, r, in0, stride_h_row, stride_p_split, stride_p_row,
+                    SPLIT,
+                )  # fmt: skip
                 if NUM_MEMBERS > 1:
-                    mask = in_rows[:, None] & in1[None, :]
-                    tl.store(out + member_columns, (acc1 * scale).to(h.dtype.element_ty), mask=mask)
+                    _store_member(
+                        h + member_columns, partials + member_columns, split, acc1, scale, row, in_rows, r, in1,
+                        stride_h_row, stride_p_split, stride_p_row, SPLIT,
+                    )  # fmt: skip
                 if NUM_MEMBERS > 2:
-                    mask = in_rows[:, None] & in2[None, :]
-                    tl.store(out + 2 * member_columns, (acc2 * scale).to(h.dtype.element_ty), mask=mask)
+                    _store_member(
+                        h + 2 * member_columns, partials + 2 * member_columns, split, acc2, scale, row, in_rows, r,
+                        in2, stride_h_row, stride_p_split, stride_p_row, SPLIT,
+                    )  # fmt: skip
+            if SPLIT:
+                # As lora_kernels._shrink_kernel: the block's last split sums every split's partial
+                # in split order and resets the count for the next launch or graph replay.
+                tl.debug_barrier()  # every lane's partial stored before the count says so
+                if tl.atomic_add(split_counts + block, 1, sem="acq_rel") == num_splits - 1:
+                    tl.atomic_xchg(split_counts + block, 0)
+                    for r0 in range(0, rank, BLOCK_R):
+                        r = r0 + tl.arange(0, BLOCK_R)
+                        _sum_member(
+                            h, partials, num_splits, scale, row, in_rows, r, r < rank0, stride_h_row,
+                            stride_p_split, stride_p_row, BLOCK_M, BLOCK_R,
+                        )  # fmt: skip
+                        if NUM_MEMBERS > 1:
+                            _sum_member(
+                                h + member_columns, partials + member_columns, num_splits, scale, row, in_rows, r,
+                                r < rank1, stride_h_row, stride_p_split, stride_p_row, BLOCK_M, BLOCK_R,
+                            )  # fmt: skip
+                        if NUM_MEMBERS > 2:
+                            _sum_member(
+                                h + 2 * member_columns, partials + 2 * member_columns, num_splits, scale, row,
+                                in_rows, r, r < rank2, stride_h_row, stride_p_split, stride_p_row, BLOCK_M, BLOCK_R,
+                            )  # fmt: skip
 
     @triton.jit
     def _expand_member(

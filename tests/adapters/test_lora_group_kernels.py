@@ -119,3 +119,40 @@ def test_a_group_none_of_the_steps_slots_targets_launches_nothing(monkeypatch):
     graph_rows = LoraRows.build(slots, scales, S)
     assert torch.equal(add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, graph_rows, slot_ranks, tables), y)
     assert launches == ["_group_shrink_kernel", "_group_expand_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_shrink_sums_the_same_and_resets_its_counts(monkeypatch, dtype):
+    """With 132 SMs to fill the shrink splits 100 inputs into 16-wide splits (7 per block, as
+    lora_kernels.ShrinkPlan plans); the block's last split sums them, launch after launch (the counts
+    reset themselves, as a graph replay needs), with per-member ranks and every buffer NaN-born."""
+    monkeypatch.setattr(lora_group_kernels, "target_programs", lambda device: 132)
+    launches = []
+    monkeypatch.setattr(
+        lora_group_kernels, "_group_shrink_kernel", GridSpy(lora_group_kernels._group_shrink_kernel, launches)
+    )
+    x, lora_as, lora_bs, slots, scales = random_group(dtype, terms=2)
+    lora_as[1][0], lora_bs[1][0] = 0, 0
+    rows = LoraRows.build(slots, scales, S)
+    slot_ranks = [[R, R, 8, 0], [0, R, 8, 0], [R, R, 8, 0]]
+    y = torch.randn(N, sum(SIZES), generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    expected = member_references(y, x, lora_as, lora_bs, slots, scales)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kwargs: empty(*shape, **kwargs).fill_(float("nan")))
+    for _ in range(2):
+        got = add_lora_group_rows(y.clone(), x, lora_as, lora_bs, SIZES, rows, slot_ranks, rank_tables(*slot_ranks))
+        atol = 8 * torch.finfo(dtype).eps * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    assert launches == [(rows.row_blocks * 7, 2)] * 2
+    assert not rows.split_counts.any()
+
+
+class GridSpy:
+    """Stands in for a kernel: records each launch's grid, then runs the kernel."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
