@@ -47,10 +47,13 @@ class LoraClock:
     @staticmethod
     def _callers() -> list:
         found = [adapters.layer]
-        try:  # the fused q/k/v and gate/up groups call it too (newer checkouts)
-            found.append(importlib.import_module("adapters.fused"))
-        except ImportError:
-            pass
+        for name in ("adapters.fused", "adapters.experts"):  # where other checkouts call it from too
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(module, "add_lora"):  # fused.py stopped importing it (it calls the layers')
+                found.append(module)
         return found
 
     def _timed(self, original):
