@@ -123,6 +123,34 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
+    def _attend_block(
+        queries, keys, values, seen, scale, softcap, best, total, acc, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr
+    ):
+        """One block of keys folded into a running softmax (flash attention's update), shared by the
+        row and tiled kernels: the queries' scores against `keys` (capped where SOFTCAP), those not
+        `seen` masked out, then the running max `best`, denominator `total` and weighted values
+        `acc` updated. A row that has seen no key yet pivots on 0, so its weights are exp(-inf) = 0,
+        not NaN; elsewhere the pivot is the new max, as in the plain update."""
+        if DOT_FP32:
+            scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(queries, tl.trans(keys))
+        scores = scores * scale
+        if SOFTCAP:  # tanh(x) = 2·sigmoid(2x) - 1: Triton has no tanh of its own on every backend
+            scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+        scores = tl.where(seen, scores, float("-inf"))  # [rows, BLOCK_N]
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        pivot = tl.where(new_best == float("-inf"), 0.0, new_best)
+        weights = tl.exp(scores - pivot[:, None])
+        rescale = tl.exp(best - pivot)
+        total = total * rescale + tl.sum(weights, axis=1)
+        if DOT_FP32:
+            acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
+        return new_best, total, acc
+
+    @triton.jit
     def _row_attention_kernel(
         q, k, v, out, stats, partial, kv_start, kv_len, scale, softcap, window,
         group, head_dim,
@@ -158,23 +186,9 @@ if HAVE_TRITON:
             kv_mask = in_keys[:, None] & in_dim[None, :]
             keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             values = tl.load(v + offsets, mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(queries, tl.trans(keys))
-            scores = scores * scale
-            if SOFTCAP:  # tanh(x) = 2·sigmoid(2x) - 1: Triton has no tanh of its own on every backend
-                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
-            scores = tl.where(in_keys[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            total = total * rescale + tl.sum(weights, axis=1)
-            if DOT_FP32:
-                acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
-            best = new_best
+            best, total, acc = _attend_block(
+                queries, keys, values, in_keys[None, :], scale, softcap, best, total, acc, SOFTCAP, DOT_FP32
+            )
         if NUM_SPLITS > 1:  # partials for _combine_splits_kernel, at [row, head, split]
             part = (row * group * tl.num_programs(1) + heads) * NUM_SPLITS + tl.program_id(2)
             tl.store(stats + part, best, mask=in_group)

@@ -27,6 +27,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .row_attention import _attend_block
+
 BLOCK_N = 32  # keys per iteration
 TILE_SLOTS = 64  # query rows x heads per program: a [64, D] tile for tl.dot
 
@@ -119,25 +121,10 @@ if HAVE_TRITON:
             kv_mask = (n < last)[:, None] & in_dim[None, :]
             keys = tl.load(k + offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             values = tl.load(v + offsets, mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                scores = tl.dot(queries.to(tl.float32), tl.trans(keys.to(tl.float32)), input_precision="ieee")
-            else:
-                scores = tl.dot(queries, tl.trans(keys))
-            scores = scores * scale
-            if SOFTCAP:  # as the row kernel: tanh(x) = 2·sigmoid(2x) - 1
-                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
             seen = (n[None, :] < lengths[:, None]) & (n[None, :] >= lowers[:, None])  # causal and windowed
-            scores = tl.where(seen, scores, float("-inf"))  # [M, BLOCK_N]
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            pivot = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row that saw nothing yet
-            weights = tl.exp(scores - pivot[:, None])
-            rescale = tl.exp(best - pivot)
-            total = total * rescale + tl.sum(weights, axis=1)
-            if DOT_FP32:
-                acc = acc * rescale[:, None] + tl.dot(weights, values.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(values.dtype), values)
-            best = new_best
+            best, total, acc = _attend_block(
+                queries, keys, values, seen, scale, softcap, best, total, acc, SOFTCAP, DOT_FP32
+            )
         result = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(
             out + rows[:, None] * stride_o_row + heads[:, None] * stride_o_head + d[None, :],
