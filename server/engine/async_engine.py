@@ -24,12 +24,14 @@ from adapters.peft_format import AdapterSource
 from .adapter_ref import BASE_REF, AdapterRef, max_composition_scale
 from .errors import EngineDeadError, EngineFailedError, EngineStoppedError, RequestError
 from .grammar import GrammarCompiler
+from .host_memory import give_back
 from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 from .tokenization import Tokenization
 
 log = logging.getLogger(__name__)
+IDLE_TRIM_SECONDS = 1.0  # idle this long after a step before freed memory goes back to the system
 
 
 class AsyncEngine:
@@ -201,11 +203,13 @@ class AsyncEngine:
             self._die(exc)
 
     def _loop(self) -> None:
+        worked = False  # since memory was last handed back
         while True:
-            self._run_commands()
+            worked |= self._run_commands()
             if self._engine.has_unfinished():
                 self._publish(self._step())
                 self._engine.publish_stats()
+                worked = True
             elif self._stopping:
                 with self._closing:  # exit only if no command slipped in since _run_commands
                     if self._commands.empty():
@@ -214,6 +218,9 @@ class AsyncEngine:
                         return
             else:
                 self._engine.publish_stats()
+                if worked and not self._wake.wait(IDLE_TRIM_SECONDS):
+                    give_back()  # a second with nothing to do: hand back what the work freed, once
+                    worked = False
                 self._wake.wait()
                 self._wake.clear()
 
@@ -225,12 +232,15 @@ class AsyncEngine:
             error = EngineFailedError(f"the engine failed while running this request ({type(exc).__name__})")
             return [o for rid in list(self._engine.requests) if (o := self._engine.abort(rid, error))]
 
-    def _run_commands(self) -> None:
+    def _run_commands(self) -> bool:
+        """Run the queued commands; True if there were any."""
+        ran = False
         while True:
             try:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return ran
+            ran = True
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up before it ran
             try:

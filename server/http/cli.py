@@ -82,6 +82,9 @@ def kernels_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    from server.engine.host_memory import limit_arenas  # noqa: PLC0415 - ctypes only
+
+    limit_arenas()  # before any thread starts
     settings = _settings(args)
     if settings is None:
         return 2

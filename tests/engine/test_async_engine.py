@@ -217,3 +217,26 @@ def test_a_dead_engine_thread_fails_every_caller_and_reports_itself():
     engine.stop(JOIN_TIMEOUT)
     assert outputs[-1].finished and isinstance(outputs[-1].error, EngineDeadError)
     assert not engine.is_alive and len(fatal) == 1 and "injected" in repr(fatal[0])
+
+
+def test_an_idle_engine_hands_freed_memory_back_once_per_burst(monkeypatch):
+    """After work and a quiet spell the loop trims the allocator once; idle without work, never again."""
+    from server.engine import async_engine, host_memory  # noqa: PLC0415
+
+    trims = []
+    monkeypatch.setattr(async_engine, "IDLE_TRIM_SECONDS", 0.05)
+    monkeypatch.setattr(async_engine, "give_back", lambda: trims.append(host_memory.give_back()))
+    llm = make_engine()
+    engine = AsyncEngine(llm)
+    try:
+        for burst in (1, 2):
+            asyncio.run(collect(engine, PROMPTS[0], greedy(4)))
+            for _ in range(200):  # the trim comes 0.05 s after the step; allow a loaded machine 10 s
+                if len(trims) == burst:
+                    break
+                threading.Event().wait(0.05)
+            threading.Event().wait(0.3)  # idle far past the pause: still one trim per burst
+            assert len(trims) == burst
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(llm)
