@@ -44,7 +44,7 @@ class FusedLinears:
         self.kernel = self._fuse(weights, [m.bias for m in self.members])
         for m in self.members:  # the fused copy serves them: they drop their own packed copies
             m.run_w0_plainly()
-        self._merged_from: list | None = None  # the members' merged kernels the merged fused kernel was built from
+        self._merged_from: list | None = None  # the members' merges (serials) the merged fused kernel is of
         self._merged_kernel = None
 
     @classmethod
@@ -92,11 +92,11 @@ class FusedLinears:
         return outs
 
     def _current_kernel(self):
-        merged = [m.merged_kernel for m in self.members]
-        if all(k is None for k in merged):
+        merged = [None if m.merged_weight is None else m.merge_serial for m in self.members]
+        if all(serial is None for serial in merged):
             self._merged_kernel = self._merged_from = None  # free the last merge's copies
             return self.kernel
-        if self._merged_from is None or any(a is not b for a, b in zip(merged, self._merged_from)):
+        if merged != self._merged_from:
             weights = [m.base_weight() if m.merged_weight is None else m.merged_weight for m in self.members]
             biases = [m.bias if m.merged_bias is None else m.merged_bias for m in self.members]
             self._merged_kernel, self._merged_from = self._fuse(weights, biases), merged

@@ -34,11 +34,24 @@ class LoraLinear(LoraSlots):
         self.int8: Int8Weight | None = None  # W0 as int8, once quantized
         self.dense_rule = KernelRule.single(PLAIN)  # kernels for full-precision weights: W0, merged weights
         self.kernel = self._dense_kernel(self.weight, self.bias)  # x -> x @ W0 + bias
-        self.merged_kernel = None  # x -> x @ (W0 + delta) + bias, while merged
+        self._merged_kernel = None  # x -> x @ (W0 + delta) + bias, built at its first use while merged
+        self.merge_serial = 0  # counts merges: which merged weights a kernel built elsewhere is of
         self.merged_bias: torch.Tensor | None = None  # bias + the adapter's, while merged with one
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.kernel if self.merged_kernel is None else self.merged_kernel)(x)
+        merged = self.merged_kernel
+        return (self.kernel if merged is None else merged)(x)
+
+    @property
+    def merged_kernel(self):
+        """The merged weight's kernel while merged, else None. Built on first use, not at the merge:
+        a member of a fused group never runs its own, and packing one costs as much as the merge."""
+        if self.merged_weight is None:
+            return None
+        if self._merged_kernel is None:
+            bias = self.bias if self.merged_bias is None else self.merged_bias
+            self._merged_kernel = self._dense_kernel(self.merged_weight, bias)
+        return self._merged_kernel
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
         if self.is_head:
@@ -64,7 +77,7 @@ class LoraLinear(LoraSlots):
     def quantize_int8(self, rule: KernelRule, scratch: torch.Tensor | None, keep_weight: bool = False) -> None:
         """Run W0 as int8 by `rule`, and drop its full-precision copy unless `keep_weight` (the head:
         its W0 is compared with saved copies, and tied to the embedding it stays resident anyway)."""
-        assert not self.is_conv1d and self.merged_kernel is None
+        assert not self.is_conv1d and self.merged_weight is None
         self.int8 = Int8Weight.quantize(self.weight)
         self.kernel = int8_kernel(rule, self.int8, self.bias, self.dtype, scratch)
         if not keep_weight:
@@ -149,11 +162,12 @@ class LoraLinear(LoraSlots):
 
     def _use_merged(self, merged: torch.Tensor) -> None:
         super()._use_merged(merged)
-        self.merged_kernel = self._dense_kernel(merged, self.bias if self.merged_bias is None else self.merged_bias)
+        self._merged_kernel = None
+        self.merge_serial += 1
 
     def unmerge(self) -> None:
         super().unmerge()
-        self.merged_kernel = self.merged_bias = None
+        self._merged_kernel = self.merged_bias = None
         if self.int8 is not None:  # the memory int8 saves: a full-precision copy only while merged
             self._merge_buffer = None
 

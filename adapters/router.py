@@ -34,7 +34,7 @@ class RouterLora(TorchFunctionMode):
 
     def _enter(self, module: nn.Module, args) -> None:
         linear = self.linear
-        if linear.merged_kernel is not None or (linear.state.batch is not None and linear.lora_a is not None):
+        if linear.merged_weight is not None or (linear.state.batch is not None and linear.lora_a is not None):
             self.__enter__()
             self.is_entered = True
 
