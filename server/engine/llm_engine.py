@@ -190,7 +190,8 @@ class LLMEngine:
         outputs = [self.abort(seq.request_id, exc) for seq, exc in plan.failed]
         if plan.scheduled:
             mixes = {seq.slot_mix for seq, _ in plan.scheduled}  # before advancing: finishing releases slots
-            decision = self.policy.choose(mixes)
+            steps_left = max(seq.max_tokens - len(seq.output_token_ids) for seq, _ in plan.scheduled)
+            decision = self.policy.choose(mixes, steps_left)
             sampling, tokens, logprobs = self._run(plan, decision)
             outputs += self._advance(plan, sampling, tokens, logprobs)
             self._record_step(plan, mixes, decision, time.perf_counter() - started)

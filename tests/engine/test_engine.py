@@ -284,6 +284,22 @@ def test_single_adapter_merges_after_the_streak(adapter_paths):
     assert merged.token_ids == hf_greedy(peft_reference(adapter_paths), encode(PROMPTS[0]), 8, "a")
 
 
+def test_rows_about_to_end_are_served_gathered_not_merged(adapter_paths):
+    """A merge costs several gathered steps: only rows with at least the streak's length still to
+    run are merged (here: the third step of five has three left, of four only two)."""
+    engine = make_engine(adapter_paths, merge_after_steps=3)
+    steps = record_steps(engine)
+    (short,) = engine.generate([PROMPTS[0]], greedy(4), ["a"])
+    assert [s.mode for s in steps] == ["gather"] * 4 and engine.stats().num_swaps == 0
+    engine = make_engine(adapter_paths, merge_after_steps=3)
+    steps = record_steps(engine)
+    (longer,) = engine.generate([PROMPTS[0]], greedy(5), ["a"])
+    assert [s.mode for s in steps] == ["gather"] * 2 + ["merged"] * 3 and engine.stats().num_swaps == 1
+    assert (
+        longer.token_ids[:4] == short.token_ids == hf_greedy(peft_reference(adapter_paths), encode(PROMPTS[0]), 4, "a")
+    )
+
+
 def test_base_and_mixed_steps_never_merge(adapter_paths):
     engine = make_engine(adapter_paths, merge_after_steps=1)
     steps = record_steps(engine)
