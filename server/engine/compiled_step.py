@@ -2,7 +2,11 @@
 
 At one row per sequence a decode step is ~30 layers of small ops between the matmuls (norms,
 rotary, residuals, the MLP's gate), whose eager dispatch is a fixed cost per token that lower
-precision does not shrink. Inductor fuses them into a few C++ loops; the matmuls stay MKL's.
+precision does not shrink. Inductor fuses them into a few C++ loops. The matmuls stay the eager
+pass's own kernels, fused q/k/v and gate/up included (the kernel plan's: oneDNN's packed matmul
+where it measured faster), each one custom op (`loraserve::project`): traced as plain linears,
+inductor ran them as MKL's GEMV, and the compiled step measured 0.6x the eager pass (77.9 against
+47.9 ms a token on the AMD EPYC) although it dispatched far fewer ops.
 
 What makes one compiled graph serve every decode step:
   - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
@@ -11,10 +15,10 @@ What makes one compiled graph serve every decode step:
   - it serves one row (one stream, the case eager dispatch hurts most): a graph over an unbacked row
     count served any count but ran one stream 0.87x eager where the one-row graph ran 1.18x (same
     run, AMD EPYC 2 cores; docs/benchmarks.md), and batched steps keep oneDNN's packed matmuls;
-  - the linear weights are inputs, not constants: each step passes every linear's current weight
-    (W0, or the merged weight while an adapter is merged), so a merge or unmerge swaps tensors
-    the graph reads without a guard failing or a recompilation (tests/engine/test_compiled_step.py
-    counts them).
+  - a projection is its index into the step's kernels, looked up when it runs: a merge or unmerge
+    swaps the kernel behind an index (W0's, or the merged weight's) without a guard failing or a
+    recompilation (tests/engine/test_compiled_step.py counts them). The embedding's weight is a
+    graph input for the same reason.
 Gathered LoRA steps (rows on different adapters) run the eager lean pass: their per-run LoRA ops
 are Python over the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies,
 and families the lean pass does not serve.
@@ -36,7 +40,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -57,6 +61,21 @@ LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_pr
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
 _step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
+_projections: ContextVar[list[Callable[[torch.Tensor], torch.Tensor]] | None] = ContextVar(
+    "loraserve_projections", default=None
+)
+
+
+@torch.library.custom_op("loraserve::project", mutates_args=())
+def project(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+    """The current step's base matmul number `index` (CompiledDecode.projections) on x [.., in]:
+    x @ Wᵀ + bias by the eager pass's kernel, on the weight in use now (W0, or the merged one)."""
+    return _projections.get()[index](x)
+
+
+@project.register_fake
+def _(x, index, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("loraserve::pool_attend", mutates_args=())
@@ -84,13 +103,38 @@ class CompiledDecode:
         inner = self.model.model
         self.parents = [[getattr(layer, part) for part, _ in LINEARS] for layer in inner.layers]
         self.linears = [[getattr(p, name) for p, (_, name) in zip(ps, LINEARS)] for ps in self.parents]
-        self.modules = [m for layer in self.linears for m in layer] + [inner.embed_tokens, self.model.lm_head]
-        self.linears_and_head = self.modules[:-2] + self.modules[-1:]
-        self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # W0 as plain tensors, by parameter
+        self.embedding = inner.embed_tokens
+        self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # the embedding's W0 as a plain tensor
         self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
+        # The base matmuls in the order the graph calls them: per layer q/k/v, o, gate/up, down
+        # (one index for a fused group), then the head; each spec is (index, output sizes).
+        self.projections: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.layer_specs = [
+            (
+                self._specs(lean, layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                self._specs(lean, layer.self_attn, ("o_proj",)),
+                self._specs(lean, layer.mlp, ("gate_proj", "up_proj")),
+                self._specs(lean, layer.mlp, ("down_proj",)),
+            )
+            for layer in inner.layers
+        ]
+        self.head_specs = self._specs(lean, self.model, ("lm_head",))
         self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
+
+    def _specs(self, lean: LeanForward, parent: nn.Module, names: tuple[str, ...]) -> list[tuple[int, list[int]]]:
+        """Register the matmuls of `names`: one for a fused group, else one each."""
+        group = lean.fused.get(parent)
+        if group is not None and group.names == names:
+            self.projections.append(group.base)
+            return [(len(self.projections) - 1, group.sizes)]
+        specs = []
+        for name in names:
+            module = getattr(parent, name)
+            self.projections.append(getattr(module, "_base_forward", module))  # LoRA: W0 or merged; else itself
+            specs.append((len(self.projections) - 1, [module.out_features]))
+        return specs
 
     def can_run(self, num_rows: int) -> bool:
         """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
@@ -109,55 +153,53 @@ class CompiledDecode:
         return True
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
-        token = _step.set(kv_step)
+        step, projections = _step.set(kv_step), _projections.set(self.projections)
         self.num_steps += 1
         try:
-            return self.graph(ids, positions, rows, self._weights())
+            return self.graph(ids, positions, rows, self._embedding_weight())
         finally:
-            _step.reset(token)
+            _projections.reset(projections)
+            _step.reset(step)
 
-    def _weights(self) -> list[torch.Tensor | None]:
-        """The embedding's current weight, then every linear's (weight, bias), the head last: W0, or
-        the merged weights while an adapter is merged. All plain tensors: a Parameter where a merged
-        tensor was would fail the graph's type guard and recompile."""
-        embed = self.modules[-2]
-        merged = getattr(embed, "merged_weight", None)
-        out = [self._plain(embed.weight if merged is None else merged)]
-        for m in self.linears_and_head:
-            weight, bias = getattr(m, "merged_weight", None), getattr(m, "merged_bias", None)
-            out += (self._plain(m.weight if weight is None else weight), self._plain(m.bias if bias is None else bias))
-        return out
-
-    def _plain(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        """`tensor`, or for a Parameter a plain tensor on its storage (made once)."""
-        if type(tensor) is not nn.Parameter:
-            return tensor
-        alias = self.aliases.get(tensor)
+    def _embedding_weight(self) -> torch.Tensor:
+        """The embedding's weight in use (W0, or merged with an embedding adapter), as a plain
+        tensor: a Parameter where a merged tensor was would fail the graph's type guard and recompile."""
+        merged = getattr(self.embedding, "merged_weight", None)
+        if merged is not None:
+            return merged
+        weight = self.embedding.weight
+        alias = self.aliases.get(weight)
         if alias is None:
-            alias = self.aliases[tensor] = tensor.detach()
+            alias = self.aliases[weight] = weight.detach()
         return alias
 
-    def _forward(self, ids, positions, rows, weights):
+    def _forward(self, ids, positions, rows, embed_w):
         inner = self.model.model
-        linear = iter(zip(weights[1:-2:2], weights[2:-2:2]))
-        embed_w, head_w, head_b = weights[0], weights[-2], weights[-1]
         hidden = F.embedding(ids[None], embed_w)  # [1, N, C]
         cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, N, D]
         half = self.head_dim // 2
         cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
         shape = (1, ids.shape[0], -1, self.head_dim)
-        for layer, is_silu in zip(inner.layers, self.is_silu):
+        for layer, is_silu, (qkv, o, gate_up, down) in zip(inner.layers, self.is_silu, self.layer_specs):
             attn, x = layer.self_attn, _rms_norm(layer.input_layernorm, hidden)
-            q, k, v = (F.linear(x, *next(linear)).view(shape).transpose(1, 2) for _ in range(3))
+            q, k, v = (y.reshape(shape).transpose(1, 2) for y in _project(x, qkv))
             q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
             out = torch.ops.loraserve.pool_attend(q, k, v, attn.layer_idx, attn.scaling)  # [1, N, H * D]
-            hidden = hidden + F.linear(out, *next(linear))
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            gate, up = F.linear(x, *next(linear)), F.linear(x, *next(linear))
+            hidden = hidden + _project(out, o)[0]
+            gate, up = _project(_rms_norm(layer.post_attention_layernorm, hidden), gate_up)
             act = F.silu(gate) if is_silu else layer.mlp.act_fn(gate)
-            hidden = hidden + F.linear(act * up, *next(linear))
+            hidden = hidden + _project(act * up, down)[0]
         hidden = _rms_norm(inner.norm, hidden)
-        return F.linear(hidden[:, rows], head_w, head_b)[0]
+        return _project(hidden[:, rows], self.head_specs)[0][0]
+
+
+def _project(x: torch.Tensor, specs: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+    """The outputs of the matmuls `specs` name, a fused group's split into its members'."""
+    outs = []
+    for index, sizes in specs:
+        y = torch.ops.loraserve.project(x, index, sum(sizes))
+        outs += y.split(sizes, dim=-1) if len(sizes) > 1 else [y]
+    return outs
 
 
 def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:

@@ -28,12 +28,15 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled-cache")
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_adapter_paths, cache_dir):
-    """(compiled, eager) engines; merging after one step, so a lone request runs merged."""
-    compiled = make_engine(tiny_adapter_paths, compile_decode="on", cache_dir=cache_dir, merge_after_steps=1)
-    eager = make_engine(tiny_adapter_paths, merge_after_steps=1)
+@pytest.fixture(scope="module", params=["plain", "packed"])
+def engines(request, tiny_adapter_paths, cache_dir):
+    """(compiled, eager) engines; merging after one step, so a lone request runs merged. Under the
+    packed kernels q/k/v and gate/up are fused groups, each one projection of the graph."""
+    config = dict(merge_after_steps=1, kernel_choice=request.param)
+    compiled = make_engine(tiny_adapter_paths, compile_decode="on", cache_dir=cache_dir, **config)
+    eager = make_engine(tiny_adapter_paths, **config)
     assert compiled.runner.compiled is not None and eager.runner.compiled is None
+    assert bool(compiled.runner.lean.fused) == (request.param == "packed")
     return compiled, eager
 
 
