@@ -79,6 +79,7 @@ class LoraBatch:
     token_slots: torch.Tensor | None = field(default=None)  # [N] or [K, N] long on the host: the slots
     # as given, for ops that regroup rows by more than their adapter (MoE experts: experts.py)
     token_scales: torch.Tensor | None = field(default=None)  # [K, N] float on the host, or None: all 1
+    stack_masks: dict = field(default_factory=dict, compare=False, repr=False)  # stack_mask's, by layout
 
     @classmethod
     def build(
@@ -140,6 +141,23 @@ class LoraBatch:
             grouped.append((slots, scales))
         groups = _group(grouped, device) if any(bool((slots >= 0).any()) for slots, _ in grouped) else None
         return cls(runs=runs, groups=groups, num_tokens=terms[0][0].numel())
+
+    def stack_mask(self, layout: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[N, Σ rank] for ops.add_lora_stacked: each run's scale on its rows under its slot's columns
+        (`layout`: (slot, rank) per stacked slot, in column order), 0 elsewhere. Made once a step
+        per layout: the layers that share one reuse it."""
+        key = (layout, dtype, device)
+        mask = self.stack_masks.get(key)
+        if mask is None:
+            columns, start = {}, 0
+            for slot, rank in layout:
+                columns[slot], start = slice(start, start + rank), start + rank
+            mask = torch.zeros(self.num_tokens, start, dtype=dtype)
+            for run in self.runs:
+                if run.slot in columns:
+                    mask[run.start : run.stop, columns[run.slot]] += run.scale
+            mask = self.stack_masks[key] = mask.to(device)
+        return mask
 
     @property
     def head_batch(self) -> LoraBatch:

@@ -36,10 +36,15 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "mixed_step.json"
 
 
 class LoraClock:
-    """Wall time spent in `add_lora`, wherever the engine calls it from."""
+    """Wall time spent adding LoRA deltas: in `LoraLinear.add_delta` (every path a linear takes:
+    runs, stacked, groups), or on checkouts without it in `add_lora`, wherever it is called from."""
 
     def __init__(self):
         self.seconds = 0.0
+        layer = adapters.layer.LoraLinear
+        if hasattr(layer, "add_delta"):
+            layer.add_delta = self._timed(layer.add_delta)
+            return
         for module in self._callers():
             original = module.add_lora
             module.add_lora = self._timed(original)

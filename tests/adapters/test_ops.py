@@ -164,3 +164,56 @@ def test_all_base_does_no_lora_work(tiny_llama, token_ids, tmp_path, make_peft_a
         lora_model.model(token_ids)
     targeted = [layer for layer in lora_model.layers.values() if layer.lora_a is not None]
     assert len(calls) == len(targeted) == 14  # the spy sees real work: one call per targeted LoRA layer
+
+
+def _layer_with_slots(bias_slot: int | None = None):
+    """A LoraLinear with SLOT_RANKS' adapters loaded (slot `bias_slot` with a LoRA bias)."""
+    from torch import nn  # noqa: PLC0415
+
+    from adapters.layer import LoraLinear  # noqa: PLC0415
+    from adapters.peft_format import LoraWeights  # noqa: PLC0415
+    from adapters.slots import LoraState  # noqa: PLC0415
+
+    layer = LoraLinear(nn.Linear(D_IN, D_OUT), LoraState(), NUM_SLOTS, MAX_RANK)
+    lora_a, lora_b = slot_buffers()
+    for slot, rank in enumerate(SLOT_RANKS):
+        bias = torch.randn(D_OUT) if slot == bias_slot else None
+        layer.set_slot(slot, LoraWeights(lora_a[slot, :rank], lora_b[slot, :rank], bias))
+    return layer
+
+
+DECODE_ROWS = torch.tensor([0] * 3 + [2] * 2 + [-1] + [3] * 4)  # a decode step's rows, packed by adapter
+
+
+@pytest.mark.parametrize("composed", [False, True])
+def test_decode_runs_stacked_equal_the_reference_and_follow_slot_loads(composed):
+    """A step of few rows whose runs all target the layer: one stacked shrink and expand
+    (ops.add_lora_stacked) gives each row its own adapters' deltas at their scales, and loading
+    another adapter into a slot replaces the stacked copies of its factors."""
+    from adapters.peft_format import LoraWeights  # noqa: PLC0415
+
+    layer = _layer_with_slots()
+    slots, scales = DECODE_ROWS, None
+    if composed:  # a second term on some rows: slot 1 at 0.5 on the first five
+        slots = torch.stack([DECODE_ROWS, torch.tensor([1] * 5 + [-1] * 5)])
+        scales = torch.tensor([[1.0] * 10, [0.5] * 5 + [1.0] * 5])
+    x, y = torch.randn(10, D_IN), torch.randn(10, D_OUT)
+    for _ in range(2):
+        batch = LoraBatch.build(slots, token_scales=scales)
+        assert layer.stacked(batch) is not None
+        expected = add_lora_reference(y, x, layer.lora_a, layer.lora_b, slots, scales)
+        torch.testing.assert_close(layer.add_delta(y.clone(), x, batch), expected, atol=1e-5, rtol=1e-5)
+        layer.set_slot(2, LoraWeights(torch.randn(6, D_IN), torch.randn(6, D_OUT)))
+
+
+def test_steps_the_stacked_op_would_not_pay_for_take_the_runs():
+    """One run, prompt-sized steps, ranks past the column limit, LoRA biases: add_lora's runs."""
+    from adapters.ops import STACK_MAX_COLUMNS, STACK_MAX_ROWS  # noqa: PLC0415
+
+    layer = _layer_with_slots()
+    assert layer.stacked(LoraBatch.build(torch.full((4,), 1))) is None
+    assert layer.stacked(LoraBatch.build(torch.tensor([0, 1] * (STACK_MAX_ROWS // 2 + 1)).sort().values)) is None
+    assert layer.stacked(LoraBatch.build(DECODE_ROWS)) is not None
+    layer.slot_ranks = [STACK_MAX_COLUMNS] * NUM_SLOTS  # what wide adapters would declare
+    assert layer.stacked(LoraBatch.build(DECODE_ROWS)) is None
+    assert _layer_with_slots(bias_slot=2).stacked(LoraBatch.build(DECODE_ROWS)) is None
