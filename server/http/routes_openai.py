@@ -52,12 +52,12 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     check_completion(body, state.limits)
-    adapter = await state.resolve_model(body.model, body.adapters)
     tokens = engine.tokenization
-    plan = await asyncio.to_thread(completion_plan, body, engine.grammars)  # compiles the grammar
-    jobs = await asyncio.to_thread(completion_jobs, body, tokens.prompt_text, plan)
-    await asyncio.to_thread(tokenize_jobs, jobs, tokens)
-    streams = await submit_all(engine, jobs, adapter)
+    async with state.requesting(body.model, body.adapters) as adapter:
+        plan = await asyncio.to_thread(completion_plan, body, engine.grammars)  # compiles the grammar
+        jobs = await asyncio.to_thread(completion_jobs, body, tokens.prompt_text, plan)
+        await asyncio.to_thread(tokenize_jobs, jobs, tokens)
+        streams = await submit_all(engine, jobs, adapter)
     state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:
@@ -72,15 +72,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     engine = state.ready_engine()
     check_chat(body, state.limits)
-    adapter = await state.resolve_model(body.model, body.adapters)
     tokens = engine.tokenization
-    plan = await asyncio.to_thread(chat_plan, body, engine.grammars)  # compiles the grammar
-    with_tools, with_tool_calls = tokens.renders_tools()
-    messages = template_messages(body.messages, with_tool_calls)
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
-    prompt_ids = await asyncio.to_thread(tokens.chat_prompt, messages, tools)
-    jobs = chat_jobs(body, prompt_ids, plan)
-    streams = await submit_all(engine, jobs, adapter)
+    async with state.requesting(body.model, body.adapters) as adapter:
+        plan = await asyncio.to_thread(chat_plan, body, engine.grammars)  # compiles the grammar
+        with_tools, with_tool_calls = tokens.renders_tools()
+        messages = template_messages(body.messages, with_tool_calls)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
+        prompt_ids = await asyncio.to_thread(tokens.chat_prompt, messages, tools)
+        jobs = chat_jobs(body, prompt_ids, plan)
+        streams = await submit_all(engine, jobs, adapter)
     state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:

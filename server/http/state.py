@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
@@ -57,6 +59,7 @@ class ServerState(AdapterSources):
         self.limits: RequestLimits | None = None  # set once the model (and so its tokenizer) is loaded
         self._store_versions: dict[str, str] = {}  # name -> store version it was registered at
         self.compositions: dict[str, tuple[Term, ...]] = {}  # named compositions: name -> ((adapter, scale), ...)
+        self.requested: Counter[str] = Counter()  # names requests are resolving, until they are bound
         self._loaded = threading.Event()
         self._loader = threading.Thread(target=self._load, args=(base,), name="loraserve-loader", daemon=True)
 
@@ -95,6 +98,20 @@ class ServerState(AdapterSources):
 
     # Adapters: registry (memory) and store (disk), kept in step. Replicas may share the store, so
     # what another replica uploaded, replaced or deleted is picked up here too.
+    @asynccontextmanager
+    async def requesting(self, model: str, adapters: list | None = None) -> AsyncIterator[AdapterRef]:
+        """`resolve_model`, with the names asked for spared by the store budget's evictions until the
+        block ends: a request submitted inside it is bound to its adapters' versions, which a later
+        eviction no longer takes from it. Without this another request's resolution could evict an
+        adapter between this one's resolution and its submission (a 404 for a name just resolved)."""
+        names = [model] if adapters is None else [term.name for term in adapters]
+        self.requested.update(names)
+        try:
+            yield await self.resolve_model(model, adapters)
+        finally:
+            self.requested.subtract(names)
+            self.requested = +self.requested  # drop the names no request holds
+
     async def resolve_model(self, model: str, adapters: list | None = None) -> AdapterRef:
         """What a request's `model` (and `adapters` field) ask for, made here once: the base, one
         adapter, a named composition, or the field's composition on the base. Unknown names: 404."""

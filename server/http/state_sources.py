@@ -116,10 +116,12 @@ class AdapterSources:
 
     async def _keep_store_in_budget(self, keep: set[str]) -> None:
         """Evict resolved adapters, least recently used first, sparing `keep`, those a request
-        holds and those a named composition uses; each is unloaded here once its requests finish."""
+        holds, those a request is resolving (ServerState.requesting) and those a named composition
+        uses; each is unloaded here once its requests finish."""
         in_use = await self.ready_engine().adapters_in_use()
         composed = {adapter for terms in self.compositions.values() for adapter, _ in terms}
-        evicted, stored = await asyncio.to_thread(self.budget.evict, keep | in_use | composed)
+        spared = keep | in_use | composed | set(self.requested)
+        evicted, stored = await asyncio.to_thread(self.budget.evict, spared)
         for name in evicted:
             log.info("evicted resolved adapter %r from the store (setting adapter_store_max_bytes)", name)
             try:

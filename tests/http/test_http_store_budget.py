@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -17,12 +18,13 @@ pytestmark = pytest.mark.real_model
 
 PROMPT = "Once upon a time"
 BUDGET = 6_000_000  # three adapters fit, four do not
+CONCURRENT = [f"c{i}" for i in range(6)]
 
 
 @pytest.fixture(scope="module")
 def served(adapter_dirs, tmp_path_factory):
     base = tmp_path_factory.mktemp("budget")
-    for name in ("r1", "r2", "r3"):
+    for name in ("r1", "r2", "r3", *CONCURRENT):
         shutil.copytree(adapter_dirs["alpha"], base / "tree" / name)
     settings = Settings(
         adapter_source=[str(base / "tree")], adapter_store=base / "store", adapter_store_max_bytes=BUDGET
@@ -73,3 +75,25 @@ def test_resolved_adapters_are_evicted_lru_sparing_uploads_and_adapters_in_use(s
         assert set(stored) == {"kept", "r3", "r2"} and sum(stored.values()) <= BUDGET
         assert "r1" not in [card["id"] for card in http.get("/v1/models").json()["data"]]
         assert "loraserve:adapter_store_evictions_total 2.0" in http.get("/metrics").text
+
+
+def test_concurrent_first_requests_over_budget_all_succeed_and_the_store_ends_in_budget(served, adapter_dirs):
+    """Six names resolved at once into a store that holds three: the eviction passes overlap (each
+    resolution runs one), and no request loses its adapter to another's pass between its resolution
+    and its submission (ServerState.requesting), or fails on a name a concurrent pass unloaded. The
+    store may hold more than its budget while more adapters are asked for at once than fit; the next
+    resolution's pass brings it back."""
+    expected = reference_text(adapter_dirs, PROMPT, "alpha", 2)
+
+    def ask(name: str) -> tuple[int, str]:
+        with httpx.Client(base_url=served.url, timeout=120) as http:
+            response = _complete(http, name)
+            return response.status_code, response.json()["choices"][0]["text"] if response.is_success else response.text
+
+    with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        answers = list(pool.map(ask, CONCURRENT))
+    assert answers == [(200, expected)] * len(CONCURRENT)
+    with httpx.Client(base_url=served.url, timeout=120) as http:
+        assert _complete(http, "r1").status_code == 200  # evicted by the first test: resolved again
+    stored = _stored(served)
+    assert sum(stored.values()) <= BUDGET and {"kept", "r1"} <= set(stored)
