@@ -15,6 +15,7 @@ eviction pass, so the disk holds the budget plus what was evicted in the last EV
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class StoreBudget:
             raise InvalidAdapterError(f"{self._markers} is a link; it must be a real directory", field="adapter_store")
         self._touched: dict[str, float] = {}  # name -> monotonic time this process last touched its marker
         self._evicted: set[str] = set()  # names this process evicted whose old version may still be on disk
+        self._lock = threading.Lock()  # evict's
 
     def mark_resolved(self, name: str) -> None:
         fd = os.open(self._markers / check_name(name), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
@@ -68,7 +70,12 @@ class StoreBudget:
 
     def evict(self, keep: set[str]) -> tuple[list[str], int]:
         """Delete resolved adapters not in `keep`, least recently used first, until the store fits;
-        returns their names and the bytes stored after."""
+        returns their names and the bytes stored after. One pass at a time in this process (each
+        resolution runs one, so they overlap under concurrent first requests)."""
+        with self._lock:
+            return self._evict(keep)
+
+    def _evict(self, keep: set[str]) -> tuple[list[str], int]:
         self.reap()
         sizes = self.stored_bytes()
         total, evicted = sum(sizes.values()), []
@@ -102,7 +109,10 @@ class StoreBudget:
         with os.scandir(self._markers) as entries:
             for entry in entries:
                 if entry.name in names and entry.is_file(follow_symlinks=False):
-                    used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+                    try:
+                        used[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:  # another replica's pass evicted it since the scan
+                        continue
         return sorted(used, key=lambda name: (used[name], name))
 
 
