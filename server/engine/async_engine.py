@@ -29,6 +29,7 @@ from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
 from .sequence import RequestOutput
 from .tokenization import Tokenization
+from .torch_threads import torch_job
 
 log = logging.getLogger(__name__)
 IDLE_TRIM_SECONDS = 1.0  # idle this long after a step before freed memory goes back to the system
@@ -69,7 +70,7 @@ class AsyncEngine:
         registry = self._engine.registry
         for name in adapter.names:  # an evicted host copy is read here, never on the engine thread
             if registry.needs_host_read(name):
-                await asyncio.to_thread(registry.prepare_host, name)
+                await torch_job(registry.prepare_host, name)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), outputs)
         try:
@@ -179,6 +180,11 @@ class AsyncEngine:
     ) -> AdapterInfo:
         registry = self._engine.registry
         return await self.call(lambda: registry.install(name, adapter, source, replace=replace))
+
+    def relocate_adapter(self, name: str, adapter: LoraAdapter, source: AdapterSource) -> bool:
+        """Point `name`'s version installed from `adapter` at `source`, a copy of its files; False
+        if that version is no longer current."""
+        return self._engine.registry.relocate(name, adapter, source)
 
     async def remove_adapter(self, name: str) -> None:
         registry = self._engine.registry

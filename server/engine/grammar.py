@@ -244,10 +244,12 @@ class MaskFiller:
             return None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraserve-masks")
-        return self._executor.submit(self._fill, rows)
-
-    def _fill(self, rows: dict[int, RowGrammar]) -> TokenMasks:
+        # Allocated here, on the engine thread: zeroing many rows is a parallel op, and the worker
+        # thread would keep an OpenMP team that slows every step after (see torch_threads.py).
         bitmask = torch.zeros((len(rows), self.num_words), dtype=torch.int32)
+        return self._executor.submit(self._fill, rows, bitmask)
+
+    def _fill(self, rows: dict[int, RowGrammar], bitmask: torch.Tensor) -> TokenMasks:
         row_bytes = self.num_words * 4
         for row, grammar in enumerate(rows.values()):
             # A limit reached here leaves this matcher in an error state with an EOS-only mask (never

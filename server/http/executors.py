@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from server.engine.torch_threads import ThreadPerTask
+
 from .errors import HTTPError
 
 T = TypeVar("T")
@@ -24,7 +26,7 @@ class AnalysisPool:
     """A bounded pool for analysis: `workers` threads, `max_queued` waiting, the rest refused."""
 
     def __init__(self, workers: int, max_queued: int):
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="analysis")
+        self._executor = ThreadPerTask(workers, "analysis")  # SVDs are torch work: see torch_threads.py
         self._capacity = workers + max_queued
         self._admitted = 0
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ from adapters import (
 )
 from adapters.compress import CompressionReport, check_compression, compress_files
 from adapters.peft_format import PICKLE_FILE
+from server.engine.torch_threads import torch_job
 from server.store import ADAPTER_FILES, is_valid_name
 
 from .api_models import (
@@ -77,7 +78,7 @@ async def upload_adapter(request: Request) -> JSONResponse:
         compress = functools.partial(compress_files, files, energy=energy, max_rank=max_rank)
         files, report = await request.app.state.analysis_pool.run(compress)  # SVDs: analysis work
     # Validate first: nothing reaches the store or the registry unless it is sound.
-    adapter = await asyncio.to_thread(engine.parse_adapter, name, files)
+    adapter = await torch_job(engine.parse_adapter, name, files)
     if state.store is None:
         info = await state.register(name, files, replace, adapter=adapter)
     else:  # the store decides who gets a new name, atomically across replicas

@@ -23,6 +23,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.errors import RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel, load_base_model
+from server.engine.torch_threads import torch_job
 from server.store import AdapterStore, check_name, is_valid_name
 from server.store_budget import StoreBudget
 
@@ -175,9 +176,9 @@ class ServerState(AdapterSources):
         engine = self.ready_engine()
         self.check_name_free(name)
         if adapter is None:
-            adapter = await asyncio.to_thread(engine.parse_adapter, name, source)
+            adapter = await torch_job(engine.parse_adapter, name, source)
         else:  # parsed (and compressed) by the caller: its identity is hashed off the engine thread too
-            await asyncio.to_thread(adapter_identity, adapter)
+            await torch_job(adapter_identity, adapter)
         info = await engine.install_adapter(name, adapter, source, replace=replace)
         self._store_versions.pop(name, None)
         if store_version is not None:
