@@ -120,7 +120,7 @@ def reference(adapter_path: Path, prompts: list[list[int]]) -> dict[str, dict]:
 
 def fidelity(engine: LLMEngine, mode: str, prompts: list[list[int]], ref: dict) -> dict:
     adapter, merge_after_steps = MODES[mode]
-    engine.policy.merge_after_steps = merge_after_steps
+    engine.policy.merge_after_steps = engine.policy.merge_min_steps_left = merge_after_steps
     steps_before = engine.stats().steps_by_mode
     greedy = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
     completions = engine.generate(prompts, greedy, [adapter] * len(prompts))

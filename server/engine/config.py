@@ -67,6 +67,8 @@ class EngineConfig(EngineSettings):
     """Everything the engine reads: the operator's knobs, plus policy that only tests and benchmarks tune."""
 
     merge_after_steps: int = Field(4, ge=1)  # hysteresis before merging a single adapter
+    # A merge pays back only over this many steps of its rows (ModePolicy's docstring has the figures)
+    merge_min_steps_left: int = Field(32, ge=1)
     max_bypass_steps: int = Field(16, ge=0)  # fairness bound for requests waiting on an adapter slot
     # Decode steps through DecodeGraphs' static buffers; None: on CUDA with the row kernels unless
     # enforce_eager. True off CUDA runs the same bookkeeping eagerly (what its CPU tests check).

@@ -99,7 +99,7 @@ class LLMEngine:
             compile_decode="off" if config.enforce_eager else config.compile_decode,
             cache_dir=config.cache_dir or default_cache_dir(),
         )
-        self.policy = ModePolicy(self.lora_model, config.merge_after_steps)
+        self.policy = ModePolicy(self.lora_model, config.merge_after_steps, config.merge_min_steps_left)
         self.eos_token_ids = frozenset(_eos_ids(base))
         self.vocab_size = base.model.get_input_embeddings().num_embeddings
         self.tokenization = Tokenization(self.tokenizer, self.vocab_size)  # shared with HTTP

@@ -18,7 +18,7 @@ from adapters.kernels import PACKED, PLAIN, KernelPlan
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
-from support.engine import PROMPTS, fresh_model, greedy, load_tokenizer
+from support.engine import MERGE_SOON, PROMPTS, fresh_model, greedy, load_tokenizer
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.zeros(1, 1)), reason="this torch build has no oneDNN linear")
 
@@ -133,7 +133,8 @@ def test_bf16_engine_serves_on_packed_weights_as_on_plain_ones(adapter_paths):
 
 def bf16_engine(adapter_paths, **config) -> LLMEngine:
     engine = LLMEngine(
-        BaseModel(fresh_model().to(torch.bfloat16), load_tokenizer(), "tiny", Path("tiny")), EngineConfig(**config)
+        BaseModel(fresh_model().to(torch.bfloat16), load_tokenizer(), "tiny", Path("tiny")),
+        EngineConfig(**MERGE_SOON | config),
     )
     for name, path in adapter_paths.items():
         engine.registry.add(name, path)

@@ -10,6 +10,7 @@ import pytest
 
 from adapters import AdapterNotFoundError
 from server.engine.adapter_ref import AdapterRef
+from server.engine.config import EngineConfig
 from server.engine.errors import PromptTooLongError, QueueFullError, RequestError
 from server.engine.sequence import SeqStatus
 from support.engine import (
@@ -285,19 +286,32 @@ def test_single_adapter_merges_after_the_streak(adapter_paths):
 
 
 def test_rows_about_to_end_are_served_gathered_not_merged(adapter_paths):
-    """A merge costs several gathered steps: only rows with at least the streak's length still to
-    run are merged (here: the third step of five has three left, of four only two)."""
-    engine = make_engine(adapter_paths, merge_after_steps=3)
+    """A merge costs many gathered steps: only rows with at least `merge_min_steps_left` still to
+    run are merged (here 3: the third step of five has three left, of four only two)."""
+    engine = make_engine(adapter_paths, merge_after_steps=3, merge_min_steps_left=3)
     steps = record_steps(engine)
     (short,) = engine.generate([PROMPTS[0]], greedy(4), ["a"])
     assert [s.mode for s in steps] == ["gather"] * 4 and engine.stats().num_swaps == 0
-    engine = make_engine(adapter_paths, merge_after_steps=3)
+    engine = make_engine(adapter_paths, merge_after_steps=3, merge_min_steps_left=3)
     steps = record_steps(engine)
     (longer,) = engine.generate([PROMPTS[0]], greedy(5), ["a"])
     assert [s.mode for s in steps] == ["gather"] * 2 + ["merged"] * 3 and engine.stats().num_swaps == 1
     assert (
         longer.token_ids[:4] == short.token_ids == hf_greedy(peft_reference(adapter_paths), encode(PROMPTS[0]), 4, "a")
     )
+
+
+def test_by_default_a_request_merges_only_with_steps_enough_to_repay_it(adapter_paths):
+    """The server's default: a short request on an adapter asked for again stays gathered (its merge
+    would cost more than it saves); a long one on it merges at once (the streak runs across requests)."""
+    engine = make_engine(adapter_paths, merge_min_steps_left=EngineConfig().merge_min_steps_left)
+    steps = record_steps(engine)
+    for _ in range(3):
+        engine.generate([PROMPTS[0]], greedy(8), ["a"])
+    assert {s.mode for s in steps} == {"gather"} and engine.stats().num_swaps == 0
+    steps.clear()
+    engine.generate([PROMPTS[0]], greedy(40), ["a"])
+    assert [s.mode for s in steps] == ["merged"] * 40 and engine.stats().num_swaps == 1
 
 
 def test_base_and_mixed_steps_never_merge(adapter_paths):

@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
+from support.engine import MERGE_SOON
 
 pytestmark = pytest.mark.real_model
 
@@ -72,7 +73,7 @@ def requests_and_references(default_model, adapter_dirs):
 
 
 def run_engine(adapter_dirs, pairs, **config):
-    engine = LLMEngine(load_base_model(), EngineConfig(**config))
+    engine = LLMEngine(load_base_model(), EngineConfig(**MERGE_SOON | config))
     for name, path in adapter_dirs.items():
         engine.registry.add(name, path)
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True)

@@ -28,7 +28,7 @@ from server.engine.config import EngineConfig
 from server.engine.lean_forward import lean_forward
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
-from support.engine import encode, fresh_model, greedy, load_tokenizer
+from support.engine import MERGE_SOON, encode, fresh_model, greedy, load_tokenizer
 from support.http import SAME_KERNELS_ULPS, fp32_tolerance
 
 SMALL = dict(
@@ -58,7 +58,8 @@ def _recording_engine(
     model: torch.nn.Module, lean: bool, adapters: dict[str, Path], **config
 ) -> tuple[LLMEngine, list]:
     engine = LLMEngine(
-        BaseModel(model, load_tokenizer(), "tiny", Path("tiny")), EngineConfig(enable_prefix_caching=False, **config)
+        BaseModel(model, load_tokenizer(), "tiny", Path("tiny")),
+        EngineConfig(enable_prefix_caching=False, **MERGE_SOON | config),
     )
     for name, path in adapters.items():
         engine.registry.add(name, path)

@@ -31,7 +31,7 @@ from server.engine.llm_engine import LLMEngine
 from server.engine.model_families import FAMILIES as SERVED
 from server.engine.model_families import check_architecture
 from server.engine.model_loader import BaseModel, load_base_model
-from support.engine import greedy, load_tokenizer
+from support.engine import MERGE_SOON, greedy, load_tokenizer
 from support.families import ATTENTION, FAMILIES, MAX_POSITIONS, MOE, VOCAB, adapter_kwargs, model, pristine
 
 # fp32 |Δ logprob|: the bound. Measured at most 5e-6 over every family here: the engine's
@@ -70,7 +70,7 @@ def adapters(tmp_path_factory, make_peft_adapter):
 def make_family_engine(family: str, paths: dict[str, Path] | None = None, **config) -> LLMEngine:
     config = {"max_num_batched_tokens": BATCHED_TOKENS, **config}
     base = BaseModel(model(family, **config.pop("model", {})), load_tokenizer(), family, Path(family))
-    engine = LLMEngine(base, EngineConfig(**config))
+    engine = LLMEngine(base, EngineConfig(**MERGE_SOON | config))
     for name, path in (paths or {}).items():
         engine.registry.add(name, path)
     return engine

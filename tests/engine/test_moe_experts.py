@@ -23,7 +23,7 @@ from adapters.peft_format import read_factors
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
-from support.engine import greedy, load_tokenizer
+from support.engine import MERGE_SOON, greedy, load_tokenizer
 from support.families import MOE, VOCAB, model, pristine
 
 # fp32 |Δ logprob|, the suite's bound (test_model_families.py). Measured here at most ~2e-5 on the
@@ -76,7 +76,7 @@ def adapters(tmp_path_factory, make_peft_adapter):
 
 def make_engine(family: str, paths: dict[str, Path] | None = None, **config) -> LLMEngine:
     base = BaseModel(model(family), load_tokenizer(), family, Path(family))
-    engine = LLMEngine(base, EngineConfig(**{"max_num_batched_tokens": 32, **config}))
+    engine = LLMEngine(base, EngineConfig(**{"max_num_batched_tokens": 32, **MERGE_SOON, **config}))
     for name, path in (paths or {}).items():
         engine.registry.add(name, path)
     return engine

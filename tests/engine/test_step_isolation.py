@@ -14,14 +14,14 @@ from server.engine.config import EngineConfig
 from server.engine.errors import NonFiniteOutputError, RequestError
 from server.engine.llm_engine import LLMEngine
 from server.engine.model_loader import BaseModel
-from support.engine import PROMPTS, encode, fresh_model, greedy, load_tokenizer
+from support.engine import MERGE_SOON, PROMPTS, encode, fresh_model, greedy, load_tokenizer
 
 FLOAT16_MAX = 65504.0
 
 
 def _half_engine(adapter_paths, tmp_path) -> LLMEngine:
     base = BaseModel(fresh_model().half(), load_tokenizer(), "tiny", Path("tiny"))
-    engine = LLMEngine(base, EngineConfig(merge_after_steps=1, kernel_choice="plain"))
+    engine = LLMEngine(base, EngineConfig(merge_after_steps=1, kernel_choice="plain", **MERGE_SOON))
     engine.registry.add("loud", _louder(adapter_paths["a"], tmp_path / "loud"))
     return engine
 

@@ -34,6 +34,9 @@ ADAPTERS = {
     "a": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "b": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
 }
+# Tests' requests are a few tokens long, too short to repay a merge on the server's default policy
+# (merge_min_steps_left=32): engines under test merge them anyway, so the merged path is what they check.
+MERGE_SOON = {"merge_min_steps_left": 1}
 PROMPTS = ["Hello there, how are you", "The quick brown fox jumps over", "1 2 3 4 5", "Once upon a time"]
 
 
@@ -81,7 +84,7 @@ def make_engine(adapter_paths: dict[str, Path] | None = None, *, extra_eos: int 
     model = fresh_model()
     if extra_eos is not None:
         model.generation_config.eos_token_id = [EOS, extra_eos]
-    engine = LLMEngine(BaseModel(model, load_tokenizer(), "tiny", Path("tiny")), EngineConfig(**config))
+    engine = LLMEngine(BaseModel(model, load_tokenizer(), "tiny", Path("tiny")), EngineConfig(**MERGE_SOON | config))
     for name, path in (adapter_paths or {}).items():
         engine.registry.add(name, path)
     return engine
