@@ -143,6 +143,17 @@ class AdapterRegistry:
             self._cache_host(entry)
             return self._info(entry)
 
+    def relocate(self, name: str, adapter: LoraAdapter, source: AdapterSource) -> bool:
+        """Point the current version of `name`, installed from `adapter`, at `source`: a copy of the
+        files it was parsed from (a resolved adapter's, stored after it was served from memory). Its
+        host copy is read back from there once evicted. False if `name` no longer holds that version."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.identity != adapter_identity(adapter):
+                return False
+            entry.source = source if isinstance(source, Mapping) else Path(source)
+            return True
+
     def remove(self, name: str) -> None:
         """Unregister now; requests bound to it finish on it, and its slot is freed after them."""
         with self._lock:

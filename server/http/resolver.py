@@ -5,9 +5,12 @@ The first request for a name starts one resolution; every request for that name 
 runs awaits the same one and gets its outcome, an error included (with a lock, each waiter would try
 a hanging source again in turn: 32 waiters, 32 timeouts). The resolution re-checks first (another
 replica may have just brought the name into the shared store), then tries each source off the event
-loop and off the engine thread. A name found nowhere is remembered for `negative_ttl_s`, so a typo does
-not reach the object store on every request; a source that fails or does not answer within its
-timeout is a 503 with Retry-After, and is not remembered: the next request tries again.
+loop and off the engine thread. An adapter is served as soon as it is valid; the store's write of it
+may still be under way, and the per-name lock is held until it lands, so another replica waiting for
+the name finds it stored instead of fetching it again. A name found nowhere is remembered for
+`negative_ttl_s`, so a typo does not reach the object store on every request; a source that fails
+or does not answer within its timeout is a 503 with Retry-After, and is not remembered: the next
+request tries again.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, nullcontext
 from contextvars import ContextVar
 
 from adapters.config import CONFIG_FILE
@@ -32,7 +35,8 @@ log = logging.getLogger(__name__)
 resolve_wait: ContextVar[float | None] = ContextVar("resolve_wait", default=None)
 
 Observe = Callable[[str, str, float, int, float | None], None]  # (source, outcome, seconds, bytes, fetch seconds)
-Install = Callable[[str, Source, Files], Awaitable[None]]
+# Installs what a source returned; returns its store write still under way (None: nothing left to wait for).
+Install = Callable[[str, Source, Files], Awaitable[Awaitable[None] | None]]
 Exclusive = Callable[[str], AbstractAsyncContextManager]  # one holder per name across replicas (the store's lock)
 
 
@@ -51,6 +55,7 @@ class AdapterResolver:
         self.origins: dict[str, str] = {}  # name -> URI of the source it was resolved from
         self._flights: dict[str, asyncio.Future[bool]] = {}  # name -> its resolution under way
         self._missing: dict[str, float] = {}  # name -> monotonic time its negative entry expires
+        self._writes: set[asyncio.Future] = set()  # locks held until a served adapter's store write lands
 
     def is_missing(self, name: str) -> bool:
         """Whether `name` was found nowhere less than `negative_ttl_s` ago."""
@@ -77,20 +82,31 @@ class AdapterResolver:
             resolve_wait.set(time.monotonic() - started)
 
     async def _resolve_once(self, name: str, is_present: Callable[[str], Awaitable[bool]], install: Install) -> bool:
-        async with self._exclusive(name):  # a replica that held it first may have stored it meanwhile
-            return await self._resolve_exclusively(name, is_present, install)
+        lock = AsyncExitStack()
+        await lock.enter_async_context(self._exclusive(name))  # a replica that held it may have stored it
+        try:
+            found, writing = await self._resolve_exclusively(name, is_present, install)
+        except BaseException:
+            await lock.aclose()
+            raise
+        if writing is None:
+            await lock.aclose()
+        else:  # served now: the lock goes once the store holds it, for the replicas waiting on it
+            release = asyncio.ensure_future(_after(writing, lock.aclose))
+            self._writes.add(release)
+            release.add_done_callback(self._writes.discard)
+        return found
 
-    async def _resolve_exclusively(self, name: str, is_present, install: Install) -> bool:
+    async def _resolve_exclusively(self, name: str, is_present, install: Install) -> tuple[bool, Awaitable | None]:
         if await is_present(name):
-            return True
+            return True, None
         started = time.monotonic()
         for source in self.sources:
             files = await self.fetch(source, name)
             if files is not None:
-                await self._install(name, source, files, install, started, time.monotonic())
-                return True
+                return True, await self._install(name, source, files, install, started, time.monotonic())
         self._remember_missing(name)
-        return False
+        return False, None
 
     def _landed(self, name: str, flight: asyncio.Future[bool]) -> None:
         self._flights.pop(name, None)
@@ -120,9 +136,9 @@ class AdapterResolver:
 
     async def _install(
         self, name: str, source: Source, files: Files, install: Install, started: float, fetched: float
-    ) -> None:
+    ) -> Awaitable | None:
         try:
-            await install(name, source, files)
+            writing = await install(name, source, files)
         except LoraServeError:
             self._record(source, "invalid", started)
             raise
@@ -134,6 +150,7 @@ class AdapterResolver:
             "resolved adapter %r from %s (%d bytes) in %.3f s: fetch %.3f s, load %.3f s",
             *(name, source.uri, num_bytes, now - started, fetched - started, now - fetched),
         )
+        return writing
 
     def _record(
         self, source: Source, outcome: str, started: float, num_bytes: int = 0, fetch_s: float | None = None
@@ -147,6 +164,13 @@ class AdapterResolver:
         while len(self._missing) >= MAX_REMEMBERED_MISSING:
             del self._missing[next(iter(self._missing))]
         self._missing[name] = time.monotonic() + self.negative_ttl_s
+
+
+async def _after(writing: Awaitable, then: Callable[[], Awaitable]) -> None:
+    try:
+        await writing
+    finally:
+        await then()
 
 
 def check_base(files: Files, base_names: set[str | None]) -> None:

@@ -202,6 +202,7 @@ async def delete_adapter(name: str, request: Request) -> dict:
         await state.remove_composition(name)
         return {"id": name, "object": "composition", "deleted": True}
     state.check_unused(name)
+    await state.stored(name)  # a resolution's store write still under way would bring it back
     in_store = state.store is not None and is_valid_name(name) and name in state.store
     if not engine.has_adapter(name) and not in_store:
         engine.adapter_info(name)  # raises the typed 404

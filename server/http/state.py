@@ -59,6 +59,7 @@ class ServerState(AdapterSources):
         self.load_error: BaseException | None = None
         self.limits: RequestLimits | None = None  # set once the model (and so its tokenizer) is loaded
         self._store_versions: dict[str, str] = {}  # name -> store version it was registered at
+        self._storing: dict[str, asyncio.Task] = {}  # name -> its resolved copy's store write, under way
         self.compositions: dict[str, tuple[Term, ...]] = {}  # named compositions: name -> ((adapter, scale), ...)
         self.requested: Counter[str] = Counter()  # names requests are resolving, until they are bound
         self._loaded = threading.Event()

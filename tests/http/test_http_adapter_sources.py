@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from server.http.settings import Settings
-from support.http import adapter_files, assert_openai_error, reference_text, serve
+from support.http import adapter_files, assert_openai_error, reference_text, serve, wait_stored
 from support.sources import CountingS3, put_adapter, read_adapter, s3_server, write_hub_cache
 
 pytestmark = pytest.mark.real_model
@@ -80,10 +80,11 @@ def _complete(http: httpx.Client, model: str, max_tokens: int = 4) -> httpx.Resp
 
 
 @pytest.mark.parametrize(("model", "same_as"), [("dir-gamma", "gamma"), ("hub-beta", "beta")])
-def test_first_request_resolves_from_a_directory_tree_and_the_hub_cache(http, adapter_dirs, model, same_as):
+def test_first_request_resolves_from_a_directory_tree_and_the_hub_cache(served, http, adapter_dirs, model, same_as):
     response = _complete(http, model)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, same_as, 4)
+    wait_stored(served)
     assert model in [card["id"] for card in http.get("/v1/models").json()["data"]]
     card = http.get(f"/v1/adapters/{model}").json()
     assert card["resolved_from"].endswith("tree" if model == "dir-gamma" else "hf://acme") and card["persisted"]
@@ -96,6 +97,7 @@ def test_32_concurrent_first_requests_fetch_once_and_answer_as_uploaded(served, 
     expected = reference_text(adapter_dirs, PROMPT, "beta", 4)
     assert {r.json()["choices"][0]["text"] for r in responses} == {expected}
     assert s3.count(f"/{PREFIX}/s3-beta/{WEIGHTS}") == 1
+    wait_stored(served)
     assert (served.store_root / "s3-beta" / WEIGHTS).read_bytes() == (adapter_dirs["beta"] / WEIGHTS).read_bytes()
     assert _complete(http, "s3-beta").status_code == 200 and s3.count(f"/{PREFIX}/s3-beta/") == 2  # config + weights
     metrics = http.get("/metrics").text
@@ -206,6 +208,7 @@ def test_resolved_adapters_go_through_the_uploads_compression(served, http, s3, 
     assert resolved.status_code == 200, resolved.text
     assert resolved.json()["choices"][0]["text"] == _complete(http, "up-alpha-r2").json()["choices"][0]["text"]
     assert http.get("/v1/adapters/s3-alpha-r2").json()["rank"] == 2
+    wait_stored(served)
     for file_name in ("adapter_config.json", WEIGHTS):
         stored = (served.store_root / "s3-alpha-r2" / file_name).read_bytes()
         assert stored == (served.store_root / "up-alpha-r2" / file_name).read_bytes()
@@ -225,3 +228,44 @@ def test_a_first_requests_log_line_says_how_long_it_waited_for_resolution(http, 
     waited = first.fields["resolve_time"]
     assert waited > 0 and f"resolve={waited:.3f}s" in first.getMessage()
     assert second.fields["resolve_time"] is None and "resolve=" not in second.getMessage()
+
+
+def test_a_first_request_is_answered_before_its_store_write_lands(served, http, s3, adapter_dirs, monkeypatch):
+    """A resolved adapter is served from memory once valid; the store's write lands after (held here
+    until released) and only then is it persisted, its registration reading back from the store. A
+    DELETE meanwhile waits for the write, so it cannot bring back what was deleted."""
+    put_adapter(BUCKET, PREFIX, "s3-slow-disk", read_adapter(adapter_dirs["alpha"]))
+    release, save = threading.Event(), served.state.store.save
+
+    def held_save(*args, **kwargs):
+        assert release.wait(60), "the test never released the store's write"
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(served.state.store, "save", held_save)
+    try:
+        response = _complete(http, "s3-slow-disk")
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
+        assert not http.get("/v1/adapters/s3-slow-disk").json()["persisted"]
+        assert served.state.storing == {"s3-slow-disk"}
+    finally:
+        release.set()
+    wait_stored(served)
+    assert http.get("/v1/adapters/s3-slow-disk").json()["persisted"]
+    assert served.engine.registry.version("s3-slow-disk").source == served.state.store.current("s3-slow-disk")
+
+    release.clear()
+    put_adapter(BUCKET, PREFIX, "s3-deleted", read_adapter(adapter_dirs["beta"]))
+    try:
+        assert _complete(http, "s3-deleted").status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(http.delete, "/v1/adapters/s3-deleted")
+            time.sleep(0.2)  # the DELETE has reached the server and is waiting for the write
+            assert not deleting.done()
+            release.set()
+            assert deleting.result().status_code == 200
+    finally:
+        release.set()
+    wait_stored(served)
+    assert not (served.store_root / "s3-deleted").exists()
+    assert "s3-deleted" not in [card["id"] for card in http.get("/v1/models").json()["data"]]

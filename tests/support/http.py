@@ -85,6 +85,15 @@ def wait_idle(served: Served, timeout: float = 30.0) -> None:
     )
 
 
+def wait_stored(served: Served, timeout: float = 30.0) -> None:
+    """Until no resolved adapter's store write (and the budget pass after it) is under way: a first
+    request is answered from memory while its adapter is still being written. Bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while served.state.storing:
+        assert time.monotonic() < deadline, f"store writes still under way after {timeout} s: {served.state.storing}"
+        time.sleep(0.01)
+
+
 def assert_nothing_held(engine: LLMEngine) -> None:
     """Once idle: no KV reserved, no sequence left, no adapter lease held."""
     stats = engine.stats()
