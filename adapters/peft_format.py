@@ -433,7 +433,7 @@ def _fold(
 ) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     a, b = parts["A"], parts["B"]
-    _check_pair(module, a, b, config)
+    _check_pair(module, a, b, config, values=False)  # checked once folded: NaN and Inf survive the fold
     if module in spec.embeddings and ("bias" in parts or "magnitude" in parts):
         raise UnsupportedAdapterError(
             f"DoRA and LoRA biases on the embedding {module!r} are not supported",
@@ -461,18 +461,22 @@ def _fold(
         b.float().mul(scale).t().to(dtype).contiguous(),  # [r, out]
         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()},
     )
-    # Finite in the file can still overflow once scaled and cast (fp16 tops out at 65504).
-    fields = ((field_a, folded.a), (field_b, folded.b), (f"{module}.lora_B.bias", folded.bias))
-    for field, tensor in fields:
+    # One check of the folded factors finds NaN or Inf in the file (they survive scaling and casting)
+    # and values finite in the file that overflow once scaled and cast (fp16 tops out at 65504).
+    fields = ((field_a, a, folded.a), (field_b, b, folded.b), (f"{module}.lora_B.bias", None, folded.bias))
+    for field, raw, tensor in fields:
         if tensor is not None and not _all_finite(tensor):
+            if raw is not None and not _all_finite(raw):
+                raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
             raise InvalidAdapterError(
                 f"overflows {dtype} once scaled by the config's alpha", file=WEIGHTS_FILE, field=field
             )
     return folded
 
 
-def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig) -> None:
-    """A [r, in] and B [out, r] of the rank the config gives this module, finite floats."""
+def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, values: bool = True) -> None:
+    """A [r, in] and B [out, r] of the rank the config gives this module, floats (and finite, unless
+    the caller checks `values` itself)."""
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise InvalidAdapterError(
@@ -485,7 +489,7 @@ def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfi
             field="rank_pattern" if config.rank_pattern else "r",
         )
     for field, tensor in ((field_a, a), (field_b, b)):
-        if not tensor.is_floating_point() or not _all_finite(tensor):
+        if not tensor.is_floating_point() or (values and not _all_finite(tensor)):
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
 
 
