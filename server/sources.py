@@ -65,6 +65,9 @@ class Source:
         """A short label for metrics and listings: dir, s3 or hf."""
         return self.uri.split("://", 1)[0] if "://" in self.uri else "dir"
 
+    def prepare(self) -> None:
+        """Pay this source's one-time costs (imports, a client) at startup, not in a first request."""
+
     def fetch(self, name: str) -> Files | None:
         """Both adapter files of `name`, or None if this source has no such adapter."""
         check_name(name)
@@ -133,6 +136,9 @@ class S3Source(Source):
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self._client = None
 
+    def prepare(self) -> None:
+        self.client()  # importing boto3 and building its client took ~0.3 s of the first resolution
+
     def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
@@ -184,6 +190,9 @@ class HubSource(Source):
         org, _, subfolder = uri.removeprefix("hf://").partition("/")
         self.org, _, revision = org.partition("@")
         self.revision, self.subfolder = revision or None, subfolder.strip("/") or None
+
+    def prepare(self) -> None:
+        import huggingface_hub  # noqa: F401, PLC0415 - its import is the one-time cost
 
     def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
         import httpx  # noqa: PLC0415

@@ -296,6 +296,8 @@ class ServerState(AdapterSources):
                 engine.vocab_size,
             )
             self._register_startup_adapters(engine)  # no engine thread yet: this thread may write
+            for source in self.resolver.sources if self.resolver is not None else []:
+                source.prepare()
             self.compositions = self._stored_compositions(engine)
             if self.metrics is not None:
                 self.metrics.attach(engine)
