@@ -88,20 +88,22 @@ class AdapterSources:
 
     async def _store_resolved(self, name: str, adapter: LoraAdapter, saving: asyncio.Future) -> None:
         """Once the store's write of a served adapter lands, its registration mirrors the stored
-        version (its host copy is read back from there) and counts in the store's budget."""
+        version (its host copy is read back from there) and counts in the store's budget. Nothing
+        raised here reaches a request: the adapter is served from memory all the same, and a
+        restart fetches it again."""
         try:
-            saved = await saving
-        except AdapterExistsError:  # another replica stored it first without the lock (it timed out)
-            await self._adopt_stored(name)
-            return
-        except Exception:  # noqa: BLE001 - served from memory all the same; a restart fetches it again
-            log.exception("resolved adapter %r is served but could not be stored", name)
-            return
-        if self.ready_engine().relocate_adapter(name, adapter, saved):
-            self._store_versions[name] = saved.name
-        if self.budget is not None:
-            await asyncio.to_thread(self.budget.mark_resolved, name)
-            await self._keep_store_in_budget(keep={name})
+            try:
+                saved = await saving
+            except AdapterExistsError:  # another replica stored it first without the lock (it timed out)
+                await self._adopt_stored(name)
+                return
+            if self.ready_engine().relocate_adapter(name, adapter, saved):
+                self._store_versions[name] = saved.name
+            if self.budget is not None:
+                await asyncio.to_thread(self.budget.mark_resolved, name)
+                await self._keep_store_in_budget(keep={name})
+        except Exception:  # noqa: BLE001 - logged whole; see the docstring
+            log.exception("resolved adapter %r is served, but storing it failed", name)
 
     async def _adopt_stored(self, name: str) -> None:
         """The store's copy of `name` replaces this replica's own unless it mirrors one already."""
