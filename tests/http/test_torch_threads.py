@@ -1,9 +1,10 @@
 """Torch work off the engine thread leaves no OpenMP team behind (server/engine/torch_threads.py).
 
-An upload's parse once ran on a pooled serving thread, which kept a GNU OpenMP team alive after it:
-with more OpenMP threads than CPUs their workers sleep between parallel regions, and every later
-decode step of the server paid for it (one stream 23.9 -> 19.9 tokens/s after one upload, AMD EPYC,
-2 cores). Counted here as the process's native threads (OpenMP's workers are not Python threads).
+Parsing an upload or a resolved adapter, and analysing one, once ran on pooled threads, which kept a
+GNU OpenMP team alive after them: with more OpenMP threads than CPUs their workers sleep between
+parallel regions, and every later decode step of the server paid for it (one stream 23.9 -> 19.9
+tokens/s after one upload, AMD EPYC, 2 cores). Counted here as the process's native threads
+(OpenMP's workers are not Python threads).
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ def two_torch_threads():
     torch.set_num_threads(threads)
 
 
-def test_an_uploads_parse_leaves_no_openmp_team_behind(tmp_path, make_peft_adapter, two_torch_threads):
+def test_uploads_resolutions_and_analyses_leave_no_openmp_team_behind(tmp_path, make_peft_adapter, two_torch_threads):
     # gate/up's B and down's A hold 1536 x 24 values, past ATen's grain size: parsing runs parallel ops
-    wide = make_peft_adapter(load_base_model().model, tmp_path / "wide", r=24, target_modules="all-linear")
-    with serve(Settings()) as served, httpx.Client(base_url=served.url, timeout=120) as http:
+    wide = make_peft_adapter(load_base_model().model, tmp_path / "tree" / "wide", r=24, target_modules="all-linear")
+    settings = Settings(adapter_source=[str(tmp_path / "tree")])
+    with serve(settings) as served, httpx.Client(base_url=served.url, timeout=120) as http:
         body = {"model": served.state.model_name, "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
         assert http.post("/v1/completions", json=body).status_code == 200  # the engine's own team exists
         before = _native_threads()
-        for name in ("wide", "wide-again"):
+        for name in ("uploaded", "uploaded-again"):
             assert http.post("/v1/adapters", data={"name": name}, files=adapter_files(wide)).status_code == 201
-        assert http.post("/v1/completions", json={**body, "model": "wide"}).status_code == 200
+        assert http.post("/v1/completions", json={**body, "model": "wide"}).status_code == 200  # resolved
+        assert http.get("/v1/adapters/uploaded/analysis").status_code == 200  # float64 SVDs
         assert _settled(before) == before
