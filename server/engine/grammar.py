@@ -33,7 +33,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -46,6 +46,7 @@ from .config import EngineSettings
 from .errors import RequestError
 from .grammar_check import GrammarLimits, GrammarRefused, build, check_source, describe_error, worker_setup
 from .grammar_workers import GrammarWorkers
+from .torch_threads import ThreadPerTask
 
 _BRACKETS = set("}]")
 CLOSING_FRACTION, MIN_CLOSING_TOKENS = 0.25, 8  # a JSON row closes in the last quarter of its budget
@@ -236,16 +237,15 @@ class MaskFiller:
     def __init__(self, compiler: GrammarCompiler):
         self.compiler = compiler
         self.num_words = (compiler.vocab_size + 31) // 32
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: Executor | None = None
 
     def start(self, rows: dict[int, RowGrammar]) -> Future | None:
         """Begin filling masks for {seq_id: row}; None when no row is constrained."""
         if not rows:
             return None
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraserve-masks")
-        # Allocated here, on the engine thread: zeroing many rows is a parallel op, and the worker
-        # thread would keep an OpenMP team that slows every step after (see torch_threads.py).
+            self._executor = ThreadPerTask(1, "loraserve-masks")  # a thread a step: see torch_threads.py
+        # Zeroed here, on the engine thread: many rows are zeroed in parallel (torch_threads.py).
         bitmask = torch.zeros((len(rows), self.num_words), dtype=torch.int32)
         return self._executor.submit(self._fill, rows, bitmask)
 

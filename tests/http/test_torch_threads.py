@@ -1,10 +1,10 @@
 """Torch work off the engine thread leaves no OpenMP team behind (server/engine/torch_threads.py).
 
-Parsing an upload or a resolved adapter, and analysing one, once ran on pooled threads, which kept a
-GNU OpenMP team alive after them: with more OpenMP threads than CPUs their workers sleep between
-parallel regions, and every later decode step of the server paid for it (one stream 23.9 -> 19.9
-tokens/s after one upload, AMD EPYC, 2 cores). Counted here as the process's native threads
-(OpenMP's workers are not Python threads).
+Parsing an upload or a resolved adapter, analysing one, and filling grammar masks once ran on
+pooled threads, which kept a GNU OpenMP team alive after them: with more OpenMP threads than CPUs
+their workers sleep between parallel regions, and every later decode step of the server paid for it
+(one stream 23.9 -> 19.9 tokens/s after one upload, AMD EPYC, 2 cores). Counted here as the
+process's native threads (OpenMP's workers are not Python threads).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def two_torch_threads():
     torch.set_num_threads(threads)
 
 
-def test_uploads_resolutions_and_analyses_leave_no_openmp_team_behind(tmp_path, make_peft_adapter, two_torch_threads):
+def test_uploads_resolutions_analyses_and_grammars_leave_no_openmp_team_behind(
+    tmp_path, make_peft_adapter, two_torch_threads
+):
     # gate/up's B and down's A hold 1536 x 24 values, past ATen's grain size: parsing runs parallel ops
     wide = make_peft_adapter(load_base_model().model, tmp_path / "tree" / "wide", r=24, target_modules="all-linear")
     settings = Settings(adapter_source=[str(tmp_path / "tree")])
@@ -62,4 +64,7 @@ def test_uploads_resolutions_and_analyses_leave_no_openmp_team_behind(tmp_path, 
             assert http.post("/v1/adapters", data={"name": name}, files=adapter_files(wide)).status_code == 201
         assert http.post("/v1/completions", json={**body, "model": "wide"}).status_code == 200  # resolved
         assert http.get("/v1/adapters/uploaded/analysis").status_code == 200  # float64 SVDs
+        # 24 rows constrained to JSON: their grammar masks are filled off the engine thread
+        json_rows = {**body, "prompt": [PROMPT, PROMPT], "n": 12, "response_format": {"type": "json_object"}}
+        assert http.post("/v1/completions", json=json_rows).status_code == 200
         assert _settled(before) == before
