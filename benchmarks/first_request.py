@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from vs_llamacpp import Server, running
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # last: tests/adapters shadows ours
 from server.engine.model_loader import load_base_model  # noqa: E402
 from server.sources import make_source  # noqa: E402
 from support.peft import make_peft_adapter  # noqa: E402
-from support.servers import free_port, wait_ready  # noqa: E402
 from support.sources import put_adapter, read_adapter, s3_client  # noqa: E402
 
 ROUNDS = 5
@@ -55,41 +54,19 @@ def ttft(http: httpx.Client, model: str, max_tokens: int = 4) -> float:
 
 
 @contextmanager
-def process(command: list[str], log: Path, ready_url: str | None = None):
-    with open(log, "w") as out:  # noqa: SIM117 - the child must outlive the handle
-        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        if ready_url is not None:
-            wait_ready(ready_url, lambda: child.poll() is None, lambda: log.read_text()[-3000:])
-        yield
-    finally:
-        child.terminate()
-        try:
-            child.wait(60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-@contextmanager
 def moto(log: Path):
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        AWS_ENDPOINT_URL_S3=endpoint,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-        AWS_REGION="us-east-1",
-        AWS_CONFIG_FILE=os.devnull,
-        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-    )  # read by boto3 here and, inherited, by the server
-    with process([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log):
-        for _ in range(100):
-            try:
-                httpx.get(endpoint, timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    """moto's S3 server as a process of its own, with AWS's own variables pointing boto3 at it here
+    and, inherited, in the server started after it."""
+    server = Server("moto", lambda port: [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], "/", dict)
+    with running(server, log) as (endpoint, _):
+        os.environ.update(
+            AWS_ENDPOINT_URL_S3=endpoint,
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",
+            AWS_REGION="us-east-1",
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
         s3_client().create_bucket(Bucket="bench")
         yield
 
@@ -113,11 +90,10 @@ def main() -> None:
             started = time.perf_counter()
             source.fetch(name)
             fetches.append(time.perf_counter() - started)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [str(BIN / "loraserve"), "serve", "--port", str(port), "--adapter-source", SOURCE]
-        command += ["--adapter-store", str(Path(tmp) / "store")]
-        with process(command, Path(tmp) / "server.log", url), httpx.Client(base_url=url, timeout=300) as http:
+        store = str(Path(tmp) / "store")
+        command = [str(BIN / "loraserve"), "serve", "--adapter-source", SOURCE, "--adapter-store", store]
+        server = Server("loraserve", lambda port: [*command, "--port", str(port)], "/ready", dict)
+        with running(server, Path(tmp) / "server.log") as (url, _), httpx.Client(base_url=url, timeout=300) as http:
             base = http.get("/v1/models").json()["data"][0]["id"]
             ttft(http, base)  # warm-up
             first = []
