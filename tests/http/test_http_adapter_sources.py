@@ -168,6 +168,8 @@ def test_replicas_on_one_store_fetch_once_between_them(served, http, s3, adapter
     fetched = s3.count(f"/{PREFIX}/s3-alpha/")
     settings = Settings(adapter_source=[f"s3://{BUCKET}/{PREFIX}"], adapter_store=served.store_root)
     with serve(settings) as replica, httpx.Client(base_url=replica.url, timeout=120) as other:
+        (source,) = replica.state.resolver.sources
+        assert source._client is not None, "boto3's client is built at startup, not in a first request"
         response = _complete(other, "s3-alpha")  # what a restart does too
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == reference_text(adapter_dirs, PROMPT, "alpha", 4)
@@ -269,3 +271,24 @@ def test_a_first_request_is_answered_before_its_store_write_lands(served, http, 
     wait_stored(served)
     assert not (served.store_root / "s3-deleted").exists()
     assert "s3-deleted" not in [card["id"] for card in http.get("/v1/models").json()["data"]]
+
+
+def test_a_store_write_that_fails_leaves_the_adapter_served_from_memory(
+    served, http, s3, adapter_dirs, caplog, monkeypatch
+):
+    put_adapter(BUCKET, PREFIX, "s3-full-disk", read_adapter(adapter_dirs["gamma"]))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(served.state.store, "save", full_disk)
+    expected = reference_text(adapter_dirs, PROMPT, "gamma", 4)
+    with caplog.at_level(logging.ERROR, logger="server.http.state_sources"):
+        response = _complete(http, "s3-full-disk")
+        wait_stored(served)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == expected
+    assert "storing it failed" in caplog.text and "No space left" in caplog.text
+    assert not http.get("/v1/adapters/s3-full-disk").json()["persisted"]
+    again = _complete(http, "s3-full-disk")
+    assert again.status_code == 200 and again.json()["choices"][0]["text"] == expected
+    assert s3.count(f"/{PREFIX}/s3-full-disk/{WEIGHTS}") == 1, "served from memory, not fetched again"
