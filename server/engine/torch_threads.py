@@ -1,5 +1,5 @@
-"""Torch work off the engine thread (adapter parses, compression, analysis) runs on threads that end
-with it, never on a pool's long-lived threads.
+"""Torch work off the engine thread (adapter parses, compression, analysis, grammar masks) runs on
+threads that end with it, never on a pool's long-lived threads.
 
 Why: torch on this CPU build parallelises with GNU OpenMP, which keeps a team of worker threads for
 every thread that ever ran a parallel op, for as long as that thread lives. Once a process holds more
