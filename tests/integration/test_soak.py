@@ -90,7 +90,11 @@ class Traffic:
     def run(self, seed: int, deadline: float) -> None:
         rng = random.Random(seed)
         actions = [self.complete, self.complete, self.compose, self.drop_stream, self.churn, self.hostile]
-        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        # Idle connections dropped well before the server's keep-alive timeout (5 s, httpx's default
+        # expiry too): a request sent on one just as the server closes it is reset (ECONNRESET), the
+        # race a client avoids by expiring first. The idle baseline between phases outlasts both.
+        limits = httpx.Limits(keepalive_expiry=1.0)
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}, limits=limits) as http:
             while time.monotonic() < deadline:
                 try:
                     rng.choice(actions)(http, rng)
