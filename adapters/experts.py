@@ -53,16 +53,19 @@ class ExpertSlots(LoraSlots):
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
-        """Copy A [E, r, in] and B [E, r, out] into `slot`, or clear it (None)."""
-        if self.lora_a is not None:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
+        """Copy A [E, r, in] and B [E, r, out] into `slot`, or clear it (None); as LoraSlots does,
+        only the rows that change are written."""
         rank = 0 if weights is None else weights.a.shape[-2]
-        if rank:
-            if self.lora_a is None:
-                self._allocate()
-            self.lora_a[slot, :, :rank].copy_(weights.a)
-            self.lora_b[slot, :, :rank].copy_(weights.b)
+        if rank and self.lora_a is None:
+            self._allocate()
+        if self.lora_a is not None:
+            old_rank = self.slot_ranks[slot]
+            if rank:
+                self.lora_a[slot, :, :rank].copy_(weights.a)
+                self.lora_b[slot, :, :rank].copy_(weights.b)
+            if old_rank > rank:
+                self.lora_a[slot, :, rank:old_rank].zero_()
+                self.lora_b[slot, :, rank:old_rank].zero_()
         self.slot_ranks[slot] = rank
         experts = self.num_experts
         self.virtual_ranks[slot * experts : (slot + 1) * experts] = [rank] * experts

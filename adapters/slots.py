@@ -78,19 +78,20 @@ class LoraSlots(nn.Module):
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Copy an adapter's A ([r, in]) and B ([r, out]) into `slot` (zero-padded to max rank), or
-        clear it (None)."""
-        if self.lora_a is not None:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-        if weights is None:
-            self._set_rank(slot, 0)
-            self._set_extras(slot, None)
-            return
-        if self.lora_a is None:
+        clear it (None). Rows past a slot's rank are always zero, so only the rows that change are
+        written: a rank-r load writes r rows and zeroes what the slot's previous rank leaves over
+        (zeroing whole max-rank slots first wrote 2.7x the bytes of a rank-24 adapter)."""
+        rank = 0 if weights is None else weights.a.shape[0]
+        if rank and self.lora_a is None:
             self._allocate()
-        rank = weights.a.shape[0]
-        self.slot_a(slot, rank).copy_(weights.a)
-        self.lora_b[slot, :rank].copy_(weights.b)
+        if self.lora_a is not None:
+            old_rank = self.slot_ranks[slot]
+            if rank:
+                self.slot_a(slot, rank).copy_(weights.a)
+                self.lora_b[slot, :rank].copy_(weights.b)
+            if old_rank > rank:
+                self.slot_a(slot, old_rank)[rank:].zero_()
+                self.lora_b[slot, rank:old_rank].zero_()
         self._set_rank(slot, rank)
         self._set_extras(slot, weights)
 

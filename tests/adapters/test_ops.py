@@ -217,3 +217,30 @@ def test_steps_the_stacked_op_would_not_pay_for_take_the_runs():
     layer.slot_ranks = [STACK_MAX_COLUMNS] * NUM_SLOTS  # what wide adapters would declare
     assert layer.stacked(LoraBatch.build(DECODE_ROWS)) is None
     assert _layer_with_slots(bias_slot=2).stacked(LoraBatch.build(DECODE_ROWS)) is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_a_slot_loaded_at_a_lower_rank_keeps_zeros_past_it(kind):
+    """set_slot writes only the rows that change: loading rank 2 over rank 6, then clearing, must
+    leave nothing of the old factors past the new rank (the gather ops read max-rank rows)."""
+    from torch import nn  # noqa: PLC0415
+
+    from adapters.embedding import LoraEmbedding  # noqa: PLC0415
+    from adapters.layer import LoraLinear  # noqa: PLC0415
+    from adapters.peft_format import LoraWeights  # noqa: PLC0415
+    from adapters.slots import LoraState  # noqa: PLC0415
+
+    base = nn.Linear(D_IN, D_OUT) if kind == "linear" else nn.Embedding(D_IN, D_OUT)
+    layer = (LoraLinear if kind == "linear" else LoraEmbedding)(base, LoraState(), NUM_SLOTS, MAX_RANK)
+    layer.set_slot(0, LoraWeights(torch.randn(5, D_IN), torch.randn(5, D_OUT)))  # a neighbour, untouched
+    neighbour = layer.slot_a(0, MAX_RANK).clone(), layer.lora_b[0].clone()
+    for rank in (6, 2, None):
+        weights = None if rank is None else LoraWeights(torch.randn(rank, D_IN), torch.randn(rank, D_OUT))
+        layer.set_slot(1, weights)
+        rank = rank or 0
+        want_a, want_b = torch.zeros(MAX_RANK, D_IN), torch.zeros(MAX_RANK, D_OUT)
+        if weights is not None:
+            want_a[:rank], want_b[:rank] = weights.a, weights.b
+        assert torch.equal(layer.slot_a(1, MAX_RANK), want_a) and torch.equal(layer.lora_b[1], want_b)
+        assert layer.slot_ranks[1] == rank
+    assert torch.equal(layer.slot_a(0, MAX_RANK), neighbour[0]) and torch.equal(layer.lora_b[0], neighbour[1])
