@@ -27,7 +27,7 @@ from .batch import LoraBatch
 from .errors import InvalidAdapterError
 from .ops import add_lora
 from .peft_format import LoraWeights
-from .slots import LoraSlots, LoraState
+from .slots import LoraSlots, LoraState, unwritten_zeros
 
 EXPERTS_NAME = "loraserve"
 
@@ -48,8 +48,8 @@ class ExpertSlots(LoraSlots):
     def _allocate(self) -> None:
         self.state.layout_version += 1
         factory = dict(dtype=self.dtype, device=self.device)
-        self.lora_a = torch.zeros(self.num_slots, self.num_experts, self.max_rank, self.in_features, **factory)
-        self.lora_b = torch.zeros(self.num_slots, self.num_experts, self.max_rank, self.out_features, **factory)
+        self.lora_a = unwritten_zeros((self.num_slots, self.num_experts, self.max_rank, self.in_features), **factory)
+        self.lora_b = unwritten_zeros((self.num_slots, self.num_experts, self.max_rank, self.out_features), **factory)
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
