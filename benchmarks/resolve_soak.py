@@ -62,11 +62,14 @@ def store_bytes(root: Path) -> tuple[int, int]:
             target = os.readlink(root / name_dir.name)
         except OSError:
             target = None
-        for version in name_dir.iterdir():
-            size = sum(f.stat().st_size for f in version.iterdir() if f.is_file())
-            on_disk += size
-            if target is not None and target.endswith("/" + version.name):
-                current += size
+        try:
+            for version in name_dir.iterdir():
+                size = sum(f.stat().st_size for f in version.iterdir() if f.is_file())
+                on_disk += size
+                if target is not None and target.endswith("/" + version.name):
+                    current += size
+        except FileNotFoundError:  # collected by the server while we looked: on its way out, not counted
+            continue
     return current, on_disk
 
 
