@@ -54,3 +54,19 @@ def make_overflowing_adapter(source: Path, target: Path, magnitude: float = 1e19
     scaled = {k: v * (magnitude / v.abs().max()) if ".lora_" in k else v for k, v in tensors.items()}
     safetensors.torch.save_file(scaled, str(weights))
     return target
+
+
+def peft_greedy_text(base, adapter_dir: str | Path, prompt: str, max_tokens: int) -> str:
+    """What PEFT's own `generate` answers for `prompt` with the adapter at `adapter_dir` on `base` (a
+    loaded BaseModel, left untouched), greedy and past EOS as the server's `ignore_eos`: the reference
+    a served completion must equal."""
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    model = copy.deepcopy(base.model)
+    model.generation_config.eos_token_id = None  # as ignore_eos: generate must not stop at EOS either
+    reference = peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    ids = base.tokenizer(prompt, return_tensors="pt").input_ids
+    greedy = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=base.tokenizer.eos_token_id)
+    with torch.inference_mode():
+        out = reference.generate(ids, generation_config=greedy)
+    return base.tokenizer.decode(out[0, ids.shape[1] :])
