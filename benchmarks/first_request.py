@@ -6,6 +6,11 @@ server's histogram saw it), the rest of the resolution (validation and install; 
 lands after the first token), the time from resolved to first token, and the TTFTs of the same
 4-token request on loaded adapters: asked again (gathered: too short to repay a merge), in turn,
 and on weights merged before it came. Medians over ROUNDS distinct adapters.
+
+The server is one in service: before the measured rounds it resolves SLOTS other adapters of the
+same size, so the rounds find device slots that have held an adapter before. A fresh server's first
+SLOTS adapters also pay their slot's first page faults (~30 ms each on the dev box): --fresh-slots
+measures those instead.
 Writes benchmarks/results/first_request.json. Needs the test extras (peft, moto[server])."""
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from support.peft import make_peft_adapter  # noqa: E402
 from support.sources import put_adapter, read_adapter, s3_client  # noqa: E402
 
 ROUNDS = 5
+SLOTS = 4  # the server's default max_loras
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 24  # ~29 MB in fp32 on the default model
 PROMPT = "Once upon a time"
@@ -75,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "first_request.json")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--fresh-slots", action="store_true", help="measure on slots no adapter has used")
     args = parser.parse_args()
     load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, moto(Path(tmp) / "moto.log"):
@@ -82,7 +89,8 @@ def main() -> None:
         files = read_adapter(adapter)
         num_bytes = sum(len(data) for data in files.values())
         names = [f"big-{i}" for i in range(args.rounds)]
-        for name in names + ["merged-ref"]:
+        warm = [] if args.fresh_slots else [f"warm-{i}" for i in range(SLOTS)]
+        for name in names + warm + ["merged-ref"]:
             put_adapter("bench", "loras", name, files)
         source = make_source(SOURCE, 1 << 30, 30.0, 2)
         fetches = []
@@ -96,6 +104,9 @@ def main() -> None:
         with running(server, Path(tmp) / "server.log") as (url, _), httpx.Client(base_url=url, timeout=300) as http:
             base = http.get("/v1/models").json()["data"][0]["id"]
             ttft(http, base)  # warm-up
+            for name in warm:  # every slot has held an adapter once (their page faults paid)
+                ttft(http, name)
+                time.sleep(0.5)
             first = []
             for name in names:
                 first.append(ttft(http, name))
@@ -107,13 +118,14 @@ def main() -> None:
         log_text = (Path(tmp) / "server.log").read_text()
         if os.environ.get("KEEP_LOG"):
             Path(os.environ["KEEP_LOG"]).write_text(log_text)
-        resolutions = _resolutions(log_text)
+        resolutions = _resolutions(log_text)[len(warm) :]
     resolve_s, server_fetch_s, load_s = (statistics.median(r[i] for r in resolutions) for i in range(3))
     fetch_s, first_s = statistics.median(fetches), statistics.median(first)
     loaded_s, alternating_s, merged_s = (statistics.median(t) for t in (loaded, alternating, merged))
     results = {
         "adapter_bytes": num_bytes,
         "rounds": len(names),
+        "slots_used_before": len(warm) > 0,
         "fetch_s": round(fetch_s, 4),
         "resolve_s": round(resolve_s, 4),
         "resolve_fetch_s": round(server_fetch_s, 4),
