@@ -46,7 +46,7 @@ from .config import EngineSettings
 from .errors import RequestError
 from .grammar_check import GrammarLimits, GrammarRefused, build, check_source, describe_error, worker_setup
 from .grammar_workers import GrammarWorkers
-from .torch_threads import ThreadPerTask
+from .torch_threads import TransientThreads
 
 _BRACKETS = set("}]")
 CLOSING_FRACTION, MIN_CLOSING_TOKENS = 0.25, 8  # a JSON row closes in the last quarter of its budget
@@ -244,7 +244,7 @@ class MaskFiller:
         if not rows:
             return None
         if self._executor is None:
-            self._executor = ThreadPerTask(1, "loraserve-masks")  # a thread a step: see torch_threads.py
+            self._executor = TransientThreads(1, "loraserve-masks")  # a thread a step: see torch_threads.py
         # Zeroed here, on the engine thread: many rows are zeroed in parallel (torch_threads.py).
         bitmask = torch.zeros((len(rows), self.num_words), dtype=torch.int32)
         return self._executor.submit(self._fill, rows, bitmask)

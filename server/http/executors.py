@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from server.engine.torch_threads import ThreadPerTask
+from server.engine.torch_threads import TransientThreads
 
 from .errors import HTTPError
 
@@ -26,7 +26,7 @@ class AnalysisPool:
     """A bounded pool for analysis: `workers` threads, `max_queued` waiting, the rest refused."""
 
     def __init__(self, workers: int, max_queued: int):
-        self._executor = ThreadPerTask(workers, "analysis")  # SVDs are torch work: see torch_threads.py
+        self._executor = TransientThreads(workers, "analysis")  # SVDs are torch work: see torch_threads.py
         self._capacity = workers + max_queued
         self._admitted = 0
         self._lock = threading.Lock()
