@@ -29,6 +29,12 @@ import torch
 if TYPE_CHECKING:
     from .lora_kernels import LoraRows
 
+# add_lora_stacked serves steps of at most STACK_MAX_ROWS rows whose slots' ranks in the layer sum to
+# at most STACK_MAX_COLUMNS: past those the flops it wastes on other slots' columns outgrow the calls
+# it saves, and its stacked copies (Σr x (in + out) a layer) the memory worth spending.
+STACK_MAX_ROWS = 64
+STACK_MAX_COLUMNS = 64
+
 MAX_DIRECT_RUNS = 8
 MIN_RUN_ROWS = 16
 
@@ -80,6 +86,7 @@ class LoraBatch:
     # as given, for ops that regroup rows by more than their adapter (MoE experts: experts.py)
     token_scales: torch.Tensor | None = field(default=None)  # [K, N] float on the host, or None: all 1
     stack_masks: dict = field(default_factory=dict, compare=False, repr=False)  # stack_mask's, by layout
+    stack_plans: dict = field(default_factory=dict, compare=False, repr=False)  # stack_plan's, by slot ranks
 
     @classmethod
     def build(
@@ -141,6 +148,26 @@ class LoraBatch:
             grouped.append((slots, scales))
         groups = _group(grouped, device) if any(bool((slots >= 0).any()) for slots, _ in grouped) else None
         return cls(runs=runs, groups=groups, num_tokens=terms[0][0].numel())
+
+    def stack_plan(
+        self, slot_ranks: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> tuple[tuple[tuple[int, int], ...], torch.Tensor] | None:
+        """(layout, mask) for a layer whose slots have `slot_ranks`, or None where stacking would not
+        pay: fewer than two of the step's runs on slots the layer has, or their ranks past
+        STACK_MAX_COLUMNS. Made once a step per ranks: the ~200 linears of a decode step share a few."""
+        key = (slot_ranks, dtype, device)
+        if key in self.stack_plans:
+            return self.stack_plans[key]
+        layout, num_runs = {}, 0
+        for run in self.runs:
+            if rank := slot_ranks[run.slot]:
+                layout[run.slot], num_runs = rank, num_runs + 1
+        plan = None
+        if num_runs >= 2 and sum(layout.values()) <= STACK_MAX_COLUMNS:
+            layout = tuple(layout.items())
+            plan = layout, self.stack_mask(layout, dtype, device)
+        self.stack_plans[key] = plan
+        return plan
 
     def stack_mask(self, layout: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[N, Σ rank] for ops.add_lora_stacked: each run's scale on its rows under its slot's columns

@@ -7,9 +7,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .backends import dense_kernel, int8_kernel
-from .batch import LoraBatch
+from .batch import STACK_MAX_ROWS, LoraBatch
 from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
-from .ops import STACK_MAX_COLUMNS, STACK_MAX_ROWS, SlotExtras, add_lora, add_lora_rows, add_lora_stacked
+from .ops import SlotExtras, add_lora, add_lora_rows, add_lora_stacked
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
 
@@ -37,7 +37,7 @@ class LoraLinear(LoraSlots):
         self._merged_kernel = None  # x -> x @ (W0 + delta) + bias, built at its first use while merged
         self.merge_serial = 0  # counts merges: which merged weights a kernel built elsewhere is of
         self.merged_bias: torch.Tensor | None = None  # bias + the adapter's, while merged with one
-        self._stack: tuple | None = None  # (layout, A_stack, B_stack) of the last stacked step
+        self._stack: tuple | None = None  # (layout, A_stackᵀ, B_stack) of the last stacked step
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = self.merged_kernel
@@ -71,24 +71,21 @@ class LoraLinear(LoraSlots):
         super().set_slot(slot, weights)
 
     def stacked(self, batch: LoraBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(A_stack, B_stack, mask) for add_lora_stacked where it beats a call pair per run: a step of
+        """(A_stackᵀ, B_stack, mask) for add_lora_stacked where it beats a call pair per run: a step of
         few rows (decode), all of them runs, two or more of those runs on slots that target this layer,
         their ranks summing to a few columns, no LoRA bias or DoRA. The stacked weights are copies,
         kept for the next step while the layout (slots and ranks) holds; loading a slot drops them."""
         if batch.groups is not None or batch.num_tokens > STACK_MAX_ROWS or self.extras is not None:
             return None
-        layout, num_runs = {}, 0
-        for run in batch.runs:
-            if rank := self.slot_ranks[run.slot]:
-                layout[run.slot], num_runs = rank, num_runs + 1
-        if num_runs < 2 or sum(layout.values()) > STACK_MAX_COLUMNS:
+        plan = batch.stack_plan(tuple(self.slot_ranks), self.dtype, self.device)  # shared by like layers
+        if plan is None:
             return None
-        layout = tuple(layout.items())
+        layout, mask = plan
         if self._stack is None or self._stack[0] != layout:
             a_stack = torch.cat([self.slot_a(slot, rank) for slot, rank in layout])
             b_stack = torch.cat([self.lora_b[slot, :rank] for slot, rank in layout])
-            self._stack = (layout, a_stack, b_stack)
-        return self._stack[1], self._stack[2], batch.stack_mask(layout, self.dtype, self.device)
+            self._stack = (layout, a_stack.T.contiguous(), b_stack)  # Aᵀ [in, Σr]: see add_lora_stacked
+        return self._stack[1], self._stack[2], mask
 
     def use_kernels(self, dense: KernelRule) -> None:
         """Run full-precision weights (W0 unless quantized, and merged weights) by `dense`."""

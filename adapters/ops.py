@@ -12,12 +12,6 @@ from .batch import LoraBatch
 if TYPE_CHECKING:
     from .lora_kernels import LoraRows
 
-# add_lora_stacked serves steps of at most STACK_MAX_ROWS rows whose slots' ranks in the layer sum to
-# at most STACK_MAX_COLUMNS: past those the flops it wastes on other slots' columns outgrow the calls
-# it saves, and its stacked copies (Σr x (in + out) a layer) the memory worth spending.
-STACK_MAX_ROWS = 64
-STACK_MAX_COLUMNS = 64
-
 
 @dataclass
 class SlotExtras:
@@ -99,16 +93,18 @@ def add_lora(
 
 
 def add_lora_stacked(
-    y: torch.Tensor, x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, mask: torch.Tensor
+    y: torch.Tensor, x: torch.Tensor, a_stack_t: torch.Tensor, b_stack: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """`add_lora` for a step's runs in three ops whatever their number: the slots' A stacked
-    [Σr, in] and B [Σr, out] (LoraLinear.stacked), h = x·A_stackᵀ [N, Σr] masked to each row's own
-    slots' columns at their scales (LoraBatch.stack_mask), y += h·B_stack. Every row computes the
-    other slots' columns too, then zeroes them: at decode's few rows the wasted flops cost less than
-    the two calls a run takes (measured: 3 runs of 4 rows, ranks 8/16/8, 576 -> 1536, 38.6 µs stacked
-    against 77.4 by runs on the 2-core AMD EPYC)."""
+    """`add_lora` for a step's runs in three ops whatever their number: the slots' A stacked and
+    transposed [in, Σr] and B stacked [Σr, out] (LoraLinear.stacked), h = x·A_stackᵀ [N, Σr] masked to
+    each row's own slots' columns at their scales (LoraBatch.stack_mask), y += h·B_stack. Every row
+    computes the other slots' columns too, then zeroes them: at decode's few rows the wasted flops
+    cost less than the two calls a run takes (measured: 3 runs of 4 rows, ranks 8/16/8, 576 -> 1536,
+    38.6 µs stacked against 77.4 by runs on the 2-core AMD EPYC). Aᵀ is kept contiguous: a
+    transposed view sent these small GEMMs down a slower path (16 rows, ranks 8/16/4/8: 38-58 µs a
+    call against 31-48 µs)."""
     x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-    h = x2 @ a_stack.T
+    h = torch.mm(x2, a_stack_t)
     h.mul_(mask)
     return y2.addmm_(h, b_stack).view_as(y)
 

@@ -208,7 +208,7 @@ def test_decode_runs_stacked_equal_the_reference_and_follow_slot_loads(composed)
 
 def test_steps_the_stacked_op_would_not_pay_for_take_the_runs():
     """One run, prompt-sized steps, ranks past the column limit, LoRA biases: add_lora's runs."""
-    from adapters.ops import STACK_MAX_COLUMNS, STACK_MAX_ROWS  # noqa: PLC0415
+    from adapters.batch import STACK_MAX_COLUMNS, STACK_MAX_ROWS  # noqa: PLC0415
 
     layer = _layer_with_slots()
     assert layer.stacked(LoraBatch.build(torch.full((4,), 1))) is None
