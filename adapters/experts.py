@@ -51,21 +51,16 @@ class ExpertSlots(LoraSlots):
         self.lora_a = unwritten_zeros((self.num_slots, self.num_experts, self.max_rank, self.in_features), **factory)
         self.lora_b = unwritten_zeros((self.num_slots, self.num_experts, self.max_rank, self.out_features), **factory)
 
+    def _rows(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows start:stop of every expert's A and B in `slot` ([E, r, ·] views)."""
+        return self.lora_a[slot, :, start:stop], self.lora_b[slot, :, start:stop]
+
     @torch.no_grad()
     def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
         """Copy A [E, r, in] and B [E, r, out] into `slot`, or clear it (None); as LoraSlots does,
         only the rows that change are written."""
         rank = 0 if weights is None else weights.a.shape[-2]
-        if rank and self.lora_a is None:
-            self._allocate()
-        if self.lora_a is not None:
-            old_rank = self.slot_ranks[slot]
-            if rank:
-                self.lora_a[slot, :, :rank].copy_(weights.a)
-                self.lora_b[slot, :, :rank].copy_(weights.b)
-            if old_rank > rank:
-                self.lora_a[slot, :, rank:old_rank].zero_()
-                self.lora_b[slot, :, rank:old_rank].zero_()
+        self._write_rows(slot, weights, rank)
         self.slot_ranks[slot] = rank
         experts = self.num_experts
         self.virtual_ranks[slot * experts : (slot + 1) * experts] = [rank] * experts

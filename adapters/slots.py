@@ -83,18 +83,28 @@ class LoraSlots(nn.Module):
         written: a rank-r load writes r rows and zeroes what the slot's previous rank leaves over
         (zeroing whole max-rank slots first wrote 2.7x the bytes of a rank-24 adapter)."""
         rank = 0 if weights is None else weights.a.shape[0]
-        if rank and self.lora_a is None:
-            self._allocate()
-        if self.lora_a is not None:
-            old_rank = self.slot_ranks[slot]
-            if rank:
-                self.slot_a(slot, rank).copy_(weights.a)
-                self.lora_b[slot, :rank].copy_(weights.b)
-            if old_rank > rank:
-                self.slot_a(slot, old_rank)[rank:].zero_()
-                self.lora_b[slot, rank:old_rank].zero_()
+        self._write_rows(slot, weights, rank)
         self._set_rank(slot, rank)
         self._set_extras(slot, weights)
+
+    def _write_rows(self, slot: int, weights: LoraWeights | None, rank: int) -> None:
+        """`weights` into the first `rank` rows of `slot`, and zeros over the rows its previous rank
+        (slot_ranks, not yet updated) leaves past the new one; the buffers are allocated at the first
+        rank to write."""
+        if rank and self.lora_a is None:
+            self._allocate()
+        if self.lora_a is None:
+            return
+        if rank:
+            for rows, factor in zip(self._rows(slot, 0, rank), (weights.a, weights.b)):
+                rows.copy_(factor)
+        if self.slot_ranks[slot] > rank:
+            for rows in self._rows(slot, rank, self.slot_ranks[slot]):
+                rows.zero_()
+
+    def _rows(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows start:stop of `slot`'s A ([r, in] whatever its layout) and B, as views."""
+        return self.slot_a(slot, stop)[start:], self.lora_b[slot, start:stop]
 
     def _set_rank(self, slot: int, rank: int) -> None:
         # A layer no loaded slot targets launches nothing in a captured graph (ops.add_lora_rows);
