@@ -22,6 +22,7 @@ class LoraState:
     def __init__(self):
         self.batch: LoraBatch | None = None
         self.layout_version = 0
+        self.weights_version = 0  # counts merges and unmerges: the compiled CPU step's inputs follow it
 
 
 class LoraSlots(nn.Module):
@@ -183,10 +184,12 @@ class LoraSlots(nn.Module):
     def _use_merged(self, merged: torch.Tensor) -> None:
         """Run on `merged` from now on (until `unmerge`)."""
         self.merged_weight = merged
+        self.state.weights_version += 1
 
     def unmerge(self) -> None:
         """Back to W0: no arithmetic, W0 was never written."""
         self.merged_weight = None
+        self.state.weights_version += 1
 
 
 def unwritten_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

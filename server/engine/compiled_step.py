@@ -1,12 +1,15 @@
 """Decode steps on CPU through one torch.compile'd (inductor) forward of the lean Llama pass.
 
-At one row per sequence a decode step is ~30 layers of small ops between the matmuls (norms,
-rotary, residuals, the MLP's gate), whose eager dispatch is a fixed cost per token that lower
-precision does not shrink. Inductor fuses them into a few C++ loops. The matmuls stay the eager
-pass's own kernels, fused q/k/v and gate/up included (the kernel plan's: oneDNN's packed matmul
-where it measured faster), each one custom op (`loraserve::project`): traced as plain linears,
-inductor ran them as MKL's GEMV, and the compiled step measured 0.6x the eager pass (77.9 against
-47.9 ms a token on the AMD EPYC) although it dispatched far fewer ops.
+One stream's decode step is ~25 small ops a layer around seven one-row matmuls. Eagerly each op and
+each library GEMM call has a fixed cost (oneDNN's packed matmul ~30 us a call at one row on the AMD
+EPYC), and GEMMs tuned for many rows read one row's weights at ~65-75% of the bandwidth that
+summing the same bytes reaches. In the graph each matmul is a product and a sum over the input
+features (`_linear`), which inductor generates as one reduction loop streaming the weight's rows,
+beside its fused loops for the norms, rotary, residuals and the MLP's gate. The default model's
+121 matmuls, one run on the AMD EPYC: 25.9 ms as reductions in one graph, 34.1 ms through oneDNN's
+packed kernels, 24.3 ms to sum the same 538 MB (docs/benchmarks.md). Through `loraserve::project`,
+a custom op calling the eager pass's packed kernels (the previous design), the graph ran no faster
+than the eager pass over HTTP.
 
 What makes one compiled graph serve every decode step:
   - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
@@ -14,11 +17,10 @@ What makes one compiled graph serve every decode step:
     whatever masking `attend` does pass through untouched, and the graph does not break on them;
   - it serves one row (one stream, the case eager dispatch hurts most): a graph over an unbacked row
     count served any count but ran one stream 0.87x eager where the one-row graph ran 1.18x (same
-    run, AMD EPYC 2 cores; docs/benchmarks.md), and batched steps keep oneDNN's packed matmuls;
-  - a projection is its index into the step's kernels, looked up when it runs: a merge or unmerge
-    swaps the kernel behind an index (W0's, or the merged weight's) without a guard failing or a
-    recompilation (tests/engine/test_compiled_step.py counts them). The embedding's weight is a
-    graph input for the same reason.
+    run, AMD EPYC 2 cores; docs/benchmarks.md); batched steps, where GEMMs pay off, stay eager;
+  - every weight and bias is a graph input, the one in use now (W0's, or the merged one while an
+    adapter is merged): a merge or unmerge passes other tensors of the same shapes, and no guard
+    fails and nothing recompiles (tests/engine/test_compiled_step.py counts the graphs).
 Gathered LoRA steps (rows on different adapters) run the eager lean pass: their per-run LoRA ops
 are Python over the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies,
 and families the lean pass does not serve.
@@ -40,7 +42,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -61,24 +63,12 @@ LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_pr
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
 _step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
-_projections: ContextVar[list[Callable[[torch.Tensor], torch.Tensor]] | None] = ContextVar(
-    "loraserve_projections", default=None
-)
+# Registered by the low-level Library API: torch.library.custom_op's wrappers (an aliasing check,
+# dynamo's disable) made a trivial op 8-11 us a call against 4.5 us this way (AMD EPYC).
+_library = torch.library.Library("loraserve", "DEF")
+_library.define("pool_attend(Tensor query, Tensor key, Tensor value, int layer, float scaling) -> Tensor")
 
 
-@torch.library.custom_op("loraserve::project", mutates_args=())
-def project(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    """The current step's base matmul number `index` (CompiledDecode.projections) on x [.., in]:
-    x @ Wᵀ + bias by the eager pass's kernel, on the weight in use now (W0, or the merged one)."""
-    return _projections.get()[index](x)
-
-
-@project.register_fake
-def _(x, index, out_features):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-@torch.library.custom_op("loraserve::pool_attend", mutates_args=())
 def pool_attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
 ) -> torch.Tensor:
@@ -89,7 +79,10 @@ def pool_attend(
     return out.reshape(1, out.shape[1], -1)
 
 
-@pool_attend.register_fake
+_library.impl("pool_attend", pool_attend, "CPU")
+
+
+@torch.library.register_fake("loraserve::pool_attend")
 def _(query, key, value, layer, scaling):
     return query.new_empty(1, query.shape[2], query.shape[1] * query.shape[3])
 
@@ -103,38 +96,15 @@ class CompiledDecode:
         inner = self.model.model
         self.parents = [[getattr(layer, part) for part, _ in LINEARS] for layer in inner.layers]
         self.linears = [[getattr(p, name) for p, (_, name) in zip(ps, LINEARS)] for ps in self.parents]
+        self.head = self.model.lm_head
         self.embedding = inner.embed_tokens
-        self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # the embedding's W0 as a plain tensor
+        self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # W0s and biases as plain tensors
+        self.state = getattr(self.linears[0][0], "state", None)  # LoraState: counts merges and unmerges
+        self._inputs: tuple[int, list, list] | None = None  # (weights_version, weights, biases) last read
         self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
-        # The base matmuls in the order the graph calls them: per layer q/k/v, o, gate/up, down
-        # (one index for a fused group), then the head; each spec is (index, output sizes).
-        self.projections: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        self.layer_specs = [
-            (
-                self._specs(lean, layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                self._specs(lean, layer.self_attn, ("o_proj",)),
-                self._specs(lean, layer.mlp, ("gate_proj", "up_proj")),
-                self._specs(lean, layer.mlp, ("down_proj",)),
-            )
-            for layer in inner.layers
-        ]
-        self.head_specs = self._specs(lean, self.model, ("lm_head",))
         self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
-
-    def _specs(self, lean: LeanForward, parent: nn.Module, names: tuple[str, ...]) -> list[tuple[int, list[int]]]:
-        """Register the matmuls of `names`: one for a fused group, else one each."""
-        group = lean.fused.get(parent)
-        if group is not None and group.names == names:
-            self.projections.append(group.base)
-            return [(len(self.projections) - 1, group.sizes)]
-        specs = []
-        for name in names:
-            module = getattr(parent, name)
-            self.projections.append(getattr(module, "_base_forward", module))  # LoRA: W0 or merged; else itself
-            specs.append((len(self.projections) - 1, [module.out_features]))
-        return specs
 
     def can_run(self, num_rows: int) -> bool:
         """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
@@ -150,56 +120,80 @@ class CompiledDecode:
                     or getattr(m, "is_conv1d", False)
                 ):
                     return False
-        return True
+        return getattr(self.head, "int8", None) is None
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
-        step, projections = _step.set(kv_step), _projections.set(self.projections)
+        step = _step.set(kv_step)
         self.num_steps += 1
         try:
-            return self.graph(ids, positions, rows, self._embedding_weight())
+            return self.graph(ids, positions, rows, self._embedding_weight(), *self._current_weights())
         finally:
-            _projections.reset(projections)
             _step.reset(step)
 
-    def _embedding_weight(self) -> torch.Tensor:
-        """The embedding's weight in use (W0, or merged with an embedding adapter), as a plain
-        tensor: a Parameter where a merged tensor was would fail the graph's type guard and recompile."""
-        merged = getattr(self.embedding, "merged_weight", None)
-        if merged is not None:
-            return merged
-        weight = self.embedding.weight
-        alias = self.aliases.get(weight)
+    def _current_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """`_weights`, read again only after a merge or unmerge (walking 211 layers costs ~0.4 ms)."""
+        version = None if self.state is None else self.state.weights_version
+        if self._inputs is None or version is None or self._inputs[0] != version:
+            self._inputs = (version, *self._weights())
+        return self._inputs[1], self._inputs[2]
+
+    def _weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Each linear's weight [out, in] and bias in use now, the head's last: W0's, or the merged
+        ones while an adapter is merged (graph inputs: a swap is a different tensor, not a recompile)."""
+        weights, biases = [], []
+        for m in (*(m for layer in self.linears for m in layer), self.head):
+            merged = getattr(m, "merged_weight", None)
+            if merged is None:
+                weights.append(self._plain(m.weight))
+                biases.append(self._plain(m.bias))
+            else:
+                weights.append(merged)
+                biases.append(self._plain(m.bias) if m.merged_bias is None else m.merged_bias)
+        return weights, biases
+
+    def _plain(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """A Parameter as a plain tensor (cached): where a merged tensor was, a Parameter would fail
+        the graph's type guard and recompile."""
+        if not isinstance(tensor, nn.Parameter):
+            return tensor
+        alias = self.aliases.get(tensor)
         if alias is None:
-            alias = self.aliases[weight] = weight.detach()
+            alias = self.aliases[tensor] = tensor.detach()
         return alias
 
-    def _forward(self, ids, positions, rows, embed_w):
+    def _embedding_weight(self) -> torch.Tensor:
+        """The embedding's weight in use (W0, or merged with an embedding adapter), as a plain tensor."""
+        merged = getattr(self.embedding, "merged_weight", None)
+        return self._plain(self.embedding.weight) if merged is None else merged
+
+    def _forward(self, ids, positions, rows, embed_w, weights, biases):
         inner = self.model.model
         hidden = F.embedding(ids[None], embed_w)  # [1, N, C]
         cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, N, D]
         half = self.head_dim // 2
         cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
         shape = (1, ids.shape[0], -1, self.head_dim)
-        for layer, is_silu, (qkv, o, gate_up, down) in zip(inner.layers, self.is_silu, self.layer_specs):
+        linears = iter(zip(weights, biases))
+        for layer, is_silu in zip(inner.layers, self.is_silu):
             attn, x = layer.self_attn, _rms_norm(layer.input_layernorm, hidden)
-            q, k, v = (y.reshape(shape).transpose(1, 2) for y in _project(x, qkv))
+            q, k, v = (_linear(x, *next(linears)).reshape(shape).transpose(1, 2) for _ in range(3))
             q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
             out = torch.ops.loraserve.pool_attend(q, k, v, attn.layer_idx, attn.scaling)  # [1, N, H * D]
-            hidden = hidden + _project(out, o)[0]
-            gate, up = _project(_rms_norm(layer.post_attention_layernorm, hidden), gate_up)
+            hidden = hidden + _linear(out, *next(linears))
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
+            gate, up = _linear(x, *next(linears)), _linear(x, *next(linears))
             act = F.silu(gate) if is_silu else layer.mlp.act_fn(gate)
-            hidden = hidden + _project(act * up, down)[0]
+            hidden = hidden + _linear(act * up, *next(linears))
         hidden = _rms_norm(inner.norm, hidden)
-        return _project(hidden[:, rows], self.head_specs)[0][0]
+        return _linear(hidden[:, rows], *next(linears))[0]
 
 
-def _project(x: torch.Tensor, specs: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-    """The outputs of the matmuls `specs` name, a fused group's split into its members'."""
-    outs = []
-    for index, sizes in specs:
-        y = torch.ops.loraserve.project(x, index, sum(sizes))
-        outs += y.split(sizes, dim=-1) if len(sizes) > 1 else [y]
-    return outs
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [.., in] @ weightᵀ + bias as a product and a sum over `in`: inductor makes it one reduction
+    loop that streams the weight's rows (a GEMV near the machine's read bandwidth), where a linear
+    would call a library GEMM tuned for many rows."""
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y if bias is None else y + bias
 
 
 def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
@@ -223,13 +217,19 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
     if verdict is not None and not verdict["max_rows"]:
         log.info("decode steps run eagerly: compiled measured no faster on this CPU (%s)", path)
         return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read by inductor at each use
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir(cache_dir))  # read by inductor at each use
     started = time.perf_counter()
     log.info("compiling the decode step (one row): about a minute on a first start, "
-             "seconds once %s holds the compiled code", cache_dir / "inductor")  # fmt: skip
+             "seconds once %s holds the compiled code", os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
     with torch.inference_mode(), _warm_steps(cache) as steps:
-        for kv_step, ids, positions, rows in steps:
-            compiled(ids, positions, rows, kv_step)
+        try:
+            for kv_step, ids, positions, rows in steps:
+                compiled(ids, positions, rows, kv_step)
+        except Exception as exc:  # inductor needs a C++ compiler; a slim image may have none
+            if mode == "on":
+                raise RuntimeError(f"--compile-decode on: compiling the decode step failed: {exc}") from exc
+            log.warning("decode steps run eagerly: compiling the decode step failed (%s)", exc)
+            return None
         log.info("compiled the decode step in %.1f s", time.perf_counter() - started)
         if mode == "auto" and verdict is None:
             verdict = _measure_quietly(lean, compiled, steps, path, identity)
@@ -237,6 +237,21 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
         compiled.max_rows = verdict["max_rows"]
         log.info("decode steps of up to %s rows compiled (ms a step: %s; %s)", verdict["max_rows"], verdict["ms"], path)
     return compiled if compiled.max_rows else None
+
+
+def _inductor_dir(cache_dir: Path) -> Path:
+    """<cache dir>/inductor, or a directory under the temporary one where the cache is read-only
+    (an image's cache, baked in at build time): inductor fails where it cannot write its code."""
+    directory = cache_dir / "inductor"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK | os.X_OK):
+            return directory
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"loraserve-inductor-{os.getuid()}"
+    log.warning("the cache %s is read-only: compiled code goes to %s, lost with it", directory, fallback)
+    return fallback
 
 
 def _identity(model: nn.Module) -> dict:
@@ -324,8 +339,8 @@ def _measure(lean: LeanForward, compiled: CompiledDecode, steps: list[tuple], ro
     """Decode steps of each measured row count, eager and compiled in turn round after round (so a
     busy spell slows both), median ms a step of each. Compiled serves steps up to the largest row
     count at which it was at least 3% faster, and none if it was not at one row (max_rows 0). Its
-    matmuls are MKL's, where the eager pass may run oneDNN's packed ones (the kernel plan): at more
-    rows the matmuls weigh more and the fused elementwise ops less, so more rows may favour eager."""
+    matmuls are reduction loops, one pass over a weight per row: from a few rows on, the eager
+    pass's GEMMs (one pass for all rows) win."""
     times = {(rows, name): [] for rows in MEASURED_ROWS for name in ("eager", "compiled")}
     for _ in range(rounds):
         for kv_step, ids, positions, rows in steps:

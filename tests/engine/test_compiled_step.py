@@ -140,3 +140,21 @@ def test_auto_caches_a_verdict_only_when_the_machine_was_quiet(tmp_path, monkeyp
     make_engine(compile_decode="auto", cache_dir=tmp_path)
     conditions = json.loads(path.read_text())["verdict"]["conditions"]
     assert conditions["quiet"] and conditions["brackets_us"] == [[100.0, 180.0], [100.0, 180.0]]
+
+
+def test_a_failed_compile_leaves_auto_eager_and_stops_on(adapter_paths, tmp_path, monkeypatch):
+    """Inductor writes C++ and needs a compiler (a slim image may have none): with none, `auto` starts
+    eager and still serves PEFT's tokens, `on` refuses to start, naming the flag. The compiler is a
+    path that does not exist, and no code compiled before in this process can stand in for it."""
+    import torch._inductor.codecache as codecache
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    monkeypatch.setattr(codecache.CppCodeCache, "cache", {})
+    torch._dynamo.reset()
+    engine = make_engine(adapter_paths, compile_decode="auto", cache_dir=tmp_path)
+    assert engine.runner.compiled is None
+    (out,) = engine.generate([PROMPTS[0]], greedy(6), [None])
+    assert out.token_ids == hf_greedy(peft_reference(adapter_paths), encode(PROMPTS[0]), 6, None)
+    with pytest.raises(RuntimeError, match="--compile-decode on"):
+        make_engine(adapter_paths, compile_decode="on", cache_dir=tmp_path / "on")
