@@ -7,6 +7,11 @@ ARG VARIANT=cpu
 FROM python:3.11-slim AS base-cpu
 # PyTorch's CPU wheels: the default PyPI build of torch bundles CUDA (several GB).
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# g++: the one-stream decode step is C++ that inductor writes and builds on a first start
+# (server/engine/compiled_step.py); without a compiler the server decodes eagerly.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
 RUN apt-get update \
@@ -32,7 +37,9 @@ COPY client ./client
 # so the default model is there without network at run time.
 RUN python3 -m venv /opt/venv \
  && PYTHON=/opt/venv/bin/python scripts/install.sh \
- && chmod -R a+rX /opt/loraserve
+ && chmod -R a+rX /opt/loraserve \
+ && chown -R loraserve:loraserve /opt/loraserve/cache
+# The cache is the server's own: kernel plans, the compiled step's verdict and code persist there.
 
 # Settings come from LORASERVE_* variables (see `loraserve serve --help`).
 ENV LORASERVE_HOST=0.0.0.0 \

@@ -68,6 +68,9 @@ class Settings(BaseSettings, EngineSettings):
     max_queued_analyses: int = Field(4, ge=0)  # waiting for an analysis worker; 429 past it
     # The engine alone defaults to packed (deterministic tests); a server measures once per CPU.
     kernel_choice: Literal["auto", "packed", "plain"] = "auto"  # auto: measured per weight shape, cached per CPU
+    # The engine alone decodes eagerly (no compile in tests); a server compiles its one-stream step
+    # and keeps it where it measured faster than eager on this CPU (cached per CPU model).
+    compile_decode: Literal["auto", "on", "off"] = "auto"
     shutdown_timeout: float = Field(30.0, ge=0)  # seconds in-flight requests get on SIGTERM
     log_level: str = "info"
     log_format: str = Field("plain", pattern="^(plain|json)$")
