@@ -1,20 +1,24 @@
-"""Decode steps on CPU through one torch.compile'd (inductor) forward of the lean Llama pass.
+"""One-stream decode steps on CPU through torch.compile'd (inductor) decoder layers of the lean pass.
 
 One stream's decode step is ~25 small ops a layer around seven one-row matmuls. Eagerly each op and
 each library GEMM call has a fixed cost (oneDNN's packed matmul ~30 us a call at one row on the AMD
-EPYC), and GEMMs tuned for many rows read one row's weights at ~65-75% of the bandwidth that
-summing the same bytes reaches. In the graph each matmul is a product and a sum over the input
-features (`_linear`), which inductor generates as one reduction loop streaming the weight's rows,
-beside its fused loops for the norms, rotary, residuals and the MLP's gate. The default model's
-121 matmuls, one run on the AMD EPYC: 25.9 ms as reductions in one graph, 34.1 ms through oneDNN's
-packed kernels, 24.3 ms to sum the same 538 MB (docs/benchmarks.md). Through `loraserve::project`,
-a custom op calling the eager pass's packed kernels (the previous design), the graph ran no faster
-than the eager pass over HTTP.
+EPYC), and GEMMs tuned for many rows read one row's weights at ~65-80% of the bandwidth that
+summing the same bytes reaches. Compiled, each matmul is a product and a sum over the input
+features (`_linear`), which inductor generates as one reduction loop streaming the weight's rows
+(the default model's 121 matmuls: 18.4 ms so, 22.0 through oneDNN's packed kernels, 17.2 to sum
+the same 538 MB; docs/benchmarks.md), fused with the norms, rotary, residuals, the MLP's gate and
+attention into a few C++ loops a layer.
 
-What makes one compiled graph serve every decode step:
-  - attention is one custom op per layer (`loraserve::pool_attend`) wrapping attention.py's `attend`
-    with the step's KVStep read from a context variable: the pool writes, per-sequence SDPA and
-    whatever masking `attend` does pass through untouched, and the graph does not break on them;
+What makes two small graphs serve every one-row decode step:
+  - one graph is a decoder layer (`_layer`), called once per layer with that layer's weights and
+    pool views: the same shapes in every layer, so one layer's code is compiled (10 s for the
+    default model; the whole forward as one graph took 40 s, and 104 s once attention was in it),
+    and the other is the final norm and the head (`_head`);
+  - attention is in the graph: the row's key and value are written into views of the pool that end
+    at its slot, and the scores read the view, whose length is a symbol of the graph (one graph
+    for every context length; each layer's view starts where its sliding window does). As a custom
+    op around attention.py's `attend` (two pool writes, SDPA and its Python a layer) it cost 4.5 ms
+    of a 26.5 ms token;
   - it serves one row (one stream, the case eager dispatch hurts most): a graph over an unbacked row
     count served any count but ran one stream 0.87x eager where the one-row graph ran 1.18x (same
     run, AMD EPYC 2 cores; docs/benchmarks.md); batched steps, where GEMMs pay off, stay eager;
@@ -43,7 +47,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -53,38 +56,15 @@ from torch import nn
 from adapters.backends.cpu import cpu_model_name
 from adapters.quiet_check import QuietCheck
 
-from .attention import KVStep, SeqSlice, attend
+from .attention import KVStep, SeqSlice
 from .kv_cache import KVCache
-from .lean_forward import SILU, LeanForward, _rms_norm
+from .lean_forward import RMS_NORMS, SILU, LeanForward
 
 log = logging.getLogger(__name__)
 
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
-_step: ContextVar[KVStep | None] = ContextVar("loraserve_compiled_step", default=None)
-# Registered by the low-level Library API: torch.library.custom_op's wrappers (an aliasing check,
-# dynamo's disable) made a trivial op 8-11 us a call against 4.5 us this way (AMD EPYC).
-_library = torch.library.Library("loraserve", "DEF")
-_library.define("pool_attend(Tensor query, Tensor key, Tensor value, int layer, float scaling) -> Tensor")
-
-
-def pool_attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float
-) -> torch.Tensor:
-    """attention.attend for `layer` on the current step's pool: writes key/value into it, returns
-    [1, N, H * D] (contiguous: o_proj's input). query [1, H, N, D]; key, value [1, KVH, N, D].
-    The pool write is a side effect on tensors outside the graph, which reads them only here."""
-    out = attend(layer, query, key, value, scaling, _step.get())  # [1, N, H, D]
-    return out.reshape(1, out.shape[1], -1)
-
-
-_library.impl("pool_attend", pool_attend, "CPU")
-
-
-@torch.library.register_fake("loraserve::pool_attend")
-def _(query, key, value, layer, scaling):
-    return query.new_empty(1, query.shape[2], query.shape[1] * query.shape[3])
 
 
 class CompiledDecode:
@@ -102,18 +82,45 @@ class CompiledDecode:
         self.state = getattr(self.linears[0][0], "state", None)  # LoraState: counts merges and unmerges
         self._inputs: tuple | None = None  # (weights_version, *_current_inputs()) last read
         self.warm_signature: tuple | None = None  # the inputs' signature the graph was compiled for
-        self.is_silu = [type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers]
-        self.graph = torch.compile(self._forward, dynamic=None, fullgraph=True)
+        self.is_silu = all(type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers)
+        self.norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in inner.layers]
+        self.final_norm = inner.norm
+        self._layout_checked: tuple = (object(), False)  # (layout_version, intact) last checked
+        # Per layer: (input norm's weight and epsilon, post-attention norm's, attention's scale)
+        self.layer_constants = [
+            (*self._norm_constants(layer.input_layernorm), *self._norm_constants(layer.post_attention_layernorm),
+             layer.self_attn.scaling)
+            for layer in inner.layers
+        ]  # fmt: skip
+        # One graph for every decoder layer (same shapes): one layer's code to compile, not thirty.
+        self.layer_graph = torch.compile(_layer, dynamic=None, fullgraph=True)
+        self.head_graph = torch.compile(_head, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
 
+    def serves(self) -> bool:
+        """Whether the graph's layer is this model's: SiLU MLPs and the lean pass's RMSNorms."""
+        inner = self.model.model
+        norms = [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return self.is_silu and all(type(n).__name__ in RMS_NORMS for n in (*norms, inner.norm))
+
     def can_run(self, num_rows: int) -> bool:
         """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
-        model still in the shape the graph reads: plain (not int8, not conv1d) LoRA linears on
-        their parents, no per-row copy installed in their place."""
+        model still in the shape the graph reads: plain (not int8, not conv1d) LoRA linears, norms
+        and head on their parents, no per-row copy installed in their place (checked again only
+        when the model's layout changes: LoraState.layout_version)."""
         if num_rows > self.max_rows:
             return False
-        for parents, linears in zip(self.parents, self.linears):
+        version = None if self.state is None else self.state.layout_version
+        if version is None or version != self._layout_checked[0]:
+            self._layout_checked = (version, self._layout_intact())
+        return self._layout_checked[1]
+
+    def _layout_intact(self) -> bool:
+        inner = self.model.model
+        for layer, parents, linears, norms in zip(inner.layers, self.parents, self.linears, self.norms):
+            if layer.input_layernorm is not norms[0] or layer.post_attention_layernorm is not norms[1]:
+                return False
             for parent, m, (_, name) in zip(parents, linears, LINEARS):
                 if (
                     getattr(parent, name) is not m
@@ -121,21 +128,32 @@ class CompiledDecode:
                     or getattr(m, "is_conv1d", False)
                 ):
                     return False
-        return getattr(self.head, "int8", None) is None
+        return (
+            self.model.lm_head is self.head
+            and inner.norm is self.final_norm
+            and getattr(self.head, "int8", None) is None
+        )
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
-        step = _step.set(kv_step)
         self.num_steps += 1
         embed_w, weights, biases, signature = self._current_inputs()
-        # Dynamo's guards check all ~420 inputs a call (0.74 ms a token in profile_one_token.json).
-        # Inputs of the shapes, strides and dtypes the graph was warmed with need none of them: it
-        # is the only graph, and a step of another row count never reaches it (can_run).
+        # Dynamo's guards check every input of every call. Inputs of the shapes, strides and dtypes
+        # the graphs were warmed with need none of them: each graph is the only one of its function,
+        # compiled for any context length, and a step of another row count never gets here (can_run).
         skip = signature == self.warm_signature
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
-                return self.graph(ids, positions, rows, embed_w, weights, biases)
-        finally:
-            _step.reset(step)
+        k_ctx, v_ctx = _context_views(kv_step, mark_dynamic=not skip)
+        inner = self.model.model
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
+            hidden = F.embedding(ids[None], embed_w)  # [1, 1, C]
+            cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, 1, D]
+            half = self.head_dim // 2
+            cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
+            per_layer = len(LINEARS)
+            for i, (constants, keys, values) in enumerate(zip(self.layer_constants, k_ctx, v_ctx)):
+                span = slice(i * per_layer, (i + 1) * per_layer)
+                hidden = self.layer_graph(hidden, cos, sin, weights[span], biases[span], keys, values, *constants)
+            norm = self._norm_constants(self.final_norm)
+            return self.head_graph(hidden[:, rows], *norm, weights[-1], biases[-1])
 
     def _current_inputs(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], tuple]:
         """(embedding weight, weights, biases, their signature), read again only after a merge or
@@ -172,31 +190,70 @@ class CompiledDecode:
             alias = self.aliases[tensor] = tensor.detach()
         return alias
 
+    def _norm_constants(self, norm: nn.Module) -> tuple[torch.Tensor, float]:
+        return self._plain(norm.weight), norm.variance_epsilon
+
     def _embedding_weight(self) -> torch.Tensor:
         """The embedding's weight in use (W0, or merged with an embedding adapter), as a plain tensor."""
         merged = getattr(self.embedding, "merged_weight", None)
         return self._plain(self.embedding.weight) if merged is None else merged
 
-    def _forward(self, ids, positions, rows, embed_w, weights, biases):
-        inner = self.model.model
-        hidden = F.embedding(ids[None], embed_w)  # [1, N, C]
-        cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, N, D]
-        half = self.head_dim // 2
-        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
-        shape = (1, ids.shape[0], -1, self.head_dim)
-        linears = iter(zip(weights, biases))
-        for layer, is_silu in zip(inner.layers, self.is_silu):
-            attn, x = layer.self_attn, _rms_norm(layer.input_layernorm, hidden)
-            q, k, v = (_linear(x, *next(linears)).reshape(shape).transpose(1, 2) for _ in range(3))
-            q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
-            out = torch.ops.loraserve.pool_attend(q, k, v, attn.layer_idx, attn.scaling)  # [1, N, H * D]
-            hidden = hidden + _linear(out, *next(linears))
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            gate, up = _linear(x, *next(linears)), _linear(x, *next(linears))
-            act = F.silu(gate) if is_silu else layer.mlp.act_fn(gate)
-            hidden = hidden + _linear(act * up, *next(linears))
-        hidden = _rms_norm(inner.norm, hidden)
-        return _linear(hidden[:, rows], *next(linears))[0]
+
+def _layer(hidden, cos, sin, weights, biases, keys, values, input_norm, input_eps, post_norm, post_eps, scaling):
+    """One decoder layer for one row: hidden [1, 1, C] -> hidden. weights, biases: q, k, v, o, gate,
+    up, down's; keys, values: the layer's pool views (`_context_views`); SiLU MLP, RMSNorms."""
+    head_dim = cos.shape[-1]
+    half = head_dim // 2
+    x = _norm(hidden, input_norm, input_eps)
+    q, k, v = (_linear(x, w, b).reshape(1, 1, -1, head_dim).transpose(1, 2) for w, b in zip(weights[:3], biases[:3]))
+    q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
+    hidden = hidden + _linear(_attend_one_row(q, k, v, keys, values, scaling), weights[3], biases[3])
+    x = _norm(hidden, post_norm, post_eps)
+    gate, up = _linear(x, weights[4], biases[4]), _linear(x, weights[5], biases[5])
+    return hidden + _linear(F.silu(gate) * up, weights[6], biases[6])
+
+
+def _head(hidden, norm_weight, eps: float, weight, bias):
+    """The final norm and the output head: hidden [1, M, C] -> logits [M, V]."""
+    return _linear(_norm(hidden, norm_weight, eps), weight, bias)[0]
+
+
+def _norm(x, weight, eps: float):
+    """lean_forward's RMSNorm (the stock one's ops; its float32 casts are no-ops in float32)."""
+    h = x if x.dtype == torch.float32 else x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+
+
+def _context_views(kv_step: KVStep, mark_dynamic: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the views of the K and V pools holding the keys the step's one row sees (its
+    sliding window's, where the layer has one), its own slot last. `mark_dynamic`: their length
+    is a symbol of the graph, so one graph serves every context length."""
+    cache = kv_step.cache
+    spans = {window: parts[0][1] for window, parts in kv_step.parts.items()}  # one sequence: one part
+    views = [], []
+    for k_pool, v_pool, window in zip(cache.k, cache.v, cache.windows):
+        for out, pool in zip(views, (k_pool, v_pool)):
+            view = pool[:, spans[window]]
+            if mark_dynamic:
+                torch._dynamo.mark_dynamic(view, 1)
+            out.append(view)
+    return views
+
+
+def _attend_one_row(q, k, v, keys, values, scaling: float | None) -> torch.Tensor:
+    """One decode row's attention, its key and value first written into the pool. q [1, H, 1, D];
+    k, v [1, KVH, 1, D]; keys, values [KVH, L, D]: views of the pool holding the L keys the row sees,
+    its own last. Scores and softmax in float32, as SDPA's CPU kernel accumulates; [1, 1, H * D]."""
+    keys.select(1, -1).copy_(k[0, :, 0])
+    values.select(1, -1).copy_(v[0, :, 0])
+    num_kv_heads, _, head_dim = keys.shape
+    scale = scaling if scaling is not None else head_dim**-0.5
+    grouped = q.reshape(num_kv_heads, -1, 1, head_dim).float()  # [KVH, G, 1, D]: GQA's head order
+    scores = (grouped * keys[:, None].float()).sum(-1) * scale  # [KVH, G, L]
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * values[:, None].float()).sum(-2)  # [KVH, G, D]
+    return out.to(q.dtype).reshape(1, 1, -1)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -219,8 +276,8 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
     if mode == "off" or not isinstance(lean, LeanForward) or cache.k[0].device.type != "cpu":
         return None
     compiled = CompiledDecode(lean)
-    if not compiled.can_run(1):
-        log.info("decode steps run eagerly: the compiled step does not serve int8 or conv1d bases")
+    if not compiled.serves() or not compiled.can_run(1):
+        log.info("decode steps run eagerly: the compiled step serves SiLU MLPs, RMSNorms and full-precision bases")
         return None
     identity = _identity(lean.model)
     path = compiled_path(cache_dir, identity)

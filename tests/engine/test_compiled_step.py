@@ -149,12 +149,12 @@ def test_a_failed_compile_leaves_auto_eager_and_stops_on(adapter_paths, tmp_path
     import torch._inductor.codecache as codecache
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
     monkeypatch.setattr(codecache.CppCodeCache, "cache", {})
     torch._dynamo.reset()
-    engine = make_engine(adapter_paths, compile_decode="auto", cache_dir=tmp_path)
-    assert engine.runner.compiled is None
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):
+        engine = make_engine(adapter_paths, compile_decode="auto", cache_dir=tmp_path)
+        assert engine.runner.compiled is None
+        with pytest.raises(RuntimeError, match="--compile-decode on"):
+            make_engine(adapter_paths, compile_decode="on", cache_dir=tmp_path / "on")
     (out,) = engine.generate([PROMPTS[0]], greedy(6), [None])
     assert out.token_ids == hf_greedy(peft_reference(adapter_paths), encode(PROMPTS[0]), 6, None)
-    with pytest.raises(RuntimeError, match="--compile-decode on"):
-        make_engine(adapter_paths, compile_decode="on", cache_dir=tmp_path / "on")

@@ -210,6 +210,19 @@ def test_sliding_windows_equal_hf_past_the_window_with_chunks_and_a_prefix_hit(f
     assert_equals_hf(family, [SHARED, HIT, PROMPTS[0]], first + later)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # every layer windowed; one of two (and q/k/v biases)
+def test_sliding_windows_equal_hf_in_the_compiled_decode_step(family, tmp_path):
+    """One stream at a time decodes through the compiled CPU step (compiled_step.py), whose attention
+    reads each layer's window of the pool: 10 new tokens past a window of 4, as HF's forward."""
+    engine = make_family_engine(family, model=WINDOWED[family][0], compile_decode="on", cache_dir=tmp_path)
+    compiled = engine.runner.compiled
+    assert compiled is not None
+    before = compiled.num_steps
+    completions = [engine.generate([prompt], greedy(10, logprobs=0))[0] for prompt in (SHARED, PROMPTS[0])]
+    assert compiled.num_steps - before == 18, "every decode step of the two streams runs compiled"
+    assert_equals_hf(family, [SHARED, PROMPTS[0]], completions)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])  # the lean pass; the stock forward, per layer
 def test_sliding_windows_equal_hf_after_preemption_and_recompute(family):
     """A 16-page pool for four requests of one page that grow to six (a new extent takes five):
