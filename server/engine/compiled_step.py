@@ -287,8 +287,8 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir(cache_dir))  # read by inductor at each use
     started = time.perf_counter()
-    log.info("compiling the decode step (one row): about a minute on a first start, "
-             "seconds once %s holds the compiled code", os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
+    log.info("compiling the decode step (one row): 10-20 s on a first start, "
+             "a few once %s holds the compiled code", os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
     with torch.inference_mode(), _warm_steps(cache) as steps:
         try:
             for kv_step, ids, positions, rows in steps:
