@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
+GRAPH_VERSION = 2  # part of a cached verdict's identity: one measured on another graph is measured again
 
 
 class CompiledDecode:
@@ -324,10 +325,12 @@ def _inductor_dir(cache_dir: Path) -> Path:
 
 
 def _identity(model: nn.Module) -> dict:
-    """What a cached verdict must match: the CPU model, torch, threads, dtype and the model's shape."""
+    """What a cached verdict must match: the graph, the CPU model, torch, threads, dtype and the
+    model's shape."""
     config = model.config
     shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
     return {
+        "graph": GRAPH_VERSION,
         "cpu": cpu_model_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
