@@ -58,7 +58,7 @@ from adapters.quiet_check import QuietCheck
 
 from .attention import KVStep, SeqSlice
 from .kv_cache import KVCache
-from .lean_forward import RMS_NORMS, SILU, LeanForward
+from .lean_forward import RMS_NORMS, SILU, LeanForward, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -205,25 +205,18 @@ def _layer(hidden, cos, sin, weights, biases, keys, values, input_norm, input_ep
     up, down's; keys, values: the layer's pool views (`_context_views`); SiLU MLP, RMSNorms."""
     head_dim = cos.shape[-1]
     half = head_dim // 2
-    x = _norm(hidden, input_norm, input_eps)
+    x = rms_norm(hidden, input_norm, input_eps)
     q, k, v = (_linear(x, w, b).reshape(1, 1, -1, head_dim).transpose(1, 2) for w, b in zip(weights[:3], biases[:3]))
     q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
     hidden = hidden + _linear(_attend_one_row(q, k, v, keys, values, scaling), weights[3], biases[3])
-    x = _norm(hidden, post_norm, post_eps)
+    x = rms_norm(hidden, post_norm, post_eps)
     gate, up = _linear(x, weights[4], biases[4]), _linear(x, weights[5], biases[5])
     return hidden + _linear(F.silu(gate) * up, weights[6], biases[6])
 
 
 def _head(hidden, norm_weight, eps: float, weight, bias):
     """The final norm and the output head: hidden [1, M, C] -> logits [M, V]."""
-    return _linear(_norm(hidden, norm_weight, eps), weight, bias)[0]
-
-
-def _norm(x, weight, eps: float):
-    """lean_forward's RMSNorm (the stock one's ops; its float32 casts are no-ops in float32)."""
-    h = x if x.dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+    return _linear(rms_norm(hidden, norm_weight, eps), weight, bias)[0]
 
 
 def _context_views(kv_step: KVStep, mark_dynamic: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

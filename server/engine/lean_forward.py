@@ -88,12 +88,17 @@ class LeanForward:
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The stock RMSNorm's ops without its module call; its float32 casts are no-ops in float32."""
+    """The stock RMSNorm's ops without its module call (`rms_norm`); other norms run themselves."""
     if type(norm).__name__ not in RMS_NORMS:
         return norm(x)
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's ops in its order; its float32 casts are no-ops in float32."""
     h = x if x.dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 def lean_forward(model: nn.Module) -> LeanForward | None:
