@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo.utils
 
-from server.engine.compiled_step import _identity, _write_verdict, compiled_path
+from server.engine.compiled_step import _identity, _inductor_dir, _write_verdict, compiled_path
 from support.engine import PROMPTS, encode, greedy, hf_greedy, hf_logprobs, make_engine, peft_reference, run_steps
 
 LOGPROB_BOUND = 1e-4  # the suite's fp32 bound against PEFT
@@ -120,6 +123,30 @@ def test_auto_follows_the_verdict_cached_for_this_cpu(cache_dir):
     graphs = _graphs()
     engine = make_engine(compile_decode="auto", cache_dir=cache_dir)
     assert engine.runner.compiled is None and _graphs() == graphs
+
+
+def test_a_verdict_cached_for_another_graph_is_measured_again(cache_dir, caplog):
+    """A verdict of eager written before the graph changed (its identity without this graph's
+    version) does not keep auto eager: the new graph is compiled and measured."""
+    probe = make_engine(cache_dir=cache_dir)
+    current = _identity(probe.lora_model.model)
+    earlier = {key: value for key, value in current.items() if key != "graph"}
+    path = compiled_path(cache_dir, current)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"identity": earlier, "verdict": {"max_rows": 0, "ms": {}}}))
+    with caplog.at_level(logging.INFO, logger="server.engine.compiled_step"):
+        make_engine(compile_decode="auto", cache_dir=cache_dir)
+    assert "compiled the decode step" in caplog.text, "auto followed a verdict measured on another graph"
+    assert "compiled measured no faster" not in caplog.text
+
+
+def test_a_cache_inductor_cannot_write_sends_its_code_to_the_temporary_directory(tmp_path):
+    writable = _inductor_dir(tmp_path)
+    assert writable == tmp_path / "inductor" and writable.is_dir()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # a directory cannot be made under a file: as unwritable as a read-only mount
+    fallback = _inductor_dir(blocked)
+    assert fallback.parent == Path(tempfile.gettempdir()) and fallback.name.startswith("loraserve-inductor")
 
 
 def test_auto_caches_a_verdict_only_when_the_machine_was_quiet(tmp_path, monkeypatch):
