@@ -10,10 +10,10 @@ the same 538 MB; docs/benchmarks.md), fused with the norms, rotary, residuals, t
 attention into a few C++ loops a layer.
 
 What makes two small graphs serve every one-row decode step:
-  - one graph is a decoder layer (`_layer`), called once per layer with that layer's weights and
-    pool views: the same shapes in every layer, so one layer's code is compiled (10 s for the
-    default model; the whole forward as one graph took 40 s, and 104 s once attention was in it),
-    and the other is the final norm and the head (`_head`);
+  - one graph is a group of a few decoder layers (`_layers`), called once per group with its
+    layers' weights and pool views: every group has the same shapes, so one group's code is
+    compiled (12 s for the default model's three layers; the whole forward as one graph took 40 s,
+    and 104 s once attention was in it), and the other is the final norm and the head (`_head`);
   - attention is in the graph: the row's key and value are written into views of the pool that end
     at its slot, and the scores read the view, whose length is a symbol of the graph (one graph
     for every context length; each layer's view starts where its sliding window does). As a custom
@@ -65,7 +65,11 @@ log = logging.getLogger(__name__)
 LINEARS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
            ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at startup (mode auto)
-GRAPH_VERSION = 2  # part of a cached verdict's identity: one measured on another graph is measured again
+# Each call of a graph costs ~90 us of dynamo and wrapper Python (Intel Xeon, 2 cores): 30 calls
+# a token of one layer each ran the default model at 30.2 ms a step, 10 of three layers at 27.3,
+# 6 of five at 27.3 (compiling 2 s and 5 s longer; same run, docs/benchmarks.md).
+MAX_LAYERS_PER_GRAPH = 4
+GRAPH_VERSION = 3  # part of a cached verdict's identity: one measured on another graph is measured again
 
 
 class CompiledDecode:
@@ -93,8 +97,9 @@ class CompiledDecode:
              layer.self_attn.scaling)
             for layer in inner.layers
         ]  # fmt: skip
-        # One graph for every decoder layer (same shapes): one layer's code to compile, not thirty.
-        self.layer_graph = torch.compile(_layer, dynamic=None, fullgraph=True)
+        # One graph for every group of `group` layers (same shapes): one group's code to compile.
+        self.group = layers_per_graph(len(inner.layers))
+        self.layer_graph = torch.compile(_layers, dynamic=None, fullgraph=True)
         self.head_graph = torch.compile(_head, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
@@ -149,10 +154,13 @@ class CompiledDecode:
             cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, 1, D]
             half = self.head_dim // 2
             cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
-            per_layer = len(LINEARS)
-            for i, (constants, keys, values) in enumerate(zip(self.layer_constants, k_ctx, v_ctx)):
-                span = slice(i * per_layer, (i + 1) * per_layer)
-                hidden = self.layer_graph(hidden, cos, sin, weights[span], biases[span], keys, values, *constants)
+            g, per_group = self.group, self.group * len(LINEARS)
+            for i in range(len(k_ctx) // g):
+                span, layers = slice(i * per_group, (i + 1) * per_group), slice(i * g, (i + 1) * g)
+                hidden = self.layer_graph(
+                    hidden, cos, sin, weights[span], biases[span], k_ctx[layers], v_ctx[layers],
+                    self.layer_constants[layers],
+                )  # fmt: skip
             norm = self._norm_constants(self.final_norm)
             return self.head_graph(hidden[:, rows], *norm, weights[-1], biases[-1])
 
@@ -198,6 +206,21 @@ class CompiledDecode:
         """The embedding's weight in use (W0, or merged with an embedding adapter), as a plain tensor."""
         merged = getattr(self.embedding, "merged_weight", None)
         return self._plain(self.embedding.weight) if merged is None else merged
+
+
+def _layers(hidden, cos, sin, weights, biases, keys, values, constants):
+    """`len(keys)` consecutive decoder layers (`_layer`) in one graph."""
+    per_layer = len(LINEARS)
+    for i, (k, v, c) in enumerate(zip(keys, values, constants)):
+        span = slice(i * per_layer, (i + 1) * per_layer)
+        hidden = _layer(hidden, cos, sin, weights[span], biases[span], k, v, *c)
+    return hidden
+
+
+def layers_per_graph(num_layers: int) -> int:
+    """The most layers, up to MAX_LAYERS_PER_GRAPH, that divide the model's layers into equal
+    groups: one graph then serves every group."""
+    return max(g for g in range(1, MAX_LAYERS_PER_GRAPH + 1) if num_layers % g == 0)
 
 
 def _layer(hidden, cos, sin, weights, biases, keys, values, input_norm, input_eps, post_norm, post_eps, scaling):

@@ -24,7 +24,7 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
-from server.engine import row_attention
+from server.engine import compiled_step, row_attention
 from server.engine.attention_probe import UnsupportedModelError, mask_window, probe_attention
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -210,13 +210,16 @@ def test_sliding_windows_equal_hf_past_the_window_with_chunks_and_a_prefix_hit(f
     assert_equals_hf(family, [SHARED, HIT, PROMPTS[0]], first + later)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # every layer windowed; one of two (and q/k/v biases)
-def test_sliding_windows_equal_hf_in_the_compiled_decode_step(family, tmp_path):
+@pytest.mark.parametrize(("family", "layers_per_graph"), [("mistral", 2), ("qwen2", 1)])
+def test_sliding_windows_equal_hf_in_the_compiled_decode_step(family, layers_per_graph, tmp_path, monkeypatch):
     """One stream at a time decodes through the compiled CPU step (compiled_step.py), whose attention
-    reads each layer's window of the pool: 10 new tokens past a window of 4, as HF's forward."""
+    reads each layer's window of the pool: 10 new tokens past a window of 4, as HF's forward. Mistral
+    windows every layer, both in one graph; Qwen2 one of two (and has q/k/v biases), one graph called
+    for each layer, the windowed one's views and the full one's."""
+    monkeypatch.setattr(compiled_step, "MAX_LAYERS_PER_GRAPH", layers_per_graph)
     engine = make_family_engine(family, model=WINDOWED[family][0], compile_decode="on", cache_dir=tmp_path)
     compiled = engine.runner.compiled
-    assert compiled is not None
+    assert compiled is not None and compiled.group == layers_per_graph
     before = compiled.num_steps
     completions = [engine.generate([prompt], greedy(10, logprobs=0))[0] for prompt in (SHARED, PROMPTS[0])]
     assert compiled.num_steps - before == 18, "every decode step of the two streams runs compiled"
