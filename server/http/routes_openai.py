@@ -57,7 +57,7 @@ async def completions(body: CompletionRequest, request: Request):
         plan = await asyncio.to_thread(completion_plan, body, engine.grammars)  # compiles the grammar
         jobs = await asyncio.to_thread(completion_jobs, body, tokens.prompt_text, plan)
         await asyncio.to_thread(tokenize_jobs, jobs, tokens)
-        streams = await submit_all(engine, jobs, adapter)
+        streams = await submit_all(engine, jobs, adapter, bool(body.stream))
     state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:
@@ -80,7 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and with_tools else None
         prompt_ids = await asyncio.to_thread(tokens.chat_prompt, messages, tools)
         jobs = chat_jobs(body, prompt_ids, plan)
-        streams = await submit_all(engine, jobs, adapter)
+        streams = await submit_all(engine, jobs, adapter, bool(body.stream))
     state.note_resolve_wait(streams)
     token_text = tokens.token_text
     if body.stream:

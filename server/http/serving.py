@@ -112,12 +112,13 @@ def chat_jobs(request: ChatCompletionRequest, prompt_ids: list[int], plan: Outpu
     ]
 
 
-async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: AdapterRef) -> list[RequestStream]:
-    """Queue every job; if one is refused, abort the ones already queued and re-raise."""
+async def submit_all(engine: AsyncEngine, jobs: list[Job], adapter: AdapterRef, streamed: bool) -> list[RequestStream]:
+    """Queue every job; if one is refused, abort the ones already queued and re-raise. Jobs not
+    `streamed` get their outputs once, when they finish."""
     streams: list[RequestStream] = []
     try:
         for job in jobs:
-            streams.append(await engine.submit(job.prompt, job.params, adapter))
+            streams.append(await engine.submit(job.prompt, job.params, adapter, final_only=not streamed))
     except BaseException:
         for stream in streams:
             stream.close()

@@ -55,6 +55,34 @@ def test_concurrent_streams_equal_generate(adapter_paths):
     assert_released(llm)
 
 
+def test_a_final_only_request_gets_its_deltas_together_when_it_finishes():
+    """A caller that answers once (a request that is not streamed) is not woken for every token:
+    halfway through, nothing has reached it while a streamed twin holds its deltas; then it gets
+    the very same deltas, in order."""
+    llm = make_engine()
+    engine = AsyncEngine(llm)
+    try:
+
+        async def main():
+            streamed = await engine.submit(PROMPTS[0], greedy(12))
+            final = await engine.submit(PROMPTS[0], greedy(12), final_only=True)
+            running = llm.requests[final.request_id]
+            await until(engine, lambda: len(running.output_token_ids) >= 6)
+            await asyncio.sleep(0)  # let the loop run what the engine thread posted
+            assert streamed.num_pending >= 5 and final.num_pending == 0
+            outputs = [o async for o in streamed], [o async for o in final]
+            streamed.close(), final.close()
+            return outputs
+
+        streamed, final = asyncio.run(main())
+        strip = lambda outputs: [(o.text, o.token_ids, o.finished, o.finish_reason) for o in outputs]  # noqa: E731
+        assert len(final) == 12 and strip(final) == strip(streamed)
+        assert engine.num_streams == 0
+    finally:
+        engine.stop(JOIN_TIMEOUT)
+    assert_released(llm)
+
+
 def test_leaving_a_stream_early_aborts_it():
     llm = make_engine()
     finished = []
