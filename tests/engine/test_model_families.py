@@ -226,6 +226,24 @@ def test_sliding_windows_equal_hf_in_the_compiled_decode_step(family, layers_per
     assert_equals_hf(family, [SHARED, PROMPTS[0]], completions)
 
 
+def test_compiled_layers_keep_their_own_windows_past_the_warm_up(tmp_path, monkeypatch):
+    """Qwen2 with a window of 80 keys on one layer of two, up to two layers a graph: the warm-up's
+    context (64 keys) fits in the window, so there every layer's view is as long as the others';
+    past 80 keys the windowed layer's views are shorter. Tokens and logprobs equal the eager pass's
+    (tested against HF above), and the window changes them."""
+    monkeypatch.setattr(compiled_step, "MAX_LAYERS_PER_GRAPH", 2)
+    fields = dict(use_sliding_window=True, sliding_window=80, max_window_layers=1)
+    compiled = make_family_engine("qwen2", model=fields, compile_decode="on", cache_dir=tmp_path)
+    eager, unwindowed = make_family_engine("qwen2", model=fields), make_family_engine("qwen2")
+    prompt, params = (PROMPTS[1] * 8)[:76], greedy(24, logprobs=0)
+    ours, theirs, full = (engine.generate([prompt], params)[0] for engine in (compiled, eager, unwindowed))
+    assert compiled.runner.compiled.num_steps == 1 + 23  # the warm-up, then every decode step
+    assert ours.token_ids == theirs.token_ids
+    logprobs = [[entry.logprob for entry in c.logprobs] for c in (ours, theirs, full)]
+    assert max(abs(a - b) for a, b in zip(logprobs[0], logprobs[1])) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(logprobs[1], logprobs[2])) > 1e-2, "the window must matter here"
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])  # the lean pass; the stock forward, per layer
 def test_sliding_windows_equal_hf_after_preemption_and_recompute(family):
     """A 16-page pool for four requests of one page that grow to six (a new extent takes five):
