@@ -145,9 +145,16 @@ class S3Source(Source):
         key = "/".join(part for part in (self.prefix, name, file_name) if part)
         try:
             response = self.client().get_object(Bucket=self.bucket, Key=key)
-            if response.get("ContentLength", 0) > max_bytes:
+            length = response.get("ContentLength")
+            if length is None:
+                return self._bounded(response["Body"], max_bytes)
+            if length > max_bytes:
                 raise self._too_large()
-            return self._bounded(response["Body"], max_bytes)
+            # Within the limit as declared: read whole, into one buffer filled from the socket
+            # (botocore checks the length and, where the store sent one, the checksum). Joining
+            # 1 MiB chunks wrote each byte twice more, into memory the process first faults in:
+            # the join alone was ~60% of a 29 MB fetch inside a server (py-spy).
+            return response["Body"].read()
         except ClientError as exc:
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

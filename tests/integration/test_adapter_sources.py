@@ -9,7 +9,15 @@ import pytest
 
 from adapters import InvalidAdapterError
 from server.sources import AdapterTooLargeError, SourceUnavailableError, check_source_uri, make_source
-from support.sources import HubApp, hanging_server, hub_server, put_adapter, s3_server, write_hub_cache
+from support.sources import (
+    HubApp,
+    hanging_server,
+    hub_server,
+    put_adapter,
+    s3_server,
+    short_body_server,
+    write_hub_cache,
+)
 
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"x" * 1000}
 BUCKET = "adapters"
@@ -72,6 +80,15 @@ def test_hanging_source_fails_within_its_timeout(s3, monkeypatch):
         with pytest.raises(SourceUnavailableError, match="failed"):
             source(f"s3://{BUCKET}/team", timeout_s=1.0, retries=3).fetch("sql")
         assert time.monotonic() - started < 3.5  # one read timeout, backoff inside the deadline
+
+
+def test_s3_source_cut_off_mid_body_is_unavailable_after_its_retries(monkeypatch):
+    """An object read whole (its declared length within the limit) that arrives short is a
+    transient failure, retried, then SourceUnavailableError: never a short file passed on."""
+    with short_body_server() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
+        with pytest.raises(SourceUnavailableError, match="failed"):
+            source(f"s3://{BUCKET}/team", max_bytes=4096, retries=1).fetch("sql")
 
 
 def test_hub_source_reads_the_cache_offline(tmp_path, monkeypatch):

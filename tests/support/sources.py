@@ -129,6 +129,36 @@ def hanging_server() -> Iterator[str]:
         listener.close()
 
 
+@contextmanager
+def short_body_server() -> Iterator[str]:
+    """A loopback HTTP server whose every answer declares 1000 bytes, sends 500, and closes the
+    connection (a store cut off mid-transfer); yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection = listener.accept()[0]
+            except (TimeoutError, OSError):
+                continue
+            with connection:
+                connection.recv(65536)  # the request; its body is empty
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "0" * 40) -> None:
     """huggingface_hub's layout: models--org--name/{blobs/<etag>, snapshots/<rev>/<file> -> blob, refs/main}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
