@@ -9,8 +9,8 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -101,21 +101,23 @@ def read_adapter(path: Path) -> dict[str, bytes]:
 
 
 @contextmanager
-def hanging_server() -> Iterator[str]:
-    """A loopback socket that accepts connections and never answers; yields its URL."""
+def _loopback_server(on_connection: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A loopback socket whose accepted connections go to `on_connection`, on a thread of its own,
+    until the block ends; yields its URL. Connections still open then are closed."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
+    listener.settimeout(0.1)
     accepted: list[socket.socket] = []
     stop = threading.Event()
 
     def accept() -> None:
-        listener.settimeout(0.1)
         while not stop.is_set():
             try:
                 accepted.append(listener.accept()[0])
             except (TimeoutError, OSError):
                 continue
+            on_connection(accepted[-1])
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
@@ -129,34 +131,21 @@ def hanging_server() -> Iterator[str]:
         listener.close()
 
 
-@contextmanager
-def short_body_server() -> Iterator[str]:
+def hanging_server() -> AbstractContextManager[str]:
+    """A loopback socket that accepts connections and never answers; yields its URL."""
+    return _loopback_server(lambda connection: None)
+
+
+def short_body_server() -> AbstractContextManager[str]:
     """A loopback HTTP server whose every answer declares 1000 bytes, sends 500, and closes the
     connection (a store cut off mid-transfer); yields its URL."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    listener.settimeout(0.1)
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                connection = listener.accept()[0]
-            except (TimeoutError, OSError):
-                continue
-            with connection:
-                connection.recv(65536)  # the request; its body is empty
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+    def answer_short(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)  # the request; its body is empty
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    return _loopback_server(answer_short)
 
 
 def write_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], revision: str = "0" * 40) -> None:
