@@ -96,6 +96,24 @@ def test_slots_are_bounded_with_lru_eviction(make_registry, token_ids):
     assert registry.resident() == ["a", "b"] and (registry.num_loads, registry.num_evictions) == (4, 2)
 
 
+def test_a_slot_taken_from_an_adapter_holds_what_a_fresh_slot_would(make_registry, token_ids):
+    """An evicted adapter's rows are overwritten by the load, not cleared first: the rows it leaves
+    past the new rank, and the layers the new adapter does not target, must be zero as in a fresh
+    slot (kernels that read a slot's whole max-rank rows rely on it), and outputs must not change."""
+    registry = make_registry(max_loras=1)
+    use(registry, "b", token_ids)  # rank 8 on every linear layer
+    for name in "ca":  # rank 2 on o_proj and down_proj; rank 4 on q_proj and v_proj
+        fresh = make_registry(max_loras=1)
+        assert torch.equal(use(registry, name, token_ids), use(fresh, name, token_ids))
+        for layer, fresh_layer in zip(registry.lora_model.layers.values(), fresh.lora_model.layers.values()):
+            if fresh_layer.lora_a is None:  # the adapter does not target it
+                assert layer.lora_a is None or not (layer.lora_a[0].any() or layer.lora_b[0].any())
+            else:
+                assert torch.equal(layer.lora_a[0], fresh_layer.lora_a[0])
+                assert torch.equal(layer.lora_b[0], fresh_layer.lora_b[0])
+    assert registry.num_evictions == 2
+
+
 def test_acquired_adapter_is_never_evicted(make_registry, token_ids):
     registry = make_registry(max_loras=2)
     lease = registry.acquire("a")  # held, and the least recently acquired from here on
