@@ -458,7 +458,7 @@ def _fold(
         extras["bias"] = extras["bias"].float().mul(scale)
     folded = LoraWeights(
         a.to(dtype).contiguous(),
-        b.float().mul(scale).t().to(dtype).contiguous(),  # [r, out]
+        _scaled_transpose(b, scale, dtype),  # [r, out]
         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()},
     )
     # One check of the folded factors finds NaN or Inf in the file (they survive scaling and casting)
@@ -472,6 +472,14 @@ def _fold(
                 f"overflows {dtype} once scaled by the config's alpha", file=WEIGHTS_FILE, field=field
             )
     return folded
+
+
+def _scaled_transpose(b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """(scale · B in float32)ᵀ as a contiguous [r, out] of `dtype`: one pass into one new tensor where
+    B is float32 (a scaled copy, then a transposed one, cost a first request's parse two passes and
+    twice the fresh pages; the products are the same float32 ones)."""
+    scaled = torch.mul(b.t().float(), scale, out=torch.empty(b.shape[::-1], dtype=torch.float32))
+    return scaled.to(dtype)
 
 
 def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, values: bool = True) -> None:
