@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class TransientThreads(Executor):
@@ -30,8 +33,9 @@ class TransientThreads(Executor):
     thread lives only while there is torch work for it, so no idle one keeps a team. A burst of
     tasks waits in the queue, not on a thread each (a flood of uploads once made a thread apiece)."""
 
-    def __init__(self, workers: int, name: str):
-        self._workers, self._name, self._numbers = workers, name, itertools.count()
+    def __init__(self, workers: int, name: str, nice: int = 0):
+        """`nice`: each thread's own CPU niceness on Linux (19: runs on what the others leave over)."""
+        self._workers, self._name, self._numbers, self._nice = workers, name, itertools.count(), nice
         self._lock = threading.Lock()
         self._queue: deque[tuple[Future, Callable, tuple, dict]] = deque()
         self._threads = 0  # alive: fewer than `workers` means a submit starts one
@@ -51,6 +55,8 @@ class TransientThreads(Executor):
         return future
 
     def _work(self) -> None:
+        if self._nice:
+            _lower_priority(self._nice)
         while True:
             with self._lock:
                 if not self._queue:
@@ -74,6 +80,17 @@ class TransientThreads(Executor):
                 self._queue.clear()
         for future, *_ in cancelled:
             future.cancel()
+
+
+def _lower_priority(nice: int) -> None:
+    """This thread's niceness (Linux applies setpriority to one thread, given its id); an OS without
+    per-thread priorities, or one that refuses, leaves it at the process's."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.debug("thread priority unchanged: %s", exc)
 
 
 TORCH_JOBS = TransientThreads(max(2, os.cpu_count() or 2), "loraserve-torch")

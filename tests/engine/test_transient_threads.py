@@ -4,6 +4,8 @@ mask) is tests/http/test_torch_threads.py."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -49,3 +51,16 @@ def test_errors_reach_the_caller_and_shutdown_cancels_what_waits():
         executor.submit(lambda: None)
     release.set()
     assert running.result(timeout=10) is True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_a_nice_executor_lowers_only_its_own_threads_priority():
+    """Resolved adapters' store writes run this way (server/http/state_sources.py): background work
+    that must not take CPU from the parse and the steps beside it, nor lower anyone else's priority."""
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    niceness = TransientThreads(1, "nice", nice=19).submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    )
+    assert niceness.result(timeout=10) == 19
+    assert TransientThreads(1, "plain").submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(timeout=10) == own
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
