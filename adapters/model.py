@@ -75,6 +75,7 @@ class LoraModel:
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy `adapter` into device slot `slot`; layers it does not target get zeros there."""
+        self.state.slots_version += 1
         if self._merged_uses(slot):
             self.unmerge()
         for name, layer in [*self.layers.items(), *self.params.items()]:
@@ -98,6 +99,7 @@ class LoraModel:
         self.state.layout_version += 1  # a new module in the forward: captured graphs are stale
 
     def clear_slot(self, slot: int) -> None:
+        self.state.slots_version += 1
         if self._merged_uses(slot):
             self.unmerge()
         for layer in [*self.layers.values(), *self.copies.values(), *self.params.values()]:

@@ -23,6 +23,7 @@ class LoraState:
         self.batch: LoraBatch | None = None
         self.layout_version = 0
         self.weights_version = 0  # counts merges and unmerges: the compiled CPU step's inputs follow it
+        self.slots_version = 0  # counts slot loads and clears: the compiled step's LoRA rows follow it
 
 
 class LoraSlots(nn.Module):

@@ -25,9 +25,11 @@ What makes two small graphs serve every one-row decode step:
   - every weight and bias is a graph input, the one in use now (W0's, or the merged one while an
     adapter is merged): a merge or unmerge passes other tensors of the same shapes, and no guard
     fails and nothing recompiles (tests/engine/test_compiled_step.py counts the graphs).
-Gathered LoRA steps (rows on different adapters) run the eager lean pass: their per-run LoRA ops
-are Python over the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies,
-and families the lean pass does not serve.
+A one-row step on an adapter that is not merged runs a second graph of the same layers, each
+linear adding x·Aᵀ·B from its slot's rows (compiled_lora.py: one graph for every adapter and rank).
+Steps of rows on different adapters run the eager lean pass: their per-run LoRA ops are Python over
+the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies, and families the
+lean pass does not serve.
 
 Inductor's compiled artifacts (FX graph cache) live under <cache dir>/inductor, so a restart
 re-traces (seconds) but skips most of the C++ compilation. Whether the compiled step is faster is
@@ -54,9 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.backends.cpu import cpu_model_name
+from adapters.model import LoraModel
 from adapters.quiet_check import QuietCheck
 
 from .attention import KVStep, SeqSlice
+from .compiled_lora import CompiledLora, Rows, lora_signature
 from .kv_cache import KVCache
 from .lean_forward import RMS_NORMS, SILU, LeanForward, rms_norm
 
@@ -69,13 +73,13 @@ MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at
 # a token of one layer each ran the default model at 30.2 ms a step, 10 of three layers at 27.3,
 # 6 of five at 27.3 (compiling 2 s and 5 s longer; same run, docs/benchmarks.md).
 MAX_LAYERS_PER_GRAPH = 4
-GRAPH_VERSION = 3  # part of a cached verdict's identity: one measured on another graph is measured again
+GRAPH_VERSION = 4  # part of a cached verdict's identity: one measured on another graph is measured again
 
 
 class CompiledDecode:
     """run(ids [N], positions [N], rows [M], kv_step) -> logits [M, V], through the compiled graph."""
 
-    def __init__(self, lean: LeanForward):
+    def __init__(self, lean: LeanForward, lora_model: LoraModel | None = None):
         self.model = lean.model
         self.head_dim = lean.head_dim
         inner = self.model.model
@@ -100,8 +104,13 @@ class CompiledDecode:
         # One graph for every group of `group` layers (same shapes): one group's code to compile.
         self.group = layers_per_graph(len(inner.layers))
         self.layer_graph = torch.compile(_layers, dynamic=None, fullgraph=True)
+        self.lora_layer_graph = torch.compile(_lora_layers, dynamic=None, fullgraph=True)
+        flat = [m for layer in self.linears for m in layer]
+        self.lora = None if lora_model is None or self.state is None else CompiledLora(lora_model, flat)
+        self.warm_lora_signature: tuple | None = None  # the LoRA rows' signature the LoRA graph was compiled for
         self.head_graph = torch.compile(_head, dynamic=None, fullgraph=True)
         self.num_steps = 0  # decode steps run compiled (warm-up included)
+        self.num_lora_steps = 0  # of which through the LoRA graph
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
 
     def serves(self) -> bool:
@@ -140,16 +149,30 @@ class CompiledDecode:
             and getattr(self.head, "int8", None) is None
         )
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep) -> torch.Tensor:
+    def lora_rows(self, slot: int) -> Rows | None:
+        """The LoRA graph's inputs for a row on `slot`'s adapter; None where it cannot serve it."""
+        return None if self.lora is None else self.lora.rows(slot)
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_step: KVStep, lora: Rows | None = None
+    ) -> torch.Tensor:
+        """`lora`: the row's adapter's rows (`lora_rows`), or None on base or merged weights."""
         self.num_steps += 1
         embed_w, weights, biases, signature = self._current_inputs()
         # Dynamo's guards check every input of every call. Inputs of the shapes, strides and dtypes
         # the graphs were warmed with need none of them: each graph is the only one of its function,
-        # compiled for any context length, and a step of another row count never gets here (can_run).
+        # compiled for any context length (and LoRA rank), and a step of another row count never
+        # gets here (can_run).
         skip = signature == self.warm_signature
+        if lora is not None:
+            self.num_lora_steps += 1
+            skip = skip and lora_signature(lora) == self.warm_lora_signature
+            _mark_ranks_dynamic(lora, skip)
         k_ctx, v_ctx = _context_views(kv_step, mark_dynamic=not skip)
         inner = self.model.model
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
+        tracing = lora is not None and not skip  # P gets a symbol of its own (see _mark_ranks_dynamic)
+        no_duck = torch.fx.experimental._config.patch(use_duck_shape=False) if tracing else contextlib.nullcontext()
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip), no_duck:
             hidden = F.embedding(ids[None], embed_w)  # [1, 1, C]
             cos, sin = inner.rotary_emb(hidden, positions[None])  # [1, 1, D]
             half = self.head_dim // 2
@@ -157,10 +180,11 @@ class CompiledDecode:
             g, per_group = self.group, self.group * len(LINEARS)
             for i in range(len(k_ctx) // g):
                 span, layers = slice(i * per_group, (i + 1) * per_group), slice(i * g, (i + 1) * g)
-                hidden = self.layer_graph(
-                    hidden, cos, sin, weights[span], biases[span], k_ctx[layers], v_ctx[layers],
-                    self.layer_constants[layers],
-                )  # fmt: skip
+                inputs = (hidden, cos, sin, weights[span], biases[span], k_ctx[layers], v_ctx[layers])
+                if lora is None:
+                    hidden = self.layer_graph(*inputs, self.layer_constants[layers])
+                else:
+                    hidden = self.lora_layer_graph(*inputs, self.layer_constants[layers], lora[0][span], lora[1][span])
             norm = self._norm_constants(self.final_norm)
             return self.head_graph(hidden[:, rows], *norm, weights[-1], biases[-1])
 
@@ -208,13 +232,20 @@ class CompiledDecode:
         return self._plain(self.embedding.weight) if merged is None else merged
 
 
-def _layers(hidden, cos, sin, weights, biases, keys, values, constants):
-    """`len(keys)` consecutive decoder layers (`_layer`) in one graph."""
+def _layers(hidden, cos, sin, weights, biases, keys, values, constants, a_rows=None, b_rows=None):
+    """`len(keys)` consecutive decoder layers (`_layer`) in one graph; with `a_rows` and `b_rows`
+    (one adapter's, per linear), each linear adds its LoRA delta."""
     per_layer = len(LINEARS)
     for i, (k, v, c) in enumerate(zip(keys, values, constants)):
         span = slice(i * per_layer, (i + 1) * per_layer)
-        hidden = _layer(hidden, cos, sin, weights[span], biases[span], k, v, *c)
+        lora = None if a_rows is None else list(zip(a_rows[span], b_rows[span]))
+        hidden = _layer(hidden, cos, sin, weights[span], biases[span], k, v, *c, lora=lora)
     return hidden
+
+
+def _lora_layers(hidden, cos, sin, weights, biases, keys, values, constants, a_rows, b_rows):
+    """`_layers` with LoRA: a function of its own, so that its graph is compiled apart from the plain one."""
+    return _layers(hidden, cos, sin, weights, biases, keys, values, constants, a_rows, b_rows)
 
 
 def layers_per_graph(num_layers: int) -> int:
@@ -223,18 +254,25 @@ def layers_per_graph(num_layers: int) -> int:
     return max(g for g in range(1, MAX_LAYERS_PER_GRAPH + 1) if num_layers % g == 0)
 
 
-def _layer(hidden, cos, sin, weights, biases, keys, values, input_norm, input_eps, post_norm, post_eps, scaling):
+def _layer(
+    hidden, cos, sin, weights, biases, keys, values, input_norm, input_eps, post_norm, post_eps, scaling, lora=None
+):
     """One decoder layer for one row: hidden [1, 1, C] -> hidden. weights, biases: q, k, v, o, gate,
-    up, down's; keys, values: the layer's pool views (`_context_views`); SiLU MLP, RMSNorms."""
+    up, down's; keys, values: the layer's pool views (`_context_views`); SiLU MLP, RMSNorms; `lora`:
+    each linear's (A rows, B rows), or None."""
     head_dim = cos.shape[-1]
     half = head_dim // 2
+    lora = [(None, None)] * len(LINEARS) if lora is None else lora
+
+    def linear(x, i):
+        return _linear(x, weights[i], biases[i], *lora[i])
+
     x = rms_norm(hidden, input_norm, input_eps)
-    q, k, v = (_linear(x, w, b).reshape(1, 1, -1, head_dim).transpose(1, 2) for w, b in zip(weights[:3], biases[:3]))
+    q, k, v = (linear(x, i).reshape(1, 1, -1, head_dim).transpose(1, 2) for i in range(3))
     q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
-    hidden = hidden + _linear(_attend_one_row(q, k, v, keys, values, scaling), weights[3], biases[3])
+    hidden = hidden + linear(_attend_one_row(q, k, v, keys, values, scaling), 3)
     x = rms_norm(hidden, post_norm, post_eps)
-    gate, up = _linear(x, weights[4], biases[4]), _linear(x, weights[5], biases[5])
-    return hidden + _linear(F.silu(gate) * up, weights[6], biases[6])
+    return hidden + linear(F.silu(linear(x, 4)) * linear(x, 5), 6)
 
 
 def _head(hidden, norm_weight, eps: float, weight, bias):
@@ -273,12 +311,33 @@ def _attend_one_row(q, k, v, keys, values, scaling: float | None) -> torch.Tenso
     return out.to(q.dtype).reshape(1, 1, -1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_rows: torch.Tensor | None = None,
+    b_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [.., in] @ weightᵀ + bias as a product and a sum over `in`: inductor makes it one reduction
     loop that streams the weight's rows (a GEMV near the machine's read bandwidth), where a linear
-    would call a library GEMM tuned for many rows."""
+    would call a library GEMM tuned for many rows. With LoRA rows (A [P, in], B [P, out], scale in
+    B), adds (x·Aᵀ)·B as two more such reductions."""
     y = (x.unsqueeze(-2) * weight).sum(-1)
+    if a_rows is not None:
+        y = y + ((x.unsqueeze(-2) * a_rows).sum(-1).unsqueeze(-1) * b_rows).sum(-2)
     return y if bias is None else y + bias
+
+
+def _mark_ranks_dynamic(lora: Rows, skip: bool) -> None:
+    """The rows' P as a symbol of the LoRA graph (at least 2: see compiled_lora.py), where its
+    guards are checked (the caller turns duck sizing off, so that P never shares a symbol with a
+    context length that happens to be of the same size when the graph is traced)."""
+    if skip:
+        return
+    for part in lora:
+        for rows in part:
+            if rows.shape[0] >= 2:
+                torch._dynamo.mark_dynamic(rows, 0)
 
 
 def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
@@ -286,13 +345,15 @@ def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat((x[..., half:], x[..., :half]), dim=-1)
 
 
-def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) -> CompiledDecode | None:
+def compiled_decode(
+    lean: object, cache: KVCache, mode: str, cache_dir: Path, lora_model: LoraModel | None = None
+) -> CompiledDecode | None:
     """The compiled decode step for this model, compiled and warmed now; None where decode steps
     stay eager: `mode` "off", no lean pass (another family), not CPU, an int8 base, or (mode "auto")
     a measurement on this CPU that found the compiled step no faster than the eager pass at one row."""
     if mode == "off" or not isinstance(lean, LeanForward) or cache.k[0].device.type != "cpu":
         return None
-    compiled = CompiledDecode(lean)
+    compiled = CompiledDecode(lean, lora_model)
     if not compiled.serves() or not compiled.can_run(1):
         log.info("decode steps run eagerly: the compiled step serves SiLU MLPs, RMSNorms and full-precision bases")
         return None
@@ -310,6 +371,10 @@ def compiled_decode(lean: object, cache: KVCache, mode: str, cache_dir: Path) ->
         try:
             for kv_step, ids, positions, rows in steps:
                 compiled(ids, positions, rows, kv_step)
+                if compiled.lora is not None:
+                    warm_rows = compiled.lora.warm_rows()
+                    compiled(ids, positions, rows, kv_step, warm_rows)
+                    compiled.warm_lora_signature = lora_signature(warm_rows)
         except Exception as exc:  # inductor needs a C++ compiler; a slim image may have none
             if mode == "on":
                 raise RuntimeError(f"--compile-decode on: compiling the decode step failed: {exc}") from exc

@@ -10,6 +10,7 @@ import torch
 from adapters import BASE_SLOT, LoraModel, SlotMix
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice, step_context
+from .compiled_lora import Rows
 from .compiled_step import compiled_decode
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
@@ -60,7 +61,7 @@ class ModelRunner:
         self.graphs = None
         if decode_graphs and self.lean is not None:
             self.graphs = DecodeGraphs(self.lean, lora_model, cache, max_rows, max_terms=lora_model.max_loras)
-        self.compiled = compiled_decode(self.lean, cache, compile_decode, cache_dir or Path("."))
+        self.compiled = compiled_decode(self.lean, cache, compile_decode, cache_dir or Path("."), lora_model)
 
     @torch.inference_mode()
     def run(
@@ -100,20 +101,37 @@ class ModelRunner:
         head_rows = as_tensor(keep + prompt_keep)
         # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
         head_keep = head_rows if self.lora_model.has_head_lora else None
-        batch = None
+        batch, lora = None, None
         if gather:
+            lora = self._compiled_lora(scheduled, len(ids))
+        if gather and lora is None:
             token_slots, token_scales = _lora_rows(mixes, any(seq.adapter.is_composition for seq, _ in scheduled))
             batch = self.lora_model.build_batch(token_slots, token_scales=token_scales, keep=head_keep)
         is_decode = batch is None and len(ids) == len(scheduled)  # one new token per sequence
         with self.lora_model.gather(batch):
-            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode)  # [M + scored, V]
-        return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)
+            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode, lora)
+        return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)  # logits: [M + scored, V]
+
+    def _compiled_lora(self, scheduled: list[tuple[Sequence, int]], num_rows: int) -> Rows | None:
+        """The compiled step's LoRA rows for a step of one row on one adapter (at scale 1) that it
+        serves (compiled_lora.py); None: the step gathers eagerly."""
+        if self.compiled is None or len(scheduled) != 1 or num_rows != 1 or not self.compiled.can_run(1):
+            return None
+        mix = scheduled[0][0].slot_mix
+        return self.compiled.lora_rows(mix[0][0]) if len(mix) == 1 and mix[0][1] == 1.0 else None
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, step: KVStep, is_decode: bool = False
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        step: KVStep,
+        is_decode: bool = False,
+        lora: Rows | None = None,
     ) -> torch.Tensor:
         if is_decode and self.compiled is not None and self.compiled.can_run(len(ids)):
-            return self.compiled(ids, positions, rows, step)
+            return self.compiled(ids, positions, rows, step, lora)
+        assert lora is None, "LoRA rows are the compiled step's inputs"
         if self.lean is not None:
             return self.lean(ids, positions, rows, step)
         with step_context(step):

@@ -109,6 +109,71 @@ def test_no_recompilation_across_steps_row_counts_and_merges(engines):
     assert _graphs() == graphs, "a decode step recompiled"
 
 
+@pytest.fixture(scope="module")
+def gathering(tiny_adapter_paths, cache_dir, make_peft_adapter, tmp_path_factory):
+    """(compiled, eager) engines that never merge, so a lone adapter request gathers all along, and
+    the adapter paths: "a" and "b", and "c" of rank 12 (the LoRA graph's rows padded to 16, where the
+    warm-up's were 8) on two projections only."""
+    from support.engine import pristine_model
+
+    paths = dict(tiny_adapter_paths)
+    c = dict(r=12, lora_alpha=6, target_modules=["o_proj", "up_proj"])
+    paths["c"] = make_peft_adapter(pristine_model(), tmp_path_factory.mktemp("rank-12") / "c", **c)
+    config = dict(merge_after_steps=10**6)
+    compiled = make_engine(paths, compile_decode="on", cache_dir=cache_dir, **config)
+    eager = make_engine(paths, **config)
+    return compiled, eager, paths
+
+
+@pytest.mark.parametrize("adapter", ["a", "b", "c"])
+def test_a_stream_on_an_unmerged_adapter_runs_the_lora_graph_as_eager_and_peft_do(gathering, adapter):
+    """A lone request on an adapter that is not merged: its decode steps go through the LoRA graph
+    (its slot's rows, of whatever rank and targets), with no graph compiled after the warm-up."""
+    compiled, eager, paths = gathering
+    graphs, before = _graphs(), compiled.runner.compiled.num_lora_steps
+    params = greedy(10, logprobs=1)
+    (ours,) = compiled.generate([PROMPTS[2]], params, [adapter])
+    (theirs,) = eager.generate([PROMPTS[2]], params, [adapter])
+    assert compiled.runner.compiled.num_lora_steps - before >= 8, "the decode steps did not run the LoRA graph"
+    assert not compiled.stats().steps_by_mode.get("merged")
+    assert _graphs() == graphs, "an adapter recompiled the LoRA graph"
+    assert ours.token_ids == theirs.token_ids
+    _assert_logprobs_close(ours.logprobs, theirs.logprobs)
+
+    reference = peft_reference(paths)
+    reference.set_adapter(adapter)
+    prompt = encode(PROMPTS[2])
+    assert ours.token_ids == hf_greedy(reference, prompt, 10, adapter)
+    expected = hf_logprobs(reference, prompt + ours.token_ids)
+    for i, logprob in enumerate(ours.logprobs):
+        assert abs(logprob.logprob - float(expected[len(prompt) - 1 + i, logprob.token_id])) <= LOGPROB_BOUND
+
+
+def test_linears_no_adapter_targets_read_zero_rows(gathering, cache_dir):
+    """On an engine where only "c" (o_proj and up_proj) was ever loaded, the other linears have no
+    LoRA buffers: the graph reads shared zero rows for them, and still equals PEFT."""
+    _, _, paths = gathering
+    engine = make_engine({"c": paths["c"]}, compile_decode="on", cache_dir=cache_dir, merge_after_steps=10**6)
+    graphs = _graphs()
+    (ours,) = engine.generate([PROMPTS[1]], greedy(8), ["c"])
+    assert engine.runner.compiled.num_lora_steps >= 7 and _graphs() == graphs
+    assert engine.lora_model.layers["model.layers.0.self_attn.q_proj"].lora_a is None
+    assert ours.token_ids == hf_greedy(peft_reference({"c": paths["c"]}), encode(PROMPTS[1]), 8, "c")
+
+
+def test_a_slot_the_lora_graph_cannot_serve_gathers_eagerly(gathering):
+    """An adapter at a scale other than 1 (a composition's term) is not one the LoRA graph serves:
+    its steps gather eagerly, and still equal the eager engine's."""
+    compiled, eager, _ = gathering
+    before = compiled.runner.compiled.num_lora_steps
+    scaled = [(("a", 0.5),)]
+    (ours,) = compiled.generate([PROMPTS[3]], greedy(6, logprobs=1), scaled)
+    (theirs,) = eager.generate([PROMPTS[3]], greedy(6, logprobs=1), scaled)
+    assert compiled.runner.compiled.num_lora_steps == before
+    assert ours.token_ids == theirs.token_ids
+    _assert_logprobs_close(ours.logprobs, theirs.logprobs)
+
+
 def test_enforce_eager_turns_the_compiled_step_off(adapter_paths, cache_dir):
     engine = make_engine(adapter_paths, compile_decode="on", enforce_eager=True, cache_dir=cache_dir)
     assert engine.runner.compiled is None
