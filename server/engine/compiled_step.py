@@ -365,7 +365,7 @@ def compiled_decode(
         return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_inductor_dir(cache_dir))  # read by inductor at each use
     started = time.perf_counter()
-    log.info("compiling the decode step (one row): 10-20 s on a first start, "
+    log.info("compiling the decode step (one row; base and LoRA graphs): 15-30 s on a first start, "
              "a few once %s holds the compiled code", os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
     with torch.inference_mode(), _warm_steps(cache) as steps:
         try:
