@@ -73,6 +73,11 @@ MEASURED_ROWS = (1,)  # row counts compiled, and timed eager against compiled at
 # a token of one layer each ran the default model at 30.2 ms a step, 10 of three layers at 27.3,
 # 6 of five at 27.3 (compiling 2 s and 5 s longer; same run, docs/benchmarks.md).
 MAX_LAYERS_PER_GRAPH = 4
+# The keys a row sees (its own included) that a graph serves: a length of 0 or 1 is one a graph
+# specializes on, and inductor sums a float reduction longer than 4096 in chunks, so the graph traced
+# at 64 keys guards on at most 4096 (cpp.py's accumulate helper). Outside, a guard would fail, and
+# under the stance that skips guards that is an error, not a recompilation: such steps run eagerly.
+MIN_CONTEXT, MAX_CONTEXT = 2, 4096
 GRAPH_VERSION = 4  # part of a cached verdict's identity: one measured on another graph is measured again
 
 
@@ -119,12 +124,13 @@ class CompiledDecode:
         norms = [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         return self.is_silu and all(type(n).__name__ in RMS_NORMS for n in (*norms, inner.norm))
 
-    def can_run(self, num_rows: int) -> bool:
-        """Whether a step of `num_rows` runs compiled: no more rows than measured faster, and the
+    def can_run(self, num_rows: int, contexts: tuple[int, int] = (MIN_CONTEXT, MIN_CONTEXT)) -> bool:
+        """Whether a step of `num_rows` runs compiled: no more rows than measured faster, each row's
+        keys (`contexts`: the fewest and the most of its rows) within the graphs' range, and the
         model still in the shape the graph reads: plain (not int8, not conv1d) LoRA linears, norms
         and head on their parents, no per-row copy installed in their place (checked again only
         when the model's layout changes: LoraState.layout_version)."""
-        if num_rows > self.max_rows:
+        if num_rows > self.max_rows or contexts[0] < MIN_CONTEXT or contexts[1] > MAX_CONTEXT:
             return False
         version = None if self.state is None else self.state.layout_version
         if version is None or version != self._layout_checked[0]:

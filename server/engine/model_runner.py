@@ -102,20 +102,23 @@ class ModelRunner:
         # Only the kept rows reach the head: its LoRA must follow them (LoraBatch.head).
         head_keep = head_rows if self.lora_model.has_head_lora else None
         batch, lora = None, None
+        contexts = (min(positions) + 1, max(positions) + 1)  # keys the rows see, their own included
         if gather:
-            lora = self._compiled_lora(scheduled, len(ids))
+            lora = self._compiled_lora(scheduled, len(ids), contexts)
         if gather and lora is None:
             token_slots, token_scales = _lora_rows(mixes, any(seq.adapter.is_composition for seq, _ in scheduled))
             batch = self.lora_model.build_batch(token_slots, token_scales=token_scales, keep=head_keep)
         is_decode = batch is None and len(ids) == len(scheduled)  # one new token per sequence
         with self.lora_model.gather(batch):
-            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode, lora)
+            logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode, lora, contexts)
         return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)  # logits: [M + scored, V]
 
-    def _compiled_lora(self, scheduled: list[tuple[Sequence, int]], num_rows: int) -> Rows | None:
+    def _compiled_lora(
+        self, scheduled: list[tuple[Sequence, int]], num_rows: int, contexts: tuple[int, int]
+    ) -> Rows | None:
         """The compiled step's LoRA rows for a step of one row on one adapter (at scale 1) that it
         serves (compiled_lora.py); None: the step gathers eagerly."""
-        if self.compiled is None or len(scheduled) != 1 or num_rows != 1 or not self.compiled.can_run(1):
+        if self.compiled is None or len(scheduled) != 1 or num_rows != 1 or not self.compiled.can_run(1, contexts):
             return None
         mix = scheduled[0][0].slot_mix
         return self.compiled.lora_rows(mix[0][0]) if len(mix) == 1 and mix[0][1] == 1.0 else None
@@ -128,8 +131,9 @@ class ModelRunner:
         step: KVStep,
         is_decode: bool = False,
         lora: Rows | None = None,
+        contexts: tuple[int, int] = (0, 0),
     ) -> torch.Tensor:
-        if is_decode and self.compiled is not None and self.compiled.can_run(len(ids)):
+        if is_decode and self.compiled is not None and self.compiled.can_run(len(ids), contexts):
             return self.compiled(ids, positions, rows, step, lora)
         assert lora is None, "LoRA rows are the compiled step's inputs"
         if self.lean is not None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-from server.engine.compiled_step import _identity, _inductor_dir, _write_verdict, compiled_path
+from server.engine.compiled_step import MAX_CONTEXT, _identity, _inductor_dir, _write_verdict, compiled_path
 from support.engine import PROMPTS, encode, greedy, hf_greedy, hf_logprobs, make_engine, peft_reference, run_steps
 
 LOGPROB_BOUND = 1e-4  # the suite's fp32 bound against PEFT
@@ -172,6 +172,34 @@ def test_a_slot_the_lora_graph_cannot_serve_gathers_eagerly(gathering):
     assert compiled.runner.compiled.num_lora_steps == before
     assert ours.token_ids == theirs.token_ids
     _assert_logprobs_close(ours.logprobs, theirs.logprobs)
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_a_one_token_prompt_takes_its_first_step_eagerly(gathering, adapter):
+    """A one-token prompt's first step sees one key, a length the graphs do not serve (a guard
+    failed there, and under the stance that skips guards that failed the step and every request in
+    it): it runs eagerly, the steps after it compiled, on the base and on an unmerged adapter."""
+    compiled, _, paths = gathering
+    prompt = encode("x")
+    assert len(prompt) == 1
+    before = compiled.runner.compiled.num_steps
+    (ours,) = compiled.generate([prompt], greedy(6), [adapter])
+    assert compiled.runner.compiled.num_steps - before == 5
+    assert ours.token_ids == hf_greedy(peft_reference(paths), prompt, 6, adapter)
+
+
+def test_a_context_past_the_graphs_range_decodes_eagerly(adapter_paths, cache_dir):
+    """Past MAX_CONTEXT keys a graph's guard on the reduction's length fails (inductor sums longer
+    float reductions in chunks): those steps run eagerly and equal the eager engine's."""
+    config = dict(kv_cache_tokens=MAX_CONTEXT + 64, max_model_len=MAX_CONTEXT + 64, max_num_batched_tokens=2048)
+    compiled = make_engine(adapter_paths, compile_decode="on", cache_dir=cache_dir, **config)
+    eager = make_engine(adapter_paths, **config)
+    prompt = (encode(" ".join(PROMPTS)) * 400)[: MAX_CONTEXT - 2]  # decode rows see 4095 to 4098 keys
+    before = compiled.runner.compiled.num_steps
+    outs = [engine.generate([prompt], greedy(5, logprobs=1), ["a"])[0] for engine in (compiled, eager)]
+    assert compiled.runner.compiled.num_steps - before == 2, "steps within the range ran compiled, the others not"
+    assert outs[0].token_ids == outs[1].token_ids
+    _assert_logprobs_close(outs[0].logprobs, outs[1].logprobs)
 
 
 def test_enforce_eager_turns_the_compiled_step_off(adapter_paths, cache_dir):
