@@ -22,6 +22,7 @@ from adapters.layer import LoraLinear
 from adapters.model import LoraModel
 
 RANK_STEP = 8
+MAX_ROWS = 4096  # the graph sums over P: longer float sums go in chunks, and the traced graph guards on that
 Rows = tuple[list[torch.Tensor], list[torch.Tensor]]  # (A rows [P, in], B rows [P, out]) per linear
 
 
@@ -51,6 +52,8 @@ class CompiledLora:
 
     def serves(self, slot: int) -> bool:
         model = self.lora_model
+        if self.padded(model.slot_ranks[slot]) > MAX_ROWS:
+            return False
         if slot in model.dora_slots or slot in model.copy_slots or any(m.slot_ranks[slot] for m in self.others):
             return False
         return all(m.extras is None and not m.is_a_transposed for m in self.linears)
