@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -235,6 +236,24 @@ def test_a_first_requests_log_line_says_how_long_it_waited_for_resolution(http, 
     waited = first.fields["resolve_time"]
     assert waited > 0 and f"resolve={waited:.3f}s" in first.getMessage()
     assert second.fields["resolve_time"] is None and "resolve=" not in second.getMessage()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_a_resolved_adapters_store_write_runs_at_the_lowest_priority(served, http, s3, adapter_dirs, monkeypatch):
+    """The adapter is served from memory first, so its store write is background work: at nice 19 it
+    takes no CPU from the parse and the steps beside it (it doubled the parse at normal priority)."""
+    put_adapter(BUCKET, PREFIX, "s3-background", read_adapter(adapter_dirs["gamma"]))
+    niceness, save = [], served.state.store.save
+
+    def observed_save(*args, **kwargs):
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(served.state.store, "save", observed_save)
+    assert _complete(http, "s3-background").status_code == 200
+    wait_stored(served)
+    assert niceness == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19
 
 
 def test_a_first_request_is_answered_before_its_store_write_lands(served, http, s3, adapter_dirs, monkeypatch):
