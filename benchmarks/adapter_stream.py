@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +26,14 @@ from pathlib import Path
 import torch
 from vs_llamacpp import ADAPTERS, make_adapters
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # last: tests/adapters shadows ours
+
 from adapters.backends.cpu import cpu_model_name
 from server.engine.adapter_ref import AdapterRef
 from server.engine.llm_engine import EngineConfig, LLMEngine
 from server.engine.model_loader import load_base_model
 from server.engine.sampling_params import SamplingParams
+from support.peft import make_peft_adapter  # noqa: E402
 
 TOKENS = 48
 ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,7 +65,9 @@ def main() -> None:
             base = load_base_model()
             if mode == "compiled":  # made from the model as loaded, before an engine wraps its layers
                 paths = make_adapters(base.model, Path(tmp) / "adapters")
-                paths["all24"] = _rank_24(base.model, Path(tmp) / "all24")
+                paths["all24"] = make_peft_adapter(
+                    base.model, Path(tmp) / "all24", r=24, lora_alpha=48, target_modules=ALL_SEVEN
+                )
             config = EngineConfig(
                 enable_prefix_caching=False,
                 merge_after_steps=10**6,  # never merges: every step of an adapter gathers
@@ -108,17 +114,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ms_a_decode_step", "eager_over_compiled", "same_tokens")}, indent=1))
-
-
-def _rank_24(model, path: Path) -> Path:
-    import copy
-
-    import peft
-
-    torch.manual_seed(24)
-    config = peft.LoraConfig(r=24, lora_alpha=48, target_modules=ALL_SEVEN, init_lora_weights=False)
-    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(str(path))
-    return path
 
 
 if __name__ == "__main__":
