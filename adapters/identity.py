@@ -1,70 +1,37 @@
 """Adapter identity: a digest of what an adapter computes, never of what it is called.
 
 The prefix cache keys K/V by this identity, so it must change whenever the adapter's output could:
-it covers the parsed config and every module's folded weights (name, dtype, shape and bytes of A,
-of B, whose scale is folded in, and of any other part the adapter carries), and every full module
-copy (modules_to_save, a retrained embedding or head matrix). Names, request fields and salts are not in it, so none of
-them can make one adapter's cached K/V answer for another (vLLM #30931, #44701; SGLang #24638).
-A replacement with other weights gets another identity; one with the very same bytes gets the
-same identity, and its cached K/V are then exactly what it would compute.
+it covers the parsed config (ranks, alphas, targets: the scales every factor is folded with) and the
+BLAKE3 digest of the weights file's bytes (every tensor's name, dtype, shape and values, and any
+module copy: modules_to_save, a retrained embedding or head). Adapter names, request fields and
+salts are not in it, so none of them can make one adapter's cached K/V answer for another (vLLM
+#30931, #44701; SGLang #24638). A replacement with other weights gets another identity; one with the
+very same files gets the same identity, and its cached K/V are then exactly what it would compute
+(the base and its dtype are the server's own, the same for every identity it keeps). A file that
+differs only in metadata gets another identity: only its cache entries are not shared.
 
 The digest is BLAKE3: as collision resistant as SHA-256 (a key holder must not be able to make one
 adapter's identity equal another's and be served its cached K/V), and it hashes a 29 MB adapter in
-5.5 ms where SHA-256 took 26 ms (Intel Xeon with SHA-NI, one core): that time is on the path of an
-adapter's first request. `AdapterRegistry.parse` hashes on the worker thread that parsed the files;
-the result is remembered per `LoraAdapter` object.
+~5 ms where SHA-256 took 26 ms (Intel Xeon with SHA-NI, one core). It is taken of the file as it
+arrives where a source streams it (fold_ahead.py), and otherwise by the parse (load_adapter).
 """
 
 from __future__ import annotations
 
 import hashlib
-import weakref
 
-import torch
 from blake3 import blake3
 
-from .peft_format import LoraAdapter
+from .config import LoraConfig
 
 BASE_IDENTITY = hashlib.sha256(b"loraserve/base-model").digest()  # no adapter hashes to it: see _DOMAIN
-_DOMAIN = b"loraserve/adapter/v2\0"
-_known: weakref.WeakKeyDictionary[LoraAdapter, bytes] = weakref.WeakKeyDictionary()
+_DOMAIN = b"loraserve/adapter/v3\0"
 
 
-def adapter_identity(adapter: LoraAdapter) -> bytes:
-    """BLAKE3 of the adapter's config and weights (32 bytes); computed once per parsed adapter."""
-    identity = _known.get(adapter)
-    if identity is None:
-        identity = _known[adapter] = _digest(adapter)
-    return identity
-
-
-def _digest(adapter: LoraAdapter) -> bytes:
+def adapter_identity(config: LoraConfig, weights_digest: bytes) -> bytes:
+    """BLAKE3 of the parsed config and the weights file's digest (32 bytes)."""
     h = blake3(_DOMAIN)
-    _field(h, adapter.config.model_dump_json().encode())
-    for module in sorted(adapter.weights):
-        _field(h, module.encode())
-        weights = adapter.weights[module]
-        for part, tensor in zip(weights._fields, weights):  # a, b, and any optional part (bias...)
-            if tensor is None:
-                _field(h, f"{part}:none".encode())
-                continue
-            _field(h, f"{part}:{tensor.dtype}{tuple(tensor.shape)}".encode())
-            _field(h, _bytes(tensor))
-    for module in sorted(adapter.modules):  # full copies: modules_to_save, a retrained embedding or head
-        _field(h, f"copy:{module}".encode())
-        for param, tensor in sorted(adapter.modules[module].items()):
-            _field(h, f"{param}:{tensor.dtype}{tuple(tensor.shape)}".encode())
-            _field(h, _bytes(tensor))
+    for field in (config.model_dump_json().encode(), weights_digest):
+        h.update(len(field).to_bytes(8, "little"))  # length-prefixed: no two field pairs hash alike
+        h.update(field)
     return h.digest()
-
-
-def _field(h, data: bytes | memoryview) -> None:
-    """Length-prefixed, so no two different field sequences hash the same byte stream."""
-    h.update(len(data).to_bytes(8, "little"))
-    h.update(data)
-
-
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's raw bytes without a copy when it is already contiguous on the CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 
 from .config import CONFIG_FILE, WEIGHTS_FILE, LoraConfig
 from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError, UnsupportedAdapterError
+from .fold_ahead import FoldAhead, Folds, Prepare, all_finite
+from .identity import adapter_identity
 from .parameters import ParamShape, fold_parameter, parameter_pairs
+from .safetensors_view import tensor_views
 
 PICKLE_FILE = "adapter_model.bin"
 # PEFT saves "base_model.model.<module>.lora_A.weight" (and lora_B.bias with lora_bias, the DoRA
@@ -46,8 +47,8 @@ _PARTS = {
 
 log = logging.getLogger(__name__)
 
-AdapterSource = str | Path | Mapping[str, bytes]
-"""A directory on disk, or the two files' bytes keyed by file name (an upload)."""
+AdapterSource = str | Path | Mapping[str, bytes | memoryview]
+"""A directory on disk, or the two files' bytes keyed by file name (an upload, a source's fetch)."""
 
 
 class LoraWeights(NamedTuple):
@@ -79,6 +80,7 @@ class LoraAdapter:
     config: LoraConfig
     weights: dict[str, LoraWeights]
     modules: dict[str, dict[str, torch.Tensor]] = dataclass_field(default_factory=dict)  # full copies: module -> params
+    identity: bytes = b""  # what it computes, never its name: identity.py
 
     @property
     def rank(self) -> int:
@@ -108,8 +110,9 @@ class LoraAdapter:
 READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """The config's bytes and the weight tensors, from a directory or an upload's files."""
+def read_files(source: AdapterSource) -> tuple[bytes, bytes | memoryview, dict[str, torch.Tensor]]:
+    """The config's bytes, the weights file's, and its tensors as views of those bytes (never
+    copies), from a directory or an upload's files."""
     files = _FileView(source)
     config_bytes = files.read(CONFIG_FILE)
     if config_bytes is None:
@@ -124,8 +127,8 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
             )
         raise InvalidAdapterError("file is missing", file=WEIGHTS_FILE)
     try:
-        tensors = load_safetensors_bytes(weights_bytes)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
+        tensors = tensor_views(weights_bytes)
+    except ValueError as exc:
         raise InvalidAdapterError(f"not a readable safetensors file ({exc})", file=WEIGHTS_FILE) from None
     for key, tensor in tensors.items():
         if tensor.dtype not in READABLE_DTYPES:  # float8 and ints: the folds and merges have no kernel for them
@@ -134,7 +137,7 @@ def read_files(source: AdapterSource) -> tuple[bytes, dict[str, torch.Tensor]]:
                 file=WEIGHTS_FILE,
                 field=key,
             )
-    return config_bytes, tensors
+    return config_bytes, weights_bytes, tensors
 
 
 class _FileView:
@@ -167,10 +170,19 @@ def _reading(call, file: str):
 
 
 def load_adapter(
-    name: str, source: AdapterSource, spec: TargetSpec, *, max_rank: int, dtype: torch.dtype = torch.float32
+    name: str,
+    source: AdapterSource,
+    spec: TargetSpec,
+    *,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    folds: Folds | None = None,
 ) -> LoraAdapter:
-    """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise."""
-    config_bytes, tensors = read_files(source)
+    """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise.
+    `folds`: the per-tensor work, done already where a `fold_ahead` saw the weights arrive."""
+    folds = folds or Folds()
+    folds.finish()
+    config_bytes, weights_bytes, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
     pairs, full, other = _pair_tensors(tensors, config)
     parameters = parameter_pairs(pairs, config, spec)  # taken out of `pairs`: what is left targets modules
@@ -180,7 +192,9 @@ def load_adapter(
     modules.update(
         _trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec, set(pairs), dtype)
     )
-    weights = {module: _fold(module, parts, config, spec, max_rank, dtype) for module, parts in sorted(pairs.items())}
+    weights = {
+        module: _fold(module, parts, config, spec, max_rank, dtype, folds) for module, parts in sorted(pairs.items())
+    }
     weights.update(
         (param, LoraWeights(*fold_parameter(param, key, parts, config, spec.parameters[param], max_rank, dtype)))
         for param, (key, parts) in sorted(parameters.items())
@@ -192,13 +206,39 @@ def load_adapter(
             config.base_model_name_or_path,
             spec.base_name,
         )
-    return LoraAdapter(name, config, weights, modules)
+    return LoraAdapter(name, config, weights, modules, adapter_identity(config, folds.digest(weights_bytes)))
+
+
+def fold_ahead(dtype: torch.dtype) -> FoldAhead:
+    """A FoldAhead for a weights file about to stream in: each LoRA factor folded as `_fold` will
+    fold it for a `dtype` base (B scaled by the config's s for its module). A config that does not
+    parse folds nothing ahead: the parse names its problem."""
+
+    def plan(config_bytes: bytes) -> Prepare | None:
+        try:
+            config = LoraConfig.from_json(config_bytes)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
+
+        def prepare(key: str, tensor: torch.Tensor, ahead: FoldAhead) -> None:
+            match = _KEY.match(key)
+            part = _PARTS.get((match["part"], match["kind"])) if match else None
+            if tensor.dim() != 2 or tensor.dtype not in READABLE_DTYPES:
+                return
+            if part == "A":
+                ahead.fold_a(tensor, dtype)
+            elif part == "B":
+                ahead.fold_b(tensor, config.scale_for(match["module"]), dtype)
+
+        return prepare
+
+    return FoldAhead(plan)
 
 
 def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, LoraWeights]]:
     """The raw config, its parse, and each module's factors in float64 (B scaled by the config's s for
     that module), checked as pairs but not against a base: what analysis and compression start from."""
-    config_bytes, tensors = read_files(source)
+    config_bytes, _, tensors = read_files(source)
     config = LoraConfig.from_json(config_bytes)
     if config.target_parameters:  # served (experts.py), but the analyses read [r, in] / [out, r] pairs only
         raise UnsupportedAdapterError(
@@ -292,7 +332,7 @@ def _saved_modules(
                 file=WEIGHTS_FILE,
                 field=key,
             )
-        if not tensor.is_floating_point() or not _all_finite(tensor):
+        if not tensor.is_floating_point() or not all_finite(tensor):
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
         modules.setdefault(module, {})[param] = tensor.to(dtype).contiguous()
     for module, params in modules.items():
@@ -341,7 +381,7 @@ def _trainable_tokens(
                 file=WEIGHTS_FILE,
                 field=key,
             )
-        if not delta.is_floating_point() or not _all_finite(delta):
+        if not delta.is_floating_point() or not all_finite(delta):
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=key)
         rows = {"token_ids": torch.tensor(ids, dtype=torch.long), "token_rows": delta.to(dtype).contiguous()}
         modules[module] = rows
@@ -379,7 +419,7 @@ def _changed_full_weights(
                 field=field,
             )
         tensor = tensor.to(base.device, dtype)
-        if not _all_finite(tensor):
+        if not all_finite(tensor):
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
         if not torch.equal(tensor, base):
             changed[module] = {"weight": tensor.to("cpu").contiguous()}
@@ -429,7 +469,13 @@ def _selects(config: LoraConfig, target: str, name: str) -> bool:
 
 
 def _fold(
-    module: str, parts: dict[str, torch.Tensor], config: LoraConfig, spec: TargetSpec, max_rank: int, dtype: torch.dtype
+    module: str,
+    parts: dict[str, torch.Tensor],
+    config: LoraConfig,
+    spec: TargetSpec,
+    max_rank: int,
+    dtype: torch.dtype,
+    folds: Folds,
 ) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     a, b = parts["A"], parts["B"]
@@ -456,30 +502,24 @@ def _fold(
     extras = {part: _vector(module, part, parts[part], out_features) for part in ("bias", "magnitude") if part in parts}
     if "bias" in extras:
         extras["bias"] = extras["bias"].float().mul(scale)
+    (folded_a, a_finite), (folded_b, b_finite) = folds.fold_a(a, dtype), folds.fold_b(b, scale, dtype)
     folded = LoraWeights(
-        a.to(dtype).contiguous(),
-        _scaled_transpose(b, scale, dtype),  # [r, out]
+        folded_a,
+        folded_b,  # [r, out]
         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()},
     )
     # One check of the folded factors finds NaN or Inf in the file (they survive scaling and casting)
     # and values finite in the file that overflow once scaled and cast (fp16 tops out at 65504).
-    fields = ((field_a, a, folded.a), (field_b, b, folded.b), (f"{module}.lora_B.bias", None, folded.bias))
-    for field, raw, tensor in fields:
-        if tensor is not None and not _all_finite(tensor):
-            if raw is not None and not _all_finite(raw):
+    bias_finite = folded.bias is None or all_finite(folded.bias)
+    fields = ((field_a, a, a_finite), (field_b, b, b_finite), (f"{module}.lora_B.bias", None, bias_finite))
+    for field, raw, finite in fields:
+        if not finite:
+            if raw is not None and not all_finite(raw):
                 raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
             raise InvalidAdapterError(
                 f"overflows {dtype} once scaled by the config's alpha", file=WEIGHTS_FILE, field=field
             )
     return folded
-
-
-def _scaled_transpose(b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """(scale · B in float32)ᵀ as a contiguous [r, out] of `dtype`: one pass into one new tensor where
-    B is float32 (a scaled copy, then a transposed one, cost a first request's parse two passes and
-    twice the fresh pages; the products are the same float32 ones)."""
-    scaled = torch.mul(b.t().float(), scale, out=torch.empty(b.shape[::-1], dtype=torch.float32))
-    return scaled.to(dtype)
 
 
 def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, values: bool = True) -> None:
@@ -497,7 +537,7 @@ def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfi
             field="rank_pattern" if config.rank_pattern else "r",
         )
     for field, tensor in ((field_a, a), (field_b, b)):
-        if not tensor.is_floating_point() or (values and not _all_finite(tensor)):
+        if not tensor.is_floating_point() or (values and not all_finite(tensor)):
             raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
 
 
@@ -510,14 +550,6 @@ def _vector(module: str, part: str, tensor: torch.Tensor, out_features: int) -> 
             file=WEIGHTS_FILE,
             field=field,
         )
-    if not tensor.is_floating_point() or not _all_finite(tensor):
+    if not tensor.is_floating_point() or not all_finite(tensor):
         raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
     return tensor
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """torch.isfinite(tensor).all(), one pass instead of two and no bool tensor for the common case:
-    a NaN or Inf anywhere makes the sum non-finite, so a finite sum proves every value finite; a
-    non-finite sum (or an overflowing one) is settled by the exact check. 2-4x faster on a first
-    request's ~30 MB of factors."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
-from .identity import adapter_identity
+from .fold_ahead import FoldAhead, Folds
 from .model import LoraModel
-from .peft_format import AdapterSource, LoraAdapter, load_adapter
+from .peft_format import AdapterSource, LoraAdapter, fold_ahead, load_adapter
 
 
 @dataclass(eq=False)
@@ -43,6 +43,7 @@ class AdapterVersion:
     removed: bool = False  # replaced or removed: no new request binds it
     num_params: int = 0
     identity: bytes = b""  # digest of its config and weights (identity.py): keys its prefix-cached K/V
+    num_loads: int = 0  # times it was loaded into a device slot
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,21 @@ class AdapterRegistry:
             raise AdapterExistsError(f"adapter {name!r} already exists")
         return self.install(name, self.parse(name, source), source, replace=replace, pinned=pinned)
 
-    def parse(self, name: str, source: AdapterSource) -> LoraAdapter:
-        """Read and validate `source` for this model: file IO and CPU work, safe on any thread."""
+    def parse(self, name: str, source: AdapterSource, folds: Folds | None = None) -> LoraAdapter:
+        """Read and validate `source` for this model: file IO and CPU work, safe on any thread.
+        `folds`: the work a `fold_ahead` did while the files arrived."""
         model = self.lora_model
-        adapter = load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model))
-        adapter_identity(adapter)  # hashed here, on the caller's thread; install finds it remembered
-        return adapter
+        return load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model), folds=folds)
+
+    def fold_ahead(self) -> FoldAhead:
+        """Somewhere for a source to fold an adapter's weights for this model while they stream in."""
+        return fold_ahead(_dtype(self.lora_model))
+
+    def was_loaded(self, name: str) -> bool:
+        """Whether `name`'s current version has been in a device slot (a step ran it), or is gone."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is None or entry.num_loads > 0
 
     def needs_host_read(self, name: str) -> bool:
         """Whether `name`'s current version must be read back into host memory (its copy was evicted
@@ -132,7 +142,7 @@ class AdapterRegistry:
             pinned,
             adapter,
             num_params=adapter.num_params,
-            identity=adapter_identity(adapter),
+            identity=adapter.identity,
         )
         with self._lock:
             if name in self._entries:
@@ -149,7 +159,7 @@ class AdapterRegistry:
         host copy is read back from there once evicted. False if `name` no longer holds that version."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None or entry.identity != adapter_identity(adapter):
+            if entry is None or entry.identity != adapter.identity:
                 return False
             entry.source = source if isinstance(source, Mapping) else Path(source)
             return True
@@ -260,6 +270,7 @@ class AdapterRegistry:
             self.lora_model.clear_slot(slot)  # an evicted adapter's rows must not stay behind half-written
             raise
         self._slots[slot], entry.slot = entry, slot
+        entry.num_loads += 1
         self.num_loads += 1
         self._trim_host()
 
@@ -296,7 +307,7 @@ class AdapterRegistry:
         prepared = self._prepared.pop(id(entry), None)
         if adapter is None and prepared is not None and prepared[0] is entry:
             adapter = entry.adapter = prepared[1]
-            entry.identity = adapter_identity(adapter)  # hashed by prepare_host already: a lookup
+            entry.identity = adapter.identity
         if adapter is None:
             model = self.lora_model
             adapter = entry.adapter = load_adapter(
@@ -304,7 +315,7 @@ class AdapterRegistry:
             )
             # A directory source can change on disk while its host copy was dropped: cached K/V must
             # follow what is computed now, not what was read at install.
-            entry.identity = adapter_identity(adapter)
+            entry.identity = adapter.identity
         if not entry.removed:
             self._cache_host(entry)  # may drop entry.adapter again (max_cpu_loras=0): return our reference
         return adapter

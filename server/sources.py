@@ -30,12 +30,15 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 from adapters import InvalidAdapterError
+from adapters.config import CONFIG_FILE, WEIGHTS_FILE
 from adapters.errors import AdapterError, LoraServeError
+from adapters.fold_ahead import FoldAhead
 from server.store import ADAPTER_FILES, check_name
 
-Files = dict[str, bytes]
+Files = dict[str, bytes | memoryview]
 T = TypeVar("T")
 BACKOFF_S = 0.2  # first retry's wait; doubles each time
+STREAM_CHUNK = 1 << 20
 
 
 class SourceUnavailableError(LoraServeError):
@@ -68,20 +71,29 @@ class Source:
     def prepare(self) -> None:
         """Pay this source's one-time costs (imports, a client) at startup, not in a first request."""
 
-    def fetch(self, name: str) -> Files | None:
-        """Both adapter files of `name`, or None if this source has no such adapter."""
+    def fetch(self, name: str, ahead: FoldAhead | None = None) -> Files | None:
+        """Both adapter files of `name`, or None if this source has no such adapter. A source that
+        streams the weights file (S3) streams it into `ahead`, which folds it while it arrives."""
         check_name(name)
         deadline = time.monotonic() + self.timeout_s
         files, budget = {}, self.max_bytes
         for file_name in ADAPTER_FILES:
-            data = self._retrying(lambda f=file_name, b=budget: self._read(name, f, b), deadline)
+            stream = None
+            if ahead is not None and file_name == WEIGHTS_FILE:
+                ahead.configure(files[CONFIG_FILE])
+                stream = ahead
+            data = self._retrying(lambda f=file_name, b=budget, s=stream: self._read(name, f, b, s), deadline)
             if data is None:
                 return None
             files[file_name] = data
             budget -= len(data)
         return files
 
-    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+    def _read(
+        self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None
+    ) -> bytes | memoryview | None:
+        """One file, or None if absent. `stream`, where given, may take the file as it arrives
+        (`_streamed`); a source that reads it whole returns the bytes all the same."""
         raise NotImplementedError
 
     def _retrying(self, call: Callable[[], T], deadline: float) -> T:
@@ -108,7 +120,7 @@ class DirectorySource(Source):
         super().__init__(uri, max_bytes, timeout_s, retries)
         self.root = Path(os.path.realpath(uri.removeprefix("file://")))
 
-    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+    def _read(self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None) -> bytes | None:
         path = self.root / name / file_name
         real = Path(os.path.realpath(path))
         if not real.is_relative_to(self.root):
@@ -139,7 +151,9 @@ class S3Source(Source):
     def prepare(self) -> None:
         self.client()  # importing boto3 and building its client took ~0.3 s of the first resolution
 
-    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+    def _read(
+        self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None
+    ) -> bytes | memoryview | None:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
         key = "/".join(part for part in (self.prefix, name, file_name) if part)
@@ -154,7 +168,9 @@ class S3Source(Source):
             # (botocore checks the length and, where the store sent one, the checksum). Joining
             # 1 MiB chunks wrote each byte twice more, into memory the process first faults in:
             # the join alone was ~60% of a 29 MB fetch inside a server (py-spy).
-            return response["Body"].read()
+            if stream is None:
+                return response["Body"].read()
+            return _streamed(response["Body"], length, stream)
         except ClientError as exc:
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -201,7 +217,7 @@ class HubSource(Source):
     def prepare(self) -> None:
         import huggingface_hub  # noqa: F401, PLC0415 - its import is the one-time cost
 
-    def _read(self, name: str, file_name: str, max_bytes: int) -> bytes | None:
+    def _read(self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None) -> bytes | None:
         import httpx  # noqa: PLC0415
         from huggingface_hub.errors import (  # noqa: PLC0415
             EntryNotFoundError,
@@ -252,6 +268,29 @@ class HubSource(Source):
 
 
 KINDS: dict[str, type[Source]] = {"s3": S3Source, "hf": HubSource, "file": DirectorySource, "": DirectorySource}
+
+
+def _streamed(body, length: int, stream: FoldAhead) -> memoryview:
+    """An object of a declared `length` read in pieces into the buffer `stream` gives, which folds
+    each tensor whose bytes are in while the rest still arrives (fold_ahead.py): the work a parse
+    would do after the download is done during it. A body that ends early or runs long is transient."""
+    buffer = memoryview(stream.start(length).numpy())
+    filled = 0
+    try:
+        while filled < length:
+            piece = body.read(min(STREAM_CHUNK, length - filled))
+            if not piece:
+                break
+            buffer[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            stream.arrived(filled)
+        # One more read: botocore checks the declared length, and a checksum the store sent, at the end.
+        if filled != length or body.read(1):
+            raise TransientSourceError(f"the body ended after {filled} of its {length} bytes")
+    except BaseException:
+        stream.abandon()
+        raise
+    return buffer
 
 
 def check_source_uri(uri: str) -> str:

@@ -14,11 +14,13 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from adapters import AdapterInfo, AdapterVersion, LoraAdapter
+from adapters.fold_ahead import FoldAhead, Folds
 from adapters.peft_format import AdapterSource
 
 from .adapter_ref import BASE_REF, AdapterRef, max_composition_scale
@@ -32,6 +34,7 @@ from .tokenization import Tokenization
 from .torch_threads import torch_job
 
 log = logging.getLogger(__name__)
+RAN_POLL_S = 0.01  # how often ran_adapter asks
 IDLE_TRIM_SECONDS = 1.0  # idle this long after a step before freed memory goes back to the system
 
 
@@ -174,9 +177,24 @@ class AsyncEngine:
         registry = self._engine.registry
         return await self.call(lambda: set(registry.held()))
 
-    def parse_adapter(self, name: str, source: AdapterSource) -> LoraAdapter:
+    def parse_adapter(self, name: str, source: AdapterSource, folds: Folds | None = None) -> LoraAdapter:
         """Read and validate an adapter against this base model (slow: not on the event loop)."""
-        return self._engine.registry.parse(name, source)
+        return self._engine.registry.parse(name, source, folds)
+
+    async def ran_adapter(self, name: str, within_s: float) -> bool:
+        """Wait until a step that ran `name` has finished (True), or `within_s` seconds have passed
+        (False). Asked on the engine thread between steps: a step that loaded the adapter into its
+        slot ends before the question after it is answered."""
+        registry, deadline = self._engine.registry, time.monotonic() + within_s
+        while not await self.call(lambda: registry.was_loaded(name)):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(RAN_POLL_S)
+        return True
+
+    def fold_ahead(self) -> FoldAhead:
+        """Where a source may fold an adapter's weights for this base while they stream in."""
+        return self._engine.registry.fold_ahead()
 
     async def install_adapter(
         self, name: str, adapter: LoraAdapter, source: AdapterSource, replace: bool = False

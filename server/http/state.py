@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from adapters import AdapterInfo, AdapterNotFoundError, LoraAdapter
-from adapters.identity import adapter_identity
 from adapters.peft_format import AdapterSource
 from server.engine.adapter_ref import BASE_REF, AdapterRef, Term, check_scale
 from server.engine.async_engine import AsyncEngine
@@ -51,7 +50,8 @@ class ServerState(AdapterSources):
     ):
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
-        self.resolver = make_resolver(settings, metrics, self._fleet_lock if self.store is not None else None)
+        fleet_lock = self._fleet_lock if self.store is not None else None
+        self.resolver = make_resolver(settings, metrics, fleet_lock, lambda: self.ready_engine().fold_ahead())
         self.budget = StoreBudget(self.store, settings.adapter_store_max_bytes) if self._has_budget() else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
@@ -178,8 +178,6 @@ class ServerState(AdapterSources):
         self.check_name_free(name)
         if adapter is None:
             adapter = await torch_job(engine.parse_adapter, name, source)
-        else:  # parsed (and compressed) by the caller: its identity is hashed off the engine thread too
-            await torch_job(adapter_identity, adapter)
         info = await engine.install_adapter(name, adapter, source, replace=replace)
         self._store_versions.pop(name, None)
         if store_version is not None:

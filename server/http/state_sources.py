@@ -11,11 +11,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from contextlib import ExitStack, asynccontextmanager
 
 from adapters import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, LoraAdapter
 from adapters.compress import compress_files
+from adapters.fold_ahead import FoldAhead
 from server.engine.torch_threads import TransientThreads, torch_job
 from server.sources import Files, Source, make_source
 from server.store import is_valid_name
@@ -27,10 +27,11 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 # A resolved adapter is served from memory before its store write lands, so the write is background
-# work: at the lowest priority it takes no CPU from the parse and the first steps it runs beside.
-# At normal priority, its page-cache copy and fsync (10-90 ms of CPU for 29 MB on the 2-core dev box)
-# doubled the parse and the slot load of the adapter's first request.
+# work: at the lowest priority it takes little CPU from the steps it runs beside. At normal priority,
+# its page-cache copy and fsync (10-90 ms of CPU for 29 MB on the 2-core dev box) doubled the parse
+# and the slot load of the adapter's first request, which it no longer runs beside (_store_resolved).
 STORE_WRITES = TransientThreads(2, "loraserve-store-write", nice=19)
+FIRST_STEP_WAIT_S = 1.0  # a resolved adapter no request runs this soon is stored all the same
 
 
 class AdapterSources:
@@ -49,22 +50,30 @@ class AdapterSources:
         if source is None or not is_valid_name(remote):
             message = "lora_path must be <a configured adapter source>/<adapter name>"
             raise HTTPError(400, message, "invalid_path", "lora_path")
-        files = await self.resolver.fetch(source, remote)
+        ahead = self.ready_engine().fold_ahead()
+        files = await self.resolver.fetch(source, remote, ahead)
         if files is None:
             raise AdapterNotFoundError(f"{uri} does not hold an adapter", field="lora_path")
-        storing = await self._install_fetched(name, source, files, energy, max_rank)
+        storing = await self._install_fetched(name, source, files, ahead, energy, max_rank, after_first_step=False)
         if storing is not None:
             await storing
 
     async def _install_fetched(
-        self, name: str, source: Source, files: Files, energy: float | None = None, max_rank: int | None = None
+        self,
+        name: str,
+        source: Source,
+        files: Files,
+        ahead: FoldAhead | None = None,
+        energy: float | None = None,
+        max_rank: int | None = None,
+        after_first_step: bool = True,
     ) -> asyncio.Task | None:
-        """What a source returned goes the upload's way: compressed if asked, validated whole, the
-        store's atomic create (a replica that stored it first wins), then the engine. The adapter is
-        served from memory as soon as it is valid; its store write and fsync, begun beside the
-        validation and published only if it passes, land after (writing ~30 MB of new pages took
-        ~80 ms on the dev box, as long as the validation). Returns that write as a task, or None
-        without a store: the resolver holds the fleet's per-name lock until it is done."""
+        """What a source returned goes the upload's way: compressed if asked, validated whole (with
+        what `ahead` folded while it arrived), then the engine, then the store's atomic create (a
+        replica that stored it first wins). The adapter is served from memory as soon as it is
+        valid; its store write lands after, once its first step has run unless `after_first_step`
+        is False (_store_resolved). Returns that write as a task, or None without a store: the
+        resolver holds the fleet's per-name lock until it is done."""
         engine = self.ready_engine()
         if self.settings.adapter_source_check_base:
             check_base(files, {self.model_name, self.settings.model, self.settings.served_model_name})
@@ -72,34 +81,31 @@ class AdapterSources:
             energy, max_rank = self.settings.adapter_source_energy, self.settings.adapter_source_max_rank
         if energy is not None or max_rank is not None:
             files = await self._compressed(files, source, energy, max_rank)
-        parsed: Future[LoraAdapter] = Future()
-        parsing = asyncio.ensure_future(torch_job(_settle, parsed, engine.parse_adapter, name, files))  # started now
-        if self.store is None:
-            await parsing
-            await self.register(name, files, adapter=_parsed(parsed, source))
-            return None
-        save = functools.partial(self.store.save, name, files, valid=parsed.result)
-        saving = asyncio.ensure_future(asyncio.wrap_future(STORE_WRITES.submit(save)))
-        await parsing
+        parse = functools.partial(engine.parse_adapter, name, files, ahead)  # compressed files: folds miss, harmlessly
         try:
-            adapter = _parsed(parsed, source)  # invalid: 422 (and the store's write is dropped unpublished)
-            await self.register(name, files, adapter=adapter)
-        except BaseException:
-            await asyncio.gather(saving, return_exceptions=True)
-            raise
-        storing = asyncio.ensure_future(self._store_resolved(name, adapter, saving))
+            adapter = await torch_job(parse)
+        except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
+            raise unprocessable(exc, source) from None
+        await self.register(name, files, adapter=adapter)
+        if self.store is None:
+            return None
+        storing = asyncio.ensure_future(self._store_resolved(name, adapter, files, after_first_step))
         self._storing[name] = storing
         storing.add_done_callback(lambda done: self._storing.pop(name) if self._storing.get(name) is done else None)
         return storing
 
-    async def _store_resolved(self, name: str, adapter: LoraAdapter, saving: asyncio.Future) -> None:
-        """Once the store's write of a served adapter lands, its registration mirrors the stored
-        version (its host copy is read back from there) and counts in the store's budget. Nothing
-        raised here reaches a request: the adapter is served from memory all the same, and a
+    async def _store_resolved(self, name: str, adapter: LoraAdapter, files: Files, after_first_step: bool) -> None:
+        """Store a served adapter, then make its registration mirror the stored version (its host
+        copy is read back from there) and count it in the store's budget. The write waits for the
+        first step that runs the adapter (its first request's prefill) to be over: 29 MB into the page
+        cache beside that step made its first token 25-50 ms later on the dev box, at any priority.
+        Nothing raised here reaches a request: the adapter is served from memory all the same, and a
         restart fetches it again."""
         try:
+            if after_first_step:
+                await self.ready_engine().ran_adapter(name, within_s=FIRST_STEP_WAIT_S)
             try:
-                saved = await saving
+                saved = await asyncio.wrap_future(STORE_WRITES.submit(self.store.save, name, files))
             except AdapterExistsError:  # another replica stored it first without the lock (it timed out)
                 await self._adopt_stored(name)
                 return
@@ -178,22 +184,7 @@ class AdapterSources:
             self.metrics.on_store_budget(stored, len(evicted))
 
 
-def _settle(future: Future, call, *args) -> None:
-    """Run `call` on this (worker) thread and leave its outcome in `future` for other threads."""
-    try:
-        future.set_result(call(*args))
-    except BaseException as exc:  # noqa: BLE001 - handed over whole, re-raised by whoever reads it
-        future.set_exception(exc)
-
-
-def _parsed(parsed: Future, source: Source) -> LoraAdapter:
-    try:
-        return parsed.result()
-    except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
-        raise unprocessable(exc, source) from None
-
-
-def make_resolver(settings: Settings, metrics: Metrics | None, exclusive) -> AdapterResolver | None:
+def make_resolver(settings: Settings, metrics: Metrics | None, exclusive, fold_ahead) -> AdapterResolver | None:
     if not settings.adapter_source:
         return None
     sources = [
@@ -201,4 +192,4 @@ def make_resolver(settings: Settings, metrics: Metrics | None, exclusive) -> Ada
         for uri in settings.adapter_source
     ]
     observe = metrics.on_resolution if metrics is not None else None
-    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe, exclusive)
+    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe, exclusive, fold_ahead)

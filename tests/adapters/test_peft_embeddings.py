@@ -22,7 +22,6 @@ from test_peft_variants import (
 )
 
 from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
-from adapters.identity import adapter_identity
 from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
 
 BASE = "__base__"
@@ -174,7 +173,7 @@ def test_identity_covers_embedding_and_head_lora(embedded, tmp_path):
     same = load_adapter("same", path, lora_model.spec, max_rank=64)
     again = load_adapter("again", path, lora_model.spec, max_rank=64)
     other = load_adapter("other", changed, lora_model.spec, max_rank=64)
-    assert adapter_identity(same) == adapter_identity(again) != adapter_identity(other)
+    assert same.identity == again.identity != other.identity
 
 
 def test_engine_serves_embedding_and_head_lora_beside_others(adapter_paths, tmp_path, make_peft_adapter):

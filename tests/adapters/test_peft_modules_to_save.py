@@ -17,7 +17,6 @@ from test_peft_equivalence import GROUPED, load_peft, logits, merged_logits, wra
 from test_peft_variants import check_rows, tolerance
 
 from adapters import BASE_SLOT, LoraBatch, UnsupportedAdapterError, load_adapter
-from adapters.identity import adapter_identity
 from server.engine.adapter_ref import AdapterRef, bind
 from server.engine.errors import RequestError
 from support.engine import PROMPTS, encode, greedy, hf_greedy, make_engine, peft_reference, pristine_model
@@ -136,11 +135,7 @@ def test_copies_count_in_memory_and_identity(copied, tmp_path):
     (changed / "adapter_config.json").write_bytes((path / "adapter_config.json").read_bytes())
     save_file(tensors, changed / "adapter_model.safetensors")
     other = load_adapter("other", changed, lora_model.spec, max_rank=64)
-    assert (
-        adapter_identity(other)
-        != adapter_identity(adapter)
-        == adapter_identity(load_adapter("again", path, lora_model.spec, max_rank=64))
-    )
+    assert other.identity != adapter.identity == load_adapter("again", path, lora_model.spec, max_rank=64).identity
 
 
 def _with(path: Path, out: Path, config_change=None, tensor_change=None) -> Path:

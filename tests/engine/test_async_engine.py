@@ -268,3 +268,27 @@ def test_an_idle_engine_hands_freed_memory_back_once_per_burst(monkeypatch):
     finally:
         engine.stop(JOIN_TIMEOUT)
     assert_released(llm)
+
+
+def test_ran_adapter_answers_once_a_step_that_ran_the_adapter_is_over(adapter_paths):
+    """A resolved adapter's store write waits on this: False while no step has run the adapter (after
+    `within_s`), True once one has, and by then that step's token has been sampled."""
+    llm = make_engine(adapter_paths)
+    engine = AsyncEngine(llm)
+    try:
+
+        async def main():
+            assert not await engine.ran_adapter("a", within_s=0.2)  # registered, never run
+            waiting = asyncio.ensure_future(engine.ran_adapter("a", within_s=JOIN_TIMEOUT))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            stream = engine.stream(PROMPTS[0], greedy(4), AdapterRef.of("a"))
+            first = await anext(stream)
+            assert await waiting
+            await stream.aclose()
+            return first
+
+        assert asyncio.run(main()).token_ids
+        assert asyncio.run(engine.ran_adapter("gone", within_s=0)) is True  # nothing left to wait for
+    finally:
+        engine.stop(JOIN_TIMEOUT)

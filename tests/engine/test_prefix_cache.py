@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from adapters.identity import BASE_IDENTITY, adapter_identity
+from adapters.identity import BASE_IDENTITY
 from server.engine.adapter_ref import AdapterRef
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sampling_params import SamplingParams
@@ -51,7 +51,7 @@ def test_identity_is_a_digest_of_content_computed_at_parse(paths):
     engine = make_engine()
     registry = engine.registry
     parsed = registry.parse("x", paths["a"])
-    identity = adapter_identity(parsed)
+    identity = parsed.identity
     assert len(identity) == 32 and identity != BASE_IDENTITY
     assert registry.install("x", parsed, paths["a"]) and registry.version("x").identity == identity
     assert registry.add("y", paths["a"]) and registry.version("y").identity == identity, "names are not in it"

@@ -136,13 +136,18 @@ def hanging_server() -> AbstractContextManager[str]:
     return _loopback_server(lambda connection: None)
 
 
-def short_body_server() -> AbstractContextManager[str]:
+def short_body_server(config: bytes | None = None) -> AbstractContextManager[str]:
     """A loopback HTTP server whose every answer declares 1000 bytes, sends 500, and closes the
-    connection (a store cut off mid-transfer); yields its URL."""
+    connection (a store cut off mid-transfer); yields its URL. With `config`, a GET of an
+    adapter_config.json gets it whole, so the cut falls in the weights file."""
 
     def answer_short(connection: socket.socket) -> None:
         with connection:
-            connection.recv(65536)  # the request; its body is empty
+            request = connection.recv(65536)  # its body is empty
+            if config is not None and b"adapter_config.json" in request.split(b"\r\n", 1)[0]:
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(config)}\r\n\r\n".encode()
+                connection.sendall(head + config)
+                return
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
 
     return _loopback_server(answer_short)
