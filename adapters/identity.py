@@ -13,7 +13,7 @@ differs only in metadata gets another identity: only its cache entries are not s
 The digest is BLAKE3: as collision resistant as SHA-256 (a key holder must not be able to make one
 adapter's identity equal another's and be served its cached K/V), and it hashes a 29 MB adapter in
 ~5 ms where SHA-256 took 26 ms (Intel Xeon with SHA-NI, one core). It is taken of the file as it
-arrives where a source streams it (fold_ahead.py), and otherwise by the parse (load_adapter).
+arrives where a source streams it (parse_ahead.py), and otherwise by the parse (load_adapter).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from .backends import dense_kernel, int8_kernel
 from .batch import STACK_MAX_ROWS, LoraBatch
 from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
 from .ops import SlotExtras, add_lora, add_lora_rows, add_lora_stacked
+from .parse_ahead import slot_values
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
 
@@ -126,7 +127,8 @@ class LoraLinear(LoraSlots):
         if weights.magnitude is None:
             return None
         w0 = self.base_weight().float()
-        a, b = weights.a.float(), weights.b.float()  # [r, in], [r, out]
+        a = slot_values(weights.a, 1.0, self.dtype).float()  # [r, in], as the slot holds it
+        b = slot_values(weights.b, weights.scale, self.dtype).float()  # [r, out]
         if self.is_conv1d:
             norm = torch.linalg.vector_norm(torch.addmm(w0, a.T, b), dim=0)  # [in, out] -> [out]
         else:

@@ -1,7 +1,9 @@
 """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) and check it against a base.
 
-The result is a `LoraAdapter`: per target module, A as [r, in] and B already scaled and transposed
-to [r, out], so neither the merge nor the gather path ever multiplies by a scale again.
+The result is a `LoraAdapter`: per target module, A as [r, in] and B as [r, out] rows with the scale
+that still multiplies them, as views of the file's bytes: loading them into a device slot casts
+them and folds the scale into B (slots.py), so neither the merge nor the gather path ever
+multiplies by a scale again, and a parse copies nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -19,9 +21,9 @@ import torch
 
 from .config import CONFIG_FILE, WEIGHTS_FILE, LoraConfig
 from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError, UnsupportedAdapterError
-from .fold_ahead import FoldAhead, Folds, Prepare, all_finite
 from .identity import adapter_identity
 from .parameters import ParamShape, fold_parameter, parameter_pairs
+from .parse_ahead import FileChecks, all_finite, extremes_finite, loads_finite
 from .safetensors_view import tensor_views
 
 PICKLE_FILE = "adapter_model.bin"
@@ -52,10 +54,11 @@ AdapterSource = str | Path | Mapping[str, bytes | memoryview]
 
 
 class LoraWeights(NamedTuple):
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [r, out], scale folded in
+    a: torch.Tensor  # [r, in], any float dtype: cast where it is loaded
+    b: torch.Tensor  # [r, out] (maybe a transposed view of the file's [out, r]), any float dtype
     bias: torch.Tensor | None = None  # [out], scale folded in (lora_bias: PEFT's lora_B.bias)
     magnitude: torch.Tensor | None = None  # [out], DoRA's m; its norm needs W0, so the layer divides
+    scale: float = 1.0  # multiplies b: a slot holds parse_ahead.slot_values(b, scale, its dtype)
 
 
 class TargetSpec(NamedTuple):
@@ -99,7 +102,7 @@ class LoraAdapter:
         return sum(t.numel() for t in self._tensors())
 
     def _tensors(self):
-        yield from (t for w in self.weights.values() for t in w if t is not None)
+        yield from (t for w in self.weights.values() for t in (w.a, w.b, w.bias, w.magnitude) if t is not None)
         yield from (t for params in self.modules.values() for t in params.values())
 
     @property
@@ -110,9 +113,11 @@ class LoraAdapter:
 READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def read_files(source: AdapterSource) -> tuple[bytes, bytes | memoryview, dict[str, torch.Tensor]]:
+def read_files(
+    source: AdapterSource, views: Callable[[bytes | memoryview], dict[str, torch.Tensor]] = tensor_views
+) -> tuple[bytes, bytes | memoryview, dict[str, torch.Tensor]]:
     """The config's bytes, the weights file's, and its tensors as views of those bytes (never
-    copies), from a directory or an upload's files."""
+    copies; `views` makes them), from a directory or an upload's files."""
     files = _FileView(source)
     config_bytes = files.read(CONFIG_FILE)
     if config_bytes is None:
@@ -127,11 +132,11 @@ def read_files(source: AdapterSource) -> tuple[bytes, bytes | memoryview, dict[s
             )
         raise InvalidAdapterError("file is missing", file=WEIGHTS_FILE)
     try:
-        tensors = tensor_views(weights_bytes)
+        tensors = views(weights_bytes)
     except ValueError as exc:
         raise InvalidAdapterError(f"not a readable safetensors file ({exc})", file=WEIGHTS_FILE) from None
     for key, tensor in tensors.items():
-        if tensor.dtype not in READABLE_DTYPES:  # float8 and ints: the folds and merges have no kernel for them
+        if tensor.dtype not in READABLE_DTYPES:  # float8 and ints: the slot loads and merges have no kernel for them
             raise InvalidAdapterError(
                 f"tensor {key!r} is {tensor.dtype}; adapter weights must be float16, bfloat16, float32 or float64",
                 file=WEIGHTS_FILE,
@@ -176,14 +181,15 @@ def load_adapter(
     *,
     max_rank: int,
     dtype: torch.dtype = torch.float32,
-    folds: Folds | None = None,
+    checks: FileChecks | None = None,
 ) -> LoraAdapter:
-    """Read, validate against `spec`, fold scales, and return the adapter; raise a typed error otherwise.
-    `folds`: the per-tensor work, done already where a `fold_ahead` saw the weights arrive."""
-    folds = folds or Folds()
-    folds.finish()
-    config_bytes, weights_bytes, tensors = read_files(source)
+    """Read, validate against `spec`, and return the adapter (its factors views of the files' bytes);
+    raise a typed error otherwise. `checks`: the weights file's views, digest and extremes, taken
+    already where a `ParseAhead` saw it arrive."""
+    checks = checks or FileChecks()
+    config_bytes, weights_bytes, tensors = read_files(source, checks.views)
     config = LoraConfig.from_json(config_bytes)
+    facts = checks.facts(weights_bytes)
     pairs, full, other = _pair_tensors(tensors, config)
     parameters = parameter_pairs(pairs, config, spec)  # taken out of `pairs`: what is left targets modules
     _check_targets(config, pairs, spec)
@@ -192,8 +198,13 @@ def load_adapter(
     modules.update(
         _trainable_tokens({m: t for (part, m), t in full.items() if part == "tokens"}, config, spec, set(pairs), dtype)
     )
+    # Every factor finite as its slot will hold it, proven from the file's extremes at each scale
+    # (parse_ahead.py); else each is checked, and the one at fault named.
+    scales = {1.0, *(config.scale_for(module) for module in pairs)}
+    proven = facts.extremes is not None and all(extremes_finite(facts.extremes, s, dtype) for s in scales)
     weights = {
-        module: _fold(module, parts, config, spec, max_rank, dtype, folds) for module, parts in sorted(pairs.items())
+        module: _lora_weights(module, parts, config, spec, max_rank, dtype, check_values=not proven)
+        for module, parts in sorted(pairs.items())
     }
     weights.update(
         (param, LoraWeights(*fold_parameter(param, key, parts, config, spec.parameters[param], max_rank, dtype)))
@@ -206,33 +217,7 @@ def load_adapter(
             config.base_model_name_or_path,
             spec.base_name,
         )
-    return LoraAdapter(name, config, weights, modules, adapter_identity(config, folds.digest(weights_bytes)))
-
-
-def fold_ahead(dtype: torch.dtype) -> FoldAhead:
-    """A FoldAhead for a weights file about to stream in: each LoRA factor folded as `_fold` will
-    fold it for a `dtype` base (B scaled by the config's s for its module). A config that does not
-    parse folds nothing ahead: the parse names its problem."""
-
-    def plan(config_bytes: bytes) -> Prepare | None:
-        try:
-            config = LoraConfig.from_json(config_bytes)
-        except Exception:  # noqa: BLE001 - see the docstring
-            return None
-
-        def prepare(key: str, tensor: torch.Tensor, ahead: FoldAhead) -> None:
-            match = _KEY.match(key)
-            part = _PARTS.get((match["part"], match["kind"])) if match else None
-            if tensor.dim() != 2 or tensor.dtype not in READABLE_DTYPES:
-                return
-            if part == "A":
-                ahead.fold_a(tensor, dtype)
-            elif part == "B":
-                ahead.fold_b(tensor, config.scale_for(match["module"]), dtype)
-
-        return prepare
-
-    return FoldAhead(plan)
+    return LoraAdapter(name, config, weights, modules, adapter_identity(config, facts.digest))
 
 
 def read_factors(source: AdapterSource) -> tuple[dict, LoraConfig, dict[str, LoraWeights]]:
@@ -468,18 +453,18 @@ def _selects(config: LoraConfig, target: str, name: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def _fold(
+def _lora_weights(
     module: str,
     parts: dict[str, torch.Tensor],
     config: LoraConfig,
     spec: TargetSpec,
     max_rank: int,
     dtype: torch.dtype,
-    folds: Folds,
+    check_values: bool = True,
 ) -> LoraWeights:
     field_a, field_b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     a, b = parts["A"], parts["B"]
-    _check_pair(module, a, b, config, values=False)  # checked once folded: NaN and Inf survive the fold
+    _check_pair(module, a, b, config, values=False)  # values: checked as a slot will hold them (below)
     if module in spec.embeddings and ("bias" in parts or "magnitude" in parts):
         raise UnsupportedAdapterError(
             f"DoRA and LoRA biases on the embedding {module!r} are not supported",
@@ -502,24 +487,27 @@ def _fold(
     extras = {part: _vector(module, part, parts[part], out_features) for part in ("bias", "magnitude") if part in parts}
     if "bias" in extras:
         extras["bias"] = extras["bias"].float().mul(scale)
-    (folded_a, a_finite), (folded_b, b_finite) = folds.fold_a(a, dtype), folds.fold_b(b, scale, dtype)
-    folded = LoraWeights(
-        folded_a,
-        folded_b,  # [r, out]
+    # One check of the factors as a slot will hold them finds NaN or Inf in the file (they survive
+    # scaling and casting) and values finite in the file that overflow once scaled and cast (fp16
+    # tops out at 65504).
+    a_finite = not check_values or loads_finite(a, 1.0, dtype)
+    b_finite = not check_values or loads_finite(b, scale, dtype)
+    weights = LoraWeights(
+        a,
+        b.t(),  # [r, out]: a view
         **{part: tensor.to(dtype).contiguous() for part, tensor in extras.items()},
+        scale=scale,
     )
-    # One check of the folded factors finds NaN or Inf in the file (they survive scaling and casting)
-    # and values finite in the file that overflow once scaled and cast (fp16 tops out at 65504).
-    bias_finite = folded.bias is None or all_finite(folded.bias)
+    bias_finite = weights.bias is None or all_finite(weights.bias)
     fields = ((field_a, a, a_finite), (field_b, b, b_finite), (f"{module}.lora_B.bias", None, bias_finite))
     for field, raw, finite in fields:
         if not finite:
             if raw is not None and not all_finite(raw):
                 raise InvalidAdapterError("contains NaN, Inf or non-float values", file=WEIGHTS_FILE, field=field)
             raise InvalidAdapterError(
-                f"overflows {dtype} once scaled by the config's alpha", file=WEIGHTS_FILE, field=field
+                f"overflows {dtype} once cast (and B scaled by the config's alpha)", file=WEIGHTS_FILE, field=field
             )
-    return folded
+    return weights
 
 
 def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor, config: LoraConfig, values: bool = True) -> None:

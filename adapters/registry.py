@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AdapterCapacityError, AdapterExistsError, AdapterNotFoundError
-from .fold_ahead import FoldAhead, Folds
 from .model import LoraModel
-from .peft_format import AdapterSource, LoraAdapter, fold_ahead, load_adapter
+from .parse_ahead import FileChecks
+from .peft_format import AdapterSource, LoraAdapter, load_adapter
 
 
 @dataclass(eq=False)
@@ -93,15 +93,11 @@ class AdapterRegistry:
             raise AdapterExistsError(f"adapter {name!r} already exists")
         return self.install(name, self.parse(name, source), source, replace=replace, pinned=pinned)
 
-    def parse(self, name: str, source: AdapterSource, folds: Folds | None = None) -> LoraAdapter:
+    def parse(self, name: str, source: AdapterSource, checks: FileChecks | None = None) -> LoraAdapter:
         """Read and validate `source` for this model: file IO and CPU work, safe on any thread.
-        `folds`: the work a `fold_ahead` did while the files arrived."""
+        `checks`: what a `ParseAhead` read of the weights while they arrived."""
         model = self.lora_model
-        return load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model), folds=folds)
-
-    def fold_ahead(self) -> FoldAhead:
-        """Somewhere for a source to fold an adapter's weights for this model while they stream in."""
-        return fold_ahead(_dtype(self.lora_model))
+        return load_adapter(name, source, model.spec, max_rank=model.max_rank, dtype=_dtype(model), checks=checks)
 
     def was_loaded(self, name: str) -> bool:
         """Whether `name`'s current version has been in a device slot (a step ran it), or is gone."""

@@ -28,7 +28,7 @@ DTYPES = {
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
-# A view of an immutable `bytes` (an upload, a file read whole) is never written: the folds copy.
+# A view of an immutable `bytes` (an upload, a file read whole) is only ever read: slots copy it.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 

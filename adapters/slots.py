@@ -11,6 +11,7 @@ from torch import nn
 
 from .batch import LoraBatch
 from .errors import InvalidAdapterError
+from .parse_ahead import slot_values
 from .peft_format import LoraWeights
 
 
@@ -98,8 +99,9 @@ class LoraSlots(nn.Module):
         if self.lora_a is None:
             return
         if rank:
-            for rows, factor in zip(self._rows(slot, 0, rank), (weights.a, weights.b)):
-                rows.copy_(factor)
+            rows_a, rows_b = self._rows(slot, 0, rank)
+            slot_values(weights.a, 1.0, self.dtype, out=rows_a)
+            slot_values(weights.b, weights.scale, self.dtype, out=rows_b)  # B's scale folds in here
         if self.slot_ranks[slot] > rank:
             for rows in self._rows(slot, rank, self.slot_ranks[slot]):
                 rows.zero_()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -32,8 +33,8 @@ from urllib.parse import urlparse
 from adapters import InvalidAdapterError
 from adapters.config import CONFIG_FILE, WEIGHTS_FILE
 from adapters.errors import AdapterError, LoraServeError
-from adapters.fold_ahead import FoldAhead
-from server.store import ADAPTER_FILES, check_name
+from adapters.parse_ahead import ParseAhead
+from server.store import check_name
 
 Files = dict[str, bytes | memoryview]
 T = TypeVar("T")
@@ -71,26 +72,24 @@ class Source:
     def prepare(self) -> None:
         """Pay this source's one-time costs (imports, a client) at startup, not in a first request."""
 
-    def fetch(self, name: str, ahead: FoldAhead | None = None) -> Files | None:
+    def fetch(self, name: str, ahead: ParseAhead | None = None) -> Files | None:
         """Both adapter files of `name`, or None if this source has no such adapter. A source that
-        streams the weights file (S3) streams it into `ahead`, which folds it while it arrives."""
+        streams the weights file (S3) streams it into `ahead`, which reads it while it arrives.
+        The two files are read at once: the config's round trip is not added to the weights'."""
         check_name(name)
         deadline = time.monotonic() + self.timeout_s
-        files, budget = {}, self.max_bytes
-        for file_name in ADAPTER_FILES:
-            stream = None
-            if ahead is not None and file_name == WEIGHTS_FILE:
-                ahead.configure(files[CONFIG_FILE])
-                stream = ahead
-            data = self._retrying(lambda f=file_name, b=budget, s=stream: self._read(name, f, b, s), deadline)
-            if data is None:
-                return None
-            files[file_name] = data
-            budget -= len(data)
+        with ThreadPoolExecutor(1, thread_name_prefix="loraserve-fetch-config") as beside:
+            config = beside.submit(self._retrying, lambda: self._read(name, CONFIG_FILE, self.max_bytes), deadline)
+            weights = self._retrying(lambda: self._read(name, WEIGHTS_FILE, self.max_bytes, ahead), deadline)
+            files = {CONFIG_FILE: config.result(), WEIGHTS_FILE: weights}
+        if None in files.values():
+            return None
+        if sum(len(data) for data in files.values()) > self.max_bytes:
+            raise self._too_large()
         return files
 
     def _read(
-        self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None
+        self, name: str, file_name: str, max_bytes: int, stream: ParseAhead | None = None
     ) -> bytes | memoryview | None:
         """One file, or None if absent. `stream`, where given, may take the file as it arrives
         (`_streamed`); a source that reads it whole returns the bytes all the same."""
@@ -120,7 +119,7 @@ class DirectorySource(Source):
         super().__init__(uri, max_bytes, timeout_s, retries)
         self.root = Path(os.path.realpath(uri.removeprefix("file://")))
 
-    def _read(self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None) -> bytes | None:
+    def _read(self, name: str, file_name: str, max_bytes: int, stream: ParseAhead | None = None) -> bytes | None:
         path = self.root / name / file_name
         real = Path(os.path.realpath(path))
         if not real.is_relative_to(self.root):
@@ -152,7 +151,7 @@ class S3Source(Source):
         self.client()  # importing boto3 and building its client took ~0.3 s of the first resolution
 
     def _read(
-        self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None
+        self, name: str, file_name: str, max_bytes: int, stream: ParseAhead | None = None
     ) -> bytes | memoryview | None:
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
@@ -217,7 +216,7 @@ class HubSource(Source):
     def prepare(self) -> None:
         import huggingface_hub  # noqa: F401, PLC0415 - its import is the one-time cost
 
-    def _read(self, name: str, file_name: str, max_bytes: int, stream: FoldAhead | None = None) -> bytes | None:
+    def _read(self, name: str, file_name: str, max_bytes: int, stream: ParseAhead | None = None) -> bytes | None:
         import httpx  # noqa: PLC0415
         from huggingface_hub.errors import (  # noqa: PLC0415
             EntryNotFoundError,
@@ -270,10 +269,10 @@ class HubSource(Source):
 KINDS: dict[str, type[Source]] = {"s3": S3Source, "hf": HubSource, "file": DirectorySource, "": DirectorySource}
 
 
-def _streamed(body, length: int, stream: FoldAhead) -> memoryview:
-    """An object of a declared `length` read in pieces into the buffer `stream` gives, which folds
-    each tensor whose bytes are in while the rest still arrives (fold_ahead.py): the work a parse
-    would do after the download is done during it. A body that ends early or runs long is transient."""
+def _streamed(body, length: int, stream: ParseAhead) -> memoryview:
+    """An object of a declared `length` read in pieces into the buffer `stream` gives, which reads
+    what a parse needs of each piece while the rest still arrives (parse_ahead.py). A body that
+    ends early or runs long is transient."""
     buffer = memoryview(stream.start(length).numpy())
     filled = 0
     try:

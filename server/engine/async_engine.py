@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 from adapters import AdapterInfo, AdapterVersion, LoraAdapter
-from adapters.fold_ahead import FoldAhead, Folds
+from adapters.parse_ahead import FileChecks
 from adapters.peft_format import AdapterSource
 
 from .adapter_ref import BASE_REF, AdapterRef, max_composition_scale
@@ -177,9 +177,9 @@ class AsyncEngine:
         registry = self._engine.registry
         return await self.call(lambda: set(registry.held()))
 
-    def parse_adapter(self, name: str, source: AdapterSource, folds: Folds | None = None) -> LoraAdapter:
+    def parse_adapter(self, name: str, source: AdapterSource, checks: FileChecks | None = None) -> LoraAdapter:
         """Read and validate an adapter against this base model (slow: not on the event loop)."""
-        return self._engine.registry.parse(name, source, folds)
+        return self._engine.registry.parse(name, source, checks)
 
     async def ran_adapter(self, name: str, within_s: float) -> bool:
         """Wait until a step that ran `name` has finished (True), or `within_s` seconds have passed
@@ -191,10 +191,6 @@ class AsyncEngine:
                 return False
             await asyncio.sleep(RAN_POLL_S)
         return True
-
-    def fold_ahead(self) -> FoldAhead:
-        """Where a source may fold an adapter's weights for this base while they stream in."""
-        return self._engine.registry.fold_ahead()
 
     async def install_adapter(
         self, name: str, adapter: LoraAdapter, source: AdapterSource, replace: bool = False

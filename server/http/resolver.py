@@ -25,14 +25,10 @@ from contextvars import ContextVar
 
 from adapters.config import CONFIG_FILE
 from adapters.errors import IncompatibleAdapterError, InvalidAdapterError, LoraServeError
-from adapters.fold_ahead import FoldAhead
-from server.engine.torch_threads import TransientThreads
+from adapters.parse_ahead import ParseAhead
 from server.sources import Files, Source, SourceUnavailableError, UnusableSourceAdapterError
 
 MAX_REMEMBERED_MISSING = 10_000  # names found nowhere, kept for negative_ttl_s; the oldest go first
-# Fetches run here, not on asyncio's pool: one that streams folds tensors as they arrive (torch work,
-# see torch_threads.py). As many as asyncio's pool allowed, so a hanging source holds no parse up.
-FETCHES = TransientThreads(8, "loraserve-fetch")
 
 log = logging.getLogger(__name__)
 # Seconds the current request waited for its model's resolution (None: it waited for none); set in the
@@ -40,9 +36,9 @@ log = logging.getLogger(__name__)
 resolve_wait: ContextVar[float | None] = ContextVar("resolve_wait", default=None)
 
 Observe = Callable[[str, str, float, int, float | None], None]  # (source, outcome, seconds, bytes, fetch seconds)
-# Installs what a source returned (folded ahead, or not, into the FoldAhead it was fetched with);
+# Installs what a source returned, with what the ParseAhead it was fetched into read of it;
 # returns its store write still under way (None: nothing left to wait for).
-Install = Callable[[str, Source, Files, FoldAhead | None], Awaitable[Awaitable[None] | None]]
+Install = Callable[[str, Source, Files, ParseAhead | None], Awaitable[Awaitable[None] | None]]
 Exclusive = Callable[[str], AbstractAsyncContextManager]  # one holder per name across replicas (the store's lock)
 
 
@@ -55,11 +51,8 @@ class AdapterResolver:
         negative_ttl_s: float,
         observe: Observe | None = None,
         exclusive: Exclusive | None = None,
-        fold_ahead: Callable[[], FoldAhead] | None = None,
     ):
-        """`fold_ahead`: somewhere for each fetch to fold the weights while they arrive."""
         self.sources, self.negative_ttl_s, self._observe = sources, negative_ttl_s, observe
-        self._fold_ahead = fold_ahead or (lambda: None)
         self._exclusive = exclusive or (lambda name: nullcontext())
         self.origins: dict[str, str] = {}  # name -> URI of the source it was resolved from
         self._flights: dict[str, asyncio.Future[bool]] = {}  # name -> its resolution under way
@@ -111,7 +104,7 @@ class AdapterResolver:
             return True, None
         started = time.monotonic()
         for source in self.sources:
-            ahead = self._fold_ahead()
+            ahead = ParseAhead()
             files = await self.fetch(source, name, ahead)
             if files is not None:
                 return True, await self._install(name, source, files, ahead, install, started, time.monotonic())
@@ -123,13 +116,12 @@ class AdapterResolver:
         if not flight.cancelled():
             flight.exception()  # retrieved here too: every waiter may have gone away
 
-    async def fetch(self, source: Source, name: str, ahead: FoldAhead | None = None) -> Files | None:
+    async def fetch(self, source: Source, name: str, ahead: ParseAhead | None = None) -> Files | None:
         """`name` from one source, off the loop, within its timeout; observed by source and outcome.
-        A source that streams folds the weights into `ahead` as they arrive."""
+        A source that streams checks the weights into `ahead` as they arrive."""
         started = time.monotonic()
-        fetching = asyncio.get_running_loop().run_in_executor(FETCHES, source.fetch, name, ahead)
         try:
-            files = await asyncio.wait_for(fetching, source.timeout_s)
+            files = await asyncio.wait_for(asyncio.to_thread(source.fetch, name, ahead), source.timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             self._record(source, "unavailable", started)
             raise SourceUnavailableError(
@@ -151,7 +143,7 @@ class AdapterResolver:
         name: str,
         source: Source,
         files: Files,
-        ahead: FoldAhead | None,
+        ahead: ParseAhead | None,
         install: Install,
         started: float,
         fetched: float,

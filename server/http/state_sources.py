@@ -15,7 +15,7 @@ from contextlib import ExitStack, asynccontextmanager
 
 from adapters import AdapterExistsError, AdapterNotFoundError, InvalidAdapterError, LoraAdapter
 from adapters.compress import compress_files
-from adapters.fold_ahead import FoldAhead
+from adapters.parse_ahead import ParseAhead
 from server.engine.torch_threads import TransientThreads, torch_job
 from server.sources import Files, Source, make_source
 from server.store import is_valid_name
@@ -50,7 +50,7 @@ class AdapterSources:
         if source is None or not is_valid_name(remote):
             message = "lora_path must be <a configured adapter source>/<adapter name>"
             raise HTTPError(400, message, "invalid_path", "lora_path")
-        ahead = self.ready_engine().fold_ahead()
+        ahead = ParseAhead()
         files = await self.resolver.fetch(source, remote, ahead)
         if files is None:
             raise AdapterNotFoundError(f"{uri} does not hold an adapter", field="lora_path")
@@ -63,13 +63,13 @@ class AdapterSources:
         name: str,
         source: Source,
         files: Files,
-        ahead: FoldAhead | None = None,
+        ahead: ParseAhead | None = None,
         energy: float | None = None,
         max_rank: int | None = None,
         after_first_step: bool = True,
     ) -> asyncio.Task | None:
         """What a source returned goes the upload's way: compressed if asked, validated whole (with
-        what `ahead` folded while it arrived), then the engine, then the store's atomic create (a
+        what `ahead` checked while it arrived), then the engine, then the store's atomic create (a
         replica that stored it first wins). The adapter is served from memory as soon as it is
         valid; its store write lands after, once its first step has run unless `after_first_step`
         is False (_store_resolved). Returns that write as a task, or None without a store: the
@@ -81,7 +81,7 @@ class AdapterSources:
             energy, max_rank = self.settings.adapter_source_energy, self.settings.adapter_source_max_rank
         if energy is not None or max_rank is not None:
             files = await self._compressed(files, source, energy, max_rank)
-        parse = functools.partial(engine.parse_adapter, name, files, ahead)  # compressed files: folds miss, harmlessly
+        parse = functools.partial(engine.parse_adapter, name, files, ahead)  # compressed files: checks miss, harmlessly
         try:
             adapter = await torch_job(parse)
         except InvalidAdapterError as exc:  # fetched whole, yet unusable: 422, naming file and field
@@ -184,7 +184,7 @@ class AdapterSources:
             self.metrics.on_store_budget(stored, len(evicted))
 
 
-def make_resolver(settings: Settings, metrics: Metrics | None, exclusive, fold_ahead) -> AdapterResolver | None:
+def make_resolver(settings: Settings, metrics: Metrics | None, exclusive) -> AdapterResolver | None:
     if not settings.adapter_source:
         return None
     sources = [
@@ -192,4 +192,4 @@ def make_resolver(settings: Settings, metrics: Metrics | None, exclusive, fold_a
         for uri in settings.adapter_source
     ]
     observe = metrics.on_resolution if metrics is not None else None
-    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe, exclusive, fold_ahead)
+    return AdapterResolver(sources, settings.adapter_source_negative_ttl, observe, exclusive)

@@ -235,12 +235,15 @@ def test_a_slot_loaded_at_a_lower_rank_keeps_zeros_past_it(kind):
     layer.set_slot(0, LoraWeights(torch.randn(5, D_IN), torch.randn(5, D_OUT)))  # a neighbour, untouched
     neighbour = layer.slot_a(0, MAX_RANK).clone(), layer.lora_b[0].clone()
     for rank in (6, 2, None):
-        weights = None if rank is None else LoraWeights(torch.randn(rank, D_IN), torch.randn(rank, D_OUT))
+        # B as a parse leaves it: a transposed view of the file's [out, r], its scale still to apply
+        weights = (
+            None if rank is None else LoraWeights(torch.randn(rank, D_IN), torch.randn(D_OUT, rank).t(), scale=0.5)
+        )
         layer.set_slot(1, weights)
         rank = rank or 0
         want_a, want_b = torch.zeros(MAX_RANK, D_IN), torch.zeros(MAX_RANK, D_OUT)
         if weights is not None:
-            want_a[:rank], want_b[:rank] = weights.a, weights.b
+            want_a[:rank], want_b[:rank] = weights.a, weights.b * 0.5
         assert torch.equal(layer.slot_a(1, MAX_RANK), want_a) and torch.equal(layer.lora_b[1], want_b)
         assert layer.slot_ranks[1] == rank
     assert torch.equal(layer.slot_a(0, MAX_RANK), neighbour[0]) and torch.equal(layer.lora_b[0], neighbour[1])

@@ -125,7 +125,8 @@ def test_copies_count_in_memory_and_identity(copied, tmp_path):
     )
     assert all(name in names for name in norms), "PEFT's suffix rule: 'norm' selects every *norm module"
     copy_bytes = sum(t.numel() * t.element_size() for params in adapter.modules.values() for t in params.values())
-    lora_bytes = sum(t.numel() * t.element_size() for w in adapter.weights.values() for t in w if t is not None)
+    factors = [t for w in adapter.weights.values() for t in (w.a, w.b, w.bias, w.magnitude) if t is not None]
+    lora_bytes = sum(t.numel() * t.element_size() for t in factors)
     assert adapter.num_bytes == lora_bytes + copy_bytes > lora_bytes
     tensors = load_file(path / "adapter_model.safetensors")
     key = next(k for k in tensors if ".lora_" not in k)

@@ -7,10 +7,9 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load as load_safetensors
 
 from adapters import InvalidAdapterError
-from adapters.peft_format import fold_ahead
+from adapters.parse_ahead import FileChecks, ParseAhead
 from server.sources import AdapterTooLargeError, SourceUnavailableError, check_source_uri, make_source
 from support.sources import (
     HubApp,
@@ -90,28 +89,28 @@ def test_hanging_source_fails_within_its_timeout(s3, monkeypatch):
 @pytest.mark.parametrize("streamed", [False, True], ids=["read-whole", "streamed"])
 def test_s3_source_cut_off_mid_body_is_unavailable_after_its_retries(monkeypatch, streamed):
     """An object (its declared length within the limit) that arrives short, read whole or streamed
-    into a FoldAhead, is a transient failure, retried, then SourceUnavailableError: never a short
-    file passed on. The FoldAhead's worker is not left waiting for the bytes that never came."""
-    ahead = fold_ahead(torch.float32) if streamed else None
+    into a ParseAhead, is a transient failure, retried, then SourceUnavailableError: never a short
+    file passed on. The ParseAhead's worker is not left waiting for the bytes that never came."""
+    ahead = ParseAhead() if streamed else None
     with short_body_server(config=FILES[CONFIG]) as url:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", url)
         with pytest.raises(SourceUnavailableError, match="failed"):
             source(f"s3://{BUCKET}/team", max_bytes=4096, retries=1).fetch("sql", ahead)
     if streamed:
         ahead.finish()  # returns: the failed download abandoned it
-        assert ahead.num_folded == 0
 
 
-def test_an_s3_fetch_streams_the_weights_into_a_fold_ahead(s3, tiny_llama, make_peft_adapter, tmp_path):
-    """Through moto over HTTP: the files arrive unchanged, and every factor was folded while they did."""
+def test_an_s3_fetch_streams_the_weights_into_a_parse_ahead(s3, tiny_llama, make_peft_adapter, tmp_path):
+    """Through moto over HTTP: the files arrive unchanged, into the ParseAhead's buffer, which has
+    read their digest and extremes as the parse would."""
     files = read_adapter(make_peft_adapter(tiny_llama, tmp_path / "real", r=4, target_modules=["q_proj", "v_proj"]))
     put_adapter(BUCKET, "team", "real", files)
-    ahead = fold_ahead(torch.float32)
+    ahead = ParseAhead()
     fetched = source(f"s3://{BUCKET}/team", max_bytes=len(files[WEIGHTS]) + 4096).fetch("real", ahead)
-    ahead.finish()
     assert fetched == files
-    num_modules = sum(".lora_A." in key for key in load_safetensors(files[WEIGHTS]))
-    assert num_modules and ahead.num_folded == 2 * num_modules
+    assert torch.frombuffer(fetched[WEIGHTS], dtype=torch.uint8).data_ptr() == ahead.buffer.data_ptr()
+    facts, expected = ahead.facts(fetched[WEIGHTS]), FileChecks().facts(files[WEIGHTS])
+    assert facts.digest == expected.digest and torch.equal(facts.extremes, expected.extremes)
 
 
 def test_hub_source_reads_the_cache_offline(tmp_path, monkeypatch):
