@@ -20,8 +20,11 @@ one by one costs ~40 ms of per-call overhead alone; the file's extremes take one
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import mmap
+import sys
 import threading
 from typing import NamedTuple
 
@@ -33,6 +36,8 @@ from .safetensors_view import DTYPES, header_size, layout, tensor_views, view
 
 log = logging.getLogger(__name__)
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_MADV_POPULATE_WRITE = 23  # linux/mman.h
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 class FileFacts(NamedTuple):
@@ -113,6 +118,7 @@ class ParseAhead(FileChecks):
             log.warning("reading an adapter's weights as they arrived failed; the parse reads them", exc_info=True)
 
     def _read_as_it_arrives(self) -> FileFacts | None:
+        _populate(self.buffer)
         data, hasher = memoryview(self.buffer.numpy()), blake3()
         done, checked, dtype, low, high = 0, None, None, math.inf, -math.inf
         while done < len(data):
@@ -136,6 +142,20 @@ class ParseAhead(FileChecks):
                 checked = stop
         extremes = None if dtype is None or low > high else torch.tensor([low, high], dtype=torch.float64).to(dtype)
         return FileFacts(hasher.digest(), extremes)
+
+
+def _populate(buffer: torch.Tensor) -> None:
+    """Map every page of a fresh buffer now, on this thread, while the download's own thread writes
+    into it: those writes then find their pages mapped instead of faulting each in (7,000 faults,
+    10-13 ms of a 29 MB download's thread on the dev box). MADV_POPULATE_WRITE (Linux 5.14) leaves
+    the contents alone, so it is safe beside the writes; elsewhere it is a no-op."""
+    if _LIBC is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-buffer.data_ptr() // page) * page  # whole pages inside the buffer
+    stop = (buffer.data_ptr() + buffer.numel()) // page * page
+    if stop > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_POPULATE_WRITE)
 
 
 def _data_section(data: memoryview, arrived: int) -> tuple[int | None, torch.dtype | None]:
