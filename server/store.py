@@ -40,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,17 +181,12 @@ class AdapterStore:
             return None
         return target
 
-    def save(
-        self, name: str, files: Mapping[str, bytes], replace: bool = False, valid: Callable[[], object] | None = None
-    ) -> Path:
+    def save(self, name: str, files: Mapping[str, bytes], replace: bool = False) -> Path:
         """Write a new version of `name` and point the name at it; returns the version's directory.
 
         replace=False raises AdapterExistsError if the name exists, also when a concurrent writer
         (another thread, process or replica) creates it first; with replace=True the last switch wins.
         A composition's name is never taken, replace or not: names are one namespace.
-        `valid`, if given, is called once the files are written and synced and before anything is
-        published: what it raises leaves nothing behind, so a caller can validate the files on another
-        thread while their write and fsync proceed, and still store only what is sound.
         """
         if self.has_composition(check_name(name)):
             raise AdapterExistsError(f"{name!r} is a composition in the store; delete it first", field="name")
@@ -203,8 +198,6 @@ class AdapterStore:
                 for file_name in ADAPTER_FILES:
                     _write_synced(staging / file_name, files[file_name])
                 _fsync_dir(staging)
-                if valid is not None:
-                    valid()
                 target = self._publish(name, version, staging)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -118,7 +118,7 @@ class AdapterResolver:
 
     async def fetch(self, source: Source, name: str, ahead: ParseAhead | None = None) -> Files | None:
         """`name` from one source, off the loop, within its timeout; observed by source and outcome.
-        A source that streams checks the weights into `ahead` as they arrive."""
+        A source that streams hands the weights to `ahead` as they arrive."""
         started = time.monotonic()
         try:
             files = await asyncio.wait_for(asyncio.to_thread(source.fetch, name, ahead), source.timeout_s)

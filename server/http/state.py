@@ -50,8 +50,7 @@ class ServerState(AdapterSources):
     ):
         self.settings, self.metrics, self.on_fatal = settings, metrics, on_fatal
         self.store = AdapterStore(settings.adapter_store) if settings.adapter_store else None
-        fleet_lock = self._fleet_lock if self.store is not None else None
-        self.resolver = make_resolver(settings, metrics, fleet_lock)
+        self.resolver = make_resolver(settings, metrics, self._fleet_lock if self.store is not None else None)
         self.budget = StoreBudget(self.store, settings.adapter_store_max_bytes) if self._has_budget() else None
         self.engine: LLMEngine | None = None
         self.async_engine: AsyncEngine | None = None
