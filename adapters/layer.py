@@ -8,9 +8,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .backends import dense_kernel, int8_kernel
 from .batch import STACK_MAX_ROWS, LoraBatch
+from .factor_values import slot_values
 from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
 from .ops import SlotExtras, add_lora, add_lora_rows, add_lora_stacked
-from .parse_ahead import slot_values
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
 

@@ -1,7 +1,7 @@
 """What an adapter's parse reads of its weights file's bytes, read while the file still downloads.
 
 A parse (peft_format.load_adapter) copies no tensor: A and B stay views of the file's bytes, cast
-and scaled as a device slot loads them (`slot_values`). It reads the bytes for two things: the
+and scaled as a device slot loads them (`factor_values.slot_values`). It reads the bytes for two things: the
 file's BLAKE3 digest (the adapter's identity) and the smallest and largest value in it, which prove
 every factor finite as a slot will hold it in one pass over the file (`FileChecks`): casting and
 scaling by s are monotone, so no value leaves the dtype's range if the extremes do not, at any of
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from blake3 import blake3
 
-from .safetensors_view import DTYPES, header_size, layout, tensor_views, view
+from .safetensors_view import DTYPES, TensorSpan, header_size, layout, tensor_views, view
 
 log = logging.getLogger(__name__)
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -52,9 +52,10 @@ class FileChecks:
         """Every tensor of `data` (a whole safetensors file) as a view; ValueError if it is broken."""
         return tensor_views(data)
 
-    def facts(self, data) -> FileFacts:
-        """The digest of `data` and its extremes."""
-        return FileFacts(blake3(data).digest(), _extremes(_bytes_tensor(data), 0, len(data), _data_dtype(data)))
+    def facts(self, data, tensors: dict[str, torch.Tensor]) -> FileFacts:
+        """The digest of `data` and its extremes (`tensors`: its views, which give its dtypes)."""
+        dtype = _one_float_dtype({tensor.dtype for tensor in tensors.values()})
+        return FileFacts(blake3(data).digest(), _extremes(_bytes_tensor(data), 0, len(data), dtype))
 
 
 class ParseAhead(FileChecks):
@@ -103,9 +104,9 @@ class ParseAhead(FileChecks):
         self.finish()
         return self._views if self._views is not None and self._holds(data) else super().views(data)
 
-    def facts(self, data) -> FileFacts:
+    def facts(self, data, tensors: dict[str, torch.Tensor]) -> FileFacts:
         self.finish()
-        return self._facts if self._facts is not None and self._holds(data) else super().facts(data)
+        return self._facts if self._facts is not None and self._holds(data) else super().facts(data, tensors)
 
     def _holds(self, data) -> bool:
         """Whether `data` is this buffer, which nothing writes once its bytes are in."""
@@ -131,9 +132,10 @@ class ParseAhead(FileChecks):
             hasher.update(data[done:upto])
             done = upto
             if checked is None:
-                checked, dtype = _data_section(data, done)
-                if checked is not None and checked < len(data):  # views need only the header
-                    self._views = _aligned_views(self.buffer)
+                checked, spans = _header(data, done)
+                if spans is not None:  # views need only the header
+                    dtype = _one_float_dtype({DTYPES[span.dtype] for span in spans.values()})
+                    self._views = _aligned_views(self.buffer, spans)
             if dtype is not None:  # the values that have arrived, whole elements only
                 stop = checked + (done - checked) // dtype.itemsize * dtype.itemsize
                 extremes = _extremes(self.buffer, checked, stop, dtype)
@@ -158,38 +160,29 @@ def _populate(buffer: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_POPULATE_WRITE)
 
 
-def _data_section(data: memoryview, arrived: int) -> tuple[int | None, torch.dtype | None]:
-    """Where a file's values start and their one dtype, once its header has arrived ((None, None)
-    before; the dtype is None for a file whose extremes are not to be taken)."""
+def _header(data: memoryview, arrived: int) -> tuple[int | None, dict[str, TensorSpan] | None]:
+    """Where a file's values start and its tensors' places, once its header has arrived ((None,
+    None) before; spans None for a broken file, which the parse will name)."""
     try:
         start = header_size(data[:arrived])
-    except ValueError:  # not a safetensors file: the parse will say so
-        return len(data), None
-    if start is None or start > arrived:
-        return None, None
-    return start, _data_dtype(data)
-
-
-def _aligned_views(buffer: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """The file's tensors as views, before their bytes are in; None if it is broken, or if a tensor
-    sits where its dtype cannot view it (tensor_views copies those, and the copy needs the bytes)."""
-    data = memoryview(buffer.numpy())
-    try:
-        spans = layout(data[: header_size(data)], len(data))
+        if start is None or start > arrived:
+            return None, None
+        return start, layout(data[:start], len(data))
     except ValueError:
-        return None
+        return len(data), None
+
+
+def _aligned_views(buffer: torch.Tensor, spans: dict[str, TensorSpan]) -> dict[str, torch.Tensor] | None:
+    """The file's tensors as views, before their bytes are in; None if a tensor sits where its
+    dtype cannot view it (tensor_views copies those, and the copy needs the bytes)."""
     if any((buffer.data_ptr() + span.start) % DTYPES[span.dtype].itemsize for span in spans.values()):
         return None
     return {name: view(buffer, span) for name, span in spans.items()}
 
 
-def _data_dtype(data) -> torch.dtype | None:
-    """The one float dtype of every tensor in a safetensors file, or None (mixed, not floats, broken)."""
-    try:
-        dtypes = {span.dtype for span in layout(data[: header_size(data)], len(data)).values()}
-    except (ValueError, TypeError):
-        return None
-    dtype = DTYPES[dtypes.pop()] if len(dtypes) == 1 else None
+def _one_float_dtype(dtypes: set[torch.dtype]) -> torch.dtype | None:
+    """The dtype of every tensor of a file when they share one float dtype (not fp8), else None."""
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
     return dtype if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2 else None
 
 
@@ -216,32 +209,3 @@ def _merged(low: float, high: float, extremes: torch.Tensor) -> tuple[float, flo
 
 def _bytes_tensor(data) -> torch.Tensor:
     return data if isinstance(data, torch.Tensor) else torch.frombuffer(data, dtype=torch.uint8)
-
-
-def slot_values(tensor: torch.Tensor, scale: float, dtype: torch.dtype, out: torch.Tensor | None = None):
-    """A factor as a slot holds it: cast to `dtype`, and B's scale folded in as float32 products
-    (the same products whatever the file's dtype), cast once. `out`: the slot rows to write."""
-    if scale == 1.0:
-        return tensor.to(dtype) if out is None else out.copy_(tensor)
-    if out is None:
-        return torch.mul(tensor.float(), scale).to(dtype)
-    return torch.mul(tensor.to(out.device).float(), scale, out=out)  # float32 products, cast as written
-
-
-def loads_finite(tensor: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:
-    """Whether every value of `tensor` stays finite as a slot loads it (`slot_values`): NaN and Inf
-    in the file, and values finite there that overflow once scaled and cast (fp16 tops out at
-    65504). Scaling and casting are monotone, so the extremes decide (a NaN makes both NaN)."""
-    return tensor.numel() == 0 or extremes_finite(torch.stack(torch.aminmax(tensor)), scale, dtype)
-
-
-def extremes_finite(extremes: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:
-    """Whether values within [min, max] = `extremes` all stay finite as a slot loads them."""
-    return all_finite(slot_values(extremes, scale, dtype))
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """torch.isfinite(tensor).all(), one pass instead of two and no bool tensor for the common case:
-    a NaN or Inf anywhere makes the sum non-finite, so a finite sum proves every value finite; a
-    non-finite sum (or an overflowing one) is settled by the exact check."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())

@@ -21,9 +21,10 @@ import torch
 
 from .config import CONFIG_FILE, WEIGHTS_FILE, LoraConfig
 from .errors import IncompatibleAdapterError, InvalidAdapterError, UnsafeAdapterFormatError, UnsupportedAdapterError
+from .factor_values import all_finite, extremes_finite, loads_finite
 from .identity import adapter_identity
 from .parameters import ParamShape, fold_parameter, parameter_pairs
-from .parse_ahead import FileChecks, all_finite, extremes_finite, loads_finite
+from .parse_ahead import FileChecks
 from .safetensors_view import tensor_views
 
 PICKLE_FILE = "adapter_model.bin"
@@ -58,7 +59,7 @@ class LoraWeights(NamedTuple):
     b: torch.Tensor  # [r, out] (maybe a transposed view of the file's [out, r]), any float dtype
     bias: torch.Tensor | None = None  # [out], scale folded in (lora_bias: PEFT's lora_B.bias)
     magnitude: torch.Tensor | None = None  # [out], DoRA's m; its norm needs W0, so the layer divides
-    scale: float = 1.0  # multiplies b: a slot holds parse_ahead.slot_values(b, scale, its dtype)
+    scale: float = 1.0  # multiplies b: a slot holds factor_values.slot_values(b, scale, its dtype)
 
 
 class TargetSpec(NamedTuple):
@@ -189,7 +190,7 @@ def load_adapter(
     checks = checks or FileChecks()
     config_bytes, weights_bytes, tensors = read_files(source, checks.views)
     config = LoraConfig.from_json(config_bytes)
-    facts = checks.facts(weights_bytes)
+    facts = checks.facts(weights_bytes, tensors)
     pairs, full, other = _pair_tensors(tensors, config)
     parameters = parameter_pairs(pairs, config, spec)  # taken out of `pairs`: what is left targets modules
     _check_targets(config, pairs, spec)

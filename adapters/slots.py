@@ -11,7 +11,7 @@ from torch import nn
 
 from .batch import LoraBatch
 from .errors import InvalidAdapterError
-from .parse_ahead import slot_values
+from .factor_values import slot_values
 from .peft_format import LoraWeights
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import save as library_save
 
 import adapters.parse_ahead
 from adapters import InvalidAdapterError, wrap_model
-from adapters.parse_ahead import FileChecks, ParseAhead, loads_finite, slot_values
+from adapters.factor_values import loads_finite, slot_values
+from adapters.parse_ahead import FileChecks, ParseAhead
 from adapters.peft_format import load_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -48,6 +49,10 @@ def stream(files: dict[str, bytes], ahead: ParseAhead, piece: int) -> dict:
         ahead.arrived(stop)
     ahead.finish()
     return {CONFIG: files[CONFIG], WEIGHTS: memoryview(buffer.numpy())}
+
+
+def facts_of(checks: FileChecks, data):
+    return checks.facts(data, checks.views(data))
 
 
 def parse(lora_model, files, dtype=torch.float32, checks=None):
@@ -87,20 +92,20 @@ def test_what_was_read_ahead_gives_the_same_parse_without_reading_the_file_again
 def test_a_files_facts_are_its_digest_and_the_extremes_of_all_its_values(files, file_dtype):
     source = as_dtype(files["one"], file_dtype)
     values = torch.cat([t.flatten() for t in library_load(source[WEIGHTS]).values()])
-    for facts in (FileChecks().facts(source[WEIGHTS]), ParseAhead().facts(source[WEIGHTS])):
-        assert facts.digest == FileChecks().facts(bytes(source[WEIGHTS])).digest
+    for facts in (facts_of(FileChecks(), source[WEIGHTS]), facts_of(ParseAhead(), source[WEIGHTS])):
+        assert facts.digest == facts_of(FileChecks(), bytes(source[WEIGHTS])).digest
         assert facts.extremes.dtype == file_dtype
         assert facts.extremes.tolist() == [values.min().item(), values.max().item()]
     ahead = ParseAhead()
     stream(source, ahead, 1000)
-    assert ahead.facts(ahead.buffer.numpy()).extremes.tolist() == [values.min().item(), values.max().item()]
+    assert facts_of(ahead, ahead.buffer.numpy()).extremes.tolist() == [values.min().item(), values.max().item()]
 
 
 def test_a_file_of_mixed_dtypes_has_no_extremes_and_is_checked_tensor_by_tensor(lora_model, files):
     tensors = library_load(files["one"][WEIGHTS])
     key = sorted(tensors)[0]
     mixed = {**files["one"], WEIGHTS: library_save({**tensors, key: tensors[key].half()})}
-    assert FileChecks().facts(mixed[WEIGHTS]).extremes is None
+    assert facts_of(FileChecks(), mixed[WEIGHTS]).extremes is None
     ahead = ParseAhead()
     assert_same_parse(parse(lora_model, stream(mixed, ahead, 999), checks=ahead), parse(lora_model, mixed))
 
