@@ -256,6 +256,22 @@ def test_a_resolved_adapters_store_write_runs_at_the_lowest_priority(served, htt
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19
 
 
+def test_a_resolved_adapters_store_write_starts_once_a_step_has_run_it(served, http, s3, adapter_dirs, monkeypatch):
+    """Beside the adapter's first step, the write's page-cache copy and fsync delayed its first token
+    (25-50 ms on the dev box): the write waits until a step has loaded the adapter into its slot."""
+    put_adapter(BUCKET, PREFIX, "s3-after-step", read_adapter(adapter_dirs["gamma"]))
+    ran_first, save, registry = [], served.state.store.save, served.state.engine.registry
+
+    def observed_save(*args, **kwargs):
+        ran_first.append(registry.was_loaded("s3-after-step"))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(served.state.store, "save", observed_save)
+    assert _complete(http, "s3-after-step").status_code == 200
+    wait_stored(served)
+    assert ran_first == [True]
+
+
 def test_a_first_request_is_answered_before_its_store_write_lands(served, http, s3, adapter_dirs, monkeypatch):
     """A resolved adapter is served from memory once valid; the store's write lands after (held here
     until released) and only then is it persisted, its registration reading back from the store. A
