@@ -1,5 +1,5 @@
-"""The two settings of glibc's allocator a long-running server needs: few arenas, and freed memory
-handed back to the system once the engine goes idle.
+"""The host memory settings a long-running server needs: few glibc arenas, freed memory handed back
+to the system once the engine goes idle, and huge pages under large tensors (`allocate_on_huge_pages`).
 
 Why: glibc gives every thread that allocates its own arena (up to 8 per core) and keeps the blocks
 freed in each for reuse. A server's threads (the engine, the event loop, executors loading adapters,
@@ -32,3 +32,12 @@ def give_back() -> None:
     """Return the free pages of every arena to the system (a few ms on a 2 GB server)."""
     if _GLIBC:
         _LIBC.malloc_trim(0)
+
+
+def allocate_on_huge_pages() -> None:
+    """Have torch's CPU allocator advise transparent huge pages for every tensor of 2 MB or more it
+    allocates (its THP_MEM_ALLOC_ENABLE), unless the operator set that variable: the kernels' packed
+    weight copies, merge buffers and the KV pool, streamed like the weights (huge_pages.py says
+    why). Call it before the process allocates its first such tensor: torch reads the variable then,
+    once."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

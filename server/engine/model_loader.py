@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .host_memory import allocate_on_huge_pages
+from .huge_pages import move_weights_to_huge_pages
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -78,6 +81,8 @@ def load_base_model(
     UnsupportedModelError (model_families.py) naming it."""
     from .model_families import check_architecture  # it imports this module's error
 
+    allocate_on_huge_pages()  # as `serve` does, for engines built in process (benchmarks, scripts): it
+    # acts where the model is the process's first large allocation, and is only ever a hint
     directory, name = resolve_model_dir(model, cache_dir)
     config = AutoConfig.from_pretrained(directory)
     check_architecture(config)  # an unserved family is refused before its weights are read
@@ -88,6 +93,7 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(directory)
     weights = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     weights.requires_grad_(False)
+    move_weights_to_huge_pages(weights)  # off the file's 4 KB pages: see huge_pages.py
     return BaseModel(weights, tokenizer, name, directory)
 
 

@@ -73,6 +73,9 @@ def compress_command(args: argparse.Namespace) -> int:
 def kernels_command(args: argparse.Namespace) -> int:
     """Print the kernel plan `serve` with these settings runs here, measuring it first for `refresh`;
     1 where there is none, or the refresh was too noisy to replace it (it then stays provisional)."""
+    from server.engine.host_memory import allocate_on_huge_pages  # noqa: PLC0415 - ctypes only
+
+    allocate_on_huge_pages()  # measure the kernels on the pages `serve` gives them
     settings = _settings(args)
     if settings is None:
         return 2
@@ -82,9 +85,10 @@ def kernels_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from server.engine.host_memory import limit_arenas  # noqa: PLC0415 - ctypes only
+    from server.engine.host_memory import allocate_on_huge_pages, limit_arenas  # noqa: PLC0415 - ctypes only
 
     limit_arenas()  # before any thread starts
+    allocate_on_huge_pages()  # before any tensor is allocated
     settings = _settings(args)
     if settings is None:
         return 2
