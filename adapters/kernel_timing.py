@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .backends import backend_for, dense_kernel, int8_kernel
+from .huge_pages import huge_page_copies
 from .kernels import DENSE_WEIGHT, INT8_WEIGHT, KERNEL_DTYPE, Int8Weight, KernelRule, WeightKey
 
 MEASURED_ON = torch.device("cpu")  # timings need no device synchronisation here
@@ -43,7 +44,8 @@ def measure(
     kind, out_features, in_features = key
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=generator) * 0.02).to(dtype)
-    copies = [weight] + [weight.clone() for _ in range(min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)) - 1)]
+    # on huge pages, as load_base_model puts the weights the kernels will run on
+    copies = huge_page_copies([weight] * min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)))
     kernels = {name: [_kernel(kind, name, w, dtype) for w in copies] for name in candidates(kind)}
     inputs = {rows: torch.randn(rows, in_features, generator=generator).to(dtype) for rows in row_counts}
     calls = {rows: _calls_per_sample(kernels, inputs[rows], check) for rows in row_counts}

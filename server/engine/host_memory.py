@@ -37,7 +37,7 @@ def give_back() -> None:
 def allocate_on_huge_pages() -> None:
     """Have torch's CPU allocator advise transparent huge pages for every tensor of 2 MB or more it
     allocates (its THP_MEM_ALLOC_ENABLE), unless the operator set that variable: the kernels' packed
-    weight copies, merge buffers and the KV pool, streamed like the weights (huge_pages.py says
+    weight copies, merge buffers and the KV pool, streamed like the weights (adapters/huge_pages.py says
     why). Call it before the process allocates its first such tensor: torch reads the variable then,
     once."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

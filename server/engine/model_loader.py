@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from adapters.huge_pages import move_weights_to_huge_pages
+
 from .host_memory import allocate_on_huge_pages
-from .huge_pages import move_weights_to_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def load_base_model(
     tokenizer = AutoTokenizer.from_pretrained(directory)
     weights = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     weights.requires_grad_(False)
-    move_weights_to_huge_pages(weights)  # off the file's 4 KB pages: see huge_pages.py
+    move_weights_to_huge_pages(weights)  # off the file's 4 KB pages: see adapters/huge_pages.py
     return BaseModel(weights, tokenizer, name, directory)
 
 

@@ -1,4 +1,4 @@
-"""The base model's weights on huge pages (server/engine/huge_pages.py), read back from the kernel's
+"""The base model's weights on huge pages (adapters/huge_pages.py), read back from the kernel's
 own per-mapping report (/proc/self/smaps: THPeligible, set where the mapping was advised and the
 system allows it), since whether a huge page is actually there depends on free memory."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine import huge_pages
-from server.engine.huge_pages import AREA_BYTES, HUGE_PAGE, MIN_BYTES, huge_page_bytes, move_weights_to_huge_pages
+from adapters import huge_pages
+from adapters.huge_pages import AREA_BYTES, HUGE_PAGE, MIN_BYTES, huge_page_bytes, move_weights_to_huge_pages
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 pytestmark = pytest.mark.skipif(

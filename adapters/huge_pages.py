@@ -28,14 +28,23 @@ def move_weights_to_huge_pages(model: nn.Module) -> None:
     """Every CPU parameter of `model` of MIN_BYTES or more onto huge pages, in place: consecutive
     parameters share a mapping of about AREA_BYTES (tied parameters are one Parameter, moved once)."""
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.nbytes >= MIN_BYTES]
-    area: list[nn.Parameter] = []
+    areas: list[list[nn.Parameter]] = [[]]
     for param in params:
-        if area and _span(area) + param.nbytes > AREA_BYTES:
-            _move(area)
-            area = []
-        area.append(param)
-    if area:
-        _move(area)
+        if areas[-1] and _span(areas[-1]) + param.nbytes > AREA_BYTES:
+            areas.append([])
+        areas[-1].append(param)
+    for area in filter(None, areas):
+        for param, copy in zip(area, huge_page_copies([p.data for p in area])):
+            param.data = copy
+
+
+def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of CPU `tensors`, one after another (each on a cache line) in one mapping of huge pages."""
+    flat, offset, copies = huge_page_bytes(_span(tensors)), 0, []
+    for tensor in tensors:
+        copies.append(flat[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor))
+        offset += -(-tensor.nbytes // ALIGN) * ALIGN
+    return copies
 
 
 def huge_page_bytes(nbytes: int) -> torch.Tensor:
@@ -50,13 +59,5 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(area, dtype=torch.uint8, offset=start, count=nbytes)  # holds `area` open
 
 
-def _span(params: list[nn.Parameter]) -> int:
-    return sum(-(-p.nbytes // ALIGN) * ALIGN for p in params)
-
-
-def _move(params: list[nn.Parameter]) -> None:
-    flat, offset = huge_page_bytes(_span(params)), 0
-    for param in params:
-        copy = flat[offset : offset + param.nbytes].view(param.dtype).view(param.shape)
-        param.data = copy.copy_(param.data)
-        offset += -(-param.nbytes // ALIGN) * ALIGN
+def _span(tensors: list) -> int:
+    return sum(-(-t.nbytes // ALIGN) * ALIGN for t in tensors)
