@@ -113,16 +113,22 @@ def main() -> None:
                 "gb_per_s": {name: round(nbytes / m / 1e6, 1) for name, m in medians.items()},
             }
             print(dtype, json.dumps(results[dtype]), flush=True)
+    write_report(args.out, args.rounds, results)
+
+
+def write_report(path: Path, rounds: int, results: dict, **facts) -> None:
+    """The JSON of a one-row run: the machine, `facts`, the rounds and the results."""
     report = {
         "cpu": cpu_model_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **facts,
         "load_average": os.getloadavg(),
-        "rounds": args.rounds,
+        "rounds": rounds,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
