@@ -48,7 +48,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -478,14 +478,15 @@ def _warm_steps(cache: KVCache) -> Iterator[list[tuple]]:
 def _measure_quietly(
     lean: LeanForward, compiled: CompiledDecode, steps: list[tuple], path: Path, identity: dict
 ) -> dict:
-    """`_measure`, bracketed by the kernel plan's quiet check: a verdict is cached only when the
-    machine was quiet around it. Under load the two passes slow unequally (measured at load 5 on the
-    AMD EPYC: eager 1,173 ms a step against compiled 479, where quiet they were 48 against 78), and
-    a cached verdict would keep the wrong choice on every later start; a noisy one serves this start."""
+    """`_measure`, bracketed by the kernel plan's quiet check before it and after each of its rounds:
+    a verdict is cached only when the machine was quiet throughout. Under load the two passes slow
+    unequally (measured at load 5 on the AMD EPYC: eager 1,173 ms a step against compiled 479, where
+    quiet they were 48 against 78), and a cached verdict would keep the wrong choice on every later
+    start; a noisy one serves this start. Brackets only before and after were not enough: a server
+    started beside a test suite found both quiet around steps that ran at 10x their quiet time."""
     check = QuietCheck()
-    before = check.bracket()
-    verdict = _measure(lean, compiled, steps)
-    brackets = [before, check.bracket()]
+    brackets = [check.bracket()]
+    verdict = _measure(lean, compiled, steps, after_round=lambda: brackets.append(check.bracket()))
     verdict["conditions"] = check.conditions(brackets)
     if verdict["conditions"]["quiet"]:
         _write_verdict(path, identity, verdict)
@@ -494,7 +495,14 @@ def _measure_quietly(
     return verdict
 
 
-def _measure(lean: LeanForward, compiled: CompiledDecode, steps: list[tuple], rounds: int = 7, tokens: int = 6) -> dict:
+def _measure(
+    lean: LeanForward,
+    compiled: CompiledDecode,
+    steps: list[tuple],
+    rounds: int = 7,
+    tokens: int = 6,
+    after_round: Callable[[], object] = lambda: None,
+) -> dict:
     """Decode steps of each measured row count, eager and compiled in turn round after round (so a
     busy spell slows both), median ms a step of each. Compiled serves steps up to the largest row
     count at which it was at least 3% faster, and none if it was not at one row (max_rows 0). Its
@@ -508,6 +516,7 @@ def _measure(lean: LeanForward, compiled: CompiledDecode, steps: list[tuple], ro
                 for _ in range(tokens):
                     forward(ids, positions, rows, kv_step)
                 times[len(ids), name].append((time.perf_counter() - started) / tokens * 1e3)
+        after_round()
     ms = {
         rows: {name: round(statistics.median(times[rows, name]), 3) for name in ("eager", "compiled")}
         for rows in MEASURED_ROWS
