@@ -70,6 +70,7 @@ INFERENCE_NEUTRAL = frozenset(
         "eva_config",  # initial values of A and B only; the file holds the trained ones
         "loftq_config",
         "corda_config",
+        "astra_config",
         "lora_ga_config",  # read only by init methods refused below
         "qalora_group_size",  # read only with use_qalora, refused below
     }
@@ -84,7 +85,7 @@ REFUSED = {  # change the outputs, and we do not serve them: refused by name whe
     "arrow_config": Refused("Arrow routing between adapters is not supported"),
     "kasa_config": Refused("KaSA (truncated base weights plus a singular-value diagonal) is not supported"),
     "ensure_weight_tying": Refused("adapters tied across tied layers are not supported"),
-    # PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights; the others set A and B only.
+    # PiSSA, OLoRA, CorDA, Astra, LoftQ and LoRA-GA rewrite the base weights; the others set A and B only.
     "init_lora_weights": Refused(
         "this initialisation rewrites the base weights; save the adapter converted to plain LoRA",
         off=(True, False, "gaussian", "eva", "orthogonal", "mica"),
@@ -253,8 +254,9 @@ class LoraConfig(BaseModel):
         return key in names or not names.isdisjoint(_dotted_suffixes(key))
 
     def saves(self, key: str) -> bool:
-        """Whether PEFT keeps a full copy of the module `key`: its name ends with an entry, as a plain
-        string (peft.utils.other._set_trainable), so "norm" also selects "input_layernorm"."""
+        """Whether a full copy of the module `key` may be in the file: its name ends with an entry as a
+        plain string, PEFT's rule up to 0.21 ("norm" also selects "input_layernorm"). PEFT 0.22 selects
+        whole dotted names only, a subset: the copies an adapter was saved with are served either way."""
         return any(key.endswith(name) for name in self.modules_to_save or ())
 
     def rank_for(self, key: str) -> int:
@@ -281,7 +283,7 @@ def _pattern_key(patterns: dict, key: str) -> str | None:
     return None
 
 
-_PEFT_CHECKED = "0.21"
+_PEFT_CHECKED = "0.22"
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a bad pattern is the uploader's error, reported to them, not logged
 

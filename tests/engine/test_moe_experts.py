@@ -84,20 +84,19 @@ def make_engine(family: str, paths: dict[str, Path] | None = None, **config) -> 
 
 @torch.no_grad()
 def peft_logprobs(family: str, paths: dict[str, Path], requests, completions) -> list[torch.Tensor]:
-    """PEFT's log-probabilities over each request's new tokens, one adapter active at a time."""
-    (first, first_path), *rest = paths.items()
-    reference = PeftModel.from_pretrained(model(family), str(first_path), adapter_name=first).eval()
-    for name, path in rest:
-        reference.load_adapter(str(path), adapter_name=name)
+    """PEFT's log-probabilities over each request's new tokens, one adapter active at a time: one
+    PeftModel per adapter, since PEFT 0.22's second target_parameters adapter in a model drops some of
+    its modules (a load_adapter of "b" after "a" leaves qwen2_moe's shared_expert without b's LoRA)."""
+    references = {name: PeftModel.from_pretrained(model(family), str(path)).eval() for name, path in paths.items()}
     rows = []
     for (prompt, adapter), completion in zip(requests, completions):
         ids = torch.tensor([prompt + completion.token_ids])
         if adapter is None:
+            reference = next(iter(references.values()))
             with reference.disable_adapter():
                 logits = reference(input_ids=ids).logits[0]
         else:
-            reference.set_adapter(adapter)
-            logits = reference(input_ids=ids).logits[0]
+            logits = references[adapter](input_ids=ids).logits[0]
         rows.append(torch.log_softmax(logits.float(), -1)[len(prompt) - 1 : -1])
     return rows
 
