@@ -1,6 +1,7 @@
-"""modules_to_save (the copies PEFT saved, by either version's name rule) and a retrained embedding matrix saved beside its LoRA: each
-adapter's full copies serve its rows only, beside plain LoRA and base rows, gathered and merged,
-against PEFT's own forward; copies that cannot be served per row are refused naming the field."""
+"""modules_to_save (the copies PEFT saved, by either version's name rule) and a retrained embedding
+matrix saved beside its LoRA: each adapter's full copies serve its rows only, beside plain LoRA and
+base rows, gathered and merged, against PEFT's own forward; copies that cannot be served per row are
+refused naming the field."""
 
 from __future__ import annotations
 
