@@ -241,9 +241,14 @@ class AsyncEngine:
                         return
             else:
                 self._engine.publish_stats()
-                if worked and not self._wake.wait(IDLE_TRIM_SECONDS):
-                    give_back()  # a second with nothing to do: hand back what the work freed, once
-                    worked = False
+                if not self._wake.wait(IDLE_TRIM_SECONDS):  # a second with nothing to do
+                    if worked:
+                        give_back()  # hand back what the work freed, once
+                        worked = False
+                    try:
+                        self._engine.idle(interrupted=lambda: not self._commands.empty())
+                    except Exception:  # noqa: BLE001 - idle work is optional; serving is not
+                        log.exception("idle work failed; serving on")
                 self._wake.wait()
                 self._wake.clear()
 

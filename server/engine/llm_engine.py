@@ -183,6 +183,11 @@ class LLMEngine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     # The spine
+    def idle(self, interrupted: Callable[[], bool]) -> None:
+        """Work for an idle engine: settle a compiled-step verdict measured under load (abandoned
+        when `interrupted()`: new work arrived)."""
+        self.runner.idle(interrupted)
+
     def step(self) -> list[RequestOutput]:
         """schedule -> choose the LoRA mode -> run and sample -> advance each request."""
         started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from adapters import BASE_SLOT, LoraModel, SlotMix
 
 from .attention import ATTENTION_NAME, KVStep, SeqSlice, step_context
 from .compiled_lora import Rows
-from .compiled_step import compiled_decode
+from .compiled_step import compiled_decode, measure_again_when_quiet
 from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .lean_forward import lean_forward
@@ -112,6 +113,10 @@ class ModelRunner:
         with self.lora_model.gather(batch):
             logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode, lora, contexts)
         return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)  # logits: [M + scored, V]
+
+    def idle(self, interrupted: Callable[[], bool]) -> None:
+        """While the engine has nothing to run: settle a compiled-step verdict measured under load."""
+        measure_again_when_quiet(self.compiled, interrupted)
 
     def _compiled_lora(
         self, scheduled: list[tuple[Sequence, int]], num_rows: int, contexts: tuple[int, int]
