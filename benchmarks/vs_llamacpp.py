@@ -16,6 +16,11 @@ Adapters: PEFT, non-zero B (seeded), qv8, attn16, mlp4, all8 (r 8/16/4/8, lora_a
 each request names every adapter's scale, 1.0 for its own and 0.0 for the rest. llama-server batches
 only slots whose LoRA settings are equal (`can_batch_with`), so its output tokens per llama_decode()
 call (from its /metrics) are recorded to show how much a mixed batch is split.
+`--first-start-under-load` adds loraserve-<variant>-loaded-start: each of its starts is a first
+start (an empty cache directory: kernel plan, compiled-step verdict and inductor's code all made
+anew) while a one-thread matmul loop per core keeps every core busy, until it is ready; the load
+then stops and it is measured like the others. What its start left cached (the plan's status and
+measurement conditions, the compiled verdicts) is recorded with its figures.
 Rounds (2 by default) run every server in turn, the order rotated each round; figures are medians.
 Each phase also records the cores other processes kept busy meanwhile (`other_cores`): two threads
 per server on two shared cores slow down many times over while anything else runs.
@@ -31,7 +36,7 @@ tokenizer), which the script pip-installs into the running venv if it is missing
 Needs cmake, a C++ compiler and PyPI. A benchmark only: never part of `make test` or `make bench`.
 
 Usage: python benchmarks/vs_llamacpp.py [--rounds 2] [--requests 48] [--repeats 3] [--out PATH]
-                                        [--loraserve-variant NAME=FLAGS ...]
+                                        [--loraserve-variant NAME=FLAGS ...] [--first-start-under-load]
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class Server:
     command: Callable[[int], list[str]]  # port -> argv
     ready_path: str  # 200 once the model is loaded
     body: Callable[[dict], dict]  # workload item -> /v1/completions JSON
+    # Each start: a fresh LORASERVE_CACHE_DIR under this directory, and every core busy until ready
+    # (`--first-start-under-load`): a first start on a shared node, kernel plan and compile included.
+    loaded_starts_in: Path | None = None
 
 
 # llama.cpp: fetch, build, convert (all cached)
@@ -194,7 +202,9 @@ def make_adapters(model, root: Path, seed: int = 0) -> dict[str, Path]:
 
 
 # Servers
-def loraserve_server(variant: str, flags: list[str], hf_dir: Path, adapters: dict[str, Path]) -> Server:
+def loraserve_server(
+    variant: str, flags: list[str], hf_dir: Path, adapters: dict[str, Path], loaded_starts_in: Path | None = None
+) -> Server:
     exe = Path(sys.executable).parent / "loraserve"
     loads = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
     return Server(
@@ -212,6 +222,7 @@ def loraserve_server(variant: str, flags: list[str], hf_dir: Path, adapters: dic
         ],
         "/ready",
         lambda item: {"model": item["adapter"] or hf_dir.name, **request_fields(item)},
+        loaded_starts_in,
     )
 
 
@@ -264,18 +275,32 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(server: Server, log_path: Path):
-    """The server's base URL and pid while it runs; stopped (SIGTERM, then SIGKILL) on the way out."""
+def running(server: Server, log_path: Path, start: dict | None = None):
+    """The server's base URL and pid while it runs; stopped (SIGTERM, then SIGKILL) on the way out.
+    `start` gets the seconds to ready, and for a loaded start its cache directory."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(server.command(port), stdout=log, stderr=subprocess.STDOUT)
+    env, load = None, contextlib.nullcontext()
+    if server.loaded_starts_in is not None:
+        cache_dir = tempfile.mkdtemp(prefix="first-start-", dir=server.loaded_starts_in)
+        env, load = {**os.environ, "LORASERVE_CACHE_DIR": cache_dir}, busy_cores()
+        if start is not None:
+            start["cache_dir"] = cache_dir
+    with load:
+        started = time.monotonic()
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(server.command(port), stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while not is_ready(url + server.ready_path):
+                if process.poll() is not None or time.monotonic() > started + 900:
+                    raise RuntimeError(f"{server.name} did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        except BaseException:
+            process.kill()
+            raise
+    if start is not None:
+        start["seconds_to_ready"] = time.monotonic() - started
     try:
-        deadline = time.monotonic() + 900
-        while not is_ready(url + server.ready_path):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server.name} did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
         yield url, process.pid
     finally:
         process.terminate()
@@ -284,6 +309,58 @@ def running(server: Server, log_path: Path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def busy_cores():
+    """Every core kept busy by another process (a one-thread matmul loop each) until the block ends,
+    or this process does (each loop stops once its parent is gone)."""
+    loop = (
+        "import os, torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\n"
+        f"while os.getppid() == {os.getpid()}:\n    a @ a"
+    )
+    neighbours = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for process in neighbours:
+            process.kill()
+            process.wait()
+
+
+def first_start_facts(server: Server, start: dict, log_path: Path) -> dict:
+    """What a loaded first start left in its cache and said: the kernel plan's status and measurement
+    conditions (`loraserve kernels show`), the compiled step's cached verdicts, its log on both."""
+    argv, settings = server.command(0), []
+    for flag, value in zip(argv, argv[1:]):
+        if flag in SHOWN_SETTINGS:
+            settings += [flag, value]
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "loraserve"), "kernels", "show", *settings],
+        env={**os.environ, "LORASERVE_CACHE_DIR": start["cache_dir"]},
+        capture_output=True,
+        text=True,
+    )
+    try:
+        plan = json.loads(shown.stdout)
+    except ValueError:
+        plan = {"error": (shown.stdout + shown.stderr).strip()[-500:]}
+    return {
+        "seconds_to_ready": start["seconds_to_ready"],
+        "kernel_plan": {key: plan[key] for key in ("status", "conditions", "error") if key in plan},
+        **later_facts(start, log_path),
+    }
+
+
+def later_facts(start: dict, log_path: Path) -> dict:
+    """The compiled verdicts a loaded start has cached so far, and what its log says of its decode
+    steps and kernel plan (an idle server measures a provisional verdict again)."""
+    verdicts = [json.loads(path.read_text())["verdict"] for path in Path(start["cache_dir"]).glob("compiled/*.json")]
+    said = [line for line in log_path.read_text().splitlines() if "decode step" in line or "kernel plan" in line]
+    return {"compiled_verdicts_cached": verdicts, "log": said}
+
+
+SHOWN_SETTINGS = ("--model", "--dtype", "--quantization", "--device")  # what `kernels show` keys a plan by
 
 
 def is_ready(url: str) -> bool:
@@ -341,7 +418,10 @@ def measure(server: Server, workload: list[dict], repeats: int, log_path: Path) 
         {"prompt": item["prompt"], "max_tokens": 4, "adapter": name} for item, name in zip(workload, [*ADAPTERS, None])
     ]
     result = {"short_requests": 0, "tokens_per_decode": {}, "other_cores": {}}
-    with running(server, log_path) as (url, pid):
+    start: dict = {}
+    with running(server, log_path, start) as (url, pid):
+        if server.loaded_starts_in is not None:
+            result["first_start_under_load"] = first_start_facts(server, start, log_path)
         asyncio.run(send_all(url, server.body, warmup, CONCURRENCY))
         for phase, items, concurrency, times in (
             ("mixed", workload, CONCURRENCY, 1),
@@ -356,6 +436,8 @@ def measure(server: Server, workload: list[dict], repeats: int, log_path: Path) 
             if calls is not None:
                 useful = times * sum(item["max_tokens"] for item in items)
                 result["tokens_per_decode"][phase] = useful / (decode_calls(url) - calls)
+        if server.loaded_starts_in is not None:
+            result["first_start_under_load"]["after_measuring"] = later_facts(start, log_path)
     return result
 
 
@@ -472,6 +554,12 @@ def main() -> None:
         metavar="NAME=FLAGS",
         help='extra `loraserve serve` flags, e.g. "bf16=--dtype bfloat16" (default: fp32=)',
     )
+    parser.add_argument(
+        "--first-start-under-load",
+        action="store_true",
+        help="also run each loraserve variant as NAME-loaded-start: every start a first one (empty cache "
+        "dir) while every core is busy, until ready",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.rounds < 1 or args.requests < 5:
@@ -501,6 +589,12 @@ def main() -> None:
         )
         loras = [convert_adapter(source, hf_dir, name, path, cache / "gguf") for name, path in adapters.items()]
         servers = [loraserve_server(name, flags, hf_dir, adapters) for name, flags in variants.items()]
+        if args.first_start_under_load:
+            servers += [
+                loraserve_server(f"{name}-loaded-start", flags, hf_dir, adapters, loaded_starts_in=Path(tmp))
+                for name, flags in variants.items()
+            ]
+            variants |= {f"{name}-loaded-start": flags for name, flags in variants.items()}
         servers += [
             llamacpp_server("llama.cpp-f32", binary, f32, loras, "--no-repack" in help_text),
             llamacpp_server("llama.cpp-q4_1", binary, default_gguf_path(), loras, "--no-repack" in help_text),
