@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import native
 from .backends import backend_for
 from .kernel_timing import MEASURED_ON, NoisyMeasurement, candidates, measure
 from .kernels import (
@@ -91,6 +92,8 @@ def choose_kernels(model: nn.Module, kernel_choice: str, quantization: str | Non
     measured per weight shape where the backend measures, packed elsewhere. Changes no weight."""
     if kernel_choice not in KERNEL_CHOICES:
         raise ValueError(f"kernel_choice must be one of {', '.join(KERNEL_CHOICES)}, not {kernel_choice!r}")
+    if quantization == "int8" and model.device.type == "cpu":
+        native.load_int8_rows(cache_dir)  # a candidate of the plan, and the compiled step's int8 matmul
     if kernel_choice != AUTO:
         return KernelPlan(kernel_choice)
     return KernelPlan(PACKED, plan_kernels(model, quantization, cache_dir) or {})
@@ -138,7 +141,9 @@ def plan_kernels(model: nn.Module, quantization: str | None, cache_dir: Path) ->
 
 
 def plan_identity(keys: Sequence[WeightKey], dtype: torch.dtype) -> dict:
-    """What a cached plan must match to apply: the machine, torch, threads, dtype and weight shapes."""
+    """What a cached plan must match to apply: the machine, torch, threads, dtype, weight shapes and,
+    with int8 weights, the int8 kernels it chose between (a build of ours may be there or not)."""
+    int8 = {"int8_kernels": list(candidates(INT8_WEIGHT))} if any(key[0] == INT8_WEIGHT for key in keys) else {}
     return {
         "method": MEASUREMENT,
         "cpu": backend_for(MEASURED_ON).machine_name(),
@@ -146,6 +151,7 @@ def plan_identity(keys: Sequence[WeightKey], dtype: torch.dtype) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "weights": [list(key) for key in keys],
+        **int8,
     }  # key order is part of the cache file's name
 
 

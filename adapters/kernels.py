@@ -7,8 +7,9 @@ callable for a name on its device. Which name wins where depends on the machine:
 measures it, decides a rule per weight shape and applies the plan to a wrapped model.
 
 Full-precision weights run `plain` (F.linear) or `packed` (a copy laid out once for a faster
-library kernel, one more copy in memory); an int8 W0 runs `int8` (a GEMV-style kernel, fast for a
-few rows) or `dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many).
+library kernel, one more copy in memory); an int8 W0 runs `int8` (aten's GEMV-style kernel, fast for a
+few rows), `int8-rows` (ours, native.py: streams W0's rows at one row, where it is built) or
+`dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-PLAIN, PACKED, INT8, DEQUANTIZED = "plain", "packed", "int8", "dequantized"
+PLAIN, PACKED, INT8, INT8_ROWS, DEQUANTIZED = "plain", "packed", "int8", "int8-rows", "dequantized"
 DENSE_WEIGHT, INT8_WEIGHT = "dense", "int8"  # how a weight is stored: the kinds a plan has rules for
 WeightKey = tuple[str, int, int]  # (DENSE_WEIGHT or INT8_WEIGHT, out_features, in_features)
 Kernel = Callable[[torch.Tensor], torch.Tensor]  # x [.., in] -> x @ Wᵀ + bias [.., out]

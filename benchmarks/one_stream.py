@@ -11,7 +11,15 @@ tokens/s. Each server's start-up (launch to ready) is recorded: the compiled ser
 compiles (inductor's code is then cached under its --cache-dir), later ones reuse that code.
 Records the CPU (lscpu's model name), the load average and the cores other processes kept busy.
 
-Usage: python benchmarks/one_stream.py [--rounds 3] [--repeats 3] [--out PATH]
+`--variant NAME=FLAGS` (repeatable) replaces the two loraserve servers with loraserve-NAME servers
+run with FLAGS, and `--reference q4_1` runs llama-server on the default model's own Q4_1 GGUF
+instead of the f32 one (the comparison for lower-precision bases), e.g. for int8:
+  python benchmarks/one_stream.py --reference q4_1 \
+      --variant "int8-eager=--dtype bfloat16 --quantization int8 --enforce-eager" \
+      --variant "int8-compiled=--dtype bfloat16 --quantization int8 --compile-decode on"
+
+Usage: python benchmarks/one_stream.py [--rounds 3] [--repeats 3] [--variant NAME=FLAGS ...]
+                                       [--reference f32|q4_1] [--out PATH]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -48,7 +57,7 @@ from vs_llamacpp import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.backends.cpu import cpu_model_name  # noqa: E402
-from server.engine.model_loader import default_cache_dir, load_base_model  # noqa: E402
+from server.engine.model_loader import default_cache_dir, default_gguf_path, load_base_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "one_stream.json"
 VARIANTS = {"eager": ["--enforce-eager"], "compiled": ["--compile-decode", "on"]}
@@ -71,16 +80,17 @@ def measure(server, prompt: list[int], repeats: int, log_path: Path) -> dict:
         }
 
 
-def summarize(raw: dict[str, list[dict]]) -> tuple[dict, dict]:
+def summarize(raw: dict[str, list[dict]], reference: str) -> tuple[dict, dict]:
+    """Median tokens/s per server, and each loraserve server's per-round ratio to `reference` (and
+    compiled / eager, where both ran)."""
     median = {name: statistics.median(statistics.median(r["one_stream"]) for r in runs) for name, runs in raw.items()}
     per_round = lambda a, b: statistics.median(  # noqa: E731
         statistics.median(x["one_stream"]) / statistics.median(y["one_stream"]) for x, y in zip(raw[a], raw[b])
     )
-    ratios = {
-        "compiled / eager": per_round("loraserve-compiled", "loraserve-eager"),
-        "compiled / llama.cpp-f32": per_round("loraserve-compiled", "llama.cpp-f32"),
-        "eager / llama.cpp-f32": per_round("loraserve-eager", "llama.cpp-f32"),
-    }
+    ours = [name for name in raw if name.startswith("loraserve-")]
+    ratios = {f"{name.removeprefix('loraserve-')} / {reference}": per_round(name, reference) for name in ours}
+    if {"loraserve-compiled", "loraserve-eager"} <= set(ours):
+        ratios["compiled / eager"] = per_round("loraserve-compiled", "loraserve-eager")
     return median, ratios
 
 
@@ -88,20 +98,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variant", action="append", metavar="NAME=FLAGS", help="a loraserve server's flags")
+    parser.add_argument("--reference", choices=("f32", "q4_1"), default="f32", help="llama.cpp's weights")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
+    variants = dict(VARIANTS)
+    if args.variant:
+        variants = {name: shlex.split(flags) for name, _, flags in (v.partition("=") for v in args.variant)}
     cache = default_cache_dir() / "llama.cpp"
     source = llama_cpp_source(cache)
     binary = build_llama_server(source)
     base = load_base_model(None)
     prompt = make_workload(base.tokenizer, 1)[0]["prompt"][:64]
-    f32 = convert(
-        source / "convert_hf_to_gguf.py",
-        [str(base.path), "--outtype", "f32"],
-        cache / "gguf" / f"{base.path.name}-f32.gguf",
-    )
-    servers = [loraserve_server(name, flags, base.path, {}) for name, flags in VARIANTS.items()]
-    llama = llamacpp_server("llama.cpp-f32", binary, f32, [], no_repack=True)
+    if args.reference == "q4_1":
+        gguf = default_gguf_path()
+    else:
+        gguf = convert(
+            source / "convert_hf_to_gguf.py",
+            [str(base.path), "--outtype", "f32"],
+            cache / "gguf" / f"{base.path.name}-f32.gguf",
+        )
+    reference = f"llama.cpp-{args.reference}"
+    servers = [loraserve_server(name, flags, base.path, {}) for name, flags in variants.items()]
+    llama = llamacpp_server(reference, binary, gguf, [], no_repack=True)
     servers.append(
         dataclasses.replace(llama, body=lambda item: {"model": "base", **request_fields(item), "cache_prompt": False})
     )
@@ -117,6 +136,7 @@ def main() -> None:
         },
         "one_stream_tokens": ONE_STREAM_TOKENS,
         "repeats": args.repeats,
+        "servers": {name: flags for name, flags in variants.items()} | {reference: str(gguf)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
@@ -129,7 +149,7 @@ def main() -> None:
                     f"start {run['startup_s']:5.1f} s  other cores {run['other_cores']:.2f}",
                     flush=True,
                 )
-            median, ratios = summarize(raw)
+            median, ratios = summarize(raw, reference)
             result.update(rounds=round_index + 1, raw=raw, median_tokens_per_s=median, ratios=ratios)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # each round: a cut-short run keeps its rounds

@@ -11,7 +11,9 @@ so the plan measures it (kernel_plan.py); figures in benchmarks/results/ name th
 Int8: aten's `_weight_int8pack_mm(x, q [out, in], scales [out])`. Its CPU kernel is fast only for
 bf16 activations (fp32 ones take a scalar path), so activations are cast to bf16 for it and the
 result back to the model's dtype; it reads out of bounds unless `in` is a multiple of 16
-(kernels.can_quantize). `dequantized` trades it for one bf16 matmul on a scratch copy of W0.
+(kernels.can_quantize). `int8-rows` is ours (native.py), a candidate where it was built: it takes
+the activations as they are and streams W0's rows near the memory's bandwidth at one row.
+`dequantized` trades them for one bf16 matmul on a scratch copy of W0.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import native
 from ..kernels import (
     DEQUANTIZED,
     INT8,
+    INT8_ROWS,
     KERNEL_DTYPE,
     PACKED,
     PLAIN,
@@ -134,6 +138,19 @@ class Int8Linear:
         return y if self.bias is None else y.add_(self.bias)
 
 
+class Int8RowsLinear:
+    """Our int8 row kernel (native.py) on the activations as they are, in the model's dtype."""
+
+    packed = None
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, op):
+        self.weight, self.bias, self.op = weight, bias, op
+        self.scales = weight.scales.float()  # the kernel reads float32 scales: converted once, not per call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.weight.q, self.scales, self.bias)
+
+
 class DequantizedLinear:
     """W0 dequantized to bf16 into `scratch` (shared by the layers of one shape), then one matmul."""
 
@@ -156,7 +173,10 @@ class CpuBackend:
 
     is_measured: bool = True
     dense_kernels = (PLAIN, PACKED)
-    int8_kernels = (INT8, DEQUANTIZED)
+
+    @property
+    def int8_kernels(self) -> tuple[str, ...]:
+        return (INT8, INT8_ROWS, DEQUANTIZED) if native.int8_rows_op() is not None else (INT8, DEQUANTIZED)
 
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
         return PackedLinear(weight, bias) if kernel == PACKED and can_pack(weight) else PlainLinear(weight, bias)
@@ -171,7 +191,8 @@ class CpuBackend:
     ) -> Kernel:
         if kernel == DEQUANTIZED:
             return DequantizedLinear(weight, bias, dtype, scratch)
-        return Int8Linear(weight, bias, dtype)
+        op = native.int8_rows_op() if kernel == INT8_ROWS and weight.q.device.type == "cpu" else None
+        return Int8Linear(weight, bias, dtype) if op is None else Int8RowsLinear(weight, bias, op)
 
     def check_int8(self, device: torch.device) -> None:
         check_int8_kernel(device)

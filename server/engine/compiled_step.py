@@ -28,8 +28,13 @@ What makes two small graphs serve every one-row decode step:
 A one-row step on an adapter that is not merged runs a second graph of the same layers, each
 linear adding x·Aᵀ·B from its slot's rows (compiled_lora.py: one graph for every adapter and rank).
 Steps of rows on different adapters run the eager lean pass: their per-run LoRA ops are Python over
-the step's adapter mix. So do prompt chunks, int8 bases, per-row module copies, and families the
-lean pass does not serve.
+the step's adapter mix. So do prompt chunks, per-row module copies, and families the lean pass does
+not serve.
+
+An int8 base's linears are graph inputs too, as (int8 values, float32 scales): where our int8 row
+kernel is built (adapters/native.py) the graph calls it, else it reduces over the int8 values as
+over a full-precision weight. While an adapter is merged into an int8 base, its merged weights are
+full precision: those steps run eagerly rather than compile a graph per merged target set.
 
 Inductor's compiled artifacts (FX graph cache) live under <cache dir>/inductor, so a restart
 re-traces (seconds) but skips most of the C++ compilation. Whether the compiled step is faster is
@@ -57,7 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters import native
 from adapters.backends.cpu import cpu_model_name
+from adapters.kernels import KERNEL_DTYPE
 from adapters.model import LoraModel
 from adapters.quiet_check import QuietCheck
 
@@ -96,8 +103,9 @@ class CompiledDecode:
         self.head = self.model.lm_head
         self.embedding = inner.embed_tokens
         self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # W0s and biases as plain tensors
+        self.int8_scales: dict[nn.Module, torch.Tensor] = {}  # an int8 W0's scales in float32
         self.state = getattr(self.linears[0][0], "state", None)  # LoraState: counts merges and unmerges
-        self._inputs: tuple | None = None  # (weights_version, *_current_inputs()) last read
+        self._inputs: tuple | None = None  # (weights_version, *_current_inputs(), int8 merged) last read
         self.warm_signature: tuple | None = None  # the inputs' signature the graph was compiled for
         self.is_silu = all(type(layer.mlp.act_fn).__name__ in SILU for layer in inner.layers)
         self.norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in inner.layers]
@@ -131,15 +139,18 @@ class CompiledDecode:
     def can_run(self, num_rows: int, contexts: tuple[int, int] = (MIN_CONTEXT, MIN_CONTEXT)) -> bool:
         """Whether a step of `num_rows` runs compiled: no more rows than measured faster, each row's
         keys (`contexts`: the fewest and the most of its rows) within the graphs' range, and the
-        model still in the shape the graph reads: plain (not int8, not conv1d) LoRA linears, norms
-        and head on their parents, no per-row copy installed in their place (checked again only
-        when the model's layout changes: LoraState.layout_version)."""
+        model still in the shape the graph reads: LoRA linears (not conv1d), norms and head on their
+        parents, no per-row copy installed in their place (checked again only when the model's
+        layout changes: LoraState.layout_version), and no adapter merged into an int8 W0."""
         if num_rows > self.max_rows or contexts[0] < MIN_CONTEXT or contexts[1] > MAX_CONTEXT:
             return False
         version = None if self.state is None else self.state.layout_version
         if version is None or version != self._layout_checked[0]:
             self._layout_checked = (version, self._layout_intact())
-        return self._layout_checked[1]
+        if not self._layout_checked[1] or self.state is None:  # no LoraState: nothing is ever merged
+            return self._layout_checked[1]
+        self._current_inputs()
+        return not self._inputs[-1]  # an adapter merged into an int8 W0
 
     def _layout_intact(self) -> bool:
         inner = self.model.model
@@ -147,17 +158,15 @@ class CompiledDecode:
             if layer.input_layernorm is not norms[0] or layer.post_attention_layernorm is not norms[1]:
                 return False
             for parent, m, (_, name) in zip(parents, linears, LINEARS):
-                if (
-                    getattr(parent, name) is not m
-                    or getattr(m, "int8", None) is not None
-                    or getattr(m, "is_conv1d", False)
-                ):
+                if getattr(parent, name) is not m or getattr(m, "is_conv1d", False):
                     return False
-        return (
-            self.model.lm_head is self.head
-            and inner.norm is self.final_norm
-            and getattr(self.head, "int8", None) is None
-        )
+        return self.model.lm_head is self.head and inner.norm is self.final_norm
+
+    def int8_matmul(self) -> str | None:
+        """How the graph multiplies an int8 W0 ("int8-rows": our kernel; "reduction"), None without one."""
+        if all(getattr(m, "int8", None) is None for m in (*(m for layer in self.linears for m in layer), self.head)):
+            return None
+        return "int8-rows" if native.int8_rows_op() is not None else "reduction"
 
     def lora_rows(self, slot: int) -> Rows | None:
         """The LoRA graph's inputs for a row on `slot`'s adapter; None where it cannot serve it."""
@@ -198,24 +207,35 @@ class CompiledDecode:
             norm = self._norm_constants(self.final_norm)
             return self.head_graph(hidden[:, rows], *norm, weights[-1], biases[-1])
 
-    def _current_inputs(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], tuple]:
+    def _current_inputs(self) -> tuple[torch.Tensor, list, list[torch.Tensor | None], tuple]:
         """(embedding weight, weights, biases, their signature), read again only after a merge or
         unmerge (walking 211 layers costs ~0.4 ms)."""
         version = None if self.state is None else self.state.weights_version
         if self._inputs is None or version is None or self._inputs[0] != version:
             embed_w, (weights, biases) = self._embedding_weight(), self._weights()
             tensors = (embed_w, *weights, *biases)
-            signature = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
-            self._inputs = (version, embed_w, weights, biases, signature)
-        return self._inputs[1:]
+            signature = tuple(_signature(t) for t in tensors)
+            int8_merged = any(
+                getattr(m, "int8", None) is not None and getattr(m, "merged_weight", None) is not None
+                for m in (*(m for layer in self.linears for m in layer), self.head)
+            )
+            self._inputs = (version, embed_w, weights, biases, signature, int8_merged)
+        return self._inputs[1:5]
 
     def _weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Each linear's weight [out, in] and bias in use now, the head's last: W0's, or the merged
-        ones while an adapter is merged (graph inputs: a swap is a different tensor, not a recompile)."""
+        """Each linear's weight [out, in] and bias in use now, the head's last: W0's ((values,
+        scales) where W0 is int8), or the merged ones while an adapter is merged (graph inputs: a
+        swap is a different tensor, not a recompile)."""
         weights, biases = [], []
         for m in (*(m for layer in self.linears for m in layer), self.head):
             merged = getattr(m, "merged_weight", None)
-            if merged is None:
+            int8 = getattr(m, "int8", None)
+            if merged is None and int8 is not None:
+                if m not in self.int8_scales:
+                    self.int8_scales[m] = int8.scales.float()
+                weights.append((int8.q, self.int8_scales[m]))
+                biases.append(self._plain(m.bias))
+            elif merged is None:
                 weights.append(self._plain(m.weight))
                 biases.append(self._plain(m.bias))
             else:
@@ -332,10 +352,33 @@ def _linear(
     loop that streams the weight's rows (a GEMV near the machine's read bandwidth), where a linear
     would call a library GEMM tuned for many rows. With LoRA rows (A [P, in], B [P, out], scale in
     B), adds (x·Aᵀ)·B as two more such reductions."""
-    y = (x.unsqueeze(-2) * weight).sum(-1)
+    if isinstance(weight, tuple):  # an int8 W0: (values [out, in], float32 scales [out])
+        y = _int8_linear(x, *weight)
+    else:
+        y = (x.unsqueeze(-2) * weight).sum(-1)
     if a_rows is not None:
         y = y + ((x.unsqueeze(-2) * a_rows).sum(-1).unsqueeze(-1) * b_rows).sum(-2)
     return y if bias is None else y + bias
+
+
+def _int8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (values * scales)ᵀ with the int8 kernels' contract (bf16-rounded activations and
+    product): our int8 row kernel where it is built (it streams the int8 bytes near the memory's
+    bandwidth, where inductor's loop over them converts too slowly: 8-10 GB/s against ~15, Intel
+    Xeon; docs/benchmarks.md), else that loop."""
+    op = native.int8_rows_op()
+    if op is not None:
+        return op(x, values, scales, None)
+    rows = x.to(KERNEL_DTYPE).float().unsqueeze(-2)
+    return ((rows * values).sum(-1) * scales).to(KERNEL_DTYPE).to(x.dtype)
+
+
+def _signature(t: torch.Tensor | tuple | None) -> tuple | None:
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(_signature(part) for part in t)
+    return (t.shape, t.stride(), t.dtype)
 
 
 def _mark_ranks_dynamic(lora: Rows, skip: bool) -> None:
@@ -359,15 +402,15 @@ def compiled_decode(
     lean: object, cache: KVCache, mode: str, cache_dir: Path, lora_model: LoraModel | None = None
 ) -> CompiledDecode | None:
     """The compiled decode step for this model, compiled and warmed now; None where decode steps
-    stay eager: `mode` "off", no lean pass (another family), not CPU, an int8 base, or (mode "auto")
+    stay eager: `mode` "off", no lean pass (another family), not CPU, or (mode "auto")
     a measurement on this CPU that found the compiled step no faster than the eager pass at one row."""
     if mode == "off" or not isinstance(lean, LeanForward) or cache.k[0].device.type != "cpu":
         return None
     compiled = CompiledDecode(lean, lora_model)
     if not compiled.serves() or not compiled.can_run(1):
-        log.info("decode steps run eagerly: the compiled step serves SiLU MLPs, RMSNorms and full-precision bases")
+        log.info("decode steps run eagerly: the compiled step serves SiLU MLPs and RMSNorms")
         return None
-    identity = _identity(lean.model)
+    identity = _identity(lean.model, compiled.int8_matmul())
     path = compiled_path(cache_dir, identity)
     verdict = _read_verdict(path, identity) if mode == "auto" else None
     if verdict is not None and not verdict["max_rows"]:
@@ -461,11 +504,12 @@ def _inductor_dir(cache_dir: Path) -> Path:
     return fallback
 
 
-def _identity(model: nn.Module) -> dict:
-    """What a cached verdict must match: the graph, the CPU model, torch, threads, dtype and the
-    model's shape."""
+def _identity(model: nn.Module, int8_matmul: str | None = None) -> dict:
+    """What a cached verdict must match: the graph, the CPU model, torch, threads, dtype, the
+    model's shape and, for an int8 base, the graph's int8 matmul."""
     config = model.config
     shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    int8 = {} if int8_matmul is None else {"int8": int8_matmul}
     return {
         "graph": GRAPH_VERSION,
         "cpu": cpu_model_name(),
@@ -473,6 +517,7 @@ def _identity(model: nn.Module) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "shape": [getattr(config, name, None) for name in shape] + [config.vocab_size],
+        **int8,
     }
 
 

@@ -12,6 +12,9 @@ another realization of the same roundings, so at most twice it.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import peft
@@ -19,10 +22,20 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import AdapterRegistry, wrap_model
-from adapters.backends.cpu import DequantizedLinear, Int8Linear, check_int8_kernel
+from adapters import AdapterRegistry, native, wrap_model
+from adapters.backends.cpu import CPU, DequantizedLinear, Int8Linear, Int8RowsLinear, check_int8_kernel
 from adapters.kernel_plan import is_quantized, weight_keys
-from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, Int8Weight, KernelPlan, KernelRule, QuantizationError
+from adapters.kernels import (
+    DEQUANTIZED,
+    INT8,
+    INT8_ROWS,
+    PACKED,
+    PLAIN,
+    Int8Weight,
+    KernelPlan,
+    KernelRule,
+    QuantizationError,
+)
 from support.engine import PROMPTS, encode, fresh_model, greedy, hf_greedy, make_engine
 
 try:
@@ -174,16 +187,18 @@ def test_gpt2_conv1d_layers_stay_in_full_precision(tiny_gpt2):
     assert all(layer.int8 is None for layer in lora_model.layers.values())
 
 
-@pytest.mark.parametrize("kernel", [INT8, DEQUANTIZED])
+@pytest.mark.parametrize("kernel", [INT8, INT8_ROWS, DEQUANTIZED])
 @pytest.mark.parametrize("rows", [1, 16, 64])
-def test_int8_kernels_are_as_exact_as_bf16_allows(kernel, rows):
-    """Both take bf16 activations and give a bf16 product (the dequantized one also rounds W0 to
+def test_int8_kernels_are_as_exact_as_bf16_allows(kernel, rows, request):
+    """All take bf16 activations and give a bf16 product (the dequantized one also rounds W0 to
     bf16), accumulating in fp32: within half a bf16 ulp per rounding, plus fp32 accumulation."""
     in_features = 576
     weight = Int8Weight.quantize(torch.randn(960, in_features) * 0.02)
     x = torch.randn(rows, in_features)
     if kernel == INT8:
         linear = Int8Linear(weight, None, torch.float32)
+    elif kernel == INT8_ROWS:
+        linear = Int8RowsLinear(weight, None, request.getfixturevalue("int8_rows"))
     else:
         linear = DequantizedLinear(weight, None, torch.float32, torch.empty(960, in_features, dtype=torch.bfloat16))
     x_bf16, w = x.bfloat16().double(), weight.dequantize(torch.float64)
@@ -246,6 +261,116 @@ def test_a_rule_can_switch_int8_kernels_by_row_count(tiny_llama, token_ids):
         with bf16_linears(reference, names):
             rounded = reference(ids).logits
         assert_within_bf16_effect(switched.model(ids).logits, expected, rounded)
+
+
+@pytest.fixture(scope="module")
+def int8_rows(tmp_path_factory):
+    """Our int8 row kernel, built here (g++, as inductor needs) or loaded from this process's build."""
+    assert native.load_int8_rows(tmp_path_factory.mktemp("native-cache")), "the int8 row kernel did not build"
+    assert INT8_ROWS in CPU.int8_kernels  # a candidate the plan measures from now on
+    return native.int8_rows_op()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [576, 72])  # 72: a tail past the vector loop's blocks of 64 or 32
+@pytest.mark.parametrize("rows", [1, 3])
+def test_our_int8_row_kernel_keeps_the_int8_contract_with_a_bias_and_any_shape(int8_rows, dtype, in_features, rows):
+    """bf16-rounded activations, fp32 sums, the product rounded to bf16, then the bias; leading
+    dimensions kept, the result in the activations' dtype."""
+    weight = Int8Weight.quantize(torch.randn(200, in_features) * 0.02)
+    bias = torch.randn(200).to(dtype)
+    x = torch.randn(2, rows, in_features).to(dtype)
+    got = Int8RowsLinear(weight, bias, int8_rows)(x)
+    assert got.dtype == dtype and got.shape == (2, rows, 200)
+    x_bf16, w = x.bfloat16().double(), weight.dequantize(torch.float64)
+    product, magnitude = x_bf16 @ w.T, x_bf16.abs() @ w.abs().T
+    exact = product + bias.double()
+    half_ulp, fp32 = torch.finfo(torch.bfloat16).eps / 2, torch.finfo(torch.float32).eps
+    out_rounding = fp32 if dtype == torch.float32 else half_ulp
+    bound = half_ulp * product.abs() + in_features * fp32 * magnitude + out_rounding * (exact.abs() + 1e-30)
+    assert ((got.double() - exact).abs() <= 2 * bound).all()
+
+
+@torch.no_grad()
+def test_a_model_on_our_int8_row_kernel_is_within_the_bf16_effect_of_the_int8_reference(
+    int8_rows, tiny_llama, token_ids
+):
+    """One row and 24 rows alike, as aten's int8 kernel is (test_a_rule_can_switch_int8_kernels_by_row_count)."""
+    plan = {key: KernelRule.single(INT8_ROWS) for key in weight_keys(tiny_llama, "int8") if key[0] == "int8"}
+    lora_model = wrap_model(copy.deepcopy(tiny_llama), quantization="int8", kernels=KernelPlan(rules=plan))
+    assert isinstance(lora_model.layers["model.layers.0.mlp.down_proj"].kernel, Int8RowsLinear)
+    reference, names = dequantized_copy(tiny_llama), quantized_names(tiny_llama)
+    for ids in (token_ids[:1, :1], token_ids):
+        expected = reference(ids).logits
+        with bf16_linears(reference, names):
+            rounded = reference(ids).logits
+        assert_within_bf16_effect(lora_model.model(ids).logits, expected, rounded)
+
+
+def test_a_machine_that_cannot_build_the_int8_row_kernel_keeps_atens(tmp_path):
+    """A compiler that fails (here `false`): the load says why and returns False, and the CPU
+    backend offers only aten's int8 kernels."""
+    script = (
+        "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.WARNING)\n"
+        "from adapters import native; from adapters.backends.cpu import CPU\n"
+        "print(native.load_int8_rows(Path(sys.argv[1])), CPU.int8_kernels)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env={**os.environ, "CXX": "false"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == "False ('int8', 'dequantized')", done.stderr
+    assert "building the int8 row kernel failed" in done.stderr
+    assert not list((tmp_path / "native").glob("*.so"))  # nothing half-written is left to load
+
+
+@pytest.fixture(scope="module")
+def compiled_int8(int8_rows, tiny_adapter_paths, tmp_path_factory):
+    """(compiled, eager) int8 engines; a lone adapter request merges after one step."""
+    cache_dir = tmp_path_factory.mktemp("compiled-int8")
+    config = dict(quantization="int8", merge_after_steps=1)
+    compiled = make_engine(tiny_adapter_paths, compile_decode="on", cache_dir=cache_dir, **config)
+    assert compiled.runner.compiled is not None and compiled.runner.compiled.int8_matmul() == INT8_ROWS
+    return compiled, make_engine(tiny_adapter_paths, **config)
+
+
+def test_the_compiled_step_on_an_int8_base_runs_our_kernel_within_the_int8_reference(compiled_int8, adapter_paths):
+    """One stream's decode steps run the graph, its int8 matmuls on our kernel (fp32 activations),
+    where the eager engine's run aten's on bf16 ones: the same tokens, and logprobs within the
+    bf16 effect of the int8 reference (the prompt's step runs eagerly, on bf16 activations)."""
+    compiled, eager = compiled_int8
+    before = compiled.runner.compiled.num_steps
+    (ours,) = compiled.generate([PROMPTS[0]], greedy(10, logprobs=0), [None])
+    (theirs,) = eager.generate([PROMPTS[0]], greedy(10, logprobs=0), [None])
+    assert compiled.runner.compiled.num_steps - before >= 8, "the decode steps did not run compiled"
+    assert ours.token_ids == theirs.token_ids
+    reference, names = int8_reference(fresh_model(), adapter_paths), quantized_names(fresh_model())
+    ids = torch.tensor([encode(PROMPTS[0]) + ours.token_ids[:-1]])
+    with torch.no_grad(), reference.disable_adapter():
+        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        with bf16_linears(reference, names):
+            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+    assert_within_bf16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
+
+
+def test_an_adapter_merged_into_an_int8_base_decodes_eagerly_without_recompiling(compiled_int8):
+    """Merged weights of an int8 layer are full precision: not the graph's inputs, so those steps
+    run eagerly (as the eager engine does), and the base's steps run the graph again after."""
+    import torch._dynamo.utils
+
+    compiled, eager = compiled_int8
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = compiled.runner.compiled.num_steps
+    (ours,) = compiled.generate([PROMPTS[1]], greedy(8), ["a"])
+    (theirs,) = eager.generate([PROMPTS[1]], greedy(8), ["a"])
+    assert compiled.stats().steps_by_mode.get("merged") and ours.token_ids == theirs.token_ids
+    assert compiled.runner.compiled.num_steps - before <= 1  # the step before the merge at most
+    compiled.generate([PROMPTS[2]], greedy(6), [None])  # unmerged again: the graph serves the base
+    assert compiled.runner.compiled.num_steps - before >= 5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a decode step recompiled"
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Kernels of our own in C++ (int8_rows.cpp), built on the serving machine the first time they are needed.
+
+One kernel so far: `int8_rows`, the int8 weight's one-row GEMV (why no library kernel serves: the
+source's header). It is compiled with the machine's own C++ compiler for its own CPU
+(`-march=native`), as inductor does for the compiled decode step, and loaded as a torch op, so that
+eager kernels and compiled graphs call it alike. The shared library is cached under
+<cache dir>/native, keyed by the source, torch's version, the compiler and the CPU's flags: a first
+start pays ~10-15 s of compiling, later ones load it. Where no compiler is found or the build fails,
+`load_int8_rows` says why in the log and returns False, and int8 weights keep aten's kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int8_rows.cpp")
+BUILD_TIMEOUT_S = 300
+_loaded: Path | None = None  # the library this process loaded (one per process: it registers the op)
+
+
+def load_int8_rows(cache_dir: Path) -> bool:
+    """Make `torch.ops.loraserve_native.int8_rows` available (building it once per machine); False,
+    logged, where it cannot be built here."""
+    global _loaded
+    if _loaded is not None:
+        return True
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        log.warning("int8 weights use aten's kernels: no C++ compiler (g++) to build the int8 row kernel")
+        return False
+    library = cache_dir / "native" / f"int8_rows-{_build_key(compiler)}.so"
+    if not library.exists():
+        try:
+            _build(compiler, library)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("int8 weights use aten's kernels: building the int8 row kernel failed: %s", exc)
+            return False
+    torch.ops.load_library(str(library))
+    torch.library.register_fake("loraserve_native::int8_rows")(_int8_rows_shape)
+    _loaded = library
+    return True
+
+
+def int8_rows_op():
+    """The loaded op (x [.., K], q [N, K] int8, scales [N], bias [N] | None -> [.., N] in x's dtype), or None."""
+    return torch.ops.loraserve_native.int8_rows.default if _loaded is not None else None
+
+
+def _int8_rows_shape(x, q, scales, bias=None):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+def _build_key(compiler: str) -> str:
+    parts = (SOURCE.read_bytes(), torch.__version__, compiler, platform.machine(), _cpu_flags())
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (what -march=native compiles for); a library built for others is not reused."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, library: Path) -> None:
+    """Compile into a temporary file and rename it into place: replicas starting together on one
+    cache directory each build, and none loads a half-written library."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log.info("building the int8 row kernel (C++, once per machine: ~10-15 s) into %s", library.parent)
+    include = cpp_extension.include_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as staging:
+        command = [
+            compiler, "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in include), str(SOURCE),
+            f"-L{cpp_extension.TORCH_LIB_PATH}", "-ltorch", "-ltorch_cpu", "-lc10", "-o", staging.name,
+        ]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode)
+        os.replace(staging.name, library)
+    finally:
+        Path(staging.name).unlink(missing_ok=True)
+    log.info("built the int8 row kernel in %.1f s", time.perf_counter() - started)
