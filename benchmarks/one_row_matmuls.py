@@ -8,8 +8,9 @@ that matters is GB/s of weights read. For each dtype, in turn round after round 
   reduction  one torch.compile'd graph computing every matmul as (x * W).sum(-1), the compiled
              decode step's form (server/engine/compiled_step.py)
   sum        W.sum() over the same bytes: the read bandwidth a plain streaming pass reaches
-int8 (weight-only, per-channel scales) has the eager pass's kernel (`_weight_int8pack_mm` on bf16
-activations) and the reduction over int8 weights. llama.cpp's figure for the same bytes comes from
+int8 (weight-only, per-channel scales) has aten's kernel (`_weight_int8pack_mm` on bf16
+activations), ours (adapters/int8_rows.cpp, built here: "int8 rows") and the reduction over int8
+weights. llama.cpp's figure for the same bytes comes from
 one_stream.py (its whole token, so a lower bound on its matmuls' bandwidth).
 
 Usage: python benchmarks/one_row_matmuls.py [--rounds 11] [--out PATH]
@@ -26,14 +27,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# What torch's allocator makes (the int8 and bf16 copies below) on huge pages, as `serve` sets it
+# (server/engine/host_memory.py): read once, when torch is imported.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters import native  # noqa: E402
 from adapters.backends.cpu import PACKABLE_DTYPES, cpu_model_name, pack, packed_linear  # noqa: E402
 from adapters.kernels import KERNEL_DTYPE, Int8Weight  # noqa: E402
-from server.engine.model_loader import load_base_model  # noqa: E402
+from server.engine.model_loader import default_cache_dir, load_base_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "one_row_matmuls.json"
 
@@ -78,10 +84,13 @@ def kernels(fp32: list[torch.Tensor]) -> dict[str, tuple[int, dict]]:
     xs = [torch.randn(1, w.shape[1]) for w in fp32]
     x_bf16 = [x.to(KERNEL_DTYPE) for x in xs]
     scales = [w.scales.float() for w in int8]
+    int8_rows = native.int8_rows_op() if native.load_int8_rows(default_cache_dir()) else None
+    ours = {"int8 rows": lambda: [int8_rows(x, w.q, s) for x, w, s in zip(x_bf16, int8, scales)]} if int8_rows else {}
     out["int8"] = (
         sum(w.nbytes for w in int8),
         {
             "int8 kernel": lambda: [torch.ops.aten._weight_int8pack_mm(x, w.q, w.scales) for x, w in zip(x_bf16, int8)],
+            **ours,
             "reduction": lambda: int8_reductions(xs, [w.q for w in int8], scales),
             "sum": lambda: [w.q.view(torch.float32).sum() for w in int8],  # the same bytes as floats
         },
