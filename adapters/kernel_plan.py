@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -243,12 +244,13 @@ def decide(timings: Timings) -> KernelRule:
     SPLIT_MARGIN, and among near-equal single kernels the first in preference order."""
     preference = (*candidates(DENSE_WEIGHT), *candidates(INT8_WEIGHT))
     names = sorted(timings, key=preference.index)
-    row_counts = sorted(next(iter(timings.values())))
-    best = {rows: min(timings[name][rows] for name in names) for rows in row_counts}
+    row_counts = sorted(set().union(*timings.values()))
+    best = {rows: min(timings[name][rows] for name in names if rows in timings[name]) for rows in row_counts}
 
-    def cost(rule: KernelRule) -> float:
+    def cost(rule: KernelRule) -> float:  # a kernel not measured at a row count is not run there
         return sum(
-            timings[rule.small if rows < rule.from_rows else rule.large][rows] / best[rows] for rows in row_counts
+            timings[rule.small if rows < rule.from_rows else rule.large].get(rows, math.inf) / best[rows]
+            for rows in row_counts
         )
 
     singles = [KernelRule.single(name) for name in names]

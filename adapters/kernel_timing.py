@@ -37,7 +37,8 @@ def measure(
     num_repeats: int = NUM_REPEATS,
     still_quiet: Callable[[], bool] = lambda: True,
 ) -> dict[str, dict[int, float]]:
-    """Median seconds per call of each candidate kernel for weight `key` on random data; asks
+    """Median seconds per call of each candidate kernel for weight `key` on random data (a
+    candidate the backend does not offer at a row count, `max_rows_measured`, has no entry there); asks
     `still_quiet` every CHECK_SECONDS and raises NoisyMeasurement when it says no (under load a
     call can stall for a scheduler tick, and a weight's timing for minutes)."""
     check = _every(CHECK_SECONDS, still_quiet)
@@ -48,11 +49,13 @@ def measure(
     copies = huge_page_copies([weight] * min(MAX_COPIES, math.ceil(COLD_BYTES / weight.nbytes)))
     kernels = {name: [_kernel(kind, name, w, dtype) for w in copies] for name in candidates(kind)}
     inputs = {rows: torch.randn(rows, in_features, generator=generator).to(dtype) for rows in row_counts}
-    calls = {rows: _calls_per_sample(kernels, inputs[rows], check) for rows in row_counts}
-    samples = {name: {rows: [] for rows in row_counts} for name in kernels}
+    limits = backend_for(MEASURED_ON).max_rows_measured
+    at_rows = {rows: {name: k for name, k in kernels.items() if rows <= limits.get(name, rows)} for rows in row_counts}
+    calls = {rows: _calls_per_sample(at_rows[rows], inputs[rows], check) for rows in row_counts}
+    samples = {name: {rows: [] for rows in row_counts if name in at_rows[rows]} for name in kernels}
     for _ in range(num_repeats):  # interleaved: a burst of load from elsewhere hits every candidate alike
         for rows in row_counts:
-            for name, kernel in kernels.items():
+            for name, kernel in at_rows[rows].items():
                 samples[name][rows].append(check(_time(kernel, inputs[rows], calls[rows])))
     return {
         name: {rows: statistics.median(values) for rows, values in by_rows.items()} for name, by_rows in samples.items()

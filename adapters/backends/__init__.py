@@ -10,6 +10,7 @@ and, if its kernels are to be measured, a timer that synchronises) and one entry
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -24,6 +25,7 @@ class Backend(Protocol):
     is_measured: bool  # whether kernel_choice=auto times the candidates here (else the plan's default runs)
     dense_kernels: tuple[str, ...]  # candidates for full-precision weights, in preference order for a tie
     int8_kernels: tuple[str, ...]  # candidates for int8 W0s, likewise
+    max_rows_measured: Mapping[str, int]  # candidates timed only up to these rows (not run past them)
 
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel: ...
 

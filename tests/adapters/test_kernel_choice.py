@@ -10,11 +10,21 @@ import logging
 import pytest
 import torch
 
-from adapters import kernel_plan, kernel_timing, wrap_model
+from adapters import kernel_plan, kernel_timing, native, wrap_model
 from adapters.backends.cpu import PackedLinear, cpu_model_name
 from adapters.kernel_plan import decide, weight_keys
 from adapters.kernel_timing import ROW_COUNTS, measure
-from adapters.kernels import DEQUANTIZED, INT8, PACKED, PLAIN, KernelPlan, KernelRule, PlainLinear, RowSwitch
+from adapters.kernels import (
+    DEQUANTIZED,
+    INT8,
+    INT8_ROWS,
+    PACKED,
+    PLAIN,
+    KernelPlan,
+    KernelRule,
+    PlainLinear,
+    RowSwitch,
+)
 from support.engine import make_engine
 
 pytestmark = pytest.mark.usefixtures("reference")  # a quiet machine: the plan measured here is final
@@ -39,6 +49,20 @@ def timings(**by_kernel: tuple[float, float, float]) -> dict:
 def test_the_decision_follows_the_timings_and_is_deterministic(measured, rule):
     assert decide(measured) == rule
     assert decide(json.loads(json.dumps(measured), object_hook=_int_keys)) == rule  # as read back from a cache
+
+
+def test_a_kernel_not_measured_at_a_row_count_is_never_run_there(tmp_path):
+    """Ours (int8-rows) is timed up to 16 rows only: a rule may run it below 64 rows, never from there."""
+    assert native.load_int8_rows(tmp_path), "the int8 row kernel did not build"
+    measured = measure(("int8", 32, 64), torch.float32, num_repeats=2)
+    assert 64 not in measured[INT8_ROWS] and {1, 16} <= set(measured[INT8_ROWS])
+    assert set(measured[INT8]) == set(measured[DEQUANTIZED]) == set(ROW_COUNTS)
+    fastest_everywhere = {
+        INT8: {1: 12, 16: 118, 64: 470},
+        INT8_ROWS: {1: 6, 16: 100},
+        DEQUANTIZED: {1: 176, 16: 203, 64: 310},
+    }
+    assert decide(fastest_everywhere) == KernelRule(INT8_ROWS, DEQUANTIZED, 64)
 
 
 def test_a_real_measurement_on_a_tiny_shape_gives_a_rule_for_its_candidates():
