@@ -40,9 +40,10 @@ class ModePolicy:
         self._streak = 0
         self._unmergeable: set[SlotMix] = set()  # mixes whose merge was not finite: they stay gathered
 
-    def choose(self, mixes: set[SlotMix], steps_left: int) -> ModeDecision:
+    def choose(self, mixes: set[SlotMix], steps_left: int, gathers_faster: bool = False) -> ModeDecision:
         """The mode of a step whose rows use `mixes` and may run `steps_left` more steps (this one
-        included); merges (or unmerges) the weights to match."""
+        included); merges (or unmerges) the weights to match. `gathers_faster`: the runner serves
+        this step faster unmerged (ModelRunner.gathers_faster), so it does not merge."""
         model = self.lora_model
         if len(mixes) != 1 or BASE_MIX in mixes:
             self._candidate, self._streak = None, 0
@@ -56,7 +57,12 @@ class ModePolicy:
             return ModeDecision(GATHER)
         self._streak = self._streak + 1 if self._candidate == mix else 1
         self._candidate = mix
-        if self._streak < self.merge_after_steps or steps_left < self.merge_min_steps_left or mix in self._unmergeable:
+        if (
+            self._streak < self.merge_after_steps
+            or steps_left < self.merge_min_steps_left
+            or mix in self._unmergeable
+            or gathers_faster
+        ):
             if model.merged is not None:
                 model.unmerge()
             return ModeDecision(GATHER)

@@ -129,6 +129,7 @@ class CompiledDecode:
         self.num_lora_steps = 0  # of which through the LoRA graph
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
         self.provisional: Provisional | None = None  # a verdict measured under load, measured again when idle
+        self.int8_base = any(getattr(m, "int8", None) is not None for m in (*flat, self.head))
 
     def serves(self) -> bool:
         """Whether the graph's layer is this model's: SiLU MLPs and the lean pass's RMSNorms."""
@@ -164,9 +165,16 @@ class CompiledDecode:
 
     def int8_matmul(self) -> str | None:
         """How the graph multiplies an int8 W0 ("int8-rows": our kernel; "reduction"), None without one."""
-        if all(getattr(m, "int8", None) is None for m in (*(m for layer in self.linears for m in layer), self.head)):
+        if not self.int8_base:
             return None
         return "int8-rows" if native.int8_rows_op() is not None else "reduction"
+
+    def gathers_faster(self, slot: int) -> bool:
+        """Whether a one-row step on `slot`'s adapter runs faster unmerged through the LoRA graph:
+        on an int8 base, a merge makes the adapter's layers full precision (twice the bytes, and
+        eager: a merged one stream ran 26.7-38.5 ms a step against 22.2-23.0 gathered in the graph,
+        bf16, Intel Xeon; docs/benchmarks.md)."""
+        return self.int8_base and self.max_rows >= 1 and self.lora is not None and self.lora.serves(slot)
 
     def lora_rows(self, slot: int) -> Rows | None:
         """The LoRA graph's inputs for a row on `slot`'s adapter; None where it cannot serve it."""

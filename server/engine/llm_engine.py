@@ -196,7 +196,7 @@ class LLMEngine:
         if plan.scheduled:
             mixes = {seq.slot_mix for seq, _ in plan.scheduled}  # before advancing: finishing releases slots
             steps_left = max(seq.max_tokens - len(seq.output_token_ids) for seq, _ in plan.scheduled)
-            decision = self.policy.choose(mixes, steps_left)
+            decision = self.policy.choose(mixes, steps_left, self.runner.gathers_faster(plan.scheduled))
             sampling, tokens, logprobs = self._run(plan, decision)
             outputs += self._advance(plan, sampling, tokens, logprobs)
             self._record_step(plan, mixes, decision, time.perf_counter() - started)

@@ -114,6 +114,15 @@ class ModelRunner:
             logits = self._forward(as_tensor(ids), as_tensor(positions), head_rows, step, is_decode, lora, contexts)
         return logits[: len(keep)], sampling, _split(logits[len(keep) :], scored)  # logits: [M + scored, V]
 
+    def gathers_faster(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        """Whether this step, of one sequence on one adapter, and its one-row decode steps after it
+        run faster unmerged (the compiled LoRA graph on an int8 base: compiled_step.py); the mode
+        policy then does not merge it."""
+        if self.compiled is None or len(scheduled) != 1:
+            return False
+        mix = scheduled[0][0].slot_mix
+        return len(mix) == 1 and mix[0][1] == 1.0 and self.compiled.gathers_faster(mix[0][0])
+
     def idle(self, interrupted: Callable[[], bool]) -> None:
         """While the engine has nothing to run: settle a compiled-step verdict measured under load."""
         measure_again_when_quiet(self.compiled, interrupted)

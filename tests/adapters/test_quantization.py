@@ -356,18 +356,44 @@ def test_the_compiled_step_on_an_int8_base_runs_our_kernel_within_the_int8_refer
     assert_within_bf16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
 
 
+def test_one_stream_on_an_adapter_over_an_int8_base_stays_in_the_lora_graph(compiled_int8, adapter_paths):
+    """Merging would make the adapter's layers full precision and eager (slower: docs/benchmarks.md),
+    so a lone request gathers through the compiled LoRA graph however long it runs, within the bf16
+    effect of the int8 reference; the eager engine merges it (its first tokens are the same)."""
+    compiled, eager = compiled_int8
+    lora_steps = compiled.runner.compiled.num_lora_steps
+    merged_before = compiled.stats().steps_by_mode.get("merged", 0)
+    (ours,) = compiled.generate([PROMPTS[1]], greedy(40, logprobs=0), ["a"])
+    (theirs,) = eager.generate([PROMPTS[1]], greedy(40), ["a"])
+    assert compiled.runner.compiled.num_lora_steps - lora_steps >= 38
+    assert compiled.stats().steps_by_mode.get("merged", 0) == merged_before
+    assert eager.stats().steps_by_mode.get("merged"), "the eager engine did not merge"
+    assert ours.token_ids[:8] == theirs.token_ids[:8]
+    reference, names = int8_reference(fresh_model(), adapter_paths), quantized_names(fresh_model())
+    reference.set_adapter("a")
+    ids = torch.tensor([encode(PROMPTS[1]) + ours.token_ids[:-1]])
+    with torch.no_grad():
+        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        with bf16_linears(reference, names):
+            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+    assert_within_bf16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
+
+
 def test_an_adapter_merged_into_an_int8_base_decodes_eagerly_without_recompiling(compiled_int8):
-    """Merged weights of an int8 layer are full precision: not the graph's inputs, so those steps
-    run eagerly (as the eager engine does), and the base's steps run the graph again after."""
+    """Two rows on one adapter merge it (no graph serves two rows); when one finishes, the other's
+    one-row steps stay merged, and merged int8 layers are full precision, not the graph's inputs:
+    those steps run eagerly, and the base's steps run the graph again after."""
     import torch._dynamo.utils
 
     compiled, eager = compiled_int8
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     before = compiled.runner.compiled.num_steps
-    (ours,) = compiled.generate([PROMPTS[1]], greedy(8), ["a"])
-    (theirs,) = eager.generate([PROMPTS[1]], greedy(8), ["a"])
-    assert compiled.stats().steps_by_mode.get("merged") and ours.token_ids == theirs.token_ids
-    assert compiled.runner.compiled.num_steps - before <= 1  # the step before the merge at most
+    params = [greedy(3), greedy(10)]
+    ours = compiled.generate([PROMPTS[1], PROMPTS[2]], params, ["a", "a"])
+    theirs = eager.generate([PROMPTS[1], PROMPTS[2]], params, ["a", "a"])
+    assert compiled.stats().steps_by_mode.get("merged")
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert compiled.runner.compiled.num_steps == before, "a step on merged int8 layers ran the graph"
     compiled.generate([PROMPTS[2]], greedy(6), [None])  # unmerged again: the graph serves the base
     assert compiled.runner.compiled.num_steps - before >= 5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a decode step recompiled"
