@@ -149,10 +149,22 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return out;
 }
 
+// The vector width this build's loop uses: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (scalar).
+int64_t vector_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 256;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraserve_native, m) {
   m.def("int8_rows(Tensor x, Tensor q, Tensor scales, Tensor? bias=None) -> Tensor");
+  m.def("vector_bits() -> int", &vector_bits);
 }
 
 TORCH_LIBRARY_IMPL(loraserve_native, CPU, m) { m.impl("int8_rows", &int8_rows); }

@@ -7,6 +7,8 @@ eager kernels and compiled graphs call it alike. The shared library is cached un
 <cache dir>/native, keyed by the source, torch's version, the compiler and the CPU's flags: a first
 start pays ~10-15 s of compiling, later ones load it. Where no compiler is found or the build fails,
 `load_int8_rows` says why in the log and returns False, and int8 weights keep aten's kernels.
+LORASERVE_NATIVE_FLAGS adds compiler flags after `-march=native` (a build for older CPUs than this
+one, e.g. `-mno-avx512f`; the tests build the AVX2 and scalar loops so).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +30,7 @@ from torch.utils import cpp_extension
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_rows.cpp")
+FLAGS_VARIABLE = "LORASERVE_NATIVE_FLAGS"
 BUILD_TIMEOUT_S = 300
 _loaded: Path | None = None  # the library this process loaded (one per process: it registers the op)
 
@@ -51,7 +55,16 @@ def load_int8_rows(cache_dir: Path) -> bool:
     torch.ops.load_library(str(library))
     torch.library.register_fake("loraserve_native::int8_rows")(_int8_rows_shape)
     _loaded = library
+    log.info("int8 row kernel: %s (%s)", _VECTORS.get(vector_bits(), "scalar loop"), library)
     return True
+
+
+_VECTORS = {512: "AVX-512 loop", 256: "AVX2 loop"}
+
+
+def vector_bits() -> int:
+    """The loaded kernel's vector width in bits (0: scalar loop)."""
+    return torch.ops.loraserve_native.vector_bits()
 
 
 def int8_rows_op():
@@ -64,8 +77,12 @@ def _int8_rows_shape(x, q, scales, bias=None):
 
 
 def _build_key(compiler: str) -> str:
-    parts = (SOURCE.read_bytes(), torch.__version__, compiler, platform.machine(), _cpu_flags())
+    parts = (SOURCE.read_bytes(), torch.__version__, compiler, _extra_flags(), platform.machine(), _cpu_flags())
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _extra_flags() -> list[str]:
+    return shlex.split(os.environ.get(FLAGS_VARIABLE, ""))
 
 
 def _cpu_flags() -> str:
@@ -89,7 +106,7 @@ def _build(compiler: str, library: Path) -> None:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as staging:
         command = [
-            compiler, "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
+            compiler, "-O3", "-march=native", *_extra_flags(), "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in include), str(SOURCE),
             f"-L{cpp_extension.TORCH_LIB_PATH}", "-ltorch", "-ltorch_cpu", "-lc10", "-o", staging.name,
         ]  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -305,6 +306,45 @@ def test_a_model_on_our_int8_row_kernel_is_within_the_bf16_effect_of_the_int8_re
         with bf16_linears(reference, names):
             rounded = reference(ids).logits
         assert_within_bf16_effect(lora_model.model(ids).logits, expected, rounded)
+
+
+NARROWER_BUILD_CHECK = """
+import sys, torch
+from pathlib import Path
+from adapters import native
+from adapters.kernels import Int8Weight
+assert native.load_int8_rows(Path(sys.argv[1]))
+worst = 0.0
+for rows, in_features, dtype in [(1, 576, torch.float32), (3, 72, torch.bfloat16), (1, 40, torch.float32)]:
+    weight = Int8Weight.quantize(torch.randn(50, in_features) * 0.02)
+    x = torch.randn(rows, in_features).to(dtype)
+    got = native.int8_rows_op()(x, weight.q, weight.scales.float(), None).double()
+    x_bf16, w = x.bfloat16().double(), weight.dequantize(torch.float64)
+    exact, magnitude = x_bf16 @ w.T, x_bf16.abs() @ w.abs().T
+    bound = torch.finfo(torch.bfloat16).eps * exact.abs() + 2 * in_features * torch.finfo(torch.float32).eps * magnitude
+    worst = max(worst, ((got - exact).abs() / bound).max().item())
+print(native.vector_bits(), worst)
+"""
+
+
+@pytest.mark.parametrize(
+    "flags, bits", [("-mno-avx512f", 256), ("-mno-avx512f -mno-avx2 -mno-fma", 0)], ids=["avx2", "scalar"]
+)
+def test_the_int8_row_kernels_narrower_loops_keep_the_contract(flags, bits, tmp_path):
+    """The AVX2 loop (the AMD EPYC dev box has no AVX-512) and the scalar one, built here with the
+    wider vectors turned off: each within the int8 contract's bound (ratio to it at most 1)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the vector loops are x86's")
+    done = subprocess.run(
+        [sys.executable, "-c", NARROWER_BUILD_CHECK, str(tmp_path)],
+        env={**os.environ, native.FLAGS_VARIABLE: flags},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    vector_bits, worst = done.stdout.split()
+    assert int(vector_bits) == bits and float(worst) <= 1.0
 
 
 def test_a_machine_that_cannot_build_the_int8_row_kernel_keeps_atens(tmp_path):
