@@ -12,7 +12,7 @@
 // quantized linear and inductor's reduction over int8 all read the default model's 135 MB at
 // 8-10 GB/s where summing the same bytes reaches 14-18 (Intel Xeon, 2 cores; docs/benchmarks.md).
 // This loop keeps four independent accumulators and prefetches PREFETCH_BYTES ahead of the rows
-// it reads, and reaches ~90% of the summing rate.
+// it reads, and reaches 77-91% of the summing rate.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
