@@ -93,11 +93,18 @@ def choose_kernels(model: nn.Module, kernel_choice: str, quantization: str | Non
     measured per weight shape where the backend measures, packed elsewhere. Changes no weight."""
     if kernel_choice not in KERNEL_CHOICES:
         raise ValueError(f"kernel_choice must be one of {', '.join(KERNEL_CHOICES)}, not {kernel_choice!r}")
-    if quantization == "int8" and model.device.type == "cpu":
-        native.load_int8_rows(cache_dir)  # a candidate of the plan, and the compiled step's int8 matmul
+    load_native_kernels(model.device, quantization, cache_dir)
     if kernel_choice != AUTO:
         return KernelPlan(kernel_choice)
     return KernelPlan(PACKED, plan_kernels(model, quantization, cache_dir) or {})
+
+
+def load_native_kernels(device: torch.device, quantization: str | None, cache_dir: Path) -> None:
+    """Int8 on CPU: our int8 row kernel (native.py), built here once. It is a candidate of the
+    plan, so the plan's identity (which names the candidates) depends on it: whatever reads or
+    measures an int8 plan calls this first, as `serve` does. The compiled step's int8 matmul too."""
+    if quantization == "int8" and device.type == "cpu":
+        native.load_int8_rows(cache_dir)
 
 
 def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantization: str | None = None) -> None:

@@ -2,6 +2,8 @@
 
 Reads the model's config only (its linears' shapes on the meta device), never its weights, so it
 takes a second where no measurement is due; `refresh` measures as a start would (kernel_plan.py).
+With `--quantization int8` on CPU it builds our int8 row kernel first where `serve` has not yet
+(~10 s, once): a candidate of the plan, so part of the identity that names the plan's file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def show_kernel_plan(settings: Settings, *, refresh: bool) -> int:
         print(f"loraserve: {exc}", file=sys.stderr)
         return 1
     keys, cache_dir = kernel_plan.weight_keys(model, settings.quantization), settings.cache_dir or default_cache_dir()
+    kernel_plan.load_native_kernels(torch.device(settings.device), settings.quantization, cache_dir)
     is_noisy = refresh and kernel_plan.plan_for(keys, model.dtype, cache_dir, refresh=True).is_noisy
     identity = kernel_plan.plan_identity(keys, model.dtype)
     path = plan_path(cache_dir, identity)

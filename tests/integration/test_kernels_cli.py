@@ -40,8 +40,8 @@ def env(threads: int) -> dict[str, str]:
     return {**clean, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def kernels(action: str, model: Path, cache: Path, threads: int = 1) -> tuple[int, dict]:
-    args = [*COMMAND, "kernels", action, "--model", str(model), "--cache-dir", str(cache)]
+def kernels(action: str, model: Path, cache: Path, threads: int = 1, *extra: str) -> tuple[int, dict]:
+    args = [*COMMAND, "kernels", action, "--model", str(model), "--cache-dir", str(cache), *extra]
     done = subprocess.run(args, capture_output=True, text=True, env=env(threads), timeout=SAFETY_TIMEOUT)
     return done.returncode, json.loads(done.stdout)
 
@@ -62,6 +62,28 @@ def test_show_and_refresh_print_the_plan_and_its_conditions(tmp_path):
 
     code_again, shown = kernels("show", model, cache)
     assert code_again == code and shown == refreshed
+
+
+def test_an_int8_plan_is_the_one_serve_reads(tmp_path):
+    """With int8, the plan's candidates include our int8 row kernel, built on first use: show and
+    refresh build it as `serve` does (kernel_plan.load_native_kernels), so they name the plan file
+    a server with the same settings reads, not one measured without it."""
+    import torch
+
+    from adapters import kernel_plan, native
+    from adapters.plan_cache import plan_path
+    from server.engine.model_loader import load_model_shapes
+
+    model, cache = model_dir(tmp_path / "model"), tmp_path / "cache"
+    code, refreshed = kernels("refresh", model, cache, 1, "--quantization", "int8")
+    assert "int8-rows" in refreshed["identity"]["int8_kernels"]
+    code_again, shown = kernels("show", model, cache, 1, "--quantization", "int8")
+    assert code_again == code and shown == refreshed
+
+    assert native.load_int8_rows(tmp_path / "native-cache")  # as the server's choose_kernels does
+    keys = kernel_plan.weight_keys(load_model_shapes(str(model), device="cpu"), "int8")
+    identity = {**kernel_plan.plan_identity(keys, torch.float32), "threads": 1}  # the commands ran 1 thread
+    assert shown["path"] == str(plan_path(cache, identity))
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to load beside two threads")
