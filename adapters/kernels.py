@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,11 @@ class Int8Weight:
         if out is None:
             out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         return torch.mul(self.q, self.scales.to(dtype)[:, None], out=out)
+
+    @cached_property
+    def float_scales(self) -> torch.Tensor:
+        """The scales in float32, as our int8 row kernel reads them (native.py): made once."""
+        return self.scales.float()
 
     @property
     def nbytes(self) -> int:

@@ -11,8 +11,9 @@ so the plan measures it (kernel_plan.py); figures in benchmarks/results/ name th
 Int8: aten's `_weight_int8pack_mm(x, q [out, in], scales [out])`. Its CPU kernel is fast only for
 bf16 activations (fp32 ones take a scalar path), so activations are cast to bf16 for it and the
 result back to the model's dtype; it reads out of bounds unless `in` is a multiple of 16
-(kernels.can_quantize). `int8-rows` is ours (native.py), a candidate where it was built: it takes
-the activations as they are and streams W0's rows near the memory's bandwidth at one row.
+(kernels.can_quantize). `int8-rows` is ours (native.py), a candidate where it was built: the same
+contract, the activations taken in the model's dtype (rounded to bf16 inside, no cast op), W0's
+rows streamed near the memory's bandwidth at one row.
 `dequantized` trades them for one bf16 matmul on a scratch copy of W0.
 """
 
@@ -140,16 +141,15 @@ class Int8Linear:
 
 
 class Int8RowsLinear:
-    """Our int8 row kernel (native.py) on the activations as they are, in the model's dtype."""
+    """Our int8 row kernel (native.py) on activations in the model's dtype, the product in it too."""
 
     packed = None
 
     def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, op):
         self.weight, self.bias, self.op = weight, bias, op
-        self.scales = weight.scales.float()  # the kernel reads float32 scales: converted once, not per call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, self.weight.q, self.scales, self.bias)
+        return self.op(x, self.weight.q, self.weight.float_scales, self.bias)
 
 
 class DequantizedLinear:

@@ -103,7 +103,6 @@ class CompiledDecode:
         self.head = self.model.lm_head
         self.embedding = inner.embed_tokens
         self.aliases: dict[nn.Parameter, torch.Tensor] = {}  # W0s and biases as plain tensors
-        self.int8_scales: dict[nn.Module, torch.Tensor] = {}  # an int8 W0's scales in float32
         self.state = getattr(self.linears[0][0], "state", None)  # LoraState: counts merges and unmerges
         self._inputs: tuple | None = None  # (weights_version, *_current_inputs(), int8 merged) last read
         self.warm_signature: tuple | None = None  # the inputs' signature the graph was compiled for
@@ -239,9 +238,7 @@ class CompiledDecode:
             merged = getattr(m, "merged_weight", None)
             int8 = getattr(m, "int8", None)
             if merged is None and int8 is not None:
-                if m not in self.int8_scales:
-                    self.int8_scales[m] = int8.scales.float()
-                weights.append((int8.q, self.int8_scales[m]))
+                weights.append((int8.q, int8.float_scales))
                 biases.append(self._plain(m.bias))
             elif merged is None:
                 weights.append(self._plain(m.weight))
