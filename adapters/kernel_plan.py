@@ -104,7 +104,7 @@ def load_native_kernels(device: torch.device, quantization: str | None, cache_di
     plan, so the plan's identity (which names the candidates) depends on it: whatever reads or
     measures an int8 plan calls this first, as `serve` does. The compiled step's int8 matmul too."""
     if quantization == "int8" and device.type == "cpu":
-        native.load_int8_rows(cache_dir)
+        native.load_row_kernels(cache_dir)
 
 
 def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantization: str | None = None) -> None:

@@ -1,12 +1,15 @@
-"""Kernels of our own in C++ (int8_rows.cpp), built on the serving machine the first time they are needed.
+"""Kernels of our own in C++ (row_kernels.cpp), built on the serving machine the first time they are needed.
 
-One kernel so far: `int8_rows`, the int8 weight's one-row GEMV (why no library kernel serves: the
-source's header). It is compiled with the machine's own C++ compiler for its own CPU
-(`-march=native`), as inductor does for the compiled decode step, and loaded as a torch op, so that
-eager kernels and compiled graphs call it alike. The shared library is cached under
+One-row GEMVs (why no library kernel serves: the source's header): `int8_rows` for int8 weights
+(`int8_rows_group` for several that read the same input), `dense_rows` for float32 and bfloat16 ones
+(the compiled decode step's bf16 head). They are
+compiled with the machine's own C++ compiler for its own CPU (`-march=native`), as inductor does for
+the compiled decode step, and loaded as torch ops, so that eager kernels and compiled graphs call
+them alike. The shared library is cached under
 <cache dir>/native, keyed by the source, torch's version, the compiler and the CPU's flags: a first
 start pays ~10-15 s of compiling, later ones load it. Where no compiler is found or the build fails,
-`load_int8_rows` says why in the log and returns False, and int8 weights keep aten's kernels.
+`load_row_kernels` says why in the log and returns False: int8 weights keep aten's kernels, and the
+compiled step its own reductions.
 LORASERVE_NATIVE_FLAGS adds compiler flags after `-march=native` (a build for older CPUs than this
 one, e.g. `-mno-avx512f`; the tests build the AVX2 and scalar loops so).
 """
@@ -29,37 +32,40 @@ from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_rows.cpp")
+SOURCE = Path(__file__).with_name("row_kernels.cpp")
 FLAGS_VARIABLE = "LORASERVE_NATIVE_FLAGS"
 BUILD_TIMEOUT_S = 300
 _loaded: Path | None = None  # the library this process loaded (one per process: it registers the op)
 
 
-def load_int8_rows(cache_dir: Path) -> bool:
-    """Make `torch.ops.loraserve_native.int8_rows` available (building it once per machine); False,
-    logged, where it cannot be built here."""
+def load_row_kernels(cache_dir: Path) -> bool:
+    """Make `torch.ops.loraserve_native.int8_rows` and `.dense_rows` available (building them once
+    per machine); False, logged, where they cannot be built here."""
     global _loaded
     if _loaded is not None:
         return True
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        log.warning("int8 weights use aten's kernels: no C++ compiler (g++) to build the int8 row kernel")
+        log.warning("no row kernels of ours: no C++ compiler (g++) to build them (%s)", FALLBACK)
         return False
-    library = cache_dir / "native" / f"int8_rows-{_build_key(compiler)}.so"
+    library = cache_dir / "native" / f"row_kernels-{_build_key(compiler)}.so"
     if not library.exists():
         try:
             _build(compiler, library)
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("int8 weights use aten's kernels: building the int8 row kernel failed: %s", exc)
+            log.warning("no row kernels of ours: building them failed (%s): %s", FALLBACK, exc)
             return False
     torch.ops.load_library(str(library))
-    torch.library.register_fake("loraserve_native::int8_rows")(_int8_rows_shape)
+    torch.library.register_fake("loraserve_native::int8_rows")(_rows_shape)
+    torch.library.register_fake("loraserve_native::int8_rows_group")(_group_shapes)
+    torch.library.register_fake("loraserve_native::dense_rows")(_rows_shape)
     _loaded = library
-    log.info("int8 row kernel: %s (%s)", _VECTORS.get(vector_bits(), "scalar loop"), library)
+    log.info("row kernels: %s (%s)", _VECTORS.get(vector_bits(), "scalar loop"), library)
     return True
 
 
 _VECTORS = {512: "AVX-512 loop", 256: "AVX2 loop"}
+FALLBACK = "int8 weights run aten's kernels, the compiled step its own reductions"
 
 
 def vector_bits() -> int:
@@ -72,8 +78,24 @@ def int8_rows_op():
     return torch.ops.loraserve_native.int8_rows.default if _loaded is not None else None
 
 
-def _int8_rows_shape(x, q, scales, bias=None):
-    return x.new_empty((*x.shape[:-1], q.shape[0]))
+def int8_rows_group_op():
+    """The loaded op (x [.., K], qs: int8 [N_i, K] each, scales: float32 [N_i] each -> one [.., N_i]
+    in x's dtype each, int8_rows's without a bias) for weights that read the same x, or None."""
+    return torch.ops.loraserve_native.int8_rows_group.default if _loaded is not None else None
+
+
+def dense_rows_op():
+    """The loaded op (x [.., K], weight [N, K] float32 or bfloat16, bias [N] | None -> [.., N] in
+    x's dtype), or None."""
+    return torch.ops.loraserve_native.dense_rows.default if _loaded is not None else None
+
+
+def _rows_shape(x, weight, *rest):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _group_shapes(x, qs, scales):
+    return [x.new_empty((*x.shape[:-1], q.shape[0])) for q in qs]
 
 
 def _build_key(compiler: str) -> str:
@@ -101,7 +123,7 @@ def _build(compiler: str, library: Path) -> None:
     cache directory each build, and none loads a half-written library."""
     library.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log.info("building the int8 row kernel (C++, once per machine: ~10-15 s) into %s", library.parent)
+    log.info("building our row kernels (C++, once per machine: ~10-15 s) into %s", library.parent)
     include = cpp_extension.include_paths()
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as staging:
@@ -117,4 +139,4 @@ def _build(compiler: str, library: Path) -> None:
         os.replace(staging.name, library)
     finally:
         Path(staging.name).unlink(missing_ok=True)
-    log.info("built the int8 row kernel in %.1f s", time.perf_counter() - started)
+    log.info("built the row kernels in %.1f s", time.perf_counter() - started)

@@ -6,10 +6,11 @@ that matters is GB/s of weights read. For each dtype, in turn round after round 
   packed     oneDNN's matmul on weights packed once (the eager pass's CPU default)
   plain      F.linear (MKL on CPU)
   reduction  one torch.compile'd graph computing every matmul as (x * W).sum(-1), the compiled
-             decode step's form (server/engine/compiled_step.py)
+             decode step's form where our row kernels are not built (server/engine/compiled_step.py)
+  rows       ours, adapters/row_kernels.cpp's `dense_rows` (built here): what the compiled step calls
   sum        W.sum() over the same bytes: the read bandwidth a plain streaming pass reaches
 int8 (weight-only, per-channel scales) has aten's kernel (`_weight_int8pack_mm` on bf16
-activations), ours (adapters/int8_rows.cpp, built here: "int8 rows") and the reduction over int8
+activations), ours (adapters/row_kernels.cpp: "int8 rows") and the reduction over int8
 weights. llama.cpp's figure for the same bytes comes from
 one_stream.py (its whole token, so a lower bound on its matmuls' bandwidth).
 
@@ -68,6 +69,7 @@ def int8_reductions(xs: list[torch.Tensor], qs: list[torch.Tensor], scales: list
 def kernels(fp32: list[torch.Tensor]) -> dict[str, tuple[int, dict]]:
     """{dtype: (bytes read, {kernel: callable})}."""
     out = {}
+    built = native.load_row_kernels(default_cache_dir())
     for dtype in (torch.float32, torch.bfloat16):
         weights = [w.to(dtype) for w in fp32]
         xs = [torch.randn(1, w.shape[1], dtype=dtype) for w in weights]
@@ -76,6 +78,9 @@ def kernels(fp32: list[torch.Tensor]) -> dict[str, tuple[int, dict]]:
             "reduction": lambda w=weights, x=xs: reductions(x, w),
             "sum": lambda w=weights: [b.sum() for b in w],
         }
+        if built:
+            rows = native.dense_rows_op()
+            runs["rows"] = lambda w=weights, x=xs: [rows(a, b, None) for a, b in zip(x, w)]
         if dtype in PACKABLE_DTYPES:
             packed = [pack(w) for w in weights]
             runs["packed"] = lambda w=packed, x=xs: [packed_linear(a, b, None) for a, b in zip(x, w)]
@@ -84,7 +89,7 @@ def kernels(fp32: list[torch.Tensor]) -> dict[str, tuple[int, dict]]:
     xs = [torch.randn(1, w.shape[1]) for w in fp32]
     x_bf16 = [x.to(KERNEL_DTYPE) for x in xs]
     scales = [w.scales.float() for w in int8]
-    int8_rows = native.int8_rows_op() if native.load_int8_rows(default_cache_dir()) else None
+    int8_rows = native.int8_rows_op() if built else None
     ours = {"int8 rows": lambda: [int8_rows(x, w.q, s) for x, w, s in zip(x_bf16, int8, scales)]} if int8_rows else {}
     out["int8"] = (
         sum(w.nbytes for w in int8),

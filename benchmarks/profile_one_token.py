@@ -1,11 +1,12 @@
 """Where one decode token's time goes on CPU, eager and compiled (server/engine/compiled_step.py).
 
-One stream on the default model (fp32, the engine's packed kernels): 32 tokens warm up, then torch's
+One stream on the default model (fp32 and the engine's packed kernels unless `--dtype` and
+`--quantization` say otherwise): 32 tokens warm up, then torch's
 profiler records `--tokens` decode steps of each path, and the top ops by self CPU time over them are
 printed. Steps are also timed interleaved (eager, compiled, eager, ...) so a busy spell on a shared
 machine hits both; the JSON keeps the tables and the medians.
 
-Usage: python benchmarks/profile_one_token.py [--tokens 16] [--out PATH]
+Usage: python benchmarks/profile_one_token.py [--tokens 16] [--dtype bfloat16] [--quantization int8] [--out PATH]
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "profile_one_token.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default="none", choices=("none", "int8"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    base = load_base_model(None)
+    base = load_base_model(None, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as cache_dir:
         started = time.perf_counter()
-        engine = LLMEngine(base, EngineConfig(compile_decode="on", cache_dir=Path(cache_dir)))
+        config = EngineConfig(compile_decode="on", cache_dir=Path(cache_dir), quantization=args.quantization)
+        engine = LLMEngine(base, config)
         startup = time.perf_counter() - started
         print(f"engine ready in {startup:.1f} s (compile included)", flush=True)
         compiled = engine.runner.compiled
@@ -70,6 +74,8 @@ def main() -> None:
         "cpu": cpu_model_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "quantization": args.quantization,
         "load_average": os.getloadavg(),
         "startup_with_compile_s": round(startup, 1),
         "median_step_ms": {name: round(statistics.median(ms), 2) for name, ms in step_ms.items()},

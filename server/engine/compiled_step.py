@@ -31,10 +31,15 @@ Steps of rows on different adapters run the eager lean pass: their per-run LoRA 
 the step's adapter mix. So do prompt chunks, per-row module copies, and families the lean pass does
 not serve.
 
-An int8 base's linears are graph inputs too, as (int8 values, float32 scales): where our int8 row
-kernel is built (adapters/native.py) the graph calls it, else it reduces over the int8 values as
-over a full-precision weight. While an adapter is merged into an int8 base, its merged weights are
-full precision: those steps run eagerly rather than compile a graph per merged target set.
+An int8 base's linears are graph inputs too, as (int8 values, float32 scales): where our row kernels
+are built (adapters/native.py) the graph calls our int8 one, else it reduces over the int8 values as
+over a full-precision weight. A bf16 head (a bf16 model's, an int8 base's) goes through our dense
+row kernel where it is built: inductor's reduction converts bf16 too slowly to stream it (the
+default model's 56.6 MB head: 3.3 ms against 2.2, Intel Xeon; docs/benchmarks.md). The layers'
+bf16 weights stay reductions: as calls of the kernel (~10 us each in the graph's wrapper, 210 a
+token) they gained nothing; fp32 ones too, which the reduction reads as fast as anything here.
+While an adapter is merged into an int8 base, its merged weights are full precision: those steps
+run eagerly rather than compile a graph per merged target set.
 
 Inductor's compiled artifacts (FX graph cache) live under <cache dir>/inductor, so a restart
 re-traces (seconds) but skips most of the C++ compilation. Whether the compiled step is faster is
@@ -87,8 +92,9 @@ MAX_LAYERS_PER_GRAPH = 4
 # at 64 keys guards on at most 4096 (cpp.py's accumulate helper). Outside, a guard would fail, and
 # under the stance that skips guards that is an error, not a recompilation: such steps run eagerly.
 MIN_CONTEXT, MAX_CONTEXT = 2, 4096
+DENSE_ROWS = "dense-rows"  # a bf16 head's matmul through our kernel (head_matmul)
 REMEASURE_AFTER_S = 30.0  # a provisional verdict's next try at the earliest, after a noisy or interrupted one
-GRAPH_VERSION = 4  # part of a cached verdict's identity: one measured on another graph is measured again
+GRAPH_VERSION = 5  # part of a cached verdict's identity: one measured on another graph is measured again
 
 
 class CompiledDecode:
@@ -162,11 +168,13 @@ class CompiledDecode:
                     return False
         return self.model.lm_head is self.head and inner.norm is self.final_norm
 
-    def int8_matmul(self) -> str | None:
-        """How the graph multiplies an int8 W0 ("int8-rows": our kernel; "reduction"), None without one."""
-        if not self.int8_base:
-            return None
-        return "int8-rows" if native.int8_rows_op() is not None else "reduction"
+    def matmuls(self) -> dict[str, str]:
+        """How the graphs multiply an int8 W0 ("int8": "int8-rows", our kernel, or "reduction")
+        and a bf16 head ("head": `head_matmul`), where the model has them."""
+        head = self._current_inputs()[1][-1]
+        int8 = {"int8": "int8-rows" if native.int8_rows_op() is not None else "reduction"} if self.int8_base else {}
+        bf16 = isinstance(head, torch.Tensor) and head.dtype == torch.bfloat16
+        return {**int8, **({"head": head_matmul(head)} if bf16 else {})}
 
     def gathers_faster(self, slot: int) -> bool:
         """Whether a one-row step on `slot`'s adapter runs faster unmerged through the LoRA graph:
@@ -299,20 +307,34 @@ def _layer(
     half = head_dim // 2
     lora = [(None, None)] * len(LINEARS) if lora is None else lora
 
-    def linear(x, i):
-        return _linear(x, weights[i], biases[i], *lora[i])
+    def linears(x, *indices):
+        products = _int8_group(x, [weights[i] for i in indices])
+        return [_linear(x, weights[i], biases[i], *lora[i], product=p) for i, p in zip(indices, products)]
 
     x = rms_norm(hidden, input_norm, input_eps)
-    q, k, v = (linear(x, i).reshape(1, 1, -1, head_dim).transpose(1, 2) for i in range(3))
+    q, k, v = (y.reshape(1, 1, -1, head_dim).transpose(1, 2) for y in linears(x, 0, 1, 2))
     q, k = q * cos + _swap_halves(q, half) * sin, k * cos + _swap_halves(k, half) * sin
-    hidden = hidden + linear(_attend_one_row(q, k, v, keys, values, scaling), 3)
-    x = rms_norm(hidden, post_norm, post_eps)
-    return hidden + linear(F.silu(linear(x, 4)) * linear(x, 5), 6)
+    (attended,) = linears(_attend_one_row(q, k, v, keys, values, scaling), 3)
+    hidden = hidden + attended
+    gate, up = linears(rms_norm(hidden, post_norm, post_eps), 4, 5)
+    (down,) = linears(F.silu(gate) * up, 6)
+    return hidden + down
 
 
 def _head(hidden, norm_weight, eps: float, weight, bias):
-    """The final norm and the output head: hidden [1, M, C] -> logits [M, V]."""
-    return _linear(rms_norm(hidden, norm_weight, eps), weight, bias)[0]
+    """The final norm and the output head: hidden [1, M, C] -> logits [M, V]; a bf16 head through
+    our dense row kernel where it is built (`head_matmul`)."""
+    x = rms_norm(hidden, norm_weight, eps)
+    if head_matmul(weight) == DENSE_ROWS:
+        return native.dense_rows_op()(x, weight, bias)[0]
+    return _linear(x, weight, bias)[0]
+
+
+def head_matmul(weight: torch.Tensor | tuple) -> str:
+    """How the head graph multiplies by the head's weight: "dense-rows" (ours) for a bf16 one
+    where our row kernels are built, else a reduction."""
+    bf16 = isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16
+    return DENSE_ROWS if bf16 and native.dense_rows_op() is not None else "reduction"
 
 
 def _context_views(kv_step: KVStep, mark_dynamic: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -352,18 +374,32 @@ def _linear(
     bias: torch.Tensor | None,
     a_rows: torch.Tensor | None = None,
     b_rows: torch.Tensor | None = None,
+    product: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [.., in] @ weightᵀ + bias as a product and a sum over `in`: inductor makes it one reduction
     loop that streams the weight's rows (a GEMV near the machine's read bandwidth), where a linear
     would call a library GEMM tuned for many rows. With LoRA rows (A [P, in], B [P, out], scale in
-    B), adds (x·Aᵀ)·B as two more such reductions."""
-    if isinstance(weight, tuple):  # an int8 W0: (values [out, in], float32 scales [out])
+    B), adds (x·Aᵀ)·B as two more such reductions. `product`: x @ weightᵀ, where already made
+    (`_int8_group`)."""
+    if product is not None:
+        y = product
+    elif isinstance(weight, tuple):  # an int8 W0: (values [out, in], float32 scales [out])
         y = _int8_linear(x, *weight)
     else:
         y = (x.unsqueeze(-2) * weight).sum(-1)
     if a_rows is not None:
         y = y + ((x.unsqueeze(-2) * a_rows).sum(-1).unsqueeze(-1) * b_rows).sum(-2)
     return y if bias is None else y + bias
+
+
+def _int8_group(x: torch.Tensor, weights: list) -> list[torch.Tensor | None]:
+    """x @ Wᵀ for linears that read the same x (q/k/v, gate/up), all int8 W0s, in one call of our
+    int8 row kernel where it is built: a call costs ~10 us in the graph's wrapper, and a token made
+    210 (ms a step: docs/benchmarks.md). Otherwise None each: each linear makes its own."""
+    group = native.int8_rows_group_op()
+    if group is None or len(weights) < 2 or not all(isinstance(w, tuple) for w in weights):
+        return [None] * len(weights)
+    return group(x, [w[0] for w in weights], [w[1] for w in weights])
 
 
 def _int8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -415,7 +451,9 @@ def compiled_decode(
     if not compiled.serves() or not compiled.can_run(1):
         log.info("decode steps run eagerly: the compiled step serves SiLU MLPs and RMSNorms")
         return None
-    identity = _identity(lean.model, compiled.int8_matmul())
+    if compiled.matmuls():  # int8 W0s or a bf16 head: our row kernels serve them (built once a machine)
+        native.load_row_kernels(cache_dir)
+    identity = _identity(lean.model, compiled.matmuls())
     path = compiled_path(cache_dir, identity)
     verdict = _read_verdict(path, identity) if mode == "auto" else None
     if verdict is not None and not verdict["max_rows"]:
@@ -509,12 +547,12 @@ def _inductor_dir(cache_dir: Path) -> Path:
     return fallback
 
 
-def _identity(model: nn.Module, int8_matmul: str | None = None) -> dict:
+def _identity(model: nn.Module, matmuls: dict[str, str] | None = None) -> dict:
     """What a cached verdict must match: the graph, the CPU model, torch, threads, dtype, the
-    model's shape and, for an int8 base, the graph's int8 matmul."""
+    model's shape and, for int8 or bf16 weights, the graph's matmuls (CompiledDecode.matmuls)."""
     config = model.config
     shape = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-    int8 = {} if int8_matmul is None else {"int8": int8_matmul}
+    kernels = {"matmuls": matmuls} if matmuls else {}
     return {
         "graph": GRAPH_VERSION,
         "cpu": cpu_model_name(),
@@ -522,7 +560,7 @@ def _identity(model: nn.Module, int8_matmul: str | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "shape": [getattr(config, name, None) for name in shape] + [config.vocab_size],
-        **int8,
+        **kernels,
     }
 
 

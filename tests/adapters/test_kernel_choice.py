@@ -53,7 +53,7 @@ def test_the_decision_follows_the_timings_and_is_deterministic(measured, rule):
 
 def test_a_kernel_not_measured_at_a_row_count_is_never_run_there(tmp_path):
     """Ours (int8-rows) is timed up to 16 rows only: a rule may run it below 64 rows, never from there."""
-    assert native.load_int8_rows(tmp_path), "the int8 row kernel did not build"
+    assert native.load_row_kernels(tmp_path), "the int8 row kernel did not build"
     measured = measure(("int8", 32, 64), torch.float32, num_repeats=2)
     assert 64 not in measured[INT8_ROWS] and {1, 16} <= set(measured[INT8_ROWS])
     assert set(measured[INT8]) == set(measured[DEQUANTIZED]) == set(ROW_COUNTS)

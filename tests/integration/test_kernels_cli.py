@@ -80,7 +80,7 @@ def test_an_int8_plan_is_the_one_serve_reads(tmp_path):
     code_again, shown = kernels("show", model, cache, 1, "--quantization", "int8")
     assert code_again == code and shown == refreshed
 
-    assert native.load_int8_rows(tmp_path / "native-cache")  # as the server's choose_kernels does
+    assert native.load_row_kernels(tmp_path / "native-cache")  # as the server's choose_kernels does
     keys = kernel_plan.weight_keys(load_model_shapes(str(model), device="cpu"), "int8")
     identity = {**kernel_plan.plan_identity(keys, torch.float32), "threads": 1}  # the commands ran 1 thread
     assert shown["path"] == str(plan_path(cache, identity))
