@@ -35,9 +35,10 @@ An int8 base's linears are graph inputs too, as (int8 values, float32 scales): w
 are built (adapters/native.py) the graph calls our int8 one, else it reduces over the int8 values as
 over a full-precision weight. A bf16 head (a bf16 model's, an int8 base's) goes through our dense
 row kernel where it is built: inductor's reduction converts bf16 too slowly to stream it (the
-default model's 56.6 MB head: 3.3 ms against 2.2, Intel Xeon; docs/benchmarks.md). The layers'
-bf16 weights stay reductions: as calls of the kernel (~10 us each in the graph's wrapper, 210 a
-token) they gained nothing; fp32 ones too, which the reduction reads as fast as anything here.
+default model's 56.6 MB head: 4.2-4.5 ms a token in the graph, 2.1-2.3 through ours, Intel Xeon;
+docs/benchmarks.md). The layers' bf16 weights stay reductions: as calls of the kernel (~10 us each
+in the graph's wrapper, 210 a token) they gained nothing; fp32 ones too, which the reduction reads
+as fast as anything here.
 While an adapter is merged into an int8 base, its merged weights are full precision: those steps
 run eagerly rather than compile a graph per merged target set.
 
