@@ -189,12 +189,13 @@ std::vector<at::Tensor> rows_times_weights(const at::Tensor& x, const std::vecto
   return outs;
 }
 
-void check_int8(const at::Tensor& q, const at::Tensor& scales, int64_t K) {
+// q's inner dimension (K).
+int64_t check_int8(const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.device().is_cpu(),
               "q: a contiguous int8 [N, K] on the CPU");
-  TORCH_CHECK(q.size(1) == K, "q's inner dimension ", q.size(1), " is not ", K);
   TORCH_CHECK(scales.numel() == q.size(0) && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "scales: float32, one per output row");
+  return q.size(1);
 }
 
 // The int8 contract's row (the header): the float32 sum rounded to bfloat16 after its scale.
@@ -211,8 +212,7 @@ struct Int8Row {
 // -> [.., N] in x's dtype, by the int8 contract.
 at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias) {
-  const int64_t K = x.size(-1);
-  check_int8(q, scales, K);
+  const int64_t K = check_int8(q, scales);
   const Int8Row row{{q.data_ptr<int8_t>()}, {scales.data_ptr<float>()}, K};
   return rows_times_weights(x, {q.size(0)}, K, K, {bias}, /*to_bf16=*/true, row)[0];
 }
@@ -221,11 +221,12 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 // one parallel loop: the compiled step's wrapper spends ~10 us a call around the kernel.
 std::vector<at::Tensor> int8_rows_group(const at::Tensor& x, at::TensorList qs, at::TensorList scales) {
   TORCH_CHECK(!qs.empty() && qs.size() == scales.size(), "one scales tensor per q");
-  const int64_t K = x.size(-1);
+  const int64_t K = check_int8(qs[0], scales[0]);
   Int8Row row{{}, {}, K};
   std::vector<int64_t> Ns;
   for (size_t i = 0; i < qs.size(); ++i) {
-    check_int8(qs[i], scales[i], K);
+    TORCH_CHECK(check_int8(qs[i], scales[i]) == K, "the weights of a group read the same input: K ", K, " and ",
+                qs[i].size(1));
     row.W.push_back(qs[i].data_ptr<int8_t>());
     row.S.push_back(scales[i].data_ptr<float>());
     Ns.push_back(qs[i].size(0));

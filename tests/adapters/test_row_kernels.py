@@ -1,5 +1,6 @@
 """Our one-row kernels (adapters/row_kernels.cpp, built by adapters/native.py): `dense_rows`'s
-contract here, `int8_rows`'s in test_quantization.py, and both in the narrower loops other CPUs build."""
+contract and `int8_rows_group` here, `int8_rows`'s contract in test_quantization.py, and both
+contracts in the narrower loops other CPUs build."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from adapters import native
+from adapters.kernels import Int8Weight
 
 FP32_EPS = torch.finfo(torch.float32).eps
 
@@ -54,10 +56,23 @@ def test_dense_rows_refuses_a_weight_it_has_no_loop_for(dense_rows):
         dense_rows(torch.randn(1, 63), torch.randn(8, 64), None)
 
 
+def test_int8_rows_group_equals_int8_rows_per_weight(dense_rows):
+    """One call for weights on the same input (q/k/v), each output what int8_rows gives it alone."""
+    weights = [Int8Weight.quantize(torch.randn(n, 576) * 0.02) for n in (576, 192, 192)]
+    x = torch.randn(1, 1, 576).bfloat16()
+    grouped = native.int8_rows_group_op()(x, [w.q for w in weights], [w.float_scales for w in weights])
+    for y, w in zip(grouped, weights, strict=True):
+        assert y.shape == (1, 1, w.q.shape[0]) and torch.equal(y, native.int8_rows_op()(x, w.q, w.float_scales, None))
+    other = Int8Weight.quantize(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="read the same input: K 576 and 64"):
+        native.int8_rows_group_op()(x, [weights[0].q, other.q], [weights[0].float_scales, other.float_scales])
+
+
 NARROWER_BUILD_CHECK = """
 import sys, torch
 from pathlib import Path
 from adapters import native
+from adapters.kernels import Int8Weight
 from adapters.kernels import Int8Weight
 sys.path.insert(0, sys.argv[2])
 from test_row_kernels import dense_bound
