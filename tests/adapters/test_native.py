@@ -1,4 +1,4 @@
-"""Our one-row kernels (adapters/row_kernels.cpp, built by adapters/native.py): `dense_rows`'s
+"""Our one-row kernels (adapters/row_kernels.cpp, built and loaded by adapters/native.py): `dense_rows`'s
 contract and `int8_rows_group` here, `int8_rows`'s contract in test_quantization.py, and both
 contracts in the narrower loops other CPUs build."""
 
@@ -75,7 +75,7 @@ from adapters import native
 from adapters.kernels import Int8Weight
 from adapters.kernels import Int8Weight
 sys.path.insert(0, sys.argv[2])
-from test_row_kernels import dense_bound
+from test_native import dense_bound
 assert native.load_row_kernels(Path(sys.argv[1]))
 worst = 0.0
 for rows, in_features, dtype in [(1, 576, torch.float32), (3, 72, torch.bfloat16), (1, 40, torch.float32)]:
