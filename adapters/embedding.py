@@ -23,7 +23,7 @@ class LoraEmbedding(LoraSlots):
     weight_is_in_out = True  # the table is [vocab, hidden]
     is_conv1d = False
     packed_weight = None
-    int8 = None  # the table is never quantized: a lookup reads one row per token
+    quantized = None  # the table is never quantized: a lookup reads one row per token
     extras = None  # DoRA and LoRA biases on an embedding are refused at parse
 
     def __init__(self, base: nn.Embedding, state: LoraState, num_slots: int, max_rank: int):

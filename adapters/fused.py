@@ -68,7 +68,7 @@ class FusedLinears:
             return False
         first = members[0]
         return not any(
-            m.is_conv1d or m.int8 is not None or m.in_features != first.in_features or m.dtype != first.dtype
+            m.is_conv1d or m.quantized is not None or m.in_features != first.in_features or m.dtype != first.dtype
             for m in members
         )
 

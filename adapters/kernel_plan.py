@@ -28,6 +28,7 @@ from torch import nn
 
 from . import native
 from .backends import backend_for
+from .blocks import Q4_1, Q8_0, can_pack
 from .kernel_timing import MEASURED_ON, NoisyMeasurement, candidates, measure
 from .kernels import (
     DENSE_WEIGHT,
@@ -50,29 +51,32 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 KERNEL_CHOICES = (AUTO, PACKED, PLAIN)  # EngineSettings.kernel_choice: measured, or one kernel for all
-QUANTIZATIONS = ("none", "int8")
-QUANTIZE_HEAD = False  # see is_quantized
+QUANTIZATIONS = ("none", "int8", "q4_1")
+QUANTIZE_HEAD = False  # see quantized_kind
 MEASUREMENT = "cold-weights, huge pages"  # how `measure` times: a plan measured another way is not reused
 SPLIT_MARGIN = 0.03  # keep two kernels (two weights) only if it beats the best single one by this much
 MAX_ATTEMPTS = 3  # tries at measuring one weight while the machine is busy, before the plan is left provisional
 PAUSE_SECONDS = 1.0  # between tries: a bounded cost at startup, no CPU taken from the load
 
 
-def is_quantized(module: nn.Module, is_head: bool, quantization: str | None) -> bool:
-    """Whether `module` (an nn.Linear or a LoraLinear) runs on int8 under `quantization`.
+def quantized_kind(module: nn.Module, is_head: bool, quantization: str | None) -> str | None:
+    """What `module` (an nn.Linear or a LoraLinear) runs on under `quantization`: "int8", blocks.py's
+    "q4_1" or "q8_0", or None (full precision). Never GPT-2's Conv1D ([in, out]).
 
-    Not the output head unless QUANTIZE_HEAD: its W0 stays resident anyway (a tied embedding reads
-    it, saved copies are compared with it), so an int8 copy only replaces its packed one; measured
-    (benchmarks/results/base_precision.json), that made fp32 decoding faster but let the head's
-    error reach the logits undamped, and gained nothing in bf16. Not GPT-2's Conv1D ([in, out]).
+    int8: not the output head unless QUANTIZE_HEAD: its W0 stays resident anyway (a tied embedding
+    reads it, saved copies are compared with it), so an int8 copy only replaces its packed one;
+    measured (benchmarks/results/base_precision.json), that made fp32 decoding faster but let the
+    head's per-row int8 error reach the logits undamped, and gained nothing in bf16.
+    q4_1: llama.cpp's Q4_1 file layout, the linears Q4_1 and the head Q8_0 (groups of 32: a finer
+    grid than int8's rows), each where its shape packs into blocks (blocks.can_pack).
     """
-    if quantization != "int8" or (is_head and not QUANTIZE_HEAD):
-        return False
-    return (
-        isinstance(module, (nn.Linear, LoraLinear))
-        and not getattr(module, "is_conv1d", False)
-        and can_quantize(module.in_features)
-    )
+    if not isinstance(module, (nn.Linear, LoraLinear)) or getattr(module, "is_conv1d", False):
+        return None
+    if quantization == "int8" and (QUANTIZE_HEAD or not is_head) and can_quantize(module.in_features):
+        return INT8_WEIGHT
+    if quantization == "q4_1" and can_pack(module.out_features, module.in_features):
+        return Q8_0 if is_head else Q4_1
+    return None
 
 
 def weight_keys(model: nn.Module, quantization: str | None = None) -> list[WeightKey]:
@@ -83,8 +87,9 @@ def weight_keys(model: nn.Module, quantization: str | None = None) -> list[Weigh
     for module in model.modules():
         if type(module) is nn.Linear:  # Conv1D runs its own kernel, not planned
             keys.add((DENSE_WEIGHT, module.out_features, module.in_features))
-            if is_quantized(module, module is head, quantization):
-                keys.add((INT8_WEIGHT, module.out_features, module.in_features))
+            kind = quantized_kind(module, module is head, quantization)
+            if kind is not None:
+                keys.add((kind, module.out_features, module.in_features))
     return sorted(keys)
 
 
@@ -100,32 +105,35 @@ def choose_kernels(model: nn.Module, kernel_choice: str, quantization: str | Non
 
 
 def load_native_kernels(device: torch.device, quantization: str | None, cache_dir: Path) -> None:
-    """Int8 on CPU: our int8 row kernel (native.py), built here once. It is a candidate of the
-    plan, so the plan's identity (which names the candidates) depends on it: whatever reads or
-    measures an int8 plan calls this first, as `serve` does. The compiled step's int8 matmul too."""
-    if quantization == "int8" and device.type == "cpu":
+    """Int8 or q4_1 on CPU: our row kernels (native.py), built here once. The int8 one is a candidate
+    of the plan, so the plan's identity (which names the candidates) depends on it: whatever reads or
+    measures an int8 plan calls this first, as `serve` does; q4_1's blocks run on nothing else. The
+    compiled step's quantized matmuls too."""
+    if quantization in ("int8", "q4_1") and device.type == "cpu":
         native.load_row_kernels(cache_dir)
 
 
 def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantization: str | None = None) -> None:
-    """Give each layer its kernels by `plan`; quantize its W0 to int8 first where asked."""
+    """Give each layer its kernels by `plan`; quantize its W0 first where asked."""
     if quantization not in (None, *QUANTIZATIONS):
         raise QuantizationError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     layers = list(layers)
-    scratch: dict[tuple[int, int], torch.Tensor] = {}  # dequantized W0, shared by the layers of one shape
-    quantized = {layer for layer in layers if is_quantized(layer, layer.is_head, quantization)}
-    if quantized:
-        device = next(iter(quantized)).device
-        backend_for(device).check_int8(device)
+    scratch: dict[tuple, torch.Tensor] = {}  # dequantized W0, shared by the layers of one shape and dtype
+    kinds = {layer: quantized_kind(layer, layer.is_head, quantization) for layer in layers}
+    for kind in {kind for kind in kinds.values() if kind is not None}:
+        device = next(layer for layer, k in kinds.items() if k == kind).device
+        backend = backend_for(device)
+        backend.check_int8(device) if kind == INT8_WEIGHT else backend.check_blocks(device)
     for layer in layers:
-        shape = (layer.out_features, layer.in_features)
+        shape, kind = (layer.out_features, layer.in_features), kinds[layer]
         layer.use_kernels(plan.rule_for((DENSE_WEIGHT, *shape)))
-        if layer not in quantized:
+        if kind is None:
             continue
-        rule = plan.rule_for((INT8_WEIGHT, *shape))
-        if DEQUANTIZED in rule.kernels and shape not in scratch:
-            scratch[shape] = torch.empty(shape, dtype=KERNEL_DTYPE, device=layer.device)
-        layer.quantize_int8(rule, scratch.get(shape), keep_weight=layer.is_head)
+        rule = plan.rule_for((kind, *shape))
+        dtype = KERNEL_DTYPE if kind == INT8_WEIGHT else layer.dtype  # the dequantized matmul's (cpu.py)
+        if DEQUANTIZED in rule.kernels and (shape, dtype) not in scratch:
+            scratch[shape, dtype] = torch.empty(shape, dtype=dtype, device=layer.device)
+        layer.quantize(kind, rule, scratch.get((shape, dtype)), keep_weight=layer.is_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +257,7 @@ def decide(timings: Timings) -> KernelRule:
     """The rule with the least total time relative to the best kernel at each measured row count;
     a split (two kernels, both weights resident) only when it beats the best single kernel by
     SPLIT_MARGIN, and among near-equal single kernels the first in preference order."""
-    preference = (*candidates(DENSE_WEIGHT), *candidates(INT8_WEIGHT))
+    preference = (*candidates(DENSE_WEIGHT), *candidates(INT8_WEIGHT), *candidates(Q4_1))
     names = sorted(timings, key=preference.index)
     row_counts = sorted(set().union(*timings.values()))
     best = {rows: min(timings[name][rows] for name in names if rows in timings[name]) for rows in row_counts}

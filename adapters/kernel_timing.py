@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .backends import backend_for, dense_kernel, int8_kernel
+from .backends import backend_for, dense_kernel, quantized_kernel
+from .blocks import BlockWeight
 from .huge_pages import huge_page_copies
 from .kernels import DENSE_WEIGHT, INT8_WEIGHT, KERNEL_DTYPE, Int8Weight, KernelRule, WeightKey
 
@@ -83,14 +84,19 @@ def _every(seconds: float, still_quiet: Callable[[], bool]) -> Callable:
 
 def candidates(kind: str) -> tuple[str, ...]:
     backend = backend_for(MEASURED_ON)
-    return backend.dense_kernels if kind == DENSE_WEIGHT else backend.int8_kernels
+    if kind == DENSE_WEIGHT:
+        return backend.dense_kernels
+    return backend.int8_kernels if kind == INT8_WEIGHT else backend.block_kernels
 
 
 def _kernel(kind: str, name: str, weight: torch.Tensor, dtype: torch.dtype):
     rule = KernelRule.single(name)
     if kind == INT8_WEIGHT:
         scratch = torch.empty(weight.shape, dtype=KERNEL_DTYPE)
-        return int8_kernel(rule, Int8Weight.quantize(weight), None, dtype, scratch)
+        return quantized_kernel(rule, Int8Weight.quantize(weight), None, dtype, scratch)
+    if kind != DENSE_WEIGHT:  # blocks.py's
+        scratch = torch.empty(weight.shape, dtype=dtype)
+        return quantized_kernel(rule, BlockWeight.quantize(weight, kind), None, dtype, scratch)
     return dense_kernel(rule, weight, None)
 
 

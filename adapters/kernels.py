@@ -9,7 +9,8 @@ measures it, decides a rule per weight shape and applies the plan to a wrapped m
 Full-precision weights run `plain` (F.linear) or `packed` (a copy laid out once for a faster
 library kernel, one more copy in memory); an int8 W0 runs `int8` (aten's GEMV-style kernel, fast for a
 few rows), `int8-rows` (ours, native.py: streams W0's rows at one row, where it is built) or
-`dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many).
+`dequantized` (W0 dequantized into a scratch buffer for one matmul, fast for many). A W0 in Q4_1 or
+Q8_0 blocks (blocks.py) runs `block-rows` (ours, native.py) or `dequantized`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from .blocks import Q4_1, Q8_0
+
 PLAIN, PACKED, INT8, INT8_ROWS, DEQUANTIZED = "plain", "packed", "int8", "int8-rows", "dequantized"
-DENSE_WEIGHT, INT8_WEIGHT = "dense", "int8"  # how a weight is stored: the kinds a plan has rules for
-WeightKey = tuple[str, int, int]  # (DENSE_WEIGHT or INT8_WEIGHT, out_features, in_features)
+BLOCK_ROWS = "block-rows"
+DENSE_WEIGHT, INT8_WEIGHT = "dense", "int8"  # how a weight is stored: the kinds a plan has rules for,
+BLOCK_WEIGHTS = (Q4_1, Q8_0)  # and blocks.py's
+WeightKey = tuple[str, int, int]  # (a kind above, out_features, in_features)
 Kernel = Callable[[torch.Tensor], torch.Tensor]  # x [.., in] -> x @ Wᵀ + bias [.., out]
 KERNEL_DTYPE = torch.bfloat16  # activations and scales of the int8 kernels
 INT8_IN_MULTIPLE = 16  # the int8 kernel's inner-dimension block: it reads out of bounds otherwise
+BLOCK_ROWS_UNTIL = 16  # an unmeasured plan's switch from our block kernel to the dequantized matmul
 
 
 class QuantizationError(RuntimeError):
@@ -57,7 +63,8 @@ class KernelRule:
 @dataclass(frozen=True)
 class KernelPlan:
     """The rule of every base weight of a model: the measured rule for its key where there is one,
-    else `default` for full-precision weights and the int8 kernel for int8 ones."""
+    else `default` for full-precision weights, the int8 kernel for int8 ones, and ours for blocks
+    below BLOCK_ROWS_UNTIL rows (the dequantized matmul from there)."""
 
     default: str = PLAIN
     rules: Mapping[WeightKey, KernelRule] = field(default_factory=dict)
@@ -65,6 +72,8 @@ class KernelPlan:
     def rule_for(self, key: WeightKey) -> KernelRule:
         if key in self.rules:
             return self.rules[key]
+        if key[0] in BLOCK_WEIGHTS:
+            return KernelRule(BLOCK_ROWS, DEQUANTIZED, BLOCK_ROWS_UNTIL)
         return KernelRule.single(INT8 if key[0] == INT8_WEIGHT else self.default)
 
     def __str__(self) -> str:
@@ -82,6 +91,7 @@ class Int8Weight:
 
     q: torch.Tensor  # [out, in] int8
     scales: torch.Tensor  # [out] KERNEL_DTYPE
+    kind = "int8"
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .backends import dense_kernel, int8_kernel
+from .backends import dense_kernel, quantized_kernel
 from .batch import STACK_MAX_ROWS, LoraBatch
+from .blocks import BlockWeight
 from .factor_values import slot_values
-from .kernels import PLAIN, Conv1dLinear, Int8Weight, KernelRule
+from .kernels import INT8_WEIGHT, PLAIN, Conv1dLinear, Int8Weight, KernelRule
 from .ops import SlotExtras, add_lora, add_lora_rows, add_lora_stacked
 from .peft_format import LoraWeights
 from .slots import LoraSlots, LoraState
@@ -20,8 +21,9 @@ class LoraLinear(LoraSlots):
 
     Slots, merge and unmerge as LoraSlots (W0 never written); this adds the base matmul, LoRA
     biases and DoRA. The base matmul is a kernel the plan picks per weight (kernel_plan.py): MKL,
-    oneDNN-packed (`use_kernels`), or int8 (`quantize_int8`), which drops the full-precision W0: `base_weight()`
-    dequantizes it for the few readers of its values (merges, DoRA norms, per-row copies).
+    oneDNN-packed (`use_kernels`), or quantized (`quantize`: int8, or Q4_1/Q8_0 blocks), which drops
+    the full-precision W0: `base_weight()` dequantizes it for the few readers of its values (merges,
+    DoRA norms, per-row copies).
     """
 
     def __init__(self, base: nn.Linear | Conv1D, state: LoraState, num_slots: int, max_rank: int):
@@ -32,7 +34,7 @@ class LoraLinear(LoraSlots):
         self.is_head = False  # the output head sees only the rows the step keeps (LoraBatch.head)
         self.weight, self.bias = base.weight, base.bias
         self.extras: SlotExtras | None = None  # lora biases and DoRA scales, once a slot has one
-        self.int8: Int8Weight | None = None  # W0 as int8, once quantized
+        self.quantized: Int8Weight | BlockWeight | None = None  # W0 quantized, once it is
         self.dense_rule = KernelRule.single(PLAIN)  # kernels for full-precision weights: W0, merged weights
         self.kernel = self._dense_kernel(self.weight, self.bias)  # x -> x @ W0 + bias
         self._merged_kernel = None  # x -> x @ (W0 + delta) + bias, built at its first use while merged
@@ -91,28 +93,29 @@ class LoraLinear(LoraSlots):
     def use_kernels(self, dense: KernelRule) -> None:
         """Run full-precision weights (W0 unless quantized, and merged weights) by `dense`."""
         self.dense_rule = dense
-        if self.int8 is None:
+        if self.quantized is None:
             self.kernel = self._dense_kernel(self.weight, self.bias)
 
     def run_w0_plainly(self) -> None:
         """Multiply by W0 on the plain kernel, keeping `dense_rule` for merged weights: a fused group
         (fused.py) runs this layer's W0 from its own packed copy, so this one's would be a second."""
-        if self.int8 is None and not self.is_conv1d:
+        if self.quantized is None and not self.is_conv1d:
             self.kernel = dense_kernel(KernelRule.single(PLAIN), self.weight, self.bias)
 
-    def quantize_int8(self, rule: KernelRule, scratch: torch.Tensor | None, keep_weight: bool = False) -> None:
-        """Run W0 as int8 by `rule`, and drop its full-precision copy unless `keep_weight` (the head:
-        its W0 is compared with saved copies, and tied to the embedding it stays resident anyway)."""
+    def quantize(self, kind: str, rule: KernelRule, scratch: torch.Tensor | None, keep_weight: bool = False) -> None:
+        """Run W0 quantized to `kind` (int8, or blocks.py's q4_1 or q8_0) by `rule`, and drop its full-precision
+        copy unless `keep_weight` (the head: tied to the embedding, it stays resident anyway)."""
         assert not self.is_conv1d and self.merged_weight is None
-        self.int8 = Int8Weight.quantize(self.weight)
-        self.kernel = int8_kernel(rule, self.int8, self.bias, self.dtype, scratch)
+        w = self.weight
+        self.quantized = Int8Weight.quantize(w) if kind == INT8_WEIGHT else BlockWeight.quantize(w, kind)
+        self.kernel = quantized_kernel(rule, self.quantized, self.bias, self.dtype, scratch)
         if not keep_weight:
             del self.weight
 
     def base_weight(self) -> torch.Tensor:
         """W0 in the model's dtype and this layer's layout, as the base matmul uses it: dequantized
-        into a new tensor if int8 (off the hot path)."""
-        return self.weight if self.int8 is None else self.int8.dequantize(self.dtype)
+        into a new tensor if quantized (off the hot path)."""
+        return self.weight if self.quantized is None else self.quantized.dequantize(self.dtype)
 
     @property
     def packed_weight(self) -> torch.Tensor | None:
@@ -164,8 +167,8 @@ class LoraLinear(LoraSlots):
             extras.dora_shift[slot].copy_((1 - dora_scale) * self.bias if self.bias is not None else 0 * dora_scale)
 
     def _merge_source(self, buffer: torch.Tensor) -> torch.Tensor:
-        """W0, or an int8 W0 dequantized into `buffer` (read by the first term, summed over in place)."""
-        return self.weight if self.int8 is None else self.int8.dequantize(self.dtype, out=buffer)
+        """W0, or a quantized W0 dequantized into `buffer` (read by the first term, summed over in place)."""
+        return self.weight if self.quantized is None else self.quantized.dequantize(self.dtype, out=buffer)
 
     def _finish_merge(self, merged: torch.Tensor, terms: list[tuple[int, float]]) -> None:
         """DoRA: g ⊙ (W0 + delta) (never composed); and the merged LoRA biases."""
@@ -195,11 +198,13 @@ class LoraLinear(LoraSlots):
     def unmerge(self) -> None:
         super().unmerge()
         self._merged_kernel = self.merged_bias = None
-        if self.int8 is not None:  # the memory int8 saves: a full-precision copy only while merged
+        if self.quantized is not None:  # the memory quantizing saves: a full-precision copy only while merged
             self._merge_buffer = None
 
     def extra_repr(self) -> str:
-        kind = "conv1d" if self.is_conv1d else "int8 linear" if self.int8 is not None else "linear"
+        kind = (
+            "conv1d" if self.is_conv1d else f"{self.quantized.kind} linear" if self.quantized is not None else "linear"
+        )
         return (
             f"{kind}, in={self.in_features}, out={self.out_features}, slots={self.num_slots}, max_rank={self.max_rank}"
         )

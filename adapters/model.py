@@ -221,8 +221,8 @@ def wrap_model(
     targets neither the head nor the embedding costs them nothing: base-only forwards run the
     stock lookup and matmul. `kernels`: which kernel runs each linear's weights (the default:
     plain F.linear everywhere; `KernelPlan(PACKED)`: oneDNN-packed copies on CPU, one more copy in
-    memory; or rules measured per weight shape, kernel_plan.py). `quantization="int8"`: weight-only
-    int8 base linears (kernel_plan.is_quantized).
+    memory; or rules measured per weight shape, kernel_plan.py). `quantization`: "int8" (weight-only
+    int8 base linears) or "q4_1" (Q4_1 linears, a Q8_0 head): kernel_plan.quantized_kind.
     """
     model.requires_grad_(False)
     state = LoraState()

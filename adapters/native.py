@@ -1,8 +1,10 @@
-"""Kernels of our own in C++ (row_kernels.cpp), built on the serving machine the first time they are needed.
+"""Kernels of our own in C++ (row_kernels.cpp, block_kernels.cpp), built on the serving machine the
+first time they are needed.
 
-One-row GEMVs (why no library kernel serves: the source's header): `int8_rows` for int8 weights
+One-row GEMVs (why no library kernel serves: the sources' headers): `int8_rows` for int8 weights
 (`int8_rows_group` for several that read the same input), `dense_rows` for float32 and bfloat16 ones
-(the compiled decode step's bf16 head). They are
+(the compiled decode step's bf16 head), `q4_1_rows` and `q8_0_rows` for weights in blocks.py's
+blocks (several weights that read the same input a call). They are
 compiled with the machine's own C++ compiler for its own CPU (`-march=native`), as inductor does for
 the compiled decode step, and loaded as torch ops, so that eager kernels and compiled graphs call
 them alike. The shared library is cached under
@@ -32,15 +34,15 @@ from torch.utils import cpp_extension
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("row_kernels.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("row_kernels.cpp", "block_kernels.cpp"))
 FLAGS_VARIABLE = "LORASERVE_NATIVE_FLAGS"
 BUILD_TIMEOUT_S = 300
 _loaded: Path | None = None  # the library this process loaded (one per process: it registers the op)
 
 
 def load_row_kernels(cache_dir: Path) -> bool:
-    """Make `torch.ops.loraserve_native.int8_rows` and `.dense_rows` available (building them once
-    per machine); False, logged, where they cannot be built here."""
+    """Make the ops of `torch.ops.loraserve_native` available (building them once per machine);
+    False, logged, where they cannot be built here."""
     global _loaded
     if _loaded is not None:
         return True
@@ -59,13 +61,15 @@ def load_row_kernels(cache_dir: Path) -> bool:
     torch.library.register_fake("loraserve_native::int8_rows")(_rows_shape)
     torch.library.register_fake("loraserve_native::int8_rows_group")(_group_shapes)
     torch.library.register_fake("loraserve_native::dense_rows")(_rows_shape)
+    for kind in ("q4_1", "q8_0"):
+        torch.library.register_fake(f"loraserve_native::{kind}_rows")(_blocks_shapes)
     _loaded = library
     log.info("row kernels: %s (%s)", _VECTORS.get(vector_bits(), "scalar loop"), library)
     return True
 
 
 _VECTORS = {512: "AVX-512 loop", 256: "AVX2 loop"}
-FALLBACK = "int8 weights run aten's kernels, the compiled step its own reductions"
+FALLBACK = "int8 weights run aten's kernels, the compiled step its own reductions, q4_1 is refused"
 
 
 def vector_bits() -> int:
@@ -90,6 +94,16 @@ def dense_rows_op():
     return torch.ops.loraserve_native.dense_rows.default if _loaded is not None else None
 
 
+def block_rows_op(kind: str):
+    """The loaded op for blocks.py's `kind` (x [.., K], blocks: uint8 [N_i / 16, K / 32, bytes] each
+    -> one [.., N_i] in x's dtype each: block_kernels.cpp), or None."""
+    return getattr(torch.ops.loraserve_native, f"{kind}_rows").default if _loaded is not None else None
+
+
+def _blocks_shapes(x, blocks):
+    return [x.new_empty((*x.shape[:-1], b.shape[0] * 16)) for b in blocks]
+
+
 def _rows_shape(x, weight, *rest):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
@@ -99,7 +113,14 @@ def _group_shapes(x, qs, scales):
 
 
 def _build_key(compiler: str) -> str:
-    parts = (SOURCE.read_bytes(), torch.__version__, compiler, _extra_flags(), platform.machine(), _cpu_flags())
+    parts = (
+        *(source.read_bytes() for source in SOURCES),
+        torch.__version__,
+        compiler,
+        _extra_flags(),
+        platform.machine(),
+        _cpu_flags(),
+    )
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -129,7 +150,7 @@ def _build(compiler: str, library: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as staging:
         command = [
             compiler, "-O3", "-march=native", *_extra_flags(), "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in include), str(SOURCE),
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{path}" for path in include), *map(str, SOURCES),
             f"-L{cpp_extension.TORCH_LIB_PATH}", "-ltorch", "-ltorch_cpu", "-lc10", "-o", staging.name,
         ]  # fmt: skip
     try:

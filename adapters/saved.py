@@ -33,7 +33,7 @@ def _own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """A module's parameters by name; a LoRA linear's W0 as its base matmul uses it (an int8 W0
     has no full-precision parameter left: this dequantizes it)."""
     params = dict(module.named_parameters(recurse=False))
-    if isinstance(module, LoraLinear) and module.int8 is not None:
+    if isinstance(module, LoraLinear) and module.quantized is not None:
         params["weight"] = module.base_weight()
     return params
 

@@ -171,11 +171,14 @@ def weight_bytes(engine: LLMEngine) -> dict[str, int]:
     copy lives: its layer, or a fused group of siblings)."""
     storages = {p.untyped_storage().data_ptr(): p.nbytes for p in engine.lora_model.model.parameters()}
     linears = [layer for layer in engine.lora_model.layers.values() if isinstance(layer, LoraLinear)]
-    int8 = sum(layer.int8.nbytes for layer in linears if layer.int8 is not None)
+    int8 = sum(layer.quantized.nbytes for layer in linears if layer.quantized is not None)
     packed = sum(
         layer.weight.nbytes
         for layer in linears
-        if layer.int8 is None and not layer.is_conv1d and PACKED in layer.dense_rule.kernels and can_pack(layer.weight)
+        if layer.quantized is None
+        and not layer.is_conv1d
+        and PACKED in layer.dense_rule.kernels
+        and can_pack(layer.weight)
     )
     return {
         "parameters": sum(storages.values()),

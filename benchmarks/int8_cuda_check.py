@@ -87,7 +87,7 @@ try:
         "bf16_effect": (r - e).abs().max().item(),
         "gather_err": (g - e).abs().max().item(),
         "merged_err": (m - e).abs().max().item(),
-        "quantized_layers": sum(layer.int8 is not None for layer in lm.layers.values()),
+        "quantized_layers": sum(layer.quantized is not None for layer in lm.layers.values()),
     }
 except Exception as exc:
     out["model"] = "".join(traceback.format_exception_only(exc))[-600:]
@@ -107,7 +107,7 @@ try:
     c = engine.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     out["engine"] = {
         "tokens": c.token_ids,
-        "int8_layers": sum(layer.int8 is not None for layer in engine.lora_model.layers.values()),
+        "int8_layers": sum(layer.quantized is not None for layer in engine.lora_model.layers.values()),
     }
 except Exception as exc:
     out["engine"] = f"{type(exc).__name__}: {str(exc)[:400]}"

@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default="none", choices=("none", "int8"))
+    parser.add_argument("--quantization", default="none", choices=("none", "int8", "q4_1"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     base = load_base_model(None, dtype=args.dtype)

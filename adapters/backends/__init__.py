@@ -15,7 +15,8 @@ from typing import Protocol
 
 import torch
 
-from ..kernels import Int8Weight, Kernel, KernelRule, by_rule
+from ..blocks import BlockWeight
+from ..kernels import INT8_WEIGHT, Int8Weight, Kernel, KernelRule, by_rule
 from . import cpu
 
 
@@ -25,6 +26,7 @@ class Backend(Protocol):
     is_measured: bool  # whether kernel_choice=auto times the candidates here (else the plan's default runs)
     dense_kernels: tuple[str, ...]  # candidates for full-precision weights, in preference order for a tie
     int8_kernels: tuple[str, ...]  # candidates for int8 W0s, likewise
+    block_kernels: tuple[str, ...]  # candidates for W0s in Q4_1 or Q8_0 blocks, likewise
     max_rows_measured: Mapping[str, int]  # candidates timed only up to these rows (not run past them)
 
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel: ...
@@ -38,7 +40,18 @@ class Backend(Protocol):
         scratch: torch.Tensor | None,
     ) -> Kernel: ...
 
+    def blocks(
+        self,
+        kernel: str,
+        weight: BlockWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        scratch: torch.Tensor | None,
+    ) -> Kernel: ...
+
     def check_int8(self, device: torch.device) -> None: ...  # QuantizationError where int8 cannot run
+
+    def check_blocks(self, device: torch.device) -> None: ...  # QuantizationError where blocks cannot run
 
     def gains_from_fusing(self, rule: KernelRule, weight: torch.Tensor) -> bool: ...
 
@@ -61,9 +74,17 @@ def dense_kernel(rule: KernelRule, weight: torch.Tensor, bias: torch.Tensor | No
     return by_rule(rule, lambda kernel: backend.dense(kernel, weight, bias), weight.shape[1])
 
 
-def int8_kernel(
-    rule: KernelRule, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, scratch: torch.Tensor | None
+def quantized_kernel(
+    rule: KernelRule,
+    weight: Int8Weight | BlockWeight,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    scratch: torch.Tensor | None,
 ) -> Kernel:
-    """The rule's kernel for an int8 W0; `scratch` ([out, in], bf16) is needed only for `dequantized`."""
-    backend = backend_for(weight.q.device)
-    return by_rule(rule, lambda kernel: backend.int8(kernel, weight, bias, dtype, scratch), weight.q.shape[1])
+    """The rule's kernel for a quantized W0; `scratch` ([out, in]: bf16 for int8, the model's dtype
+    for blocks) is needed only for `dequantized`."""
+    if weight.kind == INT8_WEIGHT:
+        backend = backend_for(weight.q.device)
+        return by_rule(rule, lambda kernel: backend.int8(kernel, weight, bias, dtype, scratch), weight.q.shape[1])
+    backend = backend_for(weight.blocks.device)
+    return by_rule(rule, lambda kernel: backend.blocks(kernel, weight, bias, dtype, scratch), weight.shape[1])

@@ -15,6 +15,9 @@ result back to the model's dtype; it reads out of bounds unless `in` is a multip
 contract, the activations taken in the model's dtype (rounded to bf16 inside, no cast op), W0's
 rows streamed near the memory's bandwidth at one row.
 `dequantized` trades them for one bf16 matmul on a scratch copy of W0.
+
+Blocks (Q4_1, Q8_0: blocks.py): `block-rows` is ours (native.py, which they need: without it they are
+refused at startup), `dequantized` one matmul in the model's dtype on a scratch copy of W0.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
+from ..blocks import Q4_1, BlockWeight
 from ..kernels import (
+    BLOCK_ROWS,
     DEQUANTIZED,
     INT8,
     INT8_ROWS,
@@ -152,17 +157,33 @@ class Int8RowsLinear:
         return self.op(x, self.weight.q, self.weight.float_scales, self.bias)
 
 
-class DequantizedLinear:
-    """W0 dequantized to bf16 into `scratch` (shared by the layers of one shape), then one matmul."""
+class BlockRowsLinear:
+    """Our block kernel (native.py) on activations in the model's dtype, the product in it too."""
 
     packed = None
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, dtype: torch.dtype, scratch: torch.Tensor):
+    def __init__(self, weight: BlockWeight, bias: torch.Tensor | None, op):
+        self.blocks, self.bias, self.op = [weight.blocks], bias, op
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op(x, self.blocks)[0]
+        return y if self.bias is None else y.add_(self.bias)
+
+
+class DequantizedLinear:
+    """W0 dequantized into `scratch` (shared by the layers of one shape), then one matmul in the
+    scratch's dtype: bf16 for int8 (its kernels' contract), the model's own for blocks."""
+
+    packed = None
+
+    def __init__(
+        self, weight: Int8Weight | BlockWeight, bias: torch.Tensor | None, dtype: torch.dtype, scratch: torch.Tensor
+    ):
         self.weight, self.bias, self.dtype, self.scratch = weight, bias, dtype, scratch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.dequantize(KERNEL_DTYPE, out=self.scratch)  # [out, in]
-        y = F.linear(x.to(KERNEL_DTYPE), w).to(self.dtype)
+        w = self.weight.dequantize(self.scratch.dtype, out=self.scratch)  # [out, in]
+        y = F.linear(x.to(w.dtype), w).to(self.dtype)
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -176,7 +197,7 @@ class CpuBackend:
     dense_kernels = (PLAIN, PACKED)
     # Ours widens every weight byte once per row of x: at 64 rows it ran 3-4x slower than the
     # dequantized matmul (Intel Xeon), and timing it there took half the plan's time.
-    max_rows_measured = MappingProxyType({INT8_ROWS: 16})
+    max_rows_measured = MappingProxyType({INT8_ROWS: 16, BLOCK_ROWS: 16})
 
     @property
     def int8_kernels(self) -> tuple[str, ...]:
@@ -198,8 +219,32 @@ class CpuBackend:
         op = native.int8_rows_op() if kernel == INT8_ROWS and weight.q.device.type == "cpu" else None
         return Int8Linear(weight, bias, dtype) if op is None else Int8RowsLinear(weight, bias, op)
 
+    @property
+    def block_kernels(self) -> tuple[str, ...]:
+        return (BLOCK_ROWS, DEQUANTIZED)
+
+    def blocks(
+        self,
+        kernel: str,
+        weight: BlockWeight,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        scratch: torch.Tensor | None,
+    ) -> Kernel:
+        if kernel == DEQUANTIZED:
+            return DequantizedLinear(weight, bias, dtype, scratch)
+        return BlockRowsLinear(weight, bias, native.block_rows_op(weight.kind))
+
     def check_int8(self, device: torch.device) -> None:
         check_int8_kernel(device)
+
+    def check_blocks(self, device: torch.device) -> None:
+        if device.type != "cpu" or native.block_rows_op(Q4_1) is None:
+            where = f"on device {device.type!r}" if device.type != "cpu" else "here (see the log for why)"
+            raise QuantizationError(
+                f"--quantization q4_1 runs on our block kernels, which are not built {where}; "
+                "serve with --quantization int8 or none"
+            )
 
     def gains_from_fusing(self, rule: KernelRule, weight: torch.Tensor) -> bool:
         """oneDNN's packed matmul has a fixed cost per call that one decode row does not hide."""

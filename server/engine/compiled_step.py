@@ -33,14 +33,17 @@ not serve.
 
 An int8 base's linears are graph inputs too, as (int8 values, float32 scales): where our row kernels
 are built (adapters/native.py) the graph calls our int8 one, else it reduces over the int8 values as
-over a full-precision weight. A bf16 head (a bf16 model's, an int8 base's) goes through our dense
+over a full-precision weight. A q4_1 base's (Q4_1 linears, a Q8_0 head: adapters/blocks.py) are their
+uint8 blocks, which our block kernels multiply (a q4_1 base is refused where they are not built).
+Linears that read the same input (q/k/v, gate/up) are one kernel call. A bf16 head (a bf16 model's, an
+int8 base's) goes through our dense
 row kernel where it is built: inductor's reduction converts bf16 too slowly to stream it (the
 default model's 56.6 MB head: 4.2-4.5 ms a token in the graph, 2.1-2.3 through ours, Intel Xeon;
 docs/benchmarks.md). The layers' bf16 weights stay reductions: as calls of the kernel (~10 us each
 in the graph's wrapper, 210 a token) they gained nothing; fp32 ones too, which the reduction reads
 as fast as anything here.
-While an adapter is merged into an int8 base, its merged weights are full precision: those steps
-run eagerly rather than compile a graph per merged target set.
+While an adapter is merged into a quantized base, its merged weights are full precision: those
+steps run eagerly rather than compile a graph per merged target set.
 
 Inductor's compiled artifacts (FX graph cache) live under <cache dir>/inductor, so a restart
 re-traces (seconds) but skips most of the C++ compilation. Whether the compiled step is faster is
@@ -70,6 +73,7 @@ from torch import nn
 
 from adapters import native
 from adapters.backends.cpu import cpu_model_name
+from adapters.blocks import kind_of
 from adapters.kernels import KERNEL_DTYPE
 from adapters.model import LoraModel
 from adapters.quiet_check import QuietCheck
@@ -135,7 +139,7 @@ class CompiledDecode:
         self.num_lora_steps = 0  # of which through the LoRA graph
         self.max_rows = max(MEASURED_ROWS)  # steps of more rows run eagerly (0: the measurement said eager)
         self.provisional: Provisional | None = None  # a verdict measured under load, measured again when idle
-        self.int8_base = any(getattr(m, "int8", None) is not None for m in (*flat, self.head))
+        self.quantized_base = any(getattr(m, "quantized", None) is not None for m in (*flat, self.head))
 
     def serves(self) -> bool:
         """Whether the graph's layer is this model's: SiLU MLPs and the lean pass's RMSNorms."""
@@ -148,7 +152,7 @@ class CompiledDecode:
         keys (`contexts`: the fewest and the most of its rows) within the graphs' range, and the
         model still in the shape the graph reads: LoRA linears (not conv1d), norms and head on their
         parents, no per-row copy installed in their place (checked again only when the model's
-        layout changes: LoraState.layout_version), and no adapter merged into an int8 W0."""
+        layout changes: LoraState.layout_version), and no adapter merged into a quantized W0."""
         if num_rows > self.max_rows or contexts[0] < MIN_CONTEXT or contexts[1] > MAX_CONTEXT:
             return False
         version = None if self.state is None else self.state.layout_version
@@ -157,7 +161,7 @@ class CompiledDecode:
         if not self._layout_checked[1] or self.state is None:  # no LoraState: nothing is ever merged
             return self._layout_checked[1]
         self._current_inputs()
-        return not self._inputs[-1]  # an adapter merged into an int8 W0
+        return not self._inputs[-1]  # an adapter merged into a quantized W0
 
     def _layout_intact(self) -> bool:
         inner = self.model.model
@@ -170,19 +174,22 @@ class CompiledDecode:
         return self.model.lm_head is self.head and inner.norm is self.final_norm
 
     def matmuls(self) -> dict[str, str]:
-        """How the graphs multiply an int8 W0 ("int8": "int8-rows", our kernel, or "reduction")
-        and a bf16 head ("head": `head_matmul`), where the model has them."""
-        head = self._current_inputs()[1][-1]
-        int8 = {"int8": "int8-rows" if native.int8_rows_op() is not None else "reduction"} if self.int8_base else {}
-        bf16 = isinstance(head, torch.Tensor) and head.dtype == torch.bfloat16
-        return {**int8, **({"head": head_matmul(head)} if bf16 else {})}
+        """How the graphs multiply quantized W0s ("int8": "int8-rows", our kernel, or "reduction";
+        "q4_1": "q4_1-rows") and the head where not by a reduction ("head": `head_matmul`)."""
+        weights = self._current_inputs()[1]
+        kinds = {_quantized_kind(w) for w in weights[:-1]} - {None}
+        found = {kind: f"{kind}-rows" for kind in kinds if kind != "int8"}
+        if "int8" in kinds:
+            found["int8"] = "int8-rows" if native.int8_rows_op() is not None else "reduction"
+        head = head_matmul(weights[-1])
+        return {**found, **({"head": head} if head != "reduction" else {})}
 
     def gathers_faster(self, slot: int) -> bool:
         """Whether a one-row step on `slot`'s adapter runs faster unmerged through the LoRA graph:
-        on an int8 base, a merge makes the adapter's layers full precision (twice the bytes, and
-        eager: a merged one stream ran 26.7-38.5 ms a step against 22.2-23.0 gathered in the graph,
-        bf16, Intel Xeon; docs/benchmarks.md)."""
-        return self.int8_base and self.max_rows >= 1 and self.lora is not None and self.lora.serves(slot)
+        on a quantized base, a merge makes the adapter's layers full precision (twice the bytes of
+        int8, and eager: a merged one stream ran 26.7-38.5 ms a step against 22.2-23.0 gathered in the
+        graph, bf16, Intel Xeon; docs/benchmarks.md)."""
+        return self.quantized_base and self.max_rows >= 1 and self.lora is not None and self.lora.serves(slot)
 
     def lora_rows(self, slot: int) -> Rows | None:
         """The LoRA graph's inputs for a row on `slot`'s adapter; None where it cannot serve it."""
@@ -231,23 +238,24 @@ class CompiledDecode:
             embed_w, (weights, biases) = self._embedding_weight(), self._weights()
             tensors = (embed_w, *weights, *biases)
             signature = tuple(_signature(t) for t in tensors)
-            int8_merged = any(
-                getattr(m, "int8", None) is not None and getattr(m, "merged_weight", None) is not None
+            quantized_merged = any(
+                getattr(m, "quantized", None) is not None and getattr(m, "merged_weight", None) is not None
                 for m in (*(m for layer in self.linears for m in layer), self.head)
             )
-            self._inputs = (version, embed_w, weights, biases, signature, int8_merged)
+            self._inputs = (version, embed_w, weights, biases, signature, quantized_merged)
         return self._inputs[1:5]
 
     def _weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Each linear's weight [out, in] and bias in use now, the head's last: W0's ((values,
-        scales) where W0 is int8), or the merged ones while an adapter is merged (graph inputs: a
-        swap is a different tensor, not a recompile)."""
+        scales) where W0 is int8, its uint8 blocks where blocks.py's), or the merged ones while an
+        adapter is merged (graph inputs: a swap is a different tensor, not a recompile)."""
         weights, biases = [], []
         for m in (*(m for layer in self.linears for m in layer), self.head):
             merged = getattr(m, "merged_weight", None)
-            int8 = getattr(m, "int8", None)
-            if merged is None and int8 is not None:
-                weights.append((int8.q, int8.float_scales))
+            quantized = getattr(m, "quantized", None)
+            if merged is None and quantized is not None:
+                int8 = quantized.kind == "int8"
+                weights.append((quantized.q, quantized.float_scales) if int8 else quantized.blocks)
                 biases.append(self._plain(m.bias))
             elif merged is None:
                 weights.append(self._plain(m.weight))
@@ -309,7 +317,7 @@ def _layer(
     lora = [(None, None)] * len(LINEARS) if lora is None else lora
 
     def linears(x, *indices):
-        products = _int8_group(x, [weights[i] for i in indices])
+        products = _grouped_products(x, [weights[i] for i in indices])
         return [_linear(x, weights[i], biases[i], *lora[i], product=p) for i, p in zip(indices, products)]
 
     x = rms_norm(hidden, input_norm, input_eps)
@@ -324,7 +332,7 @@ def _layer(
 
 def _head(hidden, norm_weight, eps: float, weight, bias):
     """The final norm and the output head: hidden [1, M, C] -> logits [M, V]; a bf16 head through
-    our dense row kernel where it is built (`head_matmul`)."""
+    our dense row kernel where it is built, a Q8_0 one through our block kernel (`head_matmul`)."""
     x = rms_norm(hidden, norm_weight, eps)
     if head_matmul(weight) == DENSE_ROWS:
         return native.dense_rows_op()(x, weight, bias)[0]
@@ -333,9 +341,19 @@ def _head(hidden, norm_weight, eps: float, weight, bias):
 
 def head_matmul(weight: torch.Tensor | tuple) -> str:
     """How the head graph multiplies by the head's weight: "dense-rows" (ours) for a bf16 one
-    where our row kernels are built, else a reduction."""
-    bf16 = isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16
+    where our row kernels are built, "q8_0-rows" (ours) for Q8_0 blocks, else a reduction."""
+    kind = _quantized_kind(weight)
+    if kind is not None:
+        return f"{kind}-rows" if kind != "int8" or native.int8_rows_op() is not None else "reduction"
+    bf16 = weight.dtype == torch.bfloat16
     return DENSE_ROWS if bf16 and native.dense_rows_op() is not None else "reduction"
+
+
+def _quantized_kind(weight: torch.Tensor | tuple) -> str | None:
+    """A graph input's quantization: "int8" for (values, scales), blocks.py's kind for uint8 blocks, else None."""
+    if isinstance(weight, tuple):
+        return "int8"
+    return kind_of(weight) if weight.dtype == torch.uint8 else None
 
 
 def _context_views(kv_step: KVStep, mark_dynamic: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -381,11 +399,13 @@ def _linear(
     loop that streams the weight's rows (a GEMV near the machine's read bandwidth), where a linear
     would call a library GEMM tuned for many rows. With LoRA rows (A [P, in], B [P, out], scale in
     B), adds (x·Aᵀ)·B as two more such reductions. `product`: x @ weightᵀ, where already made
-    (`_int8_group`)."""
+    (`_grouped_products`)."""
     if product is not None:
         y = product
     elif isinstance(weight, tuple):  # an int8 W0: (values [out, in], float32 scales [out])
         y = _int8_linear(x, *weight)
+    elif weight.dtype == torch.uint8:  # a W0 in blocks (blocks.py): our block kernels, which it needs
+        y = native.block_rows_op(kind_of(weight))(x, [weight])[0]
     else:
         y = (x.unsqueeze(-2) * weight).sum(-1)
     if a_rows is not None:
@@ -393,12 +413,19 @@ def _linear(
     return y if bias is None else y + bias
 
 
-def _int8_group(x: torch.Tensor, weights: list) -> list[torch.Tensor | None]:
-    """x @ Wᵀ for linears that read the same x (q/k/v, gate/up), all int8 W0s, in one call of our
-    int8 row kernel where it is built: a call costs ~10 us in the graph's wrapper, and a token made
-    210 (ms a step: docs/benchmarks.md). Otherwise None each: each linear makes its own."""
+def _grouped_products(x: torch.Tensor, weights: list) -> list[torch.Tensor | None]:
+    """x @ Wᵀ for linears that read the same x (q/k/v, gate/up), all int8 W0s or all blocks of one
+    kind, in one call of our row kernels where they are built: a call costs ~10 us in the graph's
+    wrapper, and a token made 210 (ms a step: docs/benchmarks.md). Otherwise None each: each linear
+    makes its own."""
+    kinds = {_quantized_kind(w) for w in weights}
+    if len(weights) < 2 or len(kinds) != 1 or None in kinds:
+        return [None] * len(weights)
+    (kind,) = kinds
+    if kind != "int8":
+        return native.block_rows_op(kind)(x, weights)
     group = native.int8_rows_group_op()
-    if group is None or len(weights) < 2 or not all(isinstance(w, tuple) for w in weights):
+    if group is None:
         return [None] * len(weights)
     return group(x, [w[0] for w in weights], [w[1] for w in weights])
 

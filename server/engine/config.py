@@ -42,7 +42,8 @@ class EngineSettings(BaseModel):
     # auto: where measured faster on this CPU (once, cached in cache_dir), the server's default; on; off.
     # The engine's default keeps tests fast (no compile).
     compile_decode: Literal["auto", "on", "off"] = "off"
-    quantization: Literal["none", "int8"] = "none"  # int8: weight-only int8 base linears (adapters/kernel_plan.py)
+    # int8: weight-only int8 base linears; q4_1: llama.cpp's Q4_1 linears and Q8_0 head (adapters/kernel_plan.py)
+    quantization: Literal["none", "int8", "q4_1"] = "none"
     # Where GGUF models are converted and measured kernel choices kept; None: model_loader's default.
     cache_dir: Path | None = None
     # Structured output (docs/structured-output.md): what one request's grammar may cost; past a limit

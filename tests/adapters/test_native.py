@@ -1,6 +1,6 @@
-"""Our one-row kernels (adapters/row_kernels.cpp, built and loaded by adapters/native.py): `dense_rows`'s
-contract and `int8_rows_group` here, `int8_rows`'s contract in test_quantization.py, and both
-contracts in the narrower loops other CPUs build."""
+"""Our one-row kernels (adapters/row_kernels.cpp, block_kernels.cpp, built and loaded by adapters/native.py):
+`dense_rows`'s contract and `int8_rows_group` here, `int8_rows`'s contract in test_quantization.py, the
+block kernels' in test_blocks.py, and all of them in the narrower loops other CPUs build."""
 
 from __future__ import annotations
 
@@ -72,9 +72,10 @@ NARROWER_BUILD_CHECK = """
 import sys, torch
 from pathlib import Path
 from adapters import native
-from adapters.kernels import Int8Weight
+from adapters.blocks import BlockWeight
 from adapters.kernels import Int8Weight
 sys.path.insert(0, sys.argv[2])
+from test_blocks import block_bound
 from test_native import dense_bound
 assert native.load_row_kernels(Path(sys.argv[1]))
 worst = 0.0
@@ -90,16 +91,25 @@ for rows, in_features, dtype in [(1, 576, torch.float32), (3, 72, torch.bfloat16
         dense, bias = (torch.randn(50, in_features) * 0.05).to(weight_dtype), torch.randn(50).to(dtype)
         exact, bound = dense_bound(x, dense, bias, dtype)
         worst = max(worst, ((native.dense_rows_op()(x, dense, bias).double() - exact).abs() / bound).max().item())
+    for kind in ("q4_1", "q8_0"):
+        blocks = BlockWeight.quantize(torch.randn(48, 96) * 0.05, kind)
+        x = (torch.randn(rows, 96) * torch.linspace(0.1, 3, 96)).to(dtype)
+        exact, bound = block_bound(x, blocks, dtype)
+        got = native.block_rows_op(kind)(x, [blocks.blocks])[0].double()
+        worst = max(worst, ((got - exact).abs() / bound).max().item())
 print(native.vector_bits(), worst)
 """
 
 
 @pytest.mark.parametrize(
-    "flags, bits", [("-mno-avx512f", 256), ("-mno-avx512f -mno-avx2 -mno-fma", 0)], ids=["avx2", "scalar"]
+    "flags, bits",
+    [("-mno-avx512f", 256), ("-mno-avx512f -mno-avx2 -mno-fma", 0), ("-mno-avx512vnni", 512)],
+    ids=["avx2", "scalar", "avx512-without-vnni"],
 )
 def test_the_row_kernels_narrower_loops_keep_their_contracts(flags, bits, tmp_path):
-    """The AVX2 loop (the AMD EPYC dev box has no AVX-512) and the scalar one, built here with the
-    wider vectors turned off: each kernel within its contract's bound (ratio to it at most 1)."""
+    """The AVX2 loop (the AMD EPYC dev box has no AVX-512), the scalar one and (the block kernels)
+    AVX-512 without VNNI, built here with those instructions turned off: each kernel within its
+    contract's bound (ratio to it at most 1)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the vector loops are x86's")
     done = subprocess.run(

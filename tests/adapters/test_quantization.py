@@ -24,7 +24,7 @@ from torch import nn
 
 from adapters import AdapterRegistry, native, wrap_model
 from adapters.backends.cpu import CPU, DequantizedLinear, Int8Linear, Int8RowsLinear, check_int8_kernel
-from adapters.kernel_plan import is_quantized, weight_keys
+from adapters.kernel_plan import quantized_kind, weight_keys
 from adapters.kernels import (
     DEQUANTIZED,
     INT8,
@@ -58,7 +58,7 @@ def quantized_names(model: nn.Module) -> set[str]:
     return {
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and is_quantized(module, module is head, "int8")
+        if type(module) is nn.Linear and quantized_kind(module, module is head, "int8")
     }
 
 
@@ -166,13 +166,13 @@ def test_quantized_layers_keep_no_full_precision_w0_and_unmerge_frees_the_merged
     assert names and all(name in lora_model.layers for name in names)
     for name, layer in lora_model.layers.items():
         if name in names:
-            assert layer.int8 is not None and not hasattr(layer, "weight")
+            assert layer.quantized is not None and not hasattr(layer, "weight")
             assert torch.equal(
                 layer.base_weight(),
                 Int8Weight.quantize(tiny_llama.get_submodule(name).weight).dequantize(torch.float32),
             )
     head = lora_model.model.lm_head
-    assert head.int8 is None and torch.equal(head.weight, tiny_llama.lm_head.weight)  # full precision
+    assert head.quantized is None and torch.equal(head.weight, tiny_llama.lm_head.weight)  # full precision
     base = lora_model.model(token_ids).logits
     q_proj = lora_model.layers["model.layers.0.self_attn.q_proj"]
     lora_model.merge(slots["lora"])
@@ -184,7 +184,7 @@ def test_quantized_layers_keep_no_full_precision_w0_and_unmerge_frees_the_merged
 
 def test_gpt2_conv1d_layers_stay_in_full_precision(tiny_gpt2):
     lora_model = wrap_model(copy.deepcopy(tiny_gpt2), quantization="int8")
-    assert all(layer.int8 is None for layer in lora_model.layers.values())
+    assert all(layer.quantized is None for layer in lora_model.layers.values())
 
 
 @pytest.mark.parametrize("kernel", [INT8, INT8_ROWS, DEQUANTIZED])
@@ -244,7 +244,7 @@ def test_a_device_without_the_int8_kernel_is_refused(tiny_llama):
 
 
 def test_unknown_quantization_is_refused(tiny_llama):
-    with pytest.raises(QuantizationError, match="quantization must be one of none, int8"):
+    with pytest.raises(QuantizationError, match="quantization must be one of none, int8, q4_1"):
         wrap_model(copy.deepcopy(tiny_llama), quantization="int4")
 
 
@@ -423,7 +423,9 @@ def test_an_int8_server_answers_as_the_int8_engine_alone():
     with serve(Settings(quantization="int8")) as served, openai_client(served) as client:
         completion = client.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
         assert all(
-            layer.int8 is not None for name, layer in served.engine.lora_model.layers.items() if name.endswith("q_proj")
+            layer.quantized is not None
+            for name, layer in served.engine.lora_model.layers.items()
+            if name.endswith("q_proj")
         )
     alone = LLMEngine(load_base_model(), EngineConfig(quantization="int8", kernel_choice="auto"))
     assert completion.choices[0].text == alone.generate([prompt], SamplingParams(temperature=0, max_tokens=8))[0].text
