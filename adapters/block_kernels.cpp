@@ -199,6 +199,53 @@ std::vector<at::Tensor> blocks_times(const at::Tensor& x, at::TensorList blocks)
   return outs;
 }
 
+// The blocks' values w = d·q (+ m) into `out` [N, K] (float32, bfloat16 or float16), in parallel over
+// blocks: the dequantized matmul's scratch for calls of many rows, where a GEMM beats this file's loop.
+template <bool Q4, typename T>
+void dequantize_into(const at::Tensor& blocks, T* out) {
+  constexpr int64_t BYTES = Q4 ? Q4_1_BYTES : Q8_0_BYTES, CODES = Q4 ? 256 : 512;
+  const int64_t G = blocks.size(1), K = G * GROUP;
+  const uint8_t* all = blocks.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks.size(0) * G, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const uint8_t* block = all + bg * BYTES;
+      const c10::Half* d = reinterpret_cast<const c10::Half*>(block + CODES);
+      const int64_t b = bg / G, g = bg % G;
+      for (int64_t r = 0; r < ROWS; ++r) {
+        const float scale = static_cast<float>(d[r]), minimum = Q4 ? static_cast<float>(d[ROWS + r]) : 0.f;
+        T* row = out + (b * ROWS + r) * K + g * GROUP;
+        for (int64_t k = 0; k < GROUP; ++k) {
+          const int64_t v = k / 2, h = k % 2;
+          const int32_t q = Q4 ? (block[32 * (v % 8) + 2 * r + h] >> (v < 8 ? 0 : 4)) & 0x0F
+                               : static_cast<int8_t>(block[32 * v + 2 * r + h]);
+          row[k] = static_cast<T>(scale * static_cast<float>(q) + minimum);
+        }
+      }
+    }
+  });
+}
+
+void dequantize_blocks(const at::Tensor& blocks, at::Tensor& out) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  (blocks.size(2) == Q4_1_BYTES || blocks.size(2) == Q8_0_BYTES),
+              "blocks: contiguous uint8 [N / 16, K / 32, ", Q4_1_BYTES, " or ", Q8_0_BYTES, "]");
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == blocks.size(0) * ROWS &&
+                  out.size(1) == blocks.size(1) * GROUP,
+              "out: contiguous [", blocks.size(0) * ROWS, ", ", blocks.size(1) * GROUP, "]");
+  const bool q4 = blocks.size(2) == Q4_1_BYTES;
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return q4 ? dequantize_into<true>(blocks, out.data_ptr<float>()) : dequantize_into<false>(blocks, out.data_ptr<float>());
+    case at::kBFloat16:
+      return q4 ? dequantize_into<true>(blocks, out.data_ptr<c10::BFloat16>())
+                : dequantize_into<false>(blocks, out.data_ptr<c10::BFloat16>());
+    case at::kHalf:
+      return q4 ? dequantize_into<true>(blocks, out.data_ptr<c10::Half>())
+                : dequantize_into<false>(blocks, out.data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "dequantize_blocks: out in float32, bfloat16 or float16, not ", out.scalar_type());
+  }
+}
+
 std::vector<at::Tensor> q4_1_rows(const at::Tensor& x, at::TensorList blocks) { return blocks_times<true>(x, blocks); }
 std::vector<at::Tensor> q8_0_rows(const at::Tensor& x, at::TensorList blocks) { return blocks_times<false>(x, blocks); }
 
@@ -207,9 +254,11 @@ std::vector<at::Tensor> q8_0_rows(const at::Tensor& x, at::TensorList blocks) { 
 TORCH_LIBRARY_FRAGMENT(loraserve_native, m) {
   m.def("q4_1_rows(Tensor x, Tensor[] blocks) -> Tensor[]");
   m.def("q8_0_rows(Tensor x, Tensor[] blocks) -> Tensor[]");
+  m.def("dequantize_blocks(Tensor blocks, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraserve_native, CPU, m) {
   m.impl("q4_1_rows", &q4_1_rows);
   m.impl("q8_0_rows", &q8_0_rows);
+  m.impl("dequantize_blocks", &dequantize_blocks);
 }

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
+
 ROWS, GROUP = 16, 32  # a block's output rows, a group's inputs
 Q4_1, Q8_0 = "q4_1", "q8_0"
 _CODE_BYTES = {Q4_1: 256, Q8_0: 512}  # a block's codes per group; then float16 scales (and minimums)
 BLOCK_BYTES = {Q4_1: 320, Q8_0: 544}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what our dequantizing kernel writes
 
 
 def kind_of(blocks: torch.Tensor) -> str:
@@ -69,7 +72,17 @@ class BlockWeight:
         return cls(torch.cat([codes, *tail_bytes], dim=-1).contiguous(), kind)
 
     def dequantize(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-        """W0 [out, in] in `dtype`, into `out` when given."""
+        """W0 [out, in] in `dtype`, into `out` when given: by our kernel where it is built (one pass:
+        the dequantized matmul runs this per call), else by torch ops."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.blocks.device)
+        op = native.dequantize_blocks_op()
+        if op is not None and self.blocks.device.type == "cpu" and out.is_contiguous() and dtype in _KERNEL_DTYPES:
+            op(self.blocks, out)
+            return out
+        return out.copy_(self._dequantized())
+
+    def _dequantized(self) -> torch.Tensor:
         nb, ng, _ = self.blocks.shape
         codes_bytes = _CODE_BYTES[self.kind]
         codes = self.blocks[..., :codes_bytes]
@@ -79,10 +92,7 @@ class BlockWeight:
             w = _q4_values(codes).float() * scale[..., None] + minimum[..., None]
         else:
             w = _unpair(codes.contiguous().view(torch.int8)).float() * scale[..., None]
-        w = w.transpose(1, 2).reshape(nb * ROWS, ng * GROUP)  # [blocks, groups, rows, 32] -> [out, in]
-        if out is None:
-            return w.to(dtype)
-        return out.copy_(w)
+        return w.transpose(1, 2).reshape(nb * ROWS, ng * GROUP)  # [blocks, groups, rows, 32] -> [out, in]
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

@@ -100,6 +100,12 @@ def block_rows_op(kind: str):
     return getattr(torch.ops.loraserve_native, f"{kind}_rows").default if _loaded is not None else None
 
 
+def dequantize_blocks_op():
+    """The loaded op (blocks [N / 16, K / 32, bytes] uint8, out [N, K] float32, bfloat16 or float16:
+    the blocks' values into `out`), or None."""
+    return torch.ops.loraserve_native.dequantize_blocks.default if _loaded is not None else None
+
+
 def _blocks_shapes(x, blocks):
     return [x.new_empty((*x.shape[:-1], b.shape[0] * 16)) for b in blocks]
 

@@ -1,4 +1,4 @@
-"""Fidelity and speed of lower-precision bases (bf16, weight-only int8) on the default model.
+"""Fidelity and speed of lower-precision bases (bf16, weight-only int8, q4_1) on the default model.
 
 Reference: fp32 HF/PEFT (stock kernels), with the adapter or without. For each precision, the
 engine (kernel_choice=auto, as the server runs) on base rows, gathered adapter rows and merged:
@@ -13,9 +13,11 @@ engine (kernel_choice=auto, as the server runs) on base rows, gathered adapter r
     (adapters/kernel_plan.measure), in fp32 and bf16: what the engine's kernel choice sees;
   - resident base-weight bytes (parameters, int8 values and scales, packed copies).
 "int8" runs fp32 activations (cast to bf16 for the int8 kernel), "int8-bf16" a bf16 model; the
-"+head" variants also give the tied head an int8 copy (kernel_plan.QUANTIZE_HEAD).
+"+head" variants also give the tied head an int8 copy (kernel_plan.QUANTIZE_HEAD). "q4_1": Q4_1
+linears and a Q8_0 head (adapters/blocks.py) on fp32 activations, "q4_1-bf16" on bf16 ones.
+`--variants` runs some of them (fp32 always: the speed reference).
 
-Usage: python benchmarks/base_precision.py [--threads 1] [--rounds 3] [--out PATH]
+Usage: python benchmarks/base_precision.py [--threads 1] [--rounds 3] [--variants NAME ...] [--out PATH]
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ VARIANTS = {  # name -> (dtype, quantization, int8 head)
     "int8+head": (torch.float32, "int8", True),
     "int8-bf16": (torch.bfloat16, "int8", False),
     "int8-bf16+head": (torch.bfloat16, "int8", True),
+    "q4_1": (torch.float32, "q4_1", False),
+    "q4_1-bf16": (torch.bfloat16, "q4_1", False),
 }
 ADAPTER = "all32"  # rank 32 on every linear: merged mode merges every int8 layer
 MODES = {"base": (None, 10**9), "gather": (ADAPTER, 10**9), "merged": (ADAPTER, 1)}  # adapter, merge_after_steps
@@ -159,19 +163,19 @@ def kernel_timings(model) -> dict[str, dict]:
                 kernel: {rows: round(seconds * 1e6, 1) for rows, seconds in by_rows.items()}
                 for kernel, by_rows in measure((kind, out, inp), dtype).items()
             }
-            for kind, out, inp in weight_keys(model, "int8")
+            for kind, out, inp in sorted({*weight_keys(model, "int8"), *weight_keys(model, "q4_1")})
         }
         for dtype in (torch.float32, torch.bfloat16)
     }
 
 
 def weight_bytes(engine: LLMEngine) -> dict[str, int]:
-    """Resident base weights: parameters (int8 layers have none left), int8 values and scales, and
+    """Resident base weights: parameters (quantized layers have none left), quantized values and scales, and
     the packed copy of each full-precision linear whose rule packs at some row count (wherever that
     copy lives: its layer, or a fused group of siblings)."""
     storages = {p.untyped_storage().data_ptr(): p.nbytes for p in engine.lora_model.model.parameters()}
     linears = [layer for layer in engine.lora_model.layers.values() if isinstance(layer, LoraLinear)]
-    int8 = sum(layer.quantized.nbytes for layer in linears if layer.quantized is not None)
+    quantized = sum(layer.quantized.nbytes for layer in linears if layer.quantized is not None)
     packed = sum(
         layer.weight.nbytes
         for layer in linears
@@ -182,13 +186,13 @@ def weight_bytes(engine: LLMEngine) -> dict[str, int]:
     )
     return {
         "parameters": sum(storages.values()),
-        "int8": int8,
+        "quantized": quantized,
         "packed_copies": packed,
-        "total": sum(storages.values()) + int8 + packed,
+        "total": sum(storages.values()) + quantized + packed,
     }
 
 
-def run(rounds: int) -> dict:
+def run(rounds: int, variants: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_base_model().tokenizer
         adapter_path = make_adapters(load_base_model().model, Path(tmp))[ADAPTER]
@@ -199,7 +203,7 @@ def run(rounds: int) -> dict:
         prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
         ref = reference(adapter_path, prompts)
         engines, rules = {}, {}
-        for variant in VARIANTS:
+        for variant in variants:
             engines[variant], rules[variant] = make_engine(variant, adapter_path)
         references = {mode: ref["base" if mode == "base" else ADAPTER] for mode in MODES}
         results = {
@@ -211,7 +215,7 @@ def run(rounds: int) -> dict:
             for variant, engine in engines.items()
         }
         speeds = {"single": ([prompts[0]], SPEED_TOKENS), "batch16": (prompts[:BATCH], BATCH_TOKENS)}
-        seconds = {(variant, speed): [] for variant in VARIANTS for speed in speeds}
+        seconds = {(variant, speed): [] for variant in variants for speed in speeds}
         for _ in range(rounds):  # interleaved: a slow spell on a shared machine hits every variant alike
             for variant, engine in engines.items():
                 for speed, (batch, max_tokens) in speeds.items():
@@ -229,12 +233,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine_info()
     timings = kernel_timings(load_base_model().model)
-    results = run(args.rounds)
+    results = run(args.rounds, ["fp32", *(v for v in VARIANTS if v in args.variants and v != "fp32")])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

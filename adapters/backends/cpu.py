@@ -197,7 +197,7 @@ class CpuBackend:
     dense_kernels = (PLAIN, PACKED)
     # Ours widens every weight byte once per row of x: at 64 rows it ran 3-4x slower than the
     # dequantized matmul (Intel Xeon), and timing it there took half the plan's time.
-    max_rows_measured = MappingProxyType({INT8_ROWS: 16, BLOCK_ROWS: 16})
+    max_rows_measured = MappingProxyType({INT8_ROWS: 16})
 
     @property
     def int8_kernels(self) -> tuple[str, ...]:

@@ -115,3 +115,15 @@ def test_the_block_kernels_refuse_what_they_cannot_read(built):
     other = BlockWeight.quantize(torch.randn(16, 96), Q4_1).blocks
     with pytest.raises(RuntimeError, match=r"\[N / 16, 2, 320\] for inputs of 64, got \[1, 3, 320\]"):
         native.block_rows_op(Q4_1)(torch.randn(1, 64), [q4, other])
+
+
+@pytest.mark.parametrize("kind", [Q4_1, Q8_0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_our_dequantizing_kernel_gives_the_blocks_values(built, kind, dtype):
+    """The dequantized matmul's one pass (block_kernels.cpp) against the torch ops' reading of the layout."""
+    weight = BlockWeight.quantize(torch.randn(48, 96) * 0.05, kind)
+    out = torch.full((48, 96), float("nan"), dtype=dtype)
+    assert weight.dequantize(dtype, out=out) is out
+    assert torch.equal(out, weight._dequantized().to(dtype))
+    with pytest.raises(RuntimeError, match=r"out: contiguous \[48, 96\]"):
+        native.dequantize_blocks_op()(weight.blocks, torch.empty(96, 48, dtype=dtype))
