@@ -8,8 +8,8 @@ FROM python:3.11-slim AS base-cpu
 # PyTorch's CPU wheels: the default PyPI build of torch bundles CUDA (several GB).
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # g++: the one-stream decode step is C++ that inductor writes and builds on a first start
-# (server/engine/compiled_step.py), and int8 and bf16 bases build our row kernels (adapters/native.py);
-# without a compiler the server decodes eagerly, on aten's int8 kernels.
+# (server/engine/compiled_step.py), and int8, q4_1 and bf16 bases build our row kernels (adapters/native.py);
+# without a compiler the server decodes eagerly, on aten's int8 kernels, and refuses q4_1.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*

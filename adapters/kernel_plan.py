@@ -81,7 +81,7 @@ def quantized_kind(module: nn.Module, is_head: bool, quantization: str | None) -
 
 def weight_keys(model: nn.Module, quantization: str | None = None) -> list[WeightKey]:
     """The distinct weights of an unwrapped model's linears a plan needs rules for, by shape:
-    every full-precision weight (W0s, and the merged weights even of int8 layers) and int8 W0s."""
+    every full-precision weight (W0s, and the merged weights even of quantized layers) and quantized W0s."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keys = set()
     for module in model.modules():
@@ -122,8 +122,10 @@ def apply_kernel_plan(layers: Iterable[LoraLinear], plan: KernelPlan, quantizati
     kinds = {layer: quantized_kind(layer, layer.is_head, quantization) for layer in layers}
     for kind in {kind for kind in kinds.values() if kind is not None}:
         device = next(layer for layer, k in kinds.items() if k == kind).device
-        backend = backend_for(device)
-        backend.check_int8(device) if kind == INT8_WEIGHT else backend.check_blocks(device)
+        if kind == INT8_WEIGHT:
+            backend_for(device).check_int8(device)
+        else:
+            backend_for(device).check_blocks(device)
     for layer in layers:
         shape, kind = (layer.out_features, layer.in_features), kinds[layer]
         layer.use_kernels(plan.rule_for((DENSE_WEIGHT, *shape)))

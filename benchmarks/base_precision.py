@@ -238,6 +238,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine_info()
+    kernel_plan.load_native_kernels(torch.device("cpu"), "q4_1", default_cache_dir())  # our kernels, timed too
     timings = kernel_timings(load_base_model().model)
     results = run(args.rounds, ["fp32", *(v for v in VARIANTS if v in args.variants and v != "fp32")])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ class CpuBackend:
 
     @property
     def block_kernels(self) -> tuple[str, ...]:
-        return (BLOCK_ROWS, DEQUANTIZED)
+        return (BLOCK_ROWS, DEQUANTIZED) if native.block_rows_op(Q4_1) is not None else (DEQUANTIZED,)
 
     def blocks(
         self,

@@ -2,8 +2,8 @@
 
 Reads the model's config only (its linears' shapes on the meta device), never its weights, so it
 takes a second where no measurement is due; `refresh` measures as a start would (kernel_plan.py).
-With `--quantization int8` on CPU it builds our int8 row kernel first where `serve` has not yet
-(~10 s, once): a candidate of the plan, so part of the identity that names the plan's file.
+With `--quantization int8` or `q4_1` on CPU it builds our row kernels first where `serve` has not
+yet (~10-20 s, once): candidates of the plan, so part of the identity that names the plan's file.
 """
 
 from __future__ import annotations
