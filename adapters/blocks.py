@@ -45,6 +45,10 @@ class BlockWeight:
         return self.blocks.shape[0] * ROWS, self.blocks.shape[1] * GROUP
 
     @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
     def nbytes(self) -> int:
         return self.blocks.nbytes
 

@@ -115,6 +115,14 @@ class Int8Weight:
         return self.scales.float()
 
     @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scales.nbytes
 

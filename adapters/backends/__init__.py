@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from ..blocks import BlockWeight
-from ..kernels import INT8_WEIGHT, Int8Weight, Kernel, KernelRule, by_rule
+from ..kernels import Int8Weight, Kernel, KernelRule, by_rule
 from . import cpu
 
 
@@ -31,23 +31,14 @@ class Backend(Protocol):
 
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel: ...
 
-    def int8(
+    def quantized(
         self,
         kernel: str,
-        weight: Int8Weight,
+        weight: Int8Weight | BlockWeight,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         scratch: torch.Tensor | None,
-    ) -> Kernel: ...
-
-    def blocks(
-        self,
-        kernel: str,
-        weight: BlockWeight,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        scratch: torch.Tensor | None,
-    ) -> Kernel: ...
+    ) -> Kernel: ...  # one of int8_kernels for an int8 W0, of block_kernels for blocks
 
     def check_int8(self, device: torch.device) -> None: ...  # QuantizationError where int8 cannot run
 
@@ -83,8 +74,5 @@ def quantized_kernel(
 ) -> Kernel:
     """The rule's kernel for a quantized W0; `scratch` ([out, in]: bf16 for int8, the model's dtype
     for blocks) is needed only for `dequantized`."""
-    if weight.kind == INT8_WEIGHT:
-        backend = backend_for(weight.q.device)
-        return by_rule(rule, lambda kernel: backend.int8(kernel, weight, bias, dtype, scratch), weight.q.shape[1])
-    backend = backend_for(weight.blocks.device)
-    return by_rule(rule, lambda kernel: backend.blocks(kernel, weight, bias, dtype, scratch), weight.shape[1])
+    backend = backend_for(weight.device)
+    return by_rule(rule, lambda kernel: backend.quantized(kernel, weight, bias, dtype, scratch), weight.shape[1])

@@ -206,34 +206,24 @@ class CpuBackend:
     def dense(self, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
         return PackedLinear(weight, bias) if kernel == PACKED and can_pack(weight) else PlainLinear(weight, bias)
 
-    def int8(
-        self,
-        kernel: str,
-        weight: Int8Weight,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        scratch: torch.Tensor | None,
-    ) -> Kernel:
-        if kernel == DEQUANTIZED:
-            return DequantizedLinear(weight, bias, dtype, scratch)
-        op = native.int8_rows_op() if kernel == INT8_ROWS and weight.q.device.type == "cpu" else None
-        return Int8Linear(weight, bias, dtype) if op is None else Int8RowsLinear(weight, bias, op)
-
     @property
     def block_kernels(self) -> tuple[str, ...]:
         return (BLOCK_ROWS, DEQUANTIZED) if native.block_rows_op(Q4_1) is not None else (DEQUANTIZED,)
 
-    def blocks(
+    def quantized(
         self,
         kernel: str,
-        weight: BlockWeight,
+        weight: Int8Weight | BlockWeight,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
         scratch: torch.Tensor | None,
     ) -> Kernel:
         if kernel == DEQUANTIZED:
             return DequantizedLinear(weight, bias, dtype, scratch)
-        return BlockRowsLinear(weight, bias, native.block_rows_op(weight.kind))
+        if weight.kind != INT8:  # blocks: `block-rows`
+            return BlockRowsLinear(weight, bias, native.block_rows_op(weight.kind))
+        op = native.int8_rows_op() if kernel == INT8_ROWS and weight.device.type == "cpu" else None
+        return Int8Linear(weight, bias, dtype) if op is None else Int8RowsLinear(weight, bias, op)
 
     def check_int8(self, device: torch.device) -> None:
         check_int8_kernel(device)

@@ -14,21 +14,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import os
-import subprocess
-import sys
-from contextlib import contextmanager
 
 import peft
 import pytest
 import torch
 from torch import nn
 
-from adapters import AdapterRegistry, native, wrap_model
+from adapters import native, wrap_model
 from adapters.blocks import GROUP, Q4_1, Q8_0, BlockWeight
-from adapters.kernel_plan import quantized_kind, weight_keys
+from adapters.kernel_plan import weight_keys
 from adapters.kernels import BLOCK_ROWS, DEQUANTIZED, KernelPlan, KernelRule, QuantizationError
+from support import quantized
 from support.engine import PROMPTS, encode, fresh_model, greedy, make_engine
+from support.quantized import (
+    assert_mixed_rows_match,
+    assert_within_effect,
+    dequantized_reference,
+    hooked_linears,
+    quantized_kinds,
+    run_without_a_compiler,
+    token_logprobs,
+    wrapped_with_adapters,
+)
 
 VARIANTS = {  # PEFT LoraConfig kwargs, all with non-zero B
     "lora": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -43,26 +50,16 @@ def built(tmp_path_factory):
 
 
 def block_kinds(model: nn.Module) -> dict[str, str]:
-    head = model.get_output_embeddings()
-    kinds = {name: quantized_kind(m, m is head, "q4_1") for name, m in model.named_modules() if type(m) is nn.Linear}
-    return {name: kind for name, kind in kinds.items() if kind is not None}
+    return quantized_kinds(model, "q4_1")
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """`model` with every linear the engine quantizes holding its dequantized block values."""
-    model, kinds = copy.deepcopy(model), block_kinds(model)
-    for name, module in model.named_modules():
-        if name in kinds:
-            module.weight.data = BlockWeight.quantize(module.weight, kinds[name]).dequantize(module.weight.dtype)
-    return model
+    return quantized.dequantized_copy(model, "q4_1")
 
 
 def q4_1_reference(base: nn.Module, paths: dict) -> peft.PeftModel:
-    (first, first_path), *rest = paths.items()
-    model = peft.PeftModel.from_pretrained(dequantized_copy(base), str(first_path), adapter_name=first)
-    for name, path in rest:
-        model.load_adapter(str(path), adapter_name=name)
-    return model.eval()
+    return dequantized_reference(base, "q4_1", paths)
 
 
 def _as_our_kernel(kind: str, module: nn.Linear, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -80,37 +77,19 @@ def _as_our_kernel(kind: str, module: nn.Linear, args: tuple, out: torch.Tensor)
     return y if module.bias is None else y + module.bias
 
 
-@contextmanager
 def int16_inputs(reference: nn.Module, kinds: dict[str, str]):
     """Inside: each quantized base linear of `reference` (`kinds`: block kinds by name) computes as
     our block kernel does."""
-    handles = []
-    for name, module in reference.named_modules():
-        key = name.removeprefix("base_model.model.").removesuffix(".base_layer")
-        if type(module) is nn.Linear and key in kinds:
-            handles.append(module.register_forward_hook(functools.partial(_as_our_kernel, kinds[key])))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooked_linears(reference, kinds, lambda name: (None, functools.partial(_as_our_kernel, kinds[name])))
 
 
 def assert_within_int16_effect(got: torch.Tensor, reference: torch.Tensor, rounded: torch.Tensor) -> None:
-    effect = (rounded - reference).abs().max()
-    assert effect > 0, "no quantized linear was rounded: the tolerance would be zero"
-    assert (got - reference).abs().max() <= 3 * effect
+    assert_within_effect(got, reference, rounded, times=3)
 
 
 def wrapped_q4_1(base: nn.Module, paths: dict, kernel: str) -> tuple:
     rules = {key: KernelRule.single(kernel) for key in weight_keys(base, "q4_1") if key[0] in (Q4_1, Q8_0)}
-    lora_model = wrap_model(
-        copy.deepcopy(base), max_loras=4, max_rank=16, quantization="q4_1", kernels=KernelPlan(rules=rules)
-    )
-    registry = AdapterRegistry(lora_model)
-    for name, path in paths.items():
-        registry.add(name, path)
-    return lora_model, {name: registry.acquire(name).slot for name in paths}
+    return wrapped_with_adapters(base, paths, quantization="q4_1", kernels=KernelPlan(rules=rules))
 
 
 @pytest.fixture(scope="module")
@@ -157,16 +136,7 @@ def test_mixed_batch_rows_each_match_their_own_adapter(tiny_llama, token_ids, va
     paths = {name: variant_paths[name] for name in ("lora", "bias")}
     lora_model, slots = wrapped_q4_1(tiny_llama, paths, BLOCK_ROWS)
     reference, names = q4_1_reference(tiny_llama, paths), block_kinds(tiny_llama)
-    row_adapters = ["lora", None, "bias", "lora"]  # one sequence per row of token_ids
-    token_slots = torch.tensor([slots[a] if a else -1 for a in row_adapters]).repeat_interleave(token_ids.shape[1])
-    with lora_model.gather(lora_model.build_batch(token_slots)):
-        got = lora_model.model(token_ids).logits
-    for row, adapter in enumerate(row_adapters):
-        ids, kwargs = token_ids[row : row + 1], {"adapter_names": [adapter or "__base__"]}
-        expected = reference(ids, **kwargs).logits
-        with int16_inputs(reference, names):
-            rounded = reference(ids, **kwargs).logits
-        assert_within_int16_effect(got[row : row + 1], expected, rounded)
+    assert_mixed_rows_match(lora_model, slots, reference, token_ids, lambda: int16_inputs(reference, names), times=3)
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +169,9 @@ def test_the_compiled_step_on_a_q4_1_base_runs_our_kernels_within_the_reference(
     reference, names = dequantized_copy(model), block_kinds(model)
     ids = torch.tensor([encode(PROMPTS[0]) + ours.token_ids[:-1]])
     with torch.no_grad():
-        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        expected = token_logprobs(reference(ids).logits, ours.token_ids)
         with int16_inputs(reference, names):
-            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+            rounded = token_logprobs(reference(ids).logits, ours.token_ids)
     assert_within_int16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
 
 
@@ -218,9 +188,9 @@ def test_one_stream_on_an_adapter_over_a_q4_1_base_stays_in_the_lora_graph(compi
     reference.set_adapter("a")
     ids = torch.tensor([encode(PROMPTS[1]) + ours.token_ids[:-1]])
     with torch.no_grad():
-        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        expected = token_logprobs(reference(ids).logits, ours.token_ids)
         with int16_inputs(reference, block_kinds(fresh_model())):
-            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+            rounded = token_logprobs(reference(ids).logits, ours.token_ids)
     assert_within_int16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
 
 
@@ -236,21 +206,9 @@ def test_a_device_or_machine_without_our_kernels_is_refused(tiny_llama, tmp_path
         "kernel_plan.load_native_kernels(torch.device('cpu'), 'q4_1', Path(sys.argv[1]))\n"
         "wrap_model(model, quantization='q4_1')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        env={**os.environ, "CXX": "false"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_without_a_compiler(script, tmp_path)
     assert done.returncode != 0 and "no row kernels of ours: building them failed" in done.stderr
     assert "QuantizationError: --quantization q4_1 runs on our block kernels, which are not built here" in done.stderr
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """Logprob of each generated token at the position that predicted it."""
-    logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens) :]  # [T, V]
-    return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 @pytest.mark.real_model
@@ -274,9 +232,9 @@ def test_a_q4_1_server_answers_with_the_fp32_models_tokens_within_the_int16_effe
         for _ in range(count):  # the fp32 model's greedy continuation
             ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
         tokens, inputs = ids[-count:], torch.tensor([ids[:-1]])
-        expected = _token_logprobs(model(inputs).logits, tokens)
+        expected = token_logprobs(model(inputs).logits, tokens)
         with int16_inputs(model, block_kinds(model)):
-            rounded = _token_logprobs(model(inputs).logits, tokens)
+            rounded = token_logprobs(model(inputs).logits, tokens)
     assert completion.choices[0].text == tokenizer.decode(tokens)
     got = torch.tensor(completion.choices[0].logprobs.token_logprobs)
     assert_within_int16_effect(got, expected, rounded)

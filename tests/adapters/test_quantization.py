@@ -12,19 +12,15 @@ another realization of the same roundings, so at most twice it.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from contextlib import contextmanager
 
 import peft
 import pytest
 import torch
 from torch import nn
 
-from adapters import AdapterRegistry, native, wrap_model
+from adapters import native, wrap_model
 from adapters.backends.cpu import CPU, DequantizedLinear, Int8Linear, Int8RowsLinear, check_int8_kernel
-from adapters.kernel_plan import quantized_kind, weight_keys
+from adapters.kernel_plan import weight_keys
 from adapters.kernels import (
     DEQUANTIZED,
     INT8,
@@ -36,7 +32,18 @@ from adapters.kernels import (
     KernelRule,
     QuantizationError,
 )
+from support import quantized
 from support.engine import PROMPTS, encode, fresh_model, greedy, hf_greedy, make_engine
+from support.quantized import (
+    assert_mixed_rows_match,
+    assert_within_effect,
+    dequantized_reference,
+    hooked_linears,
+    quantized_kinds,
+    run_without_a_compiler,
+    token_logprobs,
+    wrapped_with_adapters,
+)
 
 try:
     check_int8_kernel(torch.device("cpu"))
@@ -54,59 +61,37 @@ VARIANTS = {  # PEFT LoraConfig kwargs, all with non-zero B
 
 
 def quantized_names(model: nn.Module) -> set[str]:
-    head = model.get_output_embeddings()
-    return {
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and quantized_kind(module, module is head, "int8")
-    }
+    return set(quantized_kinds(model, "int8"))
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """`model` with every linear the engine quantizes holding its dequantized int8 values."""
-    model, names = copy.deepcopy(model), quantized_names(model)
-    for name, module in model.named_modules():
-        if name in names:
-            module.weight.data = Int8Weight.quantize(module.weight).dequantize(module.weight.dtype)
-    return model
+    return quantized.dequantized_copy(model, "int8")
 
 
 def int8_reference(base: nn.Module, paths: dict) -> peft.PeftModel:
-    (first, first_path), *rest = paths.items()
-    model = peft.PeftModel.from_pretrained(dequantized_copy(base), str(first_path), adapter_name=first)
-    for name, path in rest:
-        model.load_adapter(str(path), adapter_name=name)
-    return model.eval()
+    return dequantized_reference(base, "int8", paths)
 
 
-@contextmanager
 def bf16_linears(reference: peft.PeftModel, names: set[str]):
     """Inside: each quantized base linear of `reference` reads and writes bf16-rounded values."""
-    handles = []
-    for name, module in reference.named_modules():
-        key = name.removeprefix("base_model.model.").removesuffix(".base_layer").removesuffix(".original_module")
-        if type(module) is nn.Linear and key in names:
-            handles.append(module.register_forward_pre_hook(lambda m, args: (args[0].bfloat16().float(),)))
-            handles.append(module.register_forward_hook(lambda m, args, out: out.bfloat16().float()))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return hooked_linears(reference, names, lambda name: (_bf16_input, _bf16_output))
+
+
+def _bf16_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].bfloat16().float(),)
+
+
+def _bf16_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.bfloat16().float()
 
 
 def assert_within_bf16_effect(got: torch.Tensor, reference: torch.Tensor, rounded: torch.Tensor) -> None:
-    effect = (rounded - reference).abs().max()
-    assert effect > 0, "no quantized linear was rounded: the tolerance would be zero"
-    assert (got - reference).abs().max() <= 2 * effect
+    assert_within_effect(got, reference, rounded, times=2)
 
 
 def wrapped_int8(base, paths: dict, **kwargs):
-    lora_model = wrap_model(copy.deepcopy(base), max_loras=4, max_rank=16, quantization="int8", **kwargs)
-    registry = AdapterRegistry(lora_model)
-    for name, path in paths.items():
-        registry.add(name, path)
-    return lora_model, {name: registry.acquire(name).slot for name in paths}
+    return wrapped_with_adapters(base, paths, quantization="int8", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +130,7 @@ def test_mixed_batch_rows_each_match_their_own_adapter(tiny_llama, token_ids, va
     paths = {name: variant_paths[name] for name in ("lora", "bias")}
     lora_model, slots = wrapped_int8(tiny_llama, paths, kernels=KernelPlan(PACKED))
     reference, names = int8_reference(tiny_llama, paths), quantized_names(tiny_llama)
-    row_adapters = ["lora", None, "bias", "lora"]  # one sequence per row of token_ids
-    token_slots = torch.tensor([slots[a] if a else -1 for a in row_adapters]).repeat_interleave(token_ids.shape[1])
-    with lora_model.gather(lora_model.build_batch(token_slots)):
-        got = lora_model.model(token_ids).logits
-    for row, adapter in enumerate(row_adapters):
-        ids, kwargs = token_ids[row : row + 1], {"adapter_names": [adapter or "__base__"]}
-        expected = reference(ids, **kwargs).logits
-        with bf16_linears(reference, names):
-            rounded = reference(ids, **kwargs).logits
-        assert_within_bf16_effect(got[row : row + 1], expected, rounded)
+    assert_mixed_rows_match(lora_model, slots, reference, token_ids, lambda: bf16_linears(reference, names), times=2)
 
 
 @torch.no_grad()
@@ -220,9 +196,9 @@ def test_engine_int8_tokens_and_logprobs_match_the_int8_reference(adapter_paths)
         ids = torch.tensor([encode(prompt) + completion.token_ids[:-1]])
         kwargs = {"adapter_names": [adapter or "__base__"]}
         with torch.no_grad():
-            expected = _token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
+            expected = token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
             with bf16_linears(reference, names):
-                rounded = _token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
+                rounded = token_logprobs(reference(ids, **kwargs).logits, completion.token_ids)
         got = torch.tensor([logprob.logprob for logprob in completion.logprobs])
         assert_within_bf16_effect(got, expected, rounded)
 
@@ -315,13 +291,7 @@ def test_a_machine_that_cannot_build_the_int8_row_kernel_keeps_atens(tmp_path):
         "from adapters import native; from adapters.backends.cpu import CPU\n"
         "print(native.load_row_kernels(Path(sys.argv[1])), CPU.int8_kernels)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        env={**os.environ, "CXX": "false"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_without_a_compiler(script, tmp_path)
     assert done.stdout.strip() == "False ('int8', 'dequantized')", done.stderr
     assert "no row kernels of ours: building them failed" in done.stderr
     assert not list((tmp_path / "native").glob("*.so"))  # nothing half-written is left to load
@@ -356,9 +326,9 @@ def test_the_compiled_step_on_an_int8_base_runs_our_kernel_within_the_int8_refer
     reference, names = int8_reference(fresh_model(), adapter_paths), quantized_names(fresh_model())
     ids = torch.tensor([encode(PROMPTS[0]) + ours.token_ids[:-1]])
     with torch.no_grad(), reference.disable_adapter():
-        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        expected = token_logprobs(reference(ids).logits, ours.token_ids)
         with bf16_linears(reference, names):
-            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+            rounded = token_logprobs(reference(ids).logits, ours.token_ids)
     assert_within_bf16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
 
 
@@ -379,9 +349,9 @@ def test_one_stream_on_an_adapter_over_an_int8_base_stays_in_the_lora_graph(comp
     reference.set_adapter("a")
     ids = torch.tensor([encode(PROMPTS[1]) + ours.token_ids[:-1]])
     with torch.no_grad():
-        expected = _token_logprobs(reference(ids).logits, ours.token_ids)
+        expected = token_logprobs(reference(ids).logits, ours.token_ids)
         with bf16_linears(reference, names):
-            rounded = _token_logprobs(reference(ids).logits, ours.token_ids)
+            rounded = token_logprobs(reference(ids).logits, ours.token_ids)
     assert_within_bf16_effect(torch.tensor([t.logprob for t in ours.logprobs]), expected, rounded)
 
 
@@ -403,12 +373,6 @@ def test_an_adapter_merged_into_an_int8_base_decodes_eagerly_without_recompiling
     compiled.generate([PROMPTS[2]], greedy(6), [None])  # unmerged again: the graph serves the base
     assert compiled.runner.compiled.num_steps - before >= 5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a decode step recompiled"
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """Logprob of each generated token at the position that predicted it."""
-    logprobs = torch.log_softmax(logits[0].float(), -1)[-len(tokens) :]  # [T, V]
-    return logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 @pytest.mark.real_model
